@@ -1,0 +1,117 @@
+"""Checkpoints that survive a crash mid-write and resume a run exactly.
+
+A checkpoint is one ``torch.save`` file holding plain data (tensors, numbers, strings, lists and
+dicts), so it loads with ``weights_only=True``: loading never runs code from the file. It is
+written to a temporary file in the same folder, flushed to disk, then renamed over the old one;
+a rename is atomic, so a crash leaves either the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchfit.errors import BatchfitError
+
+CHECKPOINT_NAME = "last.pt"
+FORMAT_VERSION = 1
+
+
+def checkpoint_path(directory: str | Path) -> Path:
+    return Path(directory) / CHECKPOINT_NAME
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` atomically as ``directory/last.pt`` and return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = checkpoint_path(directory)
+    for stale in directory.glob(f".{CHECKPOINT_NAME}.*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a writer that was killed mid-write
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+    return target
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename itself is only durable once the directory entry is flushed (POSIX).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
+    """The checkpoint in ``directory``, or ``None`` if there is none yet."""
+    path = checkpoint_path(directory)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BatchfitError(
+            f"Cannot load the checkpoint '{path}': {str(exc).splitlines()[0]}. Delete it to "
+            "start over, or point --checkpoint-dir elsewhere."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise BatchfitError(
+            f"'{path}' is not a batchfit checkpoint of format {FORMAT_VERSION}; point "
+            "--checkpoint-dir at a folder written by this version."
+        )
+    return state
+
+
+def check_same_model(
+    state: dict[str, Any], model_state: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Refuse to resume a checkpoint that was saved from a different model."""
+    saved = state["model"]
+    missing = sorted(set(model_state) - set(saved))
+    extra = sorted(set(saved) - set(model_state))
+    if missing or extra:
+        name = (missing or extra)[0]
+        where = "is missing from the checkpoint" if missing else "is in the checkpoint only"
+        raise BatchfitError(
+            f"The checkpoint '{path}' was saved from a different model: parameter '{name}' "
+            f"{where}. Resume with the same --model, or use a new --checkpoint-dir."
+        )
+    for name, tensor in model_state.items():
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            raise BatchfitError(
+                f"The checkpoint '{path}' was saved from a different model: '{name}' has shape "
+                f"{tuple(saved[name].shape)} there and {tuple(tensor.shape)} here. Resume with the "
+                "same --model, or use a new --checkpoint-dir."
+            )
+
+
+def check_same_settings(state: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with settings that would change the batches or the optimizer."""
+    saved = state.get("settings", {})
+    for key, value in settings.items():
+        if key in saved and saved[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise BatchfitError(
+                f"The checkpoint '{path}' was made with {key}={saved[key]!r}, not {value!r}; "
+                f"resume "
+                f"with {flag} {saved[key]}, or use a new --checkpoint-dir to start over."
+            )

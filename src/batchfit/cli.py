@@ -1,0 +1,416 @@
+"""The ``batchfit`` command line: parse, call the Python API, print. No logic lives only here.
+
+Every command takes ``--json`` (one JSON object on stdout, nothing else there) and otherwise prints
+a table. Errors are one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from batchfit import validation
+from batchfit.errors import BatchfitError, TrainingInterrupted
+
+EXIT_USAGE = 2
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the command and pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _typed(name: str) -> Callable[[str], Any]:
+    """An argparse type that checks the value with the shared option table."""
+
+    def convert(text: str) -> Any:
+        try:
+            return validation.parse(name, text)
+        except BatchfitError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of tables"
+    )
+
+
+def _add_task_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("task (default: the built-in example)")
+    group.add_argument("--example", help="built-in example: mnist1d (default) or linreg")
+    group.add_argument("--model", help="package.module:factory returning your nn.Module")
+    group.add_argument(
+        "--data",
+        help="training data: .parquet/.csv/.arrow/.npy/.npz file or "
+        "folder, or package.module:factory returning a torch Dataset",
+    )
+    group.add_argument("--val-data", help="validation data, same forms as --data")
+    group.add_argument(
+        "--val-fraction",
+        type=_typed("val_fraction"),
+        help="seeded share of --data held out for validation (default 0.1; 0: none)",
+    )
+    group.add_argument(
+        "--features",
+        type=_comma_list,
+        help="comma-separated feature columns (default: all but the target)",
+    )
+    group.add_argument("--target", help="target column (default: one named target, label or y)")
+    group.add_argument(
+        "--loss",
+        help="cross_entropy, mse, bce or package.module:fn "
+        "(default: from the target: integers -> cross_entropy, floats -> mse)",
+    )
+    group.add_argument(
+        "--seed",
+        type=_typed("seed"),
+        default=0,
+        help="seed for weights, shuffling and splits (default 0)",
+    )
+
+
+def _load_task(args: argparse.Namespace):
+    from batchfit.task import load_task
+
+    return load_task(
+        example=args.example,
+        model=args.model,
+        data=args.data,
+        val_data=args.val_data,
+        val_fraction=args.val_fraction,
+        features=args.features,
+        target=args.target,
+        loss=args.loss,
+        seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="batchfit",
+        description="Measure, then choose the batch size; then train with it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  batchfit plan --samples 24000 --batch-size 32\n"
+        "  batchfit train --batch-size 32 --epochs 3",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = commands.add_parser(
+        "plan",
+        help="count steps, iterations and epochs for a batch size",
+        description="Count steps per epoch, iterations, the last batch and total steps.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  batchfit plan --samples 24000 --batch-size 32          # 750 steps\n"
+        "  batchfit plan --samples 2000 --batch-size 10 --epochs 5  # 200 steps/epoch\n"
+        "  batchfit plan --samples 1000 --batch-size 300 --micro-batch-size 128 "
+        "--drop-last",
+    )
+    p.add_argument("--samples", type=_typed("samples"), required=True, help="training samples N")
+    p.add_argument(
+        "--batch-size",
+        type=_typed("batch_size"),
+        required=True,
+        help="samples per optimizer step B, over all devices",
+    )
+    p.add_argument(
+        "--micro-batch-size",
+        type=_typed("micro_batch_size"),
+        help="samples per forward/backward on one device (default: B / world size)",
+    )
+    p.add_argument(
+        "--world-size", type=_typed("world_size"), default=1, help="number of devices (default 1)"
+    )
+    p.add_argument("--epochs", type=_typed("epochs"), help="epochs to train")
+    p.add_argument("--max-steps", type=_typed("max_steps"), help="optimizer steps to train")
+    p.add_argument(
+        "--drop-last", action="store_true", help="drop the incomplete last batch of each epoch"
+    )
+    _add_json(p)
+    p.set_defaults(run=_cmd_plan)
+
+    t = commands.add_parser(
+        "train",
+        help="train with mini-batches (epochs or steps, checkpoints, resume)",
+        description="Train a model with mini-batches of --batch-size samples per step.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  batchfit train --batch-size 32 --epochs 3\n"
+        "  batchfit train --batch-size 1 --max-steps 2000            # online learning\n"
+        "  batchfit train --batch-size 4000 --epochs 20 --lr 0.01     # full batch\n"
+        "  batchfit train --batch-size 256 --micro-batch-size 64 --epochs 2 \\\n"
+        "      --checkpoint-dir ckpt --checkpoint-every 50          # then add --resume\n"
+        "  batchfit train --model models.py:make_mlp --data train.parquet --target y \\\n"
+        "      --batch-size 64 --epochs 5",
+    )
+    _add_task_options(t)
+    g = t.add_argument_group("batches and length")
+    g.add_argument(
+        "--batch-size",
+        type=_typed("batch_size"),
+        required=True,
+        help="samples per optimizer step (1: online learning; N: full batch)",
+    )
+    g.add_argument(
+        "--micro-batch-size",
+        type=_typed("micro_batch_size"),
+        help="split each batch into micro-batches of this size (exact accumulation)",
+    )
+    g.add_argument("--epochs", type=_typed("epochs"), help="passes over the training set")
+    g.add_argument(
+        "--max-steps",
+        type=_typed("max_steps"),
+        help="optimizer steps (with --epochs: whichever ends first)",
+    )
+    g.add_argument("--drop-last", action="store_true", help="drop each epoch's incomplete batch")
+    g.add_argument(
+        "--eval-batch-size",
+        type=_typed("eval_batch_size"),
+        help="batch size for validation (default max(micro-batch, 1024))",
+    )
+    o = t.add_argument_group("optimizer")
+    o.add_argument(
+        "--optimizer",
+        type=_typed("optimizer"),
+        default="adam",
+        help="sgd (momentum 0.9), adam or adamw (default adam)",
+    )
+    o.add_argument(
+        "--lr", type=_typed("lr"), help="learning rate (default: 1e-3 for adam/adamw, 0.01 for sgd)"
+    )
+    o.add_argument("--momentum", type=_typed("momentum"), default=0.9, help="SGD momentum")
+    o.add_argument("--weight-decay", type=_typed("weight_decay"), help="weight decay")
+    c = t.add_argument_group("checkpoints and output")
+    c.add_argument(
+        "--checkpoint-dir",
+        help="save a checkpoint here each epoch, every "
+        "--checkpoint-every steps and on Ctrl-C/SIGTERM",
+    )
+    c.add_argument(
+        "--checkpoint-every",
+        type=_typed("checkpoint_every"),
+        help="also checkpoint every this many steps",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue exactly from the checkpoint in --checkpoint-dir",
+    )
+    c.add_argument(
+        "--out", default="batchfit-run", help="folder for metrics.csv (default ./batchfit-run)"
+    )
+    c.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_json(t)
+    t.set_defaults(run=_cmd_train)
+    return parser
+
+
+def _version() -> str:
+    from batchfit import __version__
+
+    return f"batchfit {__version__}"
+
+
+def _print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(highlight=False).print(table)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from batchfit.schedule import plan
+
+    p = plan(
+        args.samples,
+        args.batch_size,
+        micro_batch_size=args.micro_batch_size,
+        world_size=args.world_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        drop_last=args.drop_last,
+    )
+    if args.json:
+        print(to_json(p.to_dict()))
+        return 0
+    from batchfit.schedule import micro_batch_sizes
+
+    division = "floor" if p.drop_last else "ceil"
+    busiest = max(p.per_rank_batch_size)
+    split = " + ".join(str(s) for s in micro_batch_sizes(busiest, p.micro_batch_size))
+    per_device = f"{busiest} = micro-batches {split} (accumulation {p.accumulation})"
+    if p.world_size > 1:
+        shares = set(p.per_rank_batch_size)
+        per_device += (
+            f", on each of {p.world_size} devices"
+            if len(shares) == 1
+            else f"; devices get {list(p.per_rank_batch_size)}"
+        )
+    if p.dropped_per_epoch:
+        last = f"{p.last_batch_size}   ({p.dropped_per_epoch} samples dropped per epoch)"
+    elif p.last_batch_size != p.batch_size:
+        last = f"{p.last_batch_size}   (the remainder)"
+    else:
+        last = f"{p.last_batch_size}"
+    if p.last_batch_size != p.batch_size:
+        full = p.steps_per_epoch - 1
+        epoch = f"{p.samples_per_epoch} samples = {full} x {p.batch_size} + {p.last_batch_size}"
+    else:
+        epoch = f"{p.samples_per_epoch} samples = {p.steps_per_epoch} steps x {p.batch_size}"
+    rows = [
+        (
+            "steps per epoch",
+            f"{p.steps_per_epoch}   ({division}({p.samples} / {p.batch_size}); "
+            "a step is one batch, one optimizer update)",
+        ),
+        ("batch size", f"{p.batch_size} samples per step, over all devices"),
+        ("last batch size", last),
+        ("per device, per step", per_device),
+        (
+            "iterations per epoch",
+            f"{p.iterations_per_epoch}   (micro-batch forward+backward passes per device)",
+        ),
+        ("one epoch", epoch),
+    ]
+    if p.world_size > 1 and p.last_batch_size != p.batch_size:
+        rows.append(("last batch per device", f"{list(p.per_rank_last_batch_size)}"))
+    if p.total_steps is not None:
+        rows.append(
+            (
+                "total steps",
+                f"{p.total_steps}   ({_fmt_epochs(p.epochs_run)} epochs, "
+                f"{p.total_samples} samples, {p.total_iterations} "
+                "iterations per device)",
+            )
+        )
+    _print_table(f"batchfit plan: {p.samples} samples, batch size {p.batch_size}", rows)
+    return 0
+
+
+def _fmt_epochs(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if value == int(value) else f"{value:.3f}"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from batchfit.train import train
+
+    task = _load_task(args)
+    torch.manual_seed(args.seed)
+    model = task.make_model()
+    quiet = args.quiet
+    lr = (
+        args.lr if args.lr is not None else (task.suggested_lr if args.optimizer != "sgd" else None)
+    )
+    try:
+        result = train(
+            model,
+            task.train,
+            val_data=task.val,
+            loss=task.loss,
+            batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            drop_last=args.drop_last,
+            optimizer=args.optimizer,
+            lr=lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            eval_batch_size=args.eval_batch_size,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            out_dir=args.out,
+            device=args.device,
+            progress=not quiet,
+        )
+    except TrainingInterrupted as exc:
+        command = "batchfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if args.checkpoint_dir and not args.resume:
+            command += " --resume"
+        hint = f" Resume with: {command}" if args.checkpoint_dir else ""
+        print(f"batchfit train: {exc}{hint}", file=sys.stderr)
+        return EXIT_SIGNAL.get(exc.signal_name, 1)
+    if args.json:
+        print(to_json(result.to_dict()))
+        return 0
+    rows = [
+        ("steps", f"{result.steps}   ({result.iterations} iterations)"),
+        ("epochs completed", f"{result.epochs_completed}"),
+        ("samples seen", f"{result.samples_seen}"),
+        *((k, f"{v:.4f}") for k, v in result.final.items()),
+        ("lr", f"{result.lr:g} ({result.optimizer})"),
+        ("throughput", f"{result.samples_per_s:,.0f} samples/s"),
+        ("time", f"{result.seconds:.1f} s"),
+        ("metrics", result.metrics_path or "-"),
+    ]
+    if result.checkpoint_path:
+        rows.append(("checkpoint", result.checkpoint_path))
+    _print_table("batchfit train: done", rows)
+    return 0
+
+
+def to_json(value: object) -> str:
+    """Strict JSON: NaN and infinities become null, as JSON has no spelling for them."""
+
+    def clean(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors: argparse already printed
+        return int(exc.code or 0)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except BatchfitError as exc:
+        print(f"batchfit {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"batchfit {args.command}: interrupted.", file=sys.stderr)
+        return EXIT_SIGNAL["SIGINT"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

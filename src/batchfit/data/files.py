@@ -1,0 +1,251 @@
+"""Read a data file that fits in memory into feature and target tensors.
+
+Formats: Parquet (file or folder), CSV, Arrow IPC / Feather, ``.npy`` (a 2-D array whose columns
+are named ``"0"``, ``"1"``, ... or a structured array with named fields) and ``.npz`` (arrays by
+key). Every problem names the file and the column, and says what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from batchfit.errors import BatchfitError
+
+TABLE_SUFFIXES = {".parquet", ".pq", ".csv", ".arrow", ".feather", ".ipc"}
+ARRAY_SUFFIXES = {".npy", ".npz"}
+TARGET_NAMES = ("target", "label", "y")
+
+
+@dataclass(frozen=True)
+class Table:
+    """Features ``x`` (float32, one row per sample), target ``y`` and what they came from.
+
+    ``target_kind`` is ``"class"`` (integer labels), ``"binary"`` (booleans, as 0/1 floats) or
+    ``"real"`` (floats); it picks the default loss.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    feature_names: tuple[str, ...]
+    target_name: str
+    target_kind: str
+
+
+def file_format(path: Path) -> str:
+    """``'parquet'``, ``'csv'``, ``'arrow'``, ``'npy'`` or ``'npz'``, from the name.
+
+    A folder is read as a Parquet data set.
+    """
+    if path.is_dir():
+        return "parquet"
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".arrow", ".feather", ".ipc"):
+        return "arrow"
+    if suffix in (".csv", ".npy", ".npz"):
+        return suffix[1:]
+    raise BatchfitError(
+        f"Cannot tell the format of '{path}' from its name; use a .parquet, .csv, .arrow, "
+        ".feather, .npy or .npz file (or a folder of Parquet files)."
+    )
+
+
+def check_exists(path: Path) -> None:
+    if not path.exists():
+        raise BatchfitError(f"No such file or folder: '{path}'. Check the --data/--val-data path.")
+
+
+def read_arrow_table(path: Path) -> pa.Table:
+    """Read a whole Parquet, CSV or Arrow IPC file (or Parquet folder) into memory."""
+    import pyarrow.csv as pacsv
+    import pyarrow.feather as feather
+    import pyarrow.parquet as pq
+
+    fmt = file_format(path)
+    try:
+        if fmt == "parquet":
+            return pq.read_table(path)
+        if fmt == "csv":
+            return pacsv.read_csv(path)
+        return feather.read_table(path)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BatchfitError(
+            f"Cannot read '{path}' as {fmt}: {first}. Check that the file is complete and "
+            "really in that format."
+        ) from None
+
+
+def _numeric_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
+    column = table.column(name)
+    kind = column.type
+    if column.null_count:
+        raise BatchfitError(
+            f"Column '{name}' in '{path}' has {column.null_count} null values; fill or drop them, "
+            "or leave the column out with --features."
+        )
+    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        values = column.combine_chunks()
+        lengths = set(values.value_lengths().to_numpy(zero_copy_only=False).tolist())
+        if len(lengths) != 1:
+            raise BatchfitError(
+                f"Column '{name}' in '{path}' holds lists of different lengths "
+                f"{sorted(lengths)[:5]}; "
+                "every sample needs the same number of values."
+            )
+        flat = values.flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(len(table), lengths.pop())
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        raise BatchfitError(
+            f"Column '{name}' in '{path}' holds {kind} values, not numbers; encode it as numbers "
+            "or leave it out with --features."
+        )
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _target_tensor(values: np.ndarray, name: str, path: Path) -> tuple[torch.Tensor, str]:
+    if values.ndim != 1:
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), "real"
+    if values.dtype == np.bool_:
+        return torch.from_numpy(values.astype(np.float32)), "binary"
+    if np.issubdtype(values.dtype, np.integer):
+        return torch.from_numpy(values.astype(np.int64)), "class"
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise BatchfitError(
+                f"Target '{name}' in '{path}' has {bad} NaN or infinite values; fill or drop them."
+            )
+        return torch.from_numpy(values.astype(np.float32)), "real"
+    raise BatchfitError(
+        f"Target '{name}' in '{path}' holds {values.dtype} values; encode labels as integers "
+        "0..C-1 or use a numeric target."
+    )
+
+
+def _features_tensor(arrays: list[np.ndarray], names: list[str], path: Path) -> torch.Tensor:
+    for array, name in zip(arrays, names, strict=True):
+        if array.dtype.kind not in "biuf":
+            raise BatchfitError(
+                f"Feature '{name}' in '{path}' holds {array.dtype} values, not numbers; encode "
+                "it as numbers or leave it out with --features."
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise BatchfitError(
+                f"Feature '{name}' in '{path}' has {bad} NaN or infinite values; fill or drop them."
+            )
+    if len(arrays) == 1:
+        x = arrays[0]
+    else:
+        if any(a.ndim > 2 for a in arrays):
+            raise BatchfitError(
+                f"Features {names} in '{path}' mix multi-dimensional arrays with others; give a "
+                "single multi-dimensional feature or only 1-D columns."
+            )
+        x = np.column_stack([a.reshape(len(a), -1) for a in arrays])
+    if x.ndim == 1:
+        x = x.reshape(-1, 1)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _pick_target(columns: list[str], target: str | None, path: Path) -> str:
+    if target is not None:
+        if target not in columns:
+            raise BatchfitError(
+                f"Target column '{target}' is not in '{path}'; its columns are {columns}. "
+                "Pass one of them with --target."
+            )
+        return target
+    found = [c for c in TARGET_NAMES if c in columns]
+    if len(found) == 1:
+        return found[0]
+    raise BatchfitError(
+        f"Say which column of '{path}' is the target with --target; its columns are {columns}."
+    )
+
+
+def _pick_features(
+    columns: list[str], features: list[str] | None, target: str, path: Path
+) -> list[str]:
+    if features is None:
+        chosen = [c for c in columns if c != target]
+    else:
+        missing = [c for c in features if c not in columns]
+        if missing:
+            raise BatchfitError(
+                f"Feature column(s) {missing} not in '{path}'; its columns are {columns}. "
+                "Fix --features."
+            )
+        if target in features:
+            raise BatchfitError(
+                f"Column '{target}' is both the target and a feature; remove it from --features."
+            )
+        chosen = list(features)
+    if not chosen:
+        raise BatchfitError(f"'{path}' has no feature columns besides the target '{target}'.")
+    return chosen
+
+
+def _columns_of_array(path: Path, data: object) -> dict[str, np.ndarray]:
+    if isinstance(data, np.lib.npyio.NpzFile):
+        return {key: data[key] for key in data.files}
+    array = np.asarray(data)
+    if array.dtype.names:
+        return {name: array[name] for name in array.dtype.names}
+    if array.ndim != 2:
+        raise BatchfitError(
+            f"'{path}' holds an array of shape {array.shape}; a .npy file needs a 2-D array "
+            "(samples x columns) or named fields. Use .npz for separate x and y arrays."
+        )
+    return {str(i): array[:, i] for i in range(array.shape[1])}
+
+
+def read_table(path: str | Path, features: list[str] | None, target: str | None) -> Table:
+    """Read ``path`` into a :class:`Table`.
+
+    For a plain 2-D ``.npy`` the target defaults to the last column; elsewhere to a column named
+    ``target``, ``label`` or ``y`` when exactly one exists.
+    """
+    path = Path(path)
+    check_exists(path)
+    fmt = file_format(path)
+    if fmt in ("npy", "npz"):
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise BatchfitError(f"Cannot read '{path}' as {fmt}: {exc}.") from None
+        columns = _columns_of_array(path, loaded)
+        names = list(columns)
+        if target is None and fmt == "npy" and names == [str(i) for i in range(len(names))]:
+            target = names[-1]
+        target = _pick_target(names, target, path)
+        chosen = _pick_features(names, features, target, path)
+        lengths = {len(columns[c]) for c in chosen + [target]}
+        if len(lengths) != 1:
+            raise BatchfitError(
+                f"Arrays {chosen + [target]} in '{path}' have different lengths {sorted(lengths)}; "
+                "each needs one entry per sample."
+            )
+        x_arrays = [np.asarray(columns[c]) for c in chosen]
+        y_values = np.asarray(columns[target])
+    else:
+        table = read_arrow_table(path)
+        if table.num_rows == 0:
+            raise BatchfitError(f"'{path}' has no rows; give a file with at least one sample.")
+        names = table.column_names
+        target = _pick_target(names, target, path)
+        chosen = _pick_features(names, features, target, path)
+        x_arrays = [_numeric_column(table, c, path) for c in chosen]
+        y_values = _numeric_column(table, target, path)
+    if len(y_values) == 0:
+        raise BatchfitError(f"'{path}' has no rows; give a file with at least one sample.")
+    y, kind = _target_tensor(y_values, target, path)
+    x = _features_tensor(x_arrays, chosen, path)
+    return Table(x=x, y=y, feature_names=tuple(chosen), target_name=target, target_kind=kind)

@@ -1,0 +1,134 @@
+"""Adapters for the user's own ``torch.utils.data`` datasets.
+
+A map-style ``Dataset`` is read through a ``DataLoader`` whose batch sampler walks the same seeded
+permutation as :class:`~batchfit.data.memory.TensorSource`, so resume and sharding behave the same.
+An ``IterableDataset`` is a stream: it is batched as it comes, its length may be unknown, and a
+resume skips the samples already consumed by reading past them (a stream cannot seek).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data._utils.collate import default_collate
+
+from batchfit.data.source import Batch, BatchSource, epoch_seed
+from batchfit.errors import BatchfitError
+from batchfit.schedule import split_evenly
+
+
+def _as_pair(item: object) -> Batch:
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    raise BatchfitError(
+        "Each sample of the dataset must be a pair (features, target); got "
+        f"{type(item).__name__}. Return (x, y) from __getitem__/__iter__."
+    )
+
+
+class DatasetSource(BatchSource):
+    """Batches from a map-style ``torch.utils.data.Dataset`` through a ``DataLoader``."""
+
+    def __init__(
+        self, dataset: Dataset, *, seed: int = 0, shuffle: bool = True, num_workers: int = 0
+    ) -> None:
+        try:
+            n = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise BatchfitError(
+                "The dataset has no __len__; a map-style Dataset needs one "
+                "(or make it an IterableDataset)."
+            ) from None
+        if n == 0:
+            raise BatchfitError("The dataset is empty (len 0); give at least one sample.")
+        self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
+        self.num_workers = num_workers
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _index_batches(
+        self, epoch: int, batch_size: int, start: int, drop_last: bool, rank: int, world_size: int
+    ) -> list[list[int]]:
+        n = self.num_samples
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            order = torch.randperm(n, generator=generator).tolist()
+        else:
+            order = list(range(n))
+        end = n - n % batch_size if drop_last else n
+        out = []
+        for begin in range(start, end, batch_size):
+            index = order[begin : min(begin + batch_size, end)]
+            shares = split_evenly(len(index), world_size)
+            offset = sum(shares[:rank])
+            out.append(index[offset : offset + shares[rank]])
+        return out
+
+    def batches(
+        self,
+        epoch: int,
+        batch_size: int,
+        *,
+        start: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:
+        index_batches = self._index_batches(epoch, batch_size, start, drop_last, rank, world_size)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=index_batches,
+            num_workers=self.num_workers,
+            collate_fn=lambda items: default_collate([_as_pair(i) for i in items]),
+        )
+        yield from loader
+
+    def describe(self) -> str:
+        return f"{self.num_samples} samples from {type(self.dataset).__name__}"
+
+
+class IterableSource(BatchSource):
+    """Batches from a ``torch.utils.data.IterableDataset``, in the order it yields them.
+
+    Each epoch iterates the dataset again. With ``world_size > 1`` rank ``r`` keeps its share of
+    every global batch, so ranks never see the same sample.
+    """
+
+    def __init__(self, dataset: IterableDataset) -> None:
+        self.dataset = dataset
+
+    @property
+    def num_samples(self) -> int | None:
+        try:
+            return len(self.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def batches(
+        self,
+        epoch: int,
+        batch_size: int,
+        *,
+        start: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:
+        samples = itertools.islice(iter(self.dataset), start, None)
+        while True:
+            chunk = [_as_pair(item) for item in itertools.islice(samples, batch_size)]
+            if not chunk or (drop_last and len(chunk) < batch_size):
+                return
+            shares = split_evenly(len(chunk), world_size)
+            offset = sum(shares[:rank])
+            yield default_collate(chunk[offset : offset + shares[rank]])
+
+    def describe(self) -> str:
+        n = self.num_samples
+        name = type(self.dataset).__name__
+        return f"a stream from {name}" + (f" ({n} samples)" if n is not None else "")

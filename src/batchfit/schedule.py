@@ -1,0 +1,206 @@
+"""Pure accounting of batches: epochs, steps, iterations, accumulation and world size.
+
+The words are the ones of DESIGN.md. A *batch* of ``batch_size`` samples makes one optimizer
+*step*; it is split over ``world_size`` devices and, on each device, into *micro-batches* of at
+most ``micro_batch_size`` samples; one forward+backward of one micro-batch on one device is an
+*iteration*. An *epoch* is one pass over the training set: ``ceil(N / B)`` steps, the last one
+holding the remainder (``floor(N / B)`` with ``drop_last``, the remainder then unused).
+
+No torch here: numbers in, a frozen dataclass out.
+
+Examples:
+    >>> p = plan(24000, 32)
+    >>> p.steps_per_epoch, p.last_batch_size
+    (750, 32)
+    >>> plan(2000, 10).steps_per_epoch
+    200
+    >>> p = plan(1000, 300, micro_batch_size=128, epochs=2)
+    >>> p.steps_per_epoch, p.last_batch_size, p.accumulation, p.iterations_per_epoch, p.total_steps
+    (4, 100, 3, 10, 8)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from batchfit import validation
+from batchfit.errors import BatchfitError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a training run with these sizes does, counted exactly.
+
+    ``iterations_per_epoch`` counts the micro-batch passes on one device (the busiest one when the
+    batch does not split evenly over devices). ``total_steps`` is ``None`` when neither ``epochs``
+    nor ``max_steps`` was given.
+    """
+
+    samples: int
+    batch_size: int
+    micro_batch_size: int
+    world_size: int
+    accumulation: int
+    drop_last: bool
+    steps_per_epoch: int
+    iterations_per_epoch: int
+    last_batch_size: int
+    dropped_per_epoch: int
+    samples_per_epoch: int
+    per_rank_batch_size: tuple[int, ...]
+    per_rank_last_batch_size: tuple[int, ...]
+    epochs: int | None
+    max_steps: int | None
+    total_steps: int | None
+    total_iterations: int | None
+    total_samples: int | None
+    epochs_run: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        out = asdict(self)
+        for key in ("per_rank_batch_size", "per_rank_last_batch_size"):
+            out[key] = list(out[key])
+        return out
+
+
+def split_evenly(n: int, parts: int) -> list[int]:
+    """Split ``n`` samples over ``parts`` holders as evenly as possible, larger shares first.
+
+    >>> split_evenly(10, 3)
+    [4, 3, 3]
+    >>> split_evenly(1, 2)
+    [1, 0]
+    """
+    base, extra = divmod(n, parts)
+    return [base + 1 if i < extra else base for i in range(parts)]
+
+
+def micro_batch_sizes(n: int, micro_batch_size: int) -> list[int]:
+    """Sizes of the micro-batches that one device runs for ``n`` samples; the last is smaller.
+
+    >>> micro_batch_sizes(10, 4)
+    [4, 4, 2]
+    >>> micro_batch_sizes(8, 8)
+    [8]
+    """
+    full, rest = divmod(n, micro_batch_size)
+    return [micro_batch_size] * full + ([rest] if rest else [])
+
+
+def _iterations_for_batch(n: int, micro_batch_size: int, world_size: int) -> int:
+    busiest = math.ceil(n / world_size)
+    return math.ceil(busiest / micro_batch_size)
+
+
+def check_sizes(batch_size: int, micro_batch_size: int | None = None, world_size: int = 1) -> int:
+    """Check batch, micro-batch and world size against each other; return the micro-batch size.
+
+    The default micro-batch is the whole per-device share of the batch (no accumulation).
+    """
+    validation.check("batch_size", batch_size)
+    validation.check("world_size", world_size)
+    if batch_size < world_size:
+        raise BatchfitError(
+            f"The batch size ({batch_size}) is smaller than the world size ({world_size}): "
+            f"some devices would get no samples. Use a batch size >= {world_size}."
+        )
+    per_device = math.ceil(batch_size / world_size)
+    if micro_batch_size is None:
+        return per_device
+    validation.check("micro_batch_size", micro_batch_size)
+    if micro_batch_size > per_device:
+        raise BatchfitError(
+            f"The micro-batch size ({micro_batch_size}) is larger than the batch size "
+            f"({batch_size}) per device ({per_device} on each of {world_size}). "
+            f"Use a micro-batch size <= {per_device}, or omit it."
+        )
+    return micro_batch_size
+
+
+def check_batch_fits_data(batch_size: int, samples: int) -> None:
+    """A batch cannot hold more samples than the data set has."""
+    if batch_size > samples:
+        raise BatchfitError(
+            f"The batch size ({batch_size}) is larger than the data set ({samples} samples). "
+            f"Use --batch-size {samples} for full-batch training, or a smaller batch."
+        )
+
+
+def plan(
+    samples: int,
+    batch_size: int,
+    *,
+    micro_batch_size: int | None = None,
+    world_size: int = 1,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    drop_last: bool = False,
+) -> Plan:
+    """Count steps, iterations and samples for a run; raise BatchfitError on impossible sizes.
+
+    Training ends after ``epochs`` epochs or ``max_steps`` steps, whichever comes first.
+
+    Examples:
+        >>> plan(24000, 32, epochs=3).total_steps
+        2250
+        >>> plan(1000, 300, drop_last=True).steps_per_epoch
+        3
+        >>> plan(100, 32, max_steps=10).epochs_run
+        2.5
+    """
+    validation.check("samples", samples)
+    micro = check_sizes(batch_size, micro_batch_size, world_size)
+    check_batch_fits_data(batch_size, samples)
+    validation.check_optional("epochs", epochs)
+    validation.check_optional("max_steps", max_steps)
+
+    full_batches, remainder = divmod(samples, batch_size)
+    if drop_last or remainder == 0:
+        steps_per_epoch, last = full_batches, batch_size
+        dropped = remainder if drop_last else 0
+    else:
+        steps_per_epoch, last, dropped = full_batches + 1, remainder, 0
+    samples_per_epoch = samples - dropped
+
+    full_iterations = _iterations_for_batch(batch_size, micro, world_size)
+    iterations_per_epoch = (steps_per_epoch - 1) * full_iterations + _iterations_for_batch(
+        last, micro, world_size
+    )
+    accumulation = full_iterations
+
+    if epochs is None and max_steps is None:
+        total_steps = total_iterations = total_samples = None
+        epochs_run = None
+    else:
+        by_epochs = epochs * steps_per_epoch if epochs is not None else None
+        total_steps = min(s for s in (by_epochs, max_steps) if s is not None)
+        whole_epochs, extra_steps = divmod(total_steps, steps_per_epoch)
+        # A partial epoch never reaches the last (remainder) batch, so its steps are full.
+        total_samples = whole_epochs * samples_per_epoch + extra_steps * batch_size
+        total_iterations = whole_epochs * iterations_per_epoch + extra_steps * full_iterations
+        epochs_run = total_steps / steps_per_epoch
+
+    return Plan(
+        samples=samples,
+        batch_size=batch_size,
+        micro_batch_size=micro,
+        world_size=world_size,
+        accumulation=accumulation,
+        drop_last=drop_last,
+        steps_per_epoch=steps_per_epoch,
+        iterations_per_epoch=iterations_per_epoch,
+        last_batch_size=last,
+        dropped_per_epoch=dropped,
+        samples_per_epoch=samples_per_epoch,
+        per_rank_batch_size=tuple(split_evenly(batch_size, world_size)),
+        per_rank_last_batch_size=tuple(split_evenly(last, world_size)),
+        epochs=epochs,
+        max_steps=max_steps,
+        total_steps=total_steps,
+        total_iterations=total_iterations,
+        total_samples=total_samples,
+        epochs_run=epochs_run,
+    )

@@ -1,0 +1,253 @@
+"""A task: a model factory, training and validation data, and a loss.
+
+This is where the command line's ``--example``, ``--model``, ``--data``, ``--val-data``,
+``--val-fraction``, ``--features``, ``--target`` and ``--loss`` become objects, so that ``train``,
+``tune`` and ``sweep`` all read their inputs the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from batchfit import validation
+from batchfit.data.files import read_table
+from batchfit.data.memory import TensorSource
+from batchfit.data.source import BatchSource
+from batchfit.data.torch_dataset import DatasetSource, IterableSource
+from batchfit.errors import BatchfitError
+from batchfit.examples import DEFAULT_EXAMPLE, EXAMPLES
+from batchfit.imports import import_object
+from batchfit.losses import Loss, resolve_loss
+
+DEFAULT_VAL_FRACTION = 0.1
+
+
+@dataclass
+class Task:
+    """Everything a run needs besides the batch-size settings."""
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    train: BatchSource
+    val: BatchSource | None
+    loss: Loss
+    suggested_lr: float | None = None
+
+
+def as_source(
+    data: object, *, seed: int = 0, shuffle: bool = True, what: str = "data"
+) -> BatchSource:
+    """Wrap what the user gave (tensors, arrays, a Dataset, a BatchSource) as a BatchSource.
+
+    Examples:
+        >>> src = as_source((torch.zeros(5, 2), torch.zeros(5)))
+        >>> src.num_samples
+        5
+    """
+    if isinstance(data, BatchSource):
+        return data
+    if isinstance(data, IterableDataset):
+        return IterableSource(data)
+    if isinstance(data, Dataset):
+        return DatasetSource(data, seed=seed, shuffle=shuffle)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return TensorSource(data[0], data[1], seed=seed, shuffle=shuffle)
+    raise BatchfitError(
+        f"The {what} must be an (x, y) pair of tensors or arrays, a torch Dataset or "
+        f"IterableDataset, or a BatchSource; got {type(data).__name__}."
+    )
+
+
+def model_factory(spec: str) -> Callable[[], nn.Module]:
+    """A no-argument callable that builds the model named by ``package.module:factory``."""
+    factory = import_object(spec, what="model factory")
+    if not callable(factory):
+        raise BatchfitError(
+            f"The model factory '{spec}' is not callable; point --model at a function."
+        )
+
+    def build() -> nn.Module:
+        try:
+            model = factory()
+        except TypeError as exc:
+            raise BatchfitError(
+                f"Calling the model factory '{spec}' with no arguments failed: {exc}. "
+                "--model needs a function that takes no arguments and returns an nn.Module."
+            ) from None
+        if not isinstance(model, nn.Module):
+            raise BatchfitError(
+                f"The model factory '{spec}' returned {type(model).__name__}, not a "
+                "torch.nn.Module; return the model itself."
+            )
+        return model
+
+    return build
+
+
+def _is_factory(spec: str) -> bool:
+    return ":" in spec and not Path(spec).exists()
+
+
+def _load_data(spec: str, features: list[str] | None, target: str | None, seed: int, shuffle: bool):
+    """Return (source, target_kind) for a file path or a ``module:factory`` returning a dataset."""
+    if _is_factory(spec):
+        data = import_object(spec, what="data factory")
+        if callable(data) and not isinstance(data, (Dataset, BatchSource)):
+            data = data()
+        source = as_source(data, seed=seed, shuffle=shuffle, what=f"data from '{spec}'")
+        return source, target_kind_of(source)
+    table = read_table(spec, features, target)
+    return TensorSource(table.x, table.y, seed=seed, shuffle=shuffle), table.target_kind
+
+
+def target_kind_of(source: BatchSource) -> str:
+    _, y = next(iter(source.batches(0, 1)))
+    if y.dtype == torch.bool:
+        return "binary"
+    return "real" if y.is_floating_point() else "class"
+
+
+def load_task(
+    *,
+    example: str | None = None,
+    model: str | None = None,
+    data: str | None = None,
+    val_data: str | None = None,
+    val_fraction: float | None = None,
+    features: list[str] | None = None,
+    target: str | None = None,
+    loss: str | None = None,
+    seed: int = 0,
+) -> Task:
+    """Build a :class:`Task` from command-line style options.
+
+    With no ``model`` and no ``data`` the built-in ``example`` (default ``mnist1d``) is used.
+    ``model`` alone trains the user's model on the example's data; ``data`` needs ``model``.
+    """
+    if data is None and (val_data is not None or features or target is not None):
+        raise BatchfitError("--val-data, --features and --target describe --data; give --data too.")
+    if val_fraction is not None:
+        validation.check("val_fraction", val_fraction)
+    if data is not None and example is not None:
+        raise BatchfitError("Give either --example or --data, not both.")
+    if data is not None and model is None:
+        raise BatchfitError(
+            "--data needs --model package.module:factory (a function returning your nn.Module)."
+        )
+
+    if data is None:
+        name = example or DEFAULT_EXAMPLE
+        if name not in EXAMPLES:
+            raise BatchfitError(
+                f"Unknown example '{name}'; choose one of {', '.join(sorted(EXAMPLES))}."
+            )
+        ex = EXAMPLES[name]
+        loaded = ex.load()
+        train: BatchSource = TensorSource(loaded.x_train, loaded.y_train, seed=seed)
+        val: BatchSource | None = TensorSource(loaded.x_val, loaded.y_val, shuffle=False)
+        if val_fraction == 0:
+            val = None
+        kind = loaded.target_kind
+        factory = model_factory(model) if model else ex.make_model
+        label = f"example '{name}'" + (f" with model {model}" if model else "")
+        return Task(label, factory, train, val, resolve_loss(loss, kind), ex.lr)
+
+    train, kind = _load_data(data, features, target, seed, shuffle=True)
+    if val_data is not None:
+        if val_fraction:
+            raise BatchfitError("Give either --val-data or --val-fraction, not both.")
+        val, _ = _load_data(val_data, features, target, seed, shuffle=False)
+    else:
+        fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        val = None
+        if fraction > 0:
+            train, val = _split(train, fraction, seed)
+    return Task(f"{model} on {data}", model_factory(model), train, val, resolve_loss(loss, kind))
+
+
+def _split(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSource, BatchSource]:
+    if isinstance(source, TensorSource):
+        return source.split(fraction, seed)
+    if isinstance(source, DatasetSource):
+        n = source.num_samples
+        n_val = round(n * fraction)
+        if n_val < 1 or n_val >= n:
+            raise BatchfitError(
+                f"A validation fraction of {fraction:g} of {n} samples leaves none for one side; "
+                "choose another fraction, or 0 for no validation."
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        train = DatasetSource(
+            torch.utils.data.Subset(source.dataset, perm[n_val:]), seed=source.seed
+        )
+        val = DatasetSource(torch.utils.data.Subset(source.dataset, perm[:n_val]), shuffle=False)
+        return train, val
+    raise BatchfitError(
+        "A stream cannot be split for validation; give --val-data, or --val-fraction 0."
+    )
+
+
+def check_model_accepts_data(model: nn.Module, source: BatchSource, loss: Loss) -> None:
+    """Run the model on two samples (eval mode, no gradients) and fail early with both shapes.
+
+    Catches the classic mismatches before any training: features of the wrong width, outputs that
+    do not match the target, labels beyond the number of classes.
+    """
+    x, y = next(iter(source.batches(0, min(2, source.num_samples or 2))))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                output = model(x.to(device))
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise BatchfitError(
+                    f"The model does not accept the data: each sample has shape "
+                    f"{tuple(x.shape[1:])}{_expected_input(model)}. torch said: "
+                    f"{str(exc).splitlines()[0]}. Fix --features or the model's input layer."
+                ) from None
+            if not isinstance(output, torch.Tensor):
+                raise BatchfitError(
+                    f"The model returned {type(output).__name__}, not a tensor; return the "
+                    "prediction tensor from forward()."
+                )
+            if loss.kind == "class" and isinstance(source, TensorSource):
+                _check_labels(source.y, output.shape[-1])
+            try:
+                loss.fn(output, y.to(device))
+            except BatchfitError:
+                raise
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise BatchfitError(
+                    f"The loss '{loss.name}' cannot compare the model's output of shape "
+                    f"{tuple(output.shape)} with the target of shape {tuple(y.shape)}: "
+                    f"{str(exc).splitlines()[0]}."
+                ) from None
+    finally:
+        model.train(was_training)
+
+
+def _check_labels(y: torch.Tensor, classes: int) -> None:
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
+        raise BatchfitError(
+            f"Target label {bad} is outside the model's {classes} outputs (labels must be "
+            f"0..{classes - 1}); fix the labels or the model's output size."
+        )
+
+
+def _expected_input(model: nn.Module) -> str:
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return f", but the model's first layer expects {module.in_features} features"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return f", but the model's first layer expects {module.in_channels} input channels"
+    return ""

@@ -1,0 +1,535 @@
+"""The training loop: batches, exact gradient accumulation, evaluation, checkpoints, stop rules.
+
+The loop is :func:`train`; read it top to bottom. One *step* takes one batch from the source, splits
+it into micro-batches, accumulates their gradients weighted by sample count (so the update equals
+the full-batch mean gradient even when the micro-batch does not divide the batch) and makes one
+optimizer update. Epochs end when the source runs dry; training ends after ``epochs`` epochs or
+``max_steps`` steps, whichever comes first.
+
+Everything needed to continue is two integers of data position plus model, optimizer and RNG
+state, so a run stopped at any step and resumed ends bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchfit import validation
+from batchfit.checkpoint import (
+    check_same_model,
+    check_same_settings,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
+from batchfit.data.source import BatchSource
+from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
+from batchfit.losses import Loss, LossFn, correct_count, resolve_loss
+from batchfit.metrics import MetricsLog
+from batchfit.progress import TrainProgress
+from batchfit.schedule import check_batch_fits_data, check_sizes, plan
+from batchfit.task import as_source, check_model_accepts_data, target_kind_of
+
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+FLUSH_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run did. ``final`` holds ``train_loss`` (mean over the last epoch's steps),
+    ``val_loss`` and, for classification, ``val_accuracy``."""
+
+    steps: int
+    iterations: int
+    epochs_completed: int
+    samples_seen: int
+    params_sha256: str
+    final: dict[str, float]
+    history: list[dict[str, float]]
+    seconds: float
+    samples_per_s: float
+    batch_size: int
+    micro_batch_size: int
+    lr: float
+    optimizer: str
+    metrics_path: str | None
+    checkpoint_path: str | None
+    resumed_from_step: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Position:
+    """Where the run is: the epoch in progress, samples of it consumed, and global counters."""
+
+    epoch: int = 0
+    sample_in_epoch: int = 0
+    step: int = 0
+    iterations: int = 0
+    samples_seen: int = 0
+
+
+@dataclass
+class _Run:
+    """The state that a checkpoint captures, besides model and optimizer."""
+
+    position: Position = field(default_factory=Position)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_optimizer(
+    name: str, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """``sgd`` (with momentum), ``adam`` or ``adamw``; weight decay defaults to torch's default."""
+    validation.check("optimizer", name)
+    params = model.parameters()
+    extra = {} if weight_decay is None else {"weight_decay": weight_decay}
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, **extra)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, **extra)
+    return torch.optim.AdamW(params, lr=lr, **extra)
+
+
+def params_sha256(model: nn.Module) -> str:
+    """SHA-256 over the parameters sorted by name (name, dtype, shape and bytes of each)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.named_parameters()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def evaluate(
+    model: nn.Module,
+    source: BatchSource,
+    loss: Loss,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Mean loss (and accuracy for classification) over ``source``, in eval mode, no gradients."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_correct, count = 0.0, 0, 0
+    try:
+        with torch.no_grad():
+            for x, y in source.batches(0, batch_size):
+                x, y = x.to(device), y.to(device)
+                output = model(x)
+                total_loss += loss.fn(output, y).item() * len(y)
+                if loss.has_accuracy:
+                    total_correct += int(correct_count(output, y, loss.kind))
+                count += len(y)
+    finally:
+        model.train(was_training)
+    result = {"loss": total_loss / count if count else math.nan}
+    if loss.has_accuracy:
+        result["accuracy"] = total_correct / count if count else math.nan
+    return result
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro_batch_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, int]:
+    """One optimizer update on one batch; returns (mean loss as a detached tensor, iterations).
+
+    Micro-batch losses are weighted by their share of the batch, so the accumulated gradient is the
+    mean gradient of the whole batch whatever the split (DESIGN.md: no flooring).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    n = len(y)
+    if n <= micro_batch_size:
+        loss = loss_fn(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), 1
+    total = torch.zeros((), device=device)
+    parts = 0
+    for xs, ys in zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True):
+        weight = len(ys) / n
+        loss = loss_fn(model(xs.to(device, non_blocking=True)), ys.to(device, non_blocking=True))
+        (loss * weight).backward()
+        total += loss.detach() * weight
+        parts += 1
+    optimizer.step()
+    return total, parts
+
+
+class _StopSignals:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks after each step.
+
+    A second signal gets the previous handler (a second Ctrl-C interrupts at once).
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._previous[signum])
+
+    def __enter__(self) -> _StopSignals:
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise BatchfitError(f"Unknown device '{device}'; use cpu, cuda, cuda:N or auto.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BatchfitError(
+            "--device cuda was asked for, but no CUDA device is available; use cpu."
+        )
+    return resolved
+
+
+def _stop_rule(epochs: int | None, max_steps: int | None, num_samples: int | None) -> None:
+    validation.check_optional("epochs", epochs)
+    validation.check_optional("max_steps", max_steps)
+    if num_samples is None and max_steps is None:
+        raise BatchfitError(
+            "The training data is a stream of unknown length, so epochs cannot be counted; "
+            "give --max-steps (online learning on a stream)."
+        )
+    if epochs is None and max_steps is None:
+        raise BatchfitError("Say how long to train: give --epochs, --max-steps, or both.")
+
+
+def train(
+    model: nn.Module,
+    data: object,
+    *,
+    batch_size: int,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    micro_batch_size: int | None = None,
+    val_data: object | None = None,
+    loss: str | LossFn | Loss | None = None,
+    optimizer: str = "adam",
+    lr: float | None = None,
+    momentum: float = 0.9,
+    weight_decay: float | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+    eval_batch_size: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    out_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` with mini-batches of ``batch_size`` samples.
+
+    ``data`` and ``val_data`` are ``(x, y)`` tensors or arrays, a torch ``Dataset`` or
+    ``IterableDataset``, or a :class:`~batchfit.data.source.BatchSource`. ``batch_size=1`` is online
+    learning; ``batch_size=len(data)`` is full-batch descent. ``micro_batch_size`` splits each batch
+    for memory with exact accumulation. Training stops after ``epochs`` or ``max_steps``, whichever
+    comes first. With ``checkpoint_dir`` a checkpoint is written at every epoch end, every
+    ``checkpoint_every`` steps and on SIGINT/SIGTERM; ``resume=True`` continues from it exactly.
+    With ``out_dir``, ``metrics.csv`` gets one row per step.
+
+    Examples:
+        >>> import torch
+        >>> x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
+        >>> result = train(torch.nn.Linear(3, 2), (x, y), batch_size=16, epochs=2)
+        >>> result.steps, result.samples_seen
+        (8, 128)
+    """
+    source = as_source(data, seed=seed)
+    val_source = (
+        as_source(val_data, shuffle=False, what="validation data") if val_data is not None else None
+    )
+    n = source.num_samples
+    micro = check_sizes(batch_size, micro_batch_size)
+    if n is not None:
+        check_batch_fits_data(batch_size, n)
+    _stop_rule(epochs, max_steps, n)
+    validation.check("optimizer", optimizer)
+    lr = DEFAULT_LR[optimizer] if lr is None else validation.check("lr", lr)
+    validation.check_optional("checkpoint_every", checkpoint_every)
+    eval_batch_size = validation.check_optional("eval_batch_size", eval_batch_size) or max(
+        micro, 1024
+    )
+    if resume and checkpoint_dir is None:
+        raise BatchfitError(
+            "--resume needs --checkpoint-dir, the folder that holds the checkpoint."
+        )
+    if not isinstance(loss, Loss):
+        loss = resolve_loss(loss, target_kind_of(source))
+
+    device = _resolve_device(device)
+    model.to(device)
+    check_model_accepts_data(model, source, loss)
+    opt = make_optimizer(optimizer, model, lr, momentum, weight_decay)
+    the_plan = (
+        plan(
+            n,
+            batch_size,
+            micro_batch_size=micro,
+            epochs=epochs,
+            max_steps=max_steps,
+            drop_last=drop_last,
+        )
+        if n is not None
+        else None
+    )
+    total_steps = the_plan.total_steps if the_plan else max_steps
+    settings = {
+        "batch_size": batch_size,
+        "seed": seed,
+        "optimizer": optimizer,
+        "drop_last": drop_last,
+        "samples": n,
+    }
+
+    run = _Run()
+    resumed_from = None
+    saved = load_checkpoint(checkpoint_dir) if resume else None
+    if saved is not None:
+        path = checkpoint_path(checkpoint_dir)
+        check_same_model(saved, model.state_dict(), path)
+        check_same_settings(saved, settings, path)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        _set_rng_state(saved["rng"])
+        run = _Run(Position(**saved["position"]), list(saved["history"]))
+        resumed_from = run.position.step
+    else:
+        torch.manual_seed(seed)
+    pos = run.position
+
+    metrics = MetricsLog(
+        Path(out_dir) / "metrics.csv" if out_dir else None, resume_step=resumed_from
+    )
+    if saved is not None:
+        metrics.epoch_loss_sum, metrics.epoch_samples = saved["epoch_loss"]
+    bar = TrainProgress(progress)
+    per_epoch = f"{the_plan.steps_per_epoch} steps per epoch" if the_plan else "a stream"
+    bar.log(
+        f"Training on {source.describe()}: batch size {batch_size} (micro-batch {micro}), "
+        f"{per_epoch}, loss {loss.name}, {optimizer} lr {lr:g}"
+    )
+    if resumed_from is not None:
+        bar.log(
+            f"Resumed from {checkpoint_path(checkpoint_dir)} at step {pos.step} "
+            f"(epoch {pos.epoch + 1}, {pos.sample_in_epoch} samples into it)."
+        )
+    elif resume:
+        bar.log(f"No checkpoint in {checkpoint_dir} yet; starting from the beginning.")
+
+    def checkpoint() -> str | None:
+        if checkpoint_dir is None:
+            return None
+        metrics.flush()  # raises on NaN first, so a bad state is never saved
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": _rng_state(),
+            "position": asdict(pos),
+            "history": run.history,
+            "epoch_loss": [metrics.epoch_loss_sum, metrics.epoch_samples],
+            "settings": settings,
+        }
+        return str(save_checkpoint(checkpoint_dir, state))
+
+    model.train()
+    train_seconds, samples_this_run, epoch_finished = 0.0, 0, False
+    started = time.perf_counter()
+    with _StopSignals(enabled=True) as stop:
+        while pos.step < total_steps and (epochs is None or pos.epoch < epochs):
+            steps_per_epoch = the_plan.steps_per_epoch if the_plan else None
+            steps_done = math.ceil(pos.sample_in_epoch / batch_size)
+            bar.start_epoch(
+                f"epoch {pos.epoch + 1}" + (f"/{epochs}" if epochs else ""),
+                steps_per_epoch,
+                steps_done,
+            )
+            epoch_finished = False
+            next_flush = time.perf_counter() + FLUSH_SECONDS
+            t_last = time.perf_counter()
+            try:
+                batches = source.batches(
+                    pos.epoch, batch_size, start=pos.sample_in_epoch, drop_last=drop_last
+                )
+                for x, y in batches:
+                    loss_value, parts = train_step(model, opt, loss.fn, x, y, micro, device)
+                    size = len(y)
+                    pos.step += 1
+                    pos.iterations += parts
+                    pos.samples_seen += size
+                    pos.sample_in_epoch += size
+                    steps_done += 1
+                    now = time.perf_counter()
+                    train_seconds += now - t_last
+                    samples_this_run += size
+                    metrics.add(
+                        pos.step,
+                        pos.epoch + 1,
+                        size,
+                        micro,
+                        loss_value,
+                        lr,
+                        size / max(now - t_last, 1e-9),
+                    )
+                    t_last = now
+                    if now >= next_flush:
+                        metrics.flush()
+                        bar.update(steps_done, metrics.last_loss, metrics.last_samples_per_s)
+                        next_flush = now + FLUSH_SECONDS
+                    if stop.received:
+                        raise _interrupted(stop.received, pos, checkpoint())
+                    if checkpoint_every and pos.step % checkpoint_every == 0:
+                        checkpoint()
+                        t_last = time.perf_counter()
+                    if pos.step >= total_steps:
+                        break
+                else:
+                    epoch_finished = True
+                if the_plan and pos.sample_in_epoch >= the_plan.samples_per_epoch:
+                    epoch_finished = True
+                metrics.flush()
+                bar.update(steps_done, metrics.last_loss, metrics.last_samples_per_s)
+            except (NonFiniteLossError, TrainingInterrupted):
+                raise
+            except BatchfitError:
+                checkpoint()  # bad data met mid-epoch: keep what was trained, then stop
+                raise
+            finally:
+                bar.end_epoch()
+            if not epoch_finished:
+                break
+            record = _end_of_epoch(pos, metrics, model, val_source, loss, eval_batch_size, device)
+            run.history.append(record)
+            bar.log(_epoch_summary(record, epochs))
+            pos.epoch += 1
+            pos.sample_in_epoch = 0
+            metrics.start_epoch()
+            checkpoint()
+
+    final = _final_metrics(
+        run.history, epoch_finished, metrics, model, val_source, loss, eval_batch_size, device
+    )
+    last = checkpoint()
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        steps=pos.step,
+        iterations=pos.iterations,
+        epochs_completed=pos.epoch,
+        samples_seen=pos.samples_seen,
+        params_sha256=params_sha256(model),
+        final=final,
+        history=run.history,
+        seconds=seconds,
+        samples_per_s=samples_this_run / train_seconds if train_seconds else 0.0,
+        batch_size=batch_size,
+        micro_batch_size=micro,
+        lr=lr,
+        optimizer=optimizer,
+        metrics_path=str(metrics.path) if metrics.path else None,
+        checkpoint_path=last,
+        resumed_from_step=resumed_from,
+    )
+
+
+def _end_of_epoch(
+    pos: Position,
+    metrics: MetricsLog,
+    model: nn.Module,
+    val_source: BatchSource | None,
+    loss: Loss,
+    eval_batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    record: dict[str, float] = {
+        "epoch": pos.epoch + 1,
+        "step": pos.step,
+        "train_loss": metrics.epoch_mean_loss(),
+    }
+    if val_source is not None:
+        for key, value in evaluate(model, val_source, loss, eval_batch_size, device).items():
+            record[f"val_{key}"] = value
+    return record
+
+
+def _final_metrics(
+    history: list[dict[str, float]],
+    epoch_finished: bool,
+    metrics: MetricsLog,
+    model: nn.Module,
+    val_source: BatchSource | None,
+    loss: Loss,
+    eval_batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """The last epoch's record, or, when the run ended mid-epoch, a fresh evaluation now."""
+    if history and (epoch_finished or metrics.epoch_samples == 0):
+        return {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
+    final = {"train_loss": metrics.epoch_mean_loss()}
+    if val_source is not None:
+        for key, value in evaluate(model, val_source, loss, eval_batch_size, device).items():
+            final[f"val_{key}"] = value
+    return final
+
+
+def _epoch_summary(record: dict[str, float], epochs: int | None) -> str:
+    of = f"/{epochs}" if epochs else ""
+    parts = [f"epoch {int(record['epoch'])}{of}", f"train_loss {record['train_loss']:.4f}"]
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_")]
+    return "  ".join(parts)
+
+
+def _interrupted(signal_name: str, pos: Position, saved_at: str | None) -> TrainingInterrupted:
+    where = f"step {pos.step} (epoch {pos.epoch + 1}, {pos.sample_in_epoch} samples into it)"
+    if saved_at:
+        message = f"Stopped by {signal_name} at {where}; checkpoint saved to {saved_at}."
+    else:
+        message = (
+            f"Stopped by {signal_name} at {where}; nothing was saved because no "
+            "--checkpoint-dir was given."
+        )
+    return TrainingInterrupted(message, signal_name, pos.step)

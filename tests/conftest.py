@@ -1,0 +1,54 @@
+"""Shared fixtures: a data cache per test session, small models and data files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import blobs
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Shared by xdist workers (one level above each worker's base temp); writes are atomic.
+    cache = tmp_path_factory.getbasetemp().parent / "batchfit-cache"
+    os.environ["BATCHFIT_CACHE"] = str(cache)
+
+
+@pytest.fixture()
+def models_file(tmp_path: Path) -> Path:
+    """A user's models.py with a few factories, as a user would write it."""
+    path = tmp_path / "user_models.py"
+    path.write_text(
+        "import torch\n"
+        "from torch import nn\n\n"
+        "def mlp():\n"
+        "    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))\n\n"
+        "def regressor():\n"
+        "    return nn.Linear(4, 1)\n\n"
+        "def wide():\n"
+        "    return nn.Sequential(nn.Linear(7, 3))\n\n"
+        "def mnist_mlp():\n"
+        "    return nn.Sequential(nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 10))\n\n"
+        "def not_a_model():\n"
+        "    return 42\n\n"
+        "def needs_args(width):\n"
+        "    return nn.Linear(4, width)\n"
+    )
+    return path
+
+
+@pytest.fixture()
+def blobs_parquet(tmp_path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x, y = blobs()
+    table = pa.table({f"f{i}": x[:, i].numpy() for i in range(4)} | {"y": y.numpy()})
+    path = tmp_path / "blobs.parquet"
+    pq.write_table(table, path)
+    return path

@@ -1,0 +1,34 @@
+"""Small data and a subprocess runner shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def blobs(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three Gaussian blobs in 4-D: a tiny classification problem."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    centers = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0]])
+    x = centers[y] + torch.randn(n, 4, generator=g)
+    return x, y
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 120, **kwargs):
+    """Run ``python -m batchfit`` in a real subprocess."""
+    import subprocess
+
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", "batchfit", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
+    )
