@@ -11,6 +11,7 @@ metrics.csv, NaN checks, position bookkeeping. Target (DESIGN.md): ratio >= 0.97
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -43,8 +44,17 @@ def hand_written(model, x, y, batch_size: int, steps: int, seed: int) -> None:
 
 
 def with_batchfit(model, x, y, batch_size: int, steps: int, seed: int, out: str) -> None:
-    batchfit.train(model, (x, y), batch_size=batch_size, max_steps=steps, optimizer="adam",
-                   lr=1e-3, seed=seed, out_dir=out, loss="cross_entropy")
+    batchfit.train(
+        model,
+        (x, y),
+        batch_size=batch_size,
+        max_steps=steps,
+        optimizer="adam",
+        lr=1e-3,
+        seed=seed,
+        out_dir=out,
+        loss="cross_entropy",
+    )
 
 
 def timed(fn) -> float:
@@ -75,8 +85,10 @@ def main() -> None:
             for r in range(args.rounds):
                 torch.manual_seed(r)
                 m1, m2 = example.make_model(), example.make_model()
-                runs = [lambda m=m1, b=batch_size: hand_written(m, x, y, b, steps, r),
-                        lambda m=m2, b=batch_size: with_batchfit(m, x, y, b, steps, r, out)]
+                runs = [
+                    functools.partial(hand_written, m1, x, y, batch_size, steps, r),
+                    functools.partial(with_batchfit, m2, x, y, batch_size, steps, r, out),
+                ]
                 order = [0, 1] if r % 2 == 0 else [1, 0]
                 times = {}
                 for i in order:
@@ -84,8 +96,10 @@ def main() -> None:
                 hand_rates.append(steps * batch_size / times[0])
                 ours_rates.append(steps * batch_size / times[1])
                 ratios.append(times[0] / times[1])
-            print(f"{batch_size:>5} {steps:>6} {statistics.median(hand_rates):>15,.0f} "
-                  f"{statistics.median(ours_rates):>19,.0f} {statistics.median(ratios):>7.3f}")
+            print(
+                f"{batch_size:>5} {steps:>6} {statistics.median(hand_rates):>15,.0f} "
+                f"{statistics.median(ours_rates):>19,.0f} {statistics.median(ratios):>7.3f}"
+            )
 
 
 if __name__ == "__main__":
