@@ -231,3 +231,58 @@ def test_parameters_hash_is_stable_and_sensitive():
     with torch.no_grad():
         b[0].weight[0, 0] += 1e-7
     assert params_sha256(a) != params_sha256(b)
+
+
+def test_eval_every_records_validation_during_epochs_and_on_eval_can_stop():
+    x, y = blobs(100)
+    xv, yv = blobs(50, seed=1)
+    seen = []
+    r = train(
+        tiny_model(),
+        (x, y),
+        val_data=(xv, yv),
+        batch_size=10,
+        epochs=2,
+        eval_every=4,
+        on_eval=seen.append,
+    )
+    assert [e["step"] for e in r.evals] == [4, 8, 10, 12, 16, 20]
+    assert [e["step"] for e in seen] == [4, 8, 10, 12, 16, 20]
+    assert all("val_accuracy" in e and e["train_seconds"] > 0 for e in r.evals)
+    assert r.evals[-1]["samples_seen"] == 200
+    stopped = train(
+        tiny_model(),
+        (x, y),
+        val_data=(xv, yv),
+        batch_size=10,
+        epochs=5,
+        eval_every=3,
+        on_eval=lambda e: e["step"] >= 6,
+    )
+    assert stopped.steps == 6 and stopped.final["val_loss"] == stopped.evals[-1]["val_loss"]
+
+
+def test_resume_keeps_the_evaluations_made_before_the_stop(tmp_path):
+    x, y = blobs(100)
+    kwargs = dict(val_data=blobs(30, seed=1), batch_size=10, eval_every=4, checkpoint_dir=tmp_path)
+    full = train(tiny_model(), (x, y), epochs=2, **kwargs)
+    train(
+        tiny_model(),
+        (x, y),
+        epochs=2,
+        max_steps=9,
+        checkpoint_dir=tmp_path / "b",
+        **{k: v for k, v in kwargs.items() if k != "checkpoint_dir"},
+    )
+    resumed = train(
+        tiny_model(),
+        (x, y),
+        epochs=2,
+        resume=True,
+        checkpoint_dir=tmp_path / "b",
+        **{k: v for k, v in kwargs.items() if k != "checkpoint_dir"},
+    )
+    assert [e["step"] for e in resumed.evals] == [4, 8, 9, 10, 12, 16, 20]
+    assert [e["val_loss"] for e in resumed.evals if e["step"] != 9] == [
+        e["val_loss"] for e in full.evals
+    ]

@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add_command in COMMANDS:
+        add_command(commands)
+    return parser
 
+
+def _add_plan_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "plan",
         help="count steps, iterations and epochs for a batch size",
@@ -145,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(run=_cmd_plan)
 
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
     t = commands.add_parser(
         "train",
         help="train with mini-batches (epochs or steps, checkpoints, resume)",
@@ -219,7 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_json(t)
     t.set_defaults(run=_cmd_train)
-    return parser
 
 
 def _version() -> str:
@@ -390,6 +396,13 @@ def to_json(value: object) -> str:
         return v
 
     return json.dumps(clean(value), allow_nan=False)
+
+
+#: One function per command adds its subparser; a command's handler is set as ``run``.
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_plan_command,
+    _add_train_command,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

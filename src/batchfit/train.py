@@ -17,6 +17,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,9 @@ class TrainResult:
     params_sha256: str
     final: dict[str, float]
     history: list[dict[str, float]]
+    evals: list[dict[str, float]]
     seconds: float
+    train_seconds: float
     samples_per_s: float
     batch_size: int
     micro_batch_size: int
@@ -87,6 +90,8 @@ class _Run:
 
     position: Position = field(default_factory=Position)
     history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
 
 
 def make_optimizer(
@@ -262,6 +267,8 @@ def train(
     out_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    eval_every: int | None = None,
+    on_eval: Callable[[dict[str, float]], bool | None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with mini-batches of ``batch_size`` samples.
 
@@ -272,6 +279,11 @@ def train(
     comes first. With ``checkpoint_dir`` a checkpoint is written at every epoch end, every
     ``checkpoint_every`` steps and on SIGINT/SIGTERM; ``resume=True`` continues from it exactly.
     With ``out_dir``, ``metrics.csv`` gets one row per step.
+
+    Validation runs at every epoch end and, with ``eval_every``, every that many steps; each
+    evaluation is a record in ``TrainResult.evals`` (step, epoch, samples_seen, train_seconds: time
+    spent training so far, without evaluation; val_loss, val_accuracy) and is passed to ``on_eval``,
+    which may return True to stop training there.
 
     Examples:
         >>> import torch
@@ -292,6 +304,7 @@ def train(
     validation.check("optimizer", optimizer)
     lr = DEFAULT_LR[optimizer] if lr is None else validation.check("lr", lr)
     validation.check_optional("checkpoint_every", checkpoint_every)
+    validation.check_optional("eval_every", eval_every)
     eval_batch_size = validation.check_optional("eval_batch_size", eval_batch_size) or max(
         micro, 1024
     )
@@ -337,7 +350,12 @@ def train(
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         _set_rng_state(saved["rng"])
-        run = _Run(Position(**saved["position"]), list(saved["history"]))
+        run = _Run(
+            Position(**saved["position"]),
+            list(saved["history"]),
+            list(saved["evals"]),
+            saved["train_seconds"],
+        )
         resumed_from = run.position.step
     else:
         torch.manual_seed(seed)
@@ -372,13 +390,35 @@ def train(
             "rng": _rng_state(),
             "position": asdict(pos),
             "history": run.history,
+            "evals": run.evals,
+            "train_seconds": run.train_seconds,
             "epoch_loss": [metrics.epoch_loss_sum, metrics.epoch_samples],
             "settings": settings,
         }
         return str(save_checkpoint(checkpoint_dir, state))
 
+    def validate() -> dict[str, float]:
+        """Evaluate now (once per step at most), record it and tell ``on_eval``."""
+        if run.evals and run.evals[-1]["step"] == pos.step:
+            return run.evals[-1]
+        metrics.flush()
+        record: dict[str, float] = {
+            "step": pos.step,
+            "epoch": pos.epoch + 1,
+            "samples_seen": pos.samples_seen,
+            "train_seconds": run.train_seconds,
+        }
+        if val_source is not None:
+            for key, value in evaluate(model, val_source, loss, eval_batch_size, device).items():
+                record[f"val_{key}"] = value
+        run.evals.append(record)
+        if on_eval is not None and on_eval(dict(record)):
+            stop_requested.append(pos.step)
+        return record
+
+    stop_requested: list[int] = []
     model.train()
-    train_seconds, samples_this_run, epoch_finished = 0.0, 0, False
+    samples_this_run, epoch_finished, seconds_at_start = 0, False, run.train_seconds
     started = time.perf_counter()
     with _StopSignals(enabled=True) as stop:
         while pos.step < total_steps and (epochs is None or pos.epoch < epochs):
@@ -405,7 +445,7 @@ def train(
                     pos.sample_in_epoch += size
                     steps_done += 1
                     now = time.perf_counter()
-                    train_seconds += now - t_last
+                    run.train_seconds += now - t_last
                     samples_this_run += size
                     metrics.add(
                         pos.step,
@@ -426,7 +466,10 @@ def train(
                     if checkpoint_every and pos.step % checkpoint_every == 0:
                         checkpoint()
                         t_last = time.perf_counter()
-                    if pos.step >= total_steps:
+                    if eval_every and pos.step % eval_every == 0:
+                        validate()
+                        t_last = time.perf_counter()
+                    if pos.step >= total_steps or stop_requested:
                         break
                 else:
                     epoch_finished = True
@@ -443,17 +486,28 @@ def train(
                 bar.end_epoch()
             if not epoch_finished:
                 break
-            record = _end_of_epoch(pos, metrics, model, val_source, loss, eval_batch_size, device)
+            evaluated = validate()
+            record = {
+                "epoch": pos.epoch + 1,
+                "step": pos.step,
+                "train_loss": metrics.epoch_mean_loss(),
+            }
+            record.update({k: v for k, v in evaluated.items() if k.startswith("val_")})
             run.history.append(record)
             bar.log(_epoch_summary(record, epochs))
             pos.epoch += 1
             pos.sample_in_epoch = 0
             metrics.start_epoch()
             checkpoint()
+            if stop_requested:
+                break
 
-    final = _final_metrics(
-        run.history, epoch_finished, metrics, model, val_source, loss, eval_batch_size, device
-    )
+    if run.history and (epoch_finished or metrics.epoch_samples == 0):
+        final = {k: v for k, v in run.history[-1].items() if k not in ("epoch", "step")}
+    else:  # ended mid-epoch: report the partial epoch and a fresh validation
+        evaluated = validate()
+        final = {"train_loss": metrics.epoch_mean_loss()}
+        final.update({k: v for k, v in evaluated.items() if k.startswith("val_")})
     last = checkpoint()
     seconds = time.perf_counter() - started
     return TrainResult(
@@ -465,7 +519,11 @@ def train(
         final=final,
         history=run.history,
         seconds=seconds,
-        samples_per_s=samples_this_run / train_seconds if train_seconds else 0.0,
+        evals=run.evals,
+        train_seconds=run.train_seconds,
+        samples_per_s=samples_this_run / (run.train_seconds - seconds_at_start)
+        if run.train_seconds > seconds_at_start
+        else 0.0,
         batch_size=batch_size,
         micro_batch_size=micro,
         lr=lr,
@@ -474,46 +532,6 @@ def train(
         checkpoint_path=last,
         resumed_from_step=resumed_from,
     )
-
-
-def _end_of_epoch(
-    pos: Position,
-    metrics: MetricsLog,
-    model: nn.Module,
-    val_source: BatchSource | None,
-    loss: Loss,
-    eval_batch_size: int,
-    device: torch.device,
-) -> dict[str, float]:
-    record: dict[str, float] = {
-        "epoch": pos.epoch + 1,
-        "step": pos.step,
-        "train_loss": metrics.epoch_mean_loss(),
-    }
-    if val_source is not None:
-        for key, value in evaluate(model, val_source, loss, eval_batch_size, device).items():
-            record[f"val_{key}"] = value
-    return record
-
-
-def _final_metrics(
-    history: list[dict[str, float]],
-    epoch_finished: bool,
-    metrics: MetricsLog,
-    model: nn.Module,
-    val_source: BatchSource | None,
-    loss: Loss,
-    eval_batch_size: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """The last epoch's record, or, when the run ended mid-epoch, a fresh evaluation now."""
-    if history and (epoch_finished or metrics.epoch_samples == 0):
-        return {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
-    final = {"train_loss": metrics.epoch_mean_loss()}
-    if val_source is not None:
-        for key, value in evaluate(model, val_source, loss, eval_batch_size, device).items():
-            final[f"val_{key}"] = value
-    return final
 
 
 def _epoch_summary(record: dict[str, float], epochs: int | None) -> str:

@@ -108,6 +108,7 @@ OPTIONS: dict[str, Int | Float | Choice] = {
     "epochs": Int(1),
     "max_steps": Int(1),
     "checkpoint_every": Int(1),
+    "eval_every": Int(1),
     "seed": Int(0, 2**63 - 1),
     "lr": Float(0.0, open_low=True),
     "momentum": Float(0.0, 1.0, open_high=True),

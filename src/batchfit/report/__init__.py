@@ -1,0 +1,1 @@
+"""Reports: ``report.json``, ``report.md`` and PNG plots for ``tune``; the same for ``sweep``."""
