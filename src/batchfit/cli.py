@@ -57,8 +57,8 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="package.module:factory returning your nn.Module")
     group.add_argument(
         "--data",
-        help="training data: .parquet/.csv/.arrow/.npy/.npz file or "
-        "folder, or package.module:factory returning a torch Dataset",
+        help="training data: .parquet/.csv/.arrow/.npy/.npz file, folder or quoted glob, or "
+        "package.module:factory returning a torch Dataset or IterableDataset",
     )
     group.add_argument("--val-data", help="validation data, same forms as --data")
     group.add_argument(
@@ -78,6 +78,29 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
         "(default: from the target: integers -> cross_entropy, floats -> mse)",
     )
     group.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        help="read --data files piece by piece (--stream) or load them (--no-stream); default: "
+        "stream when the data would take over a quarter of the available memory",
+    )
+    group.add_argument(
+        "--shuffle-buffer",
+        type=_typed("shuffle_buffer"),
+        help="rows shuffled together when streaming (default: 32 MiB worth of rows)",
+    )
+    group.add_argument(
+        "--prefetch",
+        type=_typed("prefetch"),
+        default=4,
+        help="batches prepared ahead in a background thread when streaming (default 4; 0: none)",
+    )
+    group.add_argument(
+        "--data-workers",
+        type=_typed("data_workers"),
+        default=1,
+        help="threads decoding streamed data ahead (default 1)",
+    )
+    group.add_argument(
         "--seed",
         type=_typed("seed"),
         default=0,
@@ -86,7 +109,7 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_task(args: argparse.Namespace):
-    from batchfit.task import load_task
+    from batchfit.task import StreamOptions, load_task
 
     return load_task(
         example=args.example,
@@ -98,6 +121,7 @@ def _load_task(args: argparse.Namespace):
         target=args.target,
         loss=args.loss,
         seed=args.seed,
+        stream=StreamOptions(args.stream, args.shuffle_buffer, args.prefetch, args.data_workers),
     )
 
 
@@ -164,7 +188,9 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
         "  batchfit train --batch-size 256 --micro-batch-size 64 --epochs 2 \\\n"
         "      --checkpoint-dir ckpt --checkpoint-every 50          # then add --resume\n"
         "  batchfit train --model models.py:make_mlp --data train.parquet --target y \\\n"
-        "      --batch-size 64 --epochs 5",
+        "      --batch-size 64 --epochs 5\n"
+        "  batchfit train --model models.py:make_mlp --data 'big/*.parquet' --target y \\\n"
+        "      --batch-size 256 --epochs 2 --stream --shuffle-buffer 200000",
     )
     _add_task_options(t)
     g = t.add_argument_group("batches and length")
@@ -186,6 +212,11 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
         help="optimizer steps (with --epochs: whichever ends first)",
     )
     g.add_argument("--drop-last", action="store_true", help="drop each epoch's incomplete batch")
+    g.add_argument(
+        "--steps-per-epoch",
+        type=_typed("steps_per_epoch"),
+        help="an epoch is this many steps (Keras); needed for epochs on a stream of unknown length",
+    )
     g.add_argument(
         "--eval-batch-size",
         type=_typed("eval_batch_size"),
@@ -330,6 +361,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = task.make_model()
     quiet = args.quiet
+    if task.data_choice and not quiet:
+        print(f"batchfit train: {task.data_choice}", file=sys.stderr)
     lr = (
         args.lr if args.lr is not None else (task.suggested_lr if args.optimizer != "sgd" else None)
     )
@@ -356,6 +389,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             out_dir=args.out,
             device=args.device,
             progress=not quiet,
+            steps_per_epoch=args.steps_per_epoch,
         )
     except TrainingInterrupted as exc:
         command = "batchfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from batchfit import validation
-from batchfit.data.files import read_table
 from batchfit.data.memory import TensorSource
 from batchfit.data.source import BatchSource
+from batchfit.data.stream import DEFAULT_PREFETCH, StreamSource, load_file
 from batchfit.data.torch_dataset import DatasetSource, IterableSource
 from batchfit.errors import BatchfitError
 from batchfit.examples import DEFAULT_EXAMPLE, EXAMPLES
@@ -38,6 +38,7 @@ class Task:
     val: BatchSource | None
     loss: Loss
     suggested_lr: float | None = None
+    data_choice: str | None = None  # how --data was read (in memory or streamed) and why
 
 
 def as_source(
@@ -94,19 +95,49 @@ def _is_factory(spec: str) -> bool:
     return ":" in spec and not Path(spec).exists()
 
 
-def _load_data(spec: str, features: list[str] | None, target: str | None, seed: int, shuffle: bool):
-    """Return (source, target_kind) for a file path or a ``module:factory`` returning a dataset."""
+def _load_data(
+    spec: str,
+    features: list[str] | None,
+    target: str | None,
+    seed: int,
+    shuffle: bool,
+    stream: StreamOptions | None = None,
+):
+    """Return (source, target_kind, why) for a file path, folder or glob, or a
+    ``module:factory`` returning a dataset. Files are loaded or streamed (see ``load_file``)."""
     if _is_factory(spec):
         data = import_object(spec, what="data factory")
         if callable(data) and not isinstance(data, (Dataset, BatchSource)):
             data = data()
         source = as_source(data, seed=seed, shuffle=shuffle, what=f"data from '{spec}'")
-        return source, target_kind_of(source)
-    table = read_table(spec, features, target)
-    return TensorSource(table.x, table.y, seed=seed, shuffle=shuffle), table.target_kind
+        return source, target_kind_of(source), None
+    options = stream or StreamOptions()
+    return load_file(
+        spec,
+        features,
+        target,
+        seed=seed,
+        shuffle=shuffle,
+        stream=options.stream,
+        shuffle_buffer=options.shuffle_buffer,
+        prefetch=options.prefetch,
+        workers=options.workers,
+    )
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How to read ``--data`` files: ``stream`` None chooses by size; see :mod:`batchfit.data.stream`."""
+
+    stream: bool | None = None
+    shuffle_buffer: int | None = None
+    prefetch: int = DEFAULT_PREFETCH
+    workers: int = 1
 
 
 def target_kind_of(source: BatchSource) -> str:
+    if isinstance(source, StreamSource):
+        return source.target_kind
     _, y = next(iter(source.batches(0, 1)))
     if y.dtype == torch.bool:
         return "binary"
@@ -124,6 +155,7 @@ def load_task(
     target: str | None = None,
     loss: str | None = None,
     seed: int = 0,
+    stream: StreamOptions | None = None,
 ) -> Task:
     """Build a :class:`Task` from command-line style options.
 
@@ -158,21 +190,24 @@ def load_task(
         label = f"example '{name}'" + (f" with model {model}" if model else "")
         return Task(label, factory, train, val, resolve_loss(loss, kind), ex.lr)
 
-    train, kind = _load_data(data, features, target, seed, shuffle=True)
+    train, kind, choice = _load_data(data, features, target, seed, shuffle=True, stream=stream)
     if val_data is not None:
         if val_fraction:
             raise BatchfitError("Give either --val-data or --val-fraction, not both.")
-        val, _ = _load_data(val_data, features, target, seed, shuffle=False)
+        val, _, _ = _load_data(val_data, features, target, seed, shuffle=False, stream=stream)
     else:
         fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
         val = None
         if fraction > 0:
             train, val = _split(train, fraction, seed)
-    return Task(f"{model} on {data}", model_factory(model), train, val, resolve_loss(loss, kind))
+    name = f"{model} on {data}"
+    return Task(
+        name, model_factory(model), train, val, resolve_loss(loss, kind), data_choice=choice
+    )
 
 
 def _split(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSource, BatchSource]:
-    if isinstance(source, TensorSource):
+    if isinstance(source, (TensorSource, StreamSource)):
         return source.split(fraction, seed)
     if isinstance(source, DatasetSource):
         n = source.num_samples

@@ -17,7 +17,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from batchfit.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from batchfit.data.source import BatchSource
+from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
 from batchfit.losses import Loss, LossFn, correct_count, resolve_loss
 from batchfit.metrics import MetricsLog
@@ -232,13 +232,20 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def _stop_rule(epochs: int | None, max_steps: int | None, num_samples: int | None) -> None:
+def _stop_rule(
+    epochs: int | None,
+    max_steps: int | None,
+    num_samples: int | None,
+    steps_per_epoch: int | None = None,
+) -> None:
     validation.check_optional("epochs", epochs)
     validation.check_optional("max_steps", max_steps)
-    if num_samples is None and max_steps is None:
+    validation.check_optional("steps_per_epoch", steps_per_epoch)
+    if num_samples is None and max_steps is None and steps_per_epoch is None:
         raise BatchfitError(
             "The training data is a stream of unknown length, so epochs cannot be counted; "
-            "give --max-steps (online learning on a stream)."
+            "give --max-steps (online learning on a stream), or --steps-per-epoch to define an "
+            "epoch on it."
         )
     if epochs is None and max_steps is None:
         raise BatchfitError("Say how long to train: give --epochs, --max-steps, or both.")
@@ -269,6 +276,7 @@ def train(
     progress: bool = False,
     eval_every: int | None = None,
     on_eval: Callable[[dict[str, float]], bool | None] | None = None,
+    steps_per_epoch: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` with mini-batches of ``batch_size`` samples.
 
@@ -285,6 +293,11 @@ def train(
     spent training so far, without evaluation; val_loss, val_accuracy) and is passed to ``on_eval``,
     which may return True to stop training there.
 
+    ``steps_per_epoch`` defines an epoch as that many steps, as in Keras: the data is read as one
+    continuing stream (the next pass over a finite source starts where the last ended), and
+    per-epoch validation and checkpoints happen every ``steps_per_epoch`` steps. It is how epochs
+    work on a stream of unknown length; training ends early if such a stream runs dry.
+
     Examples:
         >>> import torch
         >>> x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
@@ -300,7 +313,7 @@ def train(
     micro = check_sizes(batch_size, micro_batch_size)
     if n is not None:
         check_batch_fits_data(batch_size, n)
-    _stop_rule(epochs, max_steps, n)
+    _stop_rule(epochs, max_steps, n, steps_per_epoch)
     validation.check("optimizer", optimizer)
     lr = DEFAULT_LR[optimizer] if lr is None else validation.check("lr", lr)
     validation.check_optional("checkpoint_every", checkpoint_every)
@@ -332,12 +345,16 @@ def train(
         else None
     )
     total_steps = the_plan.total_steps if the_plan else max_steps
+    if steps_per_epoch is not None:
+        by_epochs = epochs * steps_per_epoch if epochs is not None else None
+        total_steps = min(s for s in (by_epochs, max_steps) if s is not None)
     settings = {
         "batch_size": batch_size,
         "seed": seed,
         "optimizer": optimizer,
         "drop_last": drop_last,
         "samples": n,
+        "steps_per_epoch": steps_per_epoch,
     }
 
     run = _Run()
@@ -368,6 +385,8 @@ def train(
         metrics.epoch_loss_sum, metrics.epoch_samples = saved["epoch_loss"]
     bar = TrainProgress(progress)
     per_epoch = f"{the_plan.steps_per_epoch} steps per epoch" if the_plan else "a stream"
+    if steps_per_epoch is not None:
+        per_epoch = f"{steps_per_epoch} steps per epoch (--steps-per-epoch)"
     bar.log(
         f"Training on {source.describe()}: batch size {batch_size} (micro-batch {micro}), "
         f"{per_epoch}, loss {loss.name}, {optimizer} lr {lr:g}"
@@ -422,20 +441,33 @@ def train(
     started = time.perf_counter()
     with _StopSignals(enabled=True) as stop:
         while pos.step < total_steps and (epochs is None or pos.epoch < epochs):
-            steps_per_epoch = the_plan.steps_per_epoch if the_plan else None
+            epoch_steps = the_plan.steps_per_epoch if the_plan else None
             steps_done = math.ceil(pos.sample_in_epoch / batch_size)
+            if steps_per_epoch is not None:
+                epoch_steps, steps_done = steps_per_epoch, pos.step - pos.epoch * steps_per_epoch
             bar.start_epoch(
                 f"epoch {pos.epoch + 1}" + (f"/{epochs}" if epochs else ""),
-                steps_per_epoch,
+                epoch_steps,
                 steps_done,
             )
             epoch_finished = False
             next_flush = time.perf_counter() + FLUSH_SECONDS
             t_last = time.perf_counter()
+            batches = None
             try:
-                batches = source.batches(
-                    pos.epoch, batch_size, start=pos.sample_in_epoch, drop_last=drop_last
-                )
+                if steps_per_epoch is None:
+                    batches = source.batches(
+                        pos.epoch, batch_size, start=pos.sample_in_epoch, drop_last=drop_last
+                    )
+                else:
+                    batches = continuing_batches(
+                        source,
+                        pos.samples_seen,
+                        batch_size,
+                        drop_last=drop_last,
+                        samples_per_pass=the_plan.samples_per_epoch if the_plan else None,
+                        steps=steps_per_epoch - steps_done,
+                    )
                 for x, y in batches:
                     loss_value, parts = train_step(model, opt, loss.fn, x, y, micro, device)
                     size = len(y)
@@ -473,7 +505,11 @@ def train(
                         break
                 else:
                     epoch_finished = True
-                if the_plan and pos.sample_in_epoch >= the_plan.samples_per_epoch:
+                    if steps_per_epoch is not None and steps_done < steps_per_epoch:
+                        stop_requested.append(pos.step)  # the stream ran dry
+                if steps_per_epoch is not None:
+                    epoch_finished = epoch_finished or steps_done >= steps_per_epoch
+                elif the_plan and pos.sample_in_epoch >= the_plan.samples_per_epoch:
                     epoch_finished = True
                 metrics.flush()
                 bar.update(steps_done, metrics.last_loss, metrics.last_samples_per_s)
@@ -483,6 +519,8 @@ def train(
                 checkpoint()  # bad data met mid-epoch: keep what was trained, then stop
                 raise
             finally:
+                if batches is not None and hasattr(batches, "close"):
+                    batches.close()  # stops a prefetching thread when we leave mid-epoch
                 bar.end_epoch()
             if not epoch_finished:
                 break
@@ -532,6 +570,47 @@ def train(
         checkpoint_path=last,
         resumed_from_step=resumed_from,
     )
+
+
+def continuing_batches(
+    source: BatchSource,
+    offset: int,
+    batch_size: int,
+    *,
+    drop_last: bool = False,
+    samples_per_pass: int | None = None,
+    steps: int,
+) -> Iterator[Batch]:
+    """``steps`` batches of the source read as one stream, from ``offset`` samples into it.
+
+    Pass ``p`` over a finite source is its epoch ``p`` (``samples_per_pass`` samples); a source of
+    unknown length is one pass, and the batches end early when it runs dry. Everything follows from
+    ``offset``, so a resumed run continues exactly.
+
+    Examples:
+        >>> from batchfit.data import TensorSource
+        >>> src = TensorSource(torch.zeros(5, 1), torch.arange(5), shuffle=False)
+        >>> [y.tolist() for _, y in continuing_batches(src, 4, 2, samples_per_pass=5, steps=3)]
+        [[4], [0, 1], [2, 3]]
+    """
+    taken = 0
+    while taken < steps:
+        data_epoch, start = divmod(offset, samples_per_pass) if samples_per_pass else (0, offset)
+        batches = source.batches(data_epoch, batch_size, start=start, drop_last=drop_last)
+        got_any = False
+        try:
+            for batch in batches:
+                got_any = True
+                offset += len(batch[1])
+                taken += 1
+                yield batch
+                if taken >= steps:
+                    return
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+        if not got_any or not samples_per_pass:
+            return
 
 
 def _epoch_summary(record: dict[str, float], epochs: int | None) -> str:

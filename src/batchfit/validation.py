@@ -114,6 +114,10 @@ OPTIONS: dict[str, Int | Float | Choice] = {
     "momentum": Float(0.0, 1.0, open_high=True),
     "weight_decay": Float(0.0),
     "val_fraction": Float(0.0, 1.0, open_high=True),
+    "steps_per_epoch": Int(1),
+    "shuffle_buffer": Int(1),
+    "prefetch": Int(0),
+    "data_workers": Int(1, 64),
     "optimizer": Choice(OPTIMIZERS),
     "lr_scaling": Choice(LR_SCALING_RULES),
 }

@@ -101,12 +101,30 @@ def _numeric_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
             )
         flat = values.flatten().to_numpy(zero_copy_only=False)
         return flat.reshape(len(table), lengths.pop())
-    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+    check_numeric_type(name, kind, path)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def check_numeric_type(name: str, kind: object, path: object) -> None:
+    """Raise unless ``kind`` (an Arrow type or NumPy dtype) holds numbers, lists of them or bools.
+
+    Examples:
+        >>> check_numeric_type("s", pa.string(), "d.parquet")
+        Traceback (most recent call last):
+        ...
+        batchfit.errors.BatchfitError: Column 's' in 'd.parquet' holds string values, not numbers; encode it as numbers or leave it out with --features.
+    """
+    if isinstance(kind, pa.DataType):
+        if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
+            kind = kind.value_type
+        ok = pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+    else:
+        ok = np.dtype(kind).kind in "biuf"
+    if not ok:
         raise BatchfitError(
             f"Column '{name}' in '{path}' holds {kind} values, not numbers; encode it as numbers "
             "or leave it out with --features."
         )
-    return column.to_numpy(zero_copy_only=False)
 
 
 def _target_tensor(values: np.ndarray, name: str, path: Path) -> tuple[torch.Tensor, str]:

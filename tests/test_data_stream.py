@@ -1,0 +1,358 @@
+"""Streaming files bigger than memory: every row once per epoch, seeded, resumable, sharded.
+
+Rows carry an ``id`` feature column (their index in the files), so a test can see exactly which
+rows a batch holds and in which order.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from batchfit import BatchfitError
+from batchfit.data.permute import IndexPermutation
+from batchfit.data.prefetch import prefetch
+from batchfit.data.stream import StreamSource, load_file, open_stream, should_stream
+from batchfit.train import train
+
+
+def rows_table(n: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 3, n)
+    return pa.table(
+        {
+            "id": np.arange(n, dtype=np.float32),
+            "f0": (label == 0) + rng.normal(size=n).astype(np.float32) * 0.3,
+            "f1": (label == 1) + rng.normal(size=n).astype(np.float32) * 0.3,
+            "label": label,
+        }
+    )
+
+
+def write(tmp_path, kind: str, n: int = 1000, row_group: int = 64):
+    """Write ``n`` rows as ``kind``; return the --data spec."""
+    t = rows_table(n)
+    if kind == "parquet":
+        path = tmp_path / "d.parquet"
+        pq.write_table(t, path, row_group_size=row_group)
+        return path
+    if kind in ("folder", "glob"):
+        folder = tmp_path / "parts"
+        folder.mkdir()
+        cuts = [0, n // 3, n // 2, n]
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            pq.write_table(t.slice(a, b - a), folder / f"part-{i}.parquet", row_group_size=row_group)
+        return folder if kind == "folder" else str(folder / "part-*.parquet")
+    if kind in ("arrow", "arrow-zstd"):
+        path = tmp_path / "d.arrow"
+        compression = "zstd" if kind == "arrow-zstd" else "uncompressed"
+        feather.write_feather(t, path, compression=compression, chunksize=row_group)
+        return path
+    if kind == "npy":
+        path = tmp_path / "d.npy"
+        columns = [t.column(c).to_numpy().astype(np.float64) for c in t.column_names]
+        np.save(path, np.column_stack(columns))
+        return path
+    path = tmp_path / "d.csv"
+    pacsv.write_csv(t, path)
+    return path
+
+
+def ids(batches) -> list[int]:
+    return [int(v) for x, _ in batches for v in x[:, 0].tolist()]
+
+
+def stream(spec, **kwargs) -> StreamSource:
+    target = "3" if str(spec).endswith(".npy") else "label"
+    return open_stream(spec, target=target, **kwargs)
+
+
+FORMATS = ["parquet", "folder", "glob", "arrow", "arrow-zstd", "npy", "csv"]
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_every_epoch_visits_every_row_exactly_once_in_a_seeded_order(tmp_path, kind):
+    spec = write(tmp_path, kind)
+    src = stream(spec, shuffle_buffer=100, seed=3)
+    assert src.num_samples == 1000
+    first, second = ids(src.batches(0, 32)), ids(src.batches(1, 32))
+    assert sorted(first) == sorted(second) == list(range(1000))
+    assert first != second != list(range(1000))  # reshuffled every epoch
+    assert ids(stream(spec, shuffle_buffer=100, seed=3).batches(0, 32)) == first
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_resuming_at_any_start_gives_the_rest_of_the_same_epoch(tmp_path, kind):
+    src = stream(write(tmp_path, kind), shuffle_buffer=90, seed=1)
+    whole = ids(src.batches(2, 25))
+    for start in (0, 25, 75, 100, 475, 975, 999):
+        assert ids(src.batches(2, 25, start=start)) == whole[start:]
+
+
+def test_unshuffled_stream_is_in_file_order_and_the_same_seed_gives_the_same_order(tmp_path):
+    spec = write(tmp_path, "parquet")
+    assert ids(stream(spec, shuffle=False).batches(0, 64)) == list(range(1000))
+    a = ids(stream(spec, seed=7, shuffle_buffer=128).batches(4, 64))
+    b = ids(stream(spec, seed=7, shuffle_buffer=128).batches(4, 64))
+    c = ids(stream(spec, seed=8, shuffle_buffer=128).batches(4, 64))
+    assert a == b != c
+
+
+def test_batches_have_the_batch_size_and_drop_last_drops_the_remainder(tmp_path):
+    src = stream(write(tmp_path, "parquet"), shuffle_buffer=100)
+    sizes = [len(y) for _, y in src.batches(0, 300)]
+    assert sizes == [300, 300, 300, 100]
+    assert [len(y) for _, y in src.batches(0, 300, drop_last=True)] == [300, 300, 300]
+    x, y = next(iter(src.batches(0, 4)))
+    assert x.dtype == torch.float32 and x.shape == (4, 3) and y.dtype == torch.int64
+
+
+def test_ranks_get_disjoint_shares_of_every_batch_and_equal_step_counts(tmp_path):
+    src = stream(write(tmp_path, "parquet"), shuffle_buffer=100, seed=2)
+    whole = [ids([b]) for b in src.batches(0, 64)]
+    shares = [[ids([b]) for b in src.batches(0, 64, rank=r, world_size=3)] for r in range(3)]
+    assert len({len(s) for s in shares}) == 1 == len({len(whole)} | {len(shares[0])})
+    for step, batch in enumerate(whole):
+        assert sum((shares[r][step] for r in range(3)), []) == batch
+
+
+@pytest.mark.parametrize(("depth", "workers"), [(0, 1), (1, 1), (8, 1), (2, 3), (0, 4)])
+def test_prefetch_and_decode_workers_never_duplicate_or_lose_rows(tmp_path, depth, workers):
+    spec = write(tmp_path, "parquet", n=3000)
+    reference = ids(stream(spec, shuffle_buffer=200, prefetch=0).batches(1, 50))
+    got = ids(stream(spec, shuffle_buffer=200, prefetch=depth, workers=workers).batches(1, 50))
+    assert got == reference and sorted(got) == list(range(3000))
+
+
+def test_prefetch_thread_stops_when_the_consumer_stops_early_or_fails():
+    before = threading.active_count()
+    it = prefetch(iter(range(10**9)), depth=3)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()
+    assert threading.active_count() == before
+
+    def broken():
+        yield 1
+        raise BatchfitError("row group 3 is damaged")
+
+    it = prefetch(broken(), depth=2)
+    assert next(it) == 1
+    with pytest.raises(BatchfitError, match="row group 3 is damaged"):
+        next(it)
+    assert threading.active_count() == before
+
+
+def test_shuffle_moves_rows_far_and_the_full_permutation_is_uniform(tmp_path):
+    # Block shuffle: 64 row groups of 500 rows and a 4000-row buffer (1/8 of the data).
+    n = 32000
+    path = tmp_path / "d.parquet"
+    pq.write_table(rows_table(n), path, row_group_size=500)
+    order = np.array(ids(open_stream(path, target="label", shuffle_buffer=4000).batches(0, 512)))
+    moved = np.abs(order - np.arange(n)) / n
+    # A uniform random permutation moves a row by n/3 on average.
+    assert 0.28 < moved.mean() < 0.39
+    # Neighbours in the file end up apart: within a window rows are fully permuted.
+    neighbours = np.abs(np.diff(order)) == 1
+    assert neighbours.mean() < 0.01
+    # Full permutation (memory-mapped formats): close to uniform, and a bijection.
+    perm = IndexPermutation(n, seed=11)(np.arange(n))
+    assert sorted(perm.tolist()) == list(range(n))
+    assert abs(np.abs(perm - np.arange(n)).mean() / n - 1 / 3) < 0.01
+    assert abs(np.corrcoef(perm, np.arange(n))[0, 1]) < 0.03
+
+
+def test_validation_fraction_holds_out_exact_seeded_disjoint_rows(tmp_path):
+    src = stream(write(tmp_path, "parquet"), shuffle_buffer=100)
+    train_src, val_src = src.split(0.2, seed=4)
+    assert (train_src.num_samples, val_src.num_samples) == (800, 200)
+    train_ids, val_ids = ids(train_src.batches(0, 64)), ids(val_src.batches(0, 64))
+    assert len(train_ids) == 800 and len(val_ids) == 200
+    assert sorted(train_ids + val_ids) == list(range(1000))
+    assert val_ids == sorted(val_ids)  # validation is read in file order
+    assert ids(train_src.batches(1, 64, start=320)) == ids(train_src.batches(1, 64))[320:]
+    assert ids(src.split(0.2, seed=5)[1].batches(0, 64)) != val_ids
+
+
+def test_files_are_streamed_when_big_for_the_memory_and_loaded_when_small(tmp_path):
+    spec = write(tmp_path, "parquet")
+    small, kind, why = load_file(spec, target="label", available_bytes=16 << 30)
+    assert not isinstance(small, StreamSource) and kind == "class" and "into memory" in why
+    big, _, why = load_file(spec, target="label", available_bytes=64 << 10)
+    assert isinstance(big, StreamSource) and why.startswith("streaming") and "--no-stream" in why
+    forced, _, why = load_file(spec, target="label", stream=True, available_bytes=16 << 30)
+    assert isinstance(forced, StreamSource) and "forced by --stream" in why
+    assert should_stream(10 << 30, 16 << 30) and not should_stream(1 << 20, 16 << 30)
+
+
+# -- the conformance test: resumed runs see the same ids and end bitwise identical -------------
+
+
+class IdRecorder(nn.Module):
+    """Ignores the id column for prediction but writes down the ids of every training batch."""
+
+    def __init__(self, seen: list[int]) -> None:
+        super().__init__()
+        self.seen = seen
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.2), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen.extend(int(v) for v in x[:, 0].tolist())
+        return self.body(x[:, 1:])
+
+
+def _conformance_run(tmp_path, spec, stops, **kwargs):
+    seen: list[int] = []
+    settings = dict(
+        batch_size=40, epochs=2, seed=9, checkpoint_dir=tmp_path / "ckpt", resume=True, **kwargs
+    )
+    source = lambda: stream(spec, shuffle_buffer=150, seed=9, workers=2)  # noqa: E731
+    for step in stops:
+        train(IdRecorder(seen), source(), max_steps=step, **settings)
+    result = train(IdRecorder(seen), source(), **settings)
+    return seen, result
+
+
+@pytest.mark.parametrize(
+    "stops",
+    [(), (7,), (25,), (3, 9, 17), (25, 26, 40)],
+    ids=["uninterrupted", "mid-epoch", "epoch-boundary", "three-times-in-one-epoch", "boundary+"],
+)
+def test_resumed_runs_see_the_same_ids_and_end_bitwise_identical(tmp_path, stops):
+    spec = write(tmp_path, "parquet", n=1000, row_group=70)
+    reference, ref_result = _conformance_run(tmp_path / "ref", spec, ())
+    assert len(reference) == 2000 and sorted(reference[:1000]) == list(range(1000))
+    seen, result = _conformance_run(tmp_path / "run", spec, stops)
+    assert seen == reference
+    assert result.params_sha256 == ref_result.params_sha256 and result.steps == 50
+
+
+def test_steps_per_epoch_continues_the_stream_across_epochs_and_resumes_exactly(tmp_path):
+    spec = write(tmp_path, "parquet", n=1000, row_group=70)
+    # 1000 rows at batch 40 = 25 steps per pass; epochs of 10 steps carve the stream into 4.
+    a, ra = _conformance_run(tmp_path / "a", spec, (), steps_per_epoch=10)
+    b, rb = _conformance_run(tmp_path / "b", spec, (4, 10, 23), steps_per_epoch=10)
+    assert ra.epochs_completed == 2 and ra.steps == 20 and len(ra.history) == 2
+    assert a == b and ra.params_sha256 == rb.params_sha256
+    src = stream(spec, shuffle_buffer=150, seed=9)
+    assert a == ids(src.batches(0, 40))[:800]  # epoch 2 continues where epoch 1 stopped
+
+
+class Endless(torch.utils.data.IterableDataset):
+    """A stream of unknown length: sample i has features (i, 1, 0) and label i % 3."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+
+    def __iter__(self):
+        i = 0
+        while self.limit is None or i < self.limit:
+            yield torch.tensor([float(i), 1.0, 0.0]), i % 3
+            i += 1
+
+
+def test_a_stream_of_unknown_length_has_epochs_with_steps_per_epoch(tmp_path):
+    seen: list[int] = []
+    kwargs = dict(batch_size=8, steps_per_epoch=5, epochs=3, val_data=Endless(16), seed=1)
+    result = train(IdRecorder(seen), Endless(), **kwargs)
+    assert result.epochs_completed == 3 and result.steps == 15
+    assert [h["step"] for h in result.history] == [5, 10, 15] and "val_loss" in result.final
+    assert seen == list(range(120))
+    with pytest.raises(BatchfitError, match=r"give --max-steps .*or --steps-per-epoch"):
+        train(IdRecorder([]), Endless(), batch_size=8, epochs=2)
+    short = train(IdRecorder([]), Endless(limit=60), batch_size=8, steps_per_epoch=5, epochs=3)
+    assert short.steps == 8 and short.epochs_completed == 2  # the stream ran dry in epoch 2
+
+
+# -- bad input: one line each, naming the file -------------------------------------------------
+
+
+def _bad(tmp_path, make):
+    t = rows_table(200)
+    path = tmp_path / "bad.parquet"
+    if make == "truncated":
+        pq.write_table(t, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif make == "strings":
+        pq.write_table(t.append_column("s", pa.array(["x"] * 200)), path)
+    elif make == "nulls":
+        f0 = pa.array([None] * 4 + [1.0] * 196, pa.float32())
+        pq.write_table(t.set_column(1, "f0", f0), path)
+    elif make == "empty":
+        pq.write_table(t.slice(0, 0), path)
+    elif make == "schemas":
+        path = tmp_path / "mixed"
+        path.mkdir()
+        pq.write_table(t, path / "a.parquet")
+        pq.write_table(t.set_column(0, "id", pa.array(np.arange(200.0))), path / "b.parquet")
+    elif make == "glob":
+        path = str(tmp_path / "nothing-*.parquet")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        ("truncated", r"Cannot read '.*bad.parquet' as parquet: .*Check that the file is complete"),
+        ("strings", r"Column 's' in '.*bad.parquet' holds string values, not numbers"),
+        ("nulls", r"Column 'f0' in '.*bad.parquet' has 4 null values"),
+        ("empty", r"'.*bad.parquet' has no rows"),
+        ("schemas", r"'.*b.parquet' has a different schema from '.*a.parquet': column 'id' is "),
+        ("glob", r"No files match '.*nothing-\*.parquet'"),
+    ],
+)
+def test_bad_files_are_refused_in_one_line_before_any_data_is_read(tmp_path, make, match):
+    with pytest.raises(BatchfitError, match=match) as info:
+        open_stream(_bad(tmp_path, make), target="label")
+    assert "\n" not in str(info.value)
+
+
+def _damage_row_group(path, group: int) -> None:
+    data = bytearray(path.read_bytes())
+    offset = pq.read_metadata(path).row_group(group).column(1).data_page_offset
+    data[offset + 2 : offset + 400] = b"\xab" * 398
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_row_group_mid_epoch_names_the_row_group_and_keeps_a_checkpoint(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(rows_table(1000), path, row_group_size=100)
+    _damage_row_group(path, 6)
+    src = open_stream(path, target="label", shuffle=False, shuffle_buffer=100)
+    with pytest.raises(BatchfitError, match=r"Cannot read row group 6 of '.*d.parquet'") as info:
+        train(IdRecorder([]), src, batch_size=50, epochs=1, checkpoint_dir=tmp_path / "c")
+    assert "\n" not in str(info.value)
+    saved = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    assert saved["position"]["step"] == 12  # rows 0..599 were trained on, then it stopped
+
+
+def test_nulls_not_in_the_metadata_are_found_when_read_naming_the_row_group(tmp_path):
+    t = rows_table(300)
+    f0 = pa.array([1.0] * 250 + [None] * 3 + [1.0] * 47, pa.float32())
+    path = tmp_path / "d.parquet"
+    pq.write_table(t.set_column(1, "f0", f0), path, row_group_size=100, write_statistics=False)
+    src = open_stream(path, target="label", shuffle=False)
+    with pytest.raises(BatchfitError, match=r"Column 'f0' in 'row group 2 of .*' has 3 null"):
+        list(src.batches(0, 10))
+
+
+def test_a_label_beyond_the_models_outputs_mid_epoch_saves_a_checkpoint_then_stops(tmp_path):
+    t = rows_table(400)
+    labels = t.column("label").to_numpy().copy()
+    labels[333] = 7
+    path = tmp_path / "d.parquet"
+    pq.write_table(t.set_column(3, "label", pa.array(labels)), path, row_group_size=100)
+    src = open_stream(path, target="label", shuffle=False)
+    with pytest.raises(BatchfitError, match=r"Target label 7 is outside the model's 3 outputs"):
+        train(IdRecorder([]), src, batch_size=50, epochs=1, checkpoint_dir=tmp_path / "c")
+    saved = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    assert saved["position"]["step"] == 6  # batches 1-6 trained; the 7th holds row 333
