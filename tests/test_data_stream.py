@@ -48,8 +48,10 @@ def write(tmp_path, kind: str, n: int = 1000, row_group: int = 64):
         folder = tmp_path / "parts"
         folder.mkdir()
         cuts = [0, n // 3, n // 2, n]
-        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
-            pq.write_table(t.slice(a, b - a), folder / f"part-{i}.parquet", row_group_size=row_group)
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+            pq.write_table(
+                t.slice(a, b - a), folder / f"part-{i}.parquet", row_group_size=row_group
+            )
         return folder if kind == "folder" else str(folder / "part-*.parquet")
     if kind in ("arrow", "arrow-zstd"):
         path = tmp_path / "d.arrow"
@@ -356,3 +358,47 @@ def test_a_label_beyond_the_models_outputs_mid_epoch_saves_a_checkpoint_then_sto
         train(IdRecorder([]), src, batch_size=50, epochs=1, checkpoint_dir=tmp_path / "c")
     saved = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
     assert saved["position"]["step"] == 6  # batches 1-6 trained; the 7th holds row 333
+
+
+# -- memory: what a streamed epoch holds does not grow with the file ---------------------------
+
+_EPOCH_PEAK = """
+import sys
+from batchfit.data.stream import open_stream
+src = open_stream(sys.argv[1], target="y", shuffle_buffer=20000, prefetch=2)
+rows = sum(len(y) for _, y in src.batches(0, 256))
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+print(rows, int(status["VmHWM"].split()[0]) * 1024)
+"""
+
+
+def _peak_rss_of_an_epoch(path) -> tuple[int, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _EPOCH_PEAK, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    rows, peak = out.stdout.split()
+    return int(rows), int(peak)
+
+
+def test_peak_memory_of_a_streamed_epoch_does_not_grow_with_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = {"small": 100_000, "large": 1_200_000}  # 7 MB and 86 MB of decoded rows
+    peaks = {}
+    for name, n in sizes.items():
+        columns = {f"f{i}": rng.standard_normal(n, dtype=np.float32) for i in range(16)}
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(
+            pa.table(columns | {"y": rng.integers(0, 10, n)}), path, row_group_size=50_000
+        )
+        rows, peaks[name] = _peak_rss_of_an_epoch(path)
+        assert rows == n
+    grown = peaks["large"] - peaks["small"]
+    data_grown = (sizes["large"] - sizes["small"]) * 72
+    assert grown < 0.25 * data_grown, (grown, data_grown)

@@ -332,7 +332,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         ("one epoch", epoch),
     ]
     if p.world_size > 1 and p.last_batch_size != p.batch_size:
-        rows.append(("last batch per device", f"{list(p.per_rank_last_batch_size)}"))
+        shares = list(p.per_rank_last_batch_size)
+        idle = shares.count(0)
+        note = (
+            f"   ({idle} of {p.world_size} devices get no sample in the last step; "
+            "--drop-last drops it)"
+            if idle
+            else "   (every device still takes the step: equal step counts)"
+        )
+        rows.append(("last batch per device", f"{shares}{note}"))
     if p.total_steps is not None:
         rows.append(
             (

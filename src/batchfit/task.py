@@ -127,7 +127,7 @@ def _load_data(
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """How to read ``--data`` files: ``stream`` None chooses by size; see :mod:`batchfit.data.stream`."""
+    """How to read ``--data`` files (``stream=None``: by size); see :mod:`batchfit.data.stream`."""
 
     stream: bool | None = None
     shuffle_buffer: int | None = None

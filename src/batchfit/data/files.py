@@ -112,7 +112,7 @@ def check_numeric_type(name: str, kind: object, path: object) -> None:
         >>> check_numeric_type("s", pa.string(), "d.parquet")
         Traceback (most recent call last):
         ...
-        batchfit.errors.BatchfitError: Column 's' in 'd.parquet' holds string values, not numbers; encode it as numbers or leave it out with --features.
+        batchfit.errors.BatchfitError: Column 's' in 'd.parquet' holds string values, not numbers...
     """
     if isinstance(kind, pa.DataType):
         if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):

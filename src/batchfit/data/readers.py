@@ -47,7 +47,7 @@ def resolve_files(spec: str | Path) -> list[Path]:
         >>> resolve_files("/nowhere/*.parquet")
         Traceback (most recent call last):
         ...
-        batchfit.errors.BatchfitError: No files match '/nowhere/*.parquet'; check the pattern (quote it so the shell does not expand it).
+        batchfit.errors.BatchfitError: No files match '/nowhere/*.parquet'; check the pattern ...
     """
     text = str(spec)
     if _is_glob(text) and not Path(text).exists():

@@ -23,8 +23,8 @@ size of the data.
 of steps and the training maths equals one process. Each rank decodes the whole stream.
 
 **Validation** from the same files: :meth:`StreamSource.split` holds out exactly
-``round(fraction * N)`` rows chosen by a seeded permutation of the row indices, with no pass over the
-data; each evaluation then reads the files once (use ``--val-data`` for big data).
+``round(fraction * N)`` rows chosen by a seeded permutation of the row indices, with no pass over
+the data; each evaluation then reads the files once (use ``--val-data`` for big data).
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ class StreamSource(BatchSource):
             shuffle_buffer = max(1, int(DEFAULT_SHUFFLE_BUFFER_BYTES // max(1, reader.row_bytes)))
         self.shuffle_buffer = shuffle_buffer
         self.full_permutation = shuffle and reader.random_access
+        self._flat = all(_is_flat(reader.column_type(c)) for c in self.features)
         self._pieces = [self._cut(b, rows) for b, rows in enumerate(reader.block_rows)]
         self._offsets = np.cumsum([0] + reader.block_rows)
         n = reader.num_rows
@@ -150,7 +151,9 @@ class StreamSource(BatchSource):
     def _cut(self, block: int, rows: int) -> list[_Segment]:
         parts = split_evenly(rows, max(1, math.ceil(rows / self.shuffle_buffer)))
         bounds = np.cumsum([0] + parts)
-        return [_Segment(block, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [
+            _Segment(block, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
 
     def _windows(self, epoch: int) -> list:
         """Window ``w`` of the epoch: a tuple of segments, or a (first, stop) range of positions."""
@@ -211,35 +214,62 @@ class StreamSource(BatchSource):
         y = _target_tensor(target, self.target, where)[0].numpy()
         return x, y
 
+    def _convert_many(self, parts: list) -> tuple[np.ndarray, np.ndarray]:
+        """Convert the raw pieces of a window into one (x, y), copying each value once."""
+        if not (self._flat and all(isinstance(raw, pa.Table) for raw, _ in parts)):
+            converted = [self._convert(raw, where) for raw, where in parts]
+            xs, ys = [c[0] for c in converted], [c[1] for c in converted]
+            return (
+                xs[0] if len(xs) == 1 else np.concatenate(xs),
+                ys[0] if len(ys) == 1 else np.concatenate(ys),
+            )
+        total = sum(raw.num_rows for raw, _ in parts)
+        x = np.empty((total, len(self.features)), dtype=np.float32)
+        targets, offset = [], 0
+        for raw, where in parts:
+            for j, name in enumerate(self.features):
+                column = raw.column(name)
+                if column.null_count:
+                    _numeric_column(raw, name, where)  # raises, naming column and count
+                position = offset
+                for chunk in column.chunks:
+                    x[position : position + len(chunk), j] = chunk.to_numpy(zero_copy_only=False)
+                    position += len(chunk)
+            targets.append(_numeric_column(raw, self.target, where))
+            offset += raw.num_rows
+        # One fast pass: a finite sum means finite values (an overflow only costs the slow check).
+        if not np.isfinite(x.sum()) and not np.isfinite(x).all():
+            for raw, where in parts:
+                self._convert(raw, where)  # raises, naming the column, the piece and the count
+        y = targets[0] if len(targets) == 1 else np.concatenate(targets)
+        return x, _target_tensor(y, self.target, parts[0][1])[0].numpy()
+
     def _decode(self, epoch: int, w: int, window) -> tuple[np.ndarray, np.ndarray]:
         """Window ``w`` as (x, y) arrays in the order the epoch visits them."""
         rows = self._window_rows(epoch, window)
         if rows is not None:
             order = np.argsort(rows, kind="stable")
-            x_sorted, y_sorted = self._convert(
-                self.reader.take(rows[order]), self.reader.label
-            )
-            x, y = np.empty_like(x_sorted), np.empty_like(y_sorted)
-            x[order], y[order] = x_sorted, y_sorted
-            return x, y
-        xs, ys = [], []
+            x_sorted, y_sorted = self._convert(self.reader.take(rows[order]), self.reader.label)
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))
+            return _take(x_sorted, back), _take(y_sorted, back)
+        parts = []
         for s in window:
             raw = self.reader.read(s.block, s.start, s.stop)
             if self.holdout is not None:
                 base = self._offsets[s.block]
                 mask = self.holdout.mask(np.arange(base + s.start, base + s.stop))
-                raw = raw.filter(pa.array(mask)) if isinstance(raw, pa.Table) else {
-                    k: v[mask] for k, v in raw.items()
-                }
-            x, y = self._convert(raw, self.reader.where(s.block))
-            xs.append(x)
-            ys.append(y)
-        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        y = ys[0] if len(ys) == 1 else np.concatenate(ys)
+                raw = (
+                    raw.filter(pa.array(mask))
+                    if isinstance(raw, pa.Table)
+                    else {k: v[mask] for k, v in raw.items()}
+                )
+            parts.append((raw, self.reader.where(s.block)))
+        x, y = self._convert_many(parts)
         if self.shuffle:
             rng = np.random.default_rng((epoch_seed(self.seed, epoch), 1, w))
             perm = rng.permutation(len(y))
-            x, y = x[perm], y[perm]
+            x, y = _take(x, perm), _take(y, perm)
         return x, y
 
     def _decoded(self, epoch: int, windows: list, first: int) -> Iterator[tuple]:
@@ -326,7 +356,7 @@ class StreamSource(BatchSource):
         return run_ahead(batches, self.prefetch)
 
     def split(self, fraction: float, seed: int) -> tuple[StreamSource, StreamSource]:
-        """Hold out exactly ``round(fraction * N)`` seeded rows as an unshuffled validation source."""
+        """Hold out exactly ``round(fraction * N)`` seeded rows as unshuffled validation data."""
         n = self.num_samples
         n_val = round(n * fraction)
         if self.holdout is not None or n_val < 1 or n_val >= n:
@@ -383,6 +413,18 @@ class StreamSource(BatchSource):
             f"{self.num_samples} samples streamed from {self.reader.label} ({order}, "
             f"prefetch {self.prefetch})"
         )
+
+
+def _is_flat(kind: object) -> bool:
+    """One number per row (not a list): such columns go straight into the feature matrix."""
+    if isinstance(kind, pa.DataType):
+        return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+    return False
+
+
+def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    # np.take along axis 0 copies whole rows; fancy indexing (array[index]) is ~7x slower here.
+    return np.take(array, index, axis=0)
 
 
 def _share(xs: list[np.ndarray], ys: list[np.ndarray], rank: int, world_size: int) -> Batch:
@@ -504,8 +546,8 @@ def load_file(
             import psutil
 
             size = estimated_bytes(spec)
-            available = psutil.virtual_memory().available if available_bytes is None else (
-                available_bytes
+            available = (
+                psutil.virtual_memory().available if available_bytes is None else (available_bytes)
             )
             stream = should_stream(size, available)
             relation = "over" if stream else "under"

@@ -1,0 +1,232 @@
+"""Streaming benchmark: throughput against bare PyArrow (and Hugging Face datasets), and peak RSS.
+
+(a) rows/s of ``StreamSource`` into ready ``(x, y)`` torch batches, divided by two bare PyArrow
+    loops over the same file in the same run: the one the issue names (``iter_batches`` at the
+    batch size + ``torch.from_numpy``) and a stronger one (``iter_batches`` of 64k rows, sliced
+    into batches). Rounds alternate between the contenders; medians are reported.
+(b) the same against Hugging Face ``datasets`` (``Dataset.from_parquet(...).with_format("torch")``)
+    when it is installed (``pip install -e '.[bench]'``).
+(c) peak RSS of a child process that reads one shuffled epoch of a ~100 MB and a ~5 GB Parquet file
+    of the same schema (16 float32 features + an int64 label), and the difference.
+
+Files are generated into ``--dir`` (default: a temporary folder) and deleted afterwards.
+
+    python benchmarks/streaming.py                 # all parts, 5 GB file included (minutes)
+    python benchmarks/streaming.py --big-gb 0      # skip the big file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+FEATURES = [f"f{i}" for i in range(16)]
+ROW_BYTES = 4 * len(FEATURES) + 8
+ROW_GROUP = 131_072
+
+
+def generate(path: Path, target_bytes: float, seed: int = 0) -> int:
+    """Write about ``target_bytes`` of random rows; return the row count."""
+    rows = max(ROW_GROUP, int(target_bytes / ROW_BYTES))
+    rng = np.random.default_rng(seed)
+    chunk = ROW_GROUP * 8
+    schema = pa.schema([(f, pa.float32()) for f in FEATURES] + [("y", pa.int64())])
+    # Random floats do not compress: no dictionary, so the file size is close to the data size.
+    with pq.ParquetWriter(path, schema, compression="snappy", use_dictionary=False) as writer:
+        for start in range(0, rows, chunk):
+            m = min(chunk, rows - start)
+            columns = {f: rng.standard_normal(m, dtype=np.float32) for f in FEATURES}
+            columns["y"] = rng.integers(0, 10, m)
+            writer.write_table(pa.table(columns, schema=schema), row_group_size=ROW_GROUP)
+    return rows
+
+
+def bare_loop(path: Path, batch_size: int) -> int:
+    """The loop named in the issue: ``iter_batches`` at the batch size, then tensors."""
+    n = 0
+    for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=FEATURES + ["y"]):
+        x = torch.from_numpy(np.column_stack([rb.column(i).to_numpy() for i in range(16)]))
+        y = torch.from_numpy(rb.column(16).to_numpy(zero_copy_only=False))
+        n += len(y) + 0 * x.shape[0]
+    return n
+
+
+def bare_sliced(path: Path, batch_size: int) -> int:
+    """A stronger bare loop: decode 64k rows at a time, then slice into batches."""
+    n = 0
+    for rb in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=FEATURES + ["y"]):
+        x_all = np.column_stack([rb.column(i).to_numpy() for i in range(16)])
+        y_all = rb.column(16).to_numpy(zero_copy_only=False)
+        for a in range(0, len(y_all), batch_size):
+            x = torch.from_numpy(x_all[a : a + batch_size])
+            y = torch.from_numpy(y_all[a : a + batch_size])
+            n += len(y) + 0 * x.shape[0]
+    return n
+
+
+def batchfit_loop(path: Path, batch_size: int, shuffle: bool) -> int:
+    from batchfit.data.stream import open_stream
+
+    src = open_stream(path, target="y", shuffle=shuffle)
+    return sum(len(y) for _, y in src.batches(0, batch_size))
+
+
+def hf_dataset(path: Path, cache: Path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets.Dataset.from_parquet(str(path), cache_dir=str(cache)).with_format("torch")
+
+
+def hf_loop(ds, batch_size: int) -> int:
+    n = 0
+    for batch in ds.iter(batch_size=batch_size):
+        x = torch.stack([batch[f] for f in FEATURES], dim=1)
+        y = batch["y"]
+        n += len(y) + 0 * x.shape[0]
+    return n
+
+
+def rows_per_s(fn, rounds: int) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        n = fn()
+        out.append(n / (time.perf_counter() - start))
+    return out
+
+
+def throughput(path: Path, batch_size: int, rounds: int, cache: Path) -> dict:
+    contenders = {
+        "bare_iter_batches": lambda: bare_loop(path, batch_size),
+        "bare_sliced_64k": lambda: bare_sliced(path, batch_size),
+        "batchfit_shuffled": lambda: batchfit_loop(path, batch_size, True),
+        "batchfit_file_order": lambda: batchfit_loop(path, batch_size, False),
+    }
+    try:
+        start = time.perf_counter()
+        ds = hf_dataset(path, cache)
+        hf_prepare_s = time.perf_counter() - start
+        contenders["hf_datasets_torch"] = lambda: hf_loop(ds, batch_size)
+    except ImportError:
+        hf_prepare_s = None
+    results: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(rounds):  # interleaved, so load on the machine hits every contender alike
+        for name, fn in contenders.items():
+            results[name] += rows_per_s(fn, 1)
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    return {"rows_per_s": medians, "hf_prepare_seconds": hf_prepare_s}
+
+
+CHILD = """
+import json, sys, time
+from batchfit.data.stream import open_stream
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+src = open_stream(sys.argv[1], target="y")
+before = rss()
+start = time.perf_counter()
+rows = sum(len(y) for _, y in src.batches(0, int(sys.argv[2])))
+seconds = time.perf_counter() - start
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+print(json.dumps({"rows": rows, "seconds": seconds,
+                  "peak_rss_bytes": int(status["VmHWM"].split()[0]) * 1024,
+                  "rss_before_epoch_bytes": before,
+                  "shuffle_buffer_rows": src.shuffle_buffer,
+                  "estimated_bytes": src.memory_bytes(int(sys.argv[2]))}))
+"""
+
+
+def epoch_rss(path: Path, batch_size: int) -> dict:
+    """One shuffled epoch in a fresh child process: peak RSS and time."""
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(batch_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", help="folder for generated files (default: a temp folder)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--small-mb", type=float, default=100)
+    parser.add_argument("--big-gb", type=float, default=5, help="0 skips the big file")
+    args = parser.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="batchfit-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print("command: python " + " ".join([sys.argv[0], *sys.argv[1:]]))
+    print(f"torch {torch.__version__}, pyarrow {pa.__version__}, {os.cpu_count()} CPUs")
+    try:
+        small = work / "small.parquet"
+        rows = generate(small, args.small_mb * 1e6)
+        size = small.stat().st_size / 1e6
+        print(f"\n(a, b) throughput, {rows} rows ({size:.0f} MB), batch size {args.batch_size}")
+        t = throughput(small, args.batch_size, args.rounds, work / "hf-cache")
+        r = t["rows_per_s"]
+        for name, value in r.items():
+            print(f"  {name:22s} {value:>12,.0f} rows/s")
+        for ours in ("batchfit_shuffled", "batchfit_file_order"):
+            for ref in ("bare_iter_batches", "bare_sliced_64k", "hf_datasets_torch"):
+                if ref in r:
+                    print(f"  ratio {ours} / {ref}: {r[ours] / r[ref]:.2f}")
+        if t["hf_prepare_seconds"] is None:
+            print("  Hugging Face datasets not installed: pip install -e '.[bench]'")
+        else:
+            print(f"  (datasets.from_parquet conversion took {t['hf_prepare_seconds']:.1f} s)")
+
+        print(f"\n(c) peak RSS of one shuffled epoch (child process, batch {args.batch_size})")
+        small_rss = epoch_rss(small, args.batch_size)
+        _report("small", small, small_rss)
+        if args.big_gb > 0:
+            big = work / "big.parquet"
+            start = time.perf_counter()
+            generate(big, args.big_gb * 1e9, seed=1)
+            took = time.perf_counter() - start
+            print(f"  (generated {big.stat().st_size / 1e9:.1f} GB in {took:.0f} s)")
+            big_rss = epoch_rss(big, args.batch_size)
+            _report("big", big, big_rss)
+            diff = (big_rss["peak_rss_bytes"] - small_rss["peak_rss_bytes"]) / 2**20
+            print(f"  peak RSS difference big - small: {diff:+.0f} MiB (target < 200 MiB)")
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            for name in ("small.parquet", "big.parquet"):
+                (work / name).unlink(missing_ok=True)
+            shutil.rmtree(work / "hf-cache", ignore_errors=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+    print(f"(benchmark process max RSS {peak} MiB)")
+
+
+def _report(label: str, path: Path, r: dict) -> None:
+    print(
+        f"  {label}: {path.stat().st_size / 1e6:,.0f} MB, {r['rows']:,} rows "
+        f"in {r['seconds']:.1f} s "
+        f"({r['rows'] / r['seconds']:,.0f} rows/s), peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+        f"({r['rss_before_epoch_bytes'] / 2**20:.0f} MiB before the epoch: Python, torch, pyarrow) "
+        f"(buffer {r['shuffle_buffer_rows']:,} rows, estimated stream memory "
+        f"{r['estimated_bytes'] / 2**20:.0f} MiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()
