@@ -8,6 +8,7 @@
     when it is installed (``pip install -e '.[bench]'``).
 (c) peak RSS of a child process that reads one shuffled epoch of a ~100 MB and a ~5 GB Parquet file
     of the same schema (16 float32 features + an int64 label), and the difference.
+(d) shuffle quality: how far rows move in one epoch, per file layout and buffer size.
 
 Files are generated into ``--dir`` (default: a temporary folder) and deleted afterwards.
 
@@ -163,6 +164,33 @@ def epoch_rss(path: Path, batch_size: int) -> dict:
     return json.loads(out.stdout)
 
 
+def shuffle_quality(work: Path, n: int = 1_000_000) -> None:
+    """How far rows move in one shuffled epoch, for a few layouts and buffer sizes."""
+    from batchfit.data.stream import open_stream
+
+    print(f"\n(d) shuffle quality over {n:,} rows (uniform random permutation: 0.333 and 0.000)")
+    print("  layout                          buffer    mean |move| / N   file neighbours kept")
+    ids = pa.table({"id": np.arange(n, dtype=np.float32), "y": np.zeros(n, dtype=np.int64)})
+    for row_group, buffer in ((10_000, 10_000), (10_000, 100_000), (n, 100_000), (n, n)):
+        path = work / f"quality-{row_group}.parquet"
+        if not path.exists():
+            pq.write_table(ids, path, row_group_size=row_group)
+        src = open_stream(path, target="y", shuffle_buffer=buffer)
+        order = np.concatenate([x[:, 0].numpy() for x, _ in src.batches(0, 4096)]).astype(np.int64)
+        moved = np.abs(order - np.arange(n)).mean() / n
+        kept = (np.abs(np.diff(order)) == 1).mean()
+        layout = f"{n // row_group} row groups of {row_group:,}"
+        print(f"  {layout:30s} {buffer:>9,}   {moved:15.3f}   {kept:20.4f}")
+    path = work / "quality.npy"
+    np.save(path, np.column_stack([np.arange(n, dtype=np.float32), np.zeros(n, np.float32)]))
+    order = np.concatenate([x[:, 0].numpy() for x, _ in open_stream(path).batches(0, 4096)]).astype(
+        np.int64
+    )
+    moved = np.abs(order - np.arange(n)).mean() / n
+    kept = (np.abs(np.diff(order)) == 1).mean()
+    print(f"  {'.npy, full permutation':30s} {'-':>9}   {moved:15.3f}   {kept:20.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", help="folder for generated files (default: a temp folder)")
@@ -170,12 +198,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--small-mb", type=float, default=100)
     parser.add_argument("--big-gb", type=float, default=5, help="0 skips the big file")
+    parser.add_argument("--quality-only", action="store_true", help="only part (d)")
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="batchfit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print("command: python " + " ".join([sys.argv[0], *sys.argv[1:]]))
     print(f"torch {torch.__version__}, pyarrow {pa.__version__}, {os.cpu_count()} CPUs")
     try:
+        shuffle_quality(work)
+        if args.quality_only:
+            return
         small = work / "small.parquet"
         rows = generate(small, args.small_mb * 1e6)
         size = small.stat().st_size / 1e6
@@ -210,8 +242,10 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            for name in ("small.parquet", "big.parquet"):
+            for name in ("small.parquet", "big.parquet", "quality.npy"):
                 (work / name).unlink(missing_ok=True)
+            for path in work.glob("quality-*.parquet"):
+                path.unlink()
             shutil.rmtree(work / "hf-cache", ignore_errors=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
     print(f"(benchmark process max RSS {peak} MiB)")

@@ -273,6 +273,11 @@ def test_a_stream_of_unknown_length_has_epochs_with_steps_per_epoch(tmp_path):
         train(IdRecorder([]), Endless(), batch_size=8, epochs=2)
     short = train(IdRecorder([]), Endless(limit=60), batch_size=8, steps_per_epoch=5, epochs=3)
     assert short.steps == 8 and short.epochs_completed == 2  # the stream ran dry in epoch 2
+    resumed: list[int] = []
+    ckpt = dict(checkpoint_dir=tmp_path / "c", resume=True)
+    train(IdRecorder(resumed), Endless(), max_steps=7, **kwargs, **ckpt)
+    again = train(IdRecorder(resumed), Endless(), **kwargs, **ckpt)
+    assert resumed == seen and again.params_sha256 == result.params_sha256
 
 
 # -- bad input: one line each, naming the file -------------------------------------------------
@@ -298,6 +303,14 @@ def _bad(tmp_path, make):
         pq.write_table(t.set_column(0, "id", pa.array(np.arange(200.0))), path / "b.parquet")
     elif make == "glob":
         path = str(tmp_path / "nothing-*.parquet")
+    elif make == "csv-folder":
+        path = tmp_path / "csvs"
+        path.mkdir()
+        for name in ("a.csv", "b.csv"):
+            pacsv.write_csv(t, path / name)
+    elif make == "npz":
+        path = tmp_path / "d.npz"
+        np.savez(path, x=np.zeros((3, 2)), label=np.arange(3))
     return path
 
 
@@ -310,6 +323,8 @@ def _bad(tmp_path, make):
         ("empty", r"'.*bad.parquet' has no rows"),
         ("schemas", r"'.*b.parquet' has a different schema from '.*a.parquet': column 'id' is "),
         ("glob", r"No files match '.*nothing-\*.parquet'"),
+        ("csv-folder", r"A folder or glob of CSV files is not supported; give one file or convert"),
+        ("npz", r"'.*d.npz' is a .npz archive, which cannot be streamed"),
     ],
 )
 def test_bad_files_are_refused_in_one_line_before_any_data_is_read(tmp_path, make, match):

@@ -1,7 +1,17 @@
-"""Batch sources for the training loop: in-memory tensors, torch datasets, files."""
+"""Batch sources for the training loop: in-memory tensors, torch datasets, streamed files."""
 
 from batchfit.data.memory import TensorSource
 from batchfit.data.source import Batch, BatchSource, epoch_seed
+from batchfit.data.stream import StreamSource, open_stream
 from batchfit.data.torch_dataset import DatasetSource, IterableSource
 
-__all__ = ["Batch", "BatchSource", "DatasetSource", "IterableSource", "TensorSource", "epoch_seed"]
+__all__ = [
+    "Batch",
+    "BatchSource",
+    "DatasetSource",
+    "IterableSource",
+    "StreamSource",
+    "TensorSource",
+    "epoch_seed",
+    "open_stream",
+]

@@ -143,6 +143,14 @@ def _common_parts(files: list[Path]) -> tuple[str, ...]:
     return parts or (".",)
 
 
+def _one_file(files: list[Path], kind: str) -> None:
+    if len(files) != 1:
+        raise BatchfitError(
+            f"A folder or glob of {kind} is not supported; give one file or convert the parts "
+            "to Parquet."
+        )
+
+
 class _Cursor:
     """Sequential reads of exactly ``n`` rows from an iterator of record batches."""
 
@@ -314,11 +322,7 @@ class IpcReader(Reader):
         import pyarrow.ipc as ipc
 
         super().__init__(files)
-        if len(files) != 1:
-            raise BatchfitError(
-                "A folder or glob of Arrow IPC files is not supported; give one file or convert "
-                "the parts to Parquet."
-            )
+        _one_file(files, "Arrow IPC files")
         path = files[0]
         try:
             self._reader = ipc.open_file(pa.memory_map(str(path)))
@@ -369,11 +373,7 @@ class NpyReader(Reader):
 
     def __init__(self, files: list[Path]) -> None:
         super().__init__(files)
-        if len(files) != 1:
-            raise BatchfitError(
-                "A folder or glob of .npy files is not supported; give one file or convert the "
-                "parts to Parquet."
-            )
+        _one_file(files, ".npy files")
         path = files[0]
         try:
             self._array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -418,11 +418,7 @@ class CsvReader(_CursorReader):
 
     def __init__(self, files: list[Path]) -> None:
         super().__init__(files)
-        if len(files) != 1:
-            raise BatchfitError(
-                "A folder or glob of CSV files is not supported; give one file or convert the "
-                "parts to Parquet."
-            )
+        _one_file(files, "CSV files")
         try:
             reader = self._stream(None)
             self.schema = reader.schema
