@@ -138,3 +138,19 @@ def test_plan_says_which_devices_get_no_sample_in_the_last_step(capsys):
     assert "[3, 3, 2, 2] (every device still takes the step" in " ".join(
         capsys.readouterr().out.split()
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "bad"),
+    [
+        ("--shuffle-buffer", "0"),
+        ("--prefetch", "-1"),
+        ("--steps-per-epoch", "0"),
+        ("--data-workers", "0"),
+    ],
+)
+def test_streaming_flags_reject_bad_values_in_one_line(flag, bad, capsys):
+    assert main(["train", "--batch-size", "8", "--epochs", "1", flag, bad]) == 2
+    err = capsys.readouterr().err.strip()
+    option = flag[2:].replace("-", "_")
+    assert len(err.splitlines()) == 1 and f"The '{option}' option must be an int" in err
