@@ -7,16 +7,19 @@ import pytest
 from batchfit import validation
 from batchfit.cli import main
 from batchfit.errors import BatchfitError
-from batchfit.validation import OPTIONS, Choice, Float, Int
+from batchfit.validation import OPTIONS, Choice, Float, Int, Size
 
 BAD_VALUES = {
     Int: [0.5, "3", True, None],
+    Size: [0.5, "4GB", True, None],
     Float: ["x", float("nan"), float("inf"), None],
     Choice: ["nope", 3, None],
 }
 
 
 def _out_of_range(rule):
+    if isinstance(rule, Size):
+        return [rule.low - 1]
     if isinstance(rule, Int):
         return [rule.low - 1] + ([rule.high + 1] if rule.high is not None else [])
     if isinstance(rule, Float):
@@ -46,6 +49,7 @@ def test_every_option_parses_its_text_form(name):
         Int: str(rule.low) if isinstance(rule, Int) else None,
         Float: "0.5",
         Choice: rule.choices[0] if isinstance(rule, Choice) else None,
+        Size: "2GiB",
     }[type(rule)]
     assert validation.parse(name, good) == validation.check(name, rule.convert(good))
     with pytest.raises(BatchfitError, match=rf"The '{name}' option"):
