@@ -22,6 +22,7 @@ from batchfit.data.source import BatchSource
 from batchfit.losses import LossFn
 from batchfit.probe.common import Deadline, cycle_batches, model_device, preserved, synchronize
 from batchfit.recommend import FLAT_GAIN, doubling_gains, flattening_point
+from batchfit.schedule import check_batch_fits_data
 from batchfit.train import train_step
 
 WARMUP_STEPS = 2
@@ -104,6 +105,9 @@ def measure_throughput(
     """
     log = log or (lambda _: None)
     deadline = deadline or Deadline(None)
+    if data.num_samples is not None:
+        for size in batch_sizes:
+            check_batch_fits_data(size, data.num_samples)
     device = model_device(model)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
     points: list[ThroughputPoint] = []
