@@ -75,6 +75,16 @@ CLI_FLAGS = [
     ("train", "--seed", "-1"),
     ("train", "--checkpoint-every", "0"),
     ("train", "--eval-batch-size", "0"),
+    ("tune", "--memory-limit", "lots"),
+    ("tune", "--memory-limit", "0"),
+    ("tune", "--memory-limit", "512KB"),
+    ("tune", "--max-batch-size", "0"),
+    ("tune", "--time-budget", "0"),
+    ("tune", "--time-budget", "soon"),
+    ("tune", "--lr", "0"),
+    ("tune", "--lr-batch-size", "0"),
+    ("tune", "--lr-scaling", "cubic"),
+    ("tune", "--optimizer", "lbfgs"),
 ]
 
 
@@ -83,6 +93,7 @@ def test_cli_rejects_each_bad_flag_in_one_line_with_exit_2(command, flag, bad, c
     base = {
         "plan": ["--samples", "100", "--batch-size", "10"],
         "train": ["--batch-size", "10", "--epochs", "1"],
+        "tune": ["--quiet"],
     }[command]
     assert main([command, *base, flag, bad]) == 2
     err = capsys.readouterr().err.strip()
