@@ -44,6 +44,12 @@ def _population(n: int, dim: int, mean_norm: float, seed: int) -> np.ndarray:
     return grads + mean_norm * direction / np.linalg.norm(direction)
 
 
+def _exact(pop: np.ndarray) -> float:
+    """tr(Sigma) / |G|^2 of the population itself."""
+    mean = pop.mean(axis=0)
+    return float(((pop - mean) ** 2).sum(axis=1).mean() / (mean**2).sum())
+
+
 def _draw_norms(pop: np.ndarray, small: int, k: int, steps: int, seed: int):
     """Batches of ``small * k`` drawn without replacement, as an epoch's shuffle does."""
     rng = np.random.default_rng(seed)
@@ -59,8 +65,7 @@ def test_finite_data_correction_removes_the_late_training_bias():
     # Late in training |G|^2 is small next to tr(Sigma)/n: the regime DESIGN.md warns about.
     n, small, k = 1000, 8, 32
     pop = _population(n, dim=20, mean_norm=0.25, seed=1)
-    mean = pop.mean(axis=0)
-    exact = float(((pop - mean) ** 2).sum(axis=1).mean() / (mean**2).sum())
+    exact = _exact(pop)
     small_sq, big_sq = _draw_norms(pop, small, k, steps=3000, seed=2)
     corrected = estimate_noise_scale(small_sq, big_sq, small, small * k, n).b_simple
     uncorrected = estimate_noise_scale(small_sq, big_sq, small, small * k, None).b_simple
@@ -71,8 +76,7 @@ def test_finite_data_correction_removes_the_late_training_bias():
 def test_ratio_of_means_is_stable_where_the_mean_of_ratios_is_not():
     n, small, k = 1000, 8, 8
     pop = _population(n, dim=20, mean_norm=0.3, seed=3)
-    mean = pop.mean(axis=0)
-    exact = float(((pop - mean) ** 2).sum(axis=1).mean() / (mean**2).sum())
+    exact = _exact(pop)
     small_sq, big_sq = _draw_norms(pop, small, k, steps=2000, seed=4)
     estimate = estimate_noise_scale(small_sq, big_sq, small, small * k, n)
     per_step = [
@@ -86,8 +90,7 @@ def test_ratio_of_means_is_stable_where_the_mean_of_ratios_is_not():
 def test_interval_covers_the_truth_and_narrows_with_more_steps():
     n, small, k = 2000, 4, 16
     pop = _population(n, dim=10, mean_norm=1.0, seed=5)
-    mean = pop.mean(axis=0)
-    exact = float(((pop - mean) ** 2).sum(axis=1).mean() / (mean**2).sum())
+    exact = _exact(pop)
     small_sq, big_sq = _draw_norms(pop, small, k, steps=800, seed=6)
     few = estimate_noise_scale(small_sq[:50], big_sq[:50], small, small * k, n)
     many = estimate_noise_scale(small_sq, big_sq, small, small * k, n)

@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from batchfit import validation
-from batchfit.errors import BatchfitError
 from batchfit.losses import Loss, LossFn, resolve_loss
 from batchfit.lr_scaling import default_rule, scale_lr
-from batchfit.probe.common import Deadline, preserved
+from batchfit.probe.common import Deadline, OutOfTime, preserved
 from batchfit.probe.lr_range import LRRange, lr_range_test
 from batchfit.probe.memory import MemoryCeiling, find_max_micro_batch_size
 from batchfit.probe.noise import NoiseMeasurement, warmup_and_measure
@@ -247,8 +246,10 @@ def tune(
             error_sizes = [
                 s for s in powers_of_two_up_to(max(1, (n or 8192) // 4)) if s & (s - 1) == 0
             ]
-            try:
-                noise = warmup_and_measure(
+            noise = _unless_out_of_time(
+                "Noise scale",
+                skipped,
+                lambda: warmup_and_measure(
                     model,
                     source,
                     loss.fn,
@@ -258,13 +259,11 @@ def tune(
                     lr=run_lr,
                     deadline=noise_deadline,
                     gradient_error_sizes=error_sizes,
+                    max_micro_batch_size=ceiling,
                     seed=seed,
                     log=log,
-                )
-            except BatchfitError as exc:
-                if "time budget" not in str(exc):
-                    raise
-                skipped.append(f"Noise scale not measured: {exc}")
+                ),
+            )
             if noise is not None:
                 skipped += noise.notes
                 est = noise.estimate
@@ -294,8 +293,10 @@ def tune(
             chosen_lr = scale_lr(lr, lr_batch_size, rec.batch_size, rule)
             lr_rule = f"{optimizer}, {rule} rule from {lr:g} at {lr_batch_size}"
         else:
-            try:
-                lr_range = lr_range_test(
+            lr_range = _unless_out_of_time(
+                "Learning-rate range test",
+                skipped,
+                lambda: lr_range_test(
                     model,
                     source,
                     loss.fn,
@@ -305,11 +306,8 @@ def tune(
                     steps=LR_RANGE_STEPS,
                     deadline=lr_deadline,
                     log=log,
-                )
-            except BatchfitError as exc:
-                if "time" not in str(exc):
-                    raise
-                skipped.append(f"Learning-rate range test not run: {exc}")
+                ),
+            )
             if lr_range is not None:
                 chosen_lr = lr_range.pick
                 lr_rule = f"{optimizer}, range test at {rec.batch_size}: {lr_range.rule}"
@@ -357,6 +355,15 @@ def tune(
         files = write_report(result, Path(out_dir))
         result = replace(result, report_files=tuple(str(f) for f in files))
     return result
+
+
+def _unless_out_of_time(what: str, skipped: list[str], probe: Callable[[], Any]) -> Any:
+    """Run a probe; when its time ran out, note it in ``skipped`` and return None."""
+    try:
+        return probe()
+    except OutOfTime as exc:
+        skipped.append(f"{what} not measured: {exc}")
+        return None
 
 
 def _decision(

@@ -12,6 +12,11 @@ import torch
 from torch import nn
 
 from batchfit.data.source import Batch, BatchSource
+from batchfit.errors import BatchfitError
+
+
+class OutOfTime(BatchfitError):
+    """A probe could not take a usable measurement in the time it was given."""
 
 
 @contextmanager

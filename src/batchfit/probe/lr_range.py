@@ -19,7 +19,7 @@ from torch import nn
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.losses import LossFn
-from batchfit.probe.common import Deadline, cycle_batches, model_device, preserved
+from batchfit.probe.common import Deadline, OutOfTime, cycle_batches, model_device, preserved
 from batchfit.train import make_optimizer, train_step
 
 #: Stop once the smoothed loss is this many times its minimum: the rate has diverged.
@@ -119,7 +119,7 @@ def lr_range_test(
                 stopped_by = "time budget"
                 break
     if len(lrs) < 3:
-        raise BatchfitError(
+        raise OutOfTime(
             "The learning-rate range test ran fewer than 3 steps in its time; give a larger "
             "--time-budget or --lr."
         )

@@ -18,8 +18,8 @@ A trial *fits* when it raised no out-of-memory error and its peak stayed at most
   final size is then confirmed in a child process (``fork``) whose own address space is limited
   the same way.
 - **CUDA**: real ``torch.cuda.OutOfMemoryError`` and ``torch.cuda.max_memory_allocated``; the limit
-  defaults to the device's total memory. This path is small and separate (:func:`_cuda_trial`);
-  it was written without a GPU at hand and has not been run.
+  defaults to the device's total memory. This path is a few lines in :func:`_trial`; it was
+  written without a GPU at hand and has not been run.
 
 Examples:
     The search alone, with a predicate standing in for real trials:
@@ -272,42 +272,33 @@ def _iteration(
     synchronize(device)
 
 
-def _cpu_trial(run: Callable[[], None], size: int, limit: int, headroom: float) -> MemoryTrial:
-    release_memory()
+def _trial(
+    run: Callable[[], None], size: int, limit: int, headroom: float, device: torch.device
+) -> MemoryTrial:
+    """One iteration with its peak measured. CPU: the process's peak resident memory, under an
+    address-space limit. CUDA: the allocator's peak (this branch has not been run: no GPU here)."""
+    cuda = device.type == "cuda"
+    release_memory(device)
     started = time.perf_counter()
-    reset = _reset_peak()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        reset = _reset_peak()
+        guard = address_space_limit(limit - rss_bytes())
     oom, error = False, None
-    with address_space_limit(limit - rss_bytes()):
+    with guard:
         try:
             run()
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
             oom, error = True, _first_line(exc)
-    peak = _peak_bytes(reset)
-    release_memory(collect=oom)
-    fits = not oom and peak <= (1 - headroom) * limit
-    return MemoryTrial(size, fits, oom, peak, rss_bytes(), time.perf_counter() - started, error)
-
-
-def _cuda_trial(
-    run: Callable[[], None], size: int, limit: int, headroom: float, device: torch.device
-) -> MemoryTrial:
-    """The CUDA path: a real device OOM, the allocator's own peak. Not run here (no GPU)."""
-    release_memory(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    oom, error = False, None
-    try:
-        run()
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        oom, error = True, _first_line(exc)
-    peak = torch.cuda.max_memory_allocated(device)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_bytes(reset)
     release_memory(device, collect=oom)
     fits = not oom and peak <= (1 - headroom) * limit
-    return MemoryTrial(size, fits, oom, peak, None, time.perf_counter() - started, error)
+    rss_after = None if cuda else rss_bytes()
+    return MemoryTrial(size, fits, oom, peak, rss_after, time.perf_counter() - started, error)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -456,11 +447,7 @@ def find_max_micro_batch_size(
     def fits(size: int) -> bool:
         with preserved(model, opt):
             run = lambda: _iteration(model, opt, loss_fn, data, size, device)  # noqa: E731
-            trial = (
-                _cuda_trial(run, size, limit, headroom, device)
-                if is_cuda
-                else _cpu_trial(run, size, limit, headroom)
-            )
+            trial = _trial(run, size, limit, headroom, device)
         trials.append(trial)
         peak = format_bytes(trial.peak_bytes) if trial.peak_bytes is not None else "?"
         verdict = "fits" if trial.fits else ("out of memory" if trial.out_of_memory else "too big")

@@ -32,7 +32,7 @@ from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.losses import LossFn
 from batchfit.noise_estimator import NoiseScale, estimate_noise_scale, expected_relative_error
-from batchfit.probe.common import Deadline, cycle_batches, preserved
+from batchfit.probe.common import Deadline, OutOfTime, cycle_batches, preserved
 from batchfit.task import as_source
 from batchfit.train import make_optimizer
 
@@ -217,6 +217,7 @@ def warmup_and_measure(
     deadline: Deadline | None = None,
     gradient_error_sizes: Sequence[int] = (),
     gradient_error_repeats: int = 8,
+    max_micro_batch_size: int | None = None,
     confidence: float = 0.9,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
@@ -227,7 +228,8 @@ def warmup_and_measure(
     The warm-up ends when the mean loss of the last :data:`WINDOW` steps is 25% below that of the
     first (or at half the steps or half the time); the estimate is taken over the steps after it
     (at least ``min_measure_steps`` when time allows). With ``gradient_error_sizes`` the error of
-    batch gradients is then measured at the warmed-up weights (:func:`gradient_error_curve`).
+    batch gradients is then measured at the warmed-up weights (:func:`gradient_error_curve`), in
+    chunks of ``max_micro_batch_size`` (default: the measured batch) to stay within memory.
     """
     log = log or (lambda _: None)
     deadline = deadline or Deadline(None)
@@ -290,7 +292,7 @@ def warmup_and_measure(
                 data,
                 loss_fn,
                 gradient_error_sizes,
-                micro_batch_size=big,
+                micro_batch_size=max_micro_batch_size or big,
                 repeats=gradient_error_repeats,
                 deadline=deadline,
             )
@@ -302,7 +304,7 @@ def warmup_and_measure(
             "uses the second half."
         )
     if steps - warmup_end < 2:
-        raise BatchfitError(
+        raise OutOfTime(
             f"Only {steps} noise-scale steps fit in the time budget; give a larger --time-budget."
         )
     measure = slice(warmup_end, steps)

@@ -28,6 +28,8 @@ from batchfit.train import train_step
 WARMUP_STEPS = 2
 TIMED_STEPS = 5
 MIN_TIMED_STEPS = 3
+#: Timed steps this many times apart (slowest over fastest) mean the timing is not to be trusted.
+UNSTABLE = 3.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,13 @@ def measure_throughput(
         ThroughputPoint(**{**asdict(p), "gain_from_doubling": g})
         for p, g in zip(points, gains, strict=True)
     ]
+    unstable = [p.batch_size for p in points if p.step_seconds_max > UNSTABLE * p.step_seconds_min]
+    if unstable:
+        notes.append(
+            f"Step times varied more than {UNSTABLE:g}x at batch size "
+            f"{', '.join(map(str, unstable))}: the CPU may be busy with other work (or its threads "
+            "oversubscribed); rerun on a quiet machine, or with fewer threads (OMP_NUM_THREADS)."
+        )
     if skipped:
         notes.append(f"Throughput not measured at {', '.join(map(str, skipped))} for lack of time.")
     flat = flattening_point(pairs, FLAT_GAIN)
