@@ -156,9 +156,9 @@ def tune(
     Examples:
         >>> import torch
         >>> x = torch.randn(512, 8); y = (x[:, 0] > 0).long()
-        >>> result = tune(torch.nn.Linear(8, 2), (x, y), time_budget=20, max_batch_size=128)
-        >>> result.recommended.batch_size <= 128, result.recommended.lr > 0
-        (True, True)
+        >>> result = tune(torch.nn.Linear(8, 2), (x, y), lr=1e-3, time_budget=5, max_batch_size=128)
+        >>> result.recommended.batch_size <= 128, result.recommended.lr_rule
+        (True, 'adam, sqrt rule from 0.001 at 32')
     """
     wall_start = time.perf_counter()
     budget_started = time.time() if budget_started is None else budget_started
