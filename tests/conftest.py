@@ -52,3 +52,15 @@ def blobs_parquet(tmp_path: Path) -> Path:
     path = tmp_path / "blobs.parquet"
     pq.write_table(table, path)
     return path
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread for the test: the suite's workers share the CPU, and oversubscribed
+    OpenMP threads make timing-driven code (tune's time budget) crawl."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

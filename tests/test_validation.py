@@ -7,16 +7,19 @@ import pytest
 from batchfit import validation
 from batchfit.cli import main
 from batchfit.errors import BatchfitError
-from batchfit.validation import OPTIONS, Choice, Float, Int
+from batchfit.validation import OPTIONS, Choice, Float, Int, Size
 
 BAD_VALUES = {
     Int: [0.5, "3", True, None],
+    Size: [0.5, "4GB", True, None],
     Float: ["x", float("nan"), float("inf"), None],
     Choice: ["nope", 3, None],
 }
 
 
 def _out_of_range(rule):
+    if isinstance(rule, Size):
+        return [rule.low - 1]
     if isinstance(rule, Int):
         return [rule.low - 1] + ([rule.high + 1] if rule.high is not None else [])
     if isinstance(rule, Float):
@@ -46,6 +49,7 @@ def test_every_option_parses_its_text_form(name):
         Int: str(rule.low) if isinstance(rule, Int) else None,
         Float: "0.5",
         Choice: rule.choices[0] if isinstance(rule, Choice) else None,
+        Size: "2GiB",
     }[type(rule)]
     assert validation.parse(name, good) == validation.check(name, rule.convert(good))
     with pytest.raises(BatchfitError, match=rf"The '{name}' option"):
@@ -71,6 +75,16 @@ CLI_FLAGS = [
     ("train", "--seed", "-1"),
     ("train", "--checkpoint-every", "0"),
     ("train", "--eval-batch-size", "0"),
+    ("tune", "--memory-limit", "lots"),
+    ("tune", "--memory-limit", "0"),
+    ("tune", "--memory-limit", "512KB"),
+    ("tune", "--max-batch-size", "0"),
+    ("tune", "--time-budget", "0"),
+    ("tune", "--time-budget", "soon"),
+    ("tune", "--lr", "0"),
+    ("tune", "--lr-batch-size", "0"),
+    ("tune", "--lr-scaling", "cubic"),
+    ("tune", "--optimizer", "lbfgs"),
 ]
 
 
@@ -79,6 +93,7 @@ def test_cli_rejects_each_bad_flag_in_one_line_with_exit_2(command, flag, bad, c
     base = {
         "plan": ["--samples", "100", "--batch-size", "10"],
         "train": ["--batch-size", "10", "--epochs", "1"],
+        "tune": ["--quiet"],
     }[command]
     assert main([command, *base, flag, bad]) == 2
     err = capsys.readouterr().err.strip()

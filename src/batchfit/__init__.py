@@ -4,14 +4,19 @@ The Python API mirrors the command line:
 
 - :func:`plan` counts steps, iterations and epochs for a batch size (``batchfit plan``);
 - :func:`train` trains a model with mini-batches, exact accumulation and resumable checkpoints
-  (``batchfit train``).
+  (``batchfit train``);
+- :func:`tune` measures memory, throughput and gradient noise and recommends a batch size and a
+  learning rate (``batchfit tune``); :func:`noise_scale` measures the gradient noise scale alone.
 """
 
 from batchfit.data import BatchSource, DatasetSource, IterableSource, TensorSource
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
 from batchfit.lr_scaling import scale_lr
+from batchfit.noise_estimator import NoiseScale
+from batchfit.probe.noise import noise_scale
 from batchfit.schedule import Plan, plan
 from batchfit.train import TrainResult, evaluate, train
+from batchfit.tune import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -20,14 +25,18 @@ __all__ = [
     "BatchfitError",
     "DatasetSource",
     "IterableSource",
+    "NoiseScale",
     "NonFiniteLossError",
     "Plan",
     "TensorSource",
     "TrainResult",
     "TrainingInterrupted",
+    "TuneResult",
     "evaluate",
+    "noise_scale",
     "plan",
     "scale_lr",
     "train",
+    "tune",
     "__version__",
 ]

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="batchfit",
         description="Measure, then choose the batch size; then train with it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  batchfit plan --samples 24000 --batch-size 32\n"
+        epilog="examples:\n  batchfit tune\n  batchfit plan --samples 24000 --batch-size 32\n"
         "  batchfit train --batch-size 32 --epochs 3",
     )
     parser.add_argument("--version", action="version", version=_version())
@@ -257,6 +257,152 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_json(t)
     t.set_defaults(run=_cmd_train)
+
+
+def _add_tune_command(commands: argparse._SubParsersAction) -> None:
+    t = commands.add_parser(
+        "tune",
+        help="measure memory, throughput and gradient noise; recommend a batch size and lr",
+        description="Measure the memory ceiling, throughput and gradient noise scale of a model "
+        "on its data, then recommend the batch size (and micro-batch) that minimises the "
+        "predicted time to a result, and a learning rate for it. Writes report.json, report.md "
+        "and PNG plots to --out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  batchfit tune                                   # the built-in example\n"
+        "  batchfit tune --memory-limit 2GB --time-budget 120 --out report\n"
+        "  batchfit tune --lr 1e-3 --lr-batch-size 32      # scale your lr, no range test\n"
+        "  batchfit tune --model models.py:make_mlp --data train.parquet --target y --json",
+    )
+    _add_task_options(t)
+    g = t.add_argument_group("limits")
+    g.add_argument(
+        "--memory-limit",
+        type=_typed("memory_limit"),
+        help="peak memory allowed, e.g. 4GB or 512MiB (default on CPU: this process's memory "
+        "plus half the available RAM; on CUDA: the device's memory)",
+    )
+    g.add_argument(
+        "--max-batch-size",
+        type=_typed("max_batch_size"),
+        help="largest batch size to consider (default: the data set size)",
+    )
+    g.add_argument(
+        "--time-budget",
+        type=_typed("time_budget"),
+        help="seconds for the whole tune (default 60 on CPU, 300 on CUDA); less time means "
+        "fewer trials and wider intervals",
+    )
+    o = t.add_argument_group("optimizer and learning rate")
+    o.add_argument(
+        "--optimizer",
+        type=_typed("optimizer"),
+        default="adam",
+        help="sgd (momentum 0.9), adam or adamw (default adam)",
+    )
+    o.add_argument(
+        "--lr",
+        type=_typed("lr"),
+        help="your learning rate, tuned at --lr-batch-size; scaled to the recommended batch "
+        "(default: a learning-rate range test at the recommended batch)",
+    )
+    o.add_argument(
+        "--lr-batch-size",
+        type=_typed("lr_batch_size"),
+        default=32,
+        help="the batch size --lr was tuned at (default 32)",
+    )
+    o.add_argument(
+        "--lr-scaling",
+        type=_typed("lr_scaling"),
+        help="how lr follows the batch size: linear, sqrt or none (default: sqrt for "
+        "adam/adamw, linear for sgd)",
+    )
+    c = t.add_argument_group("output")
+    c.add_argument(
+        "--out", default="batchfit-report", help="folder for the report (default ./batchfit-report)"
+    )
+    c.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _add_json(t)
+    t.set_defaults(run=_cmd_tune)
+
+
+def _process_started() -> float:
+    """When the time budget starts: at the process start when this process is the ``batchfit``
+    command (so that importing torch and loading data count), else now (called from Python)."""
+    import os
+    import time
+
+    import psutil
+
+    if os.path.basename(sys.argv[0]) in ("batchfit", "__main__.py"):
+        return psutil.Process().create_time()
+    return time.time()
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from batchfit.progress import console
+    from batchfit.report.tune_report import build_report, headline, reasons_line
+    from batchfit.tune import tune
+
+    started = _process_started()
+    task = _load_task(args)
+    torch.manual_seed(args.seed)
+    model = task.make_model()
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            console().print(f"[{time.time() - started:5.1f}s] {message}", markup=False)
+
+    warmup_lr = args.lr or (task.suggested_lr if args.optimizer != "sgd" else None)
+    result = tune(
+        model,
+        task.train,
+        loss=task.loss,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        lr_batch_size=args.lr_batch_size,
+        lr_scaling=args.lr_scaling,
+        warmup_lr=warmup_lr,
+        memory_limit=args.memory_limit,
+        max_batch_size=args.max_batch_size,
+        time_budget=args.time_budget,
+        device=args.device,
+        seed=args.seed,
+        out_dir=args.out,
+        task_name=task.name,
+        budget_started=started,
+        log=log,
+    )
+    report = build_report(result)
+    if args.json:
+        report["out"] = args.out
+        print(to_json(report))
+        return 0
+    from rich.console import Console
+
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"[bold]batchfit tune: {headline(report)}[/bold]")
+    out.print(f"  {reasons_line(report)}", markup=False)
+    out.print("why:")
+    for line in result.decision:
+        out.print(f"  - {line}", markup=False)
+    if result.skipped:
+        out.print("cut short or skipped:")
+        for line in result.skipped:
+            out.print(f"  - {line}", markup=False)
+    plots = sum(1 for f in result.report_files if f.endswith(".png"))
+    out.print(
+        f"report: {args.out}/report.md (and report.json, {plots} plots); "
+        f"{time.time() - started:.1f} s in all",
+        markup=False,
+    )
+    return 0
 
 
 def _version() -> str:
@@ -444,6 +590,7 @@ def to_json(value: object) -> str:
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_plan_command,
     _add_train_command,
+    _add_tune_command,
 )
 
 

@@ -95,11 +95,29 @@ class Choice:
         return text.strip().lower()
 
 
+@dataclass(frozen=True)
+class Size:
+    """A number of bytes >= ``low``, written as text like ``4GB``, ``512MiB`` or ``2g``."""
+
+    low: int = 1
+
+    def describe(self) -> str:
+        return f"a size of at least {self.low} bytes, like 4GB, 512MiB or 2g"
+
+    def accepts(self, value: Any) -> bool:
+        return Int(self.low).accepts(value)
+
+    def convert(self, text: str) -> Any:
+        from batchfit.units import parse_size
+
+        return parse_size(text)
+
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 
 #: What every option accepts. The CLI and the API share it; a test feeds each a bad value.
-OPTIONS: dict[str, Int | Float | Choice] = {
+OPTIONS: dict[str, Int | Float | Choice | Size] = {
     "samples": Int(1),
     "batch_size": Int(1),
     "micro_batch_size": Int(1),
@@ -120,6 +138,11 @@ OPTIONS: dict[str, Int | Float | Choice] = {
     "data_workers": Int(1, 64),
     "optimizer": Choice(OPTIMIZERS),
     "lr_scaling": Choice(LR_SCALING_RULES),
+    "max_batch_size": Int(1),
+    "lr_batch_size": Int(1),
+    "memory_limit": Size(2**20),
+    "time_budget": Float(0.0, open_low=True),
+    "headroom": Float(0.0, 1.0, open_high=True),
 }
 
 

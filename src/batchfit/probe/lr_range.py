@@ -1,0 +1,138 @@
+"""A learning-rate range test (Smith 2017, "Cyclical Learning Rates for Training Neural Networks").
+
+Train from the current weights at one batch size while the learning rate grows geometrically from
+``min_lr`` to ``max_lr``, one step each; record the loss, smoothed by an exponential moving
+average. The loss first barely moves (lr too small), then falls, then blows up (lr too large). The
+pick is the learning rate at the smoothed minimum divided by 10, a common rule (fast.ai's
+``lr_min``): the minimum itself is already at the edge of divergence. The model is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from batchfit.data.source import BatchSource
+from batchfit.errors import BatchfitError
+from batchfit.losses import LossFn
+from batchfit.probe.common import Deadline, OutOfTime, cycle_batches, model_device, preserved
+from batchfit.train import make_optimizer, train_step
+
+#: Stop once the smoothed loss is this many times its minimum: the rate has diverged.
+DIVERGED = 4.0
+SMOOTHING = 0.9
+PICK_DIVISOR = 10.0
+
+
+@dataclass(frozen=True)
+class LRRange:
+    """The range test's curve (``lrs[i]``, smoothed ``losses[i]``) and its pick."""
+
+    batch_size: int
+    micro_batch_size: int
+    optimizer: str
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]
+    lr_at_min_loss: float
+    pick: float
+    rule: str
+    stopped_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pick_lr(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
+    """``(lr at the smallest smoothed loss, that lr / 10)``. Pure.
+
+    >>> pick_lr([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 9.0])
+    (0.01, 0.001)
+    """
+    finite = [(loss, lr) for lr, loss in zip(lrs, smoothed, strict=True) if math.isfinite(loss)]
+    if not finite:
+        raise BatchfitError("The learning-rate range test saw no finite loss; check the data.")
+    best_lr = min(finite)[1]
+    return best_lr, best_lr / PICK_DIVISOR
+
+
+def lr_range_test(
+    model: nn.Module,
+    data: BatchSource,
+    loss_fn: LossFn,
+    *,
+    batch_size: int,
+    micro_batch_size: int | None = None,
+    optimizer: str = "adam",
+    min_lr: float = 1e-6,
+    max_lr: float = 1.0,
+    steps: int = 60,
+    deadline: Deadline | None = None,
+    log: Callable[[str], None] | None = None,
+) -> LRRange:
+    """Run the range test at ``batch_size`` (micro-batches of ``micro_batch_size``).
+
+    Examples:
+        >>> import torch
+        >>> from batchfit import TensorSource
+        >>> from batchfit.losses import mse
+        >>> x = torch.randn(256, 4); y = x @ torch.ones(4)
+        >>> result = lr_range_test(torch.nn.Linear(4, 1), TensorSource(x, y), mse,
+        ...                        batch_size=32, steps=40)
+        >>> 1e-6 < result.pick < 1.0
+        True
+    """
+    if steps < 3:
+        raise BatchfitError(f"The learning-rate range test needs at least 3 steps; got {steps}.")
+    log = log or (lambda _: None)
+    deadline = deadline or Deadline(None)
+    device = model_device(model)
+    micro = micro_batch_size or batch_size
+    factor = (max_lr / min_lr) ** (1 / (steps - 1))
+    lrs: list[float] = []
+    smoothed: list[float] = []
+    stopped_by = "max_lr reached"
+    average = 0.0
+    with preserved(model):
+        model.train()
+        opt = make_optimizer(optimizer, model, min_lr)
+        stream = cycle_batches(data, batch_size)
+        for i in range(steps):
+            lr = min_lr * factor**i
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = next(stream)
+            loss, _ = train_step(model, opt, loss_fn, x, y, micro, device)
+            value = float(loss)
+            average = SMOOTHING * average + (1 - SMOOTHING) * value
+            current = average / (1 - SMOOTHING ** (i + 1))  # bias-corrected, as in Adam
+            lrs.append(lr)
+            smoothed.append(current if math.isfinite(value) else math.inf)
+            best = min(smoothed)
+            if not math.isfinite(value) or (i > 5 and current > DIVERGED * best):
+                stopped_by = "loss diverged"
+                break
+            if deadline.expired():
+                stopped_by = "time budget"
+                break
+    if len(lrs) < 3:
+        raise OutOfTime(
+            "The learning-rate range test ran fewer than 3 steps in its time; give a larger "
+            "--time-budget or --lr."
+        )
+    at_min, pick = pick_lr(lrs, smoothed)
+    log(f"lr range test: lowest loss at lr {at_min:.3g}; pick {pick:.3g}")
+    return LRRange(
+        batch_size=batch_size,
+        micro_batch_size=micro,
+        optimizer=optimizer,
+        lrs=tuple(lrs),
+        losses=tuple(smoothed),
+        lr_at_min_loss=at_min,
+        pick=pick,
+        rule=f"the lr of the lowest smoothed loss divided by {PICK_DIVISOR:g}",
+        stopped_by=stopped_by,
+    )

@@ -1,0 +1,519 @@
+"""The memory ceiling for the micro-batch: the largest size whose training iteration fits.
+
+The search (:func:`search_ceiling`) doubles the micro-batch until a trial does not fit or the cap
+(``max_batch_size`` or the data set size) is reached, then bisects between the last size that fit
+and the first that did not. Only sizes that were run are ever returned. A trial is one real
+training iteration on real data (forward, backward, optimizer step), run on the user's model and
+undone afterwards (:func:`~batchfit.probe.common.preserved`), with memory freed between trials.
+
+A trial *fits* when it raised no out-of-memory error and its peak stayed at most
+``(1 - headroom) x limit``.
+
+- **CPU**: there is no device limit, so the limit is ``memory_limit`` (default: what this process
+  uses now plus half of the RAM still available), for the whole process's resident memory (runtime,
+  model, data and the iteration's activations). Each trial's peak is read from the kernel
+  (``VmHWM``, reset before each trial through ``/proc/self/clear_refs``), and trials run under an
+  address-space limit (``RLIMIT_AS``) set to allow no more than the limit, so a trial that would
+  exceed it fails with the allocator's real error instead of waking the kernel's OOM killer. The
+  final size is then confirmed in a child process (``fork``) whose own address space is limited
+  the same way.
+- **CUDA**: real ``torch.cuda.OutOfMemoryError`` and ``torch.cuda.max_memory_allocated``; the limit
+  defaults to the device's total memory. This path is a few lines in :func:`_trial`; it was
+  written without a GPU at hand and has not been run.
+
+Examples:
+    The search alone, with a predicate standing in for real trials:
+
+    >>> search_ceiling(lambda b: b <= 300, cap=4096)[0]
+    288
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import math
+import os
+import resource
+import select
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from batchfit import validation
+from batchfit.data.source import BatchSource
+from batchfit.errors import BatchfitError
+from batchfit.losses import LossFn
+from batchfit.probe.common import Deadline, model_device, preserved, synchronize
+from batchfit.units import format_bytes
+
+DEFAULT_HEADROOM = 0.1
+#: The default CPU limit: what the process holds now plus this share of the RAM still available.
+DEFAULT_RAM_SHARE = 0.5
+#: Without a data set size or --max-batch-size, the search stops here.
+STREAM_CAP = 65536
+#: Bisect until the gap between fit and no-fit is at most this share of the fitting size.
+BISECT_PRECISION = 1 / 16
+
+#: Messages of out-of-memory errors that arrive as a plain RuntimeError (CPU allocator, cuBLAS).
+OOM_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "not enough memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` means the allocator ran out of memory; the caller re-raises the rest.
+
+    >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried..."))
+    True
+    >>> is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    False
+    """
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MESSAGES)
+
+
+@dataclass(frozen=True)
+class MemoryTrial:
+    """One training iteration at ``micro_batch_size``: did it fit, and its peak memory."""
+
+    micro_batch_size: int
+    fits: bool
+    out_of_memory: bool
+    peak_bytes: int | None
+    rss_after_bytes: int | None
+    seconds: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class MemoryCeiling:
+    """The result of the memory probe. ``capped_by`` says what ended the search: ``memory``,
+    ``max_batch_size``, ``data size`` or ``time budget``."""
+
+    max_micro_batch_size: int
+    limit_bytes: int
+    limit_source: str
+    headroom: float
+    device: str
+    capped_by: str
+    baseline_bytes: int
+    peak_bytes: int | None
+    trials: tuple[MemoryTrial, ...]
+    confirmed: bool | None
+    confirmation: str
+    peak_measure: str
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def search_ceiling(
+    fits: Callable[[int], bool],
+    cap: int,
+    *,
+    start: int = 1,
+    deadline: Deadline | None = None,
+    precision: float = BISECT_PRECISION,
+) -> tuple[int, int | None, str]:
+    """Double from ``start`` until ``fits`` fails or ``cap`` is reached, then bisect.
+
+    Returns ``(largest size that fit, smallest size that did not or None, what stopped it)``;
+    the first is 0 when even ``start`` did not fit. ``fits`` is called once per size tried.
+
+    >>> search_ceiling(lambda b: True, cap=1000)
+    (1000, None, 'cap')
+    >>> search_ceiling(lambda b: b < 64, cap=1000, precision=0)
+    (63, 64, 'memory')
+    """
+    deadline = deadline or Deadline(None)
+    good, bad = 0, None
+    size = min(start, cap)
+    while True:
+        if fits(size):
+            good = size
+            if size >= cap:
+                return good, None, "cap"
+            if deadline.expired():
+                return good, None, "time budget"
+            size = min(size * 2, cap)
+        else:
+            bad = size
+            break
+    while good and bad - good > max(1, math.floor(good * precision)):
+        if deadline.expired():
+            return good, bad, "time budget"
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good, bad, "memory"
+
+
+# --- process memory (Linux /proc; elsewhere a conservative fallback) -------------------------
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    return psutil.Process().memory_info().rss
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes(reset_worked: bool) -> int:
+    if reset_worked:
+        peak = _status_bytes("VmHWM")
+        if peak is not None:
+            return peak
+    # Lifetime peak: never below the trial's own, so a trial judged to fit really fits.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def release_memory(device: torch.device | None = None, *, collect: bool = False) -> None:
+    """Free what the last trial left: cached device blocks, glibc's free heap pages
+    (``malloc_trim``), which otherwise stay resident and look like growth, and with ``collect``
+    Python's cyclic garbage (an exception's traceback holds the failed trial's tensors)."""
+    if collect:
+        gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def address_space_limit(allowed_new_bytes: int) -> Iterator[bool]:
+    """Let this process map at most ``allowed_new_bytes`` more memory (``RLIMIT_AS``, Linux),
+    so that going over fails with the allocator's error; the previous limit is put back after.
+    Yields False where the limit cannot be set."""
+    vm = _status_bytes("VmSize")
+    if vm is None or not hasattr(resource, "RLIMIT_AS"):
+        yield False
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    new = vm + max(allowed_new_bytes, 0)
+    if hard != resource.RLIM_INFINITY:
+        new = min(new, hard)
+    if soft != resource.RLIM_INFINITY and soft <= new:
+        yield True  # an existing limit is already tighter
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (new, hard))
+    try:
+        yield True
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def default_memory_limit() -> tuple[int, str]:
+    """``(bytes, how it was chosen)``: this process's memory now plus half the available RAM."""
+    now = rss_bytes()
+    available = psutil.virtual_memory().available
+    limit = now + int(available * DEFAULT_RAM_SHARE)
+    how = (
+        f"default: this process's {format_bytes(now)} plus {DEFAULT_RAM_SHARE:.0%} of the "
+        f"{format_bytes(available)} RAM available"
+    )
+    return limit, how
+
+
+# --- one trial -----------------------------------------------------------------------------
+
+
+def _iteration(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    source: BatchSource,
+    micro_batch_size: int,
+    device: torch.device,
+) -> None:
+    """One training iteration as the loop runs it: fetch, forward, backward, optimizer step."""
+    x, y = next(iter(source.batches(0, micro_batch_size)))
+    loss = loss_fn(model(x.to(device)), y.to(device))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+
+
+def _trial(
+    run: Callable[[], None], size: int, limit: int, headroom: float, device: torch.device
+) -> MemoryTrial:
+    """One iteration with its peak measured. CPU: the process's peak resident memory, under an
+    address-space limit. CUDA: the allocator's peak (this branch has not been run: no GPU here)."""
+    cuda = device.type == "cuda"
+    release_memory(device)
+    started = time.perf_counter()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        reset = _reset_peak()
+        guard = address_space_limit(limit - rss_bytes())
+    oom, error = False, None
+    with guard:
+        try:
+            run()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            oom, error = True, _first_line(exc)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_bytes(reset)
+    release_memory(device, collect=oom)
+    fits = not oom and peak <= (1 - headroom) * limit
+    rss_after = None if cuda else rss_bytes()
+    return MemoryTrial(size, fits, oom, peak, rss_after, time.perf_counter() - started, error)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def confirm_in_child(
+    run: Callable[[], None], limit: int, headroom: float, timeout: float = 60.0
+) -> tuple[bool | None, str]:
+    """Run ``run`` once in a forked child whose address space allows at most ``limit`` bytes of
+    resident memory for the whole process (relative to this process's use now).
+
+    Returns ``(True, detail)`` when it ran within the limit, ``(False, detail)`` on a real
+    out-of-memory error in the child (or a peak above the limit less headroom), and
+    ``(None, why)`` where a child cannot be forked.
+    """
+    if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
+        return None, "not run: needs fork and /proc (Linux)"
+    release_memory()
+    parent_rss = rss_bytes()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.close(read_fd)
+            # GNU OpenMP's thread pool does not survive fork; one thread avoids a hang.
+            torch.set_num_threads(1)
+            reset = _reset_peak()
+            with address_space_limit(limit - parent_rss):
+                try:
+                    run()
+                    message = f"ok {_peak_bytes(reset)}"
+                    code = 0
+                except Exception as exc:
+                    kind = "oom" if is_out_of_memory(exc) else "error"
+                    message = f"{kind} {_first_line(exc)}"
+            os.write(write_fd, message.encode()[:4000])
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    try:
+        ready, _, _ = select.select([read_fd], [], [], timeout)
+        if ready:
+            while chunk := os.read(read_fd, 4096):
+                chunks.append(chunk)
+        else:
+            os.kill(pid, 9)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    text = b"".join(chunks).decode(errors="replace")
+    kind, _, rest = text.partition(" ")
+    if kind == "ok":
+        peak = int(rest)
+        if peak <= (1 - headroom) * limit:
+            return (
+                True,
+                f"ran in a child process limited to {format_bytes(limit)}: "
+                f"peak {format_bytes(peak)}",
+            )
+        return False, f"peak {format_bytes(peak)} in the child is above the limit less headroom"
+    if kind == "oom":
+        return False, f"out of memory in the child: {rest}"
+    if kind == "error":
+        raise BatchfitError(f"The training iteration failed in the memory check's child: {rest}")
+    return None, f"the child process gave no answer within {timeout:.0f} s"
+
+
+# --- the probe ------------------------------------------------------------------------------
+
+
+def find_max_micro_batch_size(
+    model: nn.Module,
+    data: BatchSource,
+    loss_fn: LossFn,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    limit_bytes: int | None = None,
+    max_batch_size: int | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    deadline: Deadline | None = None,
+    confirm: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> MemoryCeiling:
+    """The largest micro-batch whose training iteration fits in memory, with headroom.
+
+    ``optimizer`` defaults to Adam (its state, two tensors per parameter, is part of the
+    footprint). The model, its gradients and the optimizer are as before when this returns.
+
+    Examples:
+        >>> import torch
+        >>> from batchfit import TensorSource
+        >>> src = TensorSource(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+        >>> ceiling = find_max_micro_batch_size(
+        ...     torch.nn.Linear(3, 2), src, torch.nn.functional.cross_entropy, confirm=False)
+        >>> ceiling.max_micro_batch_size, ceiling.capped_by
+        (64, 'data size')
+    """
+    log = log or (lambda _: None)
+    deadline = deadline or Deadline(None)
+    validation.check("headroom", headroom)
+    if max_batch_size is not None:
+        validation.check("max_batch_size", max_batch_size)
+    device = model_device(model)
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
+    n = data.num_samples
+    caps = [(c, why) for c, why in ((max_batch_size, "max_batch_size"), (n, "data size")) if c]
+    cap, cap_reason = min(caps) if caps else (STREAM_CAP, "stream cap")
+    # Batch norm cannot train on one sample: its micro-batches start at two.
+    start = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+    start = min(start, cap)
+    notes: list[str] = []
+    is_cuda = device.type == "cuda"
+    # One untracked iteration first: one-time allocations (thread pools, kernel workspaces) then
+    # count in the baseline rather than in the first trial.
+    with preserved(model, opt):
+        _iteration(model, opt, loss_fn, data, start, device)
+    if is_cuda:
+        limit = limit_bytes or torch.cuda.get_device_properties(device).total_memory
+        source_text = "--memory-limit" if limit_bytes else "the GPU's total memory"
+        baseline = torch.cuda.memory_allocated(device)
+        peak_measure = "torch.cuda.max_memory_allocated"
+    else:
+        if limit_bytes is None:
+            limit, source_text = default_memory_limit()
+        else:
+            limit, source_text = limit_bytes, "--memory-limit"
+        release_memory(collect=True)
+        baseline = rss_bytes()
+        peak_measure = (
+            "peak resident memory of the process (VmHWM, reset per trial)"
+            if _reset_peak()
+            else "peak resident memory since the process started (ru_maxrss): conservative"
+        )
+        if baseline >= (1 - headroom) * limit:
+            raise BatchfitError(
+                f"The memory limit ({format_bytes(limit)}) leaves no room: this process already "
+                f"holds {format_bytes(baseline)} (torch, the model and the data) before any "
+                f"trial. Raise --memory-limit above {format_bytes(baseline / (1 - headroom))}."
+            )
+    trials: list[MemoryTrial] = []
+
+    def fits(size: int) -> bool:
+        with preserved(model, opt):
+            run = lambda: _iteration(model, opt, loss_fn, data, size, device)  # noqa: E731
+            trial = _trial(run, size, limit, headroom, device)
+        trials.append(trial)
+        peak = format_bytes(trial.peak_bytes) if trial.peak_bytes is not None else "?"
+        verdict = "fits" if trial.fits else ("out of memory" if trial.out_of_memory else "too big")
+        log(f"memory: micro-batch {size}: {verdict} (peak {peak} of {format_bytes(limit)})")
+        return trial.fits
+
+    best, _, stopped = search_ceiling(fits, cap, start=start, deadline=deadline)
+    if best == 0:
+        first = trials[0]
+        need = (first.peak_bytes or 0) / (1 - headroom)
+        what = (
+            "ran out of memory"
+            if first.out_of_memory
+            else f"peaked at {format_bytes(first.peak_bytes or 0)}"
+        )
+        raise BatchfitError(
+            f"The memory limit ({format_bytes(limit)}) is too small for even a micro-batch of "
+            f"{start}: "
+            f"one training iteration {what}, with {headroom:.0%} headroom kept. Raise "
+            f"--memory-limit to at least {format_bytes(max(need, limit * 1.5))}."
+        )
+    capped_by = {"cap": cap_reason, "memory": "memory", "time budget": "time budget"}[stopped]
+    if stopped == "time budget":
+        notes.append(
+            f"The time budget ended the memory search at {best}; larger sizes were not tried."
+        )
+
+    confirmed, confirmation = None, "not needed: the device reports real out-of-memory errors"
+    if not is_cuda and confirm:
+        tried = sorted((t.micro_batch_size for t in trials if t.fits), reverse=True)
+        for size in tried[:3]:
+            with preserved(model, opt):
+                confirmed, confirmation = confirm_in_child(
+                    lambda s=size: _iteration(model, opt, loss_fn, data, s, device),
+                    limit,
+                    headroom,
+                    timeout=max(10.0, min(60.0, deadline.remaining())),
+                )
+            log(f"memory: micro-batch {size} in a limited child process: {confirmation}")
+            if confirmed is not False:
+                best = size
+                break
+            notes.append(
+                f"Micro-batch {size} failed in the child process ({confirmation}); backed off."
+            )
+        else:
+            if confirmed is False:
+                raise BatchfitError(
+                    f"No micro-batch size passed the check in a child process limited to "
+                    f"{format_bytes(limit)}; raise --memory-limit."
+                )
+    elif not is_cuda:
+        confirmation = "skipped"
+    peak = next((t.peak_bytes for t in trials if t.micro_batch_size == best and t.fits), None)
+    return MemoryCeiling(
+        max_micro_batch_size=best,
+        limit_bytes=int(limit),
+        limit_source=source_text,
+        headroom=headroom,
+        device=str(device),
+        capped_by=capped_by,
+        baseline_bytes=int(baseline),
+        peak_bytes=peak,
+        trials=tuple(trials),
+        confirmed=confirmed,
+        confirmation=confirmation,
+        peak_measure=peak_measure,
+        notes=tuple(notes),
+    )

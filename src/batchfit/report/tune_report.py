@@ -1,0 +1,573 @@
+"""The ``tune`` report: ``report.json`` (stable, versioned keys), ``report.md`` and PNG plots.
+
+``report.json`` keys promised by DESIGN.md (version 1): ``recommended.batch_size``,
+``recommended.micro_batch_size``, ``recommended.lr``, ``memory.max_micro_batch_size``,
+``memory.limit_bytes``, ``throughput[] {batch_size, samples_per_s}``, ``noise.b_simple``,
+``noise.critical_batch_size``, ``decision[]``, ``version``. Other keys add detail; values that are
+not finite (an unbounded noise scale) are ``null``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchfit.report import plots
+from batchfit.report.markdown import table, write_atomic
+from batchfit.units import format_bytes
+
+if TYPE_CHECKING:
+    from batchfit.tune import TuneResult
+
+REPORT_VERSION = 1
+PLOT_FILES = {
+    "throughput": "throughput.png",
+    "time_to_result": "time_to_result.png",
+    "noise_scale": "noise_scale.png",
+    "gradient_error": "gradient_error.png",
+    "memory_and_step_time": "memory_and_step_time.png",
+    "lr_range": "lr_range.png",
+}
+
+
+def build_report(result: TuneResult) -> dict[str, Any]:
+    """The ``report.json`` object for a tune result."""
+    from batchfit import __version__
+
+    rec = result.recommendation
+    mem = result.memory
+    noise = result.noise
+    est = noise.estimate if noise else None
+    runner = rec.runner_up
+    fit = result.step_time_fit
+    return {
+        "version": REPORT_VERSION,
+        "batchfit_version": __version__,
+        "task": result.task,
+        "device": result.device,
+        "num_samples": result.num_samples,
+        "recommended": {
+            "batch_size": result.recommended.batch_size,
+            "micro_batch_size": result.recommended.micro_batch_size,
+            "accumulation": result.recommended.accumulation,
+            "lr": result.recommended.lr,
+            "lr_rule": result.recommended.lr_rule,
+            "optimizer": result.recommended.optimizer,
+            "batch_size_range": list(rec.batch_size_range),
+            "runner_up": None
+            if runner is None
+            else {
+                "batch_size": runner.batch_size,
+                "micro_batch_size": runner.micro_batch_size,
+                "relative_time": runner.relative_time,
+            },
+        },
+        "memory": {
+            "max_micro_batch_size": mem.max_micro_batch_size,
+            "limit_bytes": mem.limit_bytes,
+            "limit_source": mem.limit_source,
+            "headroom": mem.headroom,
+            "capped_by": mem.capped_by,
+            "peak_bytes": mem.peak_bytes,
+            "baseline_bytes": mem.baseline_bytes,
+            "peak_measure": mem.peak_measure,
+            "confirmed_in_child": mem.confirmed,
+            "confirmation": mem.confirmation,
+            "trials": [
+                {
+                    "micro_batch_size": t.micro_batch_size,
+                    "fits": t.fits,
+                    "out_of_memory": t.out_of_memory,
+                    "peak_bytes": t.peak_bytes,
+                    "error": t.error,
+                }
+                for t in mem.trials
+            ],
+        },
+        "throughput": [
+            {
+                "batch_size": p.batch_size,
+                "micro_batch_size": p.micro_batch_size,
+                "samples_per_s": p.samples_per_s,
+                "step_seconds": p.step_seconds,
+                "timed_steps": p.timed_steps,
+                "gain_from_doubling": p.gain_from_doubling,
+            }
+            for p in result.throughput.points
+        ],
+        "throughput_flattens_at": result.throughput.flattens_at,
+        "step_time_fit": None
+        if fit is None
+        else {"fixed_s": fit[0], "per_sample_s": fit[1], "knee_batch_size": fit[0] / fit[1]},
+        "noise": {
+            "b_simple": est.b_simple if est else None,
+            "critical_batch_size": est.b_simple if est else None,
+            "interval": [est.low, est.high] if est else None,
+            "confidence": est.confidence if est else None,
+            "g2": est.g2 if est else None,
+            "tr_sigma": est.tr_sigma if est else None,
+            "steps_averaged": est.pairs if est else 0,
+            "micro_batch_size": est.small_batch_size if est else None,
+            "batch_size": est.big_batch_size if est else None,
+            "finite_data_samples": est.num_samples if est else None,
+            "warmup_steps": noise.warmup_steps if noise else None,
+            "loss_start": noise.loss_start if noise else None,
+            "loss_end": noise.loss_end if noise else None,
+            "lr": noise.lr if noise else None,
+            "b_simple_at_start": noise.at_start.b_simple if noise and noise.at_start else None,
+            "trajectory": [vars_of(w) for w in noise.windows] if noise else [],
+            "gradient_error": [vars_of(p) for p in noise.gradient_error] if noise else [],
+            "gradient_error_reference_samples": noise.gradient_error_reference_samples
+            if noise
+            else None,
+        },
+        "lr_range": None
+        if result.lr_range is None
+        else {
+            "batch_size": result.lr_range.batch_size,
+            "lrs": list(result.lr_range.lrs),
+            "losses": list(result.lr_range.losses),
+            "lr_at_min_loss": result.lr_range.lr_at_min_loss,
+            "pick": result.lr_range.pick,
+            "rule": result.lr_range.rule,
+            "stopped_by": result.lr_range.stopped_by,
+        },
+        "predicted_time": [vars_of(c) for c in rec.curve],
+        "decision": list(result.decision),
+        "skipped": list(result.skipped),
+        "time_budget_s": result.time_budget_s,
+        "seconds": result.seconds,
+        "phase_seconds": dict(result.phase_seconds),
+        "files": ["report.json", "report.md", *PLOT_FILES.values()],
+    }
+
+
+def vars_of(obj: object) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(obj)  # type: ignore[call-overload]
+
+
+def write_report(result: TuneResult, out_dir: Path) -> list[Path]:
+    """Write ``report.json``, ``report.md`` and the plots into ``out_dir``; return the paths."""
+    from batchfit.cli import to_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = build_report(result)
+    written = [p for p in _plots(result, out_dir) if p is not None]
+    report["files"] = ["report.json", "report.md", *(p.name for p in written)]
+    json_path = write_atomic(out_dir / "report.json", to_json(report) + "\n")
+    md_path = write_atomic(out_dir / "report.md", render_markdown(report))
+    return [json_path, md_path, *written]
+
+
+def headline(report: dict[str, Any]) -> str:
+    """One line: ``batch size 256 (micro-batch 256), lr 2.8e-03 (adam, ...)``."""
+    r = report["recommended"]
+    acc = f" = {r['accumulation']} x {r['micro_batch_size']}" if r["accumulation"] > 1 else ""
+    return (
+        f"batch size {r['batch_size']}{acc} (micro-batch {r['micro_batch_size']}), "
+        f"lr {r['lr']:.3g} ({r['lr_rule']})"
+    )
+
+
+def reasons_line(report: dict[str, Any]) -> str:
+    """The short why: ``throughput flattens after 256; gradient noise scale ~180, so beyond ~360
+    extra samples buy few steps; fits in memory up to 8192``."""
+    parts = []
+    flat = report["throughput_flattens_at"]
+    if flat is not None:
+        parts.append(f"throughput flattens after {flat}")
+    else:
+        parts.append("throughput still grows at the largest size measured")
+    noise = report["noise"]["b_simple"]
+    if noise is not None and math.isfinite(noise):
+        parts.append(
+            f"gradient noise scale ~{noise:.0f}, so beyond ~{2 * noise:.0f} extra samples buy "
+            "few steps"
+        )
+    elif noise is not None:
+        parts.append("gradient noise scale unbounded (signal not resolved)")
+    else:
+        parts.append("gradient noise scale not measured")
+    mem = report["memory"]
+    parts.append(f"fits in memory up to {mem['max_micro_batch_size']} ({mem['capped_by']})")
+    return "; ".join(parts)
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-" if x is None else "unbounded"
+    if isinstance(x, float):
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.{digits}g}"
+    return f"{x}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the recommendation, its reasons, the measurements and the plots."""
+    mem, noise = report["memory"], report["noise"]
+    lines = [
+        f"# batchfit tune: {report['task']}",
+        "",
+        f"**Recommended: {headline(report)}.**",
+        "",
+        f"Measured on {report['device']} in {report['seconds']:.1f} s (time budget "
+        f"{report['time_budget_s']:g} s), {report['num_samples'] or 'a stream of'} training "
+        f"samples. batchfit {report['batchfit_version']}, report version {report['version']}.",
+        "",
+        "## Why",
+        "",
+        *[f"- {d}" for d in report["decision"]],
+        "",
+    ]
+    if report["skipped"]:
+        lines += ["## Cut short or skipped", "", *[f"- {s}" for s in report["skipped"]], ""]
+    lines += [
+        "## Predicted time to a result",
+        "",
+        "Relative to the best: `(B + B_noise) / samples_per_s(B)`; sizes past the measured range "
+        "use the throughput of the largest one (accumulation adds no speed on one device).",
+        "",
+        "![predicted time](time_to_result.png)",
+        "",
+        table(
+            ["B", "micro-batch x accumulation", "samples/s", "measured", "relative time"],
+            [
+                [
+                    c["batch_size"],
+                    f"{c['micro_batch_size']} x {c['accumulation']}",
+                    _num(c["samples_per_s"]),
+                    "yes" if c["measured"] else "no",
+                    f"{c['relative_time']:.2f}",
+                ]
+                for c in report["predicted_time"]
+            ],
+        ),
+        "",
+        "## Throughput",
+        "",
+        "End-to-end training steps (data included), median of the timed steps after warm-up.",
+        "",
+        "![throughput](throughput.png)",
+        "",
+        table(
+            ["B", "samples/s", "step time", "gain from doubling"],
+            [
+                [
+                    p["batch_size"],
+                    _num(p["samples_per_s"]),
+                    f"{p['step_seconds'] * 1e3:.3g} ms",
+                    "-" if p["gain_from_doubling"] is None else f"{p['gain_from_doubling']:+.0%}",
+                ]
+                for p in report["throughput"]
+            ],
+        ),
+        "",
+        "## Gradient noise scale",
+        "",
+    ]
+    if noise["b_simple"] is not None or noise["steps_averaged"]:
+        low, high = noise["interval"]
+        lines += [
+            f"B_simple = tr(Sigma) / |G|^2 ~ **{_num(noise['b_simple'])}** "
+            f"({noise['confidence']:.0%} interval {_num(low)} to {_num(high)}), from "
+            f"{noise['steps_averaged']} steps with micro-batches of "
+            f"{noise['micro_batch_size']} and batches of {noise['batch_size']}, corrected for "
+            f"drawing from {noise['finite_data_samples'] or 'an endless stream of'} samples. "
+            f"Over the first steps it was ~{_num(noise['b_simple_at_start'])}; the warm-up "
+            f"took the loss from {noise['loss_start']:.3g} to {noise['loss_end']:.3g}.",
+            "",
+            "![noise scale](noise_scale.png)",
+            "",
+            "The seed's law, measured: the error of a batch gradient shrinks only as 1/sqrt(B).",
+            "",
+            "![gradient error](gradient_error.png)",
+            "",
+        ]
+    else:
+        lines += ["Not measured (see above).", ""]
+    lines += [
+        "## Memory",
+        "",
+        f"Limit {format_bytes(mem['limit_bytes'])} ({mem['limit_source']}), "
+        f"{mem['headroom']:.0%} headroom; measured as {mem['peak_measure']}. "
+        f"Ceiling: micro-batch **{mem['max_micro_batch_size']}** ({mem['capped_by']}). "
+        f"Check in a limited child process: {mem['confirmation']}.",
+        "",
+        "![memory and step time](memory_and_step_time.png)",
+        "",
+        table(
+            ["micro-batch", "fits", "peak memory", "error"],
+            [
+                [
+                    t["micro_batch_size"],
+                    "yes" if t["fits"] else "no",
+                    format_bytes(t["peak_bytes"]) if t["peak_bytes"] else "-",
+                    t["error"] or "",
+                ]
+                for t in mem["trials"]
+            ],
+            "rrrl",
+        ),
+        "",
+    ]
+    lr_range = report["lr_range"]
+    if lr_range:
+        lines += [
+            "## Learning rate",
+            "",
+            f"Range test at batch size {lr_range['batch_size']}: lowest smoothed loss at lr "
+            f"{lr_range['lr_at_min_loss']:.3g}; pick {lr_range['pick']:.3g} "
+            f"({lr_range['rule']}; stopped: {lr_range['stopped_by']}).",
+            "",
+            "![lr range test](lr_range.png)",
+            "",
+        ]
+    lines += [
+        "## Reproduce",
+        "",
+        f"Train with it: `batchfit train --batch-size {report['recommended']['batch_size']} "
+        f"--micro-batch-size {report['recommended']['micro_batch_size']} "
+        f"--lr {report['recommended']['lr']:.3g} --optimizer {report['recommended']['optimizer']} "
+        "--epochs E` (plus the same task options).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _plots(result: TuneResult, out: Path) -> list[Path | None]:
+    return [
+        _throughput_plot(result, out / PLOT_FILES["throughput"]),
+        _time_plot(result, out / PLOT_FILES["time_to_result"]),
+        _noise_plot(result, out / PLOT_FILES["noise_scale"]),
+        _gradient_error_plot(result, out / PLOT_FILES["gradient_error"]),
+        _memory_time_plot(result, out / PLOT_FILES["memory_and_step_time"]),
+        _lr_plot(result, out / PLOT_FILES["lr_range"]),
+    ]
+
+
+def _throughput_plot(result: TuneResult, path: Path) -> Path:
+    points = result.throughput.points
+    sizes = [p.batch_size for p in points]
+    fig, (ax,) = plots.figure()
+    plots.plot_series(
+        ax,
+        [
+            plots.Series(
+                "samples/s (median)",
+                sizes,
+                [p.samples_per_s for p in points],
+                lower=[p.batch_size / p.step_seconds_max for p in points],
+                upper=[p.batch_size / p.step_seconds_min for p in points],
+            )
+        ],
+    )
+    plots.batch_size_axis(ax, sizes)
+    if result.throughput.flattens_at:
+        plots.mark(
+            ax,
+            result.throughput.flattens_at,
+            "flat: larger B gains < 10%",
+            plots.COLORS[2],
+            at=0.45,
+        )
+    plots.mark(ax, result.recommended.batch_size, "recommended", plots.COLORS[1])
+    plots.titles(ax, "Throughput: end-to-end training steps", "samples / s")
+    ax.set_ylim(bottom=0)
+    return plots.save(fig, path)
+
+
+def _time_plot(result: TuneResult, path: Path) -> Path:
+    curve = result.recommendation.curve
+    fig, (ax,) = plots.figure()
+    measured = [c for c in curve if c.measured]
+    extrapolated = [c for c in curve if not c.measured]
+    series = [
+        plots.Series(
+            "measured throughput",
+            [c.batch_size for c in measured],
+            [c.relative_time for c in measured],
+        )
+    ]
+    if extrapolated:
+        series.append(
+            plots.Series(
+                "throughput extrapolated (accumulation)",
+                [c.batch_size for c in extrapolated],
+                [c.relative_time for c in extrapolated],
+                style="--s",
+            )
+        )
+    plots.plot_series(ax, series)
+    plots.batch_size_axis(ax, [c.batch_size for c in curve])
+    ax.set_yscale("log")
+    plots.mark(ax, result.recommended.batch_size, "recommended", plots.COLORS[1])
+    if result.recommendation.runner_up:
+        plots.mark(
+            ax, result.recommendation.runner_up.batch_size, "runner-up", plots.COLORS[4], ":"
+        )
+    if result.memory.max_micro_batch_size < curve[-1].batch_size:
+        plots.mark(ax, result.memory.max_micro_batch_size, "memory ceiling", plots.COLORS[6], "-.")
+    noise = result.recommendation.b_noise
+    what = "B_noise not measured" if noise is None else f"B_noise = {noise:.0f}"
+    plots.titles(
+        ax,
+        f"Predicted time to a result, (B + B_noise) / throughput ({what})",
+        "relative time (1 = best)",
+    )
+    return plots.save(fig, path)
+
+
+def _noise_plot(result: TuneResult, path: Path) -> Path | None:
+    noise = result.noise
+    if noise is None or not noise.windows:
+        return None
+    windows = noise.windows
+    mid = [(w.first_step + w.last_step) / 2 for w in windows]
+    cap = max((w.b_simple for w in windows if math.isfinite(w.b_simple)), default=1.0) * 4
+    fig, (ax,) = plots.figure()
+    plots.plot_series(
+        ax,
+        [
+            plots.Series(
+                f"B_simple per {windows[0].last_step - windows[0].first_step + 1} steps",
+                mid,
+                [min(w.b_simple, cap) for w in windows],
+                lower=[min(w.low, cap) for w in windows],
+                upper=[min(w.high, cap) for w in windows],
+            )
+        ],
+    )
+    est = noise.estimate
+    ax.axhline(est.b_simple, color=plots.COLORS[1], linestyle="--", linewidth=1)
+    ax.axvspan(noise.warmup_steps + 0.5, noise.steps + 0.5, color=plots.COLORS[1], alpha=0.07)
+    ax.annotate(
+        f"estimate {est.b_simple:.0f} ({est.low:.0f}-{est.high:.0f})",
+        (noise.steps, est.b_simple),
+        xytext=(-4, 4),
+        textcoords="offset points",
+        ha="right",
+        fontsize="small",
+        color=plots.COLORS[1],
+    )
+    plots.titles(
+        ax, "Gradient noise scale during the warm-up (shaded: measured)", "B_simple", "step"
+    )
+    ax.set_ylim(bottom=0)
+    loss_ax = ax.twinx()
+    loss_ax.plot(mid, [w.loss for w in windows], ":", color=plots.COLORS[6], label="training loss")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.legend(fontsize="small", loc="lower right")
+    return plots.save(fig, path)
+
+
+def _gradient_error_plot(result: TuneResult, path: Path) -> Path | None:
+    noise = result.noise
+    if noise is None or not noise.gradient_error:
+        return None
+    points = noise.gradient_error
+    sizes = [p.batch_size for p in points]
+    first = points[0]
+    series = [
+        plots.Series("measured RMS |g_B - G| / |G|", sizes, [p.relative_error for p in points]),
+        plots.Series(
+            "1/sqrt(B) from the first point",
+            sizes,
+            [first.relative_error * math.sqrt(first.batch_size / b) for b in sizes],
+            style="--",
+        ),
+    ]
+    if all(p.predicted is not None for p in points):
+        series.append(
+            plots.Series(
+                "predicted from B_simple (finite data)",
+                sizes,
+                [p.predicted for p in points],
+                style=":",
+            )
+        )
+    fig, (ax,) = plots.figure()
+    plots.plot_series(ax, series)
+    plots.batch_size_axis(ax, sizes)
+    ax.set_yscale("log")
+    plots.titles(
+        ax,
+        "Error of the batch gradient: 4x the batch halves it (the seed's O(sqrt m) law)",
+        "relative error of the batch gradient",
+    )
+    return plots.save(fig, path)
+
+
+def _memory_time_plot(result: TuneResult, path: Path) -> Path:
+    trials = sorted(
+        (t for t in result.memory.trials if t.fits and t.peak_bytes),
+        key=lambda t: t.micro_batch_size,
+    )
+    base = result.memory.baseline_bytes
+    fig, (left, right) = plots.figure(panels=2, width=5.2)
+    if trials:
+        sizes = [t.micro_batch_size for t in trials]
+        above = [max(t.peak_bytes - base, 1) / 2**20 for t in trials]
+        top = trials[-1]
+        plots.plot_series(
+            left,
+            [
+                plots.Series("peak memory above the idle process", sizes, above),
+                plots.Series(
+                    "proportional to B",
+                    sizes,
+                    [above[-1] * s / top.micro_batch_size for s in sizes],
+                    style="--",
+                ),
+            ],
+        )
+        plots.batch_size_axis(left, sizes, "micro-batch size b")
+        left.set_yscale("log")
+    plots.titles(left, "Memory per training iteration: O(B) once activations dominate", "MiB")
+    points = result.throughput.points
+    sizes = [p.batch_size for p in points]
+    series = [plots.Series("measured step time", sizes, [p.step_seconds * 1e3 for p in points])]
+    if result.step_time_fit:
+        a, c = result.step_time_fit
+        series.append(
+            plots.Series(
+                f"fit {a * 1e3:.2g} ms + {c * 1e6:.2g} us x B",
+                sizes,
+                [(a + c * b) * 1e3 for b in sizes],
+                style="--",
+            )
+        )
+    plots.plot_series(right, series)
+    if sizes:
+        plots.batch_size_axis(right, sizes)
+    right.set_yscale("log")
+    plots.titles(right, "Step time: a fixed cost, then O(B)", "ms per step")
+    return plots.save(fig, path)
+
+
+def _lr_plot(result: TuneResult, path: Path) -> Path | None:
+    r = result.lr_range
+    if r is None:
+        return None
+    finite = [(lr, loss) for lr, loss in zip(r.lrs, r.losses, strict=True) if math.isfinite(loss)]
+    fig, (ax,) = plots.figure()
+    plots.plot_series(
+        ax,
+        [
+            plots.Series(
+                "smoothed training loss", [f[0] for f in finite], [f[1] for f in finite], style="-"
+            )
+        ],
+    )
+    ax.set_xscale("log")
+    plots.mark(ax, r.lr_at_min_loss, "lowest loss", plots.COLORS[6], ":")
+    plots.mark(ax, r.pick, f"pick {r.pick:.2g}", plots.COLORS[1])
+    ax.set_ylim(top=min(max(f[1] for f in finite), finite[0][1] * 1.3))
+    plots.titles(
+        ax, f"Learning-rate range test at batch size {r.batch_size}", "loss", "learning rate"
+    )
+    return plots.save(fig, path)

@@ -1,0 +1,423 @@
+"""``batchfit tune``: measure memory, throughput and gradient noise, then recommend a batch size
+and a learning rate, with the reasons and the evidence.
+
+Read :func:`tune` top to bottom: each phase is one probe (``batchfit.probe``) that returns a plain
+result; the pure :func:`batchfit.recommend.recommend` turns them into a choice; the report module
+writes ``report.json``, ``report.md`` and plots. The whole run keeps to a time budget: each phase
+gets a share of the time left, probes do fewer trials when time is short, and what was cut is
+listed in the report. The user's model is the same after tuning as before.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchfit import validation
+from batchfit.losses import Loss, LossFn, resolve_loss
+from batchfit.lr_scaling import default_rule, scale_lr
+from batchfit.probe.common import Deadline, OutOfTime, preserved
+from batchfit.probe.lr_range import LRRange, lr_range_test
+from batchfit.probe.memory import MemoryCeiling, find_max_micro_batch_size
+from batchfit.probe.noise import NoiseMeasurement, warmup_and_measure
+from batchfit.probe.throughput import Throughput, measure_throughput, powers_of_two_up_to
+from batchfit.recommend import Recommendation, fit_step_time, recommend
+from batchfit.task import as_source, check_model_accepts_data, target_kind_of
+from batchfit.train import DEFAULT_LR, _resolve_device, make_optimizer
+from batchfit.units import format_bytes
+
+DEFAULT_TIME_BUDGET_S = {"cpu": 60.0, "cuda": 300.0}
+#: Shares of the time budget per phase; what a phase leaves unused goes to the next ones.
+PHASE_SHARES = {"memory": 0.15, "throughput": 0.25, "noise": 0.35, "lr": 0.25}
+#: Time kept back for writing the report and plots (at most 15% of the budget).
+REPORT_RESERVE_S = 4.0
+#: The noise probe's micro-batch and accumulation: b = 32, B = 256 unless memory or data are less.
+NOISE_MICRO_BATCH = 32
+NOISE_ACCUMULATION = 8
+LR_RANGE_STEPS = 60
+DEFAULT_LR_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """What to train with."""
+
+    batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    lr: float
+    lr_rule: str
+    optimizer: str
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """Everything ``tune`` measured and decided; :meth:`to_report` is ``report.json``."""
+
+    task: str
+    device: str
+    num_samples: int | None
+    recommended: Recommended
+    memory: MemoryCeiling
+    throughput: Throughput
+    noise: NoiseMeasurement | None
+    lr_range: LRRange | None
+    recommendation: Recommendation
+    step_time_fit: tuple[float, float] | None
+    decision: tuple[str, ...]
+    skipped: tuple[str, ...]
+    time_budget_s: float
+    seconds: float
+    phase_seconds: dict[str, float]
+    report_files: tuple[str, ...] = field(default=())
+
+    def to_report(self) -> dict[str, Any]:
+        from batchfit.report.tune_report import build_report
+
+        return build_report(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Budget:
+    """Hands each phase its share of the time that is left."""
+
+    def __init__(self, seconds: float, started: float, reserve: float) -> None:
+        self.total = seconds
+        self.end = started + seconds
+        self.reserve = reserve
+        self.shares = dict(PHASE_SHARES)
+
+    def remaining(self) -> float:
+        return self.end - time.time() - self.reserve
+
+    def phase(self, name: str) -> Deadline:
+        share = self.shares.pop(name)
+        fraction = share / (share + sum(self.shares.values()))
+        return Deadline(max(self.remaining(), 0.0) * fraction)
+
+
+def _noise_sizes(ceiling: int, n: int | None) -> tuple[int, int] | None:
+    """``(micro-batch b, accumulation k)`` for the noise probe: b <= 32 and k <= 8, b k <= N / 2
+    so that a measurement run sees several distinct batches."""
+    b = 1
+    while b * 2 <= min(NOISE_MICRO_BATCH, ceiling):
+        b *= 2
+    k = NOISE_ACCUMULATION
+    limit = n // 2 if n is not None else math.inf
+    while b * k > limit and k > 2:
+        k //= 2
+    while b * k > limit and b > 1:
+        b //= 2
+    return (b, k) if b * k <= limit else None
+
+
+def tune(
+    model: nn.Module,
+    data: object,
+    *,
+    loss: str | LossFn | Loss | None = None,
+    optimizer: str = "adam",
+    lr: float | None = None,
+    lr_batch_size: int = DEFAULT_LR_BATCH_SIZE,
+    lr_scaling: str | None = None,
+    warmup_lr: float | None = None,
+    memory_limit: int | None = None,
+    max_batch_size: int | None = None,
+    time_budget: float | None = None,
+    headroom: float = 0.1,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    task_name: str = "your model",
+    budget_started: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Measure ``model`` on ``data`` and recommend a batch size, micro-batch and learning rate.
+
+    ``data`` is what :func:`batchfit.train` accepts. ``lr`` (tuned at ``lr_batch_size``) is scaled
+    to the recommended batch by ``lr_scaling`` (default: sqrt for Adam/AdamW, linear for SGD);
+    without it a learning-rate range test runs at the recommended batch. ``warmup_lr`` is the
+    learning rate for the noise probe's warm-up, at ``lr_batch_size`` (default ``lr``, else the
+    optimizer's default). ``memory_limit`` (bytes) caps the process's peak memory on CPU (default:
+    its memory now plus half the available RAM) or the device's on CUDA. ``time_budget`` (seconds,
+    default 60 on CPU) bounds the whole run, counted from ``budget_started`` (a ``time.time()``,
+    default now). With ``out_dir`` the report files are written there. ``log`` receives progress
+    lines. The model's parameters, buffers and mode are the same afterwards.
+
+    Examples:
+        >>> import torch
+        >>> x = torch.randn(512, 8); y = (x[:, 0] > 0).long()
+        >>> result = tune(torch.nn.Linear(8, 2), (x, y), lr=1e-3, time_budget=5, max_batch_size=128)
+        >>> result.recommended.batch_size <= 128, result.recommended.lr_rule
+        (True, 'adam, sqrt rule from 0.001 at 32')
+    """
+    wall_start = time.perf_counter()
+    budget_started = time.time() if budget_started is None else budget_started
+    log = log or (lambda _: None)
+    validation.check("optimizer", optimizer)
+    validation.check_optional("lr", lr)
+    validation.check_optional("lr", warmup_lr, fix="(This was warmup_lr.)")
+    validation.check("lr_batch_size", lr_batch_size)
+    rule = validation.check("lr_scaling", lr_scaling) if lr_scaling else default_rule(optimizer)
+    validation.check_optional("memory_limit", memory_limit)
+    validation.check_optional("max_batch_size", max_batch_size)
+    validation.check_optional("time_budget", time_budget)
+    validation.check("headroom", headroom)
+    validation.check("seed", seed)
+    source = as_source(data, seed=seed)
+    n = source.num_samples
+    if not isinstance(loss, Loss):
+        loss = resolve_loss(loss, target_kind_of(source))
+    dev = _resolve_device(device)
+    model.to(dev)
+    check_model_accepts_data(model, source, loss)
+    budget_s = time_budget or DEFAULT_TIME_BUDGET_S["cuda" if dev.type == "cuda" else "cpu"]
+    reserve = min(REPORT_RESERVE_S, 0.15 * budget_s) if out_dir is not None else 0.0
+    budget = _Budget(budget_s, budget_started, reserve)
+    skipped: list[str] = []
+    phase_seconds: dict[str, float] = {}
+    torch.manual_seed(seed)
+
+    def timed(name: str, started: float) -> None:
+        phase_seconds[name] = round(time.perf_counter() - started, 3)
+
+    with preserved(model):
+        # 1. Memory: the largest micro-batch that fits.
+        t0 = time.perf_counter()
+        log(f"tune: {task_name}, {source.describe()}; time budget {budget_s:g} s")
+        opt = make_optimizer(optimizer, model, lr or DEFAULT_LR[optimizer])
+        memory = find_max_micro_batch_size(
+            model,
+            source,
+            loss.fn,
+            optimizer=opt,
+            limit_bytes=memory_limit,
+            max_batch_size=max_batch_size,
+            headroom=headroom,
+            deadline=budget.phase("memory"),
+            log=log,
+        )
+        skipped += memory.notes
+        ceiling = memory.max_micro_batch_size
+        timed("memory", t0)
+
+        # 2. Throughput at powers of two up to the ceiling.
+        t0 = time.perf_counter()
+        cap = min(c for c in (ceiling, max_batch_size, n) if c is not None)
+        throughput = measure_throughput(
+            model,
+            source,
+            loss.fn,
+            powers_of_two_up_to(cap),
+            optimizer=opt,
+            max_micro_batch_size=ceiling,
+            deadline=budget.phase("throughput"),
+            log=log,
+        )
+        skipped += throughput.notes
+        timed("throughput", t0)
+
+        # 3. Gradient noise scale, after a short warm-up from the initial weights.
+        t0 = time.perf_counter()
+        noise = None
+        sizes = _noise_sizes(ceiling, n)
+        noise_deadline = budget.phase("noise")
+        if sizes is None:
+            skipped.append(
+                f"Noise scale not measured: {n} samples are too few for two batch sizes."
+            )
+        else:
+            b, k = sizes
+            base_lr = warmup_lr or lr or DEFAULT_LR[optimizer]
+            run_lr = scale_lr(base_lr, lr_batch_size, b * k, rule)
+            log(
+                f"noise: warm-up from the initial weights, batch {b * k} = {k} x {b}, "
+                f"{optimizer} lr {run_lr:.3g}"
+            )
+            error_sizes = [
+                s for s in powers_of_two_up_to(max(1, (n or 8192) // 4)) if s & (s - 1) == 0
+            ]
+            noise = _unless_out_of_time(
+                "Noise scale",
+                skipped,
+                lambda: warmup_and_measure(
+                    model,
+                    source,
+                    loss.fn,
+                    micro_batch_size=b,
+                    accumulation=k,
+                    optimizer=optimizer,
+                    lr=run_lr,
+                    deadline=noise_deadline,
+                    gradient_error_sizes=error_sizes,
+                    max_micro_batch_size=ceiling,
+                    seed=seed,
+                    log=log,
+                ),
+            )
+            if noise is not None:
+                skipped += noise.notes
+                est = noise.estimate
+                log(
+                    f"noise: B_simple ~{est.b_simple:.0f} ({est.confidence:.0%} interval "
+                    f"{est.low:.0f}-{est.high:.0f}) after {noise.steps} steps"
+                )
+        timed("noise", t0)
+
+        # 4. The recommendation (pure).
+        b_noise = noise.estimate.b_simple if noise else None
+        interval = (noise.estimate.low, noise.estimate.high) if noise else None
+        rec = recommend(
+            throughput.pairs(),
+            b_noise=b_noise,
+            max_micro_batch_size=ceiling,
+            num_samples=n,
+            max_batch_size=max_batch_size,
+            b_noise_interval=interval,
+        )
+
+        # 5. The learning rate: scaled from the user's, or a range test at the chosen batch.
+        t0 = time.perf_counter()
+        lr_range = None
+        lr_deadline = budget.phase("lr")
+        if lr is not None:
+            chosen_lr = scale_lr(lr, lr_batch_size, rec.batch_size, rule)
+            lr_rule = f"{optimizer}, {rule} rule from {lr:g} at {lr_batch_size}"
+        else:
+            lr_range = _unless_out_of_time(
+                "Learning-rate range test",
+                skipped,
+                lambda: lr_range_test(
+                    model,
+                    source,
+                    loss.fn,
+                    batch_size=rec.batch_size,
+                    micro_batch_size=rec.micro_batch_size,
+                    optimizer=optimizer,
+                    steps=LR_RANGE_STEPS,
+                    deadline=lr_deadline,
+                    log=log,
+                ),
+            )
+            if lr_range is not None:
+                chosen_lr = lr_range.pick
+                lr_rule = f"{optimizer}, range test at {rec.batch_size}: {lr_range.rule}"
+                if lr_range.stopped_by == "time budget":
+                    skipped.append(
+                        f"The learning-rate range test stopped at lr {lr_range.lrs[-1]:.3g} for "
+                        "lack of time, before the loss diverged; the pick may be low."
+                    )
+            else:
+                base = warmup_lr or DEFAULT_LR[optimizer]
+                chosen_lr = scale_lr(base, lr_batch_size, rec.batch_size, rule)
+                lr_rule = f"{optimizer}, {rule} rule from the default {base:g} at {lr_batch_size}"
+        timed("lr", t0)
+
+    fit = fit_step_time(throughput.pairs())
+    recommended = Recommended(
+        batch_size=rec.batch_size,
+        micro_batch_size=rec.micro_batch_size,
+        accumulation=rec.accumulation,
+        lr=chosen_lr,
+        lr_rule=lr_rule,
+        optimizer=optimizer,
+    )
+    decision = _decision(memory, noise, rec, recommended, lr_range, fit)
+    result = TuneResult(
+        task=task_name,
+        device=str(dev),
+        num_samples=n,
+        recommended=recommended,
+        memory=memory,
+        throughput=throughput,
+        noise=noise,
+        lr_range=lr_range,
+        recommendation=rec,
+        step_time_fit=fit,
+        decision=tuple(decision),
+        skipped=tuple(skipped),
+        time_budget_s=budget_s,
+        seconds=round(time.perf_counter() - wall_start, 3),
+        phase_seconds=phase_seconds,
+    )
+    if out_dir is not None:
+        from batchfit.report.tune_report import write_report
+
+        files = write_report(result, Path(out_dir))
+        result = replace(result, report_files=tuple(str(f) for f in files))
+    return result
+
+
+def _unless_out_of_time(what: str, skipped: list[str], probe: Callable[[], Any]) -> Any:
+    """Run a probe; when its time ran out, note it in ``skipped`` and return None."""
+    try:
+        return probe()
+    except OutOfTime as exc:
+        skipped.append(f"{what} not measured: {exc}")
+        return None
+
+
+def _decision(
+    memory: MemoryCeiling,
+    noise: NoiseMeasurement | None,
+    rec: Recommendation,
+    recommended: Recommended,
+    lr_range: LRRange | None,
+    fit: tuple[float, float] | None,
+) -> list[str]:
+    """Every rule applied, in plain words, in the order they were applied."""
+    out = []
+    peak = f"peak {format_bytes(memory.peak_bytes)}, " if memory.peak_bytes else ""
+    capped = {
+        "memory": "more did not fit",
+        "data size": "the whole training set: the data size capped the search",
+        "max_batch_size": "--max-batch-size capped the search",
+        "time budget": "the time budget ended the search",
+        "stream cap": "the search stops there for a stream",
+    }[memory.capped_by]
+    out.append(
+        f"Memory: micro-batches up to {memory.max_micro_batch_size} fit ({peak}limit "
+        f"{format_bytes(memory.limit_bytes)}, {memory.limit_source}; {memory.headroom:.0%} "
+        f"headroom kept; {capped})."
+    )
+    if memory.confirmed:
+        out.append(
+            f"Memory check: micro-batch {memory.max_micro_batch_size} {memory.confirmation}."
+        )
+    if noise is not None:
+        est = noise.estimate
+        start = noise.at_start.b_simple if noise.at_start else math.nan
+        out.append(
+            f"Noise scale measured over {est.pairs} steps after a {noise.warmup_steps}-step "
+            f"warm-up (loss {noise.loss_start:.3g} -> {noise.loss_end:.3g}): B_simple "
+            f"~{est.b_simple:.0f}, {est.confidence:.0%} interval {est.low:.0f}-{est.high:.0f}; "
+            f"it was ~{start:.0f} over the first steps. B_simple is a prior for the critical "
+            "batch size (on image tasks it ran 2-8x above it), and it keeps growing as the "
+            "loss falls."
+        )
+    out.extend(rec.decision)
+    if fit is not None and noise is not None and math.isfinite(noise.estimate.b_simple):
+        a, c = fit
+        out.append(
+            f"Cross-check: step time ~ {a * 1e3:.3g} ms + {c * 1e6:.3g} us x B, a throughput knee "
+            f"at a/c ~{a / c:.0f}; sqrt(B_noise x a/c) ~"
+            f"{math.sqrt(noise.estimate.b_simple * a / c):.0f}."
+        )
+    if lr_range is not None:
+        out.append(
+            f"Learning rate {recommended.lr:.3g}: range test at batch {lr_range.batch_size} "
+            f"({len(lr_range.lrs)} steps, lr {lr_range.lrs[0]:.0e} to {lr_range.lrs[-1]:.2g}); "
+            f"lowest smoothed loss at {lr_range.lr_at_min_loss:.3g}, divided by 10."
+        )
+    else:
+        out.append(f"Learning rate {recommended.lr:.3g} ({recommended.lr_rule}).")
+    return out

@@ -1,0 +1,133 @@
+"""The pure recommender on synthetic throughput and noise curves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchfit.errors import BatchfitError
+from batchfit.recommend import (
+    fit_step_time,
+    flattening_point,
+    recommend,
+    split_batch,
+)
+
+SIZES = [2**i for i in range(13)]  # 1 .. 4096
+
+
+def saturating(knee: float, peak: float = 10_000.0):
+    """Step time a + cB: samples/s rise, then approach ``peak``; half of it at ``knee``."""
+    return [(b, peak * b / (b + knee)) for b in SIZES]
+
+
+def test_linear_throughput_picks_the_largest_feasible_batch():
+    linear = [(b, 50.0 * b) for b in SIZES]
+    rec = recommend(linear, b_noise=300.0, max_micro_batch_size=4096, num_samples=100_000)
+    assert rec.batch_size == 4096
+    capped = recommend(
+        linear, b_noise=300.0, max_micro_batch_size=4096, num_samples=100_000, max_batch_size=1000
+    )
+    assert capped.batch_size == 512  # the largest measured size within --max-batch-size
+
+
+def test_flat_throughput_picks_the_smallest_batch_of_the_flat_region():
+    rising_then_flat = [(b, 100.0 * min(b, 64)) for b in SIZES]
+    rec = recommend(rising_then_flat, b_noise=50.0, max_micro_batch_size=4096, num_samples=50_000)
+    assert rec.batch_size == 64
+    assert rec.flattens_at == 64
+    flat = [(b, 1000.0) for b in SIZES]
+    assert recommend(flat, b_noise=50.0, max_micro_batch_size=4096).batch_size == 1
+
+
+def test_a_larger_noise_scale_recommends_a_larger_batch():
+    curve = saturating(knee=64)
+    picks = [
+        recommend(curve, b_noise=noise, max_micro_batch_size=4096, num_samples=1_000_000).batch_size
+        for noise in (4.0, 64.0, 1024.0, 16384.0)
+    ]
+    assert picks == sorted(picks) and picks[0] < picks[-1]
+    # The optimum of (B + n)(a + cB)/B sits near sqrt(n a / c) (DESIGN.md): here sqrt(1024 * 64).
+    assert picks[2] == 256
+
+
+def test_an_unbounded_noise_scale_follows_throughput_alone():
+    curve = [(b, s if b != 512 else 20_000.0) for b, s in saturating(knee=64)]
+    rec = recommend(curve, b_noise=math.inf, max_micro_batch_size=4096)
+    assert rec.batch_size == 512
+    assert any("unbounded" in d for d in rec.decision)
+
+
+def test_without_a_noise_scale_the_smallest_batch_near_peak_throughput_is_chosen():
+    rec = recommend(saturating(knee=64), b_noise=None, max_micro_batch_size=4096)
+    speeds = dict(saturating(knee=64))
+    assert speeds[rec.batch_size] >= 0.9 * max(speeds.values())
+    assert speeds[rec.batch_size // 2] < 0.9 * max(speeds.values())
+    assert any("No gradient noise scale" in d for d in rec.decision)
+
+
+def test_batches_above_the_memory_ceiling_are_accumulated_but_add_no_speed():
+    measured = [(b, 10.0 * b) for b in SIZES if b <= 256]  # memory stops at 256, still linear
+    rec = recommend(measured, b_noise=5000.0, max_micro_batch_size=256, num_samples=100_000)
+    above = [c for c in rec.curve if c.batch_size > 256]
+    assert above and all(not c.measured and c.accumulation > 1 for c in above)
+    assert all(c.micro_batch_size <= 256 for c in rec.curve)
+    assert all(c.micro_batch_size * c.accumulation >= c.batch_size for c in rec.curve)
+    assert rec.batch_size == 256 and rec.accumulation == 1
+    assert any("need accumulation, which adds no speed" in d for d in rec.decision)
+
+
+def test_curve_runner_up_and_the_range_over_the_interval():
+    rec = recommend(
+        saturating(knee=64),
+        b_noise=1024.0,
+        max_micro_batch_size=4096,
+        b_noise_interval=(256.0, 4096.0),
+    )
+    best = min(rec.curve, key=lambda c: c.relative_time)
+    assert best.batch_size == rec.batch_size and best.relative_time == pytest.approx(1.0)
+    assert rec.runner_up is not None and rec.runner_up.relative_time >= 1.0
+    low, high = rec.batch_size_range
+    assert low < rec.batch_size < high
+    assert any("ranges from" in d for d in rec.decision)
+
+
+@given(
+    knee=st.floats(1, 2000),
+    noise=st.floats(0, 1e5),
+    ceiling=st.integers(1, 4096),
+    cap=st.integers(1, 10_000),
+)
+def test_the_recommendation_is_always_feasible(knee, noise, ceiling, cap):
+    curve = [(b, s) for b, s in saturating(knee) if b <= ceiling]
+    rec = recommend(curve, b_noise=noise, max_micro_batch_size=ceiling, num_samples=cap)
+    assert 1 <= rec.batch_size <= cap
+    assert rec.micro_batch_size <= ceiling
+    assert rec.micro_batch_size * rec.accumulation >= rec.batch_size
+
+
+def test_flattening_point_ignores_an_early_dip():
+    noisy = [(1, 100.0), (2, 101.0), (4, 300.0), (8, 600.0), (16, 630.0), (32, 610.0)]
+    assert flattening_point(noisy) == 8
+
+
+def test_step_time_fit_recovers_a_and_c():
+    a, c = 2e-3, 5e-6
+    fit = fit_step_time([(b, b / (a + c * b)) for b in SIZES])
+    assert fit == pytest.approx((a, c), rel=1e-9)
+    assert fit_step_time([(32, 100.0)]) is None
+
+
+def test_split_batch_uses_the_fewest_even_micro_batches():
+    assert split_batch(1000, 300) == (250, 4)
+    assert split_batch(64, 64) == (64, 1)
+
+
+def test_nothing_measured_is_refused():
+    with pytest.raises(BatchfitError, match="No throughput was measured"):
+        recommend([], b_noise=10.0, max_micro_batch_size=64)
+    with pytest.raises(BatchfitError, match="at a batch size that fits"):
+        recommend([(128, 10.0)], b_noise=10.0, max_micro_batch_size=64)
