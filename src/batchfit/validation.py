@@ -116,6 +116,16 @@ OPTIONS: dict[str, Int | Float | Choice] = {
     "val_fraction": Float(0.0, 1.0, open_high=True),
     "optimizer": Choice(OPTIMIZERS),
     "lr_scaling": Choice(LR_SCALING_RULES),
+    # batchfit sweep
+    "lr_batch_size": Int(1),
+    "steps": Int(1),
+    "examples": Int(1),
+    "lr_grid_factor": Float(0.0, open_low=True),
+    "eval_points": Int(1),
+    "sharpness_samples": Int(1),
+    "sharpness_iterations": Int(1),
+    "sharpness_tolerance": Float(0.0, open_low=True),
+    "train_subset_samples": Int(1),
 }
 
 
