@@ -129,14 +129,14 @@ def test_lr_follows_the_scaling_rule_from_the_reference_batch_size():
     def lrs(**kwargs):
         return [s["lr"] for s in run(batch_sizes=[16, 64], epochs=1, **kwargs).sizes]
 
-    assert lrs(lr=0.01, lr_batch_size=16, lr_scaling_rule="linear") == [0.01, 0.04]
-    assert lrs(lr=0.01, lr_batch_size=16, lr_scaling_rule="sqrt") == [0.01, 0.02]
-    assert lrs(lr=0.01, lr_batch_size=16, lr_scaling_rule="none") == [0.01, 0.01]
+    assert lrs(lr=0.01, lr_batch_size=16, lr_scaling="linear") == [0.01, 0.04]
+    assert lrs(lr=0.01, lr_batch_size=16, lr_scaling="sqrt") == [0.01, 0.02]
+    assert lrs(lr=0.01, lr_batch_size=16, lr_scaling="none") == [0.01, 0.01]
     assert lrs(lr=0.01, lr_batch_size=64, optimizer="sgd") == [0.0025, 0.01]  # sgd: linear
 
 
 def test_lr_grid_runs_every_factor_and_keeps_the_best_by_validation():
-    result = run(batch_sizes=[32], epochs=2, lr=1e-3, lr_grid="0.1,10", lr_scaling_rule="none")
+    result = run(batch_sizes=[32], epochs=2, lr=1e-3, lr_grid="0.1,10", lr_scaling="none")
     (summary,) = result.sizes
     grid = summary["lr_grid"]
     assert [g["lr"] for g in grid] == [1e-4, 1e-3, 1e-2] and len(result.runs) == 3

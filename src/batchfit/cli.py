@@ -534,7 +534,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             optimizer=args.optimizer,
             lr=lr,
             lr_batch_size=args.lr_batch_size,
-            lr_scaling_rule=args.lr_scaling,
+            lr_scaling=args.lr_scaling,
             lr_grid=args.lr_grid,
             micro_batch_size=args.micro_batch_size,
             target=args.target_level,

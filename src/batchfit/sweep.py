@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchfit import lr_scaling, validation
+from batchfit import validation
 from batchfit.data.memory import TensorSource
 from batchfit.errors import BatchfitError, TrainingInterrupted
 from batchfit.losses import Loss, resolve_loss
+from batchfit.lr_scaling import default_rule, scale_lr
 from batchfit.probe.sharpness import sharpness
 from batchfit.progress import TrainProgress
 from batchfit.schedule import plan
@@ -62,7 +63,6 @@ from batchfit.train import DEFAULT_LR, _resolve_device, evaluate, params_sha256,
 
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256)
 DEFAULT_EPOCHS = 40
-DEFAULT_OUT = "batchfit-sweep"
 FORMAT_VERSION = 1
 RUNS_FOLDER = "runs"
 
@@ -102,7 +102,7 @@ def sweep(
     optimizer: str = "adam",
     lr: float | None = None,
     lr_batch_size: int = 32,
-    lr_scaling_rule: str | None = None,
+    lr_scaling: str | None = None,
     lr_grid: str | Sequence[float] | bool | None = None,
     micro_batch_size: int | None = None,
     target: str | Target | None = None,
@@ -112,7 +112,7 @@ def sweep(
     sharpness_samples: int = 512,
     sharpness_iterations: int = 50,
     sharpness_tolerance: float = 1e-3,
-    out_dir: str | Path | None = DEFAULT_OUT,
+    out_dir: str | Path | None = None,
     resume: bool = False,
     report: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -123,7 +123,7 @@ def sweep(
     """Train one short run per batch size from ``model``'s current weights and compare them.
 
     The learning rate at each size is ``lr`` (tuned at ``lr_batch_size``) scaled by
-    ``lr_scaling_rule`` (``none``, ``linear`` or ``sqrt``; default: the optimizer's usual rule), or,
+    ``lr_scaling`` (``none``, ``linear`` or ``sqrt``; default: the optimizer's usual rule), or,
     with ``lr_grid`` (``True`` for factors 0.25, 0.5, 1, 2, 4 of that scaled rate, or your own
     factors), the grid point with the best validation result. The budget is one of ``epochs``
     (default 40), ``examples`` (equal examples: the same number of samples at every size, give or
@@ -141,7 +141,7 @@ def sweep(
         >>> import torch
         >>> x, y = torch.randn(256, 4), torch.randint(0, 2, (256,))
         >>> result = sweep(torch.nn.Linear(4, 2), (x, y), val_data=(x[:64], y[:64]),
-        ...                batch_sizes=[16, 64], epochs=2, out_dir=None)
+        ...                batch_sizes=[16, 64], epochs=2)
         >>> [s["batch_size"] for s in result.sizes], [s["samples_seen"] for s in result.sizes]
         ([16, 64], [512, 512])
     """
@@ -161,7 +161,7 @@ def sweep(
     validation.check("optimizer", optimizer)
     lr = DEFAULT_LR[optimizer] if lr is None else validation.check("lr", lr)
     validation.check("lr_batch_size", lr_batch_size)
-    rule = lr_scaling.default_rule(optimizer) if lr_scaling_rule is None else lr_scaling_rule
+    rule = default_rule(optimizer) if lr_scaling is None else lr_scaling
     validation.check("lr_scaling", rule)
     factors = parse_lr_grid(lr_grid) or (1.0,)
     validation.check_optional("micro_batch_size", micro_batch_size)
@@ -177,6 +177,8 @@ def sweep(
     given = (
         target if isinstance(target, Target) or target is None else parse_target(target, metrics)
     )
+    if given is not None and given.metric not in metrics:
+        raise BatchfitError(f"{given.metric} is not measured for this task; use {metrics[0]}.")
     metric = given.metric if given else metrics[0]
     recommendation = None
     if report is not None:
@@ -240,9 +242,7 @@ def sweep(
     current, saved_runs = "the setup", 0
     try:
         for index, (batch_size, factor) in enumerate(plans, start=1):
-            run_lr = float(
-                f"{lr_scaling.scale_lr(lr, lr_batch_size, batch_size, rule) * factor:.6g}"
-            )
+            run_lr = float(f"{scale_lr(lr, lr_batch_size, batch_size, rule) * factor:.6g}")
             fingerprint = _fingerprint(settings, batch_size, run_lr)
             path = runs_dir / _run_file(batch_size, run_lr) if runs_dir is not None else None
             saved = _load_run(path, fingerprint) if resume and path is not None else None
@@ -291,22 +291,11 @@ def sweep(
             if on_run is not None:
                 on_run(record)
     except (TrainingInterrupted, KeyboardInterrupt) as exc:
-        # train() turns a signal into TrainingInterrupted; one between runs is a KeyboardInterrupt.
-        signal_name = getattr(exc, "signal_name", "SIGINT")
-        saved_note = (
-            f"{saved_runs} finished run(s) are saved in {runs_dir}; continue with --resume."
-            if runs_dir is not None
-            else "nothing was saved because no output folder was given."
-        )
-        raise TrainingInterrupted(
-            f"Stopped by {signal_name} during {current}; {saved_note}",
-            signal_name,
-            getattr(exc, "step", 0),
-        ) from None
+        raise _stopped(exc, current, saved_runs, runs_dir) from None
     finally:
         model.load_state_dict(initial_state)
 
-    summaries = _summaries(runs, sizes, metric, n)
+    summaries = _summaries(runs, sizes, metric)
     chosen_target = given or _auto_target(metric, initial, summaries)
     for summary in summaries:
         summary["time_to_target"] = time_to_target(summary["curve"], chosen_target)
@@ -329,6 +318,23 @@ def sweep(
         files = write_report(result.to_dict(), out_dir)
         result = SweepResult(**{**result.__dict__, "files": files})
     return result
+
+
+def _stopped(
+    exc: BaseException, during: str, saved_runs: int, runs_dir: Path | None
+) -> TrainingInterrupted:
+    # train() turns a signal into TrainingInterrupted; one between runs is a KeyboardInterrupt.
+    signal_name = getattr(exc, "signal_name", "SIGINT")
+    saved_note = (
+        f"{saved_runs} finished run(s) are saved in {runs_dir}; continue with --resume."
+        if runs_dir is not None
+        else "nothing was saved because no output folder was given."
+    )
+    return TrainingInterrupted(
+        f"Stopped by {signal_name} during {during}; {saved_note}",
+        signal_name,
+        getattr(exc, "step", 0),
+    )
 
 
 def _budget(
@@ -575,9 +581,7 @@ def _run_summary(label: str, record: dict[str, Any], metric: str) -> str:
     )
 
 
-def _summaries(
-    runs: list[dict[str, Any]], sizes: list[int], metric: str, n: int | None
-) -> list[dict[str, Any]]:
+def _summaries(runs: list[dict[str, Any]], sizes: list[int], metric: str) -> list[dict[str, Any]]:
     """One summary per batch size: the chosen learning rate's run, plus the grid it beat."""
     out = []
     for size in sizes:
@@ -599,7 +603,7 @@ def _summaries(
                 **keep,
                 "best": best_point(chosen["curve"], metric),
                 "lr_grid": grid if len(grid) > 1 else None,
-                "lr_at_grid_edge": len(grid) > 1 and chosen in (mine[0], mine[-1]),
+                "lr_at_grid_edge": len(grid) > 1 and (chosen is mine[0] or chosen is mine[-1]),
             }
         )
     return out
