@@ -52,3 +52,19 @@ def blobs_parquet(tmp_path: Path) -> Path:
     path = tmp_path / "blobs.parquet"
     pq.write_table(table, path)
     return path
+
+
+@pytest.fixture()
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """One intra-op thread, here and in subprocesses started from the test.
+
+    On tiny models a second thread only adds hand-offs, and on a shared CPU each hand-off can
+    cost milliseconds per operation: one thread keeps such tests fast whatever else is running.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)

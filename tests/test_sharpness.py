@@ -36,13 +36,7 @@ def quadratic(eigenvalues: list[float], seed: int = 0):
     return loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: a second intra-op thread only adds hand-offs (slow on a shared CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.py
 
 
 def test_sharpness_finds_the_top_eigenvalue_of_a_quadratic_within_one_percent():

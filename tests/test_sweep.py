@@ -22,16 +22,8 @@ from batchfit.errors import BatchfitError
 from batchfit.train import params_sha256
 from helpers import blobs, run_cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: a second intra-op thread only adds hand-offs, and on a shared CPU each
-    # hand-off can cost milliseconds. One thread keeps the tests fast whatever else is running.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# Tiny models: see the one_thread fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PLOTS = ("sweep_curves.png", "sweep_metric.png", "sweep_sharpness.png", "sweep_time_to_target.png")
 
@@ -211,7 +203,7 @@ def test_resume_skips_finished_runs_and_refuses_runs_made_with_other_settings(tm
         ({"epochs": 2, "steps": 3}, "Give one budget: .*not --epochs and --steps"),
         ({"epochs": 0}, "'epochs' option must be an int >= 1"),
         ({"target": "val_f1=0.9"}, "Unknown metric 'val_f1'"),
-        ({"lr_scaling_rule": "cubic"}, "'lr_scaling' option must be one of"),
+        ({"lr_scaling": "cubic"}, "'lr_scaling' option must be one of"),
         ({"eval_points": 0}, "'eval_points' option must be an int >= 1"),
         ({"resume": True}, "resume needs out_dir"),
         ({"report": "/nonexistent/report.json"}, "No tune report at"),
@@ -259,15 +251,7 @@ def _user_task(models_file: Path, blobs_parquet: Path) -> list[str]:
     return ["--model", f"{models_file}:mlp", "--data", str(blobs_parquet), "--target", "y"]
 
 
-@pytest.fixture()
-def one_thread_cli(monkeypatch):
-    """Command-line subprocesses on tiny models run with one intra-op thread (see _one_thread)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-def test_end_to_end_command_on_a_tiny_model_writes_every_file(
-    tmp_path, models_file, blobs_parquet, one_thread_cli
-):
+def test_end_to_end_command_on_a_tiny_model_writes_every_file(tmp_path, models_file, blobs_parquet):
     out = tmp_path / "sweep"
     proc = run_cli(
         [
@@ -308,25 +292,17 @@ def test_end_to_end_command_on_a_tiny_model_writes_every_file(
     assert "## Verdict" in markdown and "![Validation curves](sweep_curves.png)" in markdown
 
 
-def test_json_output_is_one_object_and_nothing_else(tmp_path, capsys):
-    code = main(
-        [
-            "sweep",
-            "--example",
-            "linreg",
-            "--batch-sizes",
-            "64,1024",
-            "--steps",
-            "20",
-            "--quiet",
-            "--json",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+def sweep_json(capsys, tmp_path: Path, *argv: str) -> dict:
+    code = main(["sweep", *argv, "--quiet", "--json", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    report = json.loads(captured.out)
+    return json.loads(captured.out)  # stdout holds one JSON object and nothing else
+
+
+def test_json_output_is_one_object_and_nothing_else(tmp_path, capsys):
+    report = sweep_json(
+        capsys, tmp_path, "--example", "linreg", "--batch-sizes", "64,1024", "--steps", "20"
+    )
     assert report["metric"] == "val_loss" and report["settings"]["budget"] == {"steps": 20}
     assert [s["steps"] for s in report["sizes"]] == [20, 20]
     assert report["verdict"]["lines"] and report["version"] == 1
@@ -335,25 +311,19 @@ def test_json_output_is_one_object_and_nothing_else(tmp_path, capsys):
 def test_target_flag_takes_both_the_column_and_the_level(
     tmp_path, capsys, models_file, blobs_parquet
 ):
-    code = main(
-        [
-            "sweep",
-            *_user_task(models_file, blobs_parquet),
-            "--target",
-            "val_loss=0.7",
-            "--batch-sizes",
-            "32,64",
-            "--epochs",
-            "2",
-            "--quiet",
-            "--json",
-            "--out",
-            str(tmp_path),
-        ]
+    task = _user_task(models_file, blobs_parquet)  # holds --target y, the column
+    report = sweep_json(
+        capsys,
+        tmp_path,
+        *task,
+        "--target",
+        "val_loss=0.7",
+        "--batch-sizes",
+        "32,64",
+        "--epochs",
+        "2",
     )
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert json.loads(captured.out)["target"]["text"] == "val_loss <= 0.7"
+    assert report["target"]["text"] == "val_loss <= 0.7"
 
 
 def _cli_bad_inputs(tmp_path: Path):
@@ -392,7 +362,7 @@ def test_each_bad_sweep_input_is_one_line_with_exit_2(tmp_path, capsys):
 
 
 def test_interrupted_sweep_keeps_finished_runs_and_resumes_without_redoing_them(
-    tmp_path, one_thread_cli
+    tmp_path,
 ):
     out = tmp_path / "s"
     # Equal steps: B=1 finishes in a blink, full batch (4,000 samples a step) takes seconds, so the

@@ -443,18 +443,30 @@ def _fmt_epochs(value: float | None) -> str:
     return f"{value:g}" if value == int(value) else f"{value:.3f}"
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _model_and_lr(args: argparse.Namespace, task) -> tuple[Any, float | None]:
+    """The task's model, seeded by --seed, and --lr or the task's suggestion for Adam-family."""
     import torch
+
+    torch.manual_seed(args.seed)
+    model = task.make_model()
+    if args.lr is not None:
+        return model, args.lr
+    return model, task.suggested_lr if args.optimizer != "sgd" else None
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line as typed, with --resume added if it is not there."""
+    command = "batchfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return command if args.resume else command + " --resume"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
 
     from batchfit.train import train
 
     task = _load_task(args)
-    torch.manual_seed(args.seed)
-    model = task.make_model()
+    model, lr = _model_and_lr(args, task)
     quiet = args.quiet
-    lr = (
-        args.lr if args.lr is not None else (task.suggested_lr if args.optimizer != "sgd" else None)
-    )
     try:
         result = train(
             model,
@@ -480,10 +492,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             progress=not quiet,
         )
     except TrainingInterrupted as exc:
-        command = "batchfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if args.checkpoint_dir and not args.resume:
-            command += " --resume"
-        hint = f" Resume with: {command}" if args.checkpoint_dir else ""
+        hint = f" Resume with: {_resume_command(args)}" if args.checkpoint_dir else ""
         print(f"batchfit train: {exc}{hint}", file=sys.stderr)
         return EXIT_SIGNAL.get(exc.signal_name, 1)
     if args.json:
@@ -506,7 +515,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    import torch
 
     from batchfit.sweep import sweep
 
@@ -516,11 +524,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             "METRIC=VALUE, e.g. --target val_accuracy=0.9 or --target val_loss=0.5."
         )
     task = _load_task(args)
-    torch.manual_seed(args.seed)
-    model = task.make_model()
-    lr = (
-        args.lr if args.lr is not None else (task.suggested_lr if args.optimizer != "sgd" else None)
-    )
+    model, lr = _model_and_lr(args, task)
     try:
         result = sweep(
             model,
@@ -549,9 +553,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             task_name=task.name,
         )
     except TrainingInterrupted as exc:
-        command = "batchfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        command += "" if args.resume else " --resume"
-        print(f"batchfit sweep: {exc} Resume with: {command}", file=sys.stderr)
+        print(f"batchfit sweep: {exc} Resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_SIGNAL.get(exc.signal_name, 1)
     report = result.to_dict()
     if args.json:
