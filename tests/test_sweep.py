@@ -85,6 +85,14 @@ def test_equal_examples_budgets_give_every_size_the_same_number_of_examples():
     assert [(s["steps"], s["samples_seen"]) for s in by_steps.sizes] == [(30, 240), (30, 928)]
 
 
+def test_micro_batches_split_large_batches_without_changing_the_result():
+    whole = run(batch_sizes=[4, 64], epochs=2)
+    split = run(batch_sizes=[4, 64], epochs=2, micro_batch_size=16)
+    assert [s["micro_batch_size"] for s in split.sizes] == [4, 16]
+    for a, b in zip(whole.sizes, split.sizes, strict=True):
+        assert b["final"]["val_loss"] == pytest.approx(a["final"]["val_loss"], rel=1e-4)
+
+
 def _live_tensors() -> int:
     gc.collect()
     with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
