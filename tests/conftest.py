@@ -55,16 +55,12 @@ def blobs_parquet(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def one_thread(monkeypatch: pytest.MonkeyPatch):
-    """One intra-op thread, here and in subprocesses started from the test.
-
-    On tiny models a second thread only adds hand-offs, and on a shared CPU each hand-off can
-    cost milliseconds per operation: one thread keeps such tests fast whatever else is running.
-    """
+def one_thread():
+    """One intra-op thread for the test: the suite's workers share the CPU, and oversubscribed
+    OpenMP threads make timing-driven code (tune's time budget) crawl."""
     import torch
 
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(before)

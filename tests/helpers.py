@@ -18,11 +18,20 @@ def blobs(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment for child processes: one torch thread each.
+
+    The suite runs on 2 cores with 2 xdist workers; children with 2 OpenMP threads each would
+    oversubscribe the cores, and OpenMP's spin-waiting then slows them down many times over.
+    """
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 120, **kwargs):
     """Run ``python -m batchfit`` in a real subprocess."""
     import subprocess
 
-    env = dict(os.environ)
+    env = subprocess_env()
     return subprocess.run(
         [sys.executable, "-m", "batchfit", *args],
         cwd=cwd,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchfit.cli import main
-from helpers import run_cli
+from helpers import run_cli, subprocess_env
 
 
 def json_out(capsys, argv):
@@ -337,6 +337,7 @@ def test_signal_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=subprocess_env(),
     )
     _wait_for_rows(tmp_path / "o" / "metrics.csv", 10, proc)
     proc.send_signal(getattr(signal, signal_name))

@@ -20,9 +20,9 @@ import batchfit
 from batchfit.cli import main
 from batchfit.errors import BatchfitError
 from batchfit.train import params_sha256
-from helpers import blobs, run_cli
+from helpers import blobs, run_cli, subprocess_env
 
-# Tiny models: see the one_thread fixture in conftest.py.
+# Tiny models: one intra-op thread (conftest.py); child processes get one via run_cli.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PLOTS = ("sweep_curves.png", "sweep_metric.png", "sweep_sharpness.png", "sweep_time_to_target.png")
@@ -285,6 +285,7 @@ def test_end_to_end_command_on_a_tiny_model_writes_every_file(tmp_path, models_f
         assert (out / name).stat().st_size > 0, name
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "sweep.json").stat().st_mode & 0o044 == 0o044  # readable by others, as reports
     report = json.loads((out / "sweep.json").read_text())
     assert [s["batch_size"] for s in report["sizes"]] == [8, 32, 270]  # N: 90% of 300 rows
     assert report["target"]["text"] == "val_accuracy >= 0.6"
@@ -392,6 +393,7 @@ def test_interrupted_sweep_keeps_finished_runs_and_resumes_without_redoing_them(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=subprocess_env(),
     )
     deadline = time.monotonic() + 120
     runs = out / "runs"

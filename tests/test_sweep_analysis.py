@@ -220,6 +220,7 @@ def test_tune_agrees_within_the_design_factor_of_the_fastest():
     ]
     agree = compare_with_tune(sizes, 128, 0.002, 64, 1.0)
     assert agree["agrees"] and agree["seconds_ratio"] == 1.2 and agree["swept_batch_size"] == 128
+    assert agree["reason"].endswith("tune's lr 0.002; the sweep ran B=128 at lr 0.001.")
     slow = compare_with_tune(sizes, 32, None, 64, 1.0)
     assert not slow["agrees"] and slow["seconds_ratio"] == 2.0 and "disagrees" in slow["reason"]
     missed = compare_with_tune(sizes, 300, None, 64, 1.0)

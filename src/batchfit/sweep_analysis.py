@@ -466,6 +466,10 @@ def compare_with_tune(
             f"(B={fastest_batch_size}, {fastest_seconds:.2f} s): {verb} "
             f"(within {AGREEMENT_FACTOR}x counts as agreement)."
         )
+    if recommended_lr is not None:
+        out["reason"] += (
+            f" tune's lr {recommended_lr:.3g}; the sweep ran B={swept} at lr {mine['lr']:.3g}."
+        )
     return out
 
 

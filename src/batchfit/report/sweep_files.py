@@ -29,6 +29,7 @@ def write_text(path: str | Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
