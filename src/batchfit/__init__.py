@@ -15,7 +15,7 @@ from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupt
 from batchfit.lr_scaling import scale_lr
 from batchfit.probe.sharpness import SharpnessResult, sharpness
 from batchfit.schedule import Plan, plan
-from batchfit.sweep import SweepResult, sweep  # noqa: I001 - the function shadows the module
+from batchfit.sweep import SweepResult, sweep  # batchfit.sweep is the function from here on
 from batchfit.train import TrainResult, evaluate, train
 
 __version__ = "0.1.0"
