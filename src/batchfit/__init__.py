@@ -7,6 +7,9 @@ The Python API mirrors the command line:
   (``batchfit train``);
 - :func:`tune` measures memory, throughput and gradient noise and recommends a batch size and a
   learning rate (``batchfit tune``); :func:`noise_scale` measures the gradient noise scale alone.
+- :func:`sweep` trains one short run per batch size and compares validation quality, the
+  train-validation gap, sharpness and time to a target (``batchfit sweep``);
+- :func:`sharpness` measures the top Hessian eigenvalue of a model's loss.
 """
 
 from batchfit.data import BatchSource, DatasetSource, IterableSource, TensorSource
@@ -14,7 +17,9 @@ from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupt
 from batchfit.lr_scaling import scale_lr
 from batchfit.noise_estimator import NoiseScale
 from batchfit.probe.noise import noise_scale
+from batchfit.probe.sharpness import SharpnessResult, sharpness
 from batchfit.schedule import Plan, plan
+from batchfit.sweep import SweepResult, sweep  # batchfit.sweep is the function from here on
 from batchfit.train import TrainResult, evaluate, train
 from batchfit.tune import TuneResult, tune
 
@@ -28,6 +33,8 @@ __all__ = [
     "NoiseScale",
     "NonFiniteLossError",
     "Plan",
+    "SharpnessResult",
+    "SweepResult",
     "TensorSource",
     "TrainResult",
     "TrainingInterrupted",
@@ -36,6 +43,8 @@ __all__ = [
     "noise_scale",
     "plan",
     "scale_lr",
+    "sharpness",
+    "sweep",
     "train",
     "tune",
     "__version__",

@@ -51,7 +51,16 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_task_options(parser: argparse.ArgumentParser) -> None:
+class _TargetOrLevel(argparse.Action):
+    """sweep's ``--target``: ``METRIC=VALUE`` is the level to reach (``args.target_level``);
+    a bare name is the data's target column, as for every other command (``args.target``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, "target_level" if "=" in values else "target", values)
+
+
+def _add_task_options(parser: argparse.ArgumentParser, target_level: bool = False) -> None:
+    """The task options. With ``target_level`` (sweep), ``--target`` also takes METRIC=VALUE."""
     group = parser.add_argument_group("task (default: the built-in example)")
     group.add_argument("--example", help="built-in example: mnist1d (default) or linreg")
     group.add_argument("--model", help="package.module:factory returning your nn.Module")
@@ -71,7 +80,17 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
         type=_comma_list,
         help="comma-separated feature columns (default: all but the target)",
     )
-    group.add_argument("--target", help="target column (default: one named target, label or y)")
+    if target_level:
+        parser.set_defaults(target_level=None)
+        group.add_argument(
+            "--target",
+            action=_TargetOrLevel,
+            metavar="COL | METRIC=VALUE",
+            help="target column (default: one named target, label or y); with '=', the level to "
+            "reach: val_accuracy=0.9 or val_loss=0.5 (may be given twice, once for each)",
+        )
+    else:
+        group.add_argument("--target", help="target column (default: one named target, label or y)")
     group.add_argument(
         "--loss",
         help="cross_entropy, mse, bce or package.module:fn "
@@ -405,6 +424,109 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
+    s = commands.add_parser(
+        "sweep",
+        help="train one short run per batch size; compare validation, sharpness, time to target",
+        description="Train one short run per batch size from the same initial weights and seed, "
+        "then compare validation quality, train-validation gap, sharpness (top Hessian "
+        "eigenvalue) and time to a target. Writes sweep.json, sweep.md and plots to --out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  batchfit sweep                                   # built-in example, B=32..256\n"
+        "  batchfit sweep --batch-sizes 1,32,256,N --epochs 5 --target val_accuracy=0.8\n"
+        "  batchfit sweep --steps 500 --lr-scaling none    # equal updates, same lr\n"
+        "  batchfit sweep --lr-grid --report batchfit-report/report.json\n"
+        "  batchfit sweep --model models.py:make_mlp --data train.parquet --target y \\\n"
+        "      --batch-sizes 16,64,256 --epochs 10 --resume",
+    )
+    _add_task_options(s, target_level=True)
+    g = s.add_argument_group("batch sizes and budget")
+    g.add_argument(
+        "--batch-sizes",
+        default="32,64,128,256",
+        help="comma-separated batch sizes; N means the whole training set (default 32,64,128,256)",
+    )
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--epochs",
+        type=_typed("epochs"),
+        help="equal examples: this many epochs at every size (default 40)",
+    )
+    budget.add_argument(
+        "--examples",
+        type=_typed("examples"),
+        help="equal examples: this many samples at every size (give or take one batch)",
+    )
+    budget.add_argument(
+        "--steps", type=_typed("steps"), help="equal updates: this many optimizer steps per size"
+    )
+    g.add_argument(
+        "--micro-batch-size",
+        type=_typed("micro_batch_size"),
+        help="split larger batches into micro-batches of this size (exact accumulation)",
+    )
+    o = s.add_argument_group("learning rate")
+    o.add_argument(
+        "--optimizer",
+        type=_typed("optimizer"),
+        default="adam",
+        help="sgd (momentum 0.9), adam or adamw (default adam)",
+    )
+    o.add_argument(
+        "--lr",
+        type=_typed("lr"),
+        help="learning rate at --lr-batch-size (default: the example's, or 1e-3 adam / 0.01 sgd)",
+    )
+    o.add_argument(
+        "--lr-batch-size",
+        type=_typed("lr_batch_size"),
+        default=32,
+        help="the batch size --lr was tuned at (default 32)",
+    )
+    o.add_argument(
+        "--lr-scaling",
+        type=_typed("lr_scaling"),
+        help="how lr follows the batch size: none, linear or sqrt "
+        "(default: linear for sgd, sqrt for adam/adamw)",
+    )
+    o.add_argument(
+        "--lr-grid",
+        nargs="?",
+        const="",
+        metavar="FACTORS",
+        help="also try these factors of the scaled lr at each size and keep the best by "
+        "validation (default factors 0.25,0.5,1,2,4)",
+    )
+    r = s.add_argument_group("measurements and output")
+    r.add_argument(
+        "--report",
+        metavar="PATH",
+        help="tune's report.json: its recommended batch size joins the sweep; the verdict says "
+        "whether the sweep agrees",
+    )
+    r.add_argument(
+        "--eval-points",
+        type=_typed("eval_points"),
+        default=20,
+        help="validation evaluations per run (default 20)",
+    )
+    r.add_argument(
+        "--sharpness-samples",
+        type=_typed("sharpness_samples"),
+        default=512,
+        help="training samples in the fixed batch for sharpness (default 512)",
+    )
+    r.add_argument("--resume", action="store_true", help="skip the runs already finished in --out")
+    r.add_argument(
+        "--out", default="batchfit-sweep", help="folder for the report (default ./batchfit-sweep)"
+    )
+    r.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    r.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_json(s)
+    s.set_defaults(run=_cmd_sweep)
+
+
 def _version() -> str:
     from batchfit import __version__
 
@@ -506,20 +628,32 @@ def _fmt_epochs(value: float | None) -> str:
     return f"{value:g}" if value == int(value) else f"{value:.3f}"
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _model_and_lr(args: argparse.Namespace, task) -> tuple[Any, float | None]:
+    """The task's model, seeded by --seed, and --lr or the task's suggestion for Adam-family."""
     import torch
+
+    torch.manual_seed(args.seed)
+    model = task.make_model()
+    if args.lr is not None:
+        return model, args.lr
+    return model, task.suggested_lr if args.optimizer != "sgd" else None
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line as typed, with --resume added if it is not there."""
+    command = "batchfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return command if args.resume else command + " --resume"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
 
     from batchfit.train import train
 
     task = _load_task(args)
-    torch.manual_seed(args.seed)
-    model = task.make_model()
+    model, lr = _model_and_lr(args, task)
     quiet = args.quiet
     if task.data_choice and not quiet:
         print(f"batchfit train: {task.data_choice}", file=sys.stderr)
-    lr = (
-        args.lr if args.lr is not None else (task.suggested_lr if args.optimizer != "sgd" else None)
-    )
     try:
         result = train(
             model,
@@ -546,10 +680,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             steps_per_epoch=args.steps_per_epoch,
         )
     except TrainingInterrupted as exc:
-        command = "batchfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if args.checkpoint_dir and not args.resume:
-            command += " --resume"
-        hint = f" Resume with: {command}" if args.checkpoint_dir else ""
+        hint = f" Resume with: {_resume_command(args)}" if args.checkpoint_dir else ""
         print(f"batchfit train: {exc}{hint}", file=sys.stderr)
         return EXIT_SIGNAL.get(exc.signal_name, 1)
     if args.json:
@@ -568,6 +699,77 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.checkpoint_path:
         rows.append(("checkpoint", result.checkpoint_path))
     _print_table("batchfit train: done", rows)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+
+    from batchfit.sweep import sweep
+
+    if args.target is not None and args.data is None:
+        raise BatchfitError(
+            f"--target {args.target} names a data column, which needs --data; a target level is "
+            "METRIC=VALUE, e.g. --target val_accuracy=0.9 or --target val_loss=0.5."
+        )
+    task = _load_task(args)
+    model, lr = _model_and_lr(args, task)
+    try:
+        result = sweep(
+            model,
+            task.train,
+            val_data=task.val,
+            loss=task.loss,
+            batch_sizes=args.batch_sizes,
+            epochs=args.epochs,
+            steps=args.steps,
+            examples=args.examples,
+            optimizer=args.optimizer,
+            lr=lr,
+            lr_batch_size=args.lr_batch_size,
+            lr_scaling=args.lr_scaling,
+            lr_grid=args.lr_grid,
+            micro_batch_size=args.micro_batch_size,
+            target=args.target_level,
+            seed=args.seed,
+            eval_points=args.eval_points,
+            sharpness_samples=args.sharpness_samples,
+            out_dir=args.out,
+            resume=args.resume,
+            report=args.report,
+            device=args.device,
+            progress=not args.quiet,
+            task_name=task.name,
+        )
+    except TrainingInterrupted as exc:
+        print(f"batchfit sweep: {exc} Resume with: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_SIGNAL.get(exc.signal_name, 1)
+    report = result.to_dict()
+    if args.json:
+        print(to_json(report))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    from batchfit.report.sweep_report import size_rows
+
+    header, rows = size_rows(report, short=True)
+    title = (
+        f"batchfit sweep: {result.metric} per batch size; gap = train - validation "
+        f"({'accuracy' if result.metric == 'val_accuracy' else 'loss'}), eval mode"
+    )
+    table = Table(
+        title=title, title_justify="left", box=None, pad_edge=False, collapse_padding=True
+    )
+    for name in header:
+        table.add_column(name, justify="left" if name == "B" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(f"target: {result.target.describe()} ({result.target.source})")
+    for line in result.verdict.lines:
+        console.print(f"- {line}")
+    console.print(f"report: {result.files.get('markdown')} (and sweep.json, plots) in {args.out}")
     return 0
 
 
@@ -591,6 +793,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_plan_command,
     _add_train_command,
     _add_tune_command,
+    _add_sweep_command,
 )
 
 

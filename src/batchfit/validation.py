@@ -143,6 +143,15 @@ OPTIONS: dict[str, Int | Float | Choice | Size] = {
     "memory_limit": Size(2**20),
     "time_budget": Float(0.0, open_low=True),
     "headroom": Float(0.0, 1.0, open_high=True),
+    # batchfit sweep
+    "steps": Int(1),
+    "examples": Int(1),
+    "lr_grid_factor": Float(0.0, open_low=True),
+    "eval_points": Int(1),
+    "sharpness_samples": Int(1),
+    "sharpness_iterations": Int(1),
+    "sharpness_tolerance": Float(0.0, open_low=True),
+    "train_subset_samples": Int(1),
 }
 
 

@@ -1,0 +1,212 @@
+"""The sweep's PNG plots (matplotlib, Agg backend: no display needed).
+
+Each function takes the plain ``sweep.json`` dict and a path, draws one figure and returns the path:
+validation curves per batch size (by examples or steps, and by training seconds), the metric against
+batch size (best, final, and on training data, so the gap shows), sharpness against batch size,
+time to target against batch size and, with a learning-rate grid, the metric against lr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PLOTS = ("curves", "metric", "sharpness", "time_to_target", "lr_grid")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(count: int) -> list[Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    return [cmap(0.85 * i / max(count - 1, 1)) for i in range(count)]
+
+
+def _pretty(metric: str) -> str:
+    return metric.replace("val_", "validation ").replace("_", " ")
+
+
+def _batch_axis(ax, sizes: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size B (samples per step)")
+    ax.grid(True, alpha=0.3)
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return str(path)
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> str:
+    """Validation metric per evaluation point, one line per batch size."""
+    plt = _pyplot()
+    metric, sizes = result["metric"], result["sizes"]
+    by_steps = "steps" in result["settings"]["budget"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for colour, size in zip(_colours(len(sizes)), sizes, strict=True):
+        curve = size["curve"]
+        label = f"B={size['batch_size']} (lr {size['lr']:.3g})"
+        xs = [p["step"] if by_steps else p["samples_seen"] for p in curve]
+        ys = [p.get(metric) for p in curve]
+        left.plot(xs, ys, marker=".", color=colour, label=label)
+        # log time: sizes differ by multiples in speed; the point at 0 s has no place on it
+        timed = [(p["train_seconds"], y) for p, y in zip(curve, ys, strict=True) if p["step"]]
+        if timed:
+            right.plot(*zip(*timed, strict=True), marker=".", color=colour, label=label)
+    target = result["target"]
+    for ax in (left, right):
+        ax.axhline(target["value"], color="grey", linestyle="--", linewidth=1)
+        ax.grid(True, alpha=0.3)
+    left.text(
+        0.99,
+        target["value"],
+        f" target {target['text']}",
+        color="grey",
+        fontsize=8,
+        ha="right",
+        va="bottom",
+        transform=left.get_yaxis_transform(),
+    )
+    left.set_xlabel("optimizer steps" if by_steps else "training examples seen")
+    right.set_xscale("log")
+    right.set_xlabel("training seconds, log scale (evaluation excluded)")
+    left.set_ylabel(_pretty(metric))
+    right.legend(fontsize=8, loc="best")
+    fig.suptitle(f"{_pretty(metric)} during training, per batch size")
+    return _save(fig, path)
+
+
+def plot_metric(result: dict[str, Any], path: Path) -> str:
+    """Best and final validation metric against batch size, and the same metric on training data."""
+    plt = _pyplot()
+    metric, sizes = result["metric"], result["sizes"]
+    bs = [s["batch_size"] for s in sizes]
+    train_key = metric.replace("val_", "")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(bs, [s["best"]["value"] for s in sizes], marker="o", label="validation, best")
+    ax.plot(bs, [s["final"].get(metric) for s in sizes], marker="s", label="validation, final")
+    ax.plot(
+        bs,
+        [s["train_subset"].get(train_key) for s in sizes],
+        marker="^",
+        linestyle=":",
+        label="training subset, final (eval mode)",
+    )
+    _batch_axis(ax, bs)
+    ax.set_ylabel(_pretty(metric).replace("validation ", ""))
+    ax.legend(fontsize=8)
+    ax.set_title(
+        f"{_pretty(metric)} vs batch size (gap = distance to the dotted line)", fontsize=10
+    )
+    return _save(fig, path)
+
+
+def plot_sharpness(result: dict[str, Any], path: Path) -> str:
+    """Top Hessian eigenvalue of the training loss at the end of each run."""
+    plt = _pyplot()
+    sizes = result["sizes"]
+    bs = [s["batch_size"] for s in sizes]
+    values = [s["sharpness"]["eigenvalue"] for s in sizes]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(bs, values, color="tab:red", linewidth=1)
+    for b, v, s in zip(bs, values, sizes, strict=True):
+        done = s["sharpness"]["converged"]
+        ax.plot(b, v, marker="o", color="tab:red", markerfacecolor="tab:red" if done else "white")
+    for b, v in zip(bs, values, strict=True):
+        ax.annotate(
+            f"{v:.3g}", (b, v), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8
+        )
+    _batch_axis(ax, bs)
+    ax.set_ylim(bottom=min(0.0, *values), top=max(*values, 0.0) * 1.15 or 1.0)
+    ax.set_ylabel("top Hessian eigenvalue (training loss)")
+    note = "" if all(s["sharpness"]["converged"] for s in sizes) else " (hollow: not converged)"
+    ax.set_title(f"Sharpness of the weights reached vs batch size{note}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_time_to_target(result: dict[str, Any], path: Path) -> str:
+    """Training seconds and examples (or steps) to the target; sizes that missed it marked x."""
+    plt = _pyplot()
+    sizes = result["sizes"]
+    by_steps = "steps" in result["settings"]["budget"]
+    bs = [s["batch_size"] for s in sizes]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (("seconds", "training seconds to target"),) + (
+        (("steps", "steps to target"),) if by_steps else (("samples_seen", "examples to target"),)
+    )
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        got = [s["time_to_target"][key] for s in sizes]
+        reached = [(b, v) for b, v in zip(bs, got, strict=True) if v is not None]
+        if reached:
+            ax.plot(*zip(*reached, strict=True), marker="o", color="tab:blue")
+        top = max((v for _, v in reached), default=1.0) or 1.0
+        for b, v in zip(bs, got, strict=True):
+            if v is None:
+                ax.plot(b, top * 1.1, marker="x", color="tab:red", markersize=10)
+                ax.annotate(
+                    "not reached",
+                    (b, top * 1.1),
+                    textcoords="offset points",
+                    xytext=(0, 6),
+                    ha="center",
+                    fontsize=8,
+                    color="tab:red",
+                )
+        _batch_axis(ax, bs)
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0, top=top * 1.25)
+    fig.suptitle(f"Time to {result['target']['text']} ({result['target']['source']} target)")
+    return _save(fig, path)
+
+
+def plot_lr_grid(result: dict[str, Any], path: Path) -> str | None:
+    """Best validation metric against learning rate, one line per batch size (grid sweeps only)."""
+    sizes = [s for s in result["sizes"] if s.get("lr_grid")]
+    if not sizes:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for colour, size in zip(_colours(len(sizes)), sizes, strict=True):
+        grid = size["lr_grid"]
+        ax.plot(
+            [g["lr"] for g in grid],
+            [g["best"] for g in grid],
+            marker="o",
+            color=colour,
+            label=f"B={size['batch_size']}",
+        )
+        chosen = [g for g in grid if g["chosen"]][0]
+        ax.plot(chosen["lr"], chosen["best"], marker="*", markersize=14, color=colour)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"best {_pretty(result['metric'])}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Learning-rate grid per batch size (star: chosen)", fontsize=10)
+    return _save(fig, path)
+
+
+def write_plots(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
+    """Draw every plot that applies into ``out_dir``; return ``{name: path}``."""
+    out_dir = Path(out_dir)
+    drawn = {
+        "curves": plot_curves(result, out_dir / "sweep_curves.png"),
+        "metric": plot_metric(result, out_dir / "sweep_metric.png"),
+        "sharpness": plot_sharpness(result, out_dir / "sweep_sharpness.png"),
+        "time_to_target": plot_time_to_target(result, out_dir / "sweep_time_to_target.png"),
+        "lr_grid": plot_lr_grid(result, out_dir / "sweep_lr_grid.png"),
+    }
+    return {k: v for k, v in drawn.items() if v is not None}

@@ -1,0 +1,416 @@
+"""``batchfit.sweep`` and ``batchfit sweep``: one run per batch size, compared fairly."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import batchfit
+from batchfit.cli import main
+from batchfit.errors import BatchfitError
+from batchfit.train import params_sha256
+from helpers import blobs, run_cli, subprocess_env
+
+# Tiny models: one intra-op thread (conftest.py); child processes get one via run_cli.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PLOTS = ("sweep_curves.png", "sweep_metric.png", "sweep_sharpness.png", "sweep_time_to_target.png")
+
+
+def mlp(width: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3))
+
+
+def data():
+    return blobs(400, seed=0), blobs(200, seed=1)
+
+
+def run(model=None, **kwargs):
+    train_data, val_data = data()
+    if "steps" not in kwargs and "examples" not in kwargs:
+        kwargs.setdefault("epochs", 2)
+    kwargs.setdefault("out_dir", None)
+    kwargs.setdefault("lr", 1e-2)
+    return batchfit.sweep(model or mlp(), train_data, val_data=val_data, **kwargs)
+
+
+def test_same_seed_and_size_twice_gives_identical_results():
+    a = run(batch_sizes=[16, 64], epochs=3)
+    b = run(batch_sizes=[16, 64], epochs=3)
+    for x, y in zip(a.sizes, b.sizes, strict=True):
+        assert x["params_sha256"] == y["params_sha256"]
+        assert [p["val_loss"] for p in x["curve"]] == [p["val_loss"] for p in y["curve"]]
+        assert x["sharpness"] == y["sharpness"] and x["train_subset"] == y["train_subset"]
+    other_seed = run(batch_sizes=[16], epochs=3, seed=1)
+    assert other_seed.sizes[0]["params_sha256"] != a.sizes[0]["params_sha256"]
+
+
+def test_every_size_starts_from_the_same_weights_as_a_plain_training_run_would():
+    model = mlp()
+    start = params_sha256(model)
+    reference = copy.deepcopy(model)
+    result = run(model, batch_sizes=[8, 32, 128], epochs=2)
+    assert {s["initial_params_sha256"] for s in result.sizes} == {start}
+    assert len({s["params_sha256"] for s in result.sizes}) == 3
+    assert params_sha256(model) == start  # the model is handed back as it came
+    # Two routes, one answer: plain batchfit.train from the same weights ends at the same place.
+    train_data, _ = data()
+    mine = result.sizes[1]
+    plain = batchfit.train(reference, train_data, batch_size=32, epochs=2, lr=mine["lr"])
+    assert plain.params_sha256 == mine["params_sha256"]
+
+
+def test_equal_examples_budgets_give_every_size_the_same_number_of_examples():
+    sizes = [1, 7, 32, 100, 400]
+    by_epochs = run(batch_sizes=sizes, epochs=2, eval_points=4)
+    assert [s["samples_seen"] for s in by_epochs.sizes] == [800] * 5
+    assert [s["steps"] for s in by_epochs.sizes] == [800, 2 * 58, 2 * 13, 8, 2]
+    by_examples = run(batch_sizes=sizes, examples=1000, eval_points=4)
+    for s in by_examples.sizes:
+        assert 1000 <= s["samples_seen"] < 1000 + s["batch_size"], s["batch_size"]
+    by_steps = run(batch_sizes=[8, 32], steps=30)
+    # 400 samples at B=32: 13 steps per epoch (the last holds 16), so 30 steps see 2 x 400 + 4 x 32
+    assert [(s["steps"], s["samples_seen"]) for s in by_steps.sizes] == [(30, 240), (30, 928)]
+
+
+def test_micro_batches_split_large_batches_without_changing_the_result():
+    whole = run(batch_sizes=[4, 64], epochs=2)
+    split = run(batch_sizes=[4, 64], epochs=2, micro_batch_size=16)
+    assert [s["micro_batch_size"] for s in split.sizes] == [4, 16]
+    for a, b in zip(whole.sizes, split.sizes, strict=True):
+        assert b["final"]["val_loss"] == pytest.approx(a["final"]["val_loss"], rel=1e-4)
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_sequential_runs_leave_no_tensors_or_memory_behind():
+    # Six runs of the same shape (one size, a grid of six learning rates) and a model big enough
+    # (0.5M parameters, 6 MB with Adam's state) that keeping any run's optimizer would show.
+    counts, rss = [], []
+
+    def after_run(record):
+        counts.append(_live_tensors())
+        rss.append(record["rss_bytes"])
+
+    model = nn.Sequential(nn.Linear(4, 500), nn.ReLU(), nn.Linear(500, 500), nn.Linear(500, 3))
+    run(
+        model,
+        batch_sizes=[64],
+        epochs=1,
+        lr_grid="0.25,0.5,2,4,8",
+        eval_points=2,
+        sharpness_iterations=3,
+        on_run=after_run,
+    )
+    assert len(counts) == 6
+    assert counts[1:] == [counts[1]] * 5, counts
+    # one leaked run (weights, gradients, two Adam moments: 4 x 1 MB) would add 4 MB per run
+    assert max(rss[1:]) - rss[1] < 6 * 2**20, rss
+
+
+def test_lr_follows_the_scaling_rule_from_the_reference_batch_size():
+    def lrs(**kwargs):
+        return [s["lr"] for s in run(batch_sizes=[16, 64], epochs=1, **kwargs).sizes]
+
+    assert lrs(lr=0.01, lr_batch_size=16, lr_scaling="linear") == [0.01, 0.04]
+    assert lrs(lr=0.01, lr_batch_size=16, lr_scaling="sqrt") == [0.01, 0.02]
+    assert lrs(lr=0.01, lr_batch_size=16, lr_scaling="none") == [0.01, 0.01]
+    assert lrs(lr=0.01, lr_batch_size=64, optimizer="sgd") == [0.0025, 0.01]  # sgd: linear
+
+
+def test_lr_grid_runs_every_factor_and_keeps_the_best_by_validation():
+    result = run(batch_sizes=[32], epochs=2, lr=1e-3, lr_grid="0.1,10", lr_scaling="none")
+    (summary,) = result.sizes
+    grid = summary["lr_grid"]
+    assert [g["lr"] for g in grid] == [1e-4, 1e-3, 1e-2] and len(result.runs) == 3
+    chosen = [g for g in grid if g["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["lr"] == summary["lr"]
+    assert chosen[0]["best"] == max(g["best"] for g in grid)
+    assert summary["lr_at_grid_edge"] == (summary["lr"] in (1e-4, 1e-2))
+    assert result.settings["lr_grid"] == [0.1, 1.0, 10.0]
+
+
+def test_every_size_reports_gap_sharpness_time_to_target_and_speed():
+    result = run(batch_sizes=[8, 64], epochs=3, target="val_accuracy=0.5")
+    assert result.target.source == "given" and result.metric == "val_accuracy"
+    for s in result.sizes:
+        assert s["curve"][0]["step"] == 0 and s["curve"][-1]["step"] == s["steps"]
+        assert s["best"]["value"] >= s["final"]["val_accuracy"]
+        assert s["gap"]["accuracy"] == pytest.approx(
+            s["train_subset"]["accuracy"] - s["final"]["val_accuracy"]
+        )
+        assert s["sharpness"]["eigenvalue"] > 0 and s["sharpness"]["iterations"] >= 1
+        assert s["samples_per_s"] > 0 and s["train_seconds"] > 0
+        assert s["time_to_target"]["reached"]
+        assert s["time_to_target"]["steps"] <= s["steps"]
+    assert result.verdict.fastest_batch_size in (8, 64)
+    assert result.timing["eval_seconds"] > 0 and result.timing["sharpness_seconds"] > 0
+
+
+def test_without_a_target_the_sweep_picks_one_every_improving_size_can_reach():
+    result = run(batch_sizes=[8, 64], epochs=3)
+    assert result.target.source == "auto"
+    initial = result.initial["val_accuracy"]
+    best = max(s["best"]["value"] for s in result.sizes)
+    assert result.target.value == pytest.approx(initial + 0.9 * (best - initial), abs=1e-4)
+    regression = batchfit.sweep(
+        nn.Linear(4, 1),
+        (blobs(400)[0], blobs(400)[0].sum(1)),
+        val_data=(blobs(100, 1)[0], blobs(100, 1)[0].sum(1)),
+        batch_sizes=[16, 64],
+        epochs=2,
+        out_dir=None,
+    )
+    assert regression.metric == "val_loss" and not regression.target.higher_is_better
+
+
+def test_resume_skips_finished_runs_and_refuses_runs_made_with_other_settings(tmp_path):
+    def run(**kwargs):
+        return globals()["run"](lr_batch_size=16, **kwargs)
+
+    first = run(batch_sizes=[16, 64], out_dir=tmp_path)
+    saved = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert saved == ["b16-lr0.01.json", "b64-lr0.02.json"]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
+    ran = []
+    again = run(batch_sizes=[16, 64, 128], out_dir=tmp_path, resume=True, on_run=ran.append)
+    assert [r["batch_size"] for r in ran] == [128]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert [s["params_sha256"] for s in again.sizes[:2]] == [
+        s["params_sha256"] for s in first.sizes
+    ]
+    with pytest.raises(BatchfitError, match="was made with budget=\\{'epochs': 2\\}, not"):
+        run(batch_sizes=[16], epochs=3, out_dir=tmp_path, resume=True)
+    (tmp_path / "runs" / "b16-lr0.01.json").write_text("{not json")
+    with pytest.raises(BatchfitError, match="Cannot read the finished run .* Delete it"):
+        run(batch_sizes=[16], out_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_sizes": []}, "--batch-sizes is empty"),
+        ({"batch_sizes": [16, 1000]}, "Batch size 1000 is larger than the training set"),
+        ({"epochs": 2, "steps": 3}, "Give one budget: .*not --epochs and --steps"),
+        ({"epochs": 0}, "'epochs' option must be an int >= 1"),
+        ({"target": "val_f1=0.9"}, "Unknown metric 'val_f1'"),
+        ({"lr_scaling": "cubic"}, "'lr_scaling' option must be one of"),
+        ({"eval_points": 0}, "'eval_points' option must be an int >= 1"),
+        ({"resume": True}, "resume needs out_dir"),
+        ({"report": "/nonexistent/report.json"}, "No tune report at"),
+    ],
+)
+def test_bad_sweep_settings_are_refused_before_training(kwargs, message):
+    with pytest.raises(BatchfitError, match=message):
+        run(**kwargs)
+
+
+def test_a_sweep_needs_validation_data():
+    with pytest.raises(BatchfitError, match="needs validation data"):
+        batchfit.sweep(mlp(), blobs(100), val_data=None, out_dir=None)
+
+
+def test_tune_report_adds_its_batch_size_and_the_verdict_compares(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"version": 1, "recommended": {"batch_size": 48, "lr": 0.01}}))
+    result = run(batch_sizes=[16, 64], out_dir=None, report=report)
+    assert [s["batch_size"] for s in result.sizes] == [16, 48, 64]
+    tune = result.verdict.tune
+    assert tune["swept_batch_size"] == 48 and tune["recommended_lr"] == 0.01
+    if tune["seconds_ratio"] is not None:
+        assert tune["agrees"] == (tune["seconds_ratio"] <= 1.25)
+    assert result.verdict.lines[-1] == tune["reason"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "Cannot read .* as JSON"),
+        ('{"noise": {}}', "has no recommended.batch_size, so it is not a tune report"),
+        ('{"recommended": {"batch_size": 0}}', "recommended.batch_size .* must be an int >= 1"),
+        ('{"recommended": {"batch_size": 32, "lr": -1}}', "recommended.lr .* positive number"),
+    ],
+)
+def test_unreadable_tune_reports_are_refused(tmp_path, content, message):
+    path = tmp_path / "report.json"
+    path.write_text(content)
+    with pytest.raises(BatchfitError, match=message):
+        run(report=path)
+
+
+def _user_task(models_file: Path, blobs_parquet: Path) -> list[str]:
+    return ["--model", f"{models_file}:mlp", "--data", str(blobs_parquet), "--target", "y"]
+
+
+def test_end_to_end_command_on_a_tiny_model_writes_every_file(tmp_path, models_file, blobs_parquet):
+    out = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "sweep",
+            *_user_task(models_file, blobs_parquet),
+            "--batch-sizes",
+            "8,32,N",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.01",
+            "--target",
+            "val_accuracy=0.6",
+            "--out",
+            str(out),
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    for text in ("[1/3] B=8", "[3/3] B=270", "sharpness"):
+        assert text in proc.stderr
+    assert "best" in proc.stdout and "Fastest to val_accuracy >= 0.6" in proc.stdout
+    for name in ("sweep.json", "sweep.md", *PLOTS):
+        assert (out / name).stat().st_size > 0, name
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "sweep.json").stat().st_mode & 0o044 == 0o044  # readable by others, as reports
+    report = json.loads((out / "sweep.json").read_text())
+    assert [s["batch_size"] for s in report["sizes"]] == [8, 32, 270]  # N: 90% of 300 rows
+    assert report["target"]["text"] == "val_accuracy >= 0.6"
+    assert set(report["files"]) == {
+        "curves",
+        "metric",
+        "sharpness",
+        "time_to_target",
+        "markdown",
+        "json",
+    }
+    markdown = (out / "sweep.md").read_text()
+    assert "## Verdict" in markdown and "![Validation curves](sweep_curves.png)" in markdown
+
+
+def sweep_json(capsys, tmp_path: Path, *argv: str) -> dict:
+    code = main(["sweep", *argv, "--quiet", "--json", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)  # stdout holds one JSON object and nothing else
+
+
+def test_json_output_is_one_object_and_nothing_else(tmp_path, capsys):
+    report = sweep_json(
+        capsys, tmp_path, "--example", "linreg", "--batch-sizes", "64,1024", "--steps", "20"
+    )
+    assert report["metric"] == "val_loss" and report["settings"]["budget"] == {"steps": 20}
+    assert [s["steps"] for s in report["sizes"]] == [20, 20]
+    assert report["verdict"]["lines"] and report["version"] == 1
+
+
+def test_target_flag_takes_both_the_column_and_the_level(
+    tmp_path, capsys, models_file, blobs_parquet
+):
+    task = _user_task(models_file, blobs_parquet)  # holds --target y, the column
+    report = sweep_json(
+        capsys,
+        tmp_path,
+        *task,
+        "--target",
+        "val_loss=0.7",
+        "--batch-sizes",
+        "32,64",
+        "--epochs",
+        "2",
+    )
+    assert report["target"]["text"] == "val_loss <= 0.7"
+
+
+def _cli_bad_inputs(tmp_path: Path):
+    bad_report = tmp_path / "bad.json"
+    bad_report.write_text("[1, 2]")
+    return [
+        (["--target", "val_accuracy"], "a target level is METRIC=VALUE"),
+        (["--target", "val_accuracy=abc"], "is not a number"),
+        (["--target", "f1=0.9"], "Unknown metric 'f1'"),
+        (["--example", "linreg", "--target", "val_accuracy=0.9"], "not measured for this task"),
+        (["--batch-sizes", ""], "--batch-sizes is empty"),
+        (["--batch-sizes", "0,32"], "'batch_size' option must be an int >= 1"),
+        (["--batch-sizes", "32,5000"], "Batch size 5000 is larger than the training set (4000"),
+        (["--batch-sizes", "32,32"], "appears more than once"),
+        (["--epochs", "2", "--steps", "5"], "not allowed with argument"),
+        (["--steps", "0"], "'steps' option must be an int >= 1"),
+        (["--examples", "-5"], "'examples' option must be an int >= 1"),
+        (["--lr-batch-size", "0"], "'lr_batch_size' option must be an int >= 1"),
+        (["--lr-scaling", "cubic"], "'lr_scaling' option must be one of"),
+        (["--lr-grid", "0,1"], "'lr_grid_factor' option must be a number > 0"),
+        (["--eval-points", "0"], "'eval_points' option must be an int >= 1"),
+        (["--sharpness-samples", "0"], "'sharpness_samples' option must be an int >= 1"),
+        (["--report", str(tmp_path / "missing.json")], "No tune report at"),
+        (["--report", str(bad_report)], "has no recommended.batch_size"),
+        (["--val-fraction", "0"], "needs validation data"),
+    ]
+
+
+def test_each_bad_sweep_input_is_one_line_with_exit_2(tmp_path, capsys):
+    for argv, expected in _cli_bad_inputs(tmp_path):
+        code = main(["sweep", *argv, "--quiet", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (argv, err)
+        assert len(err.splitlines()) == 1, err
+        assert expected in err, (expected, err)
+
+
+def test_interrupted_sweep_keeps_finished_runs_and_resumes_without_redoing_them(
+    tmp_path,
+):
+    out = tmp_path / "s"
+    # Equal steps: B=1 finishes in a blink, full batch (4,000 samples a step) takes seconds, so the
+    # signal sent when the first run's file appears lands in the second run.
+    args = [
+        "sweep",
+        "--batch-sizes",
+        "1,N",
+        "--steps",
+        "20",
+        "--eval-points",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchfit", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    deadline = time.monotonic() + 120
+    runs = out / "runs"
+    while not list(runs.glob("b*.json")) and time.monotonic() < deadline:  # not the .tmp file
+        if proc.poll() is not None:
+            raise AssertionError(f"finished early: {proc.communicate()}")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Stopped by SIGINT" in err and "1 finished run(s) are saved in" in err
+    assert "Resume with: batchfit sweep" in err and err.strip().endswith("--resume")
+    (finished,) = runs.iterdir()
+    assert finished.name.startswith("b1-")
+    stamp = finished.stat().st_mtime_ns
+    resumed = run_cli([*args, "--resume", "--json"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert finished.stat().st_mtime_ns == stamp
+    assert [r["batch_size"] for r in json.loads(resumed.stdout)["runs"]] == [1, 4000]

@@ -1,0 +1,238 @@
+"""The sweep's pure arithmetic: targets, budgets, trends, the verdict (plain numbers, no torch)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchfit.errors import BatchfitError
+from batchfit.schedule import plan
+from batchfit.sweep_analysis import (
+    DEFAULT_LR_GRID,
+    Target,
+    auto_target,
+    best_point,
+    check_claims,
+    compare_with_tune,
+    parse_batch_sizes,
+    parse_lr_grid,
+    parse_target,
+    spearman,
+    steps_for_examples,
+    time_to_target,
+    verdict,
+)
+
+
+def curve(values, metric="val_accuracy", every=10, batch=32, seconds=0.1):
+    return [
+        {
+            "step": i * every,
+            "samples_seen": i * every * batch,
+            "train_seconds": i * seconds,
+            metric: v,
+        }
+        for i, v in enumerate(values)
+    ]
+
+
+def test_target_parses_metric_and_direction():
+    acc = parse_target("val_accuracy=0.9")
+    loss = parse_target(" val_loss = 0.25 ")
+    assert (acc.metric, acc.value, acc.higher_is_better, acc.source) == (
+        "val_accuracy",
+        0.9,
+        True,
+        "given",
+    )
+    assert (loss.metric, loss.value, loss.higher_is_better) == ("val_loss", 0.25, False)
+    assert acc.reached(0.9) and not acc.reached(0.89) and not acc.reached(None)
+    assert loss.reached(0.2) and not loss.reached(0.3) and not loss.reached(math.nan)
+
+
+@pytest.mark.parametrize(
+    ("text", "metrics", "message"),
+    [
+        ("val_accuracy", None, "--target must be METRIC=VALUE, got 'val_accuracy'"),
+        ("=0.9", None, "--target must be METRIC=VALUE"),
+        ("val_accuracy=", None, "--target must be METRIC=VALUE"),
+        ("accuracy=0.9", None, "Unknown metric 'accuracy' in --target 'accuracy=0.9'; use one of"),
+        ("val_acc=0.9", None, "Unknown metric 'val_acc'"),
+        ("val_accuracy=high", None, "is not a number"),
+        ("val_loss=inf", None, "must be finite"),
+        ("val_accuracy=90", None, "must be a fraction in \\[0, 1\\], got 90"),
+        ("val_accuracy=0.9", ("val_loss",), "val_accuracy .* is not measured for this task"),
+    ],
+)
+def test_bad_targets_are_refused_with_the_fix(text, metrics, message):
+    with pytest.raises(BatchfitError, match=message):
+        parse_target(text, metrics) if metrics else parse_target(text)
+
+
+def test_time_to_target_is_the_first_evaluation_that_meets_it():
+    points = curve([0.1, 0.5, 0.91, 0.85, 0.95])
+    assert time_to_target(points, parse_target("val_accuracy=0.9")) == {
+        "reached": True,
+        "steps": 20,
+        "samples_seen": 640,
+        "seconds": 0.2,
+    }
+    assert time_to_target(points, parse_target("val_accuracy=0.99"))["reached"] is False
+    losses = curve([2.3, 0.9, 0.4, 0.6], metric="val_loss")
+    assert time_to_target(losses, parse_target("val_loss=0.5"))["steps"] == 20
+
+
+def test_best_point_takes_the_direction_of_the_metric_and_the_earliest_tie():
+    assert best_point(curve([0.1, 0.8, 0.8, 0.7]), "val_accuracy")["step"] == 10
+    assert best_point(curve([2.0, 0.5, 0.7], metric="val_loss"), "val_loss")["value"] == 0.5
+    assert best_point([], "val_loss") is None
+
+
+def test_auto_target_is_ninety_percent_of_the_best_improvement_in_either_direction():
+    assert auto_target("val_accuracy", 0.1, 0.9).value == pytest.approx(0.82)
+    low = auto_target("val_loss", 2.3, 0.3)
+    assert (low.value, low.higher_is_better, low.source) == (0.5, False, "auto")
+
+
+@given(
+    samples=st.integers(1, 5000),
+    data=st.data(),
+)
+def test_equal_examples_budget_overshoots_by_less_than_one_batch(samples, data):
+    batch = data.draw(st.integers(1, samples))
+    examples = data.draw(st.integers(1, 20 * samples))
+    steps = steps_for_examples(examples, samples, batch)
+    seen = plan(samples, batch, max_steps=steps).total_samples
+    assert examples <= seen < examples + batch
+
+
+def test_batch_sizes_parse_sort_and_accept_n_for_full_batch():
+    assert parse_batch_sizes("256,32, 1,N", 4000) == [1, 32, 256, 4000]
+    assert parse_batch_sizes("full", 100) == [100]
+    assert parse_batch_sizes([64, 8], 100) == [8, 64]
+
+
+@pytest.mark.parametrize(
+    ("text", "samples", "message"),
+    [
+        ("", 100, "--batch-sizes is empty"),
+        (" , ", 100, "--batch-sizes is empty"),
+        ("32,0", 100, "'batch_size' option must be an int >= 1. Got 0"),
+        ("32,abc", 100, "Got 'abc' instead. Give --batch-sizes as whole numbers"),
+        ("3.5", 100, "Got '3.5'"),
+        ("32,64,32", 100, "Batch size 32 appears more than once"),
+        ("32,500", 100, "Batch size 500 is larger than the training set \\(100 samples\\); use N"),
+        ("N", None, "needs data of known length"),
+    ],
+)
+def test_bad_batch_size_lists_are_refused(text, samples, message):
+    with pytest.raises(BatchfitError, match=message):
+        parse_batch_sizes(text, samples)
+
+
+def test_lr_grid_defaults_and_always_contains_the_scaled_rate():
+    assert parse_lr_grid(None) is None
+    assert parse_lr_grid("") == parse_lr_grid(True) == DEFAULT_LR_GRID
+    assert parse_lr_grid("3, 0.3") == (0.3, 1.0, 3.0)
+    with pytest.raises(BatchfitError, match="'lr_grid_factor' option must be a number > 0"):
+        parse_lr_grid("1,0")
+    with pytest.raises(BatchfitError, match="Got 'x' instead"):
+        parse_lr_grid("x")
+
+
+def test_spearman_matches_hand_computed_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    # ties get average ranks: ys ranks 1, 2.5, 2.5, 4
+    assert spearman([1, 2, 3, 4], [1, 5, 5, 9]) == pytest.approx(0.9486832980505)
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+    assert spearman([1], [2]) is None
+
+
+def size(b, best, gap_acc, sharp, seconds=None, lr=1e-3):
+    return {
+        "batch_size": b,
+        "lr": lr,
+        "best": {"value": best, "step": 100, "samples_seen": 3200, "seconds": 1.0},
+        "gap": {"accuracy": gap_acc, "loss": gap_acc},
+        "sharpness": {"eigenvalue": sharp, "iterations": 10, "converged": True},
+        "time_to_target": {
+            "reached": seconds is not None,
+            "steps": 10 if seconds is not None else None,
+            "samples_seen": 320 if seconds is not None else None,
+            "seconds": seconds,
+        },
+    }
+
+
+def test_claims_hold_reverse_or_show_no_trend():
+    sizes = [
+        size(32, 0.95, 0.01, 10, 2.0),
+        size(64, 0.90, 0.03, 20, 1.0),
+        size(128, 0.85, 0.05, 40, 0.5),
+        size(256, 0.80, 0.02, 30, None),
+    ]
+    generalise, gap_claim, sharp_claim = check_claims(sizes, "val_accuracy", 1000)
+    assert (generalise.outcome, generalise.rho) == ("holds", -1.0)
+    assert gap_claim.outcome == "no clear trend" and gap_claim.rho == pytest.approx(0.4)
+    assert sharp_claim.outcome == "holds" and sharp_claim.rho == pytest.approx(0.8)
+    flipped = [size(b, 0.80 + 0.05 * i, 0.0, 40 - 10 * i) for i, b in enumerate((32, 64, 128))]
+    generalise, _, sharp_claim = check_claims(flipped, "val_accuracy", 1000)
+    assert generalise.outcome == "reversed" and sharp_claim.outcome == "reversed"
+
+
+def test_small_accuracy_differences_are_called_within_noise_and_two_sizes_too_few():
+    close = [size(32, 0.905, 0, 1), size(64, 0.900, 0, 2), size(128, 0.895, 0, 3)]
+    assert check_claims(close, "val_accuracy", 1000)[0].outcome == "within noise"
+    # the same spread on a 100,000-sample validation set is far above its sampling error
+    assert check_claims(close, "val_accuracy", 100_000)[0].outcome == "holds"
+    assert {c.outcome for c in check_claims(close[:2], "val_accuracy", 1000)} == {"too few sizes"}
+
+
+def test_loss_metric_claims_expect_the_loss_to_rise_with_batch_size():
+    sizes = [size(32, 0.3, 0, 1), size(64, 0.4, 0, 2), size(128, 0.5, 0, 3)]
+    assert check_claims(sizes, "val_loss", None)[0].outcome == "holds"
+
+
+def test_verdict_names_best_and_fastest_and_the_sizes_that_missed():
+    sizes = [size(32, 0.95, 0, 1, 2.0), size(64, 0.93, 0, 2, 1.0), size(128, 0.85, 0, 3, None)]
+    target = Target("val_accuracy", 0.9, True)
+    answer = verdict(sizes, "val_accuracy", target, 1000)
+    assert (answer.best_batch_size, answer.fastest_batch_size) == (32, 64)
+    assert answer.fastest_seconds == 1.0 and answer.tune is None
+    text = "\n".join(answer.lines)
+    assert "Best validation: B=32" in text and "Fastest to val_accuracy >= 0.9: B=64" in text
+    assert "Not reached by B=128" in text
+    nobody = [size(32, 0.5, 0, 1), size(64, 0.4, 0, 1)]
+    assert "No batch size reached" in verdict(nobody, "val_accuracy", target).lines[1]
+
+
+def test_tune_agrees_within_the_design_factor_of_the_fastest():
+    sizes = [
+        size(32, 0.95, 0, 1, 2.0),
+        size(64, 0.93, 0, 2, 1.0),
+        size(128, 0.9, 0, 3, 1.2),
+        size(256, 0.8, 0, 3, None),
+    ]
+    agree = compare_with_tune(sizes, 128, 0.002, 64, 1.0)
+    assert agree["agrees"] and agree["seconds_ratio"] == 1.2 and agree["swept_batch_size"] == 128
+    assert agree["reason"].endswith("tune's lr 0.002; the sweep ran B=128 at lr 0.001.")
+    slow = compare_with_tune(sizes, 32, None, 64, 1.0)
+    assert not slow["agrees"] and slow["seconds_ratio"] == 2.0 and "disagrees" in slow["reason"]
+    missed = compare_with_tune(sizes, 300, None, 64, 1.0)
+    assert missed["swept_batch_size"] == 256 and not missed["agrees"]
+    assert "not swept; nearest swept B=256" in missed["reason"]
+    assert "did not reach the target" in missed["reason"]
+    answer = verdict(
+        sizes,
+        "val_accuracy",
+        Target("val_accuracy", 0.9, True),
+        1000,
+        {"batch_size": 100, "lr": 1e-3},
+    )
+    assert answer.tune["swept_batch_size"] == 128 and answer.tune["agrees"]
+    assert answer.lines[-1] == answer.tune["reason"]
