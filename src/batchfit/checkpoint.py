@@ -8,13 +8,12 @@ a rename is atomic, so a crash leaves either the old checkpoint or the new one, 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from batchfit.atomic import atomic_open, temporary_name_pattern
 from batchfit.errors import BatchfitError
 
 CHECKPOINT_NAME = "last.pt"
@@ -26,39 +25,13 @@ def checkpoint_path(directory: str | Path) -> Path:
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` atomically as ``directory/last.pt`` and return its path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``state`` atomically and durably as ``directory/last.pt`` and return its path."""
     target = checkpoint_path(directory)
-    for stale in directory.glob(f".{CHECKPOINT_NAME}.*.tmp"):
+    for stale in target.parent.glob(temporary_name_pattern(target)):
         stale.unlink(missing_ok=True)  # left by a writer that was killed mid-write
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
+    with atomic_open(target, "wb", durable=True) as f:
+        torch.save({"format": FORMAT_VERSION, **state}, f)
     return target
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename itself is only durable once the directory entry is flushed (POSIX).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:

@@ -7,8 +7,6 @@ a table. Errors are one line on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -16,6 +14,7 @@ from typing import Any, NoReturn
 
 from batchfit import validation
 from batchfit.errors import BatchfitError, TrainingInterrupted
+from batchfit.report.files import to_json
 
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -363,22 +362,18 @@ def _process_started() -> float:
 def _cmd_tune(args: argparse.Namespace) -> int:
     import time
 
-    import torch
-
     from batchfit.progress import console
     from batchfit.report.tune_report import build_report, headline, reasons_line
     from batchfit.tune import tune
 
     started = _process_started()
     task = _load_task(args)
-    torch.manual_seed(args.seed)
-    model = task.make_model()
+    model, warmup_lr = _model_and_lr(args, task)
 
     def log(message: str) -> None:
         if not args.quiet:
             console().print(f"[{time.time() - started:5.1f}s] {message}", markup=False)
 
-    warmup_lr = args.lr or (task.suggested_lr if args.optimizer != "sgd" else None)
     result = tune(
         model,
         task.train,
@@ -646,7 +641,6 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-
     from batchfit.train import train
 
     task = _load_task(args)
@@ -703,7 +697,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-
     from batchfit.sweep import sweep
 
     if args.target is not None and args.data is None:
@@ -771,21 +764,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         console.print(f"- {line}")
     console.print(f"report: {result.files.get('markdown')} (and sweep.json, plots) in {args.out}")
     return 0
-
-
-def to_json(value: object) -> str:
-    """Strict JSON: NaN and infinities become null, as JSON has no spelling for them."""
-
-    def clean(v: object) -> object:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(value), allow_nan=False)
 
 
 #: One function per command adds its subparser; a command's handler is set as ``run``.

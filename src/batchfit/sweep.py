@@ -281,7 +281,7 @@ def sweep(
             record["initial_params_sha256"] = initial_sha
             record["settings"] = fingerprint
             if path is not None:
-                from batchfit.report.sweep_files import write_json
+                from batchfit.report.files import write_json
 
                 write_json(path, record)
                 saved_runs += 1

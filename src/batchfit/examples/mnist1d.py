@@ -6,13 +6,11 @@ Generation takes about 1.5 s; the cache makes later runs instant. The model is a
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 import torch
 from torch import nn
 
+from batchfit.atomic import atomic_open
 from batchfit.examples.base import Example, ExampleData, cache_dir
 
 CACHE_NAME = "mnist1d-v1.npz"
@@ -35,11 +33,8 @@ def load() -> ExampleData:
     path = cache_dir() / CACHE_NAME
     if not path.exists():
         arrays = _generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
     with np.load(path) as f:
         arrays = {k: torch.from_numpy(f[k]) for k in f.files}
     return ExampleData(

@@ -40,11 +40,13 @@ class Series:
     upper: Sequence[float] | None = None
 
 
-def figure(panels: int = 1, width: float = 6.4, height: float = 4.0) -> tuple[Figure, list]:
-    """A figure with ``panels`` side-by-side axes, on the Agg canvas."""
+def figure(
+    panels: int = 1, width: float = 6.4, height: float = 4.0, *, sharey: bool = False
+) -> tuple[Figure, list]:
+    """A figure with ``panels`` side-by-side axes (``width`` each), on the Agg canvas."""
     fig = Figure(figsize=(width * panels, height), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes = fig.subplots(1, panels, squeeze=False, sharey=sharey)[0]
     for ax in axes:
         ax.grid(True, which="major", alpha=0.3)
     return fig, list(axes)

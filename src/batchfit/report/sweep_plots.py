@@ -1,4 +1,4 @@
-"""The sweep's PNG plots (matplotlib, Agg backend: no display needed).
+"""The sweep's PNG plots, drawn with the shared helpers of :mod:`batchfit.report.plots`.
 
 Each function takes the plain ``sweep.json`` dict and a path, draws one figure and returns the path:
 validation curves per batch size (by examples or steps, and by training seconds), the metric against
@@ -11,16 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from batchfit.report.plots import batch_size_axis, figure, save
+
 PLOTS = ("curves", "metric", "sharpness", "time_to_target", "lr_grid")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _colours(count: int) -> list[Any]:
@@ -35,27 +28,14 @@ def _pretty(metric: str) -> str:
 
 
 def _batch_axis(ax, sizes: list[int]) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(s) for s in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("batch size B (samples per step)")
-    ax.grid(True, alpha=0.3)
-
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return str(path)
+    batch_size_axis(ax, sizes, "batch size B (samples per step)")
 
 
 def plot_curves(result: dict[str, Any], path: Path) -> str:
     """Validation metric per evaluation point, one line per batch size."""
-    plt = _pyplot()
     metric, sizes = result["metric"], result["sizes"]
     by_steps = "steps" in result["settings"]["budget"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, (left, right) = figure(2, width=5.5, height=4.2, sharey=True)
     for colour, size in zip(_colours(len(sizes)), sizes, strict=True):
         curve = size["curve"]
         label = f"B={size['batch_size']} (lr {size['lr']:.3g})"
@@ -86,16 +66,15 @@ def plot_curves(result: dict[str, Any], path: Path) -> str:
     left.set_ylabel(_pretty(metric))
     right.legend(fontsize=8, loc="best")
     fig.suptitle(f"{_pretty(metric)} during training, per batch size")
-    return _save(fig, path)
+    return str(save(fig, path))
 
 
 def plot_metric(result: dict[str, Any], path: Path) -> str:
     """Best and final validation metric against batch size, and the same metric on training data."""
-    plt = _pyplot()
     metric, sizes = result["metric"], result["sizes"]
     bs = [s["batch_size"] for s in sizes]
     train_key = metric.replace("val_", "")
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax,) = figure(1, width=6.5, height=4.2)
     ax.plot(bs, [s["best"]["value"] for s in sizes], marker="o", label="validation, best")
     ax.plot(bs, [s["final"].get(metric) for s in sizes], marker="s", label="validation, final")
     ax.plot(
@@ -111,16 +90,15 @@ def plot_metric(result: dict[str, Any], path: Path) -> str:
     ax.set_title(
         f"{_pretty(metric)} vs batch size (gap = distance to the dotted line)", fontsize=10
     )
-    return _save(fig, path)
+    return str(save(fig, path))
 
 
 def plot_sharpness(result: dict[str, Any], path: Path) -> str:
     """Top Hessian eigenvalue of the training loss at the end of each run."""
-    plt = _pyplot()
     sizes = result["sizes"]
     bs = [s["batch_size"] for s in sizes]
     values = [s["sharpness"]["eigenvalue"] for s in sizes]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax,) = figure(1, width=6.5, height=4.2)
     ax.plot(bs, values, color="tab:red", linewidth=1)
     for b, v, s in zip(bs, values, sizes, strict=True):
         done = s["sharpness"]["converged"]
@@ -134,16 +112,15 @@ def plot_sharpness(result: dict[str, Any], path: Path) -> str:
     ax.set_ylabel("top Hessian eigenvalue (training loss)")
     note = "" if all(s["sharpness"]["converged"] for s in sizes) else " (hollow: not converged)"
     ax.set_title(f"Sharpness of the weights reached vs batch size{note}", fontsize=10)
-    return _save(fig, path)
+    return str(save(fig, path))
 
 
 def plot_time_to_target(result: dict[str, Any], path: Path) -> str:
     """Training seconds and examples (or steps) to the target; sizes that missed it marked x."""
-    plt = _pyplot()
     sizes = result["sizes"]
     by_steps = "steps" in result["settings"]["budget"]
     bs = [s["batch_size"] for s in sizes]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = figure(2, width=5.5, height=4.2)
     panels = (("seconds", "training seconds to target"),) + (
         (("steps", "steps to target"),) if by_steps else (("samples_seen", "examples to target"),)
     )
@@ -169,7 +146,7 @@ def plot_time_to_target(result: dict[str, Any], path: Path) -> str:
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0, top=top * 1.25)
     fig.suptitle(f"Time to {result['target']['text']} ({result['target']['source']} target)")
-    return _save(fig, path)
+    return str(save(fig, path))
 
 
 def plot_lr_grid(result: dict[str, Any], path: Path) -> str | None:
@@ -177,8 +154,7 @@ def plot_lr_grid(result: dict[str, Any], path: Path) -> str | None:
     sizes = [s for s in result["sizes"] if s.get("lr_grid")]
     if not sizes:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax,) = figure(1, width=6.5, height=4.2)
     for colour, size in zip(_colours(len(sizes)), sizes, strict=True):
         grid = size["lr_grid"]
         ax.plot(
@@ -196,7 +172,7 @@ def plot_lr_grid(result: dict[str, Any], path: Path) -> str | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Learning-rate grid per batch size (star: chosen)", fontsize=10)
-    return _save(fig, path)
+    return str(save(fig, path))
 
 
 def write_plots(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from batchfit.report.sweep_files import markdown_table, write_json, write_text
+from batchfit.report.files import table, write_json, write_text
 from batchfit.report.sweep_plots import write_plots
 
 
@@ -132,7 +132,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Per batch size",
         "",
-        markdown_table(header, rows),
+        table(header, rows),
         "",
         "Train loss: mean over the last epoch's steps (train mode). Gap: training subset "
         f"({fmt(st['train_subset_samples'])} samples) against validation, both in eval mode, at "
@@ -143,7 +143,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## The seed's claims",
         "",
-        markdown_table(
+        table(
             ["claim", "outcome", "Spearman rho", "numbers"],
             [
                 [c["claim"], c["outcome"], fmt(c["rho"], 3), c["detail"]]
@@ -170,9 +170,7 @@ def markdown(result: dict[str, Any]) -> str:
             for g in s["lr_grid"]
         ]
         lines += [
-            markdown_table(
-                ["B", "lr", "factor", f"best {metric}", f"final {metric}", "chosen"], grid_rows
-            ),
+            table(["B", "lr", "factor", f"best {metric}", f"final {metric}", "chosen"], grid_rows),
             "",
         ]
         edge = [str(s["batch_size"]) for s in grids if s.get("lr_at_grid_edge")]

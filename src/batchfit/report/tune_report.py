@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchfit.report import plots
-from batchfit.report.markdown import table, write_atomic
+from batchfit.report.files import table, write_json, write_text
 from batchfit.units import format_bytes
 
 if TYPE_CHECKING:
@@ -151,14 +151,12 @@ def vars_of(obj: object) -> dict[str, Any]:
 
 def write_report(result: TuneResult, out_dir: Path) -> list[Path]:
     """Write ``report.json``, ``report.md`` and the plots into ``out_dir``; return the paths."""
-    from batchfit.cli import to_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(result)
     written = [p for p in _plots(result, out_dir) if p is not None]
     report["files"] = ["report.json", "report.md", *(p.name for p in written)]
-    json_path = write_atomic(out_dir / "report.json", to_json(report) + "\n")
-    md_path = write_atomic(out_dir / "report.md", render_markdown(report))
+    json_path = write_json(out_dir / "report.json", report)
+    md_path = write_text(out_dir / "report.md", render_markdown(report))
     return [json_path, md_path, *written]
 
 
