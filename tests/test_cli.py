@@ -168,6 +168,12 @@ def test_users_model_and_parquet_data_by_file_path_and_by_module_name(
 def _bad_input_cases(models_file: Path, blobs_parquet: Path, tmp_path: Path):
     empty = tmp_path / "empty.csv"
     empty.write_text("f0,f1,f2,f3,y\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    used = tmp_path / "used"
+    (used / "last.pt").parent.mkdir()
+    (used / "last.pt").write_bytes(b"a checkpoint from an earlier run")
+    one = ["--batch-size", "8", "--epochs", "1"]
     user = ["--model", f"{models_file}:mlp", "--data", str(blobs_parquet), "--target", "y"]
     return [
         (["--batch-size", "0", "--epochs", "1"], "'batch_size' option must be an int >= 1"),
@@ -175,7 +181,7 @@ def _bad_input_cases(models_file: Path, blobs_parquet: Path, tmp_path: Path):
         (["--batch-size", "2.5", "--epochs", "1"], "Got '2.5'"),
         (
             ["--batch-size", "5000", "--epochs", "1"],
-            "larger than the data set (4000 samples). Use --batch-size 4000",
+            "larger than the training set (4000 samples). Use --batch-size 4000",
         ),
         (
             ["--batch-size", "32", "--micro-batch-size", "64", "--epochs", "1"],
@@ -227,7 +233,7 @@ def _bad_input_cases(models_file: Path, blobs_parquet: Path, tmp_path: Path):
         ),
         (
             ["--model", f"{models_file}:needs_args", "--batch-size", "8", "--epochs", "1"],
-            "with no arguments failed",
+            "needs arguments (width)",
         ),
         (
             [
@@ -260,12 +266,27 @@ def _bad_input_cases(models_file: Path, blobs_parquet: Path, tmp_path: Path):
             "has no rows",
         ),
         (["--batch-size", "8", "--epochs", "1", "--resume"], "--resume needs --checkpoint-dir"),
+        ([*one, "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+        ([*one, "--checkpoint-dir", str(a_file)], "is a file, not a folder"),
+        (
+            [*one, "--checkpoint-dir", str(used / "last.pt"), "--resume"],
+            f"is a file, not a folder (give its folder: --checkpoint-dir {used})",
+        ),
+        ([*one, "--checkpoint-dir", str(used)], "already holds a checkpoint; add --resume"),
+        ([*one, "--checkpoint-dir", str(used), "--resume"], "Cannot load"),
+        (["--batch-size", "8", "--epochs", "1", "--out", str(a_file)], "--out"),
+        ([*one, "--val-fraction", "0.5"], "has its own validation set"),
+        (["--model", f"{models_file}:broken", *one], "raised ValueError: boom"),
+        (
+            [*user, "--model", f"{models_file}:batch_norm", "--batch-size", "1", "--epochs", "1"],
+            "batch norm, which cannot train on a micro-batch of 1 sample",
+        ),
     ]
 
 
 def test_each_bad_input_is_one_line_with_exit_2(tmp_path, capsys, models_file, blobs_parquet):
     for argv, expected in _bad_input_cases(models_file, blobs_parquet, tmp_path):
-        code = main(["train", *argv, "--quiet", "--out", str(tmp_path / "o")])
+        code = main(["train", "--quiet", "--out", str(tmp_path / "o"), *argv])
         err = capsys.readouterr().err.strip()
         assert code == 2, (argv, err)
         assert len(err.splitlines()) == 1, err

@@ -286,3 +286,136 @@ def test_resume_keeps_the_evaluations_made_before_the_stop(tmp_path):
     assert [e["val_loss"] for e in resumed.evals if e["step"] != 9] == [
         e["val_loss"] for e in full.evals
     ]
+
+
+class _Samples(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_resume_with_a_torch_dataset_and_dropout_is_bitwise_identical(tmp_path):
+    data = _Samples(*blobs(150))
+    kwargs = dict(batch_size=16, epochs=2, seed=3)
+    full = train(tiny_model(dropout=0.5), data, **kwargs)
+    train(tiny_model(dropout=0.5), data, max_steps=7, checkpoint_dir=tmp_path, **kwargs)
+    resumed = train(tiny_model(dropout=0.5), data, checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert resumed.params_sha256 == full.params_sha256
+
+
+class _NumpyNoise(nn.Module):
+    """A model that draws from NumPy's and Python's global generators, as user code may."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        noise = float(np.random.normal()) + random.random()
+        return self.net(x + 0.01 * noise)
+
+
+def test_resume_restores_numpy_and_python_generators(tmp_path):
+    x, y = blobs(100)
+    kwargs = dict(batch_size=10, epochs=2, seed=4)
+    full = train(_NumpyNoise(), (x, y), **kwargs)
+    train(_NumpyNoise(), (x, y), max_steps=13, checkpoint_dir=tmp_path, **kwargs)
+    resumed = train(_NumpyNoise(), (x, y), checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert resumed.params_sha256 == full.params_sha256
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "match"),
+    [
+        ({"lr": 0.001}, {"lr": 0.5}, r"made with lr=0.001, not 0.5; resume with --lr 0.001"),
+        ({"drop_last": True}, {"drop_last": False}, r"resume with --drop-last,"),
+        ({"drop_last": False}, {"drop_last": True}, r"resume with no --drop-last,"),
+        ({"weight_decay": None}, {"weight_decay": 0.1}, r"resume with no --weight-decay,"),
+    ],
+)
+def test_resume_refuses_changed_settings_and_names_the_flag_to_use(tmp_path, first, then, match):
+    x, y = blobs(95)
+    train(tiny_model(), (x, y), batch_size=10, max_steps=3, checkpoint_dir=tmp_path, **first)
+    with pytest.raises(BatchfitError, match=match):
+        train(
+            tiny_model(),
+            (x, y),
+            batch_size=10,
+            epochs=1,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            **then,
+        )
+
+
+def test_resume_on_other_data_names_the_data_options(tmp_path):
+    x, y = blobs(95)
+    train(tiny_model(), (x, y), batch_size=10, max_steps=3, checkpoint_dir=tmp_path)
+    with pytest.raises(BatchfitError, match=r"the same training data \(95 samples then\)"):
+        train(
+            tiny_model(),
+            (x[:90], y[:90]),
+            batch_size=10,
+            epochs=1,
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
+
+
+class _Overflowing(nn.Module):
+    """Finite loss, infinite gradient: d/dz sqrt(z) at z = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model()
+        self.z = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.net(x) + 0 * torch.sqrt(self.z)
+
+
+def test_non_finite_weights_with_a_finite_loss_are_never_checkpointed(tmp_path):
+    x, y = blobs(50)
+    with pytest.raises(NonFiniteLossError, match=r"Parameter 'z' became NaN or infinite by step 1"):
+        train(
+            _Overflowing(),
+            (x, y),
+            batch_size=10,
+            epochs=1,
+            checkpoint_every=1,
+            checkpoint_dir=tmp_path,
+            optimizer="sgd",
+            lr=0.1,
+        )
+    assert load_checkpoint(tmp_path) is None
+
+
+def test_batch_norm_refuses_single_sample_micro_batches_up_front():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    x, y = blobs(101)
+    with pytest.raises(BatchfitError, match=r"at every step"):
+        train(model, (x, y), batch_size=1, epochs=1)
+    with pytest.raises(
+        BatchfitError, match=r"the last batch of each epoch \(101 % 10 = 1 sample\)"
+    ):
+        train(model, (x, y), batch_size=10, epochs=1)
+    assert train(model, (x, y), batch_size=10, epochs=1, drop_last=True).steps == 10
+
+
+def test_plan_and_train_accept_numpy_integers():
+    import numpy as np
+
+    from batchfit import plan
+
+    assert plan(np.int64(24000), np.int32(32)).steps_per_epoch == 750
+    x, y = blobs(40)
+    assert train(tiny_model(), (x, y), batch_size=np.int64(8), epochs=np.int64(1)).steps == 5

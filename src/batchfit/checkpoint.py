@@ -43,8 +43,9 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BatchfitError(
-            f"Cannot load the checkpoint '{path}': {str(exc).splitlines()[0]}. Delete it to "
-            "start over, or point --checkpoint-dir elsewhere."
+            f"Cannot load '{path}' as a batchfit checkpoint ({type(exc).__name__}): it is damaged "
+            "or was not written by batchfit. Delete it to start over, or point --checkpoint-dir "
+            "elsewhere."
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise BatchfitError(
@@ -77,14 +78,37 @@ def check_same_model(
             )
 
 
+_FLAGS = {
+    "batch_size": "--batch-size",
+    "seed": "--seed",
+    "optimizer": "--optimizer",
+    "lr": "--lr",
+    "momentum": "--momentum",
+    "weight_decay": "--weight-decay",
+    "steps_per_epoch": "--steps-per-epoch",
+}
+
+
+def _how_to_match(key: str, value: Any) -> str:
+    """The command-line words that reproduce a saved setting."""
+    if key == "samples":
+        return (
+            f"the same training data ({value} samples then): the same --data, --val-data and "
+            "--val-fraction"
+        )
+    if key == "drop_last":
+        return "--drop-last" if value else "no --drop-last"
+    flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
+    return f"no {flag}" if value is None else f"{flag} {value}"
+
+
 def check_same_settings(state: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
-    """Refuse to resume with settings that would change the batches or the optimizer."""
+    """Refuse to resume with settings that would change the batches or the updates."""
     saved = state.get("settings", {})
     for key, value in settings.items():
         if key in saved and saved[key] != value:
-            flag = "--" + key.replace("_", "-")
             raise BatchfitError(
                 f"The checkpoint '{path}' was made with {key}={saved[key]!r}, not {value!r}; "
-                f"resume "
-                f"with {flag} {saved[key]}, or use a new --checkpoint-dir to start over."
+                f"resume with {_how_to_match(key, saved[key])}, or use a new --checkpoint-dir "
+                "to start over."
             )

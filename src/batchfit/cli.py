@@ -7,6 +7,8 @@ a table. Errors are one line on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -793,6 +795,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"batchfit {args.command}: interrupted.", file=sys.stderr)
         return EXIT_SIGNAL["SIGINT"]
+    except BrokenPipeError:  # `batchfit ... --json | head`: the reader left; nothing to report
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep Python's exit flush quiet
+        return 0
 
 
 if __name__ == "__main__":

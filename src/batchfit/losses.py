@@ -26,9 +26,14 @@ def _match_shape(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if output.shape != target.shape and output.numel() == target.numel():
         return output.reshape(target.shape)
     if output.shape != target.shape:
+        hint = (
+            "; if the target holds class labels, use --loss cross_entropy"
+            if output.ndim == 2 and target.ndim == 1 and output.shape[0] == target.shape[0]
+            else ""
+        )
         raise BatchfitError(
             f"The model's output has shape {tuple(output.shape)} but the target has shape "
-            f"{tuple(target.shape)}; make the model output one value per target value."
+            f"{tuple(target.shape)}; make the model output one value per target value{hint}."
         )
     return output
 

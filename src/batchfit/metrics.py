@@ -34,7 +34,7 @@ class MetricsLog:
                 self._truncate_after(resume_step)
             else:
                 with path.open("w", newline="") as f:
-                    csv.writer(f).writerow(COLUMNS)
+                    csv.writer(f, lineterminator="\n").writerow(COLUMNS)
 
     def _truncate_after(self, step: int) -> None:
         # Rows written after the checkpoint belong to steps that the resumed run does again.
@@ -42,7 +42,7 @@ class MetricsLog:
             rows = list(csv.reader(f))
         kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
         with self.path.open("w", newline="") as f:
-            csv.writer(f).writerows(kept)
+            csv.writer(f, lineterminator="\n").writerows(kept)
 
     def add(
         self,
@@ -77,7 +77,7 @@ class MetricsLog:
             self.last_loss, self.last_samples_per_s = value, speed
         if self.path is not None:
             with self.path.open("a", newline="") as f:
-                csv.writer(f).writerows(rows)
+                csv.writer(f, lineterminator="\n").writerows(rows)
         if bad is not None:
             step, epoch, value = bad
             raise NonFiniteLossError(

@@ -90,6 +90,25 @@ def micro_batch_sizes(n: int, micro_batch_size: int) -> list[int]:
     return [micro_batch_size] * full + ([rest] if rest else [])
 
 
+def has_single_sample_micro_batch(
+    samples: int | None, batch_size: int, micro_batch_size: int, drop_last: bool = False
+) -> bool:
+    """Whether some micro-batch of an epoch holds exactly one sample (one device).
+
+    Batch norm cannot train on one sample, so the loop checks this before training.
+
+    >>> has_single_sample_micro_batch(100, 33, 33)      # the last batch holds 100 - 99 = 1
+    True
+    >>> has_single_sample_micro_batch(100, 33, 33, drop_last=True), has_single_sample_micro_batch(
+    ...     100, 10, 3)
+    (False, True)
+    """
+    sizes = set(micro_batch_sizes(batch_size, micro_batch_size))
+    if samples is not None and not drop_last and samples % batch_size:
+        sizes |= set(micro_batch_sizes(samples % batch_size, micro_batch_size))
+    return 1 in sizes
+
+
 def _iterations_for_batch(n: int, micro_batch_size: int, world_size: int) -> int:
     busiest = math.ceil(n / world_size)
     return math.ceil(busiest / micro_batch_size)
@@ -124,7 +143,7 @@ def check_batch_fits_data(batch_size: int, samples: int) -> None:
     """A batch cannot hold more samples than the data set has."""
     if batch_size > samples:
         raise BatchfitError(
-            f"The batch size ({batch_size}) is larger than the data set ({samples} samples). "
+            f"The batch size ({batch_size}) is larger than the training set ({samples} samples). "
             f"Use --batch-size {samples} for full-batch training, or a smaller batch."
         )
 

@@ -7,6 +7,7 @@ This is where the command line's ``--example``, ``--model``, ``--data``, ``--val
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,14 +74,23 @@ def model_factory(spec: str) -> Callable[[], nn.Module]:
             f"The model factory '{spec}' is not callable; point --model at a function."
         )
 
+    required = _required_parameters(factory)
+    if required:
+        raise BatchfitError(
+            f"The model factory '{spec}' needs arguments ({', '.join(required)}); --model needs a "
+            "function that takes no arguments and returns an nn.Module (wrap yours in one)."
+        )
+
     def build() -> nn.Module:
         try:
             model = factory()
-        except TypeError as exc:
+        except BatchfitError:
+            raise
+        except Exception as exc:
             raise BatchfitError(
-                f"Calling the model factory '{spec}' with no arguments failed: {exc}. "
-                "--model needs a function that takes no arguments and returns an nn.Module."
-            ) from None
+                f"The model factory '{spec}' raised {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
         if not isinstance(model, nn.Module):
             raise BatchfitError(
                 f"The model factory '{spec}' returned {type(model).__name__}, not a "
@@ -89,6 +99,20 @@ def model_factory(spec: str) -> Callable[[], nn.Module]:
         return model
 
     return build
+
+
+def _required_parameters(function: Callable) -> list[str]:
+    """Names of the parameters a call with no arguments would be missing."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return []
+    return [
+        p.name
+        for p in signature.parameters.values()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 def _is_factory(spec: str) -> bool:
@@ -185,6 +209,11 @@ def load_task(
         val: BatchSource | None = TensorSource(loaded.x_val, loaded.y_val, shuffle=False)
         if val_fraction == 0:
             val = None
+        elif val_fraction is not None:
+            raise BatchfitError(
+                f"The example '{name}' has its own validation set; --val-fraction only takes 0 "
+                "there (no validation)."
+            )
         kind = loaded.target_kind
         factory = model_factory(model) if model else ex.make_model
         label = f"example '{name}'" + (f" with model {model}" if model else "")
@@ -200,9 +229,24 @@ def load_task(
         val = None
         if fraction > 0:
             train, val = _split(train, fraction, seed)
+    if loss == "cross_entropy" and kind == "real":
+        train, val, kind = _as_class_labels(train), val and _as_class_labels(val), "class"
     name = f"{model} on {data}"
     return Task(
         name, model_factory(model), train, val, resolve_loss(loss, kind), data_choice=choice
+    )
+
+
+def _as_class_labels(source: BatchSource) -> BatchSource:
+    """Float targets holding whole numbers (a 2-D ``.npy`` keeps labels as floats) as int64 labels,
+    for ``--loss cross_entropy``."""
+    if isinstance(source, TensorSource) and source.y.is_floating_point():
+        y = source.y
+        if y.ndim == 1 and bool((y == y.round()).all()) and bool((y >= 0).all()):
+            return TensorSource(source.x, y.long(), seed=source.seed, shuffle=source.shuffle)
+    raise BatchfitError(
+        "The cross_entropy loss needs class labels 0..C-1, but the target holds other numbers; "
+        "store the labels as integers, or use --loss mse."
     )
 
 
@@ -243,6 +287,7 @@ def check_model_accepts_data(model: nn.Module, source: BatchSource, loss: Loss) 
             try:
                 output = model(x.to(device))
             except (RuntimeError, ValueError, IndexError) as exc:
+                _raise_if_dtype_mismatch(model, x, exc)
                 raise BatchfitError(
                     f"The model does not accept the data: each sample has shape "
                     f"{tuple(x.shape[1:])}{_expected_input(model)}. torch said: "
@@ -279,10 +324,24 @@ def _check_labels(y: torch.Tensor, classes: int) -> None:
         )
 
 
+def _raise_if_dtype_mismatch(model: nn.Module, x: torch.Tensor, exc: Exception) -> None:
+    parameter = next(model.parameters(), None)
+    if parameter is not None and x.is_floating_point() and x.dtype != parameter.dtype:
+        raise BatchfitError(
+            f"The data is {x.dtype} but the model's parameters are {parameter.dtype}; convert one "
+            f"to the other (e.g. x.float() or model.double()). torch said: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+
+
 def _expected_input(model: nn.Module) -> str:
     for module in model.modules():
         if isinstance(module, nn.Linear):
             return f", but the model's first layer expects {module.in_features} features"
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return f", but the model's first layer expects {module.in_channels} input channels"
+            channels = module.in_channels
+            return (
+                f", but the model's first layer expects {channels} input "
+                f"channel{'' if channels == 1 else 's'}"
+            )
     return ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,7 +40,13 @@ from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupt
 from batchfit.losses import Loss, LossFn, correct_count, resolve_loss
 from batchfit.metrics import MetricsLog
 from batchfit.progress import TrainProgress
-from batchfit.schedule import check_batch_fits_data, check_sizes, plan
+from batchfit.schedule import (
+    check_batch_fits_data,
+    check_sizes,
+    has_single_sample_micro_batch,
+    micro_batch_sizes,
+    plan,
+)
 from batchfit.task import as_source, check_model_accepts_data, target_kind_of
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
@@ -206,14 +214,33 @@ class _StopSignals:
 
 
 def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    """Every global generator a model or dataset may draw from: torch (CPU and CUDA), Python's
+    ``random`` and NumPy's legacy global one, as plain data (loadable with weights_only)."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _seed_everything(seed: int) -> None:
+    """Seed every global generator that :func:`_rng_state` saves, for a reproducible fresh run."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -230,6 +257,85 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
             "--device cuda was asked for, but no CUDA device is available; use cpu."
         )
     return resolved
+
+
+def _check_output_paths(
+    checkpoint_dir: str | Path | None,
+    checkpoint_every: int | None,
+    resume: bool,
+    out_dir: str | Path | None,
+) -> None:
+    """Fail before training, not at the first checkpoint, on folders that cannot be used."""
+    if checkpoint_dir is None:
+        if resume:
+            raise BatchfitError(
+                "--resume needs --checkpoint-dir, the folder that holds the checkpoint."
+            )
+        if checkpoint_every is not None:
+            raise BatchfitError(
+                "--checkpoint-every needs --checkpoint-dir, the folder to write checkpoints to."
+            )
+    else:
+        folder = Path(checkpoint_dir)
+        if folder.exists() and not folder.is_dir():
+            hint = (
+                f" (give its folder: --checkpoint-dir {folder.parent})"
+                if folder.name == (checkpoint_path(folder.parent).name)
+                else ""
+            )
+            raise BatchfitError(f"--checkpoint-dir '{folder}' is a file, not a folder{hint}.")
+        if not resume and checkpoint_path(folder).exists():
+            raise BatchfitError(
+                f"'{folder}' already holds a checkpoint; add --resume to continue that run, or "
+                "choose another --checkpoint-dir (or delete it) to start over."
+            )
+        _make_folder(folder, "--checkpoint-dir")
+    if out_dir is not None:
+        _make_folder(Path(out_dir), "--out")
+
+
+def _make_folder(folder: Path, flag: str) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BatchfitError(f"{flag} '{folder}' is a file, not a folder; give a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BatchfitError(
+            f"Cannot create {flag} '{folder}': {exc.strerror}; choose a folder you can write to."
+        ) from None
+
+
+def _check_batch_norm(
+    model: nn.Module, samples: int | None, batch_size: int, micro_batch_size: int, drop_last: bool
+) -> None:
+    """Batch norm cannot train on one sample; say so before training, not mid-epoch."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    if has_single_sample_micro_batch(samples, batch_size, micro_batch_size, drop_last):
+        where = (
+            "every step"
+            if 1 in micro_batch_sizes(batch_size, micro_batch_size)
+            else f"the last batch of each epoch ({samples} % {batch_size} = 1 sample)"
+            if samples is not None and samples % batch_size == 1
+            else "the last micro-batch of the epoch's last batch"
+        )
+        raise BatchfitError(
+            f"The model has batch norm, which cannot train on a micro-batch of 1 sample, and batch "
+            f"size {batch_size} (micro-batch {micro_batch_size}) makes one at {where}. Use "
+            "batch and micro-batch sizes that leave at least 2 samples, or --drop-last."
+        )
+
+
+def _check_finite_parameters(model: nn.Module, step: int) -> None:
+    """A gradient can overflow while the loss is still finite: never checkpoint such weights."""
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise NonFiniteLossError(
+                f"Parameter '{name}' became NaN or infinite by step {step} although the loss was "
+                "still finite (a gradient overflowed); training stopped and the last good "
+                "checkpoint was kept. Lower --lr or check the data for extreme values.",
+                step=step,
+            )
 
 
 def _stop_rule(
@@ -321,13 +427,11 @@ def train(
     eval_batch_size = validation.check_optional("eval_batch_size", eval_batch_size) or max(
         micro, 1024
     )
-    if resume and checkpoint_dir is None:
-        raise BatchfitError(
-            "--resume needs --checkpoint-dir, the folder that holds the checkpoint."
-        )
+    _check_output_paths(checkpoint_dir, checkpoint_every, resume, out_dir)
     if not isinstance(loss, Loss):
         loss = resolve_loss(loss, target_kind_of(source))
 
+    _check_batch_norm(model, n, batch_size, micro, drop_last)
     device = _resolve_device(device)
     model.to(device)
     check_model_accepts_data(model, source, loss)
@@ -355,6 +459,9 @@ def train(
         "drop_last": drop_last,
         "samples": n,
         "steps_per_epoch": steps_per_epoch,
+        "lr": lr,
+        "momentum": momentum if optimizer == "sgd" else None,
+        "weight_decay": weight_decay,
     }
 
     run = _Run()
@@ -375,7 +482,7 @@ def train(
         )
         resumed_from = run.position.step
     else:
-        torch.manual_seed(seed)
+        _seed_everything(seed)
     pos = run.position
 
     metrics = MetricsLog(
@@ -399,10 +506,15 @@ def train(
     elif resume:
         bar.log(f"No checkpoint in {checkpoint_dir} yet; starting from the beginning.")
 
+    saved_at: list[tuple[int, str]] = []
+
     def checkpoint() -> str | None:
+        metrics.flush()  # raises on a NaN loss first, so a bad state is never saved
         if checkpoint_dir is None:
             return None
-        metrics.flush()  # raises on NaN first, so a bad state is never saved
+        if saved_at and saved_at[-1][0] == pos.step:
+            return saved_at[-1][1]
+        _check_finite_parameters(model, pos.step)
         state = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -414,7 +526,9 @@ def train(
             "epoch_loss": [metrics.epoch_loss_sum, metrics.epoch_samples],
             "settings": settings,
         }
-        return str(save_checkpoint(checkpoint_dir, state))
+        path = str(save_checkpoint(checkpoint_dir, state))
+        saved_at.append((pos.step, path))
+        return path
 
     def validate() -> dict[str, float]:
         """Evaluate now (once per step at most), record it and tell ``on_eval``."""
@@ -445,6 +559,8 @@ def train(
             steps_done = math.ceil(pos.sample_in_epoch / batch_size)
             if steps_per_epoch is not None:
                 epoch_steps, steps_done = steps_per_epoch, pos.step - pos.epoch * steps_per_epoch
+            if epoch_steps is not None:  # the bar ends where this epoch's training ends
+                epoch_steps = steps_done + min(epoch_steps - steps_done, total_steps - pos.step)
             bar.start_epoch(
                 f"epoch {pos.epoch + 1}" + (f"/{epochs}" if epochs else ""),
                 epoch_steps,

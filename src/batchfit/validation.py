@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,8 @@ class Int:
         return f"an int in [{self.low}, {self.high}]"
 
     def accepts(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, int):
+        # numbers.Integral admits NumPy integers (np.int64(24000)); bool is excluded on purpose.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             return False
         return value >= self.low and (self.high is None or value <= self.high)
 
@@ -65,7 +67,7 @@ class Float:
         return "a number" + (" " + " and ".join(parts) if parts else "")
 
     def accepts(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return False
         if not math.isfinite(value):
             return False
@@ -163,9 +165,12 @@ def _message(name: str, got: Any, fix: str | None) -> str:
 
 def check(name: str, value: Any, fix: str | None = None) -> Any:
     """Return ``value`` if option ``name`` accepts it, else raise a BatchfitError naming both."""
-    if not OPTIONS[name].accepts(value):
+    rule = OPTIONS[name]
+    if not rule.accepts(value):
         raise BatchfitError(_message(name, value, fix))
-    return value
+    if isinstance(rule, (Int, Size)):
+        return int(value)  # a NumPy integer becomes a plain int (JSON, checkpoints)
+    return float(value) if isinstance(rule, Float) else value
 
 
 def check_optional(name: str, value: Any, fix: str | None = None) -> Any:

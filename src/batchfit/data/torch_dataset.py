@@ -83,6 +83,9 @@ class DatasetSource(BatchSource):
         loader = DataLoader(
             self.dataset,
             batch_sampler=index_batches,
+            # Without a generator of its own, every DataLoader iterator draws its base seed from
+            # torch's global RNG: a resumed run would shift every later dropout mask.
+            generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)),
             num_workers=self.num_workers,
             collate_fn=lambda items: default_collate([_as_pair(i) for i in items]),
         )

@@ -6,6 +6,10 @@ Generation takes about 1.5 s; the cache makes later runs instant. The model is a
 
 from __future__ import annotations
 
+import sys
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -14,6 +18,7 @@ from batchfit.atomic import atomic_open
 from batchfit.examples.base import Example, ExampleData, cache_dir
 
 CACHE_NAME = "mnist1d-v1.npz"
+KEYS = ("x_train", "y_train", "x_val", "y_val")
 
 
 def _generate() -> dict[str, np.ndarray]:
@@ -28,17 +33,37 @@ def _generate() -> dict[str, np.ndarray]:
     }
 
 
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when the cache is missing or damaged (then it is rebuilt)."""
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    return arrays if set(arrays) == set(KEYS) else None
+
+
 def load() -> ExampleData:
-    """Load MNIST-1D from the cache, generating it (and writing it atomically) the first time."""
+    """Load MNIST-1D from the cache, generating it (and writing it atomically) the first time.
+
+    An unwritable cache folder costs the 1.5 s of generation on every run, not the run itself.
+    """
     path = cache_dir() / CACHE_NAME
-    if not path.exists():
+    arrays = _read_cache(path)
+    if arrays is None:
         arrays = _generate()
-        with atomic_open(path, "wb") as f:
-            np.savez(f, **arrays)
-    with np.load(path) as f:
-        arrays = {k: torch.from_numpy(f[k]) for k in f.files}
+        try:
+            with atomic_open(path, "wb") as f:
+                np.savez(f, **arrays)
+        except OSError as exc:
+            print(
+                f"batchfit: cannot cache MNIST-1D in '{path.parent}' ({exc.strerror}); set "
+                "BATCHFIT_CACHE to a writable folder to skip regenerating it.",
+                file=sys.stderr,
+            )
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     return ExampleData(
-        arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"], "class"
+        tensors["x_train"], tensors["y_train"], tensors["x_val"], tensors["y_val"], "class"
     )
 
 
