@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchfit.cli import main
+from batchfit.errors import BatchfitError
 from helpers import run_cli, subprocess_env
 
 
@@ -367,6 +368,9 @@ def test_signal_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_
     assert f"Stopped by {signal_name} at step" in err and "Resume with: batchfit train" in err
     assert "--resume" in err and out == ""
     assert (tmp_path / "c" / "last.pt").exists()
+    stopped_at = int(err.split(" at step ")[1].split()[0])
+    rows = (tmp_path / "o" / "metrics.csv").read_text().splitlines()
+    assert int(rows[-1].split(",")[0]) == stopped_at  # every finished step's row was written
     if signal_name == "SIGTERM":
         return
     resumed = run_cli([*args, "--resume"])
@@ -378,25 +382,92 @@ def test_signal_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_
 
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    # The second save blocks inside torch.save (pickling an object that waits), so the kill lands
+    # mid-write every time, with the temporary file open and half written.
     script = (
-        "import sys, torch\n"
+        "import sys, time\n"
         "from batchfit.checkpoint import save_checkpoint\n"
+        "class Stall:\n"
+        "    def __reduce__(self):\n"
+        "        print('writing', flush=True)\n"
+        "        time.sleep(120)\n"
+        "        return (int, (0,))\n"
         "save_checkpoint(sys.argv[1], {'version': 1})\n"
-        "print('saved', flush=True)\n"
-        "save_checkpoint(sys.argv[1], {'version': 2, 'big': torch.ones(200_000_000)})\n"
+        "save_checkpoint(sys.argv[1], {'version': 2, 'stall': Stall()})\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
-    assert proc.stdout.readline().strip() == "saved"
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".last.pt.*.tmp")) and time.monotonic() < deadline:
-        time.sleep(0.001)
+    assert proc.stdout.readline().strip() == "writing"
     proc.kill()
     proc.wait()
     from batchfit.checkpoint import load_checkpoint, save_checkpoint
 
+    assert list(tmp_path.glob(".last.pt.*.tmp")), "the kill should have left a half-written file"
     assert load_checkpoint(tmp_path)["version"] == 1
     save_checkpoint(tmp_path, {"version": 3})
     assert not list(tmp_path.glob(".last.pt.*.tmp"))
     assert load_checkpoint(tmp_path)["version"] == 3
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused_in_one_line(tmp_path):
+    import torch
+
+    from batchfit.checkpoint import load_checkpoint
+
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(BatchfitError, match=r"Cannot load .* as a batchfit checkpoint"):
+        load_checkpoint(tmp_path)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "last.pt")
+    with pytest.raises(BatchfitError, match=r"is not a batchfit checkpoint of format 1"):
+        load_checkpoint(tmp_path)
+
+
+def test_json_piped_into_a_reader_that_leaves_early_ends_quietly():
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "batchfit",
+            "plan",
+            "--samples",
+            "24000",
+            "--batch-size",
+            "32",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    proc.stdout.close()  # the reader is gone before batchfit writes
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"Traceback" not in err
+
+
+def test_float_labels_of_a_2d_npy_train_with_cross_entropy(tmp_path, capsys, models_file):
+    import numpy as np
+
+    from helpers import blobs
+
+    x, y = blobs(200)
+    np.save(tmp_path / "d.npy", np.column_stack([x.numpy(), y.numpy()]).astype(np.float32))
+    argv = [
+        "train",
+        "--model",
+        f"{models_file}:mlp",
+        "--data",
+        str(tmp_path / "d.npy"),
+        "--batch-size",
+        "20",
+        "--epochs",
+        "2",
+        "--quiet",
+        "--json",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2
+    assert "if the target holds class labels, use --loss cross_entropy" in capsys.readouterr().err
+    got = json_out(capsys, [*argv, "--loss", "cross_entropy"])
+    assert "val_accuracy" in got["final"]
