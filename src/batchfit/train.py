@@ -171,7 +171,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     n = len(y)
     if n <= micro_batch_size:
-        loss = loss_fn(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        if device.type != "cpu":  # on CPU, .to() is a no-op that still costs a call per tensor
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
         return loss.detach(), 1
