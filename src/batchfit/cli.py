@@ -250,7 +250,10 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
         help="sgd (momentum 0.9), adam or adamw (default adam)",
     )
     o.add_argument(
-        "--lr", type=_typed("lr"), help="learning rate (default: 1e-3 for adam/adamw, 0.01 for sgd)"
+        "--lr",
+        type=_typed("lr"),
+        help="learning rate (default: the example's own with adam/adamw, else 1e-3 for "
+        "adam/adamw and 0.01 for sgd)",
     )
     o.add_argument("--momentum", type=_typed("momentum"), default=0.9, help="SGD momentum")
     o.add_argument("--weight-decay", type=_typed("weight_decay"), help="weight decay")

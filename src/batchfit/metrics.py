@@ -64,6 +64,7 @@ class MetricsLog:
         values = torch.stack([row[4] for row in pending]).double().cpu().tolist()
         rows = []
         bad = None
+        samples, seconds = 0, 0.0
         for row, value in zip(pending, values, strict=True):
             step, epoch, batch_size, micro, _, lr, speed = row
             rows.append(
@@ -74,7 +75,10 @@ class MetricsLog:
                 break
             self.epoch_loss_sum += value * batch_size
             self.epoch_samples += batch_size
-            self.last_loss, self.last_samples_per_s = value, speed
+            self.last_loss = value
+            samples, seconds = samples + batch_size, seconds + batch_size / speed
+        if seconds > 0:  # the display shows the rate over the rows just flushed, not one step
+            self.last_samples_per_s = samples / seconds
         if self.path is not None:
             with self.path.open("a", newline="") as f:
                 csv.writer(f, lineterminator="\n").writerows(rows)
