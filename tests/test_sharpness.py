@@ -57,7 +57,9 @@ def test_sharpness_returns_the_top_eigenvalue_even_when_a_negative_one_is_larger
     assert result.eigenvalue == pytest.approx(5.0, rel=1e-3)
 
 
-def test_sharpness_matches_a_brute_force_float64_hessian_of_a_tiny_network():
+# 10 does not divide 64: the last chunk is smaller and must weigh less.
+@pytest.mark.parametrize("micro_batch_size", [None, 10])
+def test_sharpness_matches_a_brute_force_float64_hessian_of_a_tiny_network(micro_batch_size):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = blobs(64)
@@ -74,7 +76,9 @@ def test_sharpness_matches_a_brute_force_float64_hessian_of_a_tiny_network():
 
     hessian = torch.autograd.functional.hessian(loss_of, flat)
     top = torch.linalg.eigvalsh(hessian)[-1].item()
-    result = sharpness(model, loss_fn, x, y, iterations=5000, tolerance=1e-13)
+    result = sharpness(
+        model, loss_fn, x, y, iterations=5000, tolerance=1e-13, micro_batch_size=micro_batch_size
+    )
     assert result.converged
     assert result.eigenvalue == pytest.approx(top, rel=1e-6)
 
@@ -126,6 +130,7 @@ def test_sharpness_holds_frozen_parameters_fixed():
     [
         ({"iterations": 0}, "'sharpness_iterations' option must be an int >= 1"),
         ({"tolerance": 0.0}, "'sharpness_tolerance' option must be a number > 0"),
+        ({"micro_batch_size": 0}, "'micro_batch_size' option must be an int >= 1"),
     ],
 )
 def test_sharpness_rejects_bad_settings(kwargs, message):

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -57,19 +58,29 @@ def test_same_seed_and_size_twice_gives_identical_results():
     assert other_seed.sizes[0]["params_sha256"] != a.sizes[0]["params_sha256"]
 
 
-def test_every_size_starts_from_the_same_weights_as_a_plain_training_run_would():
+def test_every_size_ends_where_a_plain_training_run_from_the_same_weights_ends():
     model = mlp()
     start = params_sha256(model)
     reference = copy.deepcopy(model)
-    result = run(model, batch_sizes=[8, 32, 128], epochs=2)
-    assert {s["initial_params_sha256"] for s in result.sizes} == {start}
+    optimizer = {"optimizer": "sgd", "momentum": 0.5, "weight_decay": 1e-3}
+    result = run(model, batch_sizes=[8, 32, 128], epochs=2, **optimizer)
     assert len({s["params_sha256"] for s in result.sizes}) == 3
     assert params_sha256(model) == start  # the model is handed back as it came
-    # Two routes, one answer: plain batchfit.train from the same weights ends at the same place.
+    # Two routes, one answer: plain batchfit.train from the same weights, at every size, ends at
+    # the same place, so every run started from those weights and used the same optimizer.
     train_data, _ = data()
-    mine = result.sizes[1]
-    plain = batchfit.train(reference, train_data, batch_size=32, epochs=2, lr=mine["lr"])
-    assert plain.params_sha256 == mine["params_sha256"]
+    for size in result.sizes:
+        plain = batchfit.train(
+            copy.deepcopy(reference),
+            train_data,
+            batch_size=size["batch_size"],
+            epochs=2,
+            lr=size["lr"],
+            **optimizer,
+        )
+        assert plain.params_sha256 == size["params_sha256"], size["batch_size"]
+    without_decay = run(mlp(), batch_sizes=[32], epochs=2, optimizer="sgd", momentum=0.5)
+    assert without_decay.sizes[0]["params_sha256"] != result.sizes[1]["params_sha256"]
 
 
 def test_equal_examples_budgets_give_every_size_the_same_number_of_examples():
@@ -89,8 +100,11 @@ def test_micro_batches_split_large_batches_without_changing_the_result():
     whole = run(batch_sizes=[4, 64], epochs=2)
     split = run(batch_sizes=[4, 64], epochs=2, micro_batch_size=16)
     assert [s["micro_batch_size"] for s in split.sizes] == [4, 16]
+    # evaluation and sharpness work in micro-batches too, with the same numbers
+    assert (whole.settings["eval_batch_size"], split.settings["eval_batch_size"]) == (1024, 16)
     for a, b in zip(whole.sizes, split.sizes, strict=True):
         assert b["final"]["val_loss"] == pytest.approx(a["final"]["val_loss"], rel=1e-4)
+        assert b["sharpness"]["eigenvalue"] == pytest.approx(a["sharpness"]["eigenvalue"], rel=1e-3)
 
 
 def _live_tensors() -> int:
@@ -196,11 +210,85 @@ def test_resume_skips_finished_runs_and_refuses_runs_made_with_other_settings(tm
     assert [s["params_sha256"] for s in again.sizes[:2]] == [
         s["params_sha256"] for s in first.sizes
     ]
+    assert "2 of the 3 runs were read back" in (tmp_path / "sweep.md").read_text()
     with pytest.raises(BatchfitError, match="was made with budget=\\{'epochs': 2\\}, not"):
         run(batch_sizes=[16], epochs=3, out_dir=tmp_path, resume=True)
     (tmp_path / "runs" / "b16-lr0.01.json").write_text("{not json")
     with pytest.raises(BatchfitError, match="Cannot read the finished run .* Delete it"):
         run(batch_sizes=[16], out_dir=tmp_path, resume=True)
+
+
+def test_resume_refuses_runs_made_on_other_data_of_the_same_size(tmp_path):
+    (x, y), (xv, yv) = data()
+    model = mlp()
+
+    def sweep(train_data, val_data, **kwargs):
+        return batchfit.sweep(
+            copy.deepcopy(model),
+            train_data,
+            val_data=val_data,
+            batch_sizes=[64],
+            epochs=1,
+            lr=1e-2,
+            out_dir=tmp_path,
+            **kwargs,
+        )
+
+    sweep((x, y), (xv, yv))
+    ran = []
+    sweep((x.clone(), y.clone()), (xv.clone(), yv.clone()), resume=True, on_run=ran.append)
+    assert ran == []  # the same values in other tensors: the same data
+    changed = xv.clone()
+    changed[-1, 0] += 1.0  # one value of the last validation sample
+    with pytest.raises(BatchfitError, match="was made with val_data_sha256="):
+        sweep((x, y), (changed, yv), resume=True)
+    other_features = x[:, [1, 0, 2, 3]]
+    with pytest.raises(BatchfitError, match="was made with train_data_sha256="):
+        sweep((other_features, y), (xv, yv), resume=True)
+    with pytest.raises(BatchfitError, match="was made with train_data_sha256="):
+        sweep((x, (y + 1) % 3), (xv, yv), resume=True)
+
+
+def test_an_out_folder_that_cannot_be_used_is_refused_before_any_run(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    ran = []
+    with pytest.raises(BatchfitError, match="--out '.*afile' is a file, not a folder"):
+        run(out_dir=a_file, on_run=ran.append)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "runs").write_text("")
+    with pytest.raises(BatchfitError, match="--out '.*runs' is a file, not a folder"):
+        run(out_dir=tmp_path / "out", on_run=ran.append)
+    assert ran == []
+    code = main(["sweep", "--out", str(a_file), "--epochs", "1", "--batch-sizes", "256"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is a file, not a folder; give a folder" in err
+
+
+def batch_norm_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_sizes_that_batch_norm_cannot_train_are_skipped_with_a_reason():
+    # 400 samples: B=1 is one sample every step; B=3 leaves 400 % 3 = 1 in the last batch.
+    result = run(batch_norm_mlp(), batch_sizes=[1, 3, 16], epochs=1)
+    assert [s["batch_size"] for s in result.sizes] == [16]
+    assert [s["batch_size"] for s in result.skipped] == [1, 3]
+    assert result.settings["skipped_batch_sizes"] == [1, 3]
+    lines = "\n".join(result.verdict.lines)
+    assert "B=1 was not run: the model has batch norm" in lines and "at every step" in lines
+    assert "B=3 was not run" in lines and "in the last batch of each epoch" in lines
+    with pytest.raises(BatchfitError, match="batch norm.*every size in --batch-sizes makes one"):
+        run(batch_norm_mlp(), batch_sizes=[1, 3], epochs=1)
+
+
+def test_targets_that_mean_nothing_are_called_out_in_the_verdict():
+    never = run(batch_sizes=[16], epochs=1, target="val_loss=-1")
+    assert any("can never be met: the cross_entropy loss" in x for x in never.verdict.lines)
+    at_start = run(batch_sizes=[16], epochs=1, target="val_accuracy=0.01")
+    assert at_start.sizes[0]["time_to_target"]["steps"] == 0
+    assert any("met already at the initial weights" in x for x in at_start.verdict.lines)
 
 
 @pytest.mark.parametrize(
@@ -234,9 +322,91 @@ def test_tune_report_adds_its_batch_size_and_the_verdict_compares(tmp_path):
     assert [s["batch_size"] for s in result.sizes] == [16, 48, 64]
     tune = result.verdict.tune
     assert tune["swept_batch_size"] == 48 and tune["recommended_lr"] == 0.01
-    if tune["seconds_ratio"] is not None:
-        assert tune["agrees"] == (tune["seconds_ratio"] <= 1.25)
     assert result.verdict.lines[-1] == tune["reason"]
+
+
+def test_tune_is_judged_on_a_run_at_its_own_batch_size_and_learning_rate(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"version": 1, "recommended": {"batch_size": 48, "lr": 0.03}}))
+    result = run(batch_sizes=[16, 64], report=report, target="val_accuracy=0.6", epochs=3)
+    # B=48 joins the sweep at the sweep's own (scaled) lr; one more run uses tune's lr.
+    assert [s["batch_size"] for s in result.sizes] == [16, 48, 64]
+    assert result.sizes[1]["lr"] == pytest.approx(0.01 * (48 / 32) ** 0.5, rel=1e-5)
+    (extra,) = [r for r in result.runs if not r["in_sweep"]]
+    assert (extra["batch_size"], extra["lr"], extra["for_tune"]) == (48, 0.03, True)
+    tune = result.verdict.tune
+    assert tune["judged"] == "tune's batch size and lr" and tune["swept_lr"] == 0.03
+    seconds = extra["curve"][1:]  # the first evaluation at or past the target
+    reached = [p for p in seconds if p["val_accuracy"] >= 0.6]
+    assert reached, "tune's run must reach the target for this test to judge it"
+    assert tune["seconds_to_target"] == reached[0]["train_seconds"]
+    fastest = result.verdict.fastest_seconds
+    assert tune["seconds_ratio"] == pytest.approx(reached[0]["train_seconds"] / fastest, rel=1e-3)
+    assert tune["agrees"] == (tune["seconds_ratio"] <= 1.25)
+    assert "at its lr 0.03" in tune["reason"] and "At the sweep's lr 0.0122" in tune["reason"]
+
+
+def test_tune_runs_no_extra_run_when_a_sweep_run_already_has_its_lr_and_says_why_it_skips_one(
+    tmp_path,
+):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"recommended": {"batch_size": 64, "lr": 0.02}}))
+    same = run(batch_sizes=[16, 64], lr_batch_size=16, lr_scaling="linear", lr=0.005, report=report)
+    assert len(same.runs) == 2 and [r["for_tune"] for r in same.runs] == [False, True]
+    assert same.verdict.tune["judged"] == "tune's batch size and lr"
+    report.write_text(json.dumps({"recommended": {"batch_size": 5000, "lr": 0.02}}))
+    too_big = run(batch_sizes=[16, 64], report=report)
+    assert [s["batch_size"] for s in too_big.sizes] == [16, 64] and len(too_big.runs) == 2
+    assert (
+        "larger than this training set (400 samples), so it was not run"
+        in (too_big.verdict.tune["reason"])
+    )
+    assert too_big.verdict.tune["judged"] == "nearest swept size"
+
+
+def test_a_diverging_learning_rate_is_recorded_and_the_sweep_goes_on(tmp_path):
+    # SGD at 1000x the learning rate blows up within a few steps at either size.
+    kwargs = {"batch_sizes": [16, 64], "optimizer": "sgd", "lr": 0.05, "lr_grid": "1,20000"}
+    result = run(out_dir=tmp_path, lr_batch_size=16, lr_scaling="none", **kwargs)
+    assert len(result.runs) == 4
+    blew_up = [r for r in result.runs if r["diverged"]]
+    assert [(r["batch_size"], r["lr"]) for r in blew_up] == [(16, 1000.0), (64, 1000.0)]
+    for r in blew_up:
+        assert r["sharpness"] is None and r["final"]["val_loss"] is None
+        assert 1 <= r["diverged"]["step"] < r["eval_every"] * 20
+        assert "became" in r["diverged"]["reason"]
+    # The grid keeps the rate that did not blow up, and the verdict says which one did.
+    assert [s["lr"] for s in result.sizes] == [0.05, 0.05]
+    assert not any(s["diverged"] for s in result.sizes)
+    text = "\n".join(result.verdict.lines)
+    assert "At B=16, lr 1e+03 (step" in text and "the grid kept lr 0.05" in text
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert [g["diverged"] is not None for g in report["sizes"][0]["lr_grid"]] == [False, True]
+    assert "| at step" in (tmp_path / "sweep.md").read_text()
+    # --resume reads the diverged runs back instead of running them again.
+    ran = []
+    again = run(
+        out_dir=tmp_path,
+        lr_batch_size=16,
+        lr_scaling="none",
+        resume=True,
+        on_run=ran.append,
+        **kwargs,
+    )
+    assert ran == [] and [r["diverged"] is not None for r in again.runs] == [False, True] * 2
+    assert "4 of the 4 runs were read back" in (tmp_path / "sweep.md").read_text()
+
+
+def test_a_size_whose_every_learning_rate_diverged_is_named_and_left_out_of_the_verdict(
+    tmp_path,
+):
+    result = run(batch_sizes=[16], optimizer="sgd", lr=1000.0, out_dir=tmp_path)
+    (size,) = result.sizes
+    assert size["diverged"] and size["sharpness"] is None
+    assert result.verdict.best_batch_size is None and result.verdict.fastest_batch_size is None
+    assert any("B=16 diverged at every lr tried" in line for line in result.verdict.lines)
+    for name in ("sweep.json", "sweep.md", *PLOTS):
+        assert (tmp_path / name).stat().st_size > 0, name
 
 
 @pytest.mark.parametrize(
@@ -333,6 +503,10 @@ def test_target_flag_takes_both_the_column_and_the_level(
         "2",
     )
     assert report["target"]["text"] == "val_loss <= 0.7"
+    # a metric name where a column is expected: the error also says how to give a level
+    code = main(["sweep", *task[:-2], "--target", "val_accuracy", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "(for a level to reach, write --target val_accuracy=VALUE)" in err
 
 
 def _cli_bad_inputs(tmp_path: Path):
@@ -358,6 +532,10 @@ def _cli_bad_inputs(tmp_path: Path):
         (["--report", str(tmp_path / "missing.json")], "No tune report at"),
         (["--report", str(bad_report)], "has no recommended.batch_size"),
         (["--val-fraction", "0"], "needs validation data"),
+        (["--target", "val_loss=0.5", "--target", "val_accuracy=0.9"], "give METRIC=VALUE once"),
+        (["--momentum", "1"], "'momentum' option must be"),
+        (["--weight-decay", "-1"], "'weight_decay' option must be"),
+        (["--eval-batch-size", "0"], "'eval_batch_size' option must be an int >= 1"),
     ]
 
 
@@ -414,3 +592,49 @@ def test_interrupted_sweep_keeps_finished_runs_and_resumes_without_redoing_them(
     assert resumed.returncode == 0, resumed.stderr
     assert finished.stat().st_mtime_ns == stamp
     assert [r["batch_size"] for r in json.loads(resumed.stdout)["runs"]] == [1, 4000]
+
+
+OOM_SCRIPT = textwrap.dedent(
+    """
+    import json, torch
+    from torch import nn
+    import batchfit
+    from batchfit.probe.memory import address_space_limit
+    torch.manual_seed(0)
+    # 128 KiB of activations per sample: training at B=8 takes 1 MiB, but the sharpness
+    # measurement on 512 samples needs 64 MiB for one activation alone.
+    model = nn.Sequential(nn.Linear(16, 32768), nn.ReLU(), nn.Linear(32768, 2))
+    x, y = torch.randn(512, 16), torch.randint(0, 2, (512,))
+    kwargs = dict(val_data=(x[:64], y[:64]), batch_sizes=[8], steps=2, eval_points=1,
+                  sharpness_iterations=2, train_subset_samples=64)
+    batchfit.sweep(model, (x, y), **kwargs)  # one-time costs, outside the limit
+    out = {}
+    with address_space_limit(64 * 2**20):
+        try:
+            batchfit.sweep(model, (x, y), **kwargs)
+        except batchfit.BatchfitError as exc:
+            out["error"] = str(exc)
+        result = batchfit.sweep(model, (x, y), micro_batch_size=8, **kwargs)
+    out["sharpness"] = result.sizes[0]["sharpness"]["eigenvalue"]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_out_of_memory_in_sharpness_is_one_line_and_micro_batches_avoid_it():
+    done = subprocess.run(
+        [sys.executable, "-c", OOM_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["error"].startswith("Out of memory while measuring the sharpness of B=8 (")
+    assert "can't allocate memory" in out["error"] and len(out["error"].splitlines()) == 1
+    assert out["error"].endswith(
+        "give --micro-batch-size, which also bounds evaluation and "
+        "sharpness, or lower --sharpness-samples."
+    )
+    assert out["sharpness"] > 0

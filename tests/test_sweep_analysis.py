@@ -17,9 +17,12 @@ from batchfit.sweep_analysis import (
     best_point,
     check_claims,
     compare_with_tune,
+    format_seconds,
+    full_batch_claim,
     parse_batch_sizes,
     parse_lr_grid,
     parse_target,
+    sizes_claim,
     spearman,
     steps_for_examples,
     time_to_target,
@@ -236,3 +239,132 @@ def test_tune_agrees_within_the_design_factor_of_the_fastest():
     )
     assert answer.tune["swept_batch_size"] == 128 and answer.tune["agrees"]
     assert answer.lines[-1] == answer.tune["reason"]
+
+
+def test_claim_lines_give_rho_once_and_the_table_detail_not_at_all():
+    sizes = [size(32, 0.95, 0.01, 10), size(64, 0.90, 0.03, 20), size(128, 0.85, 0.05, 40)]
+    claim = check_claims(sizes, "val_accuracy", 100_000)[0]
+    assert "Spearman" not in claim.detail
+    assert claim.describe().count("Spearman rho with batch size -1") == 1
+
+
+def test_seconds_read_as_milliseconds_below_one_second():
+    assert [format_seconds(s) for s in (0.0, 0.0042, 0.04, 0.5, 1.0, 61.2)] == [
+        "0 ms",
+        "4.2 ms",
+        "40 ms",
+        "500 ms",
+        "1.00 s",
+        "61.20 s",
+    ]
+
+
+def diverged(b, step=7, lr=1e-3):
+    out = size(b, 0.99, 0, 1, 0.01, lr=lr)  # looked great before it blew up
+    out["diverged"] = {"step": step, "reason": "the training loss became nan at step 7"}
+    out["sharpness"], out["gap"] = None, {}
+    return out
+
+
+def test_diverged_sizes_are_named_and_kept_out_of_best_fastest_and_claims():
+    sizes = [
+        size(32, 0.95, 0.01, 10, 2.0),
+        size(64, 0.90, 0.03, 20, 1.0),
+        diverged(128),
+        size(256, 0.85, 0.05, 40, 1.5),
+    ]
+    sizes[1]["lr_grid"] = [
+        {"lr": 1e-3, "chosen": True, "diverged": None},
+        {"lr": 4e-3, "chosen": False, "diverged": 12},
+    ]
+    answer = verdict(sizes, "val_accuracy", Target("val_accuracy", 0.9, True), 100_000)
+    assert (answer.best_batch_size, answer.fastest_batch_size) == (32, 64)
+    generalise, gap_claim, sharp_claim = answer.claims[:3]
+    assert "B=128" not in generalise.detail and generalise.outcome == "holds"
+    assert sharp_claim.outcome == "holds" and gap_claim.outcome == "holds"
+    text = "\n".join(answer.lines)
+    assert "B=128 diverged at every lr tried (lr 0.001; the training loss became nan" in text
+    assert "At B=64, lr 0.004 (step 12) diverged; the grid kept lr 0.001." in text
+    nobody = verdict([diverged(32)], "val_accuracy", Target("val_accuracy", 0.9, True))
+    assert nobody.best_batch_size is None and nobody.fastest_batch_size is None
+    assert "No batch size reached" in "\n".join(nobody.lines)
+
+
+def test_the_verdict_warns_about_a_grid_edge_and_a_target_met_before_training():
+    sizes = [size(32, 0.95, 0, 1, 0.0), size(64, 0.93, 0, 2, 0.0)]
+    sizes[0]["lr_at_grid_edge"] = True
+    answer = verdict(sizes, "val_accuracy", Target("val_accuracy", 0.5, True), initial=0.6)
+    text = "\n".join(answer.lines)
+    assert "met already at the initial weights (val_accuracy 0.6)" in text
+    assert "The chosen lr is at the edge of the grid for B=32: widen --lr-grid" in text
+    assert "in 0 ms of training" in text
+
+
+def full_batch(values, steps=40, metric="val_accuracy", b=4000):
+    points = curve(values, metric=metric, every=steps // (len(values) - 1), batch=b)
+    best = best_point(points, metric)
+    return {"batch_size": b, "steps": steps, "curve": points, "best": best, "lr": 1e-3}
+
+
+def test_full_batch_claim_reads_still_improving_stuck_or_level_from_the_curve():
+    climbing = full_batch([0.1, 0.3, 0.45, 0.55, 0.6, 0.62, 0.65, 0.68, 0.7])
+    small = [size(32, 0.9, 0, 1)]
+    claim = full_batch_claim(climbing, small, "val_accuracy", 1000)
+    assert claim.outcome == "still improving"
+    assert "40 steps; val_accuracy 0.65 -> 0.7 over its last 3 evaluations (steps 30-40)" in (
+        claim.detail
+    )
+    stuck = full_batch([0.1, 0.5, 0.6, 0.62, 0.625, 0.625, 0.626, 0.625, 0.626])
+    assert full_batch_claim(stuck, small, "val_accuracy", 1000).outcome == "holds"
+    level = full_batch([0.1, 0.5, 0.8, 0.88, 0.895, 0.9, 0.9, 0.9, 0.9])
+    assert full_batch_claim(level, small, "val_accuracy", 1000).outcome == "reversed"
+    assert full_batch_claim(stuck, [], "val_accuracy", 1000).outcome == "plateaued"
+    short = full_batch([0.1, 0.3])
+    assert full_batch_claim(short, small, "val_accuracy", 1000).outcome == "too few evaluations"
+    losses = full_batch([2.3, 1.0, 0.8, 0.79, 0.79], metric="val_loss")
+    rival = [size(32, 0.3, 0, 1)]
+    assert full_batch_claim(losses, rival, "val_loss").outcome == "holds"
+    blew_up = {**stuck, "diverged": {"step": 9, "reason": "nan"}}
+    assert full_batch_claim(blew_up, small, "val_accuracy").outcome == "diverged"
+
+
+def test_full_batch_claim_joins_the_verdict_only_when_full_batch_was_swept():
+    stuck = full_batch([0.1, 0.5, 0.6, 0.62, 0.625, 0.625, 0.626, 0.625, 0.626], b=400)
+    stuck["time_to_target"] = {"reached": False, "steps": None, "samples_seen": None}
+    stuck["time_to_target"]["seconds"] = None
+    stuck["gap"], stuck["sharpness"] = {"accuracy": 0.0}, {"eigenvalue": 5.0}
+    sizes = [size(32, 0.9, 0, 1, 1.0), stuck]
+    target = Target("val_accuracy", 0.8, True)
+    claims = [c.claim for c in verdict(sizes, "val_accuracy", target, 1000, samples=400).claims]
+    assert "Full batch gets stuck in the first valley (B=400)" in claims
+    claims = [c.claim for c in verdict(sizes, "val_accuracy", target, 1000, samples=800).claims]
+    assert not any("Full batch" in c for c in claims)
+
+
+def test_the_32_to_256_claim_checks_where_the_best_and_fastest_sizes_fall():
+    assert sizes_claim([8, 32, 256], 32, 256).outcome == "holds"
+    assert sizes_claim([8, 32, 256], 8, 256).outcome == "partly"
+    assert sizes_claim([8, 32, 1024], 8, 1024).outcome == "does not hold"
+    untested = sizes_claim([32, 64, 128, 256], 32, 256)
+    assert untested.outcome == "not tested" and "add sizes outside it" in untested.detail
+    assert "best B=8 outside, fastest B=256 inside" in sizes_claim([8, 256], 8, 256).detail
+
+
+def test_tune_is_judged_on_its_own_run_when_there_is_one():
+    sizes = [size(32, 0.95, 0, 1, 2.0), size(64, 0.93, 0, 2, 1.0), size(128, 0.9, 0, 3, None)]
+    quick = size(128, 0.93, 0, 3, 1.2, lr=0.01)
+    agree = compare_with_tune(sizes, 128, 0.01, 64, 1.0, tune_run=quick)
+    assert agree["agrees"] and agree["seconds_ratio"] == 1.2 and agree["swept_lr"] == 0.01
+    assert agree["reason"].startswith("tune's B=128 at its lr 0.01 reached the target in 1.20 s")
+    assert agree["reason"].endswith("At the sweep's lr 0.001, B=128 did not reach it.")
+    slow = compare_with_tune(sizes, 128, 0.01, 64, 1.0, tune_run=size(128, 0.9, 0, 3, 1.3))
+    assert not slow["agrees"] and "disagrees" in slow["reason"]
+    blew_up = compare_with_tune(sizes, 128, 0.01, 64, 1.0, tune_run=diverged(128))
+    assert not blew_up["agrees"] and "diverged (step 7): disagrees" in blew_up["reason"]
+    alone = compare_with_tune(sizes, 128, 0.01, None, None, tune_run=quick)
+    assert alone["agrees"] and "no swept size did: agrees" in alone["reason"]
+    no_lr = compare_with_tune(sizes, 64, None, 64, 1.0)
+    assert no_lr["judged"] == "nearest swept size" and no_lr["agrees"]
+    assert no_lr["reason"].endswith("report.json gives no lr, so B=64 ran at the sweep's lr.")
+    not_run = compare_with_tune(sizes, 5000, 0.01, 64, 1.0, not_run="It was too large.")
+    assert not_run["swept_batch_size"] == 128 and not_run["reason"].endswith("too large.")

@@ -57,6 +57,11 @@ class _TargetOrLevel(argparse.Action):
     a bare name is the data's target column, as for every other command (``args.target``)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if "=" in values and getattr(namespace, "target_level", None) is not None:
+            parser.error(
+                f"--target {values} comes after --target {namespace.target_level}; a sweep "
+                "reaches for one level, so give METRIC=VALUE once"
+            )
         setattr(namespace, "target_level" if "=" in values else "target", values)
 
 
@@ -464,7 +469,8 @@ def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--micro-batch-size",
         type=_typed("micro_batch_size"),
-        help="split larger batches into micro-batches of this size (exact accumulation)",
+        help="split larger batches into micro-batches of this size (exact accumulation); also "
+        "bounds evaluation and sharpness",
     )
     o = s.add_argument_group("learning rate")
     o.add_argument(
@@ -498,18 +504,27 @@ def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
         help="also try these factors of the scaled lr at each size and keep the best by "
         "validation (default factors 0.25,0.5,1,2,4)",
     )
+    o.add_argument(
+        "--momentum", type=_typed("momentum"), default=0.9, help="SGD momentum (default 0.9)"
+    )
+    o.add_argument("--weight-decay", type=_typed("weight_decay"), help="weight decay")
     r = s.add_argument_group("measurements and output")
     r.add_argument(
         "--report",
         metavar="PATH",
-        help="tune's report.json: its recommended batch size joins the sweep; the verdict says "
-        "whether the sweep agrees",
+        help="tune's report.json: its recommended batch size joins the sweep, one more run "
+        "trains it at tune's lr, and the verdict says whether that run agrees",
     )
     r.add_argument(
         "--eval-points",
         type=_typed("eval_points"),
         default=20,
-        help="validation evaluations per run (default 20)",
+        help="about this many validation evaluations per run, evenly spaced (default 20)",
+    )
+    r.add_argument(
+        "--eval-batch-size",
+        type=_typed("eval_batch_size"),
+        help="batch size for evaluation (default: --micro-batch-size if given, else 1024)",
     )
     r.add_argument(
         "--sharpness-samples",
@@ -703,13 +718,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from batchfit.sweep import sweep
+    from batchfit.sweep_analysis import METRICS
 
     if args.target is not None and args.data is None:
         raise BatchfitError(
             f"--target {args.target} names a data column, which needs --data; a target level is "
             "METRIC=VALUE, e.g. --target val_accuracy=0.9 or --target val_loss=0.5."
         )
-    task = _load_task(args)
+    try:
+        task = _load_task(args)
+    except BatchfitError as exc:
+        if args.target in METRICS:  # meant as a level to reach, but it has no "=VALUE"
+            raise BatchfitError(
+                f"{exc} (for a level to reach, write --target {args.target}=VALUE)"
+            ) from None
+        raise
     model, lr = _model_and_lr(args, task)
     try:
         result = sweep(
@@ -726,7 +749,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             lr_batch_size=args.lr_batch_size,
             lr_scaling=args.lr_scaling,
             lr_grid=args.lr_grid,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
             micro_batch_size=args.micro_batch_size,
+            eval_batch_size=args.eval_batch_size,
             target=args.target_level,
             seed=args.seed,
             eval_points=args.eval_points,

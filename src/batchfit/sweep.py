@@ -14,20 +14,29 @@ buy?"). Per size the sweep records:
   fixed batch (:func:`batchfit.probe.sharpness.sharpness`);
 - samples/s, training seconds (evaluation excluded) and where the run reached the target.
 
-Each finished run is written atomically to ``out_dir/runs/`` as soon as it ends, so an
-interrupted sweep continues with ``resume=True``: finished runs are read back (after checking they
-were made with the same settings), and a run that was cut off midway starts again from the initial
-weights. Runs are short by design, and restarting keeps every run a single uninterrupted one, so
-its timings stay clean; being deterministic, it produces the same numbers it would have.
+A run whose loss or weights become NaN or infinite is recorded as *diverged* (its curve up to
+then, no sharpness) and the sweep goes on: finding the learning rate that is too high is what
+``lr_grid`` is for. A size the model cannot train at (batch norm with a 1-sample micro-batch) is
+skipped with a note in the verdict.
+
+Each finished run, diverged ones included, is written atomically to ``out_dir/runs/`` as soon as it
+ends, so an interrupted sweep continues with ``resume=True``: finished runs are read back (after
+checking they were made with the same settings, initial weights and data: sha256 of the training
+data, or of its fixed subset for a stream, and of the validation data), and a run that was cut off
+midway starts again from the initial weights. Runs are short by design, and restarting keeps every
+run a single uninterrupted one, so its timings stay clean; being deterministic, it produces the
+same numbers it would have.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +45,13 @@ from torch import nn
 
 from batchfit import validation
 from batchfit.data.memory import TensorSource
-from batchfit.errors import BatchfitError, TrainingInterrupted
-from batchfit.losses import Loss, resolve_loss
+from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
+from batchfit.losses import LOSS_NAMES, Loss, resolve_loss
 from batchfit.lr_scaling import default_rule, scale_lr
+from batchfit.probe.memory import is_out_of_memory
 from batchfit.probe.sharpness import sharpness
 from batchfit.progress import TrainProgress
-from batchfit.schedule import plan
+from batchfit.schedule import has_single_sample_micro_batch, micro_batch_sizes, plan
 from batchfit.sweep_analysis import (
     METRICS,
     Target,
@@ -49,6 +59,7 @@ from batchfit.sweep_analysis import (
     auto_target,
     best_point,
     choose_lr,
+    format_seconds,
     gap,
     higher_is_better,
     parse_batch_sizes,
@@ -59,10 +70,19 @@ from batchfit.sweep_analysis import (
     verdict,
 )
 from batchfit.task import as_source, check_model_accepts_data, target_kind_of
-from batchfit.train import DEFAULT_LR, _resolve_device, evaluate, params_sha256, train
+from batchfit.train import (
+    DEFAULT_LR,
+    _make_folder,
+    _resolve_device,
+    evaluate,
+    params_sha256,
+    train,
+)
 
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256)
 DEFAULT_EPOCHS = 40
+#: Validation batch size when no --eval-batch-size or --micro-batch-size bounds it.
+DEFAULT_EVAL_BATCH_SIZE = 1024
 FORMAT_VERSION = 1
 RUNS_FOLDER = "runs"
 
@@ -70,7 +90,9 @@ RUNS_FOLDER = "runs"
 @dataclass(frozen=True)
 class SweepResult:
     """A finished sweep. ``sizes`` has one summary per batch size (the chosen learning rate's
-    run, with the ``lr_grid`` it was chosen from); ``runs`` every run; ``verdict`` the answer."""
+    run, with the ``lr_grid`` it was chosen from); ``runs`` every run (``in_sweep`` false for the
+    extra run at tune's batch size and learning rate, ``for_tune`` true for the run tune is judged
+    on); ``skipped`` the sizes that could not be run and why; ``verdict`` the answer."""
 
     sizes: list[dict[str, Any]]
     runs: list[dict[str, Any]]
@@ -81,6 +103,7 @@ class SweepResult:
     settings: dict[str, Any]
     timing: dict[str, float]
     files: dict[str, str]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -104,7 +127,10 @@ def sweep(
     lr_batch_size: int = 32,
     lr_scaling: str | None = None,
     lr_grid: str | Sequence[float] | bool | None = None,
+    momentum: float = 0.9,
+    weight_decay: float | None = None,
     micro_batch_size: int | None = None,
+    eval_batch_size: int | None = None,
     target: str | Target | None = None,
     seed: int = 0,
     eval_points: int = 20,
@@ -125,12 +151,17 @@ def sweep(
     The learning rate at each size is ``lr`` (tuned at ``lr_batch_size``) scaled by
     ``lr_scaling`` (``none``, ``linear`` or ``sqrt``; default: the optimizer's usual rule), or,
     with ``lr_grid`` (``True`` for factors 0.25, 0.5, 1, 2, 4 of that scaled rate, or your own
-    factors), the grid point with the best validation result. The budget is one of ``epochs``
+    factors), the grid point with the best validation result. ``momentum`` (SGD) and
+    ``weight_decay`` are as in :func:`batchfit.train`. The budget is one of ``epochs``
     (default 40), ``examples`` (equal examples: the same number of samples at every size, give or
     take one batch) or ``steps`` (equal updates). ``target`` is ``"METRIC=VALUE"``
     (``val_accuracy=0.9``, ``val_loss=0.5``); without it the sweep picks one from the runs
     (:func:`batchfit.sweep_analysis.auto_target`). ``report`` is tune's ``report.json``: its
-    recommended batch size joins the sweep and the verdict says whether the sweep agrees.
+    recommended batch size joins the sweep (at the sweep's learning rate), one more run trains it
+    at tune's learning rate, and the verdict says whether that run agrees with the sweep.
+
+    ``micro_batch_size`` splits large batches for memory and also bounds evaluation (unless
+    ``eval_batch_size`` is given; default 1024) and the sharpness measurement.
 
     With ``out_dir`` each finished run is saved under ``out_dir/runs`` and the sweep writes
     ``sweep.json``, ``sweep.md`` and PNG plots there; ``resume=True`` skips runs already saved.
@@ -164,7 +195,12 @@ def sweep(
     rule = default_rule(optimizer) if lr_scaling is None else lr_scaling
     validation.check("lr_scaling", rule)
     factors = parse_lr_grid(lr_grid) or (1.0,)
+    validation.check("momentum", momentum)
+    validation.check_optional("weight_decay", weight_decay)
     validation.check_optional("micro_batch_size", micro_batch_size)
+    eval_batch_size = validation.check_optional("eval_batch_size", eval_batch_size) or (
+        micro_batch_size or DEFAULT_EVAL_BATCH_SIZE
+    )
     for name, value in (
         ("eval_points", eval_points),
         ("train_subset_samples", train_subset_samples),
@@ -180,16 +216,41 @@ def sweep(
     if given is not None and given.metric not in metrics:
         raise BatchfitError(f"{given.metric} is not measured for this task; use {metrics[0]}.")
     metric = given.metric if given else metrics[0]
-    recommendation = None
+    notes: list[str] = []
+    if (
+        given is not None
+        and given.value < 0
+        and not given.higher_is_better
+        and loss.name in LOSS_NAMES
+    ):
+        notes.append(
+            f"The target {given.describe()} can never be met: the {loss.name} loss is never "
+            "negative; give a --target above 0."
+        )
+    recommendation, tune_not_run = None, None
     if report is not None:
         from batchfit.report.sweep_tune import read_recommendation
 
         recommendation = read_recommendation(report)
         wanted = recommendation["batch_size"]
-        if wanted not in sizes and (n is None or wanted <= n):
+        if n is not None and wanted > n:
+            tune_not_run = (
+                f"tune's B={wanted} is larger than this training set ({n} samples), so it was "
+                "not run (was the report made on other data?)."
+            )
+        elif wanted not in sizes:
             sizes = sorted([*sizes, wanted])
+    sizes, skipped = _trainable_sizes(model, sizes, n, micro_batch_size)
+    if recommendation is not None and recommendation["batch_size"] in {
+        s["batch_size"] for s in skipped
+    }:
+        tune_not_run = f"tune's B={recommendation['batch_size']} was not run (see above)."
+    notes += [s["reason"] for s in skipped]
     if resume and out_dir is None:
         raise BatchfitError("resume needs out_dir, the folder that holds the finished runs.")
+    runs_dir = Path(out_dir) / RUNS_FOLDER if out_dir is not None else None
+    if runs_dir is not None:
+        _prepare_folder(Path(out_dir), runs_dir)
 
     device = _resolve_device(device)
     model.to(device)
@@ -202,23 +263,30 @@ def sweep(
     )
     sharp_x = subset_x[:sharpness_samples].to(device)
     sharp_y = subset_y[:sharpness_samples].to(device)
-    eval_batch_size = 1024
-    initial = {
-        f"val_{k}": v for k, v in evaluate(model, val_source, loss, eval_batch_size, device).items()
-    }
+    try:
+        initial = {
+            f"val_{k}": v
+            for k, v in evaluate(model, val_source, loss, eval_batch_size, device).items()
+        }
+    except (RuntimeError, MemoryError) as exc:
+        raise _out_of_memory(exc, "evaluating the initial weights") from None
 
     settings = {
         "task": task_name,
         "samples": n,
         "val_samples": val_source.num_samples,
         "batch_sizes": sizes,
+        "skipped_batch_sizes": [s["batch_size"] for s in skipped],
         "budget": budget,
         "optimizer": optimizer,
         "lr": lr,
         "lr_batch_size": lr_batch_size,
         "lr_scaling": rule,
         "lr_grid": list(factors) if len(factors) > 1 else None,
+        "momentum": momentum if optimizer == "sgd" else None,
+        "weight_decay": weight_decay,
         "micro_batch_size": micro_batch_size,
+        "eval_batch_size": eval_batch_size,
         "seed": seed,
         "loss": loss.name,
         "eval_points": eval_points,
@@ -227,31 +295,41 @@ def sweep(
         "sharpness_iterations": sharpness_iterations,
         "sharpness_tolerance": sharpness_tolerance,
         "initial_params_sha256": initial_sha,
+        "train_data_sha256": _data_sha256(source, (subset_x, subset_y)),
+        "val_data_sha256": _data_sha256(val_source),
         "device": str(device),
         "report": str(report) if report is not None else None,
     }
-    runs_dir = Path(out_dir) / RUNS_FOLDER if out_dir is not None else None
     bar = TrainProgress(progress)
-    plans = [(b, f) for b in sizes for f in factors]
+    plans = _plans(sizes, factors, lr, lr_batch_size, rule, recommendation, tune_not_run)
     bar.log(
         f"Sweeping batch sizes {', '.join(map(str, sizes))} on {source.describe()}: "
         f"{_describe_budget(budget)} each, {optimizer} lr {lr:g} at batch size {lr_batch_size} "
         f"scaled by '{rule}'" + (f", lr grid x{list(factors)}" if len(factors) > 1 else "")
     )
+    for note in notes:
+        bar.log(f"Note: {note}")
+    if tune_not_run:
+        bar.log(f"Note: {tune_not_run}")
+    if given is not None and given.reached(initial[metric]):
+        bar.log(f"Note: the target {given.describe()} is met already at the initial weights.")
     runs: list[dict[str, Any]] = []
-    current, saved_runs = "the setup", 0
+    current, saved_runs, read_back = "the setup", 0, 0
     try:
-        for index, (batch_size, factor) in enumerate(plans, start=1):
-            run_lr = float(f"{scale_lr(lr, lr_batch_size, batch_size, rule) * factor:.6g}")
+        for index, run_plan in enumerate(plans, start=1):
+            batch_size, run_lr = run_plan["batch_size"], run_plan["lr"]
             fingerprint = _fingerprint(settings, batch_size, run_lr)
             path = runs_dir / _run_file(batch_size, run_lr) if runs_dir is not None else None
             saved = _load_run(path, fingerprint) if resume and path is not None else None
-            label = f"[{index}/{len(plans)}] B={batch_size}"
-            current = f"run {label} (lr {run_lr:.3g})"
+            label = f"[{index}/{len(plans)}] B={batch_size}, lr {run_lr:.3g}" + (
+                " (tune's)" if not run_plan["in_sweep"] else ""
+            )
+            current = f"run {label}"
             if saved is not None:
                 bar.log(f"{label}: finished earlier, read from {path}")
                 runs.append(saved)
                 saved_runs += 1
+                read_back += 1
                 continue
             model.load_state_dict(initial_state)
             record = _one_run(
@@ -263,10 +341,12 @@ def sweep(
                 (sharp_x, sharp_y),
                 batch_size=batch_size,
                 lr=run_lr,
-                factor=factor,
+                factor=run_plan["factor"],
                 budget=budget,
                 n=n,
                 optimizer=optimizer,
+                momentum=momentum,
+                weight_decay=weight_decay,
                 micro_batch_size=micro_batch_size,
                 seed=seed,
                 eval_points=eval_points,
@@ -283,7 +363,13 @@ def sweep(
             if path is not None:
                 from batchfit.report.files import write_json
 
-                write_json(path, record)
+                try:
+                    write_json(path, record)
+                except OSError as exc:
+                    raise BatchfitError(
+                        f"Cannot save the finished run to '{path}' ({exc.strerror}); free space "
+                        "in --out or choose another folder."
+                    ) from None
                 saved_runs += 1
             bar.log(_run_summary(label, record, metric))
             runs.append(record)
@@ -292,15 +378,36 @@ def sweep(
                 on_run(record)
     except (TrainingInterrupted, KeyboardInterrupt) as exc:
         raise _stopped(exc, current, saved_runs, runs_dir) from None
+    except BatchfitError as exc:
+        if saved_runs and runs_dir is not None:
+            raise BatchfitError(
+                f"{exc} ({saved_runs} finished run(s) are saved in {runs_dir}; add --resume to "
+                "keep them.)"
+            ) from None
+        raise
     finally:
         model.load_state_dict(initial_state)
 
-    summaries = _summaries(runs, sizes, metric)
+    for record, run_plan in zip(runs, plans, strict=True):
+        record["in_sweep"], record["for_tune"] = run_plan["in_sweep"], run_plan["for_tune"]
+    summaries = _summaries([r for r in runs if r["in_sweep"]], sizes, metric)
     chosen_target = given or _auto_target(metric, initial, summaries)
     for summary in summaries:
         summary["time_to_target"] = time_to_target(summary["curve"], chosen_target)
-    answer = verdict(summaries, metric, chosen_target, val_source.num_samples, recommendation)
-    timing = _timing(runs, time.perf_counter() - started)
+    tune_run = next((_summary_of(r, chosen_target, metric) for r in runs if r["for_tune"]), None)
+    answer = verdict(
+        summaries,
+        metric,
+        chosen_target,
+        val_source.num_samples,
+        recommendation,
+        samples=n,
+        initial=initial[metric],
+        tune_run=tune_run,
+        tune_not_run=tune_not_run,
+        notes=notes,
+    )
+    timing = _timing(runs, time.perf_counter() - started, read_back)
     result = SweepResult(
         sizes=summaries,
         runs=runs,
@@ -311,6 +418,7 @@ def sweep(
         settings=settings,
         timing=timing,
         files={},
+        skipped=skipped,
     )
     if out_dir is not None:
         from batchfit.report.sweep_report import write_report
@@ -318,6 +426,133 @@ def sweep(
         files = write_report(result.to_dict(), out_dir)
         result = SweepResult(**{**result.__dict__, "files": files})
     return result
+
+
+def _round_lr(value: float) -> float:
+    # Six significant figures: what run files are named by and what resume compares.
+    return float(f"{value:.6g}")
+
+
+def _plans(
+    sizes: list[int],
+    factors: Sequence[float],
+    lr: float,
+    lr_batch_size: int,
+    rule: str,
+    recommendation: dict[str, Any] | None,
+    tune_not_run: str | None,
+) -> list[dict[str, Any]]:
+    """The runs to make: each size at each grid factor of its rule-scaled lr, then, when tune's
+    report gives an lr, tune's (batch size, lr), unless one of those runs is that already."""
+    plans = []
+    for batch_size in sizes:
+        scaled = scale_lr(lr, lr_batch_size, batch_size, rule)
+        for factor in factors:
+            plans.append(
+                {
+                    "batch_size": batch_size,
+                    "lr": _round_lr(scaled * factor),
+                    "factor": factor,
+                    "in_sweep": True,
+                    "for_tune": False,
+                }
+            )
+    if recommendation is None or recommendation["lr"] is None or tune_not_run:
+        return plans
+    batch_size, tune_lr = recommendation["batch_size"], _round_lr(recommendation["lr"])
+    same = [p for p in plans if (p["batch_size"], p["lr"]) == (batch_size, tune_lr)]
+    if same:
+        same[0]["for_tune"] = True
+        return plans
+    scaled = scale_lr(lr, lr_batch_size, batch_size, rule)
+    return [
+        *plans,
+        {
+            "batch_size": batch_size,
+            "lr": tune_lr,
+            "factor": _round_lr(tune_lr / scaled),
+            "in_sweep": False,
+            "for_tune": True,
+        },
+    ]
+
+
+def _trainable_sizes(
+    model: nn.Module, sizes: list[int], n: int | None, micro_batch_size: int | None
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Split off the sizes that batch norm cannot train at (a 1-sample micro-batch), with why."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return sizes, []
+    keep, skipped = [], []
+    for size in sizes:
+        micro = min(micro_batch_size, size) if micro_batch_size else size
+        if not has_single_sample_micro_batch(n, size, micro):
+            keep.append(size)
+            continue
+        where = (
+            "at every step"
+            if 1 in micro_batch_sizes(size, micro)
+            else f"in the last batch of each epoch ({n} samples % {size})"
+        )
+        skipped.append(
+            {
+                "batch_size": size,
+                "reason": f"B={size} was not run: the model has batch norm, which cannot train "
+                f"on a 1-sample micro-batch, and B={size} makes one {where}.",
+            }
+        )
+    if not keep:
+        raise BatchfitError(
+            "The model has batch norm, which cannot train on a 1-sample micro-batch, and every "
+            "size in --batch-sizes makes one; choose sizes (and --micro-batch-size) that leave "
+            "2 or more samples in each micro-batch."
+        )
+    return keep, skipped
+
+
+def _prepare_folder(out_dir: Path, runs_dir: Path) -> None:
+    """Fail now, not after the first run was trained, on an --out that cannot hold the runs."""
+    _make_folder(out_dir, "--out")
+    _make_folder(runs_dir, "--out")
+    if not os.access(runs_dir, os.W_OK | os.X_OK):
+        raise BatchfitError(
+            f"Cannot write to --out '{out_dir}' (its '{RUNS_FOLDER}' folder is not writable); "
+            "choose a folder you can write to."
+        )
+
+
+def _out_of_memory(exc: BaseException, during: str) -> BaseException:
+    """An out-of-memory error as one line with the fix; any other error unchanged."""
+    if not is_out_of_memory(exc):
+        return exc
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return BatchfitError(
+        f"Out of memory while {during} ({first}); give --micro-batch-size, which also bounds "
+        "evaluation and sharpness, or lower --sharpness-samples."
+    )
+
+
+def _data_sha256(
+    source, fixed: tuple[torch.Tensor, torch.Tensor] | None = None, chunk: int = 65536
+) -> str:
+    """SHA-256 of a data set's values: all of it when in memory (or when ``fixed`` is not given:
+    validation data is read once more), else of ``fixed``, the samples every run shares."""
+    if isinstance(source, TensorSource):
+        parts: Iterable[tuple[torch.Tensor, torch.Tensor]] = [(source.x, source.y)]
+    elif fixed is not None:
+        parts = [fixed]
+    else:
+        parts = source.batches(0, chunk)
+    digest = hashlib.sha256()
+    for x, y in parts:
+        for tensor in (x, y):
+            # dtype and per-sample shape, not the batch length: the chunking must not matter
+            digest.update(f"{tensor.dtype}|{tuple(tensor.shape[1:])}|".encode())
+            for piece in tensor.detach().split(chunk):
+                piece = piece.cpu().contiguous()
+                if piece.numel():
+                    digest.update(piece.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _stopped(
@@ -410,6 +645,8 @@ def _fingerprint(settings: dict[str, Any], batch_size: int, lr: float) -> dict[s
         "val_samples",
         "budget",
         "optimizer",
+        "momentum",
+        "weight_decay",
         "micro_batch_size",
         "seed",
         "loss",
@@ -419,6 +656,8 @@ def _fingerprint(settings: dict[str, Any], batch_size: int, lr: float) -> dict[s
         "sharpness_iterations",
         "sharpness_tolerance",
         "initial_params_sha256",
+        "train_data_sha256",
+        "val_data_sha256",
         "device",
     )
     return {k: settings[k] for k in keys} | {"batch_size": batch_size, "lr": lr}
@@ -459,6 +698,8 @@ def _one_run(
     budget: dict[str, int],
     n: int | None,
     optimizer: str,
+    momentum: float,
+    weight_decay: float | None,
     micro_batch_size: int | None,
     seed: int,
     eval_points: int,
@@ -470,7 +711,10 @@ def _one_run(
     bar: TrainProgress,
     label: str,
 ) -> dict[str, Any]:
-    """Train one batch size from the weights in ``model``; measure it; return a plain record."""
+    """Train one batch size from the weights in ``model``; measure it; return a plain record.
+
+    A run whose loss or weights become non-finite comes back with ``diverged`` set (the step and
+    why), its curve up to the last evaluation, and no final, gap or sharpness."""
     run_started = time.perf_counter()
     total = _total_steps(budget, n, batch_size)
     eval_every = max(1, round(total / eval_points))
@@ -498,47 +742,89 @@ def _one_run(
         speed = record["samples_seen"] / max(record["train_seconds"], 1e-9)
         bar.update(step, values["loss"], speed)
 
+    micro = min(micro_batch_size, batch_size) if micro_batch_size else None
+    during = f"training B={batch_size}"
+    diverged = None
     bar.start_epoch(label, total)
     try:
+        # train() times each step without a CUDA synchronisation (none per step, by design), so
+        # on a GPU its training seconds can trail the device's work by the queued steps.
         result = train(
             model,
             source,
             loss=loss,
             batch_size=batch_size,
             max_steps=total,
-            micro_batch_size=min(micro_batch_size, batch_size) if micro_batch_size else None,
+            micro_batch_size=micro,
             optimizer=optimizer,
             lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
             seed=seed,
             eval_every=eval_every,
             on_eval=on_eval,
             device=device,
         )
+        if curve[-1]["step"] != result.steps:  # e.g. a stream that ended before the budget
+            on_eval(
+                {
+                    "step": result.steps,
+                    "samples_seen": result.samples_seen,
+                    "train_seconds": result.train_seconds,
+                }
+            )
+        during = f"evaluating B={batch_size}"
+        t = time.perf_counter()
+        on_train = evaluate(model, train_subset, loss, eval_batch_size, device)
+        eval_seconds += time.perf_counter() - t
+        during = f"measuring the sharpness of B={batch_size}"
+        t = time.perf_counter()
+        sharp = sharpness(
+            model,
+            loss.fn,
+            *sharp_batch,
+            iterations=sharpness_iterations,
+            tolerance=sharpness_tolerance,
+            seed=seed,
+            micro_batch_size=micro_batch_size,
+        )
+        sharpness_seconds = time.perf_counter() - t
+    except NonFiniteLossError as exc:
+        diverged = {"step": exc.step, "reason": _first_clause(str(exc))}
+    except (RuntimeError, MemoryError) as exc:
+        raise _out_of_memory(exc, during) from None
     finally:
         bar.end_epoch()
-    if curve[-1]["step"] != result.steps:  # e.g. a stream that ended before the budget
-        on_eval(
-            {
-                "step": result.steps,
-                "samples_seen": result.samples_seen,
-                "train_seconds": result.train_seconds,
-            }
-        )
-    t = time.perf_counter()
-    on_train = evaluate(model, train_subset, loss, eval_batch_size, device)
-    eval_seconds += time.perf_counter() - t
-    t = time.perf_counter()
-    sharp = sharpness(
-        model,
-        loss.fn,
-        *sharp_batch,
-        iterations=sharpness_iterations,
-        tolerance=sharpness_tolerance,
-        seed=seed,
-    )
-    sharpness_seconds = time.perf_counter() - t
-    final = {k: v for k, v in curve[-1].items() if k.startswith("val_")}
     gc.collect()
+    if diverged is not None:
+        steps = diverged["step"]
+        return {
+            "batch_size": batch_size,
+            "lr": lr,
+            "lr_factor": factor,
+            "micro_batch_size": micro or batch_size,
+            "steps": steps,
+            "samples_seen": plan(n, batch_size, max_steps=steps).total_samples
+            if n
+            else steps * batch_size,
+            "epochs": None,
+            "eval_every": eval_every,
+            "train_seconds": curve[-1]["train_seconds"],
+            "eval_seconds": eval_seconds,
+            "sharpness_seconds": 0.0,
+            "seconds": time.perf_counter() - run_started,
+            "samples_per_s": None,
+            "train_loss": None,
+            "final": {k: None for k in curve[0] if k.startswith("val_")},
+            "train_subset": None,
+            "gap": {},
+            "sharpness": None,
+            "curve": curve,
+            "params_sha256": None,
+            "rss_bytes": _rss_bytes(),
+            "diverged": diverged,
+        }
+    final = {k: v for k, v in curve[-1].items() if k.startswith("val_")}
     return {
         "batch_size": batch_size,
         "lr": lr,
@@ -563,7 +849,15 @@ def _one_run(
         "curve": curve,
         "params_sha256": result.params_sha256,
         "rss_bytes": _rss_bytes(),
+        "diverged": None,
     }
+
+
+def _first_clause(message: str) -> str:
+    """ "The training loss became nan at step 7 (epoch 1)" from train()'s longer message, whose
+    advice about checkpoints does not apply to a sweep."""
+    clause = message.split(";")[0].strip()
+    return clause[:1].lower() + clause[1:] if clause.startswith("The ") else clause
 
 
 def _rss_bytes() -> int:
@@ -574,10 +868,16 @@ def _rss_bytes() -> int:
 
 def _run_summary(label: str, record: dict[str, Any], metric: str) -> str:
     best = best_point(record["curve"], metric)
+    if record.get("diverged"):
+        seen = f"best {best['value']:.4f} before that" if best else "no finite evaluation"
+        return (
+            f"{label}: diverged ({record['diverged']['reason']}); {metric} {seen}. Recorded; "
+            "going on."
+        )
     return (
         f"{label}: {metric} best {best['value']:.4f}, final {record['final'][metric]:.4f}; "
         f"sharpness {record['sharpness']['eigenvalue']:.4g}; {record['steps']} steps in "
-        f"{record['train_seconds']:.1f} s ({record['samples_per_s']:,.0f} samples/s)"
+        f"{format_seconds(record['train_seconds'])} ({record['samples_per_s']:,.0f} samples/s)"
     )
 
 
@@ -594,10 +894,11 @@ def _summaries(runs: list[dict[str, Any]], sizes: list[int], metric: str) -> lis
                 "best": (best_point(r["curve"], metric) or {}).get("value"),
                 "final": r["final"].get(metric),
                 "chosen": r is chosen,
+                "diverged": r["diverged"]["step"] if r.get("diverged") else None,
             }
             for r in mine
         ]
-        keep = {k: v for k, v in chosen.items() if k not in ("settings",)}
+        keep = {k: v for k, v in chosen.items() if k not in ("settings", "in_sweep", "for_tune")}
         out.append(
             {
                 **keep,
@@ -609,21 +910,33 @@ def _summaries(runs: list[dict[str, Any]], sizes: list[int], metric: str) -> lis
     return out
 
 
+def _summary_of(run: dict[str, Any], target: Target, metric: str) -> dict[str, Any]:
+    """A single run (tune's) in the shape of a size summary, for the verdict."""
+    return {
+        **{k: v for k, v in run.items() if k != "settings"},
+        "best": best_point(run["curve"], metric),
+        "time_to_target": time_to_target(run["curve"], target),
+    }
+
+
 def _auto_target(metric: str, initial: dict[str, float], sizes: list[dict[str, Any]]) -> Target:
-    bests = [s["best"]["value"] for s in sizes if s.get("best")]
+    bests = [s["best"]["value"] for s in sizes if s.get("best") and not s.get("diverged")]
     if not bests:
         return auto_target(metric, initial[metric], initial[metric])
     pick = max if higher_is_better(metric) else min
     return auto_target(metric, initial[metric], pick(bests))
 
 
-def _timing(runs: list[dict[str, Any]], total: float) -> dict[str, float]:
-    """Where the time went. Shares are of the runs' time (runs read back by --resume included)."""
+def _timing(runs: list[dict[str, Any]], total: float, read_back: int = 0) -> dict[str, float]:
+    """Where the time went. Shares are of the runs' time (runs read back by --resume included:
+    ``total_seconds`` is this call's, which did not make those ``read_back`` runs)."""
     runs_s = sum(r["seconds"] for r in runs)
     eval_s = sum(r["eval_seconds"] for r in runs)
     sharp_s = sum(r["sharpness_seconds"] for r in runs)
     return {
         "total_seconds": total,
+        "runs": len(runs),
+        "runs_read_back": read_back,
         "runs_seconds": runs_s,
         "train_seconds": sum(r["train_seconds"] for r in runs),
         "eval_seconds": eval_s,

@@ -38,6 +38,11 @@ TREND_RHO = 0.8
 #: DESIGN.md's bar: the recommended batch size is good if its time to target is within this
 #: factor of the fastest size found by the sweep.
 AGREEMENT_FACTOR = 1.25
+#: A curve has plateaued when its last quarter gained at most this share of what the whole run
+#: gained; the same share of the best size's gain separates "behind it" from "level with it".
+PLATEAU_SHARE = 0.05
+#: The sizes the seed says to try: 32, 64, 128 and 256.
+SEED_SIZES = (32, 256)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -259,14 +264,37 @@ def parse_lr_grid(text: str | Sequence[float] | None) -> tuple[float, ...] | Non
 
 def choose_lr(runs: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
     """Of one batch size's runs (one per learning rate), the one with the best validation value
-    (its best over the run); ties go to the run listed first."""
+    (its best over the run); ties go to the run listed first. A run that diverged is chosen only
+    when every run of that size diverged: a learning rate that blows up is not one to use, however
+    good the run looked before it did.
+
+    >>> def run(loss, diverged=None):
+    ...     point = {"step": 5, "samples_seen": 80, "train_seconds": 0.1, "val_loss": loss}
+    ...     return {"curve": [point], "diverged": diverged}
+    >>> ok, blew_up = run(0.5), run(0.2, diverged={"step": 9})
+    >>> choose_lr([blew_up, ok], "val_loss") is ok
+    True
+    """
     sign = 1.0 if higher_is_better(metric) else -1.0
+    stable = [r for r in runs if not r.get("diverged")] or list(runs)
 
     def score(run: dict[str, Any]) -> float:
         point = best_point(run["curve"], metric)
         return -math.inf if point is None else sign * point["value"]
 
-    return max(runs, key=score)
+    return max(stable, key=score)
+
+
+def format_seconds(seconds: float) -> str:
+    """Seconds for people: milliseconds below one second, so that 0.004 s does not read 0.00 s.
+
+    >>> format_seconds(0.0042), format_seconds(0.0), format_seconds(12.345)
+    ('4.2 ms', '0 ms', '12.35 s')
+    """
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 or ms == 0 else f"{ms:.2g} ms"
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
@@ -300,13 +328,23 @@ def _ranks(values: Sequence[float]) -> list[float]:
 
 @dataclass(frozen=True)
 class Claim:
-    """One of the seed's claims, checked against the sweep: ``outcome`` is ``holds``,
-    ``reversed``, ``no clear trend``, ``within noise`` or ``too few sizes``."""
+    """One of the seed's claims, checked against the sweep.
+
+    ``outcome`` is ``holds``, ``reversed``, ``no clear trend``, ``within noise`` or ``too few
+    sizes`` for the trends over batch size; the full-batch claim (:func:`full_batch_claim`) and the
+    32-256 claim (:func:`sizes_claim`) have their own outcomes. ``rho`` is Spearman's rank
+    correlation with batch size where one was taken; ``detail`` the numbers behind the outcome.
+    """
 
     claim: str
     outcome: str
     rho: float | None
     detail: str
+
+    def describe(self) -> str:
+        """One line: the claim, the outcome, the numbers (and rho, when there is one)."""
+        rho = f"; Spearman rho with batch size {_fmt(self.rho)}" if self.rho is not None else ""
+        return f"{self.claim}? {self.outcome} ({self.detail}{rho})."
 
 
 @dataclass(frozen=True)
@@ -338,7 +376,7 @@ def accuracy_noise(accuracy: float, samples: int) -> float:
 def check_claims(
     sizes: Sequence[dict[str, Any]], metric: str, val_samples: int | None
 ) -> tuple[Claim, ...]:
-    """Test the seed's three claims over the swept sizes by rank correlation with batch size.
+    """Test the seed's three trend claims over the swept sizes by rank correlation with batch size.
 
     ``sizes`` holds one summary per batch size with ``batch_size``, ``best`` (``value``), ``gap``
     and ``sharpness`` (``eigenvalue``). A trend needs |Spearman rho| >= 0.8 over at least three
@@ -349,10 +387,10 @@ def check_claims(
     up = higher_is_better(metric)
     gap_key = "accuracy" if metric == "val_accuracy" else "loss"
     best = [s["best"]["value"] if s.get("best") else math.nan for s in sizes]
-    gaps = [s["gap"].get(gap_key, math.nan) for s in sizes]
-    sharp = [s["sharpness"]["eigenvalue"] for s in sizes]
+    gaps = [(s.get("gap") or {}).get(gap_key, math.nan) for s in sizes]
+    sharp = [(s.get("sharpness") or {}).get("eigenvalue", math.nan) for s in sizes]
     noise = None
-    if metric == "val_accuracy" and val_samples and all(math.isfinite(v) for v in best):
+    if metric == "val_accuracy" and val_samples and best and all(math.isfinite(v) for v in best):
         noise = 2 * accuracy_noise(sum(best) / len(best), val_samples)
     return (
         _claim(
@@ -396,7 +434,7 @@ def _claim(
         return Claim(text, "too few sizes", None, f"{what}: {pairs} (a trend needs 3+ sizes)")
     rho = spearman(batch_sizes, values)
     spread = max(values) - min(values)
-    detail = f"{what}: {pairs}; Spearman rho with batch size {_fmt(rho)}"
+    detail = f"{what}: {pairs}"
     if noise is not None and spread < noise:
         detail += f"; spread {spread:.3f} < {noise:.3f} (2x the validation sampling error)"
         return Claim(text, "within noise", rho, detail)
@@ -415,6 +453,114 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def _noise(metric: str, value: float, val_samples: int | None) -> float:
+    """Twice the sampling error of an accuracy (0 for losses, whose error is not known)."""
+    if metric != "val_accuracy" or not val_samples:
+        return 0.0
+    return 2 * accuracy_noise(value, val_samples)
+
+
+def full_batch_claim(
+    full: dict[str, Any],
+    others: Sequence[dict[str, Any]],
+    metric: str,
+    val_samples: int | None = None,
+) -> Claim:
+    """ "Full batch gets stuck in the first valley", read from the full-batch run's curve.
+
+    Over the last quarter of its steps the curve is *still improving* when it gained more than
+    5% of what the whole run gained (and, for accuracy, more than twice the validation sampling
+    error): then the run had too few updates to tell, which is not being stuck. Otherwise it has
+    *plateaued*; the claim ``holds`` when it plateaued behind the best other size (by more than
+    5% of that size's gain and the sampling error) and is ``reversed`` when it plateaued level
+    with it. ``full`` and ``others`` are per-size summaries (``batch_size``, ``steps``,
+    ``curve``, ``best``).
+
+    >>> points = [(0, 2.0), (10, 1.2), (20, 1.01), (40, 1.0)]
+    >>> curve = [{"step": s, "val_loss": v} for s, v in points]
+    >>> full = {"batch_size": 4000, "steps": 40, "curve": curve, "best": {"value": 1.0}}
+    >>> full_batch_claim(full, [{"batch_size": 32, "best": {"value": 0.4}}], "val_loss").outcome
+    'holds'
+    """
+    text = f"Full batch gets stuck in the first valley (B={full['batch_size']})"
+    if full.get("diverged"):
+        return Claim(text, "diverged", None, f"the run diverged at step {full['diverged']['step']}")
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    points = [p for p in full["curve"] if _finite(p.get(metric))]
+    if len(points) < 3:
+        return Claim(
+            text,
+            "too few evaluations",
+            None,
+            f"{len(points)} evaluation(s) in {full['steps']} steps; a plateau needs 3+ "
+            "(raise --eval-points or the budget)",
+        )
+    last = points[-1]
+    window = [p for p in points if p["step"] >= 0.75 * last["step"]]
+    if len(window) < 2:
+        window = points[-2:]
+    recent = sign * (last[metric] - window[0][metric])
+    total = sign * (last[metric] - points[0][metric])
+    detail = (
+        f"{full['steps']} steps; {metric} {window[0][metric]:.4g} -> {last[metric]:.4g} over its "
+        f"last {len(window)} evaluations (steps {window[0]['step']}-{last['step']})"
+    )
+    if recent > max(PLATEAU_SHARE * abs(total), _noise(metric, last[metric], val_samples)):
+        return Claim(text, "still improving", None, detail + ": too few updates to tell, not stuck")
+    rivals = [o for o in others if o.get("best") and o["batch_size"] != full["batch_size"]]
+    if not rivals:
+        return Claim(text, "plateaued", None, detail + "; no other size to compare it with")
+    rival = max(rivals, key=lambda o: sign * o["best"]["value"])
+    mine = full["best"]["value"] if full.get("best") else last[metric]
+    behind = sign * (rival["best"]["value"] - mine)
+    scale = abs(rival["best"]["value"] - points[0][metric])
+    detail += (
+        f"; plateaued with best {mine:.4g} against {rival['best']['value']:.4g} at "
+        f"B={rival['batch_size']}"
+    )
+    if behind > max(PLATEAU_SHARE * scale, _noise(metric, mine, val_samples)):
+        return Claim(text, "holds", None, detail)
+    return Claim(text, "reversed", None, detail + " (level with it: not stuck)")
+
+
+def sizes_claim(
+    swept: Sequence[int], best_batch_size: int | None, fastest_batch_size: int | None
+) -> Claim:
+    """ "32, 64, 128 and 256 are the sizes to try": do the best and the fastest size fall inside
+    32-256? Untested unless some swept size lies outside that range.
+
+    >>> sizes_claim([8, 32, 256, 1024], 32, 1024).outcome
+    'partly'
+    >>> sizes_claim([32, 64], 32, 64).outcome
+    'not tested'
+    """
+    low, high = SEED_SIZES
+    text = f"{low}, 64, 128 and {high} are the sizes to try"
+    outside = [b for b in swept if not low <= b <= high]
+    if not outside:
+        return Claim(
+            text,
+            "not tested",
+            None,
+            f"every swept size is within {low}-{high}; add sizes outside it (e.g. 8 or 1024)",
+        )
+    picks = [(w, b) for w, b in (("best", best_batch_size), ("fastest", fastest_batch_size)) if b]
+    if not picks:
+        return Claim(text, "not tested", None, "no size has a result to compare")
+    inside = [low <= b <= high for _, b in picks]
+    outcome = "holds" if all(inside) else "does not hold" if not any(inside) else "partly"
+    where = ", ".join(
+        f"{what} B={b} {'inside' if i else 'outside'}"
+        for (what, b), i in zip(picks, inside, strict=True)
+    )
+    swept_outside = ", ".join(map(str, outside))
+    return Claim(text, outcome, None, f"{where}; swept outside {low}-{high}: B={swept_outside}")
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def nearest_size(batch_size: int, sizes: Sequence[int]) -> int:
     """The swept size closest to ``batch_size`` on a log scale (the smaller one on a tie).
 
@@ -430,47 +576,106 @@ def compare_with_tune(
     recommended_lr: float | None,
     fastest_batch_size: int | None,
     fastest_seconds: float | None,
+    tune_run: dict[str, Any] | None = None,
+    not_run: str | None = None,
 ) -> dict[str, Any]:
-    """Does tune's recommended batch size do well in the sweep? It agrees when the swept size
-    nearest to it reached the target within 1.25x the time of the fastest size (DESIGN.md)."""
+    """Does tune's recommendation do well in the sweep? DESIGN.md's bar: it agrees when it reaches
+    the target within 1.25x the time of the fastest swept size.
+
+    ``tune_run`` is the sweep's run at tune's batch size *and* tune's learning rate; it is what is
+    judged. Without it (the report gives no lr, or tune's size could not be run: ``not_run`` says
+    why), the swept size nearest to tune's, at the sweep's own learning rate, stands in.
+    """
     by_size = {s["batch_size"]: s for s in sizes}
-    swept = nearest_size(recommended_batch_size, list(by_size))
-    mine = by_size[swept]
-    seconds = mine["time_to_target"]["seconds"]
+    if tune_run is not None:
+        judged, swept = tune_run, tune_run["batch_size"]
+        where = f"B={recommended_batch_size} at its lr {tune_run['lr']:.3g}"
+    else:
+        swept = nearest_size(recommended_batch_size, list(by_size))
+        judged = by_size[swept]
+        where = (
+            f"B={recommended_batch_size}"
+            if swept == recommended_batch_size
+            else f"B={recommended_batch_size} (not swept; nearest swept B={swept})"
+        )
+    seconds = judged["time_to_target"]["seconds"]
     out: dict[str, Any] = {
         "recommended_batch_size": recommended_batch_size,
         "recommended_lr": recommended_lr,
+        "judged": "tune's batch size and lr" if tune_run is not None else "nearest swept size",
         "swept_batch_size": swept,
-        "swept_lr": mine["lr"],
+        "swept_lr": judged["lr"],
         "seconds_to_target": seconds,
+        "best": judged["best"]["value"] if judged.get("best") else None,
+        "diverged": judged.get("diverged"),
         "fastest_batch_size": fastest_batch_size,
         "seconds_ratio": None,
         "agrees": False,
     }
-    where = (
-        f"B={recommended_batch_size}"
-        if swept == recommended_batch_size
-        else f"B={recommended_batch_size} (not swept; nearest swept B={swept})"
+    fastest = (
+        f"B={fastest_batch_size}, {format_seconds(fastest_seconds)}"
+        if fastest_seconds is not None
+        else None
     )
-    if fastest_seconds is None:
-        out["reason"] = f"No size reached the target, so tune's {where} cannot be confirmed."
+    if judged.get("diverged"):
+        out["reason"] = f"tune's {where} diverged (step {judged['diverged']['step']}): disagrees."
+    elif seconds is None and fastest_seconds is None:
+        out["reason"] = f"No size reached the target, tune's {where} neither: cannot be confirmed."
     elif seconds is None:
-        out["reason"] = f"tune's {where} did not reach the target in the sweep's budget."
+        out["reason"] = (
+            f"tune's {where} did not reach the target in the sweep's budget; the fastest "
+            f"size did ({fastest}): disagrees."
+        )
+    elif fastest_seconds is None:
+        out["agrees"] = True
+        out["reason"] = (
+            f"tune's {where} reached the target in {format_seconds(seconds)} and no swept size "
+            "did: agrees."
+        )
     else:
         ratio = seconds / fastest_seconds if fastest_seconds > 0 else 1.0
         out["seconds_ratio"] = round(ratio, 4)
         out["agrees"] = ratio <= AGREEMENT_FACTOR
         verb = "agrees" if out["agrees"] else "disagrees"
         out["reason"] = (
-            f"tune's {where} reached the target in {seconds:.2f} s, {ratio:.2f}x the fastest "
-            f"(B={fastest_batch_size}, {fastest_seconds:.2f} s): {verb} "
-            f"(within {AGREEMENT_FACTOR}x counts as agreement)."
+            f"tune's {where} reached the target in {format_seconds(seconds)}, {ratio:.2f}x the "
+            f"fastest ({fastest}): {verb} (within {AGREEMENT_FACTOR}x counts as agreement)."
         )
-    if recommended_lr is not None:
-        out["reason"] += (
-            f" tune's lr {recommended_lr:.3g}; the sweep ran B={swept} at lr {mine['lr']:.3g}."
+    scaled = by_size.get(recommended_batch_size)
+    if tune_run is not None and scaled is not None and scaled is not tune_run:
+        took = scaled["time_to_target"]["seconds"]
+        out["reason"] += f" At the sweep's lr {scaled['lr']:.3g}, B={recommended_batch_size} " + (
+            f"took {format_seconds(took)}." if took is not None else "did not reach it."
         )
+    elif tune_run is None:
+        if not_run:
+            out["reason"] += f" {not_run}"
+        elif recommended_lr is None:
+            out["reason"] += f" report.json gives no lr, so B={swept} ran at the sweep's lr."
+        else:
+            out["reason"] += (
+                f" tune's lr {recommended_lr:.3g}; the sweep ran B={swept} at lr "
+                f"{judged['lr']:.3g}."
+            )
     return out
+
+
+def _divergence_lines(sizes: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for s in sizes:
+        b = s["batch_size"]
+        blew_up = [g for g in s.get("lr_grid") or () if g.get("diverged")]
+        if s.get("diverged"):
+            lrs = ", ".join(f"{g['lr']:.3g}" for g in blew_up) or f"{s['lr']:.3g}"
+            lines.append(
+                f"B={b} diverged at every lr tried (lr {lrs}; {s['diverged']['reason']}): left "
+                "out of the best, the fastest and the claims. Lower --lr or widen --lr-grid "
+                "downwards."
+            )
+        elif blew_up:
+            lrs = ", ".join(f"{g['lr']:.3g} (step {g['diverged']})" for g in blew_up)
+            lines.append(f"At B={b}, lr {lrs} diverged; the grid kept lr {s['lr']:.3g}.")
+    return lines
 
 
 def verdict(
@@ -479,27 +684,49 @@ def verdict(
     target: Target,
     val_samples: int | None = None,
     recommendation: dict[str, Any] | None = None,
+    *,
+    samples: int | None = None,
+    initial: float | None = None,
+    tune_run: dict[str, Any] | None = None,
+    tune_not_run: str | None = None,
+    notes: Sequence[str] = (),
 ) -> Verdict:
     """The best size by validation, the fastest to ``target``, the seed's claims, and tune.
 
-    ``sizes`` holds one summary per batch size (``batch_size``, ``lr``, ``best``, ``gap``,
-    ``sharpness``, ``time_to_target``); ``recommendation`` is ``{"batch_size", "lr"}`` from tune's
-    ``report.json``. Ties go to the smaller batch size.
+    ``sizes`` holds one summary per batch size (``batch_size``, ``lr``, ``steps``, ``curve``,
+    ``best``, ``gap``, ``sharpness``, ``time_to_target``, ``diverged``); ``recommendation`` is
+    ``{"batch_size", "lr"}`` from tune's ``report.json``, ``tune_run`` the run at that size and lr
+    (see :func:`compare_with_tune`). Sizes whose runs diverged are named but left out of the best,
+    the fastest and the claims. ``samples`` (the training set size) marks the full-batch run,
+    whose curve is read for the full-batch claim; ``initial`` is the metric at the initial
+    weights, to warn about a target met before training. ``notes`` come first in ``lines``.
+    Ties go to the smaller batch size.
     """
     up = higher_is_better(metric)
-    scored = [s for s in sizes if s.get("best")]
+    usable = [s for s in sizes if not s.get("diverged")]
+    scored = [s for s in usable if s.get("best")]
     best = (
         max(scored, key=lambda s: ((1 if up else -1) * s["best"]["value"], -s["batch_size"]))
         if scored
         else None
     )
-    reached = [s for s in sizes if s["time_to_target"]["reached"]]
+    reached = [s for s in usable if s["time_to_target"]["reached"]]
     fastest = (
         min(reached, key=lambda s: (s["time_to_target"]["seconds"], s["batch_size"]))
         if reached
         else None
     )
-    claims = check_claims(sizes, metric, val_samples)
+    claims = list(check_claims(usable, metric, val_samples))
+    full = next((s for s in sizes if samples is not None and s["batch_size"] == samples), None)
+    if full is not None:
+        claims.append(full_batch_claim(full, usable, metric, val_samples))
+    claims.append(
+        sizes_claim(
+            [s["batch_size"] for s in usable],
+            best["batch_size"] if best else None,
+            fastest["batch_size"] if fastest else None,
+        )
+    )
     tune = None
     if recommendation is not None:
         tune = compare_with_tune(
@@ -508,8 +735,18 @@ def verdict(
             recommendation.get("lr"),
             fastest["batch_size"] if fastest else None,
             fastest["time_to_target"]["seconds"] if fastest else None,
+            tune_run,
+            tune_not_run,
         )
-    lines = []
+    lines = list(notes)
+    if initial is not None and target.reached(initial):
+        lines.append(
+            f"The target {target.describe()} is met already at the initial weights ({metric} "
+            f"{initial:.4g}), so every size reaches it at step 0; give a harder --target."
+            if target.source == "given"
+            else f"No size improved on the initial weights' {metric} ({initial:.4g}), so the "
+            "automatic target and the time to it mean nothing here."
+        )
     if best is not None:
         lines.append(
             f"Best validation: B={best['batch_size']} ({metric} {best['best']['value']:.4f} "
@@ -519,16 +756,22 @@ def verdict(
         ttt = fastest["time_to_target"]
         lines.append(
             f"Fastest to {target.describe()}: B={fastest['batch_size']} in "
-            f"{ttt['seconds']:.2f} s of training ({ttt['steps']} steps, "
+            f"{format_seconds(ttt['seconds'])} of training ({ttt['steps']} steps, "
             f"{ttt['samples_seen']} examples)."
         )
     else:
         lines.append(f"No batch size reached {target.describe()} within the budget.")
-    missed = [str(s["batch_size"]) for s in sizes if not s["time_to_target"]["reached"]]
+    missed = [str(s["batch_size"]) for s in usable if not s["time_to_target"]["reached"]]
     if missed and fastest is not None:
         lines.append(f"Not reached by B={', '.join(missed)}.")
-    for claim in claims:
-        lines.append(f"{claim.claim}? {claim.outcome} ({claim.detail}).")
+    lines += _divergence_lines(sizes)
+    edge = [str(s["batch_size"]) for s in usable if s.get("lr_at_grid_edge")]
+    if edge:
+        lines.append(
+            f"The chosen lr is at the edge of the grid for B={', '.join(edge)}: widen --lr-grid "
+            "to be sure it is the best."
+        )
+    lines += [claim.describe() for claim in claims]
     if tune is not None:
         lines.append(tune["reason"])
     return Verdict(
@@ -536,7 +779,7 @@ def verdict(
         best_value=best["best"]["value"] if best else None,
         fastest_batch_size=fastest["batch_size"] if fastest else None,
         fastest_seconds=fastest["time_to_target"]["seconds"] if fastest else None,
-        claims=claims,
+        claims=tuple(claims),
         tune=tune,
         lines=tuple(lines),
     )

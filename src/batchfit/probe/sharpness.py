@@ -54,6 +54,7 @@ def sharpness(
     iterations: int = 50,
     tolerance: float = 1e-3,
     seed: int = 0,
+    micro_batch_size: int | None = None,
 ) -> SharpnessResult:
     """The largest eigenvalue of the Hessian of ``loss_fn(model(x), y)`` w.r.t. the parameters.
 
@@ -63,6 +64,11 @@ def sharpness(
     largest *magnitude*; if that one is negative (a saddle, not a minimum), a second pass on
     ``H - lambda I`` finds the largest one, so the result is always the top of the spectrum.
     Parameters with ``requires_grad=False`` are held fixed. Nothing in ``model`` changes.
+
+    ``micro_batch_size`` bounds memory: each product is then summed over chunks of that many
+    samples, weighted by their share of the batch (exact for a mean loss, as every batchfit loss
+    is), at the price of rebuilding each chunk's gradient graph for every product. Without it the
+    whole batch's graph is built once and reused.
 
     Examples:
         >>> import torch
@@ -76,6 +82,7 @@ def sharpness(
     """
     validation.check("sharpness_iterations", iterations)
     validation.check("sharpness_tolerance", tolerance)
+    validation.check_optional("micro_batch_size", micro_batch_size)
     names, shapes, sizes, frozen = [], [], [], {}
     tensors = []
     for name, param in model.named_parameters():
@@ -94,21 +101,32 @@ def sharpness(
     frozen.update({name: buffer.detach() for name, buffer in model.named_buffers()})
     flat = torch.cat(tensors)
 
-    def loss_of(weights: torch.Tensor) -> torch.Tensor:
+    def loss_of(weights: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         params = {
             name: part.view(shape)
             for name, part, shape in zip(names, weights.split(sizes), shapes, strict=True)
         }
-        return loss_fn(functional_call(model, (params, frozen), (x,)), y)
+        return loss_fn(functional_call(model, (params, frozen), (xs,)), ys)
 
     was_training = model.training
     model.eval()
     try:
-        # Built once: every call of hvp reuses the graph of the gradient at ``flat``.
-        _, pullback = vjp(grad(loss_of), flat)
+        if micro_batch_size is None or micro_batch_size >= len(y):
+            # Built once: every call of hvp reuses the graph of the gradient at ``flat``.
+            _, pullback = vjp(grad(lambda w: loss_of(w, x, y)), flat)
 
-        def hvp(v: torch.Tensor) -> torch.Tensor:
-            return pullback(v)[0]
+            def hvp(v: torch.Tensor) -> torch.Tensor:
+                return pullback(v)[0]
+
+        else:
+            chunks = list(zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True))
+
+            def hvp(v: torch.Tensor) -> torch.Tensor:
+                total = torch.zeros_like(flat)
+                for xs, ys in chunks:
+                    _, pullback = vjp(grad(lambda w, xs=xs, ys=ys: loss_of(w, xs, ys)), flat)
+                    total += pullback(v)[0] * (len(ys) / len(y))
+                return total
 
         generator = torch.Generator().manual_seed(seed)
         start = torch.randn(flat.shape, generator=generator, dtype=flat.dtype).to(flat.device)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
 from batchfit.report.plots import batch_size_axis, figure, save
 
 PLOTS = ("curves", "metric", "sharpness", "time_to_target", "lr_grid")
@@ -27,6 +29,11 @@ def _pretty(metric: str) -> str:
     return metric.replace("val_", "validation ").replace("_", " ")
 
 
+def _number(value: float | None) -> float:
+    """A value to plot: a missing one (a diverged run's, ``null`` in JSON) as NaN, a gap."""
+    return float("nan") if value is None else value
+
+
 def _batch_axis(ax, sizes: list[int]) -> None:
     batch_size_axis(ax, sizes, "batch size B (samples per step)")
 
@@ -39,8 +46,10 @@ def plot_curves(result: dict[str, Any], path: Path) -> str:
     for colour, size in zip(_colours(len(sizes)), sizes, strict=True):
         curve = size["curve"]
         label = f"B={size['batch_size']} (lr {size['lr']:.3g})"
+        if size.get("diverged"):
+            label += f", diverged at step {size['diverged']['step']}"
         xs = [p["step"] if by_steps else p["samples_seen"] for p in curve]
-        ys = [p.get(metric) for p in curve]
+        ys = [_number(p.get(metric)) for p in curve]
         left.plot(xs, ys, marker=".", color=colour, label=label)
         # log time: sizes differ by multiples in speed; the point at 0 s has no place on it
         timed = [(p["train_seconds"], y) for p, y in zip(curve, ys, strict=True) if p["step"]]
@@ -48,18 +57,15 @@ def plot_curves(result: dict[str, Any], path: Path) -> str:
             right.plot(*zip(*timed, strict=True), marker=".", color=colour, label=label)
     target = result["target"]
     for ax in (left, right):
-        ax.axhline(target["value"], color="grey", linestyle="--", linewidth=1)
+        # labelled in the legend, not on the plot, where it would sit on top of the curves
+        ax.axhline(
+            target["value"],
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"target: {target['text']}",
+        )
         ax.grid(True, alpha=0.3)
-    left.text(
-        0.99,
-        target["value"],
-        f" target {target['text']}",
-        color="grey",
-        fontsize=8,
-        ha="right",
-        va="bottom",
-        transform=left.get_yaxis_transform(),
-    )
     left.set_xlabel("optimizer steps" if by_steps else "training examples seen")
     right.set_xscale("log")
     right.set_xlabel("training seconds, log scale (evaluation excluded)")
@@ -75,15 +81,14 @@ def plot_metric(result: dict[str, Any], path: Path) -> str:
     bs = [s["batch_size"] for s in sizes]
     train_key = metric.replace("val_", "")
     fig, (ax,) = figure(1, width=6.5, height=4.2)
-    ax.plot(bs, [s["best"]["value"] for s in sizes], marker="o", label="validation, best")
-    ax.plot(bs, [s["final"].get(metric) for s in sizes], marker="s", label="validation, final")
-    ax.plot(
-        bs,
-        [s["train_subset"].get(train_key) for s in sizes],
-        marker="^",
-        linestyle=":",
-        label="training subset, final (eval mode)",
-    )
+    # a diverged size has no final or training-subset value: NaN leaves a gap in the line
+    nan = float("nan")
+    best = [s["best"]["value"] if s.get("best") else nan for s in sizes]
+    final = [_number(s["final"].get(metric)) for s in sizes]
+    on_train = [(s.get("train_subset") or {}).get(train_key, nan) for s in sizes]
+    ax.plot(bs, best, marker="o", label="validation, best")
+    ax.plot(bs, final, marker="s", label="validation, final")
+    ax.plot(bs, on_train, marker="^", linestyle=":", label="training subset, final (eval mode)")
     _batch_axis(ax, bs)
     ax.set_ylabel(_pretty(metric).replace("validation ", ""))
     ax.legend(fontsize=8)
@@ -95,7 +100,8 @@ def plot_metric(result: dict[str, Any], path: Path) -> str:
 
 def plot_sharpness(result: dict[str, Any], path: Path) -> str:
     """Top Hessian eigenvalue of the training loss at the end of each run."""
-    sizes = result["sizes"]
+    all_bs = [s["batch_size"] for s in result["sizes"]]
+    sizes = [s for s in result["sizes"] if s.get("sharpness")]  # diverged runs have none
     bs = [s["batch_size"] for s in sizes]
     values = [s["sharpness"]["eigenvalue"] for s in sizes]
     fig, (ax,) = figure(1, width=6.5, height=4.2)
@@ -107,10 +113,12 @@ def plot_sharpness(result: dict[str, Any], path: Path) -> str:
         ax.annotate(
             f"{v:.3g}", (b, v), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8
         )
-    _batch_axis(ax, bs)
-    ax.set_ylim(bottom=min(0.0, *values), top=max(*values, 0.0) * 1.15 or 1.0)
+    _batch_axis(ax, all_bs)
+    ax.set_ylim(bottom=min([0.0, *values]), top=max([*values, 0.0]) * 1.15 or 1.0)
     ax.set_ylabel("top Hessian eigenvalue (training loss)")
     note = "" if all(s["sharpness"]["converged"] for s in sizes) else " (hollow: not converged)"
+    if len(sizes) < len(all_bs):
+        note += "; diverged sizes have none"
     ax.set_title(f"Sharpness of the weights reached vs batch size{note}", fontsize=10)
     return str(save(fig, path))
 
@@ -125,16 +133,17 @@ def plot_time_to_target(result: dict[str, Any], path: Path) -> str:
         (("steps", "steps to target"),) if by_steps else (("samples_seen", "examples to target"),)
     )
     for ax, (key, label) in zip(axes, panels, strict=True):
-        got = [s["time_to_target"][key] for s in sizes]
+        # a diverged size counts as not reached, whatever it passed on its way
+        got = [None if s.get("diverged") else s["time_to_target"][key] for s in sizes]
         reached = [(b, v) for b, v in zip(bs, got, strict=True) if v is not None]
         if reached:
             ax.plot(*zip(*reached, strict=True), marker="o", color="tab:blue")
         top = max((v for _, v in reached), default=1.0) or 1.0
-        for b, v in zip(bs, got, strict=True):
+        for b, v, s in zip(bs, got, sizes, strict=True):
             if v is None:
                 ax.plot(b, top * 1.1, marker="x", color="tab:red", markersize=10)
                 ax.annotate(
-                    "not reached",
+                    "diverged" if s.get("diverged") else "not reached",
                     (b, top * 1.1),
                     textcoords="offset points",
                     xytext=(0, 6),
@@ -159,19 +168,30 @@ def plot_lr_grid(result: dict[str, Any], path: Path) -> str | None:
         grid = size["lr_grid"]
         ax.plot(
             [g["lr"] for g in grid],
-            [g["best"] for g in grid],
+            [_number(g["best"]) for g in grid],
             marker="o",
             color=colour,
             label=f"B={size['batch_size']}",
         )
         chosen = [g for g in grid if g["chosen"]][0]
-        ax.plot(chosen["lr"], chosen["best"], marker="*", markersize=14, color=colour)
+        ax.plot(chosen["lr"], _number(chosen["best"]), marker="*", markersize=14, color=colour)
+        for g in grid:
+            if g.get("diverged") and g["best"] is not None:
+                ax.plot(g["lr"], g["best"], marker="x", markersize=10, color="tab:red")
     ax.set_xscale("log")
+    # 1, 2, 5 per decade, plainly labelled; matplotlib's default labels the minor ticks of a
+    # grid narrower than a decade, and those labels run into each other
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"best {_pretty(result['metric'])}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Learning-rate grid per batch size (star: chosen)", fontsize=10)
+    ax.set_title(
+        "Learning-rate grid per batch size (star: chosen; red x: diverged, best before it)",
+        fontsize=10,
+    )
     return str(save(fig, path))
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from batchfit.report.files import table, write_json, write_text
 from batchfit.report.sweep_plots import write_plots
+from batchfit.sweep_analysis import format_seconds
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
@@ -72,13 +73,19 @@ def size_rows(result: dict[str, Any], short: bool = False) -> tuple[list[str], l
     rows = []
     for s in result["sizes"]:
         ttt = s["time_to_target"]
-        if not ttt["reached"]:
+        if s.get("diverged"):
+            reach = f"diverged (step {s['diverged']['step']})"
+        elif not ttt["reached"]:
             reach = "missed" if short else "not reached"
         elif short:
-            reach = f"{ttt['seconds']:.2f} s"
+            reach = format_seconds(ttt["seconds"])
         else:
-            reach = f"{ttt['seconds']:.2f} / {ttt['samples_seen']:,}"
-        sharp = fmt(s["sharpness"]["eigenvalue"]) + ("" if s["sharpness"]["converged"] else "*")
+            reach = f"{format_seconds(ttt['seconds'])} / {ttt['samples_seen']:,}"
+        sharp = (
+            fmt(s["sharpness"]["eigenvalue"]) + ("" if s["sharpness"]["converged"] else "*")
+            if s.get("sharpness")
+            else "-"
+        )
         rows.append(
             [
                 str(s["batch_size"]),
@@ -87,7 +94,7 @@ def size_rows(result: dict[str, Any], short: bool = False) -> tuple[list[str], l
                 fmt(s["best"]["value"] if s.get("best") else None),
                 fmt(s["final"].get(metric)),
                 fmt(s["train_loss"]),
-                fmt(s["gap"].get(gap_key), 3),
+                fmt((s.get("gap") or {}).get(gap_key), 3),
                 sharp,
                 reach,
                 fmt(round(s["samples_per_s"]) if s["samples_per_s"] else None),
@@ -139,7 +146,8 @@ def markdown(result: dict[str, Any]) -> str:
         "the end of the run. Sharpness: top Hessian eigenvalue of the training loss on a fixed "
         f"batch of {fmt(st['sharpness_samples'])} samples (* = power iteration did not converge). "
         "Time to target: training seconds (evaluation excluded) and examples at the first "
-        "evaluation point that met it.",
+        "evaluation point that met it. Diverged: the loss or the weights became NaN or infinite "
+        "at that step; such a size is left out of the verdict.",
         "",
         "## The seed's claims",
         "",
@@ -149,6 +157,7 @@ def markdown(result: dict[str, Any]) -> str:
                 [c["claim"], c["outcome"], fmt(c["rho"], 3), c["detail"]]
                 for c in result["verdict"]["claims"]
             ],
+            align="llrl",
         ),
         "",
         "One seed per size: differences smaller than run-to-run noise can flip with another seed.",
@@ -165,21 +174,19 @@ def markdown(result: dict[str, Any]) -> str:
                 fmt(g["best"]),
                 fmt(g["final"]),
                 "yes" if g["chosen"] else "",
+                f"at step {g['diverged']}" if g.get("diverged") else "",
             ]
             for s in grids
             for g in s["lr_grid"]
         ]
         lines += [
-            table(["B", "lr", "factor", f"best {metric}", f"final {metric}", "chosen"], grid_rows),
+            table(
+                ["B", "lr", "factor", f"best {metric}", f"final {metric}", "chosen", "diverged"],
+                grid_rows,
+                align="rrrrrll",
+            ),
             "",
         ]
-        edge = [str(s["batch_size"]) for s in grids if s.get("lr_at_grid_edge")]
-        if edge:
-            lines += [
-                f"The chosen lr is at the edge of the grid for B={', '.join(edge)}: widen "
-                "--lr-grid to be sure it is the best.",
-                "",
-            ]
     tune = result["verdict"].get("tune")
     if tune:
         lines += [
@@ -187,7 +194,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"report.json recommends B={tune['recommended_batch_size']}"
             + (f", lr {tune['recommended_lr']:.3g}" if tune["recommended_lr"] else "")
-            + f". {tune['reason']}",
+            + f". Judged on: {tune['judged']} (B={tune['swept_batch_size']}, lr "
+            f"{tune['swept_lr']:.3g}; best {metric} {fmt(tune['best'])}). {tune['reason']}",
             "",
         ]
     titles = {
@@ -202,12 +210,19 @@ def markdown(result: dict[str, Any]) -> str:
         if key in result["files"]:
             lines += [f"![{title}]({Path(result['files'][key]).name})", ""]
     timing = result["timing"]
+    read_back = timing.get("runs_read_back", 0)
+    resumed = (
+        f" ({read_back} of the {timing['runs']} runs were read back from an earlier sweep "
+        "with --resume; their time is in the runs' total, not in this one)"
+        if read_back
+        else ""
+    )
     lines += [
         "## Time",
         "",
-        f"{timing['total_seconds']:.1f} s in all; of the runs' {timing['runs_seconds']:.1f} s, "
-        f"training {timing['train_seconds']:.1f} s, evaluation {timing['eval_share']:.1%}, "
-        f"sharpness {timing['sharpness_share']:.1%}.",
+        f"{timing['total_seconds']:.1f} s in all{resumed}; of the runs' "
+        f"{timing['runs_seconds']:.1f} s, training {timing['train_seconds']:.1f} s, evaluation "
+        f"{timing['eval_share']:.1%}, sharpness {timing['sharpness_share']:.1%}.",
         "",
     ]
     return "\n".join(lines)
