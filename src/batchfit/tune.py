@@ -269,16 +269,22 @@ def _check_budget_left(budget_s: float, started: float, reserve: float) -> None:
     too little to measure anything."""
     startup = max(time.time() - started, 0.0)
     left = budget_s - startup - reserve
-    if left < MIN_MEASURE_S:
-        need = math.ceil(startup + reserve + MIN_MEASURE_S + 1)
-        spent = f"start-up took {startup:.1f} s (importing torch, loading the data)"
-        if reserve:
-            spent += f" and {reserve:.1f} s are kept for writing the report"
-        raise BatchfitError(
-            f"The time budget of {budget_s:g} s leaves {max(left, 0.0):.1f} s to measure: "
-            f"{spent}; tuning needs at least {MIN_MEASURE_S:g} s. Give --time-budget {need} or "
-            f"more (default {DEFAULT_TIME_BUDGET_S['cpu']:g} on CPU)."
-        )
+    if left >= MIN_MEASURE_S:
+        return
+    need = math.ceil(budget_s)
+    while need - startup - (min(REPORT_RESERVE_S, 0.15 * need) if reserve else 0) < MIN_MEASURE_S:
+        need += 1
+    spent = []
+    if startup >= 0.05:
+        spent.append(f"start-up took {startup:.1f} s (importing torch, loading the data)")
+    if reserve:
+        spent.append(f"{reserve:.1f} s are kept for writing the report")
+    raise BatchfitError(
+        f"The time budget of {budget_s:g} s leaves {max(left, 0.0):.1f} s to measure"
+        + (f": {' and '.join(spent)}" if spent else "")
+        + f"; tuning needs at least {MIN_MEASURE_S:g} s. Give --time-budget {need} or more "
+        f"(default {DEFAULT_TIME_BUDGET_S['cpu']:g} on CPU)."
+    )
 
 
 def _measure_and_recommend(

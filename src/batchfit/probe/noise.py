@@ -350,7 +350,7 @@ def warmup_and_measure(
             done = step + 1
             if warmup_end is None and done >= 2 * WINDOW:
                 fell = _mean(losses[-WINDOW:]) <= loss_start - LOSS_DROP * scale
-                elapsed = time.perf_counter() - started
+                elapsed = time.perf_counter() - run_started
                 if fell or done >= max_steps // 2 or elapsed >= half_time:
                     warmup_end = done
                     why = "the loss fell by 25%" if fell else "half the warm-up allowance passed"
