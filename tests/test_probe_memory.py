@@ -18,6 +18,7 @@ from torch import nn
 
 from batchfit import TensorSource
 from batchfit.errors import BatchfitError
+from batchfit.probe.common import Deadline
 from batchfit.probe.memory import (
     confirm_in_child,
     find_max_micro_batch_size,
@@ -149,6 +150,42 @@ def test_out_of_memory_predicate():
     )
     assert not is_out_of_memory(RuntimeError("expected scalar type Float but found Double"))
     assert not is_out_of_memory(ValueError("out of memory"))  # only allocator error types
+
+
+def test_a_child_killed_by_a_signal_does_not_fit():
+    # The kernel's out-of-memory killer sends SIGKILL: that size must not be accepted.
+    ok, detail = confirm_in_child(lambda: os.kill(os.getpid(), 9), rss_bytes() + 256 * MiB, 0.0)
+    assert ok is False and "killed by SIGKILL" in detail
+
+
+def test_the_memory_probe_backs_off_from_a_size_whose_child_was_killed():
+    class KilledAbove(nn.Module):
+        """Dies of SIGKILL at 64 samples or more in a forked child, as under the OOM killer."""
+
+        def __init__(self, parent: int) -> None:
+            super().__init__()
+            self.layer, self.parent = nn.Linear(4, 3), parent
+
+        def forward(self, x):
+            if len(x) >= 64 and os.getpid() != self.parent:
+                os.kill(os.getpid(), 9)
+            return self.layer(x)
+
+    x, y = blobs(100)
+    result = find_max_micro_batch_size(
+        KilledAbove(os.getpid()), TensorSource(x, y), F.cross_entropy
+    )
+    assert result.max_micro_batch_size == 32 and result.confirmed is True
+    assert any("100 failed in the child process" in n for n in result.notes)
+
+
+def test_the_search_makes_its_first_doublings_even_after_the_deadline():
+    tried = []
+    best, _, why = search_ceiling(lambda b: tried.append(b) or True, 4096, deadline=Deadline(0))
+    assert tried == [1, 2, 4, 8, 16, 32] and (best, why) == (32, "time budget")
+    tried.clear()
+    search_ceiling(lambda b: tried.append(b) or True, 4096, start=2, deadline=Deadline(0))
+    assert tried == [2, 4, 8, 16, 32, 64]
 
 
 def test_the_child_check_sees_the_real_allocator_error():

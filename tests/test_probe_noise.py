@@ -3,7 +3,12 @@ per-sample check, the warm-up run, the O(sqrt B) law, and the model left untouch
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -15,10 +20,10 @@ from batchfit import TensorSource
 from batchfit.errors import BatchfitError
 from batchfit.examples.linreg import analytic_noise_scale, load, make_model
 from batchfit.losses import mse
-from batchfit.probe.common import Deadline
+from batchfit.probe.common import Deadline, Diverged
 from batchfit.probe.noise import gradient_error_curve, warmup_and_measure
 from batchfit.train import params_sha256
-from helpers import blobs
+from helpers import blobs, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,10 +126,148 @@ def test_batch_gradient_error_falls_as_one_over_sqrt_b():
     [
         ({"accumulation": 1}, "at least 2 micro-batches"),
         ({"micro_batch_size": 64, "accumulation": 8}, "larger than the data set"),
-        ({"batches": 0}, "'batch_size' option"),
+        ({"batches": 0}, "'batches' option"),
+        ({"micro_batch_size": 1, "model": "batch_norm"}, "batch norm.*micro_batch_size >= 2"),
     ],
 )
 def test_noise_scale_refuses_bad_settings(kwargs, message):
     args = {"micro_batch_size": 4, "batches": 2} | kwargs
+    model = nn.Linear(4, 3)
+    if args.pop("model", None) == "batch_norm":
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     with pytest.raises(BatchfitError, match=message):
-        batchfit.noise_scale(nn.Linear(4, 3), blobs(300), F.cross_entropy, **args)
+        batchfit.noise_scale(model, blobs(300), F.cross_entropy, **args)
+
+
+def test_noise_scale_takes_a_loss_by_name():
+    x, y = blobs(300)
+    model = nn.Linear(4, 3)
+    by_name = batchfit.noise_scale(model, (x, y), "cross_entropy", 4, 20)
+    by_function = batchfit.noise_scale(model, (x, y), F.cross_entropy, 4, 20)
+    assert by_name.b_simple == pytest.approx(by_function.b_simple)
+
+
+def test_the_start_reading_is_taken_at_the_initial_weights():
+    # Linear regression at w = 0: B_simple = 65 in closed form. The reading used to come from
+    # the first training steps, which had already moved the weights (~86).
+    data = load()
+    result = warmup_and_measure(
+        make_model(),
+        TensorSource(data.x_train, data.y_train),
+        mse,
+        micro_batch_size=8,
+        accumulation=8,
+        lr=1e-2,
+        deadline=Deadline(20),
+    )
+    assert result.start_steps == 8 and result.at_start.pairs == 8
+    assert result.at_start.b_simple == pytest.approx(analytic_noise_scale(1.0), rel=0.2)
+    assert result.loss_start == pytest.approx(2.0, rel=0.1)  # |w*|^2 + sigma^2 at w = 0
+
+
+@pytest.mark.parametrize(("lr", "why"), [(100.0, "rose over tenfold"), (1e30, "non-finite")])
+def test_a_diverging_warm_up_raises_instead_of_measuring(lr, why):
+    # lr 100 once "fell by 25%" from 1e14 to 4e9 and gave B_simple ~212.
+    with pytest.raises(
+        Diverged, match=rf"diverged at lr {re.escape(f'{lr:.3g}')}: the loss .*{why}.*smaller --lr"
+    ):
+        warmup_and_measure(
+            nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)),
+            TensorSource(*blobs(2000)),
+            F.cross_entropy,
+            micro_batch_size=8,
+            accumulation=8,
+            lr=lr,
+            deadline=Deadline(20),
+        )
+
+
+class CountingSource(TensorSource):
+    """A real in-memory source that records the largest batch it was asked for and the samples
+    it handed out."""
+
+    def __init__(self, x, y):
+        super().__init__(x, y)
+        self.largest = 0
+        self.samples = 0
+
+    def batches(self, epoch, batch_size, **kwargs):
+        self.largest = max(self.largest, batch_size)
+        for x, y in super().batches(epoch, batch_size, **kwargs):
+            self.samples += len(y)
+            yield x, y
+
+
+def test_the_gradient_error_curve_reads_in_micro_batches_and_keeps_its_deadline():
+    source = CountingSource(*blobs(4000))
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    points, reference = gradient_error_curve(
+        model, source, F.cross_entropy, [4, 64, 512], micro_batch_size=100, repeats=4
+    )
+    assert [p.batch_size for p in points] == [4, 64, 512] and reference == 4000
+    assert source.largest == 100  # the reference batch of 4000 was never one tensor
+    source = CountingSource(*blobs(4000))
+    points, _ = gradient_error_curve(
+        model, source, F.cross_entropy, [4, 64], micro_batch_size=100, deadline=Deadline(0)
+    )
+    assert points == () and source.samples <= 100  # no reference gradient past the deadline
+
+
+def test_a_batch_norm_model_gets_no_one_sample_chunk_in_the_gradient_error_curve():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    # 1025 = 4 x 256 + 1: chunks of 256 would leave one sample for batch norm.
+    points, reference = gradient_error_curve(
+        model, TensorSource(*blobs(1025)), F.cross_entropy, [1, 2, 512], micro_batch_size=256
+    )
+    assert reference == 1025 and [p.batch_size for p in points] == [2, 512]
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, torch, torch.nn.functional as F
+    from torch import nn
+    from batchfit.probe.memory import _peak_bytes, _reset_peak, release_memory, rss_bytes
+    from batchfit.probe.noise import measured_step
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 1024))  # 4.5M params
+    x, y = torch.randn(64, 64), torch.randint(0, 1024, (64,))
+
+    def accumulate():  # what training does with 8 micro-batches of 8
+        for xs, ys in zip(x.split(8), y.split(8)):
+            F.cross_entropy(model(xs), ys).backward()
+
+    def peak_above_baseline(step):
+        step()  # one-time allocations
+        for p in model.parameters():
+            p.grad = None
+        release_memory(collect=True)
+        base = rss_bytes()
+        _reset_peak()
+        step()
+        above = _peak_bytes(True) - base
+        for p in model.parameters():
+            p.grad = None
+        return above
+
+    print(json.dumps({
+        "training": peak_above_baseline(accumulate),
+        "noise": peak_above_baseline(lambda: measured_step(model, F.cross_entropy, x, y, 8)),
+        "params": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux")
+def test_a_measured_step_needs_one_gradient_copy_more_than_training():
+    # Flattened float64 copies once made a 16.8M-parameter MLP peak 516 MiB above its baseline
+    # where an Adam step needs 194 MiB. A fixed mmap threshold makes glibc give every large
+    # block back when it is freed, so that peak resident memory is peak live memory.
+    env = subprocess_env() | {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    peak = json.loads(done.stdout)
+    # The running sum of the micro-batch gradients, and small slices for the float64 norms.
+    assert peak["noise"] < peak["training"] + 0.5 * peak["params"], peak

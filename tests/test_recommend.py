@@ -131,3 +131,39 @@ def test_nothing_measured_is_refused():
         recommend([], b_noise=10.0, max_micro_batch_size=64)
     with pytest.raises(BatchfitError, match="at a batch size that fits"):
         recommend([(128, 10.0)], b_noise=10.0, max_micro_batch_size=64)
+
+
+def test_a_memory_search_cut_short_by_time_assumes_nothing_above_the_sizes_measured():
+    linear = [(b, 50.0 * b) for b in SIZES if b <= 32]
+    cut = recommend(linear, b_noise=300.0, max_micro_batch_size=32, ceiling_is_final=False)
+    assert [c.batch_size for c in cut.curve] == [1, 2, 4, 8, 16, 32]
+    assert cut.batch_size == 32 and cut.provisional
+    assert any(d.startswith("Provisional: the time budget ended the memory search") for d in
+               cut.decision)  # fmt: skip
+    # A ceiling the search really found: accumulation above it, at the ceiling's rate.
+    found = recommend(linear, b_noise=300.0, max_micro_batch_size=32, num_samples=1000)
+    assert not found.provisional and any(not c.measured for c in found.curve)
+
+
+def test_throughput_cut_short_below_the_ceiling_is_provisional_too():
+    measured = [(b, 50.0 * b) for b in SIZES if b <= 16]  # fits up to 1024; timed up to 16
+    rec = recommend(measured, b_noise=300.0, max_micro_batch_size=1024, num_samples=4000)
+    assert max(c.batch_size for c in rec.curve) == 16 and rec.batch_size == 16
+    assert rec.provisional and "measured only up to batch size 16" in rec.provisional[0]
+
+
+def test_batch_norm_sizes_that_would_make_a_one_sample_micro_batch_are_left_out():
+    # Above a ceiling of 3, B = 16 would split 6 ways as 5 x 3 + 1.
+    small = [(2, 200.0), (3, 300.0)]
+    rec = recommend(small, b_noise=1e4, max_micro_batch_size=3, min_micro_batch_size=2)
+    assert [c.batch_size for c in rec.curve] == [2, 3, 4, 8]
+    assert any(d.startswith("Left out B=16: batch norm") for d in rec.decision)
+    assert recommend(small, b_noise=1e4, max_micro_batch_size=3).curve[-1].batch_size == 16
+    # An epoch of 4001 samples ends on one sample at B = 32: say how to train with it.
+    curve = [(b, 100.0 * min(b, 32)) for b in SIZES if 2 <= b <= 64]
+    rec = recommend(
+        curve, b_noise=1.0, max_micro_batch_size=64, num_samples=4001, min_micro_batch_size=2
+    )
+    assert rec.batch_size == 32
+    assert any("ends on a batch of one sample at B=32" in d and "--drop-last" in d for d in
+               rec.decision)  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -18,9 +19,14 @@ from batchfit.errors import BatchfitError
 from batchfit.lr_scaling import scale_lr
 from batchfit.probe.common import Deadline
 from batchfit.probe.lr_range import lr_range_test, pick_lr
-from batchfit.probe.throughput import measure_throughput
+from batchfit.probe.throughput import MAX_TIMED_STEPS, measure_throughput
+from batchfit.report.tune_report import headline
 from batchfit.train import params_sha256
-from batchfit.tune import tune  # the function; the name batchfit.tune is also the module
+from batchfit.tune import (
+    PHASE_SHARES,
+    _Budget,
+    tune,  # the function; the name batchfit.tune is also the module
+)
 from helpers import blobs, run_cli
 
 PLOTS = (
@@ -40,11 +46,51 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
+def batch_norm_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+class SlowAbove(nn.Module):
+    """A model whose forward pass sleeps at batches of ``size`` or more: time, not memory, ends
+    the memory search there (a real slow model, not a stand-in for one)."""
+
+    def __init__(self, size: int, seconds: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp()
+        self.size, self.seconds = size, seconds
+
+    def forward(self, x):
+        if len(x) >= self.size:
+            time.sleep(self.seconds)
+        return self.net(x)
+
+
+class ExplodesWhenArmed(nn.Module):
+    """Asks the allocator for an exabyte once armed: a real out-of-memory error, on cue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed:
+            torch.empty(2**60, dtype=torch.uint8)
+        return self.net(x)
+
+
 def test_throughput_is_measured_per_size_with_accumulation_above_the_ceiling():
     model = mlp()
     sha = params_sha256(model)
     result = measure_throughput(
-        model, TensorSource(*blobs(512)), F.cross_entropy, [8, 32, 128], max_micro_batch_size=32
+        model,
+        TensorSource(*blobs(512)),
+        F.cross_entropy,
+        [8, 32, 128],
+        max_micro_batch_size=32,
+        min_seconds=0,
     )
     assert params_sha256(model) == sha
     assert [(p.batch_size, p.micro_batch_size) for p in result.points] == [
@@ -57,6 +103,16 @@ def test_throughput_is_measured_per_size_with_accumulation_above_the_ceiling():
         assert p.step_seconds_min <= p.step_seconds <= p.step_seconds_max
         assert p.timed_steps == 5
     assert result.points[0].gain_from_doubling is None  # 16 was not measured
+
+
+def test_throughput_times_each_size_until_the_steps_add_up_to_a_minimum():
+    result = measure_throughput(
+        mlp(), TensorSource(*blobs(512)), F.cross_entropy, [8, 64], min_seconds=0.02
+    )
+    for p in result.points:
+        # Millisecond steps: far more than the 5 steps that a scheduler tick could distort.
+        assert p.timed_steps > 5
+        assert p.timed_steps == MAX_TIMED_STEPS or p.timed_steps * p.step_seconds_max >= 0.02
 
 
 def test_throughput_skips_sizes_when_time_runs_out_and_says_so():
@@ -80,16 +136,53 @@ def test_lr_range_test_picks_a_tenth_of_the_best_rate_and_leaves_the_model():
     assert result.lrs[0] == pytest.approx(1e-6)
     assert result.stopped_by in ("loss diverged", "max_lr reached")
     assert min(result.losses) < result.losses[0]
-    assert pick_lr([1e-3, 1e-2, 1e-1], [2.0, math.inf, 1.0]) == (0.1, 0.01)
+    assert pick_lr([1e-3, 1e-2, 1e-1, 1.0], [2.0, math.inf, 1.0, 5.0], settle=0)[:2] == (0.1, 0.01)
     with pytest.raises(BatchfitError, match="at least 3 steps"):
         lr_range_test(model, TensorSource(*blobs(64)), F.cross_entropy, batch_size=8, steps=2)
+
+
+LRS = [1e-6 * 10 ** (i / 4) for i in range(25)]  # 1e-6 .. 1
+
+
+@pytest.mark.parametrize(
+    ("losses", "verdict"),
+    [
+        # The first steps' average has not settled: a lucky first batch is no minimum.
+        ([0.5] + [2.0] * 12 + [1.5, 1.0, 0.8, 1.2, 9.0] + [20.0] * 7, "lowest smoothed loss"),
+        # Lowest where the search starts: the loss never fell.
+        ([2.0] * 10 + [2.1 + i / 10 for i in range(15)], "did not fall"),
+        # Lowest at the largest lr tried: still falling when the range ran out.
+        ([2.0] * 10 + [2.0 - i / 10 for i in range(15)], "still falling at the largest lr"),
+        # A dip within the noise is not a minimum either.
+        ([2.0] * 10 + [1.96, 1.95, 1.97] + [2.0] * 12, "did not fall by 5%"),
+    ],
+)
+def test_an_lr_range_minimum_at_either_end_or_in_the_noise_is_inconclusive(losses, verdict):
+    at_min, pick, why = pick_lr(LRS, losses)
+    assert verdict in why
+    if verdict == "lowest smoothed loss":
+        assert at_min == LRS[15] and pick == pytest.approx(LRS[15] / 10)
+    else:
+        assert pick is None and why.startswith("inconclusive")
+
+
+def test_an_inconclusive_range_test_falls_back_to_the_rule_scaled_default():
+    # 11 samples: the loss falls all the way to lr 1, where the old pick gave Adam lr 0.1.
+    result = tune(mlp(), blobs(11), time_budget=20)
+    assert result.lr_range is not None and result.lr_range.pick is None
+    b = result.recommended.batch_size
+    assert result.recommended.lr == scale_lr(1e-3, 32, b, "sqrt")
+    assert "sqrt rule from the default 0.001 at 32" in result.recommended.lr_rule
+    assert any("range test" in d and "inconclusive" in d for d in result.decision)
 
 
 def test_tune_api_recommends_writes_the_report_and_restores_the_model(tmp_path):
     model = mlp()
     sha = params_sha256(model)
+    rng = torch.get_rng_state()
     result = tune(model, blobs(1000), time_budget=30, out_dir=tmp_path, seed=1)
     assert params_sha256(model) == sha
+    assert torch.equal(torch.get_rng_state(), rng)  # tune seeds its own run, not the caller's
     rec = result.recommended
     assert (
         1 <= rec.batch_size <= 1000 and rec.micro_batch_size <= result.memory.max_micro_batch_size
@@ -127,21 +220,89 @@ def test_a_given_lr_is_scaled_to_the_recommended_batch_by_the_named_rule(
     assert result.lr_range is None
 
 
-def test_a_tight_time_budget_still_gives_a_recommendation_and_lists_what_was_cut():
-    result = tune(mlp(), blobs(4000), time_budget=0.2, lr=1e-3)
-    assert result.recommended.batch_size >= 1
-    assert any("time budget ended the memory search" in s for s in result.skipped)
-    assert any("Noise scale not measured" in s for s in result.skipped)
+def test_a_batch_norm_model_never_trains_on_one_sample():
+    # Every probe used to start at batch size 1: batch norm then raised a ValueError.
+    result = tune(batch_norm_mlp(), blobs(1025), lr=1e-3, time_budget=20)
+    assert min(p.batch_size for p in result.throughput.points) == 2
+    assert min(t.micro_batch_size for t in result.memory.trials) == 2
+    assert result.noise is not None and result.noise.estimate.small_batch_size >= 2
+    assert all(p.batch_size >= 2 for p in result.noise.gradient_error)
+    assert result.recommended.micro_batch_size >= 2
+
+
+def test_a_time_budget_that_start_up_used_up_or_too_short_to_measure_is_refused():
+    with pytest.raises(BatchfitError, match=r"leaves 0\.0 s to measure: start-up took 6\.\d s"):
+        tune(mlp(), blobs(100), time_budget=5, budget_started=time.time() - 6)
+    with pytest.raises(BatchfitError, match="tuning needs at least 2 s. Give --time-budget"):
+        tune(mlp(), blobs(100), time_budget=1.5)
+
+
+def test_a_memory_search_cut_short_by_time_makes_a_provisional_recommendation():
+    # Each forward at 64 samples or more takes 1 s: the memory phase's share of a 5 s budget
+    # ends the search there, after the guaranteed doublings 1 .. 32.
+    model = SlowAbove(64, 1.0)
+    result = tune(model, blobs(4000), time_budget=5, lr=1e-3)
+    memory = result.memory
+    assert memory.capped_by == "time budget"
+    assert [t.micro_batch_size for t in memory.trials][:6] == [1, 2, 4, 8, 16, 32]
+    assert result.provisional and "PROVISIONAL" in headline(result.to_report())
+    # Nothing above the sizes measured is assumed (it used to be taken as flat throughput).
+    measured = [p.batch_size for p in result.throughput.points]
+    assert all(c.measured for c in result.recommendation.curve)
+    assert result.recommended.batch_size in measured and result.recommended.batch_size > 1
+    assert any(d.startswith("Provisional: the time budget ended the memory search") for d in
+               result.decision)  # fmt: skip
+
+
+def test_with_a_given_lr_the_noise_probe_gets_the_range_tests_time():
+    budget = _Budget(100.0, time.time(), reserve=0.0)
+    budget.phase("memory")
+    budget.phase("throughput")
+    budget.give_share_away("lr")
+    assert budget.phase("noise").remaining() == pytest.approx(100.0, abs=0.5)
+    assert set(PHASE_SHARES) == {"memory", "throughput", "noise", "lr"}
+
+
+@pytest.mark.parametrize("lr", [100.0, 1e30])
+def test_a_diverging_warm_up_is_not_used_and_memory_and_throughput_stand(lr):
+    result = tune(mlp(), blobs(2000), lr=lr, time_budget=20)
     assert result.noise is None and result.recommendation.b_noise is None
+    assert result.memory.max_micro_batch_size >= 32 and result.throughput.points
+    assert any(
+        "warm-up diverged at lr" in d and "give a smaller --lr" in d for d in result.decision
+    )
 
 
-def test_tune_refuses_bad_settings():
+@pytest.mark.parametrize("phase", ["noise:", "lr:"])
+def test_running_out_of_memory_in_the_noise_or_lr_phase_skips_only_that_phase(phase):
+    model = ExplodesWhenArmed()
+
+    def arm(line: str) -> None:  # the progress lines announce each phase before it starts
+        model.armed = line.startswith(phase)
+
+    result = tune(model, blobs(1000), time_budget=20, log=arm)
+    assert result.throughput.points and result.memory.max_micro_batch_size >= 32
+    out_of_memory = [s for s in result.skipped if "ran out of memory" in s]
+    assert len(out_of_memory) == 1 and "can't allocate memory" in out_of_memory[0]
+    if phase == "noise:":
+        assert result.noise is None and result.lr_range is not None
+    else:
+        assert result.noise is not None and result.lr_range is None
+        assert result.recommended.lr == scale_lr(1e-3, 32, result.recommended.batch_size, "sqrt")
+
+
+def test_tune_refuses_bad_settings(tmp_path):
     with pytest.raises(BatchfitError, match="'time_budget' option"):
         tune(mlp(), blobs(100), time_budget=0)
     with pytest.raises(BatchfitError, match="'memory_limit' option"):
         tune(mlp(), blobs(100), memory_limit=10)
     with pytest.raises(BatchfitError, match="'lr_scaling' option"):
         tune(mlp(), blobs(100), lr_scaling="cubic")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(BatchfitError, match="'.*afile' is a file, not a folder"):
+        tune(mlp(), blobs(100), out_dir=tmp_path / "afile")
+    with pytest.raises(BatchfitError, match="Cannot create --out '.*afile/report'"):
+        tune(mlp(), blobs(100), out_dir=tmp_path / "afile" / "report")
 
 
 def test_cli_tune_json_end_to_end_writes_every_report_file(
@@ -201,3 +362,47 @@ def test_cli_tune_bad_memory_limit_is_one_line_and_exit_2(flag, value, message, 
     assert main(["tune", flag, value, "--quiet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_cli_tune_json_is_the_report_on_disk_and_stale_files_are_removed(tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "lr_range.png").write_bytes(b"an earlier run's plot")
+    (out / "notes.txt").write_text("the user's own file")
+    argv = ["tune", "--example", "linreg", "--lr", "0.01", "--time-budget", "15", "--json"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / "report.json").read_text())
+    # With --lr there is no range test: its plot is neither listed nor left from before.
+    assert "lr_range.png" not in printed["files"] and not (out / "lr_range.png").exists()
+    assert all((out / name).stat().st_size > 0 for name in printed["files"])
+    assert (out / "notes.txt").exists()
+
+
+def test_a_failed_tune_leaves_no_earlier_report_looking_current(tmp_path, capsys):
+    (tmp_path / "report.json").write_text('{"recommended": {"batch_size": 64}}')
+    assert main(["tune", "--memory-limit", "100MiB", "--quiet", "--out", str(tmp_path)]) == 2
+    assert "leaves no room" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [("afile", "is a file, not a folder"), ("afile/report", "Cannot create --out")],
+)
+def test_cli_tune_bad_out_is_one_line_before_any_measuring(out, message, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["tune", "--out", str(tmp_path / out)]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and message in captured.err
+    assert "memory:" not in captured.err  # refused before the first probe
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_cli_tune_measures_on_all_of_the_data(stream, tmp_path, models_file, blobs_parquet, capsys):
+    argv = ["tune", "--model", f"{models_file}:mlp", "--data", str(blobs_parquet), *stream]
+    argv += ["--lr", "1e-3", "--time-budget", "10", "--json", "--quiet", "--out", str(tmp_path)]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] in (300, None)  # no 10% held out for a validation never used
+    assert report["memory"]["max_micro_batch_size"] >= 32

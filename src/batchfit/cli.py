@@ -294,7 +294,8 @@ def _add_tune_command(commands: argparse._SubParsersAction) -> None:
         description="Measure the memory ceiling, throughput and gradient noise scale of a model "
         "on its data, then recommend the batch size (and micro-batch) that minimises the "
         "predicted time to a result, and a learning rate for it. Writes report.json, report.md "
-        "and PNG plots to --out.",
+        "and PNG plots to --out. Measures on all of --data (no validation split unless "
+        "--val-fraction is given).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  batchfit tune                                   # the built-in example\n"
@@ -307,8 +308,9 @@ def _add_tune_command(commands: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--memory-limit",
         type=_typed("memory_limit"),
-        help="peak memory allowed, e.g. 4GB or 512MiB (default on CPU: this process's memory "
-        "plus half the available RAM; on CUDA: the device's memory)",
+        help="peak memory allowed, e.g. 4GB or 512MiB; on CPU it covers the whole process (torch "
+        "alone takes ~370 MiB) (default on CPU: this process's memory plus half the available "
+        "RAM; on CUDA: the device's memory)",
     )
     g.add_argument(
         "--max-batch-size",
@@ -353,7 +355,8 @@ def _add_tune_command(commands: argparse._SubParsersAction) -> None:
     c.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     _add_json(t)
-    t.set_defaults(run=_cmd_tune)
+    # tune measures training only: all of --data is used unless a split is asked for.
+    t.set_defaults(run=_cmd_tune, val_fraction=0.0)
 
 
 def _process_started() -> float:
@@ -364,7 +367,11 @@ def _process_started() -> float:
 
     import psutil
 
-    if os.path.basename(sys.argv[0]) in ("batchfit", "__main__.py"):
+    # `python -m pytest` also runs a __main__.py: only batchfit's own counts.
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if os.path.basename(sys.argv[0]) == "batchfit" or getattr(spec, "name", "") == (
+        "batchfit.__main__"
+    ):
         return psutil.Process().create_time()
     return time.time()
 
@@ -373,7 +380,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     import time
 
     from batchfit.progress import console
-    from batchfit.report.tune_report import build_report, headline, reasons_line
+    from batchfit.report.tune_report import headline, reasons_line
     from batchfit.tune import tune
 
     started = _process_started()
@@ -403,9 +410,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         budget_started=started,
         log=log,
     )
-    report = build_report(result)
+    report = result.to_report()  # the very object written to report.json
     if args.json:
-        report["out"] = args.out
         print(to_json(report))
         return 0
     from rich.console import Console

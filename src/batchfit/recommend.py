@@ -13,6 +13,10 @@ equivalently, the one that maximises goodput, throughput times statistical effic
 Feasible means at most the data set and ``max_batch_size``. A batch above the memory ceiling is
 run as accumulated micro-batches; on one device that adds no speed, so its throughput is taken as
 that of the largest measured size that fits (a slight underestimate: the optimizer step is shared).
+That holds only when throughput was measured up to a memory ceiling that the search really found.
+When the time budget cut the memory search or the throughput measurements short, sizes above the
+largest one measured are *unknown*, not slow: they are left out of the choice, and the
+recommendation is marked provisional.
 
 Examples:
     Throughput that stops growing at 256, and a noise scale of 200:
@@ -31,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batchfit.errors import BatchfitError
+from batchfit.schedule import has_single_sample_micro_batch
 
 #: Doubling the batch gains less than this share of samples/s: throughput has flattened.
 FLAT_GAIN = 0.10
@@ -62,6 +67,8 @@ class Recommendation:
     batch_size_range: tuple[int, int]  # the choice over the noise scale's interval
     flattens_at: int | None
     decision: tuple[str, ...] = field(default=())
+    #: Why larger sizes could not be judged (empty: the choice is final).
+    provisional: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,10 +148,10 @@ def fit_step_time(throughput: Sequence[tuple[int, float]]) -> tuple[float, float
 
 
 def _candidates(
-    throughput: Sequence[tuple[int, float]], max_micro_batch_size: int, cap: int
+    throughput: Sequence[tuple[int, float]], max_micro_batch_size: int, cap: int, extrapolate: bool
 ) -> list[tuple[int, float, bool]]:
-    """(batch size, samples/s, measured) for each measured size and each power of two above the
-    largest measured one, up to ``cap``."""
+    """(batch size, samples/s, measured) for each measured size and, with ``extrapolate``, each
+    power of two above the largest measured one, up to ``cap``."""
     measured = sorted((b, s) for b, s in throughput if b <= min(cap, max_micro_batch_size))
     if not measured:
         raise BatchfitError(
@@ -154,11 +161,30 @@ def _candidates(
     top_s = measured[-1][1]
     out = [(b, s, True) for b, s in measured]
     b = 1
-    while b <= cap:
+    while extrapolate and b <= cap:
         if b > measured[-1][0]:
             out.append((b, top_s, False))
         b *= 2
     return out
+
+
+def _provisional(
+    top: int, max_micro_batch_size: int, cap: int, ceiling_is_final: bool
+) -> tuple[str, ...]:
+    """Why sizes above ``top``, the largest measured, cannot be judged (empty when they can)."""
+    if not ceiling_is_final:
+        return (
+            f"the time budget ended the memory search at micro-batch {max_micro_batch_size}, so "
+            f"larger micro-batches may fit and batch sizes above {top} may be faster; they were "
+            "not considered",
+        )
+    if top < min(cap, max_micro_batch_size):
+        return (
+            f"throughput was measured only up to batch size {top} for lack of time; sizes up to "
+            f"{min(cap, max_micro_batch_size)} fit in memory and may be faster; they were not "
+            "considered",
+        )
+    return ()
 
 
 def _fmt(x: float) -> str:
@@ -173,6 +199,8 @@ def recommend(
     num_samples: int | None = None,
     max_batch_size: int | None = None,
     b_noise_interval: tuple[float, float] | None = None,
+    ceiling_is_final: bool = True,
+    min_micro_batch_size: int = 1,
 ) -> Recommendation:
     """Choose the batch size that minimises predicted time to a result (see the module docstring).
 
@@ -180,6 +208,19 @@ def recommend(
     scale (``inf``: the gradient signal was not resolved, so only throughput matters; ``None``: not
     measured, so the smallest size within 10% of the best throughput is chosen).
     ``b_noise_interval`` gives the range of choices over the noise scale's confidence interval.
+    ``ceiling_is_final`` is False when the memory search was cut short (by time): then nothing above
+    the measured sizes is assumed. With ``min_micro_batch_size`` 2 (batch norm), sizes whose split
+    into micro-batches would make one of one sample are left out, and a choice whose epoch of
+    ``num_samples`` ends on one sample comes with the advice to drop that last batch.
+
+    Examples:
+        A memory search cut short at 32 by time: nothing above 32 is assumed, the choice is
+        provisional.
+
+        >>> tp = [(2**i, 2**i * 100.0) for i in range(6)]
+        >>> rec = recommend(tp, b_noise=200.0, max_micro_batch_size=32, ceiling_is_final=False)
+        >>> rec.batch_size, [c.batch_size for c in rec.curve][-1], bool(rec.provisional)
+        (32, 32, True)
     """
     usable = [(int(b), float(s)) for b, s in throughput if s > 0 and math.isfinite(s)]
     if not usable:
@@ -188,9 +229,28 @@ def recommend(
         raise BatchfitError(f"The micro-batch ceiling must be >= 1; got {max_micro_batch_size}.")
     cap_parts = [c for c in (num_samples, max_batch_size) if c is not None]
     cap = min(cap_parts) if cap_parts else max(b for b, _ in usable) * 8
-    candidates = _candidates(usable, max_micro_batch_size, cap)
-    flat = flattening_point(usable)
+    top = max((b for b, _ in usable if b <= min(cap, max_micro_batch_size)), default=0)
+    provisional = _provisional(top, max_micro_batch_size, cap, ceiling_is_final)
+    candidates = _candidates(usable, max_micro_batch_size, cap, extrapolate=not provisional)
     decision: list[str] = []
+    if min_micro_batch_size > 1:
+        single = [
+            b
+            for b, _, _ in candidates
+            if has_single_sample_micro_batch(None, b, split_batch(b, max_micro_batch_size)[0])
+        ]
+        candidates = [c for c in candidates if c[0] not in single]
+        if not candidates:
+            raise BatchfitError(
+                "Every batch size considered would make a micro-batch of one sample, which batch "
+                "norm cannot train on; give a larger --max-batch-size or more data."
+            )
+        if single:
+            decision.append(
+                f"Left out B={', '.join(map(str, single))}: batch norm cannot train on one "
+                "sample, and split into micro-batches that fit, these leave one."
+            )
+    flat = flattening_point(usable)
 
     def times(noise: float) -> list[float]:
         if math.isinf(noise):
@@ -286,12 +346,23 @@ def recommend(
         )
     if any(not c.measured for c in curve):
         decision.append(
-            f"Throughput above {usable[-1][0]} was not measured; taken as flat there (the "
-            "measured rate at the largest size that fits, with accumulation beyond the ceiling)."
+            f"Above the memory ceiling ({max_micro_batch_size}) a batch runs as accumulated "
+            "micro-batches, so its throughput is taken as that of the ceiling."
+        )
+    if provisional:
+        decision.append(
+            f"Provisional: {'; '.join(provisional)}. Give a larger --time-budget to measure them."
         )
     if cap_parts:
         decision.append(
             f"Batch sizes considered: up to {cap} ({_cap_reason(num_samples, max_batch_size)})."
+        )
+    if min_micro_batch_size > 1 and has_single_sample_micro_batch(
+        num_samples, chosen, best.micro_batch_size
+    ):
+        decision.append(
+            f"Each epoch of {num_samples} samples ends on a batch of one sample at B={chosen}, "
+            "which batch norm cannot train on: train with --drop-last."
         )
     return Recommendation(
         batch_size=chosen,
@@ -303,6 +374,7 @@ def recommend(
         batch_size_range=lo_hi,
         flattens_at=flat,
         decision=tuple(decision),
+        provisional=provisional,
     )
 
 

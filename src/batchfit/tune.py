@@ -5,12 +5,17 @@ Read :func:`tune` top to bottom: each phase is one probe (``batchfit.probe``) th
 result; the pure :func:`batchfit.recommend.recommend` turns them into a choice; the report module
 writes ``report.json``, ``report.md`` and plots. The whole run keeps to a time budget: each phase
 gets a share of the time left, probes do fewer trials when time is short, and what was cut is
-listed in the report. The user's model is the same after tuning as before.
+listed in the report; a recommendation that measurements cut short could not settle is marked
+provisional. The noise and learning-rate phases may fail (a diverging warm-up, no time, out of
+memory) without losing what memory and throughput measured. The user's model is the same after
+tuning as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -21,16 +26,30 @@ import torch
 from torch import nn
 
 from batchfit import validation
+from batchfit.data.source import BatchSource
+from batchfit.errors import BatchfitError
 from batchfit.losses import Loss, LossFn, resolve_loss
 from batchfit.lr_scaling import default_rule, scale_lr
-from batchfit.probe.common import Deadline, OutOfTime, preserved
+from batchfit.probe.common import (
+    Deadline,
+    Diverged,
+    OutOfTime,
+    model_device,
+    preserved,
+    smallest_trainable_size,
+)
 from batchfit.probe.lr_range import LRRange, lr_range_test
-from batchfit.probe.memory import MemoryCeiling, find_max_micro_batch_size
+from batchfit.probe.memory import (
+    MemoryCeiling,
+    find_max_micro_batch_size,
+    is_out_of_memory,
+    release_memory,
+)
 from batchfit.probe.noise import NoiseMeasurement, warmup_and_measure
 from batchfit.probe.throughput import Throughput, measure_throughput, powers_of_two_up_to
 from batchfit.recommend import Recommendation, fit_step_time, recommend
 from batchfit.task import as_source, check_model_accepts_data, target_kind_of
-from batchfit.train import DEFAULT_LR, _resolve_device, make_optimizer
+from batchfit.train import DEFAULT_LR, _make_folder, _resolve_device, make_optimizer
 from batchfit.units import format_bytes
 
 DEFAULT_TIME_BUDGET_S = {"cpu": 60.0, "cuda": 300.0}
@@ -38,6 +57,8 @@ DEFAULT_TIME_BUDGET_S = {"cpu": 60.0, "cuda": 300.0}
 PHASE_SHARES = {"memory": 0.15, "throughput": 0.25, "noise": 0.35, "lr": 0.25}
 #: Time kept back for writing the report and plots (at most 15% of the budget).
 REPORT_RESERVE_S = 4.0
+#: A budget that leaves less than this for measuring, after start-up and the report, is refused.
+MIN_MEASURE_S = 2.0
 #: The noise probe's micro-batch and accumulation: b = 32, B = 256 unless memory or data are less.
 NOISE_MICRO_BATCH = 32
 NOISE_ACCUMULATION = 8
@@ -77,11 +98,19 @@ class TuneResult:
     seconds: float
     phase_seconds: dict[str, float]
     report_files: tuple[str, ...] = field(default=())
+    #: The very object written to ``report.json`` (None when no report was written).
+    report: dict[str, Any] | None = None
+
+    @property
+    def provisional(self) -> bool:
+        """True when measurements cut short left larger batch sizes unjudged."""
+        return bool(self.recommendation.provisional)
 
     def to_report(self) -> dict[str, Any]:
+        """``report.json``: the object written to disk, or built now when none was written."""
         from batchfit.report.tune_report import build_report
 
-        return build_report(self)
+        return self.report if self.report is not None else build_report(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,18 +133,28 @@ class _Budget:
         fraction = share / (share + sum(self.shares.values()))
         return Deadline(max(self.remaining(), 0.0) * fraction)
 
+    def give_share_away(self, name: str) -> None:
+        """A phase that will not run: the phases after it share its time."""
+        self.shares.pop(name)
 
-def _noise_sizes(ceiling: int, n: int | None) -> tuple[int, int] | None:
-    """``(micro-batch b, accumulation k)`` for the noise probe: b <= 32 and k <= 8, b k <= N / 2
-    so that a measurement run sees several distinct batches."""
-    b = 1
+
+def _noise_sizes(ceiling: int, n: int | None, smallest: int = 1) -> tuple[int, int] | None:
+    """``(micro-batch b, accumulation k)`` for the noise probe: ``smallest <= b <= 32`` and
+    ``k <= 8``, ``b k <= N / 2`` so that a measurement run sees several distinct batches.
+
+    >>> _noise_sizes(4000, 4000), _noise_sizes(4000, 40), _noise_sizes(4000, 40, smallest=2)
+    ((32, 8), (8, 2), (8, 2))
+    >>> _noise_sizes(4000, 6), _noise_sizes(4000, 6, smallest=2)
+    ((1, 2), None)
+    """
+    b = smallest
     while b * 2 <= min(NOISE_MICRO_BATCH, ceiling):
         b *= 2
     k = NOISE_ACCUMULATION
     limit = n // 2 if n is not None else math.inf
     while b * k > limit and k > 2:
         k //= 2
-    while b * k > limit and b > 1:
+    while b * k > limit and b // 2 >= smallest:
         b //= 2
     return (b, k) if b * k <= limit else None
 
@@ -150,8 +189,10 @@ def tune(
     optimizer's default). ``memory_limit`` (bytes) caps the process's peak memory on CPU (default:
     its memory now plus half the available RAM) or the device's on CUDA. ``time_budget`` (seconds,
     default 60 on CPU) bounds the whole run, counted from ``budget_started`` (a ``time.time()``,
-    default now). With ``out_dir`` the report files are written there. ``log`` receives progress
-    lines. The model's parameters, buffers and mode are the same afterwards.
+    default now); a budget that leaves under 2 s to measure is refused. With ``out_dir`` the report
+    files are written there (checked before measuring; report files of an earlier run are removed
+    first). ``log`` receives progress lines. The model's parameters, buffers, mode and device, and
+    torch's random state, are the same afterwards.
 
     Examples:
         >>> import torch
@@ -173,19 +214,104 @@ def tune(
     validation.check_optional("time_budget", time_budget)
     validation.check("headroom", headroom)
     validation.check("seed", seed)
+    out = prepare_out_dir(out_dir) if out_dir is not None else None
     source = as_source(data, seed=seed)
-    n = source.num_samples
     if not isinstance(loss, Loss):
         loss = resolve_loss(loss, target_kind_of(source))
     dev = _resolve_device(device)
-    model.to(dev)
-    check_model_accepts_data(model, source, loss)
     budget_s = time_budget or DEFAULT_TIME_BUDGET_S["cuda" if dev.type == "cuda" else "cpu"]
-    reserve = min(REPORT_RESERVE_S, 0.15 * budget_s) if out_dir is not None else 0.0
-    budget = _Budget(budget_s, budget_started, reserve)
+    reserve = min(REPORT_RESERVE_S, 0.15 * budget_s) if out is not None else 0.0
+    _check_budget_left(budget_s, budget_started, reserve)
+    user_device = model_device(model)
+    model.to(dev)
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            result = _measure_and_recommend(
+                model, source, loss, optimizer, lr, lr_batch_size, rule, warmup_lr,
+                memory_limit, max_batch_size, headroom, seed, task_name, log,
+                _Budget(budget_s, budget_started, reserve),
+            )  # fmt: skip
+    finally:
+        model.to(user_device)
+    result = replace(result, seconds=round(time.perf_counter() - wall_start, 3))
+    if out is not None:
+        from batchfit.report.tune_report import write_report
+
+        report, files = write_report(result, out)
+        result = replace(result, report_files=tuple(str(f) for f in files), report=report)
+    return result
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Make sure ``out_dir`` is a folder this process can write to, before any measuring, and
+    remove the report files of an earlier run there, so that a run that fails leaves none that
+    look current (other files are left alone)."""
+    from batchfit.report.tune_report import REPORT_FILES
+
+    folder = Path(out_dir)
+    _make_folder(folder, "--out")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise BatchfitError(
+            f"Cannot write to --out '{folder}': {exc.strerror}; choose a folder you can write to."
+        ) from None
+    for name in REPORT_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    return folder
+
+
+def _check_budget_left(budget_s: float, started: float, reserve: float) -> None:
+    """Refuse a budget that start-up already used (importing torch, loading data) or that leaves
+    too little to measure anything."""
+    startup = max(time.time() - started, 0.0)
+    left = budget_s - startup - reserve
+    if left >= MIN_MEASURE_S:
+        return
+    need = math.ceil(budget_s)
+    while need - startup - (min(REPORT_RESERVE_S, 0.15 * need) if reserve else 0) < MIN_MEASURE_S:
+        need += 1
+    spent = []
+    if startup >= 0.05:
+        spent.append(f"start-up took {startup:.1f} s (importing torch, loading the data)")
+    if reserve:
+        spent.append(f"{reserve:.1f} s are kept for writing the report")
+    raise BatchfitError(
+        f"The time budget of {budget_s:g} s leaves {max(left, 0.0):.1f} s to measure"
+        + (f": {' and '.join(spent)}" if spent else "")
+        + f"; tuning needs at least {MIN_MEASURE_S:g} s. Give --time-budget {need} or more "
+        f"(default {DEFAULT_TIME_BUDGET_S['cpu']:g} on CPU)."
+    )
+
+
+def _measure_and_recommend(
+    model: nn.Module,
+    source: BatchSource,
+    loss: Loss,
+    optimizer: str,
+    lr: float | None,
+    lr_batch_size: int,
+    rule: str,
+    warmup_lr: float | None,
+    memory_limit: int | None,
+    max_batch_size: int | None,
+    headroom: float,
+    seed: int,
+    task_name: str,
+    log: Callable[[str], None],
+    budget: _Budget,
+) -> TuneResult:
+    """The phases of :func:`tune`, in order, on the model already on its device."""
+    n = source.num_samples
+    dev = model_device(model)
+    check_model_accepts_data(model, source, loss)
+    smallest = smallest_trainable_size(model)
     skipped: list[str] = []
+    failures: list[str] = []
     phase_seconds: dict[str, float] = {}
-    torch.manual_seed(seed)
 
     def timed(name: str, started: float) -> None:
         phase_seconds[name] = round(time.perf_counter() - started, 3)
@@ -193,7 +319,7 @@ def tune(
     with preserved(model):
         # 1. Memory: the largest micro-batch that fits.
         t0 = time.perf_counter()
-        log(f"tune: {task_name}, {source.describe()}; time budget {budget_s:g} s")
+        log(f"tune: {task_name}, {source.describe()}; time budget {budget.total:g} s")
         opt = make_optimizer(optimizer, model, lr or DEFAULT_LR[optimizer])
         memory = find_max_micro_batch_size(
             model,
@@ -217,19 +343,23 @@ def tune(
             model,
             source,
             loss.fn,
-            powers_of_two_up_to(cap),
+            powers_of_two_up_to(cap, smallest),
             optimizer=opt,
             max_micro_batch_size=ceiling,
             deadline=budget.phase("throughput"),
             log=log,
         )
         skipped += throughput.notes
+        if throughput.out_of_memory_at is not None:
+            ceiling = max(p.batch_size for p in throughput.points)
         timed("throughput", t0)
 
-        # 3. Gradient noise scale, after a short warm-up from the initial weights.
+        # 3. Gradient noise scale, at the initial weights and after a short warm-up from them.
         t0 = time.perf_counter()
         noise = None
-        sizes = _noise_sizes(ceiling, n)
+        sizes = _noise_sizes(ceiling, n, smallest)
+        if lr is not None:
+            budget.give_share_away("lr")  # no range test: its time goes to the noise probe
         noise_deadline = budget.phase("noise")
         if sizes is None:
             skipped.append(
@@ -243,12 +373,12 @@ def tune(
                 f"noise: warm-up from the initial weights, batch {b * k} = {k} x {b}, "
                 f"{optimizer} lr {run_lr:.3g}"
             )
-            error_sizes = [
-                s for s in powers_of_two_up_to(max(1, (n or 8192) // 4)) if s & (s - 1) == 0
-            ]
-            noise = _unless_out_of_time(
+            error_sizes = powers_of_two_up_to(max(smallest, (n or 8192) // 4), smallest)
+            noise = _skip_on_failure(
                 "Noise scale",
                 skipped,
+                failures,
+                dev,
                 lambda: warmup_and_measure(
                     model,
                     source,
@@ -258,7 +388,7 @@ def tune(
                     optimizer=optimizer,
                     lr=run_lr,
                     deadline=noise_deadline,
-                    gradient_error_sizes=error_sizes,
+                    gradient_error_sizes=[s for s in error_sizes if s & (s - 1) == 0],
                     max_micro_batch_size=ceiling,
                     seed=seed,
                     log=log,
@@ -274,28 +404,31 @@ def tune(
         timed("noise", t0)
 
         # 4. The recommendation (pure).
-        b_noise = noise.estimate.b_simple if noise else None
-        interval = (noise.estimate.low, noise.estimate.high) if noise else None
         rec = recommend(
             throughput.pairs(),
-            b_noise=b_noise,
+            b_noise=noise.estimate.b_simple if noise else None,
             max_micro_batch_size=ceiling,
             num_samples=n,
             max_batch_size=max_batch_size,
-            b_noise_interval=interval,
+            b_noise_interval=(noise.estimate.low, noise.estimate.high) if noise else None,
+            ceiling_is_final=memory.capped_by != "time budget",
+            min_micro_batch_size=smallest,
         )
 
         # 5. The learning rate: scaled from the user's, or a range test at the chosen batch.
         t0 = time.perf_counter()
         lr_range = None
-        lr_deadline = budget.phase("lr")
         if lr is not None:
             chosen_lr = scale_lr(lr, lr_batch_size, rec.batch_size, rule)
             lr_rule = f"{optimizer}, {rule} rule from {lr:g} at {lr_batch_size}"
         else:
-            lr_range = _unless_out_of_time(
+            lr_deadline = budget.phase("lr")
+            log(f"lr: range test at batch size {rec.batch_size}")
+            lr_range = _skip_on_failure(
                 "Learning-rate range test",
                 skipped,
+                failures,
+                dev,
                 lambda: lr_range_test(
                     model,
                     source,
@@ -308,7 +441,7 @@ def tune(
                     log=log,
                 ),
             )
-            if lr_range is not None:
+            if lr_range is not None and lr_range.pick is not None:
                 chosen_lr = lr_range.pick
                 lr_rule = f"{optimizer}, range test at {rec.batch_size}: {lr_range.rule}"
                 if lr_range.stopped_by == "time budget":
@@ -331,8 +464,8 @@ def tune(
         lr_rule=lr_rule,
         optimizer=optimizer,
     )
-    decision = _decision(memory, noise, rec, recommended, lr_range, fit)
-    result = TuneResult(
+    decision = _decision(memory, noise, rec, recommended, lr_range, fit, failures)
+    return TuneResult(
         task=task_name,
         device=str(dev),
         num_samples=n,
@@ -345,25 +478,40 @@ def tune(
         step_time_fit=fit,
         decision=tuple(decision),
         skipped=tuple(skipped),
-        time_budget_s=budget_s,
-        seconds=round(time.perf_counter() - wall_start, 3),
+        time_budget_s=budget.total,
+        seconds=0.0,
         phase_seconds=phase_seconds,
     )
-    if out_dir is not None:
-        from batchfit.report.tune_report import write_report
-
-        files = write_report(result, Path(out_dir))
-        result = replace(result, report_files=tuple(str(f) for f in files))
-    return result
 
 
-def _unless_out_of_time(what: str, skipped: list[str], probe: Callable[[], Any]) -> Any:
-    """Run a probe; when its time ran out, note it in ``skipped`` and return None."""
+def _skip_on_failure(
+    what: str,
+    skipped: list[str],
+    failures: list[str],
+    device: torch.device,
+    probe: Callable[[], Any],
+) -> Any:
+    """Run a probe that the recommendation can do without; when it ran out of time, diverged or
+    ran out of memory, say so in ``skipped`` (and a divergence or out-of-memory error also in
+    ``failures``, for the decision) and return None. Every other error propagates."""
     try:
         return probe()
     except OutOfTime as exc:
         skipped.append(f"{what} not measured: {exc}")
-        return None
+    except Diverged as exc:
+        skipped.append(f"{what} not measured: {exc}")
+        failures.append(str(exc))
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        release_memory(device, collect=True)
+        message = (
+            f"{what} not measured: it ran out of memory ({str(exc).splitlines()[0][:200]}); "
+            "the measurements before it stand."
+        )
+        skipped.append(message)
+        failures.append(message)
+    return None
 
 
 def _decision(
@@ -373,6 +521,7 @@ def _decision(
     recommended: Recommended,
     lr_range: LRRange | None,
     fit: tuple[float, float] | None,
+    failures: list[str],
 ) -> list[str]:
     """Every rule applied, in plain words, in the order they were applied."""
     out = []
@@ -381,7 +530,7 @@ def _decision(
         "memory": "more did not fit",
         "data size": "the whole training set: the data size capped the search",
         "max_batch_size": "--max-batch-size capped the search",
-        "time budget": "the time budget ended the search",
+        "time budget": "the time budget ended the search, so larger ones may fit too",
         "stream cap": "the search stops there for a stream",
     }[memory.capped_by]
     out.append(
@@ -394,16 +543,8 @@ def _decision(
             f"Memory check: micro-batch {memory.max_micro_batch_size} {memory.confirmation}."
         )
     if noise is not None:
-        est = noise.estimate
-        start = noise.at_start.b_simple if noise.at_start else math.nan
-        out.append(
-            f"Noise scale measured over {est.pairs} steps after a {noise.warmup_steps}-step "
-            f"warm-up (loss {noise.loss_start:.3g} -> {noise.loss_end:.3g}): B_simple "
-            f"~{est.b_simple:.0f}, {est.confidence:.0%} interval {est.low:.0f}-{est.high:.0f}; "
-            f"it was ~{start:.0f} over the first steps. B_simple is a prior for the critical "
-            "batch size (on image tasks it ran 2-8x above it), and it keeps growing as the "
-            "loss falls."
-        )
+        out.append(_noise_decision(noise))
+    out.extend(failures)
     out.extend(rec.decision)
     if fit is not None and noise is not None and math.isfinite(noise.estimate.b_simple):
         a, c = fit
@@ -412,12 +553,45 @@ def _decision(
             f"at a/c ~{a / c:.0f}; sqrt(B_noise x a/c) ~"
             f"{math.sqrt(noise.estimate.b_simple * a / c):.0f}."
         )
-    if lr_range is not None:
+    if lr_range is not None and lr_range.pick is not None:
         out.append(
             f"Learning rate {recommended.lr:.3g}: range test at batch {lr_range.batch_size} "
             f"({len(lr_range.lrs)} steps, lr {lr_range.lrs[0]:.0e} to {lr_range.lrs[-1]:.2g}); "
             f"lowest smoothed loss at {lr_range.lr_at_min_loss:.3g}, divided by 10."
         )
+    elif lr_range is not None:
+        out.append(
+            f"The learning-rate range test at batch {lr_range.batch_size} was "
+            f"{lr_range.verdict}; so learning rate {recommended.lr:.3g} ({recommended.lr_rule})."
+        )
     else:
         out.append(f"Learning rate {recommended.lr:.3g} ({recommended.lr_rule}).")
     return out
+
+
+def _noise_decision(noise: NoiseMeasurement) -> str:
+    """The noise reading in words: where it ended, where it started, and which way it moved."""
+    est = noise.estimate
+    text = (
+        f"Noise scale measured over {est.pairs} steps after a {noise.warmup_steps}-step warm-up "
+        f"(loss {noise.loss_start:.3g} at the initial weights -> {noise.loss_end:.3g}): B_simple "
+        f"~{est.b_simple:.0f}, {est.confidence:.0%} interval {est.low:.0f}-{est.high:.0f}."
+    )
+    start = noise.at_start.b_simple if noise.at_start else math.nan
+    if math.isfinite(start) and math.isfinite(est.b_simple):
+        if est.b_simple >= start:
+            moved = (
+                f"it grew from ~{start:.0f} as the loss fell, as McCandlish et al. found; it "
+                "usually keeps growing through training, so later on larger batches pay off"
+            )
+        else:
+            moved = (
+                f"it fell from ~{start:.0f} as the loss fell (it usually grows through training; "
+                "the warm-up may have been too short to show it)"
+            )
+        text += f" At the initial weights ({noise.start_steps} steps without updates) {moved}."
+    elif math.isinf(start):
+        text += " At the initial weights it was unbounded (the mean gradient not resolved)."
+    return text + (
+        " B_simple is a prior for the critical batch size (on image tasks it ran 2-8x above it)."
+    )

@@ -145,6 +145,7 @@ OPTIONS: dict[str, Int | Float | Choice | Size] = {
     "memory_limit": Size(2**20),
     "time_budget": Float(0.0, open_low=True),
     "headroom": Float(0.0, 1.0, open_high=True),
+    "batches": Int(1),
     # batchfit sweep
     "steps": Int(1),
     "examples": Int(1),

@@ -1,4 +1,5 @@
-"""What every probe needs: leave the user's model as it was, draw batches, respect a deadline."""
+"""What every probe needs: leave the user's model as it was, draw batches, respect a deadline,
+and never train on fewer samples than the model can take."""
 
 from __future__ import annotations
 
@@ -17,6 +18,73 @@ from batchfit.errors import BatchfitError
 
 class OutOfTime(BatchfitError):
     """A probe could not take a usable measurement in the time it was given."""
+
+
+class Diverged(BatchfitError):
+    """A probe's training run diverged at the learning rate it was given, so its reading is not
+    to be used."""
+
+
+def smallest_trainable_size(model: nn.Module) -> int:
+    """The smallest batch (or micro-batch) ``model`` can train on: 2 with batch norm, which cannot
+    normalise over one sample in training mode, else 1. Every probe starts its sizes here.
+
+    >>> smallest_trainable_size(torch.nn.Linear(2, 1))
+    1
+    >>> smallest_trainable_size(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4)))
+    2
+    """
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return 2 if has_batch_norm else 1
+
+
+def balanced_split(total: int, max_chunk: int) -> list[int]:
+    """The fewest chunks of at most ``max_chunk`` that sum to ``total``, sizes differing by at most
+    one, so that no chunk is a small remainder (batch norm cannot train on a chunk of one).
+
+    >>> balanced_split(10, 4), balanced_split(1025, 341), balanced_split(3, 8)
+    ([4, 3, 3], [257, 256, 256, 256], [3])
+    """
+    parts = math.ceil(total / max_chunk)
+    size, extra = divmod(total, parts)
+    return [size + 1] * extra + [size] * (parts - extra)
+
+
+class SampleReader:
+    """Samples of a source in order, epoch after epoch from ``first_epoch``, handed out in chunks
+    of any size while holding at most one read piece (``piece`` samples) besides the chunk: a
+    large batch is then never one tensor in memory.
+
+    >>> from batchfit import TensorSource
+    >>> reader = SampleReader(TensorSource(torch.arange(10.0), torch.arange(10)), piece=4)
+    >>> [len(reader.take(3)[1]) for _ in range(4)]
+    [3, 3, 3, 3]
+    """
+
+    def __init__(self, source: BatchSource, piece: int, first_epoch: int = 0) -> None:
+        self._pieces = cycle_batches(source, piece, first_epoch, drop_last=False)
+        self._left: Batch | None = None
+
+    def take(self, count: int) -> Batch:
+        """The next ``count`` samples as one ``(x, y)``."""
+        xs, ys, have = [], [], 0
+        while have < count:
+            if self._left is None:
+                self._left = next(self._pieces)
+            x, y = self._left
+            need = count - have
+            xs.append(x[:need])
+            ys.append(y[:need])
+            have += min(need, len(y))
+            self._left = (x[need:], y[need:]) if len(y) > need else None
+        if len(xs) == 1:
+            return xs[0], ys[0]
+        return torch.cat(xs), torch.cat(ys)
+
+    def chunks(self, total: int, max_chunk: int) -> Iterator[Batch]:
+        """The next ``total`` samples, in :func:`balanced_split` chunks read one at a time."""
+        for size in balanced_split(total, max_chunk):
+            yield self.take(size)
 
 
 @contextmanager
@@ -52,14 +120,16 @@ def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) 
         torch.set_rng_state(rng)
 
 
-def cycle_batches(source: BatchSource, batch_size: int, first_epoch: int = 0) -> Iterator[Batch]:
-    """Full batches of ``batch_size`` forever, epoch after epoch (the incomplete last batch of
-    each epoch is dropped so that every batch has the same size; a batch of the whole data set
-    is allowed)."""
+def cycle_batches(
+    source: BatchSource, batch_size: int, first_epoch: int = 0, *, drop_last: bool = True
+) -> Iterator[Batch]:
+    """Batches of ``batch_size`` forever, epoch after epoch. With ``drop_last`` (the default) the
+    incomplete last batch of each epoch is dropped so that every batch has the same size (a batch
+    of the whole data set is allowed)."""
     epoch = first_epoch
     while True:
         got = False
-        for batch in source.batches(epoch, batch_size, drop_last=True):
+        for batch in source.batches(epoch, batch_size, drop_last=drop_last):
             got = True
             yield batch
         if not got:

@@ -5,6 +5,12 @@ Train from the current weights at one batch size while the learning rate grows g
 average. The loss first barely moves (lr too small), then falls, then blows up (lr too large). The
 pick is the learning rate at the smoothed minimum divided by 10, a common rule (fast.ai's
 ``lr_min``): the minimum itself is already at the edge of divergence. The model is left as it was.
+
+The first steps are left out of the search for the minimum (the average has not settled: one lucky
+batch would do). A minimum at either end of the range tried says nothing: at the low end the loss
+never fell below where it started, at the high end it was still falling when the range (or the
+time) ran out. Such a test is *inconclusive*: it picks nothing, and the caller falls back to a
+rule-scaled default.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from batchfit.train import make_optimizer, train_step
 DIVERGED = 4.0
 SMOOTHING = 0.9
 PICK_DIVISOR = 10.0
+#: Steps left out of the search for the minimum while the moving average settles.
+SETTLE_STEPS = 8
+#: The minimum must lie this share below the smoothed loss where the search starts.
+MIN_FALL = 0.05
 
 
 @dataclass(frozen=True)
@@ -38,25 +48,48 @@ class LRRange:
     lrs: tuple[float, ...]
     losses: tuple[float, ...]
     lr_at_min_loss: float
-    pick: float
+    pick: float | None  # None: inconclusive (see ``verdict``)
     rule: str
     stopped_by: str
+    verdict: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def pick_lr(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
-    """``(lr at the smallest smoothed loss, that lr / 10)``. Pure.
+def pick_lr(
+    lrs: list[float], smoothed: list[float], settle: int = SETTLE_STEPS
+) -> tuple[float, float | None, str]:
+    """``(lr at the smallest smoothed loss, that lr / 10 or None, why)``, the first ``settle``
+    steps left out. ``None`` when the test is inconclusive: the minimum sits at either end of the
+    range, or lies less than 5% below where the search starts. Pure.
 
-    >>> pick_lr([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 9.0])
-    (0.01, 0.001)
+    >>> pick_lr([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 9.0], settle=0)
+    (0.01, 0.001, 'lowest smoothed loss at lr 0.01')
+    >>> pick_lr([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 0.5], settle=0)[1:]
+    (None, 'inconclusive: the loss was still falling at the largest lr tried, 0.1')
     """
-    finite = [(loss, lr) for lr, loss in zip(lrs, smoothed, strict=True) if math.isfinite(loss)]
-    if not finite:
+    if not any(math.isfinite(loss) for loss in smoothed):
         raise BatchfitError("The learning-rate range test saw no finite loss; check the data.")
-    best_lr = min(finite)[1]
-    return best_lr, best_lr / PICK_DIVISOR
+    first = min(settle, max(len(lrs) - 3, 0))
+    window = [(loss, i) for i, loss in enumerate(smoothed) if i >= first and math.isfinite(loss)]
+    if not window:
+        lowest = min((loss, i) for i, loss in enumerate(smoothed) if math.isfinite(loss))[1]
+        return lrs[lowest], None, f"inconclusive: the loss diverged within {len(lrs)} steps"
+    start_loss, start = window[0]
+    best_loss, best = min(window)
+    best_lr = lrs[best]
+    if best == len(smoothed) - 1:
+        why = f"the loss was still falling at the largest lr tried, {best_lr:.2g}"
+        return best_lr, None, f"inconclusive: {why}"
+    # Losses may be negative (a log-likelihood): the fall is measured against |loss|.
+    if best == start or best_loss > start_loss - MIN_FALL * abs(start_loss):
+        why = (
+            f"the loss did not fall by {MIN_FALL:.0%} anywhere between lr {lrs[start]:.2g} and "
+            f"{lrs[-1]:.2g}"
+        )
+        return best_lr, None, f"inconclusive: {why}"
+    return best_lr, best_lr / PICK_DIVISOR, f"lowest smoothed loss at lr {best_lr:.3g}"
 
 
 def lr_range_test(
@@ -81,8 +114,8 @@ def lr_range_test(
         >>> from batchfit.losses import mse
         >>> x = torch.randn(256, 4); y = x @ torch.ones(4)
         >>> result = lr_range_test(torch.nn.Linear(4, 1), TensorSource(x, y), mse,
-        ...                        batch_size=32, steps=40)
-        >>> 1e-6 < result.pick < 1.0
+        ...                        batch_size=32, steps=40, optimizer="sgd")
+        >>> 1e-6 < result.pick < 1.0  # SGD with momentum diverges well before lr 1 here
         True
     """
     if steps < 3:
@@ -123,8 +156,8 @@ def lr_range_test(
             "The learning-rate range test ran fewer than 3 steps in its time; give a larger "
             "--time-budget or --lr."
         )
-    at_min, pick = pick_lr(lrs, smoothed)
-    log(f"lr range test: lowest loss at lr {at_min:.3g}; pick {pick:.3g}")
+    at_min, pick, verdict = pick_lr(lrs, smoothed)
+    log(f"lr range test: {verdict}" + (f"; pick {pick:.3g}" if pick is not None else ""))
     return LRRange(
         batch_size=batch_size,
         micro_batch_size=micro,
@@ -135,4 +168,5 @@ def lr_range_test(
         pick=pick,
         rule=f"the lr of the lowest smoothed loss divided by {PICK_DIVISOR:g}",
         stopped_by=stopped_by,
+        verdict=verdict,
     )

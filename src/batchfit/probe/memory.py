@@ -37,6 +37,7 @@ import math
 import os
 import resource
 import select
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -51,7 +52,13 @@ from batchfit import validation
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.losses import LossFn
-from batchfit.probe.common import Deadline, model_device, preserved, synchronize
+from batchfit.probe.common import (
+    Deadline,
+    model_device,
+    preserved,
+    smallest_trainable_size,
+    synchronize,
+)
 from batchfit.units import format_bytes
 
 DEFAULT_HEADROOM = 0.1
@@ -61,6 +68,9 @@ DEFAULT_RAM_SHARE = 0.5
 STREAM_CAP = 65536
 #: Bisect until the gap between fit and no-fit is at most this share of the fitting size.
 BISECT_PRECISION = 1 / 16
+#: Doublings the search makes whatever the time budget (1 -> 32): a ceiling cut short after one
+#: trial says nothing, and trials at small sizes are cheap.
+MIN_DOUBLINGS = 5
 
 #: Messages of out-of-memory errors that arrive as a plain RuntimeError (CPU allocator, cuBLAS).
 OOM_MESSAGES = (
@@ -129,8 +139,10 @@ def search_ceiling(
     start: int = 1,
     deadline: Deadline | None = None,
     precision: float = BISECT_PRECISION,
+    min_doublings: int = MIN_DOUBLINGS,
 ) -> tuple[int, int | None, str]:
-    """Double from ``start`` until ``fits`` fails or ``cap`` is reached, then bisect.
+    """Double from ``start`` until ``fits`` fails or ``cap`` is reached, then bisect. The first
+    ``min_doublings`` doublings are made even when the ``deadline`` has passed.
 
     Returns ``(largest size that fit, smallest size that did not or None, what stopped it)``;
     the first is 0 when even ``start`` did not fit. ``fits`` is called once per size tried.
@@ -139,16 +151,19 @@ def search_ceiling(
     (1000, None, 'cap')
     >>> search_ceiling(lambda b: b < 64, cap=1000, precision=0)
     (63, 64, 'memory')
+    >>> search_ceiling(lambda b: True, cap=1000, deadline=Deadline(0))
+    (32, None, 'time budget')
     """
     deadline = deadline or Deadline(None)
     good, bad = 0, None
     size = min(start, cap)
+    guaranteed = size * 2**min_doublings
     while True:
         if fits(size):
             good = size
             if size >= cap:
                 return good, None, "cap"
-            if deadline.expired():
+            if deadline.expired() and size >= guaranteed:
                 return good, None, "time budget"
             size = min(size * 2, cap)
         else:
@@ -313,8 +328,12 @@ def confirm_in_child(
     resident memory for the whole process (relative to this process's use now).
 
     Returns ``(True, detail)`` when it ran within the limit, ``(False, detail)`` on a real
-    out-of-memory error in the child (or a peak above the limit less headroom), and
-    ``(None, why)`` where a child cannot be forked.
+    out-of-memory error in the child, a peak above the limit less headroom, or a child killed by a
+    signal (the kernel's out-of-memory killer sends SIGKILL), and ``(None, why)`` where a child
+    cannot be forked or gave no answer within ``timeout`` seconds.
+
+    >>> confirm_in_child(lambda: os.kill(os.getpid(), 9), rss_bytes() + 2**30, 0.1)
+    (False, 'the child process was killed by SIGKILL (the out-of-memory killer sends it)')
     """
     if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
         return None, "not run: needs fork and /proc (Linux)"
@@ -342,16 +361,23 @@ def confirm_in_child(
             os._exit(code)
     os.close(write_fd)
     chunks = []
+    timed_out = False
     try:
         ready, _, _ = select.select([read_fd], [], [], timeout)
         if ready:
             while chunk := os.read(read_fd, 4096):
                 chunks.append(chunk)
         else:
-            os.kill(pid, 9)
+            timed_out = True
+            os.kill(pid, signal.SIGKILL)
     finally:
         os.close(read_fd)
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
+    if timed_out:
+        return None, f"the child process gave no answer within {timeout:.0f} s"
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return False, f"the child process was killed by {name} (the out-of-memory killer sends it)"
     text = b"".join(chunks).decode(errors="replace")
     kind, _, rest = text.partition(" ")
     if kind == "ok":
@@ -367,7 +393,10 @@ def confirm_in_child(
         return False, f"out of memory in the child: {rest}"
     if kind == "error":
         raise BatchfitError(f"The training iteration failed in the memory check's child: {rest}")
-    return None, f"the child process gave no answer within {timeout:.0f} s"
+    return (
+        None,
+        f"the child process exited with status {os.waitstatus_to_exitcode(status)} and no answer",
+    )
 
 
 # --- the probe ------------------------------------------------------------------------------
@@ -411,8 +440,7 @@ def find_max_micro_batch_size(
     caps = [(c, why) for c, why in ((max_batch_size, "max_batch_size"), (n, "data size")) if c]
     cap, cap_reason = min(caps) if caps else (STREAM_CAP, "stream cap")
     # Batch norm cannot train on one sample: its micro-batches start at two.
-    start = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
-    start = min(start, cap)
+    start = min(smallest_trainable_size(model), cap)
     notes: list[str] = []
     is_cuda = device.type == "cuda"
     # One untracked iteration first: one-time allocations (thread pools, kernel workspaces) then

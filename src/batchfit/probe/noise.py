@@ -7,20 +7,26 @@ the batch gradient. :mod:`batchfit.noise_estimator` turns many such pairs into `
 confidence interval, correcting for drawing batches without replacement from a finite data set.
 
 The noise scale grows as the loss falls (McCandlish et al. 2018 report a tenfold rise over a run),
-so a reading at initialisation is a lower bound. :func:`warmup_and_measure` therefore trains a
-short while from the user's initial weights (using the measured batch gradient for each update, so
-measuring costs no extra passes), and keeps the steps after the loss has clearly fallen; it also
-records how the estimate moved. Everything is undone afterwards.
+so a reading at initialisation is a lower bound. :func:`warmup_and_measure` therefore reads it at
+the initial weights (a few steps without updates), then trains a short while (using the measured
+batch gradient for each update, so measuring costs no extra passes), and keeps the steps after the
+loss has clearly fallen below its initial value; it also records how the estimate moved. A warm-up
+whose loss rises instead (the learning rate is too large) is refused, not measured. Everything is
+undone afterwards.
 
 :func:`gradient_error_curve` measures the seed's O(sqrt(m)) claim directly: the error of a batch
 gradient against the full gradient, for growing batch sizes.
+
+Memory stays within what training itself needs: gradients are kept per parameter (no flattened
+copy), squared norms are summed in float64 a slice at a time, and large batches are read and
+backpropagated in micro-batches no larger than the memory ceiling.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,18 +34,37 @@ import torch
 from torch import nn
 
 from batchfit import validation
-from batchfit.data.source import BatchSource
+from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError
-from batchfit.losses import LossFn
+from batchfit.losses import Loss, LossFn, resolve_loss
 from batchfit.noise_estimator import NoiseScale, estimate_noise_scale, expected_relative_error
-from batchfit.probe.common import Deadline, OutOfTime, cycle_batches, preserved
-from batchfit.task import as_source
+from batchfit.probe.common import (
+    Deadline,
+    Diverged,
+    OutOfTime,
+    SampleReader,
+    cycle_batches,
+    preserved,
+    smallest_trainable_size,
+)
+from batchfit.task import as_source, target_kind_of
 from batchfit.train import make_optimizer
 
-#: The loss has "clearly fallen" once its recent mean is this share below its starting mean.
+#: The loss has "clearly fallen" once its recent mean is this share below its initial value.
 LOSS_DROP = 0.25
-#: Steps per window of the estimate's trajectory.
+#: Steps per window of the estimate's trajectory, and update-free steps at the initial weights.
 WINDOW = 8
+#: The warm-up diverged when a step's loss exceeds the initial loss this many times ...
+DIVERGED_FACTOR = 10.0
+#: ... or when its recent mean ends above the initial loss by this share.
+ROSE_BY = 0.1
+#: Squared norms are summed in float64 over slices of this many elements (a float64 copy of a
+#: whole large weight matrix would double its memory for a moment).
+NORM_SLICE = 2**18
+#: The gradient-error curve's reference gradient: over at most this many samples, and at least
+#: this many, or the curve is not measured.
+REFERENCE_SAMPLES = 16384
+MIN_REFERENCE = 64
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -49,10 +74,22 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _flat_grad(params: list[nn.Parameter]) -> torch.Tensor:
-    return torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-    )
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def squared_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum |t|^2`` over ``tensors`` in float64, without a float64 copy of any whole tensor.
+
+    >>> float(squared_norm([torch.ones(3), torch.full((2, 2), 2.0)]))
+    19.0
+    """
+    total: torch.Tensor | None = None
+    for t in tensors:
+        for part in t.detach().reshape(-1).split(NORM_SLICE):
+            sq = torch.linalg.vector_norm(part, dtype=torch.float64).square()
+            total = sq if total is None else total + sq
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
 
 
 def measured_step(
@@ -66,6 +103,8 @@ def measured_step(
     and leaves the batch gradient ``g_B`` in ``p.grad``, ready for an optimizer step.
 
     The batch must split into equal micro-batches (``len(y)`` a multiple of ``micro_batch_size``).
+    Memory: the running sum of the gradients and the current micro-batch's gradient, one copy of
+    the parameters each.
     """
     if len(y) % micro_batch_size:
         raise BatchfitError(
@@ -74,7 +113,7 @@ def measured_step(
         )
     params = _trainable(model)
     device = params[0].device
-    total = None
+    total: list[torch.Tensor] | None = None
     small_sq = torch.zeros((), dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     parts = len(y) // micro_batch_size
@@ -83,17 +122,19 @@ def measured_step(
             p.grad = None
         loss = loss_fn(model(xs.to(device)), ys.to(device))
         loss.backward()
-        g = _flat_grad(params)
-        small_sq += g.double().square().sum()
+        grads = _grads(params)
+        small_sq += squared_norm(grads)
         loss_sum += loss.detach().double()
-        total = g if total is None else total.add_(g)
-    batch_grad = total / parts
-    big_sq = batch_grad.double().square().sum()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = batch_grad[offset : offset + n].view_as(p).to(p.dtype)
-        offset += n
+        if total is None:
+            total = grads  # the next backward makes new .grad tensors; these become the sum
+        else:
+            for t, g in zip(total, grads, strict=True):
+                t.add_(g)
+        del grads, loss  # or they stay alive through the next micro-batch's backward
+    assert total is not None
+    for p, t in zip(params, total, strict=True):
+        p.grad = t.div_(parts)
+    big_sq = squared_norm(total)
     values = torch.stack([small_sq / parts, big_sq, loss_sum / parts]).tolist()
     return values[0], values[1], values[2]
 
@@ -101,7 +142,7 @@ def measured_step(
 def noise_scale(
     model: nn.Module,
     data: object,
-    loss_fn: LossFn,
+    loss_fn: str | LossFn | Loss | None,
     micro_batch_size: int,
     batches: int,
     *,
@@ -112,27 +153,36 @@ def noise_scale(
     """``B_simple`` at the model's current parameters, from ``batches`` batches of
     ``micro_batch_size x accumulation`` samples; the model is left exactly as it was.
 
-    ``data`` is what :func:`batchfit.train` accepts. The model runs in training mode (the gradients
-    training would see); buffers such as batch-norm statistics are restored afterwards.
+    ``data`` is what :func:`batchfit.train` accepts; ``loss_fn`` a function, a loss name
+    (``cross_entropy``, ``mse``, ``bce``) or ``None`` (the default for the target). The model runs
+    in training mode (the gradients training would see); buffers such as batch-norm statistics are
+    restored afterwards.
 
     Examples:
         >>> import torch
         >>> from batchfit.examples.linreg import load, make_model
-        >>> from batchfit.losses import mse
         >>> d = load()
-        >>> est = noise_scale(make_model(), (d.x_train, d.y_train), mse,
+        >>> est = noise_scale(make_model(), (d.x_train, d.y_train), "mse",
         ...                   micro_batch_size=4, batches=100, accumulation=16)
         >>> 50 < est.b_simple < 80   # analytic: 65
         True
     """
     validation.check("micro_batch_size", micro_batch_size)
-    validation.check("batch_size", batches, fix="Give the number of batches to average over.")
+    validation.check("batches", batches, fix="Give the number of batches to average over.")
     if accumulation < 2:
         raise BatchfitError(
             f"The noise scale needs at least 2 micro-batches per batch; got accumulation "
             f"{accumulation}."
         )
+    smallest = smallest_trainable_size(model)
+    if micro_batch_size < smallest:
+        raise BatchfitError(
+            f"The model has batch norm, which cannot train on a micro-batch of {micro_batch_size}; "
+            f"use micro_batch_size >= {smallest}."
+        )
     source = as_source(data, seed=seed)
+    if not isinstance(loss_fn, Loss):
+        loss_fn = resolve_loss(loss_fn, target_kind_of(source))
     big = micro_batch_size * accumulation
     n = source.num_samples
     if n is not None and big > n:
@@ -146,7 +196,7 @@ def noise_scale(
         stream = cycle_batches(source, big)
         for _ in range(batches):
             x, y = next(stream)
-            s, b, _ = measured_step(model, loss_fn, x, y, micro_batch_size)
+            s, b, _ = measured_step(model, loss_fn.fn, x, y, micro_batch_size)
             small_sq.append(s)
             big_sq.append(b)
     return estimate_noise_scale(
@@ -178,7 +228,11 @@ class GradientErrorPoint:
 
 @dataclass(frozen=True)
 class NoiseMeasurement:
-    """The noise probe's result: the estimate after warm-up, where it started, how it moved."""
+    """The noise probe's result: the estimate after warm-up, where it started, how it moved.
+
+    ``at_start`` is read at the initial weights (``start_steps`` steps without updates);
+    ``loss_start`` is the loss there; ``steps`` and ``warmup_steps`` count training steps.
+    """
 
     estimate: NoiseScale
     at_start: NoiseScale | None
@@ -191,6 +245,7 @@ class NoiseMeasurement:
     optimizer: str
     stopped_by: str
     seconds: float
+    start_steps: int = 0
     gradient_error: tuple[GradientErrorPoint, ...] = ()
     gradient_error_reference_samples: int | None = None
     notes: tuple[str, ...] = field(default=())
@@ -201,6 +256,13 @@ class NoiseMeasurement:
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def _diverged(lr: float, loss_start: float, loss: float, step: int, why: str) -> Diverged:
+    return Diverged(
+        f"The noise-scale warm-up diverged at lr {lr:.3g}: the loss {why} ({loss_start:.3g} at the "
+        f"initial weights, {loss:.3g} by step {step}); give a smaller --lr."
+    )
 
 
 def warmup_and_measure(
@@ -222,14 +284,19 @@ def warmup_and_measure(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> NoiseMeasurement:
-    """Train from the model's current weights with batches of ``micro_batch_size x
-    accumulation``, measuring the noise scale at every step, then undo the training.
+    """Read the noise scale at the model's current weights, then train from them with batches of
+    ``micro_batch_size x accumulation``, measuring at every step, then undo the training.
 
-    The warm-up ends when the mean loss of the last :data:`WINDOW` steps is 25% below that of the
-    first (or at half the steps or half the time); the estimate is taken over the steps after it
-    (at least ``min_measure_steps`` when time allows). With ``gradient_error_sizes`` the error of
-    batch gradients is then measured at the warmed-up weights (:func:`gradient_error_curve`), in
-    chunks of ``max_micro_batch_size`` (default: the measured batch) to stay within memory.
+    The first :data:`WINDOW` steps make no update: they read the noise scale and the loss at the
+    initial weights. The warm-up ends when the mean loss of the last :data:`WINDOW` steps is 25%
+    below the initial loss (or at half the steps or half the time); the estimate is taken over the
+    steps after it (at least ``min_measure_steps`` when time allows). A loss that is not finite,
+    exceeds 10x the initial loss, or ends above it raises :class:`~batchfit.probe.common.Diverged`:
+    such a run measures a diverging model, not the noise scale. With ``gradient_error_sizes`` the
+    error of batch gradients is then measured at the warmed-up weights
+    (:func:`gradient_error_curve`), in micro-batches of ``max_micro_batch_size`` (default: the
+    measured batch) to stay within memory, with a reference gradient over as many samples as the
+    time left allows.
     """
     log = log or (lambda _: None)
     deadline = deadline or Deadline(None)
@@ -248,25 +315,42 @@ def warmup_and_measure(
         model.train()
         opt = make_optimizer(optimizer, model, lr)
         stream = cycle_batches(data, big)
+        start_sq: tuple[list[float], list[float], list[float]] = ([], [], [])
+        for _ in range(WINDOW):
+            if deadline.expired():
+                raise OutOfTime(
+                    "no time was left to read the noise scale at the initial weights; give a "
+                    "larger --time-budget."
+                )
+            x, y = next(stream)
+            reading = measured_step(model, loss_fn, x, y, micro_batch_size)
+            for values, value in zip(start_sq, reading, strict=True):
+                values.append(value)
+        loss_start = _mean(start_sq[2])
+        # Losses may be negative (a log-likelihood), so changes are measured against |loss|.
+        scale = abs(loss_start)
+        if not math.isfinite(loss_start):
+            raise BatchfitError(
+                f"The loss at the initial weights is {loss_start}; check the data and the model."
+            )
         half_time = deadline.remaining() / 2
         # Leave time for the gradient-error curve after the warm-up run.
         run_deadline = Deadline(deadline.remaining() * (0.8 if gradient_error_sizes else 1.0))
+        run_started = time.perf_counter()
         for step in range(max_steps):
             x, y = next(stream)
             s, b, loss = measured_step(model, loss_fn, x, y, micro_batch_size)
-            if not math.isfinite(loss):
-                raise BatchfitError(
-                    f"The loss became {loss} at step {step + 1} of the noise-scale warm-up (lr "
-                    f"{lr:g}); give a smaller --lr."
-                )
+            if not math.isfinite(loss) or loss - loss_start > (DIVERGED_FACTOR - 1) * scale:
+                why = "became non-finite" if not math.isfinite(loss) else "rose over tenfold"
+                raise _diverged(lr, loss_start, loss, step + 1, why)
             opt.step()
             small_sq.append(s)
             big_sq.append(b)
             losses.append(loss)
             done = step + 1
             if warmup_end is None and done >= 2 * WINDOW:
-                fell = _mean(losses[-WINDOW:]) <= (1 - LOSS_DROP) * _mean(losses[:WINDOW])
-                elapsed = time.perf_counter() - started
+                fell = _mean(losses[-WINDOW:]) <= loss_start - LOSS_DROP * scale
+                elapsed = time.perf_counter() - run_started
                 if fell or done >= max_steps // 2 or elapsed >= half_time:
                     warmup_end = done
                     why = "the loss fell by 25%" if fell else "half the warm-up allowance passed"
@@ -286,16 +370,37 @@ def warmup_and_measure(
             if run_deadline.expired():
                 stopped_by = "time budget"
                 break
-        if gradient_error_sizes:
-            curve, reference = gradient_error_curve(
-                model,
-                data,
-                loss_fn,
-                gradient_error_sizes,
-                micro_batch_size=max_micro_batch_size or big,
-                repeats=gradient_error_repeats,
-                deadline=deadline,
-            )
+        loss_end = _mean(losses[-WINDOW:])
+        if losses and loss_end > loss_start + ROSE_BY * scale:
+            raise _diverged(lr, loss_start, loss_end, len(losses), "rose instead of falling")
+        if gradient_error_sizes and losses:
+            # A reference gradient over as many samples as 30% of the time left allows.
+            per_sample = max(time.perf_counter() - run_started, 1e-9) / (len(losses) * big)
+            allowance = 0.3 * deadline.remaining()
+            reference = REFERENCE_SAMPLES
+            if math.isfinite(allowance):
+                reference = min(reference, int(allowance / per_sample))
+            if n is not None:
+                reference = min(reference, n)
+            if reference >= MIN_REFERENCE:
+                curve, reference = gradient_error_curve(
+                    model,
+                    data,
+                    loss_fn,
+                    gradient_error_sizes,
+                    micro_batch_size=max_micro_batch_size or big,
+                    repeats=gradient_error_repeats,
+                    reference_samples=reference,
+                    deadline=deadline,
+                )
+            if not curve:
+                why = (
+                    f"{n} samples are too few"
+                    if n is not None and n < MIN_REFERENCE
+                    else "there was not enough time"
+                )
+                notes.append(f"The gradient-error curve was not measured: {why}.")
+                reference = None
     steps = len(losses)
     if warmup_end is None:
         warmup_end = steps // 2
@@ -312,11 +417,9 @@ def warmup_and_measure(
         small_sq[measure], big_sq[measure], micro_batch_size, big, n,
         confidence=confidence, seed=seed,
     )  # fmt: skip
-    first = min(WINDOW, steps)
     at_start = estimate_noise_scale(
-        small_sq[:first], big_sq[:first], micro_batch_size, big, n,
-        confidence=confidence, seed=seed,
-    )  # fmt: skip
+        start_sq[0], start_sq[1], micro_batch_size, big, n, confidence=confidence, seed=seed
+    )
     windows = []
     for lo in range(0, steps - WINDOW + 1, WINDOW):
         w = estimate_noise_scale(
@@ -346,12 +449,13 @@ def warmup_and_measure(
         windows=tuple(windows),
         steps=steps,
         warmup_steps=warmup_end,
-        loss_start=_mean(losses[:first]),
-        loss_end=_mean(losses[-first:]),
+        loss_start=loss_start,
+        loss_end=loss_end,
         lr=lr,
         optimizer=optimizer,
         stopped_by=stopped_by,
         seconds=time.perf_counter() - started,
+        start_steps=WINDOW,
         gradient_error=curve,
         gradient_error_reference_samples=reference,
         notes=tuple(notes),
@@ -359,20 +463,27 @@ def warmup_and_measure(
 
 
 def _mean_gradient(
-    model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, micro_batch_size: int
-) -> torch.Tensor:
-    """The mean gradient over ``(x, y)``, in chunks of ``micro_batch_size`` weighted by size."""
+    model: nn.Module,
+    loss_fn: LossFn,
+    chunks: Iterable[Batch],
+    total: int,
+    deadline: Deadline,
+) -> list[torch.Tensor]:
+    """The mean gradient over ``total`` samples that arrive in ``chunks``, each weighted by its
+    size, per parameter. Raises :class:`OutOfTime` when the ``deadline`` passes midway."""
     params = _trainable(model)
     device = params[0].device
     for p in params:
         p.grad = None
-    for xs, ys in zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True):
-        loss = loss_fn(model(xs.to(device)), ys.to(device)) * (len(ys) / len(y))
+    for xs, ys in chunks:
+        if deadline.expired():
+            raise OutOfTime("The deadline passed while computing a mean gradient.")
+        loss = loss_fn(model(xs.to(device)), ys.to(device)) * (len(ys) / total)
         loss.backward()
-    grad = _flat_grad(params).double()
+    grads = _grads(params)
     for p in params:
         p.grad = None
-    return grad
+    return grads
 
 
 def gradient_error_curve(
@@ -383,34 +494,52 @@ def gradient_error_curve(
     *,
     micro_batch_size: int,
     repeats: int = 8,
-    reference_samples: int = 16384,
+    reference_samples: int = REFERENCE_SAMPLES,
     deadline: Deadline | None = None,
 ) -> tuple[tuple[GradientErrorPoint, ...], int]:
     """RMS relative error ``|g_B - G| / |G|`` of batch gradients at the current weights.
 
     ``G`` is the mean gradient over the whole training set, or over its first
-    ``reference_samples`` when larger (then itself an estimate). Returns the points (ascending
-    batch size; sizes that the deadline left no time for are left out) and the number of samples
-    behind ``G``. ``predicted`` is filled in by the caller, who knows ``B_simple``.
+    ``reference_samples`` when larger (then itself an estimate). Every batch, the reference one
+    included, is read and backpropagated in micro-batches of at most ``micro_batch_size``, so no
+    more than that is ever in memory at once. Returns the points (ascending batch size; sizes the
+    ``deadline`` left no time for are left out: no points when even ``G`` could not be computed)
+    and the number of samples behind ``G``. ``predicted`` is filled in by the caller, who knows
+    ``B_simple``.
     """
     deadline = deadline or Deadline(None)
     n = data.num_samples
     reference = min(n, reference_samples) if n is not None else reference_samples
+    smallest = smallest_trainable_size(model)
+    points: list[GradientErrorPoint] = []
     with preserved(model):
         model.train()
-        x, y = next(iter(data.batches(0, reference)))
-        full = _mean_gradient(model, loss_fn, x, y, micro_batch_size)
-        full_sq = float(full.square().sum())
-        points = []
+        try:
+            full = _mean_gradient(
+                model,
+                loss_fn,
+                SampleReader(data, micro_batch_size).chunks(reference, micro_batch_size),
+                reference,
+                deadline,
+            )
+        except OutOfTime:
+            return (), reference
+        full_sq = float(squared_norm(full))
+        reader = SampleReader(data, micro_batch_size, first_epoch=1)
         for size in sorted(batch_sizes):
-            if size > reference or deadline.expired():
-                break
-            stream = cycle_batches(data, size, first_epoch=1)
+            if size > reference or size < smallest or deadline.expired():
+                continue
             errors = []
             for _ in range(repeats):
-                bx, by = next(stream)
-                g = _mean_gradient(model, loss_fn, bx, by, micro_batch_size)
-                errors.append(float((g - full).square().sum()))
+                try:
+                    g = _mean_gradient(
+                        model, loss_fn, reader.chunks(size, micro_batch_size), size, deadline
+                    )
+                except OutOfTime:
+                    break
+                errors.append(float(squared_norm(a.sub_(b) for a, b in zip(g, full, strict=True))))
+            if len(errors) < 2:
+                break
             rel = math.sqrt(_mean(errors) / full_sq) if full_sq > 0 else math.inf
-            points.append(GradientErrorPoint(size, rel, None, repeats))
+            points.append(GradientErrorPoint(size, rel, None, len(errors)))
     return tuple(points), reference

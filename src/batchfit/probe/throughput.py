@@ -3,8 +3,10 @@
 A timed step is what the training loop does for one batch: take it from the data source (so the
 cost of loading and indexing counts), run forward, backward and the optimizer update
 (:func:`batchfit.train.train_step`), and wait for the loss value. After ``warmup_steps`` untimed
-steps (allocator and kernel caches warm up), the median of ``timed_steps`` step times is kept: the
-median, because a shared machine adds rare long pauses that a mean would absorb.
+steps (allocator and kernel caches warm up), steps are timed until there are ``timed_steps`` of them
+and they add up to ``min_seconds``: a small model's step takes a millisecond or two, and five of
+them are at the mercy of one scheduler tick. The median step time is kept: the median, because a
+shared machine adds rare long pauses that a mean would absorb.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from batchfit.data.source import BatchSource
 from batchfit.losses import LossFn
 from batchfit.probe.common import Deadline, cycle_batches, model_device, preserved, synchronize
+from batchfit.probe.memory import is_out_of_memory, release_memory
 from batchfit.recommend import FLAT_GAIN, doubling_gains, flattening_point
 from batchfit.schedule import check_batch_fits_data
 from batchfit.train import train_step
@@ -28,7 +31,12 @@ from batchfit.train import train_step
 WARMUP_STEPS = 2
 TIMED_STEPS = 5
 MIN_TIMED_STEPS = 3
-#: Timed steps this many times apart (slowest over fastest) mean the timing is not to be trusted.
+#: Time steps at each size until they add up to this (a busy or coarse clock evens out).
+MIN_TIMED_SECONDS = 0.15
+#: ... but never more steps than this at one size.
+MAX_TIMED_STEPS = 200
+#: Timed steps this many times apart (the slowest tenth over the fastest tenth) mean the timing is
+#: not to be trusted.
 UNSTABLE = 3.0
 
 
@@ -49,13 +57,15 @@ class ThroughputPoint:
 @dataclass(frozen=True)
 class Throughput:
     """The throughput probe's result. ``flattens_at``: the smallest size where doubling the batch
-    gains less than 10% samples/s; ``skipped``: sizes not measured for lack of time."""
+    gains less than 10% samples/s; ``skipped``: sizes not measured for lack of time;
+    ``out_of_memory_at``: the size that ran out of memory while being timed, if one did."""
 
     points: tuple[ThroughputPoint, ...]
     flattens_at: int | None
     skipped: tuple[int, ...]
     warmup_steps: int
     notes: tuple[str, ...] = field(default=())
+    out_of_memory_at: int | None = None
 
     def pairs(self) -> list[tuple[int, float]]:
         return [(p.batch_size, p.samples_per_s) for p in self.points]
@@ -64,17 +74,58 @@ class Throughput:
         return asdict(self)
 
 
-def powers_of_two_up_to(ceiling: int) -> list[int]:
-    """1, 2, 4, ... up to ``ceiling``, and ``ceiling`` itself when it is not a power of two.
+def powers_of_two_up_to(ceiling: int, smallest: int = 1) -> list[int]:
+    """Powers of two from ``smallest`` (see :func:`~batchfit.probe.common.smallest_trainable_size`)
+    up to ``ceiling``, and ``ceiling`` itself when it is not a power of two.
 
-    >>> powers_of_two_up_to(100)
-    [1, 2, 4, 8, 16, 32, 64, 100]
+    >>> powers_of_two_up_to(100), powers_of_two_up_to(100, smallest=2)
+    ([1, 2, 4, 8, 16, 32, 64, 100], [2, 4, 8, 16, 32, 64, 100])
     """
     sizes, b = [], 1
     while b < ceiling:
-        sizes.append(b)
+        if b >= smallest:
+            sizes.append(b)
         b *= 2
     return [*sizes, ceiling]
+
+
+def _time_steps(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    data: BatchSource,
+    size: int,
+    micro: int,
+    device: torch.device,
+    warmup_steps: int,
+    timed_steps: int,
+    min_seconds: float,
+    deadline: Deadline,
+    may_give_up: bool,
+) -> list[float]:
+    """Seconds of each timed step at batch ``size``, after ``warmup_steps`` untimed ones; none
+    when ``may_give_up`` and the first step shows that the size cannot be measured before the
+    ``deadline``."""
+    batches = cycle_batches(data, size)
+    times: list[float] = []
+    for i in range(warmup_steps + MAX_TIMED_STEPS):
+        started = time.perf_counter()
+        x, y = next(batches)
+        loss, _ = train_step(model, opt, loss_fn, x, y, micro, device)
+        loss.item()
+        synchronize(device)
+        if i == 0 and may_give_up:
+            # The first step shows what this size costs: give up on it early if it cannot fit.
+            needed = (time.perf_counter() - started) * (warmup_steps - 1 + MIN_TIMED_STEPS)
+            if needed > deadline.remaining():
+                return []
+        if i >= warmup_steps:
+            times.append(time.perf_counter() - started)
+            if len(times) >= timed_steps and sum(times) >= min_seconds:
+                break
+            if len(times) >= MIN_TIMED_STEPS and times[-1] * 2 > deadline.remaining():
+                break
+    return times
 
 
 def measure_throughput(
@@ -87,14 +138,16 @@ def measure_throughput(
     max_micro_batch_size: int | None = None,
     warmup_steps: int = WARMUP_STEPS,
     timed_steps: int = TIMED_STEPS,
+    min_seconds: float = MIN_TIMED_SECONDS,
     deadline: Deadline | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Throughput:
     """Samples/s of real training steps at each of ``batch_sizes`` (ascending), model unchanged.
 
-    Sizes above ``max_micro_batch_size`` run as accumulated micro-batches. When the ``deadline``
-    draws near, fewer steps are timed (at least 3) and the sizes that no longer fit in the time
-    left are skipped, smallest first kept.
+    Sizes above ``max_micro_batch_size`` run as accumulated micro-batches. At each size at least
+    ``timed_steps`` steps are timed, and more until they add up to ``min_seconds``. When the
+    ``deadline`` draws near, fewer steps are timed (at least 3) and the sizes that no longer fit in
+    the time left are skipped, smallest first kept.
 
     Examples:
         >>> import torch
@@ -116,6 +169,8 @@ def measure_throughput(
     skipped: list[int] = []
     notes: list[str] = []
     last_step = 0.0
+    out_of_memory_at = None
+    unstable: list[int] = []
     with preserved(model, opt):
         model.train()
         for size in sorted(batch_sizes):
@@ -125,20 +180,33 @@ def measure_throughput(
             if skipped or (points and predicted > deadline.remaining()):
                 skipped.append(size)
                 continue
-            batches = cycle_batches(data, size)
-            times = []
-            steps = warmup_steps + timed_steps
-            for i in range(steps):
-                started = time.perf_counter()
-                x, y = next(batches)
-                loss, _ = train_step(model, opt, loss_fn, x, y, micro, device)
-                loss.item()
-                synchronize(device)
-                if i >= warmup_steps:
-                    times.append(time.perf_counter() - started)
-                    left = deadline.remaining()
-                    if len(times) >= MIN_TIMED_STEPS and times[-1] * 2 > left:
-                        break
+            # Spend at most half of each remaining size's share of the time on reaching min_seconds.
+            share = 0.5 * deadline.remaining() / (len(batch_sizes) - len(points))
+            try:
+                times = _time_steps(
+                    model, opt, loss_fn, data, size, micro, device, warmup_steps, timed_steps,
+                    min(min_seconds, share), deadline, may_give_up=bool(points),
+                )  # fmt: skip
+            except Exception as exc:
+                # A device can still run out at a size the memory probe passed (fragmentation).
+                if not is_out_of_memory(exc):
+                    raise
+                release_memory(device, collect=True)
+                notes.append(
+                    f"Batch size {size} ran out of memory while timing it; it and larger sizes "
+                    "were not measured."
+                )
+                out_of_memory_at = size
+                break
+            if not times:
+                skipped.append(size)
+                continue
+            if len(times) >= 10:
+                deciles = statistics.quantiles(times, n=10)
+                if deciles[-1] > UNSTABLE * deciles[0]:
+                    unstable.append(size)
+            elif max(times) > UNSTABLE * min(times):
+                unstable.append(size)
             step = statistics.median(times)
             last_step = step
             points.append(
@@ -155,7 +223,6 @@ def measure_throughput(
         ThroughputPoint(**{**asdict(p), "gain_from_doubling": g})
         for p, g in zip(points, gains, strict=True)
     ]
-    unstable = [p.batch_size for p in points if p.step_seconds_max > UNSTABLE * p.step_seconds_min]
     if unstable:
         notes.append(
             f"Step times varied more than {UNSTABLE:g}x at batch size "
@@ -165,4 +232,6 @@ def measure_throughput(
     if skipped:
         notes.append(f"Throughput not measured at {', '.join(map(str, skipped))} for lack of time.")
     flat = flattening_point(pairs, FLAT_GAIN)
-    return Throughput(tuple(points), flat, tuple(skipped), warmup_steps, tuple(notes))
+    return Throughput(
+        tuple(points), flat, tuple(skipped), warmup_steps, tuple(notes), out_of_memory_at
+    )

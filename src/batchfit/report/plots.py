@@ -15,6 +15,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
+#: Tick labels on a batch-size axis, at most (more overlap on a plot a few inches wide).
+MAX_TICKS = 8
 #: Colours that stay apart for colour-blind readers (Okabe-Ito).
 COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 
@@ -63,12 +66,26 @@ def plot_series(ax, series: Sequence[Series]) -> None:
         ax.legend(fontsize="small", loc="best")
 
 
-def batch_size_axis(ax, sizes: Sequence[int], label: str = "batch size B") -> None:
-    """A log2 x axis ticked at the given sizes, labelled as plain numbers (1, 32, 4000)."""
-    ax.set_xscale("log", base=2)
+def batch_size_ticks(sizes: Sequence[int], most: int = MAX_TICKS) -> list[int]:
+    """At most ``most`` of ``sizes`` for tick marks, evenly thinned, the largest always kept in
+    place of its neighbour (never next to it: "8192" and "16384" side by side overlap).
+
+    >>> batch_size_ticks([2**i for i in range(15)] + [20000])
+    [1, 4, 16, 64, 256, 1024, 4096, 20000]
+    """
     ticks = sorted(set(sizes))
-    if len(ticks) > 12:  # keep every other tick readable
-        ticks = ticks[::2] if ticks[-1] in ticks[::2] else [*ticks[::2], ticks[-1]]
+    if len(ticks) <= most:
+        return ticks
+    kept = ticks[:: math.ceil(len(ticks) / most)]
+    kept[-1] = ticks[-1]
+    return kept
+
+
+def batch_size_axis(ax, sizes: Sequence[int], label: str = "batch size B") -> None:
+    """A log2 x axis ticked at the given sizes (thinned: :func:`batch_size_ticks`), labelled as
+    plain numbers (1, 32, 4000)."""
+    ax.set_xscale("log", base=2)
+    ticks = batch_size_ticks(sizes)
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_locator(NullLocator())

@@ -29,6 +29,8 @@ PLOT_FILES = {
     "memory_and_step_time": "memory_and_step_time.png",
     "lr_range": "lr_range.png",
 }
+#: Every file a tune report may hold: what an earlier run left is removed before a new one.
+REPORT_FILES = ("report.json", "report.md", *PLOT_FILES.values())
 
 
 def build_report(result: TuneResult) -> dict[str, Any]:
@@ -54,6 +56,7 @@ def build_report(result: TuneResult) -> dict[str, Any]:
             "lr": result.recommended.lr,
             "lr_rule": result.recommended.lr_rule,
             "optimizer": result.recommended.optimizer,
+            "provisional": list(rec.provisional),
             "batch_size_range": list(rec.batch_size_range),
             "runner_up": None
             if runner is None
@@ -116,6 +119,7 @@ def build_report(result: TuneResult) -> dict[str, Any]:
             "loss_end": noise.loss_end if noise else None,
             "lr": noise.lr if noise else None,
             "b_simple_at_start": noise.at_start.b_simple if noise and noise.at_start else None,
+            "start_steps": noise.start_steps if noise else None,
             "trajectory": [vars_of(w) for w in noise.windows] if noise else [],
             "gradient_error": [vars_of(p) for p in noise.gradient_error] if noise else [],
             "gradient_error_reference_samples": noise.gradient_error_reference_samples
@@ -131,6 +135,7 @@ def build_report(result: TuneResult) -> dict[str, Any]:
             "lr_at_min_loss": result.lr_range.lr_at_min_loss,
             "pick": result.lr_range.pick,
             "rule": result.lr_range.rule,
+            "verdict": result.lr_range.verdict,
             "stopped_by": result.lr_range.stopped_by,
         },
         "predicted_time": [vars_of(c) for c in rec.curve],
@@ -139,7 +144,7 @@ def build_report(result: TuneResult) -> dict[str, Any]:
         "time_budget_s": result.time_budget_s,
         "seconds": result.seconds,
         "phase_seconds": dict(result.phase_seconds),
-        "files": ["report.json", "report.md", *PLOT_FILES.values()],
+        "files": [Path(f).name for f in result.report_files],
     }
 
 
@@ -149,23 +154,28 @@ def vars_of(obj: object) -> dict[str, Any]:
     return asdict(obj)  # type: ignore[call-overload]
 
 
-def write_report(result: TuneResult, out_dir: Path) -> list[Path]:
-    """Write ``report.json``, ``report.md`` and the plots into ``out_dir``; return the paths."""
+def write_report(result: TuneResult, out_dir: Path) -> tuple[dict[str, Any], list[Path]]:
+    """Write ``report.json``, ``report.md`` and the plots into ``out_dir``; return the report
+    object as written and the paths (only plots that have something to show are written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(result)
     written = [p for p in _plots(result, out_dir) if p is not None]
     report["files"] = ["report.json", "report.md", *(p.name for p in written)]
     json_path = write_json(out_dir / "report.json", report)
     md_path = write_text(out_dir / "report.md", render_markdown(report))
-    return [json_path, md_path, *written]
+    return report, [json_path, md_path, *written]
 
 
 def headline(report: dict[str, Any]) -> str:
-    """One line: ``batch size 256 (micro-batch 256), lr 2.8e-03 (adam, ...)``."""
+    """One line: ``batch size 256 (micro-batch 256), lr 2.8e-03 (adam, ...)``, marked
+    provisional when measurements cut short by time left larger sizes unjudged."""
     r = report["recommended"]
     acc = f" = {r['accumulation']} x {r['micro_batch_size']}" if r["accumulation"] > 1 else ""
+    mark = (
+        "PROVISIONAL (the time budget cut the measurements short) " if r.get("provisional") else ""
+    )
     return (
-        f"batch size {r['batch_size']}{acc} (micro-batch {r['micro_batch_size']}), "
+        f"{mark}batch size {r['batch_size']}{acc} (micro-batch {r['micro_batch_size']}), "
         f"lr {r['lr']:.3g} ({r['lr_rule']})"
     )
 
@@ -190,7 +200,13 @@ def reasons_line(report: dict[str, Any]) -> str:
     else:
         parts.append("gradient noise scale not measured")
     mem = report["memory"]
-    parts.append(f"fits in memory up to {mem['max_micro_batch_size']} ({mem['capped_by']})")
+    if mem["capped_by"] == "time budget":
+        parts.append(
+            f"fits in memory up to at least {mem['max_micro_batch_size']} (the time budget "
+            "ended the search)"
+        )
+    else:
+        parts.append(f"fits in memory up to {mem['max_micro_batch_size']} ({mem['capped_by']})")
     return "; ".join(parts)
 
 
@@ -273,8 +289,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{noise['steps_averaged']} steps with micro-batches of "
             f"{noise['micro_batch_size']} and batches of {noise['batch_size']}, corrected for "
             f"drawing from {noise['finite_data_samples'] or 'an endless stream of'} samples. "
-            f"Over the first steps it was ~{_num(noise['b_simple_at_start'])}; the warm-up "
-            f"took the loss from {noise['loss_start']:.3g} to {noise['loss_end']:.3g}.",
+            f"At the initial weights ({noise['start_steps']} steps without updates) it was "
+            f"~{_num(noise['b_simple_at_start'])}; the warm-up took the loss from "
+            f"{noise['loss_start']:.3g} to {noise['loss_end']:.3g}.",
             "",
             "![noise scale](noise_scale.png)",
             "",
@@ -312,12 +329,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lr_range = report["lr_range"]
     if lr_range:
+        outcome = (
+            f"pick {lr_range['pick']:.3g} ({lr_range['rule']})"
+            if lr_range["pick"] is not None
+            else f"no pick: {lr_range['verdict']}; the lr is rule-scaled instead"
+        )
         lines += [
             "## Learning rate",
             "",
             f"Range test at batch size {lr_range['batch_size']}: lowest smoothed loss at lr "
-            f"{lr_range['lr_at_min_loss']:.3g}; pick {lr_range['pick']:.3g} "
-            f"({lr_range['rule']}; stopped: {lr_range['stopped_by']}).",
+            f"{lr_range['lr_at_min_loss']:.3g}; {outcome}; stopped: {lr_range['stopped_by']}.",
             "",
             "![lr range test](lr_range.png)",
             "",
@@ -425,27 +446,44 @@ def _noise_plot(result: TuneResult, path: Path) -> Path | None:
     if noise is None or not noise.windows:
         return None
     windows = noise.windows
-    mid = [(w.first_step + w.last_step) / 2 for w in windows]
-    cap = max((w.b_simple for w in windows if math.isfinite(w.b_simple)), default=1.0) * 4
+    finite = [w for w in windows if math.isfinite(w.b_simple)]
+    unbounded = [(w.first_step + w.last_step) / 2 for w in windows if not math.isfinite(w.b_simple)]
+    cap = max((w.b_simple for w in finite), default=1.0) * 4
     fig, (ax,) = plots.figure()
-    plots.plot_series(
-        ax,
-        [
+    span = windows[0].last_step - windows[0].first_step + 1
+    series = []
+    if finite:
+        series.append(
             plots.Series(
-                f"B_simple per {windows[0].last_step - windows[0].first_step + 1} steps",
-                mid,
-                [min(w.b_simple, cap) for w in windows],
-                lower=[min(w.low, cap) for w in windows],
-                upper=[min(w.high, cap) for w in windows],
+                f"B_simple per {span} steps",
+                [(w.first_step + w.last_step) / 2 for w in finite],
+                [w.b_simple for w in finite],
+                lower=[min(w.low, cap) for w in finite],
+                upper=[min(w.high, cap) for w in finite],
             )
-        ],
-    )
+        )
+    if unbounded:
+        # No value to draw: a marker at the top edge, named for what it means.
+        ax.plot(
+            unbounded,
+            [0.97] * len(unbounded),
+            "^",
+            color=plots.COLORS[3],
+            transform=ax.get_xaxis_transform(),
+            label=f"unbounded over {span} steps (|G|^2 not resolved)",
+        )
+    plots.plot_series(ax, series)
+    if unbounded and not series:
+        ax.legend(fontsize="small", loc="best")
+    mid = [(w.first_step + w.last_step) / 2 for w in windows]
     est = noise.estimate
-    ax.axhline(est.b_simple, color=plots.COLORS[1], linestyle="--", linewidth=1)
+    if math.isfinite(est.b_simple):
+        ax.axhline(est.b_simple, color=plots.COLORS[1], linestyle="--", linewidth=1)
     ax.axvspan(noise.warmup_steps + 0.5, noise.steps + 0.5, color=plots.COLORS[1], alpha=0.07)
     ax.annotate(
-        f"estimate {est.b_simple:.0f} ({est.low:.0f}-{est.high:.0f})",
-        (noise.steps, est.b_simple),
+        f"estimate {_num(est.b_simple)} ({_num(est.low)}-{_num(est.high)})",
+        (noise.steps, est.b_simple if math.isfinite(est.b_simple) else 0.9),
+        xycoords=("data", "data" if math.isfinite(est.b_simple) else "axes fraction"),
         xytext=(-4, 4),
         textcoords="offset points",
         ha="right",
@@ -455,7 +493,7 @@ def _noise_plot(result: TuneResult, path: Path) -> Path | None:
     plots.titles(
         ax, "Gradient noise scale during the warm-up (shaded: measured)", "B_simple", "step"
     )
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, cap if finite else 1)
     loss_ax = ax.twinx()
     loss_ax.plot(mid, [w.loss for w in windows], ":", color=plots.COLORS[6], label="training loss")
     loss_ax.set_ylabel("training loss")
@@ -467,15 +505,21 @@ def _gradient_error_plot(result: TuneResult, path: Path) -> Path | None:
     noise = result.noise
     if noise is None or not noise.gradient_error:
         return None
-    points = noise.gradient_error
+    points = [p for p in noise.gradient_error if 0 < p.relative_error < math.inf]
+    if not points:
+        return None
     sizes = [p.batch_size for p in points]
-    first = points[0]
+    # c / sqrt(B) fitted to every point by least squares in log space: log c is the mean of
+    # log(error) + log(B) / 2.
+    c = math.exp(
+        sum(math.log(p.relative_error * math.sqrt(p.batch_size)) for p in points) / len(points)
+    )
     series = [
         plots.Series("measured RMS |g_B - G| / |G|", sizes, [p.relative_error for p in points]),
         plots.Series(
-            "1/sqrt(B) from the first point",
+            "c / sqrt(B), fitted to all points",
             sizes,
-            [first.relative_error * math.sqrt(first.batch_size / b) for b in sizes],
+            [c / math.sqrt(b) for b in sizes],
             style="--",
         ),
     ]
@@ -563,9 +607,14 @@ def _lr_plot(result: TuneResult, path: Path) -> Path | None:
     )
     ax.set_xscale("log")
     plots.mark(ax, r.lr_at_min_loss, "lowest loss", plots.COLORS[6], ":")
-    plots.mark(ax, r.pick, f"pick {r.pick:.2g}", plots.COLORS[1])
+    if r.pick is not None:
+        plots.mark(ax, r.pick, f"pick {r.pick:.2g}", plots.COLORS[1])
     ax.set_ylim(top=min(max(f[1] for f in finite), finite[0][1] * 1.3))
+    verdict = "" if r.pick is not None else " (inconclusive: no pick)"
     plots.titles(
-        ax, f"Learning-rate range test at batch size {r.batch_size}", "loss", "learning rate"
+        ax,
+        f"Learning-rate range test at batch size {r.batch_size}{verdict}",
+        "loss",
+        "learning rate",
     )
     return plots.save(fig, path)
