@@ -376,10 +376,19 @@ class IpcReader(Reader):
         try:
             mapped = pa.memory_map(str(path))
             self._reader = ipc.open_file(mapped)
+            first = next(
+                (b for i in range(self._reader.num_record_batches)
+                 if (b := self._reader.get_batch(i)).num_rows),
+                None,
+            )  # fmt: skip
+            self.random_access = first is not None and _is_mapped(first, mapped)
+            if not self.random_access:
+                # Compressed: read through plain file reads, so the pages of the whole file do
+                # not pile up in RSS as a memory map's would; each batch is decompressed anyway.
+                self._reader = ipc.open_file(pa.OSFile(str(path)))
+            del first
             for i in range(self._reader.num_record_batches):
                 batch = self._reader.get_batch(i)
-                if batch.num_rows and not any(self.block_rows):
-                    self.random_access = _is_mapped(batch, mapped)  # decided by the first rows
                 self.block_rows.append(batch.num_rows)
                 self._count_nulls(batch)
                 del batch
