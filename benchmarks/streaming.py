@@ -9,11 +9,18 @@
 (c) peak RSS of a child process that reads one shuffled epoch of a ~100 MB and a ~5 GB Parquet file
     of the same schema (16 float32 features + an int64 label), and the difference.
 (d) shuffle quality: how far rows move in one epoch, per file layout and buffer size.
+(e) with ``--reader-memory-mb M``: peak RSS of one pass over an M MB Parquet file with
+    ``pyarrow.dataset(...).to_batches()`` and with ``ParquetFile.iter_batches`` (what batchfit
+    uses), each in a fresh child process: why the stream reads row groups page by page.
+(f) overlap: one shuffled epoch with a fixed amount of compute per batch (a matmul standing in
+    for the training step), against the data alone and the compute alone; (data + compute) /
+    together is 1.0 with no overlap and up to 2.0 when decoding hides behind the step.
 
 Files are generated into ``--dir`` (default: a temporary folder) and deleted afterwards.
 
-    python benchmarks/streaming.py                 # all parts, 5 GB file included (minutes)
+    python benchmarks/streaming.py                 # parts a-d and f, 5 GB file included (minutes)
     python benchmarks/streaming.py --big-gb 0      # skip the big file
+    python benchmarks/streaming.py --big-gb 0 --reader-memory-mb 1400   # and part (e)
 """
 
 from __future__ import annotations
@@ -179,7 +186,8 @@ def shuffle_quality(work: Path, n: int = 1_000_000) -> None:
         order = np.concatenate([x[:, 0].numpy() for x, _ in src.batches(0, 4096)]).astype(np.int64)
         moved = np.abs(order - np.arange(n)).mean() / n
         kept = (np.abs(np.diff(order)) == 1).mean()
-        layout = f"{n // row_group} row groups of {row_group:,}"
+        groups = n // row_group
+        layout = f"{groups} row group{'s' if groups > 1 else ''} of {row_group:,}"
         print(f"  {layout:30s} {buffer:>9,}   {moved:15.3f}   {kept:20.4f}")
     path = work / "quality.npy"
     np.save(path, np.column_stack([np.arange(n, dtype=np.float32), np.zeros(n, np.float32)]))
@@ -191,6 +199,99 @@ def shuffle_quality(work: Path, n: int = 1_000_000) -> None:
     print(f"  {'.npy, full permutation':30s} {'-':>9}   {moved:15.3f}   {kept:20.4f}")
 
 
+READER_CHILD = """
+import json, sys
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+path, how = sys.argv[1], sys.argv[2]
+before = rss()
+if how == "to_batches":
+    batches = ds.dataset(path, format="parquet").to_batches()
+else:  # as batchfit's reader opens a row group: page by page, no pre-buffering
+    batches = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False).iter_batches(65536)
+rows = sum(b.num_rows for b in batches)
+status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+print(json.dumps({"rows": rows, "before": before,
+                  "peak_rss_bytes": int(status["VmHWM"].split()[0]) * 1024}))
+"""
+
+
+def reader_memory(work: Path, megabytes: float) -> None:
+    """(e) Peak RSS of one pass with Dataset.to_batches and with ParquetFile.iter_batches."""
+    path = work / "reader.parquet"
+    rows = generate(path, megabytes * 1e6, seed=2)
+    size = path.stat().st_size / 2**20
+    print(f"\n(e) peak RSS of one pass over {rows:,} rows ({size:,.0f} MiB), fresh child each")
+    for how in ("to_batches", "iter_batches"):
+        out = subprocess.run(
+            [sys.executable, "-c", READER_CHILD, str(path), how],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(out.stdout)
+        name = (
+            "pyarrow.dataset(...).to_batches()"
+            if how == "to_batches"
+            else ("ParquetFile.iter_batches (batchfit)")
+        )
+        print(
+            f"  {name:36s} peak RSS {r['peak_rss_bytes'] / 2**20:7,.0f} MiB "
+            f"({r['before'] / 2**20:.0f} MiB before reading)"
+        )
+    path.unlink()
+
+
+def overlap(path: Path, batch_size: int, rounds: int) -> None:
+    """(f) Does decoding hide behind the training step? Data alone, compute alone, together."""
+    from batchfit.data.stream import open_stream
+
+    weight = torch.randn(len(FEATURES), 512)
+
+    def step(x: torch.Tensor) -> None:
+        (x @ weight).relu_().sum()
+
+    buffer = 65_536  # many windows, so that what happens at their boundaries shows
+
+    def data() -> None:
+        for _ in open_stream(path, target="y", shuffle_buffer=buffer).batches(0, batch_size):
+            pass
+
+    batches = [x for x, _ in open_stream(path, target="y", shuffle=False).batches(0, batch_size)]
+
+    def compute() -> None:
+        for x in batches:
+            step(x)
+
+    def together() -> None:
+        for x, _ in open_stream(path, target="y", shuffle_buffer=buffer).batches(0, batch_size):
+            step(x)
+
+    times: dict[str, list[float]] = {"data": [], "compute": [], "together": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the step on one core, as a data loader expects to find a spare one
+    try:
+        for _ in range(rounds):
+            for name, fn in (("data", data), ("compute", compute), ("together", together)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    t = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"\n(f) overlap, batch {batch_size}, buffer {buffer:,} rows, 1 decode thread, prefetch 4, "
+        "1 torch thread"
+    )
+    print(
+        f"  data alone {t['data']:.2f} s, compute alone {t['compute']:.2f} s, together "
+        f"{t['together']:.2f} s: (data + compute) / together = "
+        f"{(t['data'] + t['compute']) / t['together']:.2f} (1.0: no overlap)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", help="folder for generated files (default: a temp folder)")
@@ -199,6 +300,9 @@ def main() -> None:
     parser.add_argument("--small-mb", type=float, default=100)
     parser.add_argument("--big-gb", type=float, default=5, help="0 skips the big file")
     parser.add_argument("--quality-only", action="store_true", help="only part (d)")
+    parser.add_argument(
+        "--reader-memory-mb", type=float, default=0, help="run part (e) on a file this big"
+    )
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="batchfit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -208,6 +312,8 @@ def main() -> None:
         shuffle_quality(work)
         if args.quality_only:
             return
+        if args.reader_memory_mb > 0:
+            reader_memory(work, args.reader_memory_mb)
         small = work / "small.parquet"
         rows = generate(small, args.small_mb * 1e6)
         size = small.stat().st_size / 1e6
@@ -224,6 +330,8 @@ def main() -> None:
             print("  Hugging Face datasets not installed: pip install -e '.[bench]'")
         else:
             print(f"  (datasets.from_parquet conversion took {t['hf_prepare_seconds']:.1f} s)")
+
+        overlap(small, args.batch_size, args.rounds)
 
         print(f"\n(c) peak RSS of one shuffled epoch (child process, batch {args.batch_size})")
         small_rss = epoch_rss(small, args.batch_size)
@@ -242,7 +350,7 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            for name in ("small.parquet", "big.parquet", "quality.npy"):
+            for name in ("small.parquet", "big.parquet", "quality.npy", "reader.parquet"):
                 (work / name).unlink(missing_ok=True)
             for path in work.glob("quality-*.parquet"):
                 path.unlink()

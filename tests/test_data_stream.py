@@ -6,6 +6,8 @@ rows a batch holds and in which order.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -20,7 +22,14 @@ from torch import nn
 from batchfit import BatchfitError
 from batchfit.data.permute import IndexPermutation
 from batchfit.data.prefetch import prefetch
-from batchfit.data.stream import StreamSource, load_file, open_stream, should_stream
+from batchfit.data.readers import CsvReader, ParquetReader
+from batchfit.data.stream import (
+    StreamSource,
+    estimated_bytes,
+    load_file,
+    open_stream,
+    should_stream,
+)
 from batchfit.train import train
 
 
@@ -53,6 +62,11 @@ def write(tmp_path, kind: str, n: int = 1000, row_group: int = 64):
                 t.slice(a, b - a), folder / f"part-{i}.parquet", row_group_size=row_group
             )
         return folder if kind == "folder" else str(folder / "part-*.parquet")
+    if kind == "arrow-stream":
+        path = tmp_path / "d.arrow"
+        with pa.ipc.new_stream(str(path), t.schema) as writer:
+            writer.write_table(t, max_chunksize=row_group)
+        return path
     if kind in ("arrow", "arrow-zstd"):
         path = tmp_path / "d.arrow"
         compression = "zstd" if kind == "arrow-zstd" else "uncompressed"
@@ -77,7 +91,7 @@ def stream(spec, **kwargs) -> StreamSource:
     return open_stream(spec, target=target, **kwargs)
 
 
-FORMATS = ["parquet", "folder", "glob", "arrow", "arrow-zstd", "npy", "csv"]
+FORMATS = ["parquet", "folder", "glob", "arrow", "arrow-zstd", "arrow-stream", "npy", "csv"]
 
 
 @pytest.mark.parametrize("kind", FORMATS)
@@ -308,6 +322,9 @@ def _bad(tmp_path, make):
         path.mkdir()
         for name in ("a.csv", "b.csv"):
             pacsv.write_csv(t, path / name)
+    elif make == "arrow":
+        path = tmp_path / "bad.arrow"
+        path.write_bytes(b"ARROW1 but then nothing of the kind" * 4)
     elif make == "npz":
         path = tmp_path / "d.npz"
         np.savez(path, x=np.zeros((3, 2)), label=np.arange(3))
@@ -325,12 +342,13 @@ def _bad(tmp_path, make):
         ("glob", r"No files match '.*nothing-\*.parquet'"),
         ("csv-folder", r"A folder or glob of CSV files is not supported; give one file or convert"),
         ("npz", r"'.*d.npz' is a .npz archive, which cannot be streamed"),
+        ("arrow", r"'.*bad.arrow' as arrow: it is neither an Arrow IPC file .* nor an Arrow IPC"),
     ],
 )
 def test_bad_files_are_refused_in_one_line_before_any_data_is_read(tmp_path, make, match):
     with pytest.raises(BatchfitError, match=match) as info:
         open_stream(_bad(tmp_path, make), target="label")
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and ".." not in str(info.value)
 
 
 def _damage_row_group(path, group: int) -> None:
@@ -358,17 +376,24 @@ def test_nulls_not_in_the_metadata_are_found_when_read_naming_the_row_group(tmp_
     path = tmp_path / "d.parquet"
     pq.write_table(t.set_column(1, "f0", f0), path, row_group_size=100, write_statistics=False)
     src = open_stream(path, target="label", shuffle=False)
-    with pytest.raises(BatchfitError, match=r"Column 'f0' in 'row group 2 of .*' has 3 null"):
+    with pytest.raises(
+        BatchfitError, match=r"Column 'f0' in row group 2 of '.*d.parquet' has 3 null"
+    ):
         list(src.batches(0, 10))
 
 
-def test_a_label_beyond_the_models_outputs_mid_epoch_saves_a_checkpoint_then_stops(tmp_path):
+def _label_7_at_row_333(tmp_path):
+    """400 rows in row groups of 100; row 333 has label 7, beyond the model's 3 outputs."""
     t = rows_table(400)
     labels = t.column("label").to_numpy().copy()
     labels[333] = 7
     path = tmp_path / "d.parquet"
     pq.write_table(t.set_column(3, "label", pa.array(labels)), path, row_group_size=100)
-    src = open_stream(path, target="label", shuffle=False)
+    return path
+
+
+def test_a_label_beyond_the_models_outputs_mid_epoch_saves_a_checkpoint_then_stops(tmp_path):
+    src = open_stream(_label_7_at_row_333(tmp_path), target="label", shuffle=False)
     with pytest.raises(BatchfitError, match=r"Target label 7 is outside the model's 3 outputs"):
         train(IdRecorder([]), src, batch_size=50, epochs=1, checkpoint_dir=tmp_path / "c")
     saved = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
@@ -417,3 +442,288 @@ def test_peak_memory_of_a_streamed_epoch_does_not_grow_with_the_file(tmp_path):
     grown = peaks["large"] - peaks["small"]
     data_grown = (sizes["large"] - sizes["small"]) * 72
     assert grown < 0.25 * data_grown, (grown, data_grown)
+
+
+# -- which shuffle each format gets, and formats and folders met in the wild -------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "full"),
+    [
+        ("parquet", False),
+        ("folder", False),
+        ("arrow", True),
+        ("arrow-zstd", False),
+        ("arrow-stream", False),
+        ("npy", True),
+        ("csv", False),
+    ],
+)
+def test_each_format_gets_a_full_permutation_only_where_any_row_is_cheap_to_reach(
+    tmp_path, kind, full
+):
+    assert stream(write(tmp_path, kind)).full_permutation is full
+
+
+def test_a_folder_skips_empty_and_hidden_part_files_and_accepts_another_column_order(tmp_path):
+    folder = write(tmp_path, "folder")
+    pq.write_table(rows_table(0), folder / "part-8.parquet")  # a writer with nothing to write
+    (folder / "_temporary").mkdir()
+    pq.write_table(rows_table(50), folder / "_temporary" / "part-0.parquet")  # Spark leftovers
+    pq.write_table(rows_table(50).append_column("s", pa.array(["x"] * 50)), folder / ".x.parquet")
+    moved = folder / "part-2.parquet"  # the same columns in another order, read by name
+    pq.write_table(pq.read_table(moved).select(["label", "f1", "id", "f0"]), moved)
+    src = stream(folder, shuffle_buffer=100)
+    assert src.num_samples == 1000
+    assert sorted(ids(src.batches(0, 32))) == list(range(1000))
+
+
+def test_a_compressed_arrow_file_is_counted_one_record_batch_at_a_time(tmp_path):
+    # 24 batches of 1.6 MB decoded; repeated values make the zstd file small.
+    n, batch = 24 * 50_000, 50_000
+    values = np.repeat(np.arange(n // 100, dtype=np.float64), 100)
+    table = pa.table({f"f{i}": values for i in range(3)} | {"y": np.zeros(n, dtype=np.int64)})
+    path = tmp_path / "d.arrow"
+    feather.write_feather(table, path, compression="zstd", chunksize=batch)
+    child = (
+        "import sys\n"
+        "from batchfit.data.readers import open_reader\n"
+        "def peak():\n"
+        "    status = dict(l.split(':', 1) for l in open('/proc/self/status') if ':' in l)\n"
+        "    return int(status['VmHWM'].split()[0]) * 1024\n"
+        "before = peak()\n"
+        "reader = open_reader(sys.argv[1])\n"
+        "print(reader.num_rows, reader.random_access, peak() - before)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", child, str(path)], capture_output=True, text=True, check=True
+    )
+    rows, random_access, grown = out.stdout.split()
+    assert int(rows) == n and random_access == "False"
+    assert int(grown) < 0.5 * table.nbytes, (int(grown), table.nbytes)  # 38 MB decoded
+    assert estimated_bytes(path) >= table.nbytes > 10 * path.stat().st_size  # decoded, not disk
+
+
+# -- resume refuses another order; the split does not depend on streaming -----------------------
+
+
+def test_resuming_with_another_shuffle_buffer_or_source_is_refused_naming_the_flag(tmp_path):
+    spec = write(tmp_path, "parquet", n=1000, row_group=70)
+    settings = dict(batch_size=40, epochs=1, seed=9, checkpoint_dir=tmp_path / "c", resume=True)
+    train(IdRecorder([]), stream(spec, shuffle_buffer=150, seed=9), max_steps=3, **settings)
+    with pytest.raises(
+        BatchfitError, match=r"made with shuffle_buffer=150, not 300; resume with --shuffle-buffer"
+    ):
+        train(IdRecorder([]), stream(spec, shuffle_buffer=300, seed=9), **settings)
+    loaded, _, _ = load_file(spec, target="label", stream=False, seed=9)
+    with pytest.raises(
+        BatchfitError, match=r"made with source='stream', not 'memory'; resume with --stream,"
+    ):
+        train(IdRecorder([]), loaded, **settings)
+    assert train(IdRecorder([]), stream(spec, shuffle_buffer=150, seed=9), **settings).steps == 25
+
+
+def test_the_data_fingerprint_names_what_decides_the_order(tmp_path):
+    spec = write(tmp_path, "parquet")
+    src = stream(spec, shuffle_buffer=100)
+    streamed = src.split(0.2, seed=4)[0].fingerprint()
+    loaded = load_file(spec, target="label", stream=False)[0].split(0.2, seed=4)[0].fingerprint()
+    assert streamed == {**loaded, "source": "stream", "shuffle_buffer": 100}
+    assert streamed["val_fraction"] == 0.2 and streamed["val_seed"] == 4
+    assert loaded["files"] == streamed["files"] and "1 file" in loaded["files"]
+    pq.write_table(rows_table(1001), spec, row_group_size=64)  # the data changed
+    assert stream(spec, shuffle_buffer=100).fingerprint()["files"] != streamed["files"]
+    # A full permutation does not depend on the buffer: any buffer resumes the same order.
+    npy = write(tmp_path, "npy")
+    a, b = stream(npy, shuffle_buffer=50, seed=2), stream(npy, shuffle_buffer=300, seed=2)
+    assert a.fingerprint() == b.fingerprint() and a.fingerprint()["shuffle_buffer"] is None
+    assert ids(a.batches(1, 64)) == ids(b.batches(1, 64))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "npy", "csv", "arrow", "arrow-stream"])
+def test_loaded_and_streamed_data_hold_out_the_same_validation_rows(tmp_path, kind):
+    spec = write(tmp_path, kind)
+    target = "3" if kind == "npy" else "label"
+    loaded, _, _ = load_file(spec, target=target, stream=False)
+    _, val_loaded = loaded.split(0.1, seed=3)
+    _, val_streamed = stream(spec, shuffle_buffer=64).split(0.1, seed=3)
+    assert val_loaded.x[:, 0].int().tolist() == ids(val_streamed.batches(0, 64))
+    assert val_loaded.num_samples == 100
+
+
+# -- empty windows, bad values counted over what the message names -------------------------------
+
+
+@pytest.mark.parametrize(("kind", "buffer", "fraction"), [("npy", 1, 0.1), ("arrow", 4, 0.5)])
+def test_windows_with_every_row_on_the_other_side_of_the_split_are_skipped(
+    tmp_path, kind, buffer, fraction
+):
+    src = stream(write(tmp_path, kind, n=300), shuffle_buffer=buffer)
+    train_src, val_src = src.split(fraction, seed=0)
+    got = ids(train_src.batches(0, 16)) + ids(val_src.batches(0, 16))
+    assert sorted(got) == list(range(300))
+
+
+def test_nulls_are_counted_over_the_whole_file_when_opening_csv_and_arrow(tmp_path):
+    t = rows_table(300)
+    f1 = pa.array([None if i % 40 == 7 else 1.0 for i in range(300)], pa.float32())
+    t = t.set_column(2, "f1", f1)
+    pacsv.write_csv(t, tmp_path / "nulls.csv")
+    feather.write_feather(t, tmp_path / "nulls.arrow", compression="uncompressed", chunksize=50)
+    for name in ("nulls.csv", "nulls.arrow"):
+        with pytest.raises(BatchfitError, match=rf"^Column 'f1' in '[^']*{name}' has 8 null "):
+            open_stream(tmp_path / name, target="label", shuffle_buffer=3)
+
+
+def test_nan_values_are_counted_over_the_piece_named_even_with_a_validation_split(tmp_path):
+    t = rows_table(300)
+    f0 = t.column("f0").to_numpy().copy()
+    f0[[3, 10, 20, 30, 40, 41, 42, 60, 70]] = np.nan
+    path = tmp_path / "nan.parquet"
+    pq.write_table(t.set_column(1, "f0", pa.array(f0)), path, row_group_size=100)
+    train_src, _ = open_stream(path, target="label", shuffle=False).split(0.5, seed=0)
+    with pytest.raises(
+        BatchfitError, match=r"^Feature 'f0' in row group 0 of '[^']*nan.parquet' has 9 NaN"
+    ):
+        list(train_src.batches(0, 10))
+    with pytest.raises(
+        BatchfitError, match=r"^Feature 'f0' in rows 0-49 of row group 0 of '[^']*' has 7 NaN"
+    ):
+        list(open_stream(path, target="label", shuffle=False, shuffle_buffer=50).batches(0, 10))
+
+
+def test_an_empty_npy_file_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "d.npy"
+    path.write_bytes(b"")
+    for stream_it in (True, False):
+        with pytest.raises(BatchfitError, match=r"Cannot read '.*d.npy' as npy: No data left"):
+            load_file(path, stream=stream_it)
+
+
+# -- labels checked on the CPU; bad validation data keeps the epoch ------------------------------
+
+
+class BadLabelAt(torch.utils.data.IterableDataset):
+    """Samples (i, 1, 0) with label i % 3, except label 7 at ``bad``."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        self.n, self.bad = n, bad
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield torch.tensor([float(i), 1.0, 0.0]), 7 if i == self.bad else i % 3
+
+
+def test_a_label_beyond_the_outputs_never_reaches_the_model(tmp_path):
+    path = _label_7_at_row_333(tmp_path)
+    for data in (open_stream(path, target="label", shuffle=False), BadLabelAt(400, bad=333)):
+        seen: list[int] = []
+        with pytest.raises(BatchfitError, match=r"Target label 7 is outside the model's 3 outp"):
+            train(IdRecorder(seen), data, batch_size=50, max_steps=20)
+        # On a GPU the bad batch would be a device-side assert: it must be caught on the CPU.
+        assert seen == list(range(300)) if isinstance(data, StreamSource) else len(seen) == 300
+
+
+def test_bad_validation_data_met_at_an_epoch_end_saves_the_epoch_then_stops(tmp_path):
+    spec = write(tmp_path, "parquet", n=400, row_group=50)
+    good, bad = tmp_path / "val.parquet", tmp_path / "bad-val.parquet"
+    val = rows_table(200, seed=1)
+    pq.write_table(val, good, row_group_size=50)
+    labels = val.column("label").to_numpy().copy()
+    labels[150] = 7  # past the first batch, which is checked before training
+    pq.write_table(val.set_column(3, "label", pa.array(labels)), bad, row_group_size=50)
+
+    def run(val_path, checkpoint_dir, **extra):
+        val_src = open_stream(val_path, target="label", shuffle=False, shuffle_buffer=50)
+        source = stream(spec, shuffle_buffer=150, seed=9)
+        return train(
+            IdRecorder([]), source, val_data=val_src, batch_size=40, epochs=2, seed=9,
+            checkpoint_dir=checkpoint_dir, **extra,
+        )  # fmt: skip
+
+    with pytest.raises(
+        BatchfitError, match=r"Target label 7 .* stopped at step 10 \(epoch 1\); checkpoint saved"
+    ) as info:
+        run(bad, tmp_path / "c")
+    assert info.value.checkpoint_path == str(tmp_path / "c" / "last.pt")
+    saved = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["position"]
+    assert (saved["step"], saved["epoch"], saved["sample_in_epoch"]) == (10, 0, 400)
+    resumed = run(good, tmp_path / "c", resume=True)  # the data fixed, nothing trained is lost
+    reference = run(good, tmp_path / "ref")
+    assert resumed.params_sha256 == reference.params_sha256
+    assert resumed.history == reference.history and resumed.steps == 20
+
+
+def test_bad_labels_in_validation_tensors_are_refused_before_training(tmp_path):
+    x = torch.cat([torch.arange(60.0).view(60, 1), torch.randn(60, 2)], dim=1)
+    y = torch.arange(60) % 3
+    seen: list[int] = []
+    with pytest.raises(BatchfitError, match=r"Target label 5 is outside the model's 3 outputs"):
+        train(IdRecorder(seen), (x, y), val_data=(x, torch.where(y == 2, 5, y)), batch_size=10,
+              epochs=1)  # fmt: skip
+    assert seen == []
+
+
+# -- decoding: ahead of the consumer, one cursor per block ----------------------------------------
+
+
+def test_decode_threads_read_a_block_bigger_than_the_buffer_front_to_back_once(tmp_path):
+    class CountingCsv(CsvReader):
+        opened = 0
+
+        def _open(self, block):
+            CountingCsv.opened += 1
+            return super()._open(block)
+
+    reader = CountingCsv([write(tmp_path, "csv", n=2000)])
+    reader.select(["id", "f0", "f1", "label"])
+    src = StreamSource(reader, ["id", "f0", "f1"], "label", shuffle_buffer=100, workers=3, seed=1)
+    assert sorted(ids(src.batches(0, 64))) == list(range(2000))
+    assert CountingCsv.opened == 1  # 20 windows by 3 threads: one pass over the file
+
+
+def test_the_next_window_is_decoded_while_the_current_one_is_cut_into_batches(tmp_path):
+    started = threading.Event()
+
+    class Watched(ParquetReader):
+        def read(self, block, start, stop):
+            if block == 1:
+                started.set()
+            return super().read(block, start, stop)
+
+    reader = Watched([write(tmp_path, "parquet", n=500, row_group=100)])
+    reader.select(["id", "f0", "f1", "label"])
+    src = StreamSource(reader, ["id", "f0", "f1"], "label", shuffle=False, shuffle_buffer=100)
+    batches = src.batches(0, 10)
+    assert ids([next(batches)]) == list(range(10))  # nine more batches of window 0 to go
+    assert started.wait(timeout=60)  # ...and window 1 is being read already
+    batches.close()
+
+
+# -- the buffer in bytes, float labels as classes ------------------------------------------------
+
+
+def test_the_shuffle_buffer_may_be_given_as_the_memory_of_one_window(tmp_path):
+    spec = write(tmp_path, "parquet")
+    by_rows = stream(spec, shuffle_buffer=100)
+    row_bytes = by_rows.reader.row_bytes + 2 * (3 * 4 + 8)  # decoded + 2 float32 copies
+    by_size = stream(spec, shuffle_buffer="64KiB")
+    assert by_size.shuffle_buffer == int(65536 // row_bytes)
+    assert "in memory" in by_size.describe() and "shuffle buffer" in by_size.describe()
+    assert by_size.memory_bytes(0) == pytest.approx(2 * 65536, rel=0.01)  # 1 + 1 worker windows
+    with pytest.raises(BatchfitError, match=r"The 'shuffle_buffer' option must be an int >= 1"):
+        stream(spec, shuffle_buffer="lots")
+
+
+def test_float_labels_of_a_streamed_npy_are_classes_for_cross_entropy(tmp_path, models_file):
+    from batchfit.task import StreamOptions, load_task
+
+    spec = write(tmp_path, "npy", n=300)
+    task = load_task(
+        model=f"{models_file}:wide", data=str(spec), loss="cross_entropy",
+        stream=StreamOptions(stream=True, shuffle_buffer=64),
+    )  # fmt: skip
+    assert isinstance(task.train, StreamSource) and task.train.target_kind == "class"
+    _, y = next(iter(task.train.batches(0, 300)))
+    _, y_val = next(iter(task.val.batches(0, 30)))
+    assert y.dtype == y_val.dtype == torch.int64 and len(y) + len(y_val) == 300

@@ -7,11 +7,12 @@ import pytest
 from batchfit import validation
 from batchfit.cli import main
 from batchfit.errors import BatchfitError
-from batchfit.validation import OPTIONS, Choice, Float, Int, Size
+from batchfit.validation import OPTIONS, Choice, Float, Int, RowsOrSize, Size
 
 BAD_VALUES = {
     Int: [0.5, "3", True, None],
     Size: [0.5, "4GB", True, None],
+    RowsOrSize: [0, 0.5, "3", "lots", "0MiB", True, None],
     Float: ["x", float("nan"), float("inf"), None],
     Choice: ["nope", 3, None],
 }
@@ -50,6 +51,7 @@ def test_every_option_parses_its_text_form(name):
         Float: "0.5",
         Choice: rule.choices[0] if isinstance(rule, Choice) else None,
         Size: "2GiB",
+        RowsOrSize: "64MiB",
     }[type(rule)]
     assert validation.parse(name, good) == validation.check(name, rule.convert(good))
     with pytest.raises(BatchfitError, match=rf"The '{name}' option"):

@@ -91,6 +91,19 @@ _FLAGS = {
 
 def _how_to_match(key: str, value: Any) -> str:
     """The command-line words that reproduce a saved setting."""
+    if key == "source":  # the "data" fingerprint of BatchSource.fingerprint
+        words = {"stream": "--stream", "memory": "--no-stream"}
+        return words.get(value, f"the same kind of --data ({value} then)")
+    if key == "files":
+        return f"the same --data files ({value} then)"
+    if key == "shuffle":
+        return f"shuffle={value}"
+    if key == "val_fraction" and value is None:
+        return "--val-data or --val-fraction 0 (no split of --data)"
+    if key == "val_seed":
+        return f"--seed {value} (the seed of the validation split)"
+    if key == "shuffle_buffer" and value is None:
+        return "the same --data format (the buffer did not decide the order then)"
     if key == "samples":
         return (
             f"the same training data ({value} samples then): the same --data, --val-data and "
@@ -103,12 +116,38 @@ def _how_to_match(key: str, value: Any) -> str:
 
 
 def check_same_settings(state: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
-    """Refuse to resume with settings that would change the batches or the updates."""
+    """Refuse to resume with settings that would change the batches or the updates.
+
+    A setting that is a dict (the data fingerprint) is compared key by key, so the message names
+    the one that changed. Settings the checkpoint does not have (older versions) are not checked.
+    """
     saved = state.get("settings", {})
     for key, value in settings.items():
-        if key in saved and saved[key] != value:
-            raise BatchfitError(
-                f"The checkpoint '{path}' was made with {key}={saved[key]!r}, not {value!r}; "
-                f"resume with {_how_to_match(key, saved[key])}, or use a new --checkpoint-dir "
-                "to start over."
-            )
+        if key not in saved:
+            continue
+        if isinstance(value, dict) and isinstance(saved[key], dict):
+            names = list(dict.fromkeys([*value, *saved[key]]))
+            pairs = [(name, saved[key].get(name), value.get(name)) for name in names]
+        else:
+            pairs = [(key, saved[key], value)]
+        for name, then, now in pairs:
+            if then != now:
+                raise BatchfitError(
+                    f"The checkpoint '{path}' was made with {name}={then!r}, not {now!r}; "
+                    f"resume with {_how_to_match(name, then)}, or use a new --checkpoint-dir "
+                    "to start over."
+                )
+
+
+def saved_settings(directory: str | Path) -> dict[str, Any]:
+    """The settings recorded in the checkpoint in ``directory`` ({} if there is none, or it
+    cannot be read: resuming will then say why). Memory-mapped: the weights are not read."""
+    path = checkpoint_path(directory)
+    if not path.is_file():
+        return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return {}
+    settings = state.get("settings") if isinstance(state, dict) else None
+    return settings if isinstance(settings, dict) else {}

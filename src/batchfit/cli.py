@@ -111,7 +111,9 @@ def _add_task_options(parser: argparse.ArgumentParser, target_level: bool = Fals
     group.add_argument(
         "--shuffle-buffer",
         type=_typed("shuffle_buffer"),
-        help="rows shuffled together when streaming (default: 32 MiB worth of rows)",
+        metavar="ROWS|SIZE",
+        help="rows shuffled together when streaming, or the memory of one such window, like "
+        "256MiB (default 96MiB; the stream holds 1 + --data-workers windows, printed at start)",
     )
     group.add_argument(
         "--prefetch",
@@ -147,6 +149,10 @@ def _load_task(args: argparse.Namespace):
         loss=args.loss,
         seed=args.seed,
         stream=StreamOptions(args.stream, args.shuffle_buffer, args.prefetch, args.data_workers),
+        # train --resume: read --data as the run being resumed did (streamed or loaded)
+        resume_from=args.checkpoint_dir
+        if getattr(args, "checkpoint_dir", None) and args.resume
+        else None,
     )
 
 
@@ -674,6 +680,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     quiet = args.quiet
     if task.data_choice and not quiet:
         print(f"batchfit train: {task.data_choice}", file=sys.stderr)
+    for note in task.notes if not quiet else ():
+        print(f"batchfit train: note: {note}", file=sys.stderr)
     try:
         result = train(
             model,
@@ -703,6 +711,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         hint = f" Resume with: {_resume_command(args)}" if args.checkpoint_dir else ""
         print(f"batchfit train: {exc}{hint}", file=sys.stderr)
         return EXIT_SIGNAL.get(exc.signal_name, 1)
+    except BatchfitError as exc:
+        if exc.checkpoint_path:  # bad data met while training: fix it, then continue from there
+            exc.args = (f"{exc} Once the data is fixed, resume with: {_resume_command(args)}",)
+        raise
     if args.json:
         print(to_json(result.to_dict()))
         return 0

@@ -11,6 +11,10 @@ from __future__ import annotations
 class BatchfitError(ValueError):
     """Bad input or an unusable setting: the message says what was wrong and how to fix it."""
 
+    #: Set when training stopped on this error after saving a checkpoint (the CLI then says how
+    #: to resume).
+    checkpoint_path: str | None = None
+
 
 class NonFiniteLossError(BatchfitError):
     """The training loss became NaN or infinite; training stopped and nothing bad was saved."""

@@ -7,9 +7,10 @@ This is where the command line's ``--example``, ``--model``, ``--data``, ``--val
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ class Task:
     loss: Loss
     suggested_lr: float | None = None
     data_choice: str | None = None  # how --data was read (in memory or streamed) and why
+    notes: list[str] = field(default_factory=list)  # what the user should know (printed on stderr)
 
 
 def as_source(
@@ -146,17 +148,40 @@ def _load_data(
         shuffle_buffer=options.shuffle_buffer,
         prefetch=options.prefetch,
         workers=options.workers,
+        reason=options.reason,
     )
 
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """How to read ``--data`` files (``stream=None``: by size); see :mod:`batchfit.data.stream`."""
+    """How to read ``--data`` files (``stream=None``: by size); see :mod:`batchfit.data.stream`.
+
+    ``shuffle_buffer`` is rows (int) or the bytes of one window (``"64MiB"``); ``reason`` says
+    why ``stream`` was forced when it was not by the flag.
+    """
 
     stream: bool | None = None
-    shuffle_buffer: int | None = None
+    shuffle_buffer: int | str | None = None
     prefetch: int = DEFAULT_PREFETCH
     workers: int = 1
+    reason: str | None = None
+
+
+def _as_resumed(options: StreamOptions, resume_from: str | Path | None) -> StreamOptions:
+    """Read --data as the run being resumed read it (streamed or loaded), unless a flag forces
+    it: the choice by free memory could differ now, and with it the order of the batches."""
+    if options.stream is not None or resume_from is None:
+        return options
+    from batchfit.checkpoint import saved_settings
+
+    source = saved_settings(resume_from).get("data", {}).get("source")
+    if source not in ("stream", "memory"):
+        return options
+    return replace(
+        options,
+        stream=source == "stream",
+        reason=f"as the run being resumed from '{resume_from}' did",
+    )
 
 
 def target_kind_of(source: BatchSource) -> str:
@@ -180,11 +205,14 @@ def load_task(
     loss: str | None = None,
     seed: int = 0,
     stream: StreamOptions | None = None,
+    resume_from: str | Path | None = None,
 ) -> Task:
     """Build a :class:`Task` from command-line style options.
 
     With no ``model`` and no ``data`` the built-in ``example`` (default ``mnist1d``) is used.
     ``model`` alone trains the user's model on the example's data; ``data`` needs ``model``.
+    ``resume_from``, the checkpoint folder of a run being resumed, makes ``data`` be read as
+    that run read it (streamed or loaded), unless ``stream`` forces a choice.
     """
     if data is None and (val_data is not None or features or target is not None):
         raise BatchfitError("--val-data, --features and --target describe --data; give --data too.")
@@ -219,31 +247,55 @@ def load_task(
         label = f"example '{name}'" + (f" with model {model}" if model else "")
         return Task(label, factory, train, val, resolve_loss(loss, kind), ex.lr)
 
-    train, kind, choice = _load_data(data, features, target, seed, shuffle=True, stream=stream)
+    options = _as_resumed(stream or StreamOptions(), resume_from)
+    train, kind, choice = _load_data(data, features, target, seed, shuffle=True, stream=options)
+    notes = []
     if val_data is not None:
         if val_fraction:
             raise BatchfitError("Give either --val-data or --val-fraction, not both.")
         val, _, _ = _load_data(val_data, features, target, seed, shuffle=False, stream=stream)
+    elif val_fraction is None and isinstance(train, IterableSource):
+        val = None  # the default fraction cannot apply: a stream of unknown length has no rows
+        notes.append(
+            f"no validation: data from '{data}' is an IterableDataset, which cannot be split; "
+            "give --val-data for validation (--val-fraction 0 silences this note)."
+        )
     else:
         fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
         val = None
         if fraction > 0:
             train, val = _split(train, fraction, seed)
+            if isinstance(train, StreamSource):
+                notes.append(
+                    f"validation holds out {fraction:g} of the streamed rows, so each evaluation "
+                    "reads all of --data again; for big data give --val-data (a smaller file) "
+                    "instead."
+                )
     if loss == "cross_entropy" and kind == "real":
         train, val, kind = _as_class_labels(train), val and _as_class_labels(val), "class"
     name = f"{model} on {data}"
     return Task(
-        name, model_factory(model), train, val, resolve_loss(loss, kind), data_choice=choice
+        name,
+        model_factory(model),
+        train,
+        val,
+        resolve_loss(loss, kind),
+        data_choice=choice,
+        notes=notes,
     )
 
 
 def _as_class_labels(source: BatchSource) -> BatchSource:
     """Float targets holding whole numbers (a 2-D ``.npy`` keeps labels as floats) as int64 labels,
     for ``--loss cross_entropy``."""
+    if isinstance(source, StreamSource) and source.target_kind == "real":
+        return source.as_class_labels()  # checked window by window as the stream is read
     if isinstance(source, TensorSource) and source.y.is_floating_point():
         y = source.y
         if y.ndim == 1 and bool((y == y.round()).all()) and bool((y >= 0).all()):
-            return TensorSource(source.x, y.long(), seed=source.seed, shuffle=source.shuffle)
+            labels = copy.copy(source)  # keeps seed, shuffle and what the checkpoint records
+            labels.y = y.long()
+            return labels
     raise BatchfitError(
         "The cross_entropy loss needs class labels 0..C-1, but the target holds other numbers; "
         "store the labels as integers, or use --loss mse."
@@ -272,11 +324,15 @@ def _split(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSource
     )
 
 
-def check_model_accepts_data(model: nn.Module, source: BatchSource, loss: Loss) -> None:
+def check_model_accepts_data(
+    model: nn.Module, source: BatchSource, loss: Loss, what: str = "data"
+) -> None:
     """Run the model on two samples (eval mode, no gradients) and fail early with both shapes.
 
     Catches the classic mismatches before any training: features of the wrong width, outputs that
-    do not match the target, labels beyond the number of classes.
+    do not match the target, labels beyond the number of classes. For class labels it also makes
+    the source check them (:meth:`~batchfit.data.source.BatchSource.expect_classes`): all at once
+    for tensors in memory, else each batch on the CPU before it reaches a device.
     """
     x, y = next(iter(source.batches(0, min(2, source.num_samples or 2))))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -289,7 +345,7 @@ def check_model_accepts_data(model: nn.Module, source: BatchSource, loss: Loss) 
             except (RuntimeError, ValueError, IndexError) as exc:
                 _raise_if_dtype_mismatch(model, x, exc)
                 raise BatchfitError(
-                    f"The model does not accept the data: each sample has shape "
+                    f"The model does not accept the {what}: each sample has shape "
                     f"{tuple(x.shape[1:])}{_expected_input(model)}. torch said: "
                     f"{str(exc).splitlines()[0]}. Fix --features or the model's input layer."
                 ) from None
@@ -298,8 +354,9 @@ def check_model_accepts_data(model: nn.Module, source: BatchSource, loss: Loss) 
                     f"The model returned {type(output).__name__}, not a tensor; return the "
                     "prediction tensor from forward()."
                 )
-            if loss.kind == "class" and isinstance(source, TensorSource):
-                _check_labels(source.y, output.shape[-1])
+            if loss.kind == "class":
+                # F.cross_entropy takes classes on dim 1: (N, C) or (N, C, d1, ...)
+                source.expect_classes(output.shape[1] if output.ndim > 1 else output.shape[0])
             try:
                 loss.fn(output, y.to(device))
             except BatchfitError:
@@ -312,16 +369,6 @@ def check_model_accepts_data(model: nn.Module, source: BatchSource, loss: Loss) 
                 ) from None
     finally:
         model.train(was_training)
-
-
-def _check_labels(y: torch.Tensor, classes: int) -> None:
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= classes:
-        bad = low if low < 0 else high
-        raise BatchfitError(
-            f"Target label {bad} is outside the model's {classes} outputs (labels must be "
-            f"0..{classes - 1}); fix the labels or the model's output size."
-        )
 
 
 def _raise_if_dtype_mismatch(model: nn.Module, x: torch.Tensor, exc: Exception) -> None:

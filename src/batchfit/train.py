@@ -437,6 +437,8 @@ def train(
     device = _resolve_device(device)
     model.to(device)
     check_model_accepts_data(model, source, loss)
+    if val_source is not None:  # bad validation data found now, not after an epoch of training
+        check_model_accepts_data(model, val_source, loss, what="validation data")
     opt = make_optimizer(optimizer, model, lr, momentum, weight_decay)
     the_plan = (
         plan(
@@ -464,6 +466,7 @@ def train(
         "lr": lr,
         "momentum": momentum if optimizer == "sgd" else None,
         "weight_decay": weight_decay,
+        "data": source.fingerprint(),  # streamed or loaded, files, shuffle buffer, split
     }
 
     run = _Run()
@@ -551,6 +554,15 @@ def train(
             stop_requested.append(pos.step)
         return record
 
+    def validate_or_save() -> dict[str, float]:
+        """:func:`validate`, but bad validation data saves a checkpoint before stopping."""
+        try:
+            return validate()
+        except NonFiniteLossError:
+            raise
+        except BatchfitError as exc:
+            raise _saved_before_stopping(exc, pos, checkpoint()) from None
+
     stop_requested: list[int] = []
     model.train()
     samples_this_run, epoch_finished, seconds_at_start = 0, False, run.train_seconds
@@ -633,16 +645,16 @@ def train(
                 bar.update(steps_done, metrics.last_loss, metrics.last_samples_per_s)
             except (NonFiniteLossError, TrainingInterrupted):
                 raise
-            except BatchfitError:
-                checkpoint()  # bad data met mid-epoch: keep what was trained, then stop
-                raise
+            except BatchfitError as exc:
+                # bad data met mid-epoch: keep what was trained, then stop
+                raise _saved_before_stopping(exc, pos, checkpoint()) from None
             finally:
                 if batches is not None and hasattr(batches, "close"):
                     batches.close()  # stops a prefetching thread when we leave mid-epoch
                 bar.end_epoch()
             if not epoch_finished:
                 break
-            evaluated = validate()
+            evaluated = validate_or_save()
             record = {
                 "epoch": pos.epoch + 1,
                 "step": pos.step,
@@ -661,7 +673,7 @@ def train(
     if run.history and (epoch_finished or metrics.epoch_samples == 0):
         final = {k: v for k, v in run.history[-1].items() if k not in ("epoch", "step")}
     else:  # ended mid-epoch: report the partial epoch and a fresh validation
-        evaluated = validate()
+        evaluated = validate_or_save()
         final = {"train_loss": metrics.epoch_mean_loss()}
         final.update({k: v for k, v in evaluated.items() if k.startswith("val_")})
     last = checkpoint()
@@ -736,6 +748,19 @@ def _epoch_summary(record: dict[str, float], epochs: int | None) -> str:
     parts = [f"epoch {int(record['epoch'])}{of}", f"train_loss {record['train_loss']:.4f}"]
     parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_")]
     return "  ".join(parts)
+
+
+def _saved_before_stopping(
+    exc: BatchfitError, pos: Position, saved_at: str | None
+) -> BatchfitError:
+    """``exc`` (bad data met while training), saying where training stopped and what was saved."""
+    if saved_at and exc.checkpoint_path is None:
+        exc.checkpoint_path = saved_at
+        exc.args = (
+            f"{exc} Training stopped at step {pos.step} (epoch {pos.epoch + 1}); checkpoint "
+            f"saved to {saved_at}.",
+        )
+    return exc
 
 
 def _interrupted(signal_name: str, pos: Position, saved_at: str | None) -> TrainingInterrupted:

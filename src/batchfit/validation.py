@@ -115,11 +115,39 @@ class Size:
         return parse_size(text)
 
 
+@dataclass(frozen=True)
+class RowsOrSize:
+    """A count of rows (an int >= 1), or a size in bytes written with a unit (``'64MiB'``), kept
+    as text: what a row costs is only known once the data is open."""
+
+    def describe(self) -> str:
+        return "an int >= 1 (rows) or a size with a unit, like 64MiB or 1GB"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, str):
+            from batchfit.units import parse_size
+
+            try:
+                return value.strip()[-1:].isalpha() and parse_size(value) >= 1
+            except ValueError:
+                return False
+        return Int(1).accepts(value)
+
+    def convert(self, text: str) -> Any:
+        plain = text.strip().replace("_", "")
+        if plain.isdigit():
+            return int(plain)
+        from batchfit.units import parse_size
+
+        parse_size(plain)  # raises ValueError on anything that is not a size
+        return plain
+
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 
 #: What every option accepts. The CLI and the API share it; a test feeds each a bad value.
-OPTIONS: dict[str, Int | Float | Choice | Size] = {
+OPTIONS: dict[str, Int | Float | Choice | Size | RowsOrSize] = {
     "samples": Int(1),
     "batch_size": Int(1),
     "micro_batch_size": Int(1),
@@ -135,7 +163,7 @@ OPTIONS: dict[str, Int | Float | Choice | Size] = {
     "weight_decay": Float(0.0),
     "val_fraction": Float(0.0, 1.0, open_high=True),
     "steps_per_epoch": Int(1),
-    "shuffle_buffer": Int(1),
+    "shuffle_buffer": RowsOrSize(),
     "prefetch": Int(0),
     "data_workers": Int(1, 64),
     "optimizer": Choice(OPTIMIZERS),
@@ -169,7 +197,9 @@ def check(name: str, value: Any, fix: str | None = None) -> Any:
     rule = OPTIONS[name]
     if not rule.accepts(value):
         raise BatchfitError(_message(name, value, fix))
-    if isinstance(rule, (Int, Size)):
+    if isinstance(rule, (Int, Size)) or (
+        isinstance(rule, RowsOrSize) and not isinstance(value, str)
+    ):
         return int(value)  # a NumPy integer becomes a plain int (JSON, checkpoints)
     return float(value) if isinstance(rule, Float) else value
 

@@ -3,6 +3,10 @@
 Formats: Parquet (file or folder), CSV, Arrow IPC / Feather, ``.npy`` (a 2-D array whose columns
 are named ``"0"``, ``"1"``, ... or a structured array with named fields) and ``.npz`` (arrays by
 key). Every problem names the file and the column, and says what to do.
+
+The helpers take the place to name in messages as ``where``: a :class:`~pathlib.Path` is quoted
+(``'d.parquet'``); a string is a place already written for messages and is used as it is (the
+streamed reader's ``rows 0-4999 of row group 3 of 'd.parquet'``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,17 @@ class Table:
     target_kind: str
 
 
+def _place(where: Path | str) -> str:
+    """``where`` for a message: a path quoted, a place description as it is."""
+    return f"'{where}'" if isinstance(where, Path) else where
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error, without a final full stop (our messages add their own)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__).rstrip(".")
+
+
 def file_format(path: Path) -> str:
     """``'parquet'``, ``'csv'``, ``'arrow'``, ``'npy'`` or ``'npz'``, from the name.
 
@@ -65,6 +80,7 @@ def read_arrow_table(path: Path) -> pa.Table:
     """Read a whole Parquet, CSV or Arrow IPC file (or Parquet folder) into memory."""
     import pyarrow.csv as pacsv
     import pyarrow.feather as feather
+    import pyarrow.ipc as ipc
     import pyarrow.parquet as pq
 
     fmt = file_format(path)
@@ -73,29 +89,35 @@ def read_arrow_table(path: Path) -> pa.Table:
             return pq.read_table(path)
         if fmt == "csv":
             return pacsv.read_csv(path)
-        return feather.read_table(path)
+        try:
+            return feather.read_table(path)
+        except pa.ArrowInvalid as not_a_file:
+            try:
+                with ipc.open_stream(pa.memory_map(str(path))) as stream:  # an Arrow IPC stream
+                    return stream.read_all()
+            except pa.ArrowInvalid:
+                raise not_a_file from None  # neither: report what the file format said
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BatchfitError(
-            f"Cannot read '{path}' as {fmt}: {first}. Check that the file is complete and "
-            "really in that format."
+            f"Cannot read '{path}' as {fmt}: {_first_line(exc)}. Check that the file is complete "
+            "and really in that format."
         ) from None
 
 
-def _numeric_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
+def _numeric_column(table: pa.Table, name: str, path: Path | str) -> np.ndarray:
     column = table.column(name)
     kind = column.type
     if column.null_count:
         raise BatchfitError(
-            f"Column '{name}' in '{path}' has {column.null_count} null values; fill or drop them, "
-            "or leave the column out with --features."
+            f"Column '{name}' in {_place(path)} has {column.null_count} null values; fill or drop "
+            "them, or leave the column out with --features."
         )
     if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
         values = column.combine_chunks()
         lengths = set(values.value_lengths().to_numpy(zero_copy_only=False).tolist())
         if len(lengths) != 1:
             raise BatchfitError(
-                f"Column '{name}' in '{path}' holds lists of different lengths "
+                f"Column '{name}' in {_place(path)} holds lists of different lengths "
                 f"{sorted(lengths)[:5]}; "
                 "every sample needs the same number of values."
             )
@@ -105,11 +127,11 @@ def _numeric_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
-def check_numeric_type(name: str, kind: object, path: object) -> None:
+def check_numeric_type(name: str, kind: object, path: Path | str) -> None:
     """Raise unless ``kind`` (an Arrow type or NumPy dtype) holds numbers, lists of them or bools.
 
     Examples:
-        >>> check_numeric_type("s", pa.string(), "d.parquet")
+        >>> check_numeric_type("s", pa.string(), Path("d.parquet"))
         Traceback (most recent call last):
         ...
         batchfit.errors.BatchfitError: Column 's' in 'd.parquet' holds string values, not numbers...
@@ -122,12 +144,12 @@ def check_numeric_type(name: str, kind: object, path: object) -> None:
         ok = np.dtype(kind).kind in "biuf"
     if not ok:
         raise BatchfitError(
-            f"Column '{name}' in '{path}' holds {kind} values, not numbers; encode it as numbers "
-            "or leave it out with --features."
+            f"Column '{name}' in {_place(path)} holds {kind} values, not numbers; encode it as "
+            "numbers or leave it out with --features."
         )
 
 
-def _target_tensor(values: np.ndarray, name: str, path: Path) -> tuple[torch.Tensor, str]:
+def _target_tensor(values: np.ndarray, name: str, path: Path | str) -> tuple[torch.Tensor, str]:
     if values.ndim != 1:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), "real"
     if values.dtype == np.bool_:
@@ -138,34 +160,36 @@ def _target_tensor(values: np.ndarray, name: str, path: Path) -> tuple[torch.Ten
         if not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).sum())
             raise BatchfitError(
-                f"Target '{name}' in '{path}' has {bad} NaN or infinite values; fill or drop them."
+                f"Target '{name}' in {_place(path)} has {bad} NaN or infinite values; fill or "
+                "drop them."
             )
         return torch.from_numpy(values.astype(np.float32)), "real"
     raise BatchfitError(
-        f"Target '{name}' in '{path}' holds {values.dtype} values; encode labels as integers "
-        "0..C-1 or use a numeric target."
+        f"Target '{name}' in {_place(path)} holds {values.dtype} values; encode labels as "
+        "integers 0..C-1 or use a numeric target."
     )
 
 
-def _features_tensor(arrays: list[np.ndarray], names: list[str], path: Path) -> torch.Tensor:
+def _features_tensor(arrays: list[np.ndarray], names: list[str], path: Path | str) -> torch.Tensor:
     for array, name in zip(arrays, names, strict=True):
         if array.dtype.kind not in "biuf":
             raise BatchfitError(
-                f"Feature '{name}' in '{path}' holds {array.dtype} values, not numbers; encode "
-                "it as numbers or leave it out with --features."
+                f"Feature '{name}' in {_place(path)} holds {array.dtype} values, not numbers; "
+                "encode it as numbers or leave it out with --features."
             )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = int((~np.isfinite(array)).sum())
             raise BatchfitError(
-                f"Feature '{name}' in '{path}' has {bad} NaN or infinite values; fill or drop them."
+                f"Feature '{name}' in {_place(path)} has {bad} NaN or infinite values; fill or "
+                "drop them."
             )
     if len(arrays) == 1:
         x = arrays[0]
     else:
         if any(a.ndim > 2 for a in arrays):
             raise BatchfitError(
-                f"Features {names} in '{path}' mix multi-dimensional arrays with others; give a "
-                "single multi-dimensional feature or only 1-D columns."
+                f"Features {names} in {_place(path)} mix multi-dimensional arrays with others; "
+                "give a single multi-dimensional feature or only 1-D columns."
             )
         x = np.column_stack([a.reshape(len(a), -1) for a in arrays])
     if x.ndim == 1:
@@ -173,11 +197,11 @@ def _features_tensor(arrays: list[np.ndarray], names: list[str], path: Path) -> 
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
-def _pick_target(columns: list[str], target: str | None, path: Path) -> str:
+def _pick_target(columns: list[str], target: str | None, path: Path | str) -> str:
     if target is not None:
         if target not in columns:
             raise BatchfitError(
-                f"Target column '{target}' is not in '{path}'; its columns are {columns}. "
+                f"Target column '{target}' is not in {_place(path)}; its columns are {columns}. "
                 "Pass one of them with --target."
             )
         return target
@@ -185,12 +209,13 @@ def _pick_target(columns: list[str], target: str | None, path: Path) -> str:
     if len(found) == 1:
         return found[0]
     raise BatchfitError(
-        f"Say which column of '{path}' is the target with --target; its columns are {columns}."
+        f"Say which column of {_place(path)} is the target with --target; its columns are "
+        f"{columns}."
     )
 
 
 def _pick_features(
-    columns: list[str], features: list[str] | None, target: str, path: Path
+    columns: list[str], features: list[str] | None, target: str, path: Path | str
 ) -> list[str]:
     if features is None:
         chosen = [c for c in columns if c != target]
@@ -198,7 +223,7 @@ def _pick_features(
         missing = [c for c in features if c not in columns]
         if missing:
             raise BatchfitError(
-                f"Feature column(s) {missing} not in '{path}'; its columns are {columns}. "
+                f"Feature column(s) {missing} not in {_place(path)}; its columns are {columns}. "
                 "Fix --features."
             )
         if target in features:
@@ -207,7 +232,7 @@ def _pick_features(
             )
         chosen = list(features)
     if not chosen:
-        raise BatchfitError(f"'{path}' has no feature columns besides the target '{target}'.")
+        raise BatchfitError(f"{_place(path)} has no feature columns besides the target '{target}'.")
     return chosen
 
 
@@ -237,8 +262,11 @@ def read_table(path: str | Path, features: list[str] | None, target: str | None)
     if fmt in ("npy", "npz"):
         try:
             loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise BatchfitError(f"Cannot read '{path}' as {fmt}: {exc}.") from None
+        except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut-off file
+            raise BatchfitError(
+                f"Cannot read '{path}' as {fmt}: {_first_line(exc)}. Check that the file is "
+                "complete and really a NumPy file."
+            ) from None
         columns = _columns_of_array(path, loaded)
         names = list(columns)
         if target is None and fmt == "npy" and names == [str(i) for i in range(len(names))]:

@@ -7,11 +7,13 @@ which is why the loop overhead benchmark compares against exactly that.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from batchfit.data.source import Batch, BatchSource, epoch_seed
+from batchfit.data.permute import Holdout
+from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed
 from batchfit.errors import BatchfitError
 from batchfit.schedule import split_evenly
 
@@ -31,7 +33,8 @@ class TensorSource(BatchSource):
     """Batches drawn from in-memory tensors ``x`` and ``y`` (same first dimension).
 
     Each epoch is a permutation drawn from a generator seeded by ``(seed, epoch)``; with
-    ``shuffle=False`` the order is the stored one.
+    ``shuffle=False`` the order is the stored one. ``files`` names the files the tensors were
+    read from (:func:`batchfit.data.readers.files_fingerprint`), for the checkpoint.
 
     Examples:
         >>> src = TensorSource(torch.arange(10.0).view(10, 1), torch.arange(10), shuffle=False)
@@ -42,7 +45,13 @@ class TensorSource(BatchSource):
     """
 
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, shuffle: bool = True
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        files: str | None = None,
     ) -> None:
         x, y = as_tensor(x, "features"), as_tensor(y, "target")
         if len(x) != len(y):
@@ -54,6 +63,8 @@ class TensorSource(BatchSource):
             raise BatchfitError("The data set is empty (0 samples); give at least one sample.")
         self.x, self.y = x, y
         self.seed, self.shuffle = seed, shuffle
+        self.files = files
+        self.val_split: tuple[float, int] | None = None  # (fraction, seed) when split() made it
 
     @property
     def num_samples(self) -> int:
@@ -98,12 +109,36 @@ class TensorSource(BatchSource):
                 f"{n_val} for validation and {self.num_samples - n_val} for training; "
                 "choose a fraction that leaves at least one sample in each, or 0 for none."
             )
-        generator = torch.Generator().manual_seed(epoch_seed(seed, -1))
-        perm = torch.randperm(self.num_samples, generator=generator)
-        val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
-        train = TensorSource(self.x[train_idx], self.y[train_idx], seed=self.seed)
-        val = TensorSource(self.x[val_idx], self.y[val_idx], shuffle=False)
+        # The same rows as StreamSource.split holds out, so streaming never changes the split.
+        held_out = Holdout(self.num_samples, n_val, seed).all_rows()
+        val_idx = torch.from_numpy(np.flatnonzero(held_out))
+        train_idx = torch.from_numpy(np.flatnonzero(~held_out))
+        train = TensorSource(
+            self.x[train_idx],
+            self.y[train_idx],
+            seed=self.seed,
+            shuffle=self.shuffle,
+            files=self.files,
+        )
+        val = TensorSource(self.x[val_idx], self.y[val_idx], shuffle=False, files=self.files)
+        train.val_split = val.val_split = (float(fraction), int(seed))
         return train, val
+
+    def fingerprint(self) -> dict[str, Any]:
+        fraction, seed = self.val_split or (None, None)
+        return {
+            "source": "memory",
+            "shuffle": self.shuffle,
+            "shuffle_buffer": None,
+            "files": self.files,
+            "val_fraction": fraction,
+            "val_seed": seed,
+        }
+
+    def expect_classes(self, classes: int) -> None:
+        super().expect_classes(classes)
+        if not self.y.is_floating_point():
+            check_class_labels(self.y, classes)  # every label, once: no check per batch
 
     def describe(self) -> str:
         shape = tuple(self.x.shape[1:])

@@ -63,3 +63,40 @@ class IndexPermutation:
             out[outside] = self._feistel(out[outside])
             outside = out >= np.uint64(self.n)
         return out.astype(np.int64)
+
+
+class Holdout:
+    """Which rows of ``0..n-1`` are validation rows: exactly ``count`` of them, drawn by ``seed``.
+
+    Row ``i`` is held out when its position under a seeded :class:`IndexPermutation` is below
+    ``count``. It is a pure function of ``(n, count, seed)`` evaluated row by row, so the streamed
+    source (which asks about one window of rows at a time) and the in-memory source (which asks
+    about all rows at once) hold out the same rows: choosing --stream or --no-stream, or letting
+    the free memory choose, never changes the validation set.
+
+    Examples:
+        >>> held = Holdout(10, 3, seed=0).is_validation(np.arange(10))
+        >>> int(held.sum()), held.tolist() == Holdout(10, 3, seed=0).is_validation(
+        ...     np.arange(10)).tolist()
+        (3, True)
+    """
+
+    #: Rows asked about at once by :meth:`all_rows`: bounds the temporary arrays (8 bytes a row).
+    CHUNK_ROWS = 1 << 20
+
+    def __init__(self, n: int, count: int, seed: int) -> None:
+        self.n, self.count, self.seed = int(n), int(count), int(seed)
+        self._permutation = IndexPermutation(self.n, epoch_seed(seed, -1))
+
+    def is_validation(self, rows: np.ndarray) -> np.ndarray:
+        """A boolean array: True where the row (an index into ``0..n-1``) is a validation row."""
+        return self._permutation(rows) < self.count
+
+    def all_rows(self) -> np.ndarray:
+        """:meth:`is_validation` of every row ``0..n-1``, computed in chunks."""
+        return np.concatenate(
+            [
+                self.is_validation(np.arange(a, min(a + self.CHUNK_ROWS, self.n), dtype=np.int64))
+                for a in range(0, self.n, self.CHUNK_ROWS)
+            ]
+        )

@@ -1,18 +1,21 @@
 """Read rows of big files piece by piece: Parquet, Arrow IPC/Feather, ``.npy`` and CSV.
 
 A reader knows, from file metadata alone, how a file splits into *blocks* (Parquet row groups,
-Arrow record batches, fixed runs of ``.npy`` rows; CSV is one block) and how many rows each holds.
+Arrow record batches, fixed runs of ``.npy`` rows; a CSV file or an Arrow IPC *stream* is one
+block, counted by one pass when opened) and how many rows each holds.
 ``read(block, start, stop)`` returns rows ``start..stop-1`` of one block with bounded memory: a
 Parquet row group is decoded page by page (``buffer_size``, no pre-buffering), so a 1 GB row group
 never sits in memory whole. Readers that can fetch any row cheaply (``.npy`` via a memory map,
 uncompressed Arrow IPC) also have ``take(rows)``, which makes a full shuffle possible.
 
-Every problem is one line naming the file (and the row group) and the fix.
+Every problem is one line naming the file (and the row group) and the fix. Places in messages
+are already quoted (``'d.parquet'``, ``row group 3 of 'd.parquet'``) and are used as they are.
 """
 
 from __future__ import annotations
 
 import glob as globmod
+import hashlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from batchfit.data.files import check_exists, check_numeric_type, file_format
+from batchfit.data.files import _first_line, check_exists, check_numeric_type, file_format
 from batchfit.errors import BatchfitError
 
 #: Decoded-row target of one internal read; the pieces the source asks for are assembled from them.
@@ -29,11 +32,9 @@ READ_ROWS = 65_536
 PARQUET_BUFFER_BYTES = 1 << 20
 NPY_BLOCK_ROWS = 65_536
 _ARROW_ERRORS = (pa.ArrowException, OSError)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+#: Files and folders that a folder walk skips, as ``pyarrow.dataset`` does (``_SUCCESS``,
+#: ``.crc`` files, ``_temporary/`` of Spark and Hadoop writers).
+HIDDEN_PREFIXES = (".", "_")
 
 
 def _is_glob(spec: str) -> bool:
@@ -62,7 +63,13 @@ def resolve_files(spec: str | Path) -> list[Path]:
         check_exists(path)
         if not path.is_dir():
             return [path]
-        files = sorted(p for p in path.rglob("*") if p.is_file() and file_format_or_none(p))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and file_format_or_none(p)
+            and not any(part.startswith(HIDDEN_PREFIXES) for part in p.relative_to(path).parts)
+        )
         if not files:
             raise BatchfitError(
                 f"The folder '{path}' holds no .parquet, .arrow, .feather, .csv or .npy files."
@@ -73,6 +80,29 @@ def resolve_files(spec: str | Path) -> list[Path]:
             f"'{text}' mixes file formats ({', '.join(sorted(formats))}); give files of one format."
         )
     return files
+
+
+def files_fingerprint(files: list[Path]) -> str:
+    """Names (relative to their common folder) and sizes of ``files`` in a short text, for the
+    checkpoint: a resume on other files is refused. Modification times are left out on purpose:
+    copying a data set to another machine changes them, and the data is the same.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "d.csv"
+        >>> _ = path.write_text("a,y\\n1,0\\n")
+        >>> files_fingerprint([path])
+        '1 file, 8 bytes, sha256 b9191db9b046'
+    """
+    root = Path(*_common_parts(files))
+    digest = hashlib.sha256()
+    total = 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        digest.update(f"{f.relative_to(root)}\0{size}\n".encode())
+    many = "s" if len(files) != 1 else ""
+    return f"{len(files)} file{many}, {total} bytes, sha256 {digest.hexdigest()[:12]}"
 
 
 def file_format_or_none(path: Path) -> str | None:
@@ -94,6 +124,7 @@ class Reader:
         self.files = files
         self.block_rows: list[int] = []
         self.column_names: list[str] = []
+        self._nulls: dict[str, int] = {}
 
     @property
     def num_rows(self) -> int:
@@ -101,13 +132,20 @@ class Reader:
 
     @property
     def label(self) -> str:
+        """The files, quoted, for messages: ``'d.parquet'`` or ``3 files under 'parts'``."""
         if len(self.files) == 1:
-            return str(self.files[0])
-        return f"{len(self.files)} files under {Path(*_common_parts(self.files))}"
+            return f"'{self.files[0]}'"
+        return f"{len(self.files)} files under '{Path(*_common_parts(self.files))}'"
 
     def where(self, block: int) -> str:
         """The file (and part) of ``block``, for messages."""
-        return str(self.files[0])
+        return f"'{self.files[0]}'"
+
+    def piece(self, block: int, start: int, stop: int) -> str:
+        """Rows ``start..stop-1`` of ``block``, for messages: exactly what a read returned."""
+        if start == 0 and stop == self.block_rows[block]:
+            return self.where(block)
+        return f"rows {start}-{stop - 1} of {self.where(block)}"
 
     def select(self, columns: list[str]) -> None:
         """Read only ``columns`` from now on (features and target)."""
@@ -120,16 +158,16 @@ class Reader:
         raise NotImplementedError
 
     def null_counts(self) -> dict[str, int]:
-        """Nulls per column known from metadata without reading data (empty when unknown)."""
-        return {}
+        """Nulls per column over all the rows, known without reading data again (from Parquet
+        statistics, or counted by the pass that opening made); empty when unknown."""
+        return dict(self._nulls)
+
+    def _count_nulls(self, batch: pa.RecordBatch) -> None:
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            self._nulls[name] = self._nulls.get(name, 0) + column.null_count
 
     def column_type(self, name: str) -> object:
         raise NotImplementedError
-
-    @property
-    def estimated_bytes(self) -> int:
-        """Bytes the selected columns take decoded in memory (for the stream-or-load choice)."""
-        return int(self.row_bytes * self.num_rows)
 
 
 def _common_parts(files: list[Path]) -> tuple[str, ...]:
@@ -194,11 +232,23 @@ class _CursorReader(Reader):
     def _open(self, block: int) -> Iterator[pa.RecordBatch]:
         raise NotImplementedError
 
+    def _scan(self, batches) -> None:
+        """One block, its rows and nulls counted by one pass (for formats without metadata)."""
+        self.schema = batches.schema
+        rows = 0
+        for batch in batches:
+            rows += batch.num_rows
+            self._count_nulls(batch)
+        self.block_rows = [rows] if rows else []
+        self.column_names = list(self.schema.names)
+        self.columns = self.column_names
+
     def read(self, block: int, start: int, stop: int) -> pa.Table:
         cached = getattr(self._local, "cursor", None)
         try:
-            if cached is not None and cached[0] == block and cached[1].position == start:
-                cursor = cached[1]
+            if cached is not None and cached[0] == block and cached[1].position <= start:
+                cursor = cached[1]  # continue where this thread stopped in the block
+                cursor.skip(start - cursor.position)
             else:
                 cursor = _Cursor(self._open(block), 0)
                 cursor.skip(start)
@@ -206,8 +256,8 @@ class _CursorReader(Reader):
         except _ARROW_ERRORS + (EOFError,) as exc:
             self._local.cursor = None
             raise BatchfitError(
-                f"Cannot read {self.where(block)}: {_first_line(exc)}. The file is damaged or "
-                "changed while training; restore it or leave it out."
+                f"Cannot read {self.piece(block, start, stop)}: {_first_line(exc)}. The file is "
+                "damaged or changed while training; restore it or leave it out."
             ) from None
         self._local.cursor = (block, cursor) if stop < self.block_rows[block] else None
         return table
@@ -222,8 +272,6 @@ class ParquetReader(_CursorReader):
         super().__init__(files)
         self._blocks: list[tuple[int, int]] = []
         self._group_bytes: list[int] = []
-        self._metadata_nulls: dict[str, int] = {}
-        self._nulls_known = True
         first_schema = None
         for i, path in enumerate(files):
             try:
@@ -236,14 +284,15 @@ class ParquetReader(_CursorReader):
                 ) from None
             if first_schema is None:
                 first_schema = schema
-            elif not schema.equals(first_schema, check_metadata=False):
+            elif difference := _schema_difference(first_schema, schema):
                 raise BatchfitError(
-                    f"'{path}' has a different schema from '{files[0]}': "
-                    f"{_schema_difference(first_schema, schema)}. Every file of a data set needs "
-                    "the same columns and types."
+                    f"'{path}' has a different schema from '{files[0]}': {difference}. Every "
+                    "file of a data set needs the same columns and types."
                 )
             for g in range(metadata.num_row_groups):
                 group = metadata.row_group(g)
+                if group.num_rows == 0:
+                    continue  # an empty part file (or row group) holds nothing to read
                 self._blocks.append((i, g))
                 self.block_rows.append(group.num_rows)
                 self._group_bytes.append(group.total_byte_size)
@@ -257,13 +306,8 @@ class ParquetReader(_CursorReader):
             column = group.column(c)
             stats = column.statistics
             name = column.path_in_schema
-            if stats is None or not stats.has_null_count:
-                self._nulls_known = False
-                continue
-            self._metadata_nulls[name] = self._metadata_nulls.get(name, 0) + stats.null_count
-
-    def null_counts(self) -> dict[str, int]:
-        return dict(self._metadata_nulls)
+            if stats is not None and stats.has_null_count:
+                self._nulls[name] = self._nulls.get(name, 0) + stats.null_count
 
     def column_type(self, name: str) -> object:
         return self.schema.field(name).type
@@ -299,7 +343,9 @@ def _type_bytes(kind: pa.DataType) -> int:
         return 8
 
 
-def _schema_difference(a: pa.Schema, b: pa.Schema) -> str:
+def _schema_difference(a: pa.Schema, b: pa.Schema) -> str | None:
+    """How ``b`` differs from ``a`` by column names and types, or None. The order of the columns
+    does not matter: they are read by name."""
     for name in a.names:
         if name not in b.names:
             return f"column '{name}' is missing"
@@ -308,14 +354,16 @@ def _schema_difference(a: pa.Schema, b: pa.Schema) -> str:
     extra = [n for n in b.names if n not in a.names]
     if extra:
         return f"it has the extra column '{extra[0]}'"
-    return "the columns are in another order"
+    return None
 
 
 class IpcReader(Reader):
     """Record batches of an Arrow IPC (Feather v2) file, through a memory map.
 
     Uncompressed files are read without copies, so any row is cheap to reach (``take``); a
-    compressed file is decompressed one record batch at a time instead.
+    compressed file is decompressed one record batch at a time instead. Opening counts the rows of
+    each batch one batch at a time and keeps none, so even a compressed file never sits in memory
+    whole (a compressed batch is decompressed to be counted, then dropped).
     """
 
     def __init__(self, files: list[Path]) -> None:
@@ -324,13 +372,26 @@ class IpcReader(Reader):
         super().__init__(files)
         _one_file(files, "Arrow IPC files")
         path = files[0]
+        self._local = threading.local()
         try:
-            self._reader = ipc.open_file(pa.memory_map(str(path)))
-            before = pa.total_allocated_bytes()
-            batches = [self._reader.get_batch(i) for i in range(self._reader.num_record_batches)]
-            self.random_access = pa.total_allocated_bytes() == before  # nothing decompressed
-            self.block_rows = [b.num_rows for b in batches]
-            del batches
+            mapped = pa.memory_map(str(path))
+            self._reader = ipc.open_file(mapped)
+            first = next(
+                (b for i in range(self._reader.num_record_batches)
+                 if (b := self._reader.get_batch(i)).num_rows),
+                None,
+            )  # fmt: skip
+            self.random_access = first is not None and _is_mapped(first, mapped)
+            if not self.random_access:
+                # Compressed: read through plain file reads, so the pages of the whole file do
+                # not pile up in RSS as a memory map's would; each batch is decompressed anyway.
+                self._reader = ipc.open_file(pa.OSFile(str(path)))
+            del first
+            for i in range(self._reader.num_record_batches):
+                batch = self._reader.get_batch(i)
+                self.block_rows.append(batch.num_rows)
+                self._count_nulls(batch)
+                del batch
         except _ARROW_ERRORS as exc:
             raise BatchfitError(
                 f"Cannot read '{path}' as arrow: {_first_line(exc)}. Check that the file is "
@@ -339,7 +400,6 @@ class IpcReader(Reader):
         self.schema = self._reader.schema
         self.column_names = list(self.schema.names)
         self.columns = self.column_names
-        self._offsets = np.cumsum([0] + self.block_rows)
         self._table: pa.Table | None = None
 
     def column_type(self, name: str) -> object:
@@ -352,17 +412,91 @@ class IpcReader(Reader):
     def where(self, block: int) -> str:
         return f"record batch {block} of '{self.files[0]}'"
 
+    def _batch(self, block: int) -> pa.RecordBatch:
+        if self.random_access:
+            return self._reader.get_batch(block)  # zero-copy over the memory map
+        # Decompressing is per record batch: keep the last one, so the consecutive pieces of a
+        # big batch (read by one thread, see StreamSource) decompress it once, not once a piece.
+        cached = getattr(self._local, "batch", None)
+        if cached is None or cached[0] != block:
+            self._local.batch = None  # drop the old batch before decompressing the next
+            self._local.batch = cached = (block, self._reader.get_batch(block))
+        return cached[1]
+
     def read(self, block: int, start: int, stop: int) -> pa.Table:
         try:
-            batch = self._reader.get_batch(block).select(self.columns)
+            batch = self._batch(block).select(self.columns)
         except _ARROW_ERRORS as exc:
-            raise BatchfitError(f"Cannot read {self.where(block)}: {_first_line(exc)}.") from None
+            raise BatchfitError(
+                f"Cannot read {self.where(block)}: {_first_line(exc)}. The file is damaged or "
+                "changed while training; restore it."
+            ) from None
         return pa.Table.from_batches([batch.slice(start, stop - start)])
 
     def take(self, rows: np.ndarray) -> pa.Table:
         if self._table is None:
             self._table = self._reader.read_all().select(self.columns)  # zero-copy over the map
         return self._table.take(pa.array(rows))
+
+
+def _is_mapped(batch: pa.RecordBatch, mapped: pa.MemoryMappedFile) -> bool:
+    """Whether every buffer of ``batch`` lies in the memory map (the file is uncompressed)."""
+    mapped.seek(0)
+    base, size = mapped.read_buffer(1).address, mapped.size()
+    mapped.seek(0)
+    return all(
+        base <= buffer.address < base + size
+        for column in batch.columns
+        for buffer in column.buffers()
+        if buffer is not None and buffer.size
+    )
+
+
+class IpcStreamReader(_CursorReader):
+    """An Arrow IPC *stream* (``pyarrow.ipc.new_stream``: no footer, so no random access): one
+    block read front to back like CSV, its rows counted by one pass when opened."""
+
+    def __init__(self, files: list[Path]) -> None:
+        super().__init__(files)
+        _one_file(files, "Arrow IPC streams")
+        try:
+            self._scan(self._stream())
+        except _ARROW_ERRORS as exc:
+            raise BatchfitError(
+                f"Cannot read '{files[0]}' as an Arrow IPC stream: {_first_line(exc)}. Check "
+                "that the file is complete."
+            ) from None
+
+    def _stream(self):
+        import pyarrow.ipc as ipc
+
+        return ipc.open_stream(pa.memory_map(str(self.files[0])))
+
+    def column_type(self, name: str) -> object:
+        return self.schema.field(name).type
+
+    def select(self, columns: list[str]) -> None:
+        super().select(columns)
+        self.row_bytes = float(sum(_type_bytes(self.schema.field(c).type) for c in columns))
+
+    def _open(self, block: int) -> Iterator[pa.RecordBatch]:
+        return (batch.select(self.columns) for batch in self._stream())
+
+
+def _open_arrow(files: list[Path]) -> Reader:
+    """An Arrow IPC file (Feather v2), or else an Arrow IPC stream; say which format was found."""
+    try:
+        return IpcReader(files)
+    except BatchfitError as file_error:
+        if "Not an Arrow file" not in str(file_error):
+            raise
+        try:
+            return IpcStreamReader(files)
+        except BatchfitError:
+            raise BatchfitError(
+                f"Cannot read '{files[0]}' as arrow: it is neither an Arrow IPC file (Feather v2) "
+                "nor an Arrow IPC stream. Check that the file is complete and really Arrow."
+            ) from None
 
 
 class NpyReader(Reader):
@@ -377,8 +511,11 @@ class NpyReader(Reader):
         path = files[0]
         try:
             self._array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise BatchfitError(f"Cannot read '{path}' as npy: {_first_line(exc)}.") from None
+        except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut-off file
+            raise BatchfitError(
+                f"Cannot read '{path}' as npy: {_first_line(exc)}. Check that the file is "
+                "complete and really a NumPy .npy file."
+            ) from None
         array = self._array
         if array.dtype.names:
             self.column_names = list(array.dtype.names)
@@ -393,6 +530,13 @@ class NpyReader(Reader):
         self.block_rows = [min(NPY_BLOCK_ROWS, n - s) for s in range(0, n, NPY_BLOCK_ROWS)]
         self.columns = self.column_names
         self.row_bytes = float(array.itemsize * (array.shape[1] if array.ndim == 2 else 1))
+
+    def where(self, block: int) -> str:
+        return self.piece(block, 0, self.block_rows[block])
+
+    def piece(self, block: int, start: int, stop: int) -> str:
+        begin = block * NPY_BLOCK_ROWS
+        return f"rows {begin + start}-{begin + stop - 1} of '{self.files[0]}'"
 
     def column_type(self, name: str) -> object:
         if self._array.dtype.names:
@@ -420,19 +564,13 @@ class CsvReader(_CursorReader):
         super().__init__(files)
         _one_file(files, "CSV files")
         try:
-            reader = self._stream(None)
-            self.schema = reader.schema
-            rows = sum(batch.num_rows for batch in reader)
+            self._scan(self._stream(None))
         except _ARROW_ERRORS as exc:
             raise BatchfitError(
                 f"Cannot read '{files[0]}' as csv: {_first_line(exc)}. Check the file, or make "
                 "every value of a column the same type."
             ) from None
-        self.block_rows = [rows] if rows else []
-        self.column_names = list(self.schema.names)
-        self.columns = self.column_names
         self.row_bytes = 8.0 * len(self.column_names)
-        self._file_bytes = files[0].stat().st_size
 
     def _stream(self, columns: list[str] | None):
         import pyarrow.csv as pacsv
@@ -451,15 +589,12 @@ class CsvReader(_CursorReader):
         super().select(columns)
         self.row_bytes = 8.0 * len(columns)
 
-    def where(self, block: int) -> str:
-        return f"'{self.files[0]}'"
-
     def _open(self, block: int) -> Iterator[pa.RecordBatch]:
         reader = self._stream(self.columns)
         return iter(reader)
 
 
-READERS = {"parquet": ParquetReader, "arrow": IpcReader, "npy": NpyReader, "csv": CsvReader}
+READERS = {"parquet": ParquetReader, "arrow": _open_arrow, "npy": NpyReader, "csv": CsvReader}
 
 
 def open_reader(spec: str | Path) -> Reader:
@@ -487,7 +622,8 @@ def open_reader(spec: str | Path) -> Reader:
 
 
 def check_types(reader: Reader, names: list[str]) -> None:
-    """Fail before reading any data if a column holds strings, or nulls per the metadata."""
+    """Fail before reading any data if a column holds strings, or nulls (counted over all rows
+    from the metadata or the pass that opening made)."""
     where = reader.label
     for name in names:
         check_numeric_type(name, reader.column_type(name), where)
@@ -495,6 +631,6 @@ def check_types(reader: Reader, names: list[str]) -> None:
     for name in names:
         if nulls.get(name):
             raise BatchfitError(
-                f"Column '{name}' in '{where}' has {nulls[name]} null values; fill or drop them, "
+                f"Column '{name}' in {where} has {nulls[name]} null values; fill or drop them, "
                 "or leave the column out with --features."
             )

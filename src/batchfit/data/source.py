@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
+
+from batchfit.errors import BatchfitError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,8 +32,36 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (z ^ (z >> 31)) & (2**63 - 1)
 
 
+def check_class_labels(y: torch.Tensor | np.ndarray, classes: int, where: str = "") -> None:
+    """Raise unless every label in ``y`` is in ``0..classes-1`` (``where`` names the data).
+
+    Checked on the CPU: on a GPU a label out of range is a device-side assert that kills the
+    process instead of an error that can be caught, reported and checkpointed.
+
+    Examples:
+        >>> check_class_labels(np.array([0, 2, 1]), 3)
+        >>> check_class_labels(torch.tensor([0, 3]), 3)
+        Traceback (most recent call last):
+        ...
+        batchfit.errors.BatchfitError: Target label 3 is outside the model's 3 outputs (labels ...
+    """
+    if len(y) == 0:
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
+        at = f", in {where}" if where else ""
+        raise BatchfitError(
+            f"Target label {bad} is outside the model's {classes} outputs (labels must be "
+            f"0..{classes - 1}){at}; fix the labels or the model's output size."
+        )
+
+
 class BatchSource(ABC):
     """Batches for the training loop, reproducible per ``(seed, epoch)`` and resumable."""
+
+    #: Labels must be below this (set by :meth:`expect_classes`); ``None``: not checked.
+    classes: int | None = None
 
     @property
     @abstractmethod
@@ -57,6 +89,20 @@ class BatchSource(ABC):
         """A short human description, e.g. ``'4000 samples in memory'``."""
         n = self.num_samples
         return f"{n} samples" if n is not None else "a stream of unknown length"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Plain data naming what decides the order of the batches, besides seed and batch size.
+
+        A checkpoint records it and a resume with a different fingerprint is refused, so a run
+        never continues with another order (rows seen twice or never). Sources override it.
+        """
+        return {"source": type(self).__name__}
+
+    def expect_classes(self, classes: int) -> None:
+        """Check the labels of every batch against ``classes`` outputs, on the CPU, before the
+        batch reaches a device (see :func:`check_class_labels`). Sources check where the batch
+        is built; a source whose labels are all in memory checks them all at once."""
+        self.classes = classes
 
     def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release files or workers; the default holds nothing."""

@@ -8,7 +8,8 @@ size of the data.
 **Order of an epoch** (a pure function of ``(seed, epoch)`` and the file metadata, so resuming at
 ``(epoch, start)`` is exact and re-reads only one window):
 
-- Block formats (Parquet, compressed Arrow, CSV): the blocks (row groups) are permuted per epoch;
+- Block formats (Parquet, compressed Arrow, CSV, Arrow IPC streams): the blocks (row groups) are
+  permuted per epoch;
   a block larger than the buffer is cut into consecutive pieces; the permuted pieces are packed
   into *windows* of at most ``shuffle_buffer`` rows, and the rows of window ``w`` are permuted by a
   generator seeded with ``(seed, epoch, w)``. Rows move anywhere their block goes, and within the
@@ -22,24 +23,32 @@ size of the data.
 (:func:`~batchfit.schedule.split_evenly`), so shares are disjoint, every rank takes the same number
 of steps and the training maths equals one process. Each rank decodes the whole stream.
 
+**Decoding ahead**: ``workers`` threads (default 1) decode the next windows while the current one
+is cut into batches, at most ``workers`` windows ahead. Consecutive windows that continue one
+block (a row group or CSV file bigger than the buffer) go to the same thread, which keeps its read
+position in the block, so no block is decoded twice.
+
 **Validation** from the same files: :meth:`StreamSource.split` holds out exactly
-``round(fraction * N)`` rows chosen by a seeded permutation of the row indices, with no pass over
-the data; each evaluation then reads the files once (use ``--val-data`` for big data).
+``round(fraction * N)`` rows chosen by :class:`~batchfit.data.permute.Holdout`, with no pass over
+the data, the same rows as the in-memory split; each evaluation then reads the files once (use
+``--val-data`` for big data).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections import deque
+import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from batchfit import validation
 from batchfit.data.files import (
     _features_tensor,
     _numeric_column,
@@ -48,15 +57,24 @@ from batchfit.data.files import (
     _target_tensor,
     file_format,
 )
-from batchfit.data.permute import IndexPermutation
+from batchfit.data.permute import Holdout, IndexPermutation
 from batchfit.data.prefetch import prefetch as run_ahead
-from batchfit.data.readers import Reader, check_types, open_reader, resolve_files
-from batchfit.data.source import Batch, BatchSource, epoch_seed
+from batchfit.data.readers import (
+    Reader,
+    check_types,
+    files_fingerprint,
+    open_reader,
+    resolve_files,
+)
+from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed
 from batchfit.errors import BatchfitError
 from batchfit.schedule import split_evenly
+from batchfit.units import format_bytes, parse_size
 
-#: Default shuffle buffer: as many rows as fit in this many bytes of decoded columns.
-DEFAULT_SHUFFLE_BUFFER_BYTES = 32 << 20
+#: Default shuffle buffer: as many rows as one window of this many bytes holds (the decoded rows,
+#: their float32 copy and its permuted copy): 466,000 rows of 16 float32 features and an int64
+#: label, the same as 32 MiB of decoded rows.
+DEFAULT_SHUFFLE_BUFFER_BYTES = 96 << 20
 DEFAULT_PREFETCH = 4
 #: Stream when loading would take more than this share of the available memory. Loading a file
 #: holds the Arrow table and the float32 tensors at once: about 2x the decoded size, plus slack.
@@ -73,15 +91,30 @@ class _Segment:
 
 @dataclass(frozen=True)
 class _Holdout:
-    """Rows whose permuted index is below ``count`` are validation rows (exactly ``count``)."""
+    """One side of a split: the validation rows of ``rows`` (or the others), and the fraction."""
 
-    permutation: IndexPermutation
-    count: int
+    rows: Holdout
+    fraction: float
     keep_validation: bool
 
     def mask(self, rows: np.ndarray) -> np.ndarray:
-        held_out = self.permutation(rows) < self.count
+        held_out = self.rows.is_validation(rows)
         return held_out if self.keep_validation else ~held_out
+
+
+@dataclass
+class _Part:
+    """One piece read for a window: the rows kept, where they came from (for messages), and the
+    segment when the holdout filtered it (to count a bad value over the whole piece named)."""
+
+    raw: pa.Table | dict[str, np.ndarray]
+    where: str
+    filtered_from: _Segment | None
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 def _target_kind(kind: object) -> str:
@@ -98,9 +131,12 @@ def _target_kind(kind: object) -> str:
 class StreamSource(BatchSource):
     """Batches streamed from files through a seeded, resumable shuffle buffer.
 
-    ``shuffle_buffer`` is in rows (default: 32 MiB worth); ``prefetch`` batches are prepared ahead
-    in a background thread (0: none); ``workers`` threads decode windows in parallel, window ``w``
-    by one worker only and delivered in order, so rows are never duplicated or lost.
+    ``shuffle_buffer`` is in rows (an int) or the bytes of one window (text such as ``"64MiB"``:
+    the decoded rows, their float32 copy and its permuted copy; default 96 MiB); the stream holds
+    about ``1 + workers`` windows and ``prefetch + 1`` batches (:meth:`memory_bytes`). ``prefetch``
+    batches are prepared ahead in a background thread (0: none); ``workers`` threads decode
+    windows ahead, window ``w`` by one worker only and delivered in order, so rows are never
+    duplicated or lost.
 
     Examples:
         >>> import tempfile, pyarrow.parquet as pq
@@ -125,7 +161,7 @@ class StreamSource(BatchSource):
         *,
         seed: int = 0,
         shuffle: bool = True,
-        shuffle_buffer: int | None = None,
+        shuffle_buffer: int | str | None = None,
         prefetch: int = DEFAULT_PREFETCH,
         workers: int = 1,
         holdout: _Holdout | None = None,
@@ -134,21 +170,30 @@ class StreamSource(BatchSource):
         self.seed, self.shuffle = seed, shuffle
         self.prefetch, self.workers, self.holdout = prefetch, max(1, workers), holdout
         self.target_kind = _target_kind(reader.column_type(target))
-        if shuffle_buffer is None:
-            shuffle_buffer = max(1, int(DEFAULT_SHUFFLE_BUFFER_BYTES // max(1, reader.row_bytes)))
-        self.shuffle_buffer = shuffle_buffer
-        self.full_permutation = shuffle and reader.random_access
+        self._float_labels_as_classes = False
         self._flat = all(_is_flat(reader.column_type(c)) for c in self.features)
+        if shuffle_buffer is None or isinstance(shuffle_buffer, str):
+            window_bytes = (
+                DEFAULT_SHUFFLE_BUFFER_BYTES
+                if shuffle_buffer is None
+                else parse_size(shuffle_buffer)
+            )
+            shuffle_buffer = max(1, int(window_bytes // self._window_row_bytes()))
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.full_permutation = shuffle and reader.random_access
         self._pieces = [self._cut(b, rows) for b, rows in enumerate(reader.block_rows)]
         self._offsets = np.cumsum([0] + reader.block_rows)
         n = reader.num_rows
         if holdout is None:
             self._num_samples = n
         else:
-            self._num_samples = holdout.count if holdout.keep_validation else n - holdout.count
+            held = holdout.rows.count
+            self._num_samples = held if holdout.keep_validation else n - held
 
     # -- the order of an epoch -------------------------------------------------------------
     def _cut(self, block: int, rows: int) -> list[_Segment]:
+        if rows == 0:
+            return []  # an empty row group or record batch: nothing to read
         parts = split_evenly(rows, max(1, math.ceil(rows / self.shuffle_buffer)))
         bounds = np.cumsum([0] + parts)
         return [
@@ -214,88 +259,168 @@ class StreamSource(BatchSource):
         y = _target_tensor(target, self.target, where)[0].numpy()
         return x, y
 
-    def _convert_many(self, parts: list) -> tuple[np.ndarray, np.ndarray]:
+    def _convert_many(self, parts: list[_Part]) -> tuple[np.ndarray, np.ndarray]:
         """Convert the raw pieces of a window into one (x, y), copying each value once."""
-        if not (self._flat and all(isinstance(raw, pa.Table) for raw, _ in parts)):
-            converted = [self._convert(raw, where) for raw, where in parts]
+        if not (self._flat and all(isinstance(p.raw, pa.Table) for p in parts)):
+            converted = [self._convert(p.raw, p.where) for p in parts]
             xs, ys = [c[0] for c in converted], [c[1] for c in converted]
             return (
                 xs[0] if len(xs) == 1 else np.concatenate(xs),
                 ys[0] if len(ys) == 1 else np.concatenate(ys),
             )
-        total = sum(raw.num_rows for raw, _ in parts)
+        total = sum(p.raw.num_rows for p in parts)
         x = np.empty((total, len(self.features)), dtype=np.float32)
         targets, offset = [], 0
-        for raw, where in parts:
+        for part in parts:
             for j, name in enumerate(self.features):
-                column = raw.column(name)
-                if column.null_count:
-                    _numeric_column(raw, name, where)  # raises, naming column and count
                 position = offset
-                for chunk in column.chunks:
+                for chunk in part.raw.column(name).chunks:
                     x[position : position + len(chunk), j] = chunk.to_numpy(zero_copy_only=False)
                     position += len(chunk)
-            targets.append(_numeric_column(raw, self.target, where))
-            offset += raw.num_rows
+            targets.append(_numeric_column(part.raw, self.target, part.where))
+            offset += part.raw.num_rows
         # One fast pass: a finite sum means finite values (an overflow only costs the slow check).
         if not np.isfinite(x.sum()) and not np.isfinite(x).all():
-            for raw, where in parts:
-                self._convert(raw, where)  # raises, naming the column, the piece and the count
+            for part in parts:
+                self._convert(part.raw, part.where)  # raises, naming column, piece and count
         y = targets[0] if len(targets) == 1 else np.concatenate(targets)
-        return x, _target_tensor(y, self.target, parts[0][1])[0].numpy()
+        return x, _target_tensor(y, self.target, parts[0].where)[0].numpy()
 
-    def _decode(self, epoch: int, w: int, window) -> tuple[np.ndarray, np.ndarray]:
-        """Window ``w`` as (x, y) arrays in the order the epoch visits them."""
+    def _check_nulls(self, raw: pa.Table | dict[str, np.ndarray], where: str) -> None:
+        """Nulls are counted over the whole piece read, before the holdout keeps part of it."""
+        if isinstance(raw, pa.Table):
+            for name in (*self.features, self.target):
+                if raw.column(name).null_count:
+                    _numeric_column(raw, name, where)  # raises, naming column, piece and count
+
+    def _explain(self, parts: list[_Part]) -> None:
+        """Convert each piece again, whole, so that a bad value is counted over the piece named
+        (the holdout may have kept only some of its rows); raises the first problem found."""
+        for part in parts:
+            raw = part.raw
+            if part.filtered_from is not None:
+                s = part.filtered_from
+                raw = self.reader.read(s.block, s.start, s.stop)
+            self._convert(raw, part.where)
+
+    def _decode(self, epoch: int, w: int, window) -> tuple[np.ndarray, np.ndarray] | None:
+        """Window ``w`` as (x, y) arrays in the order the epoch visits them; None if it holds no
+        row of this source (every row is on the other side of the validation split)."""
         rows = self._window_rows(epoch, window)
         if rows is not None:
+            if not len(rows):
+                return None
             order = np.argsort(rows, kind="stable")
-            x_sorted, y_sorted = self._convert(self.reader.take(rows[order]), self.reader.label)
+            where = f"{len(rows)} rows (one shuffled window) of {self.reader.label}"
+            x_sorted, y_sorted = self._convert(self.reader.take(rows[order]), where)
             back = np.empty_like(order)
             back[order] = np.arange(len(order))
-            return _take(x_sorted, back), _take(y_sorted, back)
+            return _take(x_sorted, back), self._labels(_take(y_sorted, back))
         parts = []
         for s in window:
-            raw = self.reader.read(s.block, s.start, s.stop)
+            mask = None
             if self.holdout is not None:
                 base = self._offsets[s.block]
                 mask = self.holdout.mask(np.arange(base + s.start, base + s.stop))
-                raw = (
-                    raw.filter(pa.array(mask))
-                    if isinstance(raw, pa.Table)
-                    else {k: v[mask] for k, v in raw.items()}
-                )
-            parts.append((raw, self.reader.where(s.block)))
-        x, y = self._convert_many(parts)
+                if not mask.any():
+                    continue
+            raw = self.reader.read(s.block, s.start, s.stop)
+            where = self.reader.piece(s.block, s.start, s.stop)
+            self._check_nulls(raw, where)
+            if mask is not None and not mask.all():
+                if isinstance(raw, pa.Table):
+                    raw = raw.filter(pa.array(mask))
+                else:
+                    raw = {k: v[mask] for k, v in raw.items()}
+                parts.append(_Part(raw, where, s))
+            else:
+                parts.append(_Part(raw, where, None))
+        if not parts:
+            return None
+        try:
+            x, y = self._convert_many(parts)
+        except BatchfitError:
+            if self.holdout is not None:
+                self._explain(parts)
+            raise
         if self.shuffle:
             rng = np.random.default_rng((epoch_seed(self.seed, epoch), 1, w))
             perm = rng.permutation(len(y))
             x, y = _take(x, perm), _take(y, perm)
-        return x, y
+        return x, self._labels(y)
 
-    def _decoded(self, epoch: int, windows: list, first: int) -> Iterator[tuple]:
-        """Decoded windows from ``first`` on, in order; ``workers`` threads decode ahead."""
-        if self.workers == 1:
-            for w in range(first, len(windows)):
-                yield self._decode(epoch, w, windows[w])
-            return
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batchfit-decode")
-        pending: deque[Future] = deque()
-        upcoming = iter(range(first, len(windows)))
+    def _labels(self, y: np.ndarray) -> np.ndarray:
+        """Float targets as int64 class labels when :meth:`as_class_labels` asked for it."""
+        if not self._float_labels_as_classes:
+            return y
+        if y.ndim != 1 or not (y == np.round(y)).all() or (y < 0).any():
+            raise BatchfitError(
+                f"The cross_entropy loss needs class labels 0..C-1, but the target '{self.target}' "
+                f"in {self.reader.label} holds other numbers; store the labels as integers, or "
+                "use --loss mse."
+            )
+        return y.astype(np.int64)
+
+    def _decoded(self, epoch: int, windows: list, first: int) -> Iterator[tuple | None]:
+        """Decoded windows from ``first`` on, in order, while ``workers`` threads decode the
+        windows ahead (at most ``workers`` of them: memory stays bounded).
+
+        A *chain* of consecutive windows that continue one block is decoded by one thread, which
+        keeps its read position in the block; a window may be decoded only once the consumer is
+        within ``workers`` windows of it. Chains are taken in order, so the window the consumer
+        waits for is always in a chain that a thread holds or takes next: no deadlock.
+        """
+        chains = iter(_chains(windows, first))
+        cond = threading.Condition()
+        ready: dict[int, object] = {}
+        state = {"next": first, "stop": False}
+
+        def decode_chains() -> None:
+            while True:
+                with cond:
+                    chain = None if state["stop"] else next(chains, None)
+                if chain is None:
+                    return
+                for w in chain:
+                    with cond:
+                        while not state["stop"] and w >= state["next"] + self.workers:
+                            cond.wait()
+                        if state["stop"]:
+                            return
+                    try:
+                        item: object = self._decode(epoch, w, windows[w])
+                    except BaseException as exc:  # raised in the consumer, at window w
+                        item = _Failure(exc)
+                    with cond:
+                        ready[w] = item
+                        cond.notify_all()
+                    if isinstance(item, _Failure):
+                        return
+
+        threads = [
+            threading.Thread(target=decode_chains, name="batchfit-decode", daemon=True)
+            for _ in range(self.workers)
+        ]
+        for thread in threads:
+            thread.start()
         try:
-            for w in upcoming:
-                pending.append(pool.submit(self._decode, epoch, w, windows[w]))
-                if len(pending) >= self.workers:
-                    break
-            while pending:
-                done = pending.popleft().result()
-                w = next(upcoming, None)
-                if w is not None:
-                    pending.append(pool.submit(self._decode, epoch, w, windows[w]))
-                yield done
+            for w in range(first, len(windows)):
+                with cond:
+                    while w not in ready:
+                        cond.wait()
+                    item = ready.pop(w)
+                    state["next"] = w + 1
+                    cond.notify_all()
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+                del item  # not held while the next window is awaited
         finally:
-            for future in pending:
-                future.cancel()
-            pool.shutdown(wait=True)
+            with cond:
+                state["stop"] = True
+                cond.notify_all()
+            for thread in threads:
+                thread.join()
 
     def _global_batches(
         self, epoch: int, batch_size: int, start: int, end: int, rank: int, world_size: int
@@ -312,7 +437,10 @@ class StreamSource(BatchSource):
         pending_x: list[np.ndarray] = []
         pending_y: list[np.ndarray] = []
         pending = 0
-        for x, y in self._decoded(epoch, windows, first):
+        for decoded in self._decoded(epoch, windows, first):
+            if decoded is None:
+                continue  # a window with no row of this side of the validation split
+            x, y = decoded
             if skip:
                 x, y, skip = x[skip:], y[skip:], 0
             if len(y) > remaining:
@@ -326,12 +454,27 @@ class StreamSource(BatchSource):
                 pending += take
                 offset += take
                 if pending == batch_size:
-                    yield _share(pending_x, pending_y, rank, world_size)
+                    yield self._share(pending_x, pending_y, rank, world_size)
                     pending_x, pending_y, pending = [], [], 0
             if remaining == 0:
                 break
         if pending:
-            yield _share(pending_x, pending_y, rank, world_size)
+            yield self._share(pending_x, pending_y, rank, world_size)
+
+    def _share(
+        self, xs: list[np.ndarray], ys: list[np.ndarray], rank: int, world_size: int
+    ) -> Batch:
+        """This rank's share of one global batch, its labels checked first when asked to (in the
+        prefetch thread, on the CPU: free for the training step)."""
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        y = ys[0] if len(ys) == 1 else np.concatenate(ys)
+        if self.classes is not None and self.target_kind == "class":
+            check_class_labels(y, self.classes, self.reader.label)
+        if world_size > 1:
+            shares = split_evenly(len(y), world_size)
+            offset = sum(shares[:rank])
+            x, y = x[offset : offset + shares[rank]], y[offset : offset + shares[rank]]
+        return torch.from_numpy(x), torch.from_numpy(y)
 
     # -- the BatchSource contract ---------------------------------------------------------------
     @property
@@ -355,6 +498,14 @@ class StreamSource(BatchSource):
         batches = self._global_batches(epoch, batch_size, start, end, rank, world_size)
         return run_ahead(batches, self.prefetch)
 
+    def as_class_labels(self) -> StreamSource:
+        """This stream with a float target read as int64 class labels (a 2-D ``.npy`` keeps its
+        labels as floats), for ``--loss cross_entropy``; each window is checked as it is read."""
+        labels = copy.copy(self)
+        labels._float_labels_as_classes = True
+        labels.target_kind = "class"
+        return labels
+
     def split(self, fraction: float, seed: int) -> tuple[StreamSource, StreamSource]:
         """Hold out exactly ``round(fraction * N)`` seeded rows as unshuffled validation data."""
         n = self.num_samples
@@ -365,7 +516,7 @@ class StreamSource(BatchSource):
                 f"validation and {n - n_val} for training; choose a fraction that leaves at least "
                 "one sample in each, or 0 for none."
             )
-        permutation = IndexPermutation(n, epoch_seed(seed, -1))
+        held_out = Holdout(n, n_val, seed)
         common = dict(
             features=self.features,
             target=self.target,
@@ -377,22 +528,34 @@ class StreamSource(BatchSource):
             self.reader,
             seed=self.seed,
             shuffle=self.shuffle,
-            holdout=_Holdout(permutation, n_val, keep_validation=False),
+            holdout=_Holdout(held_out, float(fraction), keep_validation=False),
             **common,
         )
         val = StreamSource(
             self.reader,
             shuffle=False,
-            holdout=_Holdout(permutation, n_val, keep_validation=True),
+            holdout=_Holdout(held_out, float(fraction), keep_validation=True),
             **common,
         )
+        if self._float_labels_as_classes:
+            train, val = train.as_class_labels(), val.as_class_labels()
         return train, val
 
+    def _out_row_bytes(self) -> int:
+        """Bytes of one row as batches hold it: float32 features and the target."""
+        target = 8 if self.target_kind == "class" else 4
+        return 4 * max(1, self._feature_width()) + target
+
+    def _window_row_bytes(self) -> float:
+        """Bytes one row takes in a window: decoded, converted, and the permuted copy."""
+        return self.reader.row_bytes + 2 * self._out_row_bytes()
+
     def memory_bytes(self, batch_size: int) -> int:
-        """About how many bytes the stream holds at once for ``batch_size`` (see README)."""
-        out_row = 4 * max(1, self._feature_width()) + 8
-        window = self.shuffle_buffer * (self.reader.row_bytes + 2 * out_row)
-        return int(window * (1 + self.workers) + (self.prefetch + 1) * batch_size * out_row)
+        """About how many bytes the stream holds at once for ``batch_size``: the window being cut
+        into batches, ``workers`` windows decoded ahead, and ``prefetch + 1`` batches."""
+        window = self.shuffle_buffer * self._window_row_bytes()
+        batches = (self.prefetch + 1) * batch_size * self._out_row_bytes()
+        return int(window * (1 + self.workers) + batches)
 
     def _feature_width(self) -> int:
         width = 0
@@ -401,17 +564,32 @@ class StreamSource(BatchSource):
             width += getattr(kind, "list_size", 1) if isinstance(kind, pa.DataType) else 1
         return width
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the order: the files, the shuffle and, for block shuffling, the buffer
+        (a full permutation does not depend on it), and the validation split."""
+        block_shuffle = self.shuffle and not self.full_permutation
+        return {
+            "source": "stream",
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer if block_shuffle else None,
+            "files": files_fingerprint(self.reader.files),
+            "val_fraction": self.holdout.fraction if self.holdout else None,
+            "val_seed": self.holdout.rows.seed if self.holdout else None,
+        }
+
     def describe(self) -> str:
         order = (
             "full permutation"
             if self.full_permutation
-            else f"shuffle buffer {self.shuffle_buffer} rows"
+            else f"shuffle buffer {self.shuffle_buffer:,} rows"
             if self.shuffle
             else "in file order"
         )
+        threads = f"{self.workers} decode thread{'s' if self.workers > 1 else ''}"
         return (
-            f"{self.num_samples} samples streamed from {self.reader.label} ({order}, "
-            f"prefetch {self.prefetch})"
+            f"{self.num_samples} samples streamed from {self.reader.label} ({order}, {threads}, "
+            f"prefetch {self.prefetch}; about {format_bytes(self.memory_bytes(0))} of windows "
+            f"and {self.prefetch + 1} batches in memory)"
         )
 
 
@@ -427,14 +605,19 @@ def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.take(array, index, axis=0)
 
 
-def _share(xs: list[np.ndarray], ys: list[np.ndarray], rank: int, world_size: int) -> Batch:
-    x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-    y = ys[0] if len(ys) == 1 else np.concatenate(ys)
-    if world_size > 1:
-        shares = split_evenly(len(y), world_size)
-        offset = sum(shares[:rank])
-        x, y = x[offset : offset + shares[rank]], y[offset : offset + shares[rank]]
-    return torch.from_numpy(x), torch.from_numpy(y)
+def _chains(windows: list, first: int) -> list[list[int]]:
+    """Windows ``first..`` grouped into runs where each window continues the previous one's last
+    block exactly where it stopped (a block bigger than the buffer spans several windows)."""
+    chains: list[list[int]] = []
+    for w in range(first, len(windows)):
+        window = windows[w]
+        if chains and isinstance(window[0], _Segment):
+            last, start = windows[w - 1][-1], window[0]
+            if last.block == start.block and last.stop == start.start:
+                chains[-1].append(w)
+                continue
+        chains.append([w])
+    return chains
 
 
 def open_stream(
@@ -444,15 +627,19 @@ def open_stream(
     *,
     seed: int = 0,
     shuffle: bool = True,
-    shuffle_buffer: int | None = None,
+    shuffle_buffer: int | str | None = None,
     prefetch: int = DEFAULT_PREFETCH,
     workers: int = 1,
 ) -> StreamSource:
     """A :class:`StreamSource` over a file, folder or glob, columns checked from metadata.
 
     The target defaults as for in-memory files (a column named ``target``, ``label`` or ``y``;
-    the last column of a plain 2-D ``.npy``).
+    the last column of a plain 2-D ``.npy``). ``shuffle_buffer`` is rows (int) or the bytes of
+    one window (``"64MiB"``); see :class:`StreamSource`.
     """
+    validation.check_optional("shuffle_buffer", shuffle_buffer)
+    validation.check("prefetch", prefetch)
+    validation.check("data_workers", workers)
     reader = open_reader(spec)
     names = reader.column_names
     label = reader.label
@@ -475,9 +662,13 @@ def open_stream(
 
 
 def estimated_bytes(spec: str | Path) -> int:
-    """Bytes the data would take decoded in memory, from metadata or file sizes (no data read)."""
+    """Bytes the data would take decoded in memory, from metadata or file sizes (no data read but
+    the first record batch of an Arrow file)."""
     files = resolve_files(spec)
-    if file_format(files[0]) != "parquet":
+    fmt = file_format(files[0])
+    if fmt == "arrow":
+        return sum(_arrow_decoded_bytes(f) for f in files)
+    if fmt != "parquet":
         return sum(f.stat().st_size for f in files)
     import pyarrow.parquet as pq
 
@@ -491,6 +682,22 @@ def estimated_bytes(spec: str | Path) -> int:
     return total
 
 
+def _arrow_decoded_bytes(path: Path) -> int:
+    """An Arrow IPC file's decoded size: its first record batch times the number of batches
+    (writers cut equal batches), so a compressed file counts what it takes decoded, not on disk.
+    Anything unreadable or unusual falls back to the file size (the reader names the problem)."""
+    import pyarrow.ipc as ipc
+
+    size = path.stat().st_size
+    try:
+        reader = ipc.open_file(pa.memory_map(str(path)))
+        if reader.num_record_batches == 0:
+            return size
+        return max(size, reader.get_batch(0).nbytes * reader.num_record_batches)
+    except (pa.ArrowException, OSError):
+        return size
+
+
 def should_stream(data_bytes: int, available_bytes: int) -> bool:
     """Stream when loading ``data_bytes`` would take over a quarter of the available memory.
 
@@ -501,19 +708,6 @@ def should_stream(data_bytes: int, available_bytes: int) -> bool:
     return data_bytes * _LOAD_OVERHEAD > LOAD_SHARE_OF_AVAILABLE * available_bytes
 
 
-def format_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``.
-
-    >>> format_bytes(1536), format_bytes(5 * 2**30)
-    ('1.5 KiB', '5.0 GiB')
-    """
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def load_file(
     spec: str | Path,
     features: list[str] | None = None,
@@ -522,15 +716,17 @@ def load_file(
     seed: int = 0,
     shuffle: bool = True,
     stream: bool | None = None,
-    shuffle_buffer: int | None = None,
+    shuffle_buffer: int | str | None = None,
     prefetch: int = DEFAULT_PREFETCH,
     workers: int = 1,
     available_bytes: int | None = None,
+    reason: str | None = None,
 ) -> tuple[BatchSource, str, str]:
     """Return (source, target kind, why): in memory when the data is small, else streamed.
 
     ``stream=None`` chooses by :func:`should_stream` against ``available_bytes`` (default: what
-    psutil reports available now); ``True``/``False`` force it. ``.npz`` is always loaded.
+    psutil reports available now); ``True``/``False`` force it, for ``reason`` (default: the
+    flag). ``.npz`` is always loaded.
     """
     from batchfit.data.files import read_table
     from batchfit.data.memory import TensorSource
@@ -538,7 +734,7 @@ def load_file(
     files = resolve_files(spec)
     fmt = file_format(files[0])
     many = len(files) > 1
-    why = "forced by --stream" if stream else "forced by --no-stream"
+    why = reason or ("forced by --stream" if stream else "forced by --no-stream")
     if stream is None:
         if fmt == "npz":
             stream, why = False, ".npz archives cannot be streamed"
@@ -560,11 +756,12 @@ def load_file(
     if stream:
         source = open_stream(spec, features, target, workers=workers, **options)
         return source, source.target_kind, f"streaming {spec}: {why}"
+    origin = files_fingerprint(files)
     if many:  # read through the stream reader, which checks that the schemas agree
         source = open_stream(spec, features, target, **{**options, "shuffle": False})
         x, y = next(iter(source.batches(0, source.num_samples)))
-        loaded = TensorSource(x, y, seed=seed, shuffle=shuffle)
+        loaded = TensorSource(x, y, seed=seed, shuffle=shuffle, files=origin)
         return loaded, source.target_kind, f"loading {spec} into memory: {why}"
     table = read_table(spec, features, target)
-    loaded = TensorSource(table.x, table.y, seed=seed, shuffle=shuffle)
+    loaded = TensorSource(table.x, table.y, seed=seed, shuffle=shuffle, files=origin)
     return loaded, table.target_kind, f"loading {spec} into memory: {why}"

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from batchfit.data.source import Batch, BatchSource, epoch_seed
+from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed
 from batchfit.errors import BatchfitError
 from batchfit.schedule import split_evenly
 
@@ -89,7 +90,13 @@ class DatasetSource(BatchSource):
             num_workers=self.num_workers,
             collate_fn=lambda items: default_collate([_as_pair(i) for i in items]),
         )
-        yield from loader
+        for x, y in loader:
+            if self.classes is not None:
+                check_class_labels(y, self.classes, f"a batch from {type(self.dataset).__name__}")
+            yield x, y
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"source": "dataset", "shuffle": self.shuffle}
 
     def describe(self) -> str:
         return f"{self.num_samples} samples from {type(self.dataset).__name__}"
@@ -129,7 +136,13 @@ class IterableSource(BatchSource):
                 return
             shares = split_evenly(len(chunk), world_size)
             offset = sum(shares[:rank])
-            yield default_collate(chunk[offset : offset + shares[rank]])
+            x, y = default_collate(chunk[offset : offset + shares[rank]])
+            if self.classes is not None:
+                check_class_labels(y, self.classes, f"a batch from {type(self.dataset).__name__}")
+            yield x, y
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"source": "iterable"}
 
     def describe(self) -> str:
         n = self.num_samples
