@@ -58,7 +58,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_real_out_of_memory_error_is_caught_and_the_search_backs_off(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # A fixed mmap threshold makes glibc return every large block to the kernel when freed, so
+    # the address-space limit is exact; with its dynamic threshold, freed blocks stay mapped in
+    # the heap and a later trial can grow resident memory past the limit without a new mapping
+    # (the probe then judges it "too big" by its peak instead of meeting a real error).
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
     done = subprocess.run(
         [sys.executable, "-c", OOM_SCRIPT], capture_output=True, text=True, env=env, timeout=120
     )
