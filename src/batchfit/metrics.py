@@ -1,8 +1,9 @@
 """Per-step training metrics: buffered in memory, checked for NaN, written to ``metrics.csv``.
 
-Losses stay tensors until a flush (a few times a second, and before every checkpoint), so the
-loop never waits for a device sync per step. A flush is also where a NaN or infinite loss is
-caught: it raises before any checkpoint can be written after the bad step.
+On an accelerator, losses stay tensors until a flush (a few times a second, and before every
+checkpoint), so the loop never waits for a device sync per step; on the CPU there is nothing to
+wait for, and a plain float is the cheaper thing to keep. A flush is also where a NaN or infinite
+loss is caught: it raises before any checkpoint can be written after the bad step.
 """
 
 from __future__ import annotations
@@ -19,11 +20,25 @@ COLUMNS = ("step", "epoch", "batch_size", "micro_batch_size", "loss", "lr", "sam
 
 
 class MetricsLog:
-    """Collects one row per step; keeps the running mean loss of the current epoch."""
+    """Collects one row per step; keeps the running mean loss of the current epoch.
 
-    def __init__(self, path: Path | None, *, resume_step: int | None = None) -> None:
+    A step is recorded as ``(step, batch_size, loss, seconds)``, the least the loop can hand over;
+    the epoch, micro-batch size and learning rate are the same for every step between two flushes
+    and are filled in when the rows are written.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        micro_batch_size: int,
+        lr: float,
+        resume_step: int | None = None,
+    ) -> None:
         self.path = path
-        self._pending: list[tuple[int, int, int, int, torch.Tensor, float, float]] = []
+        self.micro_batch_size, self.lr = micro_batch_size, lr
+        self.epoch = 1
+        self.pending: list[tuple[int, int, torch.Tensor | float, float]] = []
         self.epoch_loss_sum = 0.0
         self.epoch_samples = 0
         self.last_loss = math.nan
@@ -44,39 +59,34 @@ class MetricsLog:
         with self.path.open("w", newline="") as f:
             csv.writer(f, lineterminator="\n").writerows(kept)
 
-    def add(
-        self,
-        step: int,
-        epoch: int,
-        batch_size: int,
-        micro_batch_size: int,
-        loss: torch.Tensor,
-        lr: float,
-        samples_per_s: float,
-    ) -> None:
-        self._pending.append((step, epoch, batch_size, micro_batch_size, loss, lr, samples_per_s))
+    def flush(self) -> float:
+        """Write the pending rows; return the training seconds they cover.
 
-    def flush(self) -> None:
-        """Turn pending losses into numbers, write them, and raise on the first non-finite one."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        values = torch.stack([row[4] for row in pending]).double().cpu().tolist()
+        Raises NonFiniteLossError at the first NaN or infinite loss (its row is written first).
+        """
+        if not self.pending:
+            return 0.0
+        pending = self.pending[:]
+        self.pending.clear()  # in place: the loop holds this list's append method
+        losses = [row[2] for row in pending]
+        if isinstance(losses[0], torch.Tensor):  # device tensors: one transfer for all of them
+            values = torch.stack(losses).double().cpu().tolist()
+        else:
+            values = losses
         rows = []
         bad = None
         samples, seconds = 0, 0.0
-        for row, value in zip(pending, values, strict=True):
-            step, epoch, batch_size, micro, _, lr, speed = row
-            rows.append(
-                (step, epoch, batch_size, micro, f"{value:.6g}", f"{lr:.6g}", f"{speed:.1f}")
-            )
+        epoch, micro, lr = self.epoch, self.micro_batch_size, f"{self.lr:.6g}"
+        for (step, batch_size, _, step_seconds), value in zip(pending, values, strict=True):
+            speed = batch_size / max(step_seconds, 1e-9)
+            rows.append((step, epoch, batch_size, micro, f"{value:.6g}", lr, f"{speed:.1f}"))
+            samples, seconds = samples + batch_size, seconds + step_seconds
             if not math.isfinite(value):
                 bad = (step, epoch, value)
                 break
             self.epoch_loss_sum += value * batch_size
             self.epoch_samples += batch_size
             self.last_loss = value
-            samples, seconds = samples + batch_size, seconds + batch_size / speed
         if seconds > 0:  # the display shows the rate over the rows just flushed, not one step
             self.last_samples_per_s = samples / seconds
         if self.path is not None:
@@ -90,9 +100,12 @@ class MetricsLog:
                 "for extreme values.",
                 step=step,
             )
+        return seconds
 
     def epoch_mean_loss(self) -> float:
         return self.epoch_loss_sum / self.epoch_samples if self.epoch_samples else math.nan
 
-    def start_epoch(self) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        """Rows from now on belong to ``epoch`` (1-based); its mean loss starts from zero."""
+        self.epoch = epoch
         self.epoch_loss_sum, self.epoch_samples = 0.0, 0

@@ -491,7 +491,10 @@ def train(
     pos = run.position
 
     metrics = MetricsLog(
-        Path(out_dir) / "metrics.csv" if out_dir else None, resume_step=resumed_from
+        Path(out_dir) / "metrics.csv" if out_dir else None,
+        micro_batch_size=micro,
+        lr=lr,
+        resume_step=resumed_from,
     )
     if saved is not None:
         metrics.epoch_loss_sum, metrics.epoch_samples = saved["epoch_loss"]
@@ -511,10 +514,14 @@ def train(
     elif resume:
         bar.log(f"No checkpoint in {checkpoint_dir} yet; starting from the beginning.")
 
+    def flush_metrics() -> None:
+        """Write the pending metrics rows (raising on a NaN loss) and count their seconds."""
+        run.train_seconds += metrics.flush()
+
     saved_at: list[tuple[int, str]] = []
 
     def checkpoint() -> str | None:
-        metrics.flush()  # raises on a NaN loss first, so a bad state is never saved
+        flush_metrics()  # raises on a NaN loss first, so a bad state is never saved
         if checkpoint_dir is None:
             return None
         if saved_at and saved_at[-1][0] == pos.step:
@@ -539,7 +546,7 @@ def train(
         """Evaluate now (once per step at most), record it and tell ``on_eval``."""
         if run.evals and run.evals[-1]["step"] == pos.step:
             return run.evals[-1]
-        metrics.flush()
+        flush_metrics()
         record: dict[str, float] = {
             "step": pos.step,
             "epoch": pos.epoch + 1,
@@ -564,8 +571,12 @@ def train(
             raise _saved_before_stopping(exc, pos, checkpoint()) from None
 
     stop_requested: list[int] = []
+    on_cpu = device.type == "cpu"
     model.train()
-    samples_this_run, epoch_finished, seconds_at_start = 0, False, run.train_seconds
+    epoch_finished = False
+    samples_at_start, seconds_at_start = pos.samples_seen, run.train_seconds
+    add_row = metrics.pending.append
+    loss_fn = loss.fn
     started = time.perf_counter()
     with _StopSignals(enabled=True) as stop:
         while pos.step < total_steps and (epochs is None or pos.epoch < epochs):
@@ -580,6 +591,8 @@ def train(
                 epoch_steps,
                 steps_done,
             )
+            first_step = pos.step - steps_done  # the global step before this epoch's first
+            metrics.epoch = pos.epoch + 1
             epoch_finished = False
             next_flush = time.perf_counter() + FLUSH_SECONDS
             t_last = time.perf_counter()
@@ -599,29 +612,31 @@ def train(
                         steps=steps_per_epoch - steps_done,
                     )
                 for x, y in batches:
-                    loss_value, parts = train_step(model, opt, loss.fn, x, y, micro, device)
+                    if on_cpu and len(y) <= micro:
+                        # train_step's one-micro-batch case, written out: at batch size 1 the
+                        # call alone cost ~1% of throughput (benchmarks/loop_overhead.py).
+                        opt.zero_grad(set_to_none=True)
+                        loss_value = loss_fn(model(x), y)
+                        loss_value.backward()
+                        opt.step()
+                        loss_value, parts = loss_value.item(), 1
+                    else:
+                        loss_value, parts = train_step(model, opt, loss_fn, x, y, micro, device)
+                        if on_cpu:  # nothing to sync on the CPU, and a float is cheaper to keep
+                            loss_value = loss_value.item()
                     size = len(y)
                     pos.step += 1
                     pos.iterations += parts
                     pos.samples_seen += size
                     pos.sample_in_epoch += size
-                    steps_done += 1
                     now = time.perf_counter()
-                    run.train_seconds += now - t_last
-                    samples_this_run += size
-                    metrics.add(
-                        pos.step,
-                        pos.epoch + 1,
-                        size,
-                        micro,
-                        loss_value,
-                        lr,
-                        size / max(now - t_last, 1e-9),
-                    )
+                    add_row((pos.step, size, loss_value, now - t_last))
                     t_last = now
                     if now >= next_flush:
-                        metrics.flush()
-                        bar.update(steps_done, metrics.last_loss, metrics.last_samples_per_s)
+                        flush_metrics()
+                        bar.update(
+                            pos.step - first_step, metrics.last_loss, metrics.last_samples_per_s
+                        )
                         next_flush = now + FLUSH_SECONDS
                     if stop.received:
                         raise _interrupted(stop.received, pos, checkpoint())
@@ -635,14 +650,15 @@ def train(
                         break
                 else:
                     epoch_finished = True
+                    steps_done = pos.step - first_step
                     if steps_per_epoch is not None and steps_done < steps_per_epoch:
                         stop_requested.append(pos.step)  # the stream ran dry
                 if steps_per_epoch is not None:
-                    epoch_finished = epoch_finished or steps_done >= steps_per_epoch
+                    epoch_finished = epoch_finished or pos.step - first_step >= steps_per_epoch
                 elif the_plan and pos.sample_in_epoch >= the_plan.samples_per_epoch:
                     epoch_finished = True
-                metrics.flush()
-                bar.update(steps_done, metrics.last_loss, metrics.last_samples_per_s)
+                flush_metrics()
+                bar.update(pos.step - first_step, metrics.last_loss, metrics.last_samples_per_s)
             except (NonFiniteLossError, TrainingInterrupted):
                 raise
             except BatchfitError as exc:
@@ -665,7 +681,7 @@ def train(
             bar.log(_epoch_summary(record, epochs))
             pos.epoch += 1
             pos.sample_in_epoch = 0
-            metrics.start_epoch()
+            metrics.start_epoch(pos.epoch + 1)
             checkpoint()
             if stop_requested:
                 break
@@ -689,7 +705,7 @@ def train(
         seconds=seconds,
         evals=run.evals,
         train_seconds=run.train_seconds,
-        samples_per_s=samples_this_run / (run.train_seconds - seconds_at_start)
+        samples_per_s=(pos.samples_seen - samples_at_start) / (run.train_seconds - seconds_at_start)
         if run.train_seconds > seconds_at_start
         else 0.0,
         batch_size=batch_size,
