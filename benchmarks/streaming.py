@@ -12,9 +12,9 @@
 (e) with ``--reader-memory-mb M``: peak RSS of one pass over an M MB Parquet file with
     ``pyarrow.dataset(...).to_batches()`` and with ``ParquetFile.iter_batches`` (what batchfit
     uses), each in a fresh child process: why the stream reads row groups page by page.
-(f) overlap: one shuffled epoch with a fixed amount of compute per batch (a matmul standing in
-    for the training step), against the data alone and the compute alone; (data + compute) /
-    together is 1.0 with no overlap and up to 2.0 when decoding hides behind the step.
+(f) overlap: one shuffled epoch of a CSV file (the slowest format to decode) with a small MLP's
+    training step per batch, against the data alone and the compute alone; prints how much of
+    the smaller side hid behind the other (0% with no overlap, 100% when fully hidden).
 
 Files are generated into ``--dir`` (default: a temporary folder) and deleted afterwards.
 
@@ -109,13 +109,10 @@ def hf_loop(ds, batch_size: int) -> int:
     return n
 
 
-def rows_per_s(fn, rounds: int) -> list[float]:
-    out = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        n = fn()
-        out.append(n / (time.perf_counter() - start))
-    return out
+def rows_per_s(fn) -> float:
+    start = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - start)
 
 
 def throughput(path: Path, batch_size: int, rounds: int, cache: Path) -> dict:
@@ -135,7 +132,7 @@ def throughput(path: Path, batch_size: int, rounds: int, cache: Path) -> dict:
     results: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):  # interleaved, so load on the machine hits every contender alike
         for name, fn in contenders.items():
-            results[name] += rows_per_s(fn, 1)
+            results[name].append(rows_per_s(fn))
     medians = {k: statistics.median(v) for k, v in results.items()}
     return {"rows_per_s": medians, "hf_prepare_seconds": hf_prepare_s}
 
@@ -171,6 +168,12 @@ def epoch_rss(path: Path, batch_size: int) -> dict:
     return json.loads(out.stdout)
 
 
+def _movement(source, n: int) -> tuple[float, float]:
+    """Mean distance a row moved (over N) and the share of file neighbours still adjacent."""
+    order = np.concatenate([x[:, 0].numpy() for x, _ in source.batches(0, 4096)]).astype(np.int64)
+    return np.abs(order - np.arange(n)).mean() / n, (np.abs(np.diff(order)) == 1).mean()
+
+
 def shuffle_quality(work: Path, n: int = 1_000_000) -> None:
     """How far rows move in one shuffled epoch, for a few layouts and buffer sizes."""
     from batchfit.data.stream import open_stream
@@ -182,20 +185,13 @@ def shuffle_quality(work: Path, n: int = 1_000_000) -> None:
         path = work / f"quality-{row_group}.parquet"
         if not path.exists():
             pq.write_table(ids, path, row_group_size=row_group)
-        src = open_stream(path, target="y", shuffle_buffer=buffer)
-        order = np.concatenate([x[:, 0].numpy() for x, _ in src.batches(0, 4096)]).astype(np.int64)
-        moved = np.abs(order - np.arange(n)).mean() / n
-        kept = (np.abs(np.diff(order)) == 1).mean()
+        moved, kept = _movement(open_stream(path, target="y", shuffle_buffer=buffer), n)
         groups = n // row_group
         layout = f"{groups} row group{'s' if groups > 1 else ''} of {row_group:,}"
         print(f"  {layout:30s} {buffer:>9,}   {moved:15.3f}   {kept:20.4f}")
     path = work / "quality.npy"
     np.save(path, np.column_stack([np.arange(n, dtype=np.float32), np.zeros(n, np.float32)]))
-    order = np.concatenate([x[:, 0].numpy() for x, _ in open_stream(path).batches(0, 4096)]).astype(
-        np.int64
-    )
-    moved = np.abs(order - np.arange(n)).mean() / n
-    kept = (np.abs(np.diff(order)) == 1).mean()
+    moved, kept = _movement(open_stream(path), n)
     print(f"  {'.npy, full permutation':30s} {'-':>9}   {moved:15.3f}   {kept:20.4f}")
 
 
@@ -209,8 +205,10 @@ path, how = sys.argv[1], sys.argv[2]
 before = rss()
 if how == "to_batches":
     batches = ds.dataset(path, format="parquet").to_batches()
-else:  # as batchfit's reader opens a row group: page by page, no pre-buffering
-    batches = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False).iter_batches(65536)
+else:  # as batchfit's reader opens a row group: page by page, no pre-buffering, one thread
+    buffer_bytes, read_rows = int(sys.argv[3]), int(sys.argv[4])  # batchfit's, from the parent
+    f = pq.ParquetFile(path, buffer_size=buffer_bytes, pre_buffer=False)
+    batches = f.iter_batches(read_rows, use_threads=False)
 rows = sum(b.num_rows for b in batches)
 status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
 print(json.dumps({"rows": rows, "before": before,
@@ -220,13 +218,16 @@ print(json.dumps({"rows": rows, "before": before,
 
 def reader_memory(work: Path, megabytes: float) -> None:
     """(e) Peak RSS of one pass with Dataset.to_batches and with ParquetFile.iter_batches."""
+    from batchfit.data.readers import PARQUET_BUFFER_BYTES, READ_ROWS
+
     path = work / "reader.parquet"
     rows = generate(path, megabytes * 1e6, seed=2)
     size = path.stat().st_size / 2**20
     print(f"\n(e) peak RSS of one pass over {rows:,} rows ({size:,.0f} MiB), fresh child each")
     for how in ("to_batches", "iter_batches"):
         out = subprocess.run(
-            [sys.executable, "-c", READER_CHILD, str(path), how],
+            [sys.executable, "-c", READER_CHILD, str(path), how]
+            + [str(PARQUET_BUFFER_BYTES), str(READ_ROWS)],
             capture_output=True,
             text=True,
             check=True,

@@ -710,7 +710,10 @@ def test_the_shuffle_buffer_may_be_given_as_the_memory_of_one_window(tmp_path):
     by_size = stream(spec, shuffle_buffer="64KiB")
     assert by_size.shuffle_buffer == int(65536 // row_bytes)
     assert "in memory" in by_size.describe() and "shuffle buffer" in by_size.describe()
-    assert by_size.memory_bytes(0) == pytest.approx(2 * 65536, rel=0.01)  # 1 + 1 worker windows
+    # 1 + 1 worker windows, but never more rows than the file holds
+    window_rows = min(by_size.shuffle_buffer, by_size.num_samples)
+    assert by_size.memory_bytes(0) == pytest.approx(2 * window_rows * row_bytes, rel=0.01)
+    assert by_size.memory_bytes(0) <= 2 * 65536
     with pytest.raises(BatchfitError, match=r"The 'shuffle_buffer' option must be an int >= 1"):
         stream(spec, shuffle_buffer="lots")
 
@@ -727,3 +730,23 @@ def test_float_labels_of_a_streamed_npy_are_classes_for_cross_entropy(tmp_path, 
     _, y = next(iter(task.train.batches(0, 300)))
     _, y_val = next(iter(task.val.batches(0, 30)))
     assert y.dtype == y_val.dtype == torch.int64 and len(y) + len(y_val) == 300
+
+
+def test_a_table_with_numbered_columns_needs_a_target_whether_loaded_or_streamed(tmp_path):
+    from batchfit.data.stream import load_file
+
+    path = tmp_path / "numbered.parquet"
+    pq.write_table(pa.table({"0": np.arange(10.0), "1": np.arange(10.0), "2": np.arange(10)}), path)
+    for streamed in (True, False):
+        with pytest.raises(BatchfitError, match="Say which column .* is the target with --target"):
+            load_file(path, stream=streamed)
+    np.save(tmp_path / "plain.npy", np.zeros((10, 3)))
+    for streamed in (True, False):  # a plain 2-D .npy: the last column, both ways
+        source, _, _ = load_file(tmp_path / "plain.npy", stream=streamed)
+        assert source.num_samples == 10
+
+
+def test_a_stream_is_split_once(tmp_path):
+    train_part, _ = stream(write(tmp_path, "parquet")).split(0.2, seed=0)
+    with pytest.raises(BatchfitError, match="already one side of a training/validation split"):
+        train_part.split(0.2, seed=0)

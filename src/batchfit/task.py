@@ -13,12 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from batchfit import validation
 from batchfit.data.memory import TensorSource
+from batchfit.data.permute import Holdout, validation_count
 from batchfit.data.source import BatchSource
 from batchfit.data.stream import DEFAULT_PREFETCH, StreamSource, load_file
 from batchfit.data.torch_dataset import DatasetSource, IterableSource
@@ -307,17 +309,11 @@ def _split(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSource
         return source.split(fraction, seed)
     if isinstance(source, DatasetSource):
         n = source.num_samples
-        n_val = round(n * fraction)
-        if n_val < 1 or n_val >= n:
-            raise BatchfitError(
-                f"A validation fraction of {fraction:g} of {n} samples leaves none for one side; "
-                "choose another fraction, or 0 for no validation."
-            )
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        train = DatasetSource(
-            torch.utils.data.Subset(source.dataset, perm[n_val:]), seed=source.seed
-        )
-        val = DatasetSource(torch.utils.data.Subset(source.dataset, perm[:n_val]), shuffle=False)
+        # The same rows as TensorSource.split and StreamSource.split hold out.
+        held_out = Holdout(n, validation_count(n, fraction), seed).all_rows()
+        train_rows, val_rows = np.flatnonzero(~held_out).tolist(), np.flatnonzero(held_out).tolist()
+        train = DatasetSource(torch.utils.data.Subset(source.dataset, train_rows), seed=source.seed)
+        val = DatasetSource(torch.utils.data.Subset(source.dataset, val_rows), shuffle=False)
         return train, val
     raise BatchfitError(
         "A stream cannot be split for validation; give --val-data, or --val-fraction 0."

@@ -197,6 +197,20 @@ def _features_tensor(arrays: list[np.ndarray], names: list[str], path: Path | st
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
+def default_target(names: list[str], target: str | None, fmt: str) -> str | None:
+    """A plain 2-D ``.npy`` has columns ``"0"``, ``"1"``, ...: its target defaults to the last.
+
+    Only ``.npy``: a table whose columns happen to be named by numbers still needs ``--target``,
+    loaded or streamed alike.
+
+    >>> default_target(["0", "1", "2"], None, "npy"), default_target(["0", "1"], None, "parquet")
+    ('2', None)
+    """
+    if target is None and fmt == "npy" and names == [str(i) for i in range(len(names))]:
+        return names[-1]
+    return target
+
+
 def _pick_target(columns: list[str], target: str | None, path: Path | str) -> str:
     if target is not None:
         if target not in columns:
@@ -269,9 +283,7 @@ def read_table(path: str | Path, features: list[str] | None, target: str | None)
             ) from None
         columns = _columns_of_array(path, loaded)
         names = list(columns)
-        if target is None and fmt == "npy" and names == [str(i) for i in range(len(names))]:
-            target = names[-1]
-        target = _pick_target(names, target, path)
+        target = _pick_target(names, default_target(names, target, fmt), path)
         chosen = _pick_features(names, features, target, path)
         lengths = {len(columns[c]) for c in chosen + [target]}
         if len(lengths) != 1:

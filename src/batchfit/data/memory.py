@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchfit.data.permute import Holdout
+from batchfit.data.permute import Holdout, validation_count
 from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed
 from batchfit.errors import BatchfitError
 from batchfit.schedule import split_evenly
@@ -102,13 +102,7 @@ class TensorSource(BatchSource):
 
     def split(self, fraction: float, seed: int) -> tuple[TensorSource, TensorSource]:
         """Split off a seeded ``fraction`` of the samples as an unshuffled validation source."""
-        n_val = round(self.num_samples * fraction)
-        if n_val < 1 or n_val >= self.num_samples:
-            raise BatchfitError(
-                f"A validation fraction of {fraction:g} of {self.num_samples} samples leaves "
-                f"{n_val} for validation and {self.num_samples - n_val} for training; "
-                "choose a fraction that leaves at least one sample in each, or 0 for none."
-            )
+        n_val = validation_count(self.num_samples, fraction)
         # The same rows as StreamSource.split holds out, so streaming never changes the split.
         held_out = Holdout(self.num_samples, n_val, seed).all_rows()
         val_idx = torch.from_numpy(np.flatnonzero(held_out))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from batchfit.data.source import epoch_seed
+from batchfit.errors import BatchfitError
 
 _MASK64 = np.uint64(2**64 - 1)
 _ROUNDS = 6
@@ -63,6 +64,22 @@ class IndexPermutation:
             out[outside] = self._feistel(out[outside])
             outside = out >= np.uint64(self.n)
         return out.astype(np.int64)
+
+
+def validation_count(n: int, fraction: float) -> int:
+    """``round(fraction * n)`` samples for validation, refusing a split that empties either side.
+
+    >>> validation_count(1000, 0.1)
+    100
+    """
+    n_val = round(n * fraction)
+    if n_val < 1 or n_val >= n:
+        raise BatchfitError(
+            f"A validation fraction of {fraction:g} of {n} samples leaves {n_val} for validation "
+            f"and {n - n_val} for training; choose a fraction that leaves at least one sample in "
+            "each, or 0 for none."
+        )
+    return n_val
 
 
 class Holdout:

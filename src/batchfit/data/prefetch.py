@@ -19,7 +19,7 @@ _END = object()
 _POLL_SECONDS = 0.05
 
 
-class _Failure:
+class Failure:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
@@ -60,7 +60,7 @@ def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
                     return
             put(_END)
         except BaseException as exc:  # handed to the consumer, raised there
-            put(_Failure(exc))
+            put(Failure(exc))
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
@@ -73,7 +73,7 @@ def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
             item = slots.get()
             if item is _END:
                 return
-            if isinstance(item, _Failure):
+            if isinstance(item, Failure):
                 raise item.exc
             yield item
     finally:

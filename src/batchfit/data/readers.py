@@ -167,7 +167,17 @@ class Reader:
             self._nulls[name] = self._nulls.get(name, 0) + column.null_count
 
     def column_type(self, name: str) -> object:
-        raise NotImplementedError
+        return self.schema.field(name).type
+
+    def _set_schema(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.column_names = list(schema.names)
+        self.columns = self.column_names
+
+
+def _selected_bytes(schema: pa.Schema, columns: list[str]) -> float:
+    """Bytes of one row of ``columns``, from their types (Arrow formats)."""
+    return float(sum(_type_bytes(schema.field(c).type) for c in columns))
 
 
 def _common_parts(files: list[Path]) -> tuple[str, ...]:
@@ -192,11 +202,11 @@ def _one_file(files: list[Path], kind: str) -> None:
 class _Cursor:
     """Sequential reads of exactly ``n`` rows from an iterator of record batches."""
 
-    def __init__(self, batches: Iterator[pa.RecordBatch], position: int) -> None:
+    def __init__(self, batches: Iterator[pa.RecordBatch]) -> None:
         self._batches = batches
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
-        self.position = position
+        self.position = 0
 
     def take(self, n: int) -> pa.Table:
         while self._pending_rows < n:
@@ -234,14 +244,12 @@ class _CursorReader(Reader):
 
     def _scan(self, batches) -> None:
         """One block, its rows and nulls counted by one pass (for formats without metadata)."""
-        self.schema = batches.schema
+        self._set_schema(batches.schema)
         rows = 0
         for batch in batches:
             rows += batch.num_rows
             self._count_nulls(batch)
         self.block_rows = [rows] if rows else []
-        self.column_names = list(self.schema.names)
-        self.columns = self.column_names
 
     def read(self, block: int, start: int, stop: int) -> pa.Table:
         cached = getattr(self._local, "cursor", None)
@@ -250,7 +258,7 @@ class _CursorReader(Reader):
                 cursor = cached[1]  # continue where this thread stopped in the block
                 cursor.skip(start - cursor.position)
             else:
-                cursor = _Cursor(self._open(block), 0)
+                cursor = _Cursor(self._open(block))
                 cursor.skip(start)
             table = cursor.take(stop - start)
         except _ARROW_ERRORS + (EOFError,) as exc:
@@ -297,9 +305,7 @@ class ParquetReader(_CursorReader):
                 self.block_rows.append(group.num_rows)
                 self._group_bytes.append(group.total_byte_size)
                 self._collect_nulls(group)
-        self.schema = first_schema
-        self.column_names = list(first_schema.names)
-        self.columns = self.column_names
+        self._set_schema(first_schema)
 
     def _collect_nulls(self, group: object) -> None:
         for c in range(group.num_columns):
@@ -308,9 +314,6 @@ class ParquetReader(_CursorReader):
             name = column.path_in_schema
             if stats is not None and stats.has_null_count:
                 self._nulls[name] = self._nulls.get(name, 0) + stats.null_count
-
-    def column_type(self, name: str) -> object:
-        return self.schema.field(name).type
 
     def select(self, columns: list[str]) -> None:
         super().select(columns)
@@ -397,17 +400,12 @@ class IpcReader(Reader):
                 f"Cannot read '{path}' as arrow: {_first_line(exc)}. Check that the file is "
                 "complete and really Arrow IPC (Feather v2)."
             ) from None
-        self.schema = self._reader.schema
-        self.column_names = list(self.schema.names)
-        self.columns = self.column_names
+        self._set_schema(self._reader.schema)
         self._table: pa.Table | None = None
-
-    def column_type(self, name: str) -> object:
-        return self.schema.field(name).type
 
     def select(self, columns: list[str]) -> None:
         super().select(columns)
-        self.row_bytes = float(sum(_type_bytes(self.schema.field(c).type) for c in columns))
+        self.row_bytes = _selected_bytes(self.schema, columns)
 
     def where(self, block: int) -> str:
         return f"record batch {block} of '{self.files[0]}'"
@@ -472,12 +470,9 @@ class IpcStreamReader(_CursorReader):
 
         return ipc.open_stream(pa.memory_map(str(self.files[0])))
 
-    def column_type(self, name: str) -> object:
-        return self.schema.field(name).type
-
     def select(self, columns: list[str]) -> None:
         super().select(columns)
-        self.row_bytes = float(sum(_type_bytes(self.schema.field(c).type) for c in columns))
+        self.row_bytes = _selected_bytes(self.schema, columns)
 
     def _open(self, block: int) -> Iterator[pa.RecordBatch]:
         return (batch.select(self.columns) for batch in self._stream())
@@ -570,7 +565,6 @@ class CsvReader(_CursorReader):
                 f"Cannot read '{files[0]}' as csv: {_first_line(exc)}. Check the file, or make "
                 "every value of a column the same type."
             ) from None
-        self.row_bytes = 8.0 * len(self.column_names)
 
     def _stream(self, columns: list[str] | None):
         import pyarrow.csv as pacsv
@@ -581,9 +575,6 @@ class CsvReader(_CursorReader):
             read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=False),
             convert_options=convert,
         )
-
-    def column_type(self, name: str) -> object:
-        return self.schema.field(name).type
 
     def select(self, columns: list[str]) -> None:
         super().select(columns)

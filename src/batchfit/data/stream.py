@@ -55,9 +55,11 @@ from batchfit.data.files import (
     _pick_features,
     _pick_target,
     _target_tensor,
+    default_target,
     file_format,
 )
-from batchfit.data.permute import Holdout, IndexPermutation
+from batchfit.data.permute import Holdout, IndexPermutation, validation_count
+from batchfit.data.prefetch import Failure
 from batchfit.data.prefetch import prefetch as run_ahead
 from batchfit.data.readers import (
     Reader,
@@ -110,11 +112,6 @@ class _Part:
     raw: pa.Table | dict[str, np.ndarray]
     where: str
     filtered_from: _Segment | None
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
 
 
 def _target_kind(kind: object) -> str:
@@ -236,11 +233,13 @@ class StreamSource(BatchSource):
         return rows
 
     def _window_size(self, epoch: int, window) -> int:
+        if self.holdout is None:  # every row counts: no need to work out the window's order
+            if isinstance(window[0], _Segment):
+                return sum(s.stop - s.start for s in window)
+            return window[1] - window[0]
         rows = self._window_rows(epoch, window)
         if rows is not None:
             return len(rows)
-        if self.holdout is None:
-            return sum(s.stop - s.start for s in window)
         total = 0
         for s in window:
             base = self._offsets[s.block]
@@ -390,11 +389,11 @@ class StreamSource(BatchSource):
                     try:
                         item: object = self._decode(epoch, w, windows[w])
                     except BaseException as exc:  # raised in the consumer, at window w
-                        item = _Failure(exc)
+                        item = Failure(exc)
                     with cond:
                         ready[w] = item
                         cond.notify_all()
-                    if isinstance(item, _Failure):
+                    if isinstance(item, Failure):
                         return
 
         threads = [
@@ -411,7 +410,7 @@ class StreamSource(BatchSource):
                     item = ready.pop(w)
                     state["next"] = w + 1
                     cond.notify_all()
-                if isinstance(item, _Failure):
+                if isinstance(item, Failure):
                     raise item.exc
                 yield item
                 del item  # not held while the next window is awaited
@@ -508,15 +507,13 @@ class StreamSource(BatchSource):
 
     def split(self, fraction: float, seed: int) -> tuple[StreamSource, StreamSource]:
         """Hold out exactly ``round(fraction * N)`` seeded rows as unshuffled validation data."""
-        n = self.num_samples
-        n_val = round(n * fraction)
-        if self.holdout is not None or n_val < 1 or n_val >= n:
+        if self.holdout is not None:
             raise BatchfitError(
-                f"A validation fraction of {fraction:g} of {n} samples leaves {n_val} for "
-                f"validation and {n - n_val} for training; choose a fraction that leaves at least "
-                "one sample in each, or 0 for none."
+                "This stream is already one side of a training/validation split; split the "
+                "whole stream once."
             )
-        held_out = Holdout(n, n_val, seed)
+        n = self.num_samples
+        held_out = Holdout(n, validation_count(n, fraction), seed)
         common = dict(
             features=self.features,
             target=self.target,
@@ -553,7 +550,7 @@ class StreamSource(BatchSource):
     def memory_bytes(self, batch_size: int) -> int:
         """About how many bytes the stream holds at once for ``batch_size``: the window being cut
         into batches, ``workers`` windows decoded ahead, and ``prefetch + 1`` batches."""
-        window = self.shuffle_buffer * self._window_row_bytes()
+        window = min(self.shuffle_buffer, self.reader.num_rows) * self._window_row_bytes()
         batches = (self.prefetch + 1) * batch_size * self._out_row_bytes()
         return int(window * (1 + self.workers) + batches)
 
@@ -643,9 +640,8 @@ def open_stream(
     reader = open_reader(spec)
     names = reader.column_names
     label = reader.label
-    if target is None and names == [str(i) for i in range(len(names))]:
-        target = names[-1]
-    target = _pick_target(names, target, label)
+    fmt = file_format(reader.files[0])
+    target = _pick_target(names, default_target(names, target, fmt), label)
     chosen = _pick_features(names, features, target, label)
     check_types(reader, chosen + [target])
     reader.select(chosen + [target])
@@ -661,10 +657,10 @@ def open_stream(
     )
 
 
-def estimated_bytes(spec: str | Path) -> int:
+def estimated_bytes(spec: str | Path, files: list[Path] | None = None) -> int:
     """Bytes the data would take decoded in memory, from metadata or file sizes (no data read but
-    the first record batch of an Arrow file)."""
-    files = resolve_files(spec)
+    the first record batch of an Arrow file). ``files``: ``spec`` already resolved."""
+    files = files if files is not None else resolve_files(spec)
     fmt = file_format(files[0])
     if fmt == "arrow":
         return sum(_arrow_decoded_bytes(f) for f in files)
@@ -741,7 +737,7 @@ def load_file(
         else:
             import psutil
 
-            size = estimated_bytes(spec)
+            size = estimated_bytes(spec, files)
             available = (
                 psutil.virtual_memory().available if available_bytes is None else (available_bytes)
             )
