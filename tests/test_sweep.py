@@ -278,7 +278,7 @@ def test_sizes_that_batch_norm_cannot_train_are_skipped_with_a_reason():
     assert result.settings["skipped_batch_sizes"] == [1, 3]
     lines = "\n".join(result.verdict.lines)
     assert "B=1 was not run: the model has batch norm" in lines and "at every step" in lines
-    assert "B=3 was not run" in lines and "in the last batch of each epoch" in lines
+    assert "B=3 was not run" in lines and "at the last batch of each epoch" in lines
     with pytest.raises(BatchfitError, match="batch norm.*every size in --batch-sizes makes one"):
         run(batch_norm_mlp(), batch_sizes=[1, 3], epochs=1)
 

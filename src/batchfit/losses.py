@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from batchfit.data.source import check_class_labels
 from batchfit.errors import BatchfitError
 from batchfit.imports import import_object
 
@@ -50,12 +51,9 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     try:
         return F.cross_entropy(output, target)
     except IndexError:
-        classes = output.shape[-1]
-        bad = target[(target < 0) | (target >= classes)]
-        raise BatchfitError(
-            f"Target label {bad[0].item() if len(bad) else '?'} is outside the model's {classes} "
-            f"outputs (labels must be 0..{classes - 1}); fix the labels or the model's output size."
-        ) from None
+        # Classes sit on dimension 1 ((N, C) or (N, C, d...)), as the up-front check counts them.
+        check_class_labels(target.cpu(), output.shape[1] if output.ndim > 1 else output.shape[0])
+        raise
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,17 @@ def split_evenly(n: int, parts: int) -> list[int]:
     return [base + 1 if i < extra else base for i in range(parts)]
 
 
+def rank_share(n: int, rank: int, world_size: int) -> slice:
+    """The slice of an ``n``-sample global batch that rank ``rank`` of ``world_size`` takes.
+
+    >>> [rank_share(10, r, 3) for r in range(3)]
+    [slice(0, 4, None), slice(4, 7, None), slice(7, 10, None)]
+    """
+    shares = split_evenly(n, world_size)
+    offset = sum(shares[:rank])
+    return slice(offset, offset + shares[rank])
+
+
 def micro_batch_sizes(n: int, micro_batch_size: int) -> list[int]:
     """Sizes of the micro-batches that one device runs for ``n`` samples; the last is smaller.
 
@@ -90,23 +101,45 @@ def micro_batch_sizes(n: int, micro_batch_size: int) -> list[int]:
     return [micro_batch_size] * full + ([rest] if rest else [])
 
 
+def single_sample_micro_batch_at(
+    samples: int | None, batch_size: int, micro_batch_size: int, drop_last: bool = False
+) -> str | None:
+    """Where an epoch has a micro-batch of exactly one sample (one device), in words, or None.
+
+    Batch norm cannot train on one sample, so the loop and the sweep check this first.
+
+    >>> single_sample_micro_batch_at(100, 33, 33)      # the last batch holds 100 - 99 = 1
+    'the last batch of each epoch (100 % 33 = 1 sample)'
+    >>> single_sample_micro_batch_at(100, 33, 33, drop_last=True) is None
+    True
+    >>> single_sample_micro_batch_at(100, 10, 3), single_sample_micro_batch_at(None, 10, 3)
+    ('every step', 'every step')
+    >>> single_sample_micro_batch_at(103, 10, 10)      # 103 % 10 = 3 -> one micro-batch of 3
+    >>> single_sample_micro_batch_at(102, 10, 4)       # last batch of 2 -> fine; 10 = 4 + 4 + 2
+    >>> single_sample_micro_batch_at(105, 10, 4)       # last batch 5 = 4 + 1
+    "the last micro-batch of each epoch's last batch"
+    """
+    if 1 in micro_batch_sizes(batch_size, micro_batch_size):
+        return "every step"
+    remainder = samples % batch_size if samples is not None and not drop_last else 0
+    if remainder == 1:
+        return f"the last batch of each epoch ({samples} % {batch_size} = 1 sample)"
+    if remainder and 1 in micro_batch_sizes(remainder, micro_batch_size):
+        return "the last micro-batch of each epoch's last batch"
+    return None
+
+
 def has_single_sample_micro_batch(
     samples: int | None, batch_size: int, micro_batch_size: int, drop_last: bool = False
 ) -> bool:
-    """Whether some micro-batch of an epoch holds exactly one sample (one device).
+    """Whether some micro-batch of an epoch holds exactly one sample (see above).
 
-    Batch norm cannot train on one sample, so the loop checks this before training.
-
-    >>> has_single_sample_micro_batch(100, 33, 33)      # the last batch holds 100 - 99 = 1
-    True
-    >>> has_single_sample_micro_batch(100, 33, 33, drop_last=True), has_single_sample_micro_batch(
-    ...     100, 10, 3)
-    (False, True)
+    >>> has_single_sample_micro_batch(100, 33, 33), has_single_sample_micro_batch(100, 34, 34)
+    (True, False)
     """
-    sizes = set(micro_batch_sizes(batch_size, micro_batch_size))
-    if samples is not None and not drop_last and samples % batch_size:
-        sizes |= set(micro_batch_sizes(samples % batch_size, micro_batch_size))
-    return 1 in sizes
+    return (
+        single_sample_micro_batch_at(samples, batch_size, micro_batch_size, drop_last) is not None
+    )
 
 
 def _iterations_for_batch(n: int, micro_batch_size: int, world_size: int) -> int:

@@ -48,10 +48,11 @@ from batchfit.data.memory import TensorSource
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
 from batchfit.losses import LOSS_NAMES, Loss, resolve_loss
 from batchfit.lr_scaling import default_rule, scale_lr
-from batchfit.probe.memory import is_out_of_memory
+from batchfit.probe.common import has_batch_norm
+from batchfit.probe.memory import is_out_of_memory, rss_bytes
 from batchfit.probe.sharpness import sharpness
 from batchfit.progress import TrainProgress
-from batchfit.schedule import has_single_sample_micro_batch, micro_batch_sizes, plan
+from batchfit.schedule import plan, single_sample_micro_batch_at
 from batchfit.sweep_analysis import (
     METRICS,
     Target,
@@ -481,24 +482,20 @@ def _trainable_sizes(
     model: nn.Module, sizes: list[int], n: int | None, micro_batch_size: int | None
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Split off the sizes that batch norm cannot train at (a 1-sample micro-batch), with why."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not has_batch_norm(model):
         return sizes, []
     keep, skipped = [], []
     for size in sizes:
         micro = min(micro_batch_size, size) if micro_batch_size else size
-        if not has_single_sample_micro_batch(n, size, micro):
+        where = single_sample_micro_batch_at(n, size, micro)
+        if where is None:
             keep.append(size)
             continue
-        where = (
-            "at every step"
-            if 1 in micro_batch_sizes(size, micro)
-            else f"in the last batch of each epoch ({n} samples % {size})"
-        )
         skipped.append(
             {
                 "batch_size": size,
                 "reason": f"B={size} was not run: the model has batch norm, which cannot train "
-                f"on a 1-sample micro-batch, and B={size} makes one {where}.",
+                f"on a 1-sample micro-batch, and B={size} makes one at {where}.",
             }
         )
     if not keep:
@@ -821,7 +818,7 @@ def _one_run(
             "sharpness": None,
             "curve": curve,
             "params_sha256": None,
-            "rss_bytes": _rss_bytes(),
+            "rss_bytes": rss_bytes(),
             "diverged": diverged,
         }
     final = {k: v for k, v in curve[-1].items() if k.startswith("val_")}
@@ -848,7 +845,7 @@ def _one_run(
         "sharpness": sharp.to_dict(),
         "curve": curve,
         "params_sha256": result.params_sha256,
-        "rss_bytes": _rss_bytes(),
+        "rss_bytes": rss_bytes(),
         "diverged": None,
     }
 
@@ -858,12 +855,6 @@ def _first_clause(message: str) -> str:
     advice about checkpoints does not apply to a sweep."""
     clause = message.split(";")[0].strip()
     return clause[:1].lower() + clause[1:] if clause.startswith("The ") else clause
-
-
-def _rss_bytes() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
 
 
 def _run_summary(label: str, record: dict[str, Any], metric: str) -> str:

@@ -39,13 +39,13 @@ from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
 from batchfit.losses import Loss, LossFn, correct_count, resolve_loss
 from batchfit.metrics import MetricsLog
+from batchfit.probe.common import has_batch_norm
 from batchfit.progress import TrainProgress
 from batchfit.schedule import (
     check_batch_fits_data,
     check_sizes,
-    has_single_sample_micro_batch,
-    micro_batch_sizes,
     plan,
+    single_sample_micro_batch_at,
 )
 from batchfit.task import as_source, check_model_accepts_data, target_kind_of
 
@@ -122,7 +122,8 @@ def params_sha256(model: nn.Module) -> str:
     for name, tensor in sorted(model.named_parameters()):
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        # reshape: a 0-dim tensor cannot be viewed as bytes (its shape is in the header above)
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 
@@ -311,16 +312,8 @@ def _check_batch_norm(
     model: nn.Module, samples: int | None, batch_size: int, micro_batch_size: int, drop_last: bool
 ) -> None:
     """Batch norm cannot train on one sample; say so before training, not mid-epoch."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return
-    if has_single_sample_micro_batch(samples, batch_size, micro_batch_size, drop_last):
-        where = (
-            "every step"
-            if 1 in micro_batch_sizes(batch_size, micro_batch_size)
-            else f"the last batch of each epoch ({samples} % {batch_size} = 1 sample)"
-            if samples is not None and samples % batch_size == 1
-            else "the last micro-batch of the epoch's last batch"
-        )
+    where = single_sample_micro_batch_at(samples, batch_size, micro_batch_size, drop_last)
+    if where is not None and has_batch_norm(model):
         raise BatchfitError(
             f"The model has batch norm, which cannot train on a micro-batch of 1 sample, and batch "
             f"size {batch_size} (micro-batch {micro_batch_size}) makes one at {where}. Use "

@@ -13,9 +13,14 @@ import numpy as np
 import torch
 
 from batchfit.data.permute import Holdout, validation_count
-from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed
+from batchfit.data.source import (
+    Batch,
+    BatchSource,
+    check_class_labels,
+    epoch_order,
+    index_batches,
+)
 from batchfit.errors import BatchfitError
-from batchfit.schedule import split_evenly
 
 
 def as_tensor(array: object, name: str) -> torch.Tensor:
@@ -72,10 +77,7 @@ class TensorSource(BatchSource):
 
     def order(self, epoch: int) -> torch.Tensor:
         """The sample indices of epoch ``epoch``, in the order they are visited."""
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-        return torch.randperm(self.num_samples, generator=generator)
+        return epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
 
     def batches(
         self,
@@ -87,17 +89,16 @@ class TensorSource(BatchSource):
         rank: int = 0,
         world_size: int = 1,
     ) -> Iterator[Batch]:
-        order = self.order(epoch)
-        end = self.num_samples
-        if drop_last:
-            end -= end % batch_size
         x, y = self.x, self.y
-        for begin in range(start, end, batch_size):
-            index = order[begin : min(begin + batch_size, end)]
-            if world_size > 1:
-                shares = split_evenly(len(index), world_size)
-                offset = sum(shares[:rank])
-                index = index[offset : offset + shares[rank]]
+        walk = index_batches(
+            self.order(epoch),
+            batch_size,
+            start=start,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+        )
+        for index in walk:
             yield x[index], y[index]
 
     def split(self, fraction: float, seed: int) -> tuple[TensorSource, TensorSource]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from batchfit.errors import BatchfitError
+from batchfit.schedule import rank_share
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -30,6 +31,41 @@ def epoch_seed(seed: int, epoch: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The sample indices of one epoch in visiting order: a permutation seeded by (seed, epoch).
+
+    >>> epoch_order(5, 0, 0, shuffle=False).tolist()
+    [0, 1, 2, 3, 4]
+    >>> sorted(epoch_order(5, 0, 1).tolist())
+    [0, 1, 2, 3, 4]
+    """
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+
+
+def index_batches(
+    order: torch.Tensor,
+    batch_size: int,
+    *,
+    start: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """The indices of each batch of ``order`` after its first ``start``, this rank's share only.
+
+    >>> [b.tolist() for b in index_batches(torch.arange(7), 3, start=2)]
+    [[2, 3, 4], [5, 6]]
+    >>> [b.tolist() for b in index_batches(torch.arange(7), 3, rank=1, world_size=2)]
+    [[2], [5], []]
+    """
+    end = len(order) - len(order) % batch_size if drop_last else len(order)
+    for begin in range(start, end, batch_size):
+        index = order[begin : min(begin + batch_size, end)]
+        yield index[rank_share(len(index), rank, world_size)] if world_size > 1 else index
 
 
 def check_class_labels(y: torch.Tensor | np.ndarray, classes: int, where: str = "") -> None:

@@ -70,7 +70,7 @@ from batchfit.data.readers import (
 )
 from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed
 from batchfit.errors import BatchfitError
-from batchfit.schedule import split_evenly
+from batchfit.schedule import rank_share, split_evenly
 from batchfit.units import format_bytes, parse_size
 
 #: Default shuffle buffer: as many rows as one window of this many bytes holds (the decoded rows,
@@ -470,9 +470,8 @@ class StreamSource(BatchSource):
         if self.classes is not None and self.target_kind == "class":
             check_class_labels(y, self.classes, self.reader.label)
         if world_size > 1:
-            shares = split_evenly(len(y), world_size)
-            offset = sum(shares[:rank])
-            x, y = x[offset : offset + shares[rank]], y[offset : offset + shares[rank]]
+            share = rank_share(len(y), rank, world_size)
+            x, y = x[share], y[share]
         return torch.from_numpy(x), torch.from_numpy(y)
 
     # -- the BatchSource contract ---------------------------------------------------------------

@@ -16,9 +16,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed
+from batchfit.data.source import (
+    Batch,
+    BatchSource,
+    check_class_labels,
+    epoch_order,
+    epoch_seed,
+    index_batches,
+)
 from batchfit.errors import BatchfitError
-from batchfit.schedule import split_evenly
+from batchfit.schedule import rank_share
 
 
 def _as_pair(item: object) -> Batch:
@@ -52,24 +59,6 @@ class DatasetSource(BatchSource):
     def num_samples(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def _index_batches(
-        self, epoch: int, batch_size: int, start: int, drop_last: bool, rank: int, world_size: int
-    ) -> list[list[int]]:
-        n = self.num_samples
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-            order = torch.randperm(n, generator=generator).tolist()
-        else:
-            order = list(range(n))
-        end = n - n % batch_size if drop_last else n
-        out = []
-        for begin in range(start, end, batch_size):
-            index = order[begin : min(begin + batch_size, end)]
-            shares = split_evenly(len(index), world_size)
-            offset = sum(shares[:rank])
-            out.append(index[offset : offset + shares[rank]])
-        return out
-
     def batches(
         self,
         epoch: int,
@@ -80,10 +69,13 @@ class DatasetSource(BatchSource):
         rank: int = 0,
         world_size: int = 1,
     ) -> Iterator[Batch]:
-        index_batches = self._index_batches(epoch, batch_size, start, drop_last, rank, world_size)
+        order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle)
+        walk = index_batches(
+            order, batch_size, start=start, drop_last=drop_last, rank=rank, world_size=world_size
+        )
         loader = DataLoader(
             self.dataset,
-            batch_sampler=index_batches,
+            batch_sampler=[index.tolist() for index in walk],
             # Without a generator of its own, every DataLoader iterator draws its base seed from
             # torch's global RNG: a resumed run would shift every later dropout mask.
             generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)),
@@ -134,9 +126,7 @@ class IterableSource(BatchSource):
             chunk = [_as_pair(item) for item in itertools.islice(samples, batch_size)]
             if not chunk or (drop_last and len(chunk) < batch_size):
                 return
-            shares = split_evenly(len(chunk), world_size)
-            offset = sum(shares[:rank])
-            x, y = default_collate(chunk[offset : offset + shares[rank]])
+            x, y = default_collate(chunk[rank_share(len(chunk), rank, world_size)])
             if self.classes is not None:
                 check_class_labels(y, self.classes, f"a batch from {type(self.dataset).__name__}")
             yield x, y

@@ -34,8 +34,12 @@ def smallest_trainable_size(model: nn.Module) -> int:
     >>> smallest_trainable_size(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4)))
     2
     """
-    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return 2 if has_batch_norm else 1
+    return 2 if has_batch_norm(model) else 1
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` has a batch-norm layer (which cannot train on a batch of one sample)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def balanced_split(total: int, max_chunk: int) -> list[int]:
