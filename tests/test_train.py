@@ -419,3 +419,25 @@ def test_plan_and_train_accept_numpy_integers():
     assert plan(np.int64(24000), np.int32(32)).steps_per_epoch == 750
     x, y = blobs(40)
     assert train(tiny_model(), (x, y), batch_size=np.int64(8), epochs=np.int64(1)).steps == 5
+
+
+def test_a_model_with_a_scalar_parameter_trains_and_is_hashed():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.scale = tiny_model(), nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, x):
+            return self.net(x) * self.scale
+
+    x, y = blobs(40)
+    result = train(Scaled(), (x, y), batch_size=8, epochs=1)
+    assert len(result.params_sha256) == 64
+
+
+def test_a_bad_label_under_a_sequence_output_names_the_class_axis():
+    from batchfit.losses import cross_entropy
+
+    output = torch.zeros(2, 3, 7)  # (N, C, d): 3 classes, 7 positions
+    with pytest.raises(BatchfitError, match=r"Target label 5 is outside the model's 3 outputs"):
+        cross_entropy(output, torch.full((2, 7), 5))

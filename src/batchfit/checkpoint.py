@@ -78,17 +78,6 @@ def check_same_model(
             )
 
 
-_FLAGS = {
-    "batch_size": "--batch-size",
-    "seed": "--seed",
-    "optimizer": "--optimizer",
-    "lr": "--lr",
-    "momentum": "--momentum",
-    "weight_decay": "--weight-decay",
-    "steps_per_epoch": "--steps-per-epoch",
-}
-
-
 def _how_to_match(key: str, value: Any) -> str:
     """The command-line words that reproduce a saved setting."""
     if key == "source":  # the "data" fingerprint of BatchSource.fingerprint
@@ -111,7 +100,7 @@ def _how_to_match(key: str, value: Any) -> str:
         )
     if key == "drop_last":
         return "--drop-last" if value else "no --drop-last"
-    flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
+    flag = "--" + key.replace("_", "-")
     return f"no {flag}" if value is None else f"{flag} {value}"
 
 

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from batchfit import validation
 from batchfit.errors import BatchfitError, TrainingInterrupted
+from batchfit.examples import EXAMPLES
 from batchfit.report.files import to_json
 
 EXIT_USAGE = 2
@@ -68,7 +69,11 @@ class _TargetOrLevel(argparse.Action):
 def _add_task_options(parser: argparse.ArgumentParser, target_level: bool = False) -> None:
     """The task options. With ``target_level`` (sweep), ``--target`` also takes METRIC=VALUE."""
     group = parser.add_argument_group("task (default: the built-in example)")
-    group.add_argument("--example", help="built-in example: mnist1d (default) or linreg")
+    group.add_argument(
+        "--example",
+        help="built-in example (default mnist1d): "
+        + "; ".join(f"{e.name}: {e.description}" for e in EXAMPLES.values()),
+    )
     group.add_argument("--model", help="package.module:factory returning your nn.Module")
     group.add_argument(
         "--data",
@@ -136,9 +141,10 @@ def _add_task_options(parser: argparse.ArgumentParser, target_level: bool = Fals
 
 
 def _load_task(args: argparse.Namespace):
+    """The task of the command line's options; how --data was read, and notes, go to stderr."""
     from batchfit.task import StreamOptions, load_task
 
-    return load_task(
+    task = load_task(
         example=args.example,
         model=args.model,
         data=args.data,
@@ -154,6 +160,12 @@ def _load_task(args: argparse.Namespace):
         if getattr(args, "checkpoint_dir", None) and args.resume
         else None,
     )
+    if not args.quiet:
+        if task.data_choice:
+            print(f"batchfit {args.command}: {task.data_choice}", file=sys.stderr)
+        for note in task.notes:
+            print(f"batchfit {args.command}: note: {note}", file=sys.stderr)
+    return task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,7 +380,6 @@ def _add_tune_command(commands: argparse._SubParsersAction) -> None:
 def _process_started() -> float:
     """When the time budget starts: at the process start when this process is the ``batchfit``
     command (so that importing torch and loading data count), else now (called from Python)."""
-    import os
     import time
 
     import psutil
@@ -678,10 +689,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     task = _load_task(args)
     model, lr = _model_and_lr(args, task)
     quiet = args.quiet
-    if task.data_choice and not quiet:
-        print(f"batchfit train: {task.data_choice}", file=sys.stderr)
-    for note in task.notes if not quiet else ():
-        print(f"batchfit train: note: {note}", file=sys.stderr)
     try:
         result = train(
             model,

@@ -27,12 +27,6 @@ def console() -> Console:
     return _console
 
 
-def reset_console() -> None:
-    """Forget the console so the next call binds to the current sys.stderr."""
-    global _console
-    _console = None
-
-
 class TrainProgress:
     """Per-epoch progress bars; every method is a no-op when ``enabled`` is False."""
 

@@ -147,6 +147,17 @@ def _iterations_for_batch(n: int, micro_batch_size: int, world_size: int) -> int
     return math.ceil(busiest / micro_batch_size)
 
 
+def total_steps(steps_per_epoch: int, epochs: int | None, max_steps: int | None) -> int | None:
+    """Steps until ``epochs`` epochs or ``max_steps`` steps, whichever comes first (None: neither).
+
+    >>> total_steps(10, 3, None), total_steps(10, 3, 25), total_steps(10, None, 25)
+    (30, 25, 25)
+    """
+    by_epochs = epochs * steps_per_epoch if epochs is not None else None
+    limits = [s for s in (by_epochs, max_steps) if s is not None]
+    return min(limits) if limits else None
+
+
 def check_sizes(batch_size: int, micro_batch_size: int | None = None, world_size: int = 1) -> int:
     """Check batch, micro-batch and world size against each other; return the micro-batch size.
 
@@ -223,17 +234,15 @@ def plan(
     )
     accumulation = full_iterations
 
-    if epochs is None and max_steps is None:
-        total_steps = total_iterations = total_samples = None
-        epochs_run = None
+    steps = total_steps(steps_per_epoch, epochs, max_steps)
+    if steps is None:
+        total_iterations = total_samples = epochs_run = None
     else:
-        by_epochs = epochs * steps_per_epoch if epochs is not None else None
-        total_steps = min(s for s in (by_epochs, max_steps) if s is not None)
-        whole_epochs, extra_steps = divmod(total_steps, steps_per_epoch)
+        whole_epochs, extra_steps = divmod(steps, steps_per_epoch)
         # A partial epoch never reaches the last (remainder) batch, so its steps are full.
         total_samples = whole_epochs * samples_per_epoch + extra_steps * batch_size
         total_iterations = whole_epochs * iterations_per_epoch + extra_steps * full_iterations
-        epochs_run = total_steps / steps_per_epoch
+        epochs_run = steps / steps_per_epoch
 
     return Plan(
         samples=samples,
@@ -251,7 +260,7 @@ def plan(
         per_rank_last_batch_size=tuple(split_evenly(last, world_size)),
         epochs=epochs,
         max_steps=max_steps,
-        total_steps=total_steps,
+        total_steps=steps,
         total_iterations=total_iterations,
         total_samples=total_samples,
         epochs_run=epochs_run,

@@ -312,8 +312,15 @@ def _split(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSource
         # The same rows as TensorSource.split and StreamSource.split hold out.
         held_out = Holdout(n, validation_count(n, fraction), seed).all_rows()
         train_rows, val_rows = np.flatnonzero(~held_out).tolist(), np.flatnonzero(held_out).tolist()
-        train = DatasetSource(torch.utils.data.Subset(source.dataset, train_rows), seed=source.seed)
-        val = DatasetSource(torch.utils.data.Subset(source.dataset, val_rows), shuffle=False)
+        workers = source.num_workers
+        train = DatasetSource(
+            torch.utils.data.Subset(source.dataset, train_rows),
+            seed=source.seed,
+            num_workers=workers,
+        )
+        val = DatasetSource(
+            torch.utils.data.Subset(source.dataset, val_rows), shuffle=False, num_workers=workers
+        )
         return train, val
     raise BatchfitError(
         "A stream cannot be split for validation; give --val-data, or --val-fraction 0."

@@ -29,6 +29,7 @@ from torch import nn
 
 from batchfit import validation
 from batchfit.checkpoint import (
+    CHECKPOINT_NAME,
     check_same_model,
     check_same_settings,
     checkpoint_path,
@@ -42,10 +43,10 @@ from batchfit.metrics import MetricsLog
 from batchfit.probe.common import has_batch_norm
 from batchfit.progress import TrainProgress
 from batchfit.schedule import (
-    check_batch_fits_data,
     check_sizes,
     plan,
     single_sample_micro_batch_at,
+    total_steps,
 )
 from batchfit.task import as_source, check_model_accepts_data, target_kind_of
 
@@ -283,7 +284,7 @@ def _check_output_paths(
         if folder.exists() and not folder.is_dir():
             hint = (
                 f" (give its folder: --checkpoint-dir {folder.parent})"
-                if folder.name == (checkpoint_path(folder.parent).name)
+                if folder.name == CHECKPOINT_NAME
                 else ""
             )
             raise BatchfitError(f"--checkpoint-dir '{folder}' is a file, not a folder{hint}.")
@@ -411,9 +412,18 @@ def train(
         as_source(val_data, shuffle=False, what="validation data") if val_data is not None else None
     )
     n = source.num_samples
-    micro = check_sizes(batch_size, micro_batch_size)
-    if n is not None:
-        check_batch_fits_data(batch_size, n)
+    if n is not None:  # checks the sizes against each other and the data, and counts the steps
+        the_plan = plan(
+            n,
+            batch_size,
+            micro_batch_size=micro_batch_size,
+            epochs=epochs,
+            max_steps=max_steps,
+            drop_last=drop_last,
+        )
+        micro = the_plan.micro_batch_size
+    else:
+        the_plan, micro = None, check_sizes(batch_size, micro_batch_size)
     _stop_rule(epochs, max_steps, n, steps_per_epoch)
     validation.check("optimizer", optimizer)
     lr = DEFAULT_LR[optimizer] if lr is None else validation.check("lr", lr)
@@ -433,22 +443,10 @@ def train(
     if val_source is not None:  # bad validation data found now, not after an epoch of training
         check_model_accepts_data(model, val_source, loss, what="validation data")
     opt = make_optimizer(optimizer, model, lr, momentum, weight_decay)
-    the_plan = (
-        plan(
-            n,
-            batch_size,
-            micro_batch_size=micro,
-            epochs=epochs,
-            max_steps=max_steps,
-            drop_last=drop_last,
-        )
-        if n is not None
-        else None
-    )
-    total_steps = the_plan.total_steps if the_plan else max_steps
     if steps_per_epoch is not None:
-        by_epochs = epochs * steps_per_epoch if epochs is not None else None
-        total_steps = min(s for s in (by_epochs, max_steps) if s is not None)
+        last_step = total_steps(steps_per_epoch, epochs, max_steps)
+    else:
+        last_step = the_plan.total_steps if the_plan else max_steps
     settings = {
         "batch_size": batch_size,
         "seed": seed,
@@ -511,14 +509,14 @@ def train(
         """Write the pending metrics rows (raising on a NaN loss) and count their seconds."""
         run.train_seconds += metrics.flush()
 
-    saved_at: list[tuple[int, str]] = []
+    last_saved: list[tuple[int, str]] = []  # (step, path) of the newest checkpoint, if any
 
     def checkpoint() -> str | None:
         flush_metrics()  # raises on a NaN loss first, so a bad state is never saved
         if checkpoint_dir is None:
             return None
-        if saved_at and saved_at[-1][0] == pos.step:
-            return saved_at[-1][1]
+        if last_saved and last_saved[0][0] == pos.step:
+            return last_saved[0][1]
         _check_finite_parameters(model, pos.step)
         state = {
             "model": model.state_dict(),
@@ -532,7 +530,7 @@ def train(
             "settings": settings,
         }
         path = str(save_checkpoint(checkpoint_dir, state))
-        saved_at.append((pos.step, path))
+        last_saved[:] = [(pos.step, path)]
         return path
 
     def validate() -> dict[str, float]:
@@ -572,13 +570,13 @@ def train(
     loss_fn = loss.fn
     started = time.perf_counter()
     with _StopSignals(enabled=True) as stop:
-        while pos.step < total_steps and (epochs is None or pos.epoch < epochs):
+        while pos.step < last_step and (epochs is None or pos.epoch < epochs):
             epoch_steps = the_plan.steps_per_epoch if the_plan else None
             steps_done = math.ceil(pos.sample_in_epoch / batch_size)
             if steps_per_epoch is not None:
                 epoch_steps, steps_done = steps_per_epoch, pos.step - pos.epoch * steps_per_epoch
             if epoch_steps is not None:  # the bar ends where this epoch's training ends
-                epoch_steps = steps_done + min(epoch_steps - steps_done, total_steps - pos.step)
+                epoch_steps = steps_done + min(epoch_steps - steps_done, last_step - pos.step)
             bar.start_epoch(
                 f"epoch {pos.epoch + 1}" + (f"/{epochs}" if epochs else ""),
                 epoch_steps,
@@ -639,7 +637,7 @@ def train(
                     if eval_every and pos.step % eval_every == 0:
                         validate()
                         t_last = time.perf_counter()
-                    if pos.step >= total_steps or stop_requested:
+                    if pos.step >= last_step or stop_requested:
                         break
                 else:
                     epoch_finished = True

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchfit.errors import BatchfitError
+from batchfit.units import parse_size
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,6 @@ class Size:
         return Int(self.low).accepts(value)
 
     def convert(self, text: str) -> Any:
-        from batchfit.units import parse_size
-
         return parse_size(text)
 
 
@@ -125,8 +124,6 @@ class RowsOrSize:
 
     def accepts(self, value: Any) -> bool:
         if isinstance(value, str):
-            from batchfit.units import parse_size
-
             try:
                 return value.strip()[-1:].isalpha() and parse_size(value) >= 1
             except ValueError:
@@ -137,8 +134,6 @@ class RowsOrSize:
         plain = text.strip().replace("_", "")
         if plain.isdigit():
             return int(plain)
-        from batchfit.units import parse_size
-
         parse_size(plain)  # raises ValueError on anything that is not a size
         return plain
 

@@ -139,6 +139,3 @@ class BatchSource(ABC):
         batch reaches a device (see :func:`check_class_labels`). Sources check where the batch
         is built; a source whose labels are all in memory checks them all at once."""
         self.classes = classes
-
-    def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
-        """Release files or workers; the default holds nothing."""
