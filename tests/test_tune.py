@@ -222,7 +222,12 @@ def test_a_given_lr_is_scaled_to_the_recommended_batch_by_the_named_rule(
 
 def test_a_batch_norm_model_never_trains_on_one_sample():
     # Every probe used to start at batch size 1: batch norm then raised a ValueError.
-    result = tune(batch_norm_mlp(), blobs(1025), lr=1e-3, time_budget=20)
+    model = batch_norm_mlp()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = tune(model, blobs(1025), lr=1e-3, time_budget=20)
+    # ...and its running statistics, like its weights, are as before (every probe restores them)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert model.training and all(p.grad is None for p in model.parameters())
     assert min(p.batch_size for p in result.throughput.points) == 2
     assert min(t.micro_batch_size for t in result.memory.trials) == 2
     assert result.noise is not None and result.noise.estimate.small_batch_size >= 2

@@ -8,6 +8,17 @@ and exits with status 2; the Python API simply raises it.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    r"""The first line of an error's message, without a final full stop (ours add their own), or
+    the error's type when it has no message (a bare ``MemoryError()``, say).
+
+    >>> first_line(ValueError("shapes differ.\nmore detail")), first_line(MemoryError())
+    ('shapes differ', 'MemoryError')
+    """
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__).rstrip(".")
+
+
 class BatchfitError(ValueError):
     """Bad input or an unusable setting: the message says what was wrong and how to fix it."""
 

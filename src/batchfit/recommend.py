@@ -298,7 +298,7 @@ def recommend(
     else:
         decision.append(
             "Throughput still grows by 10% or more with each doubling up to the largest size "
-            f"measured ({usable[-1][0] if usable else '-'})."
+            f"measured ({max(b for b, _ in usable) if usable else '-'})."
         )
     if b_noise is not None:
         if math.isinf(b_noise):

@@ -45,13 +45,15 @@ from torch import nn
 
 from batchfit import validation
 from batchfit.data.memory import TensorSource
-from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
-from batchfit.losses import LOSS_NAMES, Loss, resolve_loss
+from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted, first_line
+from batchfit.losses import LOSS_NAMES, Loss
 from batchfit.lr_scaling import default_rule, scale_lr
 from batchfit.probe.common import has_batch_norm
 from batchfit.probe.memory import is_out_of_memory, rss_bytes
 from batchfit.probe.sharpness import sharpness
 from batchfit.progress import TrainProgress
+from batchfit.report.files import make_folder, prepare_report_folder
+from batchfit.report.sweep_report import REPORT_FILES
 from batchfit.schedule import plan, single_sample_micro_batch_at
 from batchfit.sweep_analysis import (
     METRICS,
@@ -70,10 +72,9 @@ from batchfit.sweep_analysis import (
     time_to_target,
     verdict,
 )
-from batchfit.task import as_source, check_model_accepts_data, target_kind_of
+from batchfit.task import as_source, check_model_accepts_data, loss_for
 from batchfit.train import (
     DEFAULT_LR,
-    _make_folder,
     _resolve_device,
     evaluate,
     params_sha256,
@@ -186,8 +187,7 @@ def sweep(
     source = as_source(data, seed=seed)
     val_source = as_source(val_data, shuffle=False, what="validation data")
     n = source.num_samples
-    if not isinstance(loss, Loss):
-        loss = resolve_loss(loss, target_kind_of(source))
+    loss = loss_for(source, loss)
     sizes = parse_batch_sizes(batch_sizes, n)
     budget = _budget(epochs, steps, examples, n)
     validation.check("optimizer", optimizer)
@@ -508,9 +508,10 @@ def _trainable_sizes(
 
 
 def _prepare_folder(out_dir: Path, runs_dir: Path) -> None:
-    """Fail now, not after the first run was trained, on an --out that cannot hold the runs."""
-    _make_folder(out_dir, "--out")
-    _make_folder(runs_dir, "--out")
+    """Fail now, not after the first run was trained, on an --out that cannot hold the runs; and
+    remove the report an earlier sweep left there (its finished runs stay, for --resume)."""
+    prepare_report_folder(out_dir, REPORT_FILES)
+    make_folder(runs_dir, "--out")
     if not os.access(runs_dir, os.W_OK | os.X_OK):
         raise BatchfitError(
             f"Cannot write to --out '{out_dir}' (its '{RUNS_FOLDER}' folder is not writable); "
@@ -522,7 +523,7 @@ def _out_of_memory(exc: BaseException, during: str) -> BaseException:
     """An out-of-memory error as one line with the fix; any other error unchanged."""
     if not is_out_of_memory(exc):
         return exc
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = first_line(exc)
     return BatchfitError(
         f"Out of memory while {during} ({first}); give --micro-batch-size, which also bounds "
         "evaluation and sharpness, or lower --sharpness-samples."
@@ -609,11 +610,7 @@ def _total_steps(budget: dict[str, int], n: int | None, batch_size: int) -> int:
 
 def _describe_budget(budget: dict[str, int]) -> str:
     ((kind, value),) = budget.items()
-    return {
-        "epochs": f"{value} epochs",
-        "steps": f"{value} steps",
-        "examples": f"{value} examples",
-    }[kind]
+    return f"{value} {kind}"
 
 
 def _first_samples(source, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -391,7 +391,7 @@ def check_claims(
     sharp = [(s.get("sharpness") or {}).get("eigenvalue", math.nan) for s in sizes]
     noise = None
     if metric == "val_accuracy" and val_samples and best and all(math.isfinite(v) for v in best):
-        noise = 2 * accuracy_noise(sum(best) / len(best), val_samples)
+        noise = _noise(metric, sum(best) / len(best), val_samples)
     return (
         _claim(
             "Smaller batches generalise better",

@@ -24,10 +24,10 @@ from batchfit.data.permute import Holdout, validation_count
 from batchfit.data.source import BatchSource
 from batchfit.data.stream import DEFAULT_PREFETCH, StreamSource, load_file
 from batchfit.data.torch_dataset import DatasetSource, IterableSource
-from batchfit.errors import BatchfitError
+from batchfit.errors import BatchfitError, first_line
 from batchfit.examples import DEFAULT_EXAMPLE, EXAMPLES
 from batchfit.imports import import_object
-from batchfit.losses import Loss, resolve_loss
+from batchfit.losses import Loss, LossFn, resolve_loss
 
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -92,8 +92,7 @@ def model_factory(spec: str) -> Callable[[], nn.Module]:
             raise
         except Exception as exc:
             raise BatchfitError(
-                f"The model factory '{spec}' raised {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                f"The model factory '{spec}' raised {type(exc).__name__}: {first_line(exc)}"
             ) from exc
         if not isinstance(model, nn.Module):
             raise BatchfitError(
@@ -184,6 +183,14 @@ def _as_resumed(options: StreamOptions, resume_from: str | Path | None) -> Strea
         stream=source == "stream",
         reason=f"as the run being resumed from '{resume_from}' did",
     )
+
+
+def loss_for(source: BatchSource, loss: str | LossFn | Loss | None) -> Loss:
+    """``loss`` as a :class:`Loss`: given as one, or resolved by name, callable or, for None, the
+    default for the source's target (which reads one batch to learn its kind)."""
+    if isinstance(loss, Loss):
+        return loss
+    return resolve_loss(loss, target_kind_of(source))
 
 
 def target_kind_of(source: BatchSource) -> str:
@@ -350,7 +357,7 @@ def check_model_accepts_data(
                 raise BatchfitError(
                     f"The model does not accept the {what}: each sample has shape "
                     f"{tuple(x.shape[1:])}{_expected_input(model)}. torch said: "
-                    f"{str(exc).splitlines()[0]}. Fix --features or the model's input layer."
+                    f"{first_line(exc)}. Fix --features or the model's input layer."
                 ) from None
             if not isinstance(output, torch.Tensor):
                 raise BatchfitError(
@@ -368,7 +375,7 @@ def check_model_accepts_data(
                 raise BatchfitError(
                     f"The loss '{loss.name}' cannot compare the model's output of shape "
                     f"{tuple(output.shape)} with the target of shape {tuple(y.shape)}: "
-                    f"{str(exc).splitlines()[0]}."
+                    f"{first_line(exc)}."
                 ) from None
     finally:
         model.train(was_training)
@@ -380,7 +387,7 @@ def _raise_if_dtype_mismatch(model: nn.Module, x: torch.Tensor, exc: Exception) 
         raise BatchfitError(
             f"The data is {x.dtype} but the model's parameters are {parameter.dtype}; convert one "
             f"to the other (e.g. x.float() or model.double()). torch said: "
-            f"{str(exc).splitlines()[0]}"
+            f"{first_line(exc)}"
         ) from None
 
 

@@ -38,17 +38,18 @@ from batchfit.checkpoint import (
 )
 from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
-from batchfit.losses import Loss, LossFn, correct_count, resolve_loss
+from batchfit.losses import Loss, LossFn, correct_count
 from batchfit.metrics import MetricsLog
 from batchfit.probe.common import has_batch_norm
 from batchfit.progress import TrainProgress
+from batchfit.report.files import make_folder
 from batchfit.schedule import (
     check_sizes,
     plan,
     single_sample_micro_batch_at,
     total_steps,
 )
-from batchfit.task import as_source, check_model_accepts_data, target_kind_of
+from batchfit.task import as_source, check_model_accepts_data, loss_for
 
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 FLUSH_SECONDS = 0.5
@@ -293,20 +294,9 @@ def _check_output_paths(
                 f"'{folder}' already holds a checkpoint; add --resume to continue that run, or "
                 "choose another --checkpoint-dir (or delete it) to start over."
             )
-        _make_folder(folder, "--checkpoint-dir")
+        make_folder(folder, "--checkpoint-dir")
     if out_dir is not None:
-        _make_folder(Path(out_dir), "--out")
-
-
-def _make_folder(folder: Path, flag: str) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise BatchfitError(f"{flag} '{folder}' is a file, not a folder; give a folder.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BatchfitError(
-            f"Cannot create {flag} '{folder}': {exc.strerror}; choose a folder you can write to."
-        ) from None
+        make_folder(Path(out_dir), "--out")
 
 
 def _check_batch_norm(
@@ -433,8 +423,7 @@ def train(
         micro, 1024
     )
     _check_output_paths(checkpoint_dir, checkpoint_every, resume, out_dir)
-    if not isinstance(loss, Loss):
-        loss = resolve_loss(loss, target_kind_of(source))
+    loss = loss_for(source, loss)
 
     _check_batch_norm(model, n, batch_size, micro, drop_last)
     device = _resolve_device(device)

@@ -13,9 +13,7 @@ tuning as before.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -27,15 +25,14 @@ from torch import nn
 
 from batchfit import validation
 from batchfit.data.source import BatchSource
-from batchfit.errors import BatchfitError
-from batchfit.losses import Loss, LossFn, resolve_loss
+from batchfit.errors import BatchfitError, first_line
+from batchfit.losses import Loss, LossFn
 from batchfit.lr_scaling import default_rule, scale_lr
 from batchfit.probe.common import (
     Deadline,
     Diverged,
     OutOfTime,
     model_device,
-    preserved,
     smallest_trainable_size,
 )
 from batchfit.probe.lr_range import LRRange, lr_range_test
@@ -48,8 +45,9 @@ from batchfit.probe.memory import (
 from batchfit.probe.noise import NoiseMeasurement, warmup_and_measure
 from batchfit.probe.throughput import Throughput, measure_throughput, powers_of_two_up_to
 from batchfit.recommend import Recommendation, fit_step_time, recommend
-from batchfit.task import as_source, check_model_accepts_data, target_kind_of
-from batchfit.train import DEFAULT_LR, _make_folder, _resolve_device, make_optimizer
+from batchfit.report.files import prepare_report_folder
+from batchfit.task import as_source, check_model_accepts_data, loss_for
+from batchfit.train import DEFAULT_LR, _resolve_device, make_optimizer
 from batchfit.units import format_bytes
 
 DEFAULT_TIME_BUDGET_S = {"cpu": 60.0, "cuda": 300.0}
@@ -214,10 +212,13 @@ def tune(
     validation.check_optional("time_budget", time_budget)
     validation.check("headroom", headroom)
     validation.check("seed", seed)
-    out = prepare_out_dir(out_dir) if out_dir is not None else None
+    out = None
+    if out_dir is not None:
+        from batchfit.report.tune_report import REPORT_FILES  # it imports this module
+
+        out = prepare_report_folder(out_dir, REPORT_FILES)
     source = as_source(data, seed=seed)
-    if not isinstance(loss, Loss):
-        loss = resolve_loss(loss, target_kind_of(source))
+    loss = loss_for(source, loss)
     dev = _resolve_device(device)
     budget_s = time_budget or DEFAULT_TIME_BUDGET_S["cuda" if dev.type == "cuda" else "cpu"]
     reserve = min(REPORT_RESERVE_S, 0.15 * budget_s) if out is not None else 0.0
@@ -241,27 +242,6 @@ def tune(
         report, files = write_report(result, out)
         result = replace(result, report_files=tuple(str(f) for f in files), report=report)
     return result
-
-
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Make sure ``out_dir`` is a folder this process can write to, before any measuring, and
-    remove the report files of an earlier run there, so that a run that fails leaves none that
-    look current (other files are left alone)."""
-    from batchfit.report.tune_report import REPORT_FILES
-
-    folder = Path(out_dir)
-    _make_folder(folder, "--out")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise BatchfitError(
-            f"Cannot write to --out '{folder}': {exc.strerror}; choose a folder you can write to."
-        ) from None
-    for name in REPORT_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            (folder / name).unlink()
-    return folder
 
 
 def _check_budget_left(budget_s: float, started: float, reserve: float) -> None:
@@ -316,145 +296,141 @@ def _measure_and_recommend(
     def timed(name: str, started: float) -> None:
         phase_seconds[name] = round(time.perf_counter() - started, 3)
 
-    with preserved(model):
-        # 1. Memory: the largest micro-batch that fits.
-        t0 = time.perf_counter()
-        log(f"tune: {task_name}, {source.describe()}; time budget {budget.total:g} s")
-        opt = make_optimizer(optimizer, model, lr or DEFAULT_LR[optimizer])
-        memory = find_max_micro_batch_size(
-            model,
-            source,
-            loss.fn,
-            optimizer=opt,
-            limit_bytes=memory_limit,
-            max_batch_size=max_batch_size,
-            headroom=headroom,
-            deadline=budget.phase("memory"),
-            log=log,
-        )
-        skipped += memory.notes
-        ceiling = memory.max_micro_batch_size
-        timed("memory", t0)
+    # 1. Memory: the largest micro-batch that fits.
+    t0 = time.perf_counter()
+    log(f"tune: {task_name}, {source.describe()}; time budget {budget.total:g} s")
+    opt = make_optimizer(optimizer, model, lr or DEFAULT_LR[optimizer])
+    memory = find_max_micro_batch_size(
+        model,
+        source,
+        loss.fn,
+        optimizer=opt,
+        limit_bytes=memory_limit,
+        max_batch_size=max_batch_size,
+        headroom=headroom,
+        deadline=budget.phase("memory"),
+        log=log,
+    )
+    skipped += memory.notes
+    ceiling = memory.max_micro_batch_size
+    timed("memory", t0)
 
-        # 2. Throughput at powers of two up to the ceiling.
-        t0 = time.perf_counter()
-        cap = min(c for c in (ceiling, max_batch_size, n) if c is not None)
-        throughput = measure_throughput(
-            model,
-            source,
-            loss.fn,
-            powers_of_two_up_to(cap, smallest),
-            optimizer=opt,
-            max_micro_batch_size=ceiling,
-            deadline=budget.phase("throughput"),
-            log=log,
-        )
-        skipped += throughput.notes
-        if throughput.out_of_memory_at is not None:
-            ceiling = max(p.batch_size for p in throughput.points)
-        timed("throughput", t0)
+    # 2. Throughput at powers of two up to the ceiling.
+    t0 = time.perf_counter()
+    # The memory search already stopped at --max-batch-size and the data size.
+    throughput = measure_throughput(
+        model,
+        source,
+        loss.fn,
+        powers_of_two_up_to(ceiling, smallest),
+        optimizer=opt,
+        max_micro_batch_size=ceiling,
+        deadline=budget.phase("throughput"),
+        log=log,
+    )
+    skipped += throughput.notes
+    if throughput.out_of_memory_at is not None:
+        ceiling = max(p.batch_size for p in throughput.points)
+    timed("throughput", t0)
 
-        # 3. Gradient noise scale, at the initial weights and after a short warm-up from them.
-        t0 = time.perf_counter()
-        noise = None
-        sizes = _noise_sizes(ceiling, n, smallest)
-        if lr is not None:
-            budget.give_share_away("lr")  # no range test: its time goes to the noise probe
-        noise_deadline = budget.phase("noise")
-        if sizes is None:
-            skipped.append(
-                f"Noise scale not measured: {n} samples are too few for two batch sizes."
-            )
-        else:
-            b, k = sizes
-            base_lr = warmup_lr or lr or DEFAULT_LR[optimizer]
-            run_lr = scale_lr(base_lr, lr_batch_size, b * k, rule)
+    # 3. Gradient noise scale, at the initial weights and after a short warm-up from them.
+    t0 = time.perf_counter()
+    noise = None
+    sizes = _noise_sizes(ceiling, n, smallest)
+    if lr is not None:
+        budget.give_share_away("lr")  # no range test: its time goes to the noise probe
+    noise_deadline = budget.phase("noise")
+    if sizes is None:
+        skipped.append(f"Noise scale not measured: {n} samples are too few for two batch sizes.")
+    else:
+        b, k = sizes
+        base_lr = warmup_lr or lr or DEFAULT_LR[optimizer]
+        run_lr = scale_lr(base_lr, lr_batch_size, b * k, rule)
+        log(
+            f"noise: warm-up from the initial weights, batch {b * k} = {k} x {b}, "
+            f"{optimizer} lr {run_lr:.3g}"
+        )
+        error_sizes = powers_of_two_up_to(max(smallest, (n or 8192) // 4), smallest)
+        noise = _skip_on_failure(
+            "Noise scale",
+            skipped,
+            failures,
+            dev,
+            lambda: warmup_and_measure(
+                model,
+                source,
+                loss.fn,
+                micro_batch_size=b,
+                accumulation=k,
+                optimizer=optimizer,
+                lr=run_lr,
+                deadline=noise_deadline,
+                gradient_error_sizes=[s for s in error_sizes if s & (s - 1) == 0],
+                max_micro_batch_size=ceiling,
+                seed=seed,
+                log=log,
+            ),
+        )
+        if noise is not None:
+            skipped += noise.notes
+            est = noise.estimate
             log(
-                f"noise: warm-up from the initial weights, batch {b * k} = {k} x {b}, "
-                f"{optimizer} lr {run_lr:.3g}"
+                f"noise: B_simple ~{est.b_simple:.0f} ({est.confidence:.0%} interval "
+                f"{est.low:.0f}-{est.high:.0f}) after {noise.steps} steps"
             )
-            error_sizes = powers_of_two_up_to(max(smallest, (n or 8192) // 4), smallest)
-            noise = _skip_on_failure(
-                "Noise scale",
-                skipped,
-                failures,
-                dev,
-                lambda: warmup_and_measure(
-                    model,
-                    source,
-                    loss.fn,
-                    micro_batch_size=b,
-                    accumulation=k,
-                    optimizer=optimizer,
-                    lr=run_lr,
-                    deadline=noise_deadline,
-                    gradient_error_sizes=[s for s in error_sizes if s & (s - 1) == 0],
-                    max_micro_batch_size=ceiling,
-                    seed=seed,
-                    log=log,
-                ),
-            )
-            if noise is not None:
-                skipped += noise.notes
-                est = noise.estimate
-                log(
-                    f"noise: B_simple ~{est.b_simple:.0f} ({est.confidence:.0%} interval "
-                    f"{est.low:.0f}-{est.high:.0f}) after {noise.steps} steps"
-                )
-        timed("noise", t0)
+    timed("noise", t0)
 
-        # 4. The recommendation (pure).
-        rec = recommend(
-            throughput.pairs(),
-            b_noise=noise.estimate.b_simple if noise else None,
-            max_micro_batch_size=ceiling,
-            num_samples=n,
-            max_batch_size=max_batch_size,
-            b_noise_interval=(noise.estimate.low, noise.estimate.high) if noise else None,
-            ceiling_is_final=memory.capped_by != "time budget",
-            min_micro_batch_size=smallest,
+    # 4. The recommendation (pure).
+    rec = recommend(
+        throughput.pairs(),
+        b_noise=noise.estimate.b_simple if noise else None,
+        max_micro_batch_size=ceiling,
+        num_samples=n,
+        max_batch_size=max_batch_size,
+        b_noise_interval=(noise.estimate.low, noise.estimate.high) if noise else None,
+        ceiling_is_final=memory.capped_by != "time budget",
+        min_micro_batch_size=smallest,
+    )
+
+    # 5. The learning rate: scaled from the user's, or a range test at the chosen batch.
+    t0 = time.perf_counter()
+    lr_range = None
+    if lr is not None:
+        chosen_lr = scale_lr(lr, lr_batch_size, rec.batch_size, rule)
+        lr_rule = f"{optimizer}, {rule} rule from {lr:g} at {lr_batch_size}"
+    else:
+        lr_deadline = budget.phase("lr")
+        log(f"lr: range test at batch size {rec.batch_size}")
+        lr_range = _skip_on_failure(
+            "Learning-rate range test",
+            skipped,
+            failures,
+            dev,
+            lambda: lr_range_test(
+                model,
+                source,
+                loss.fn,
+                batch_size=rec.batch_size,
+                micro_batch_size=rec.micro_batch_size,
+                optimizer=optimizer,
+                steps=LR_RANGE_STEPS,
+                deadline=lr_deadline,
+                log=log,
+            ),
         )
-
-        # 5. The learning rate: scaled from the user's, or a range test at the chosen batch.
-        t0 = time.perf_counter()
-        lr_range = None
-        if lr is not None:
-            chosen_lr = scale_lr(lr, lr_batch_size, rec.batch_size, rule)
-            lr_rule = f"{optimizer}, {rule} rule from {lr:g} at {lr_batch_size}"
+        if lr_range is not None and lr_range.pick is not None:
+            chosen_lr = lr_range.pick
+            lr_rule = f"{optimizer}, range test at {rec.batch_size}: {lr_range.rule}"
+            if lr_range.stopped_by == "time budget":
+                skipped.append(
+                    f"The learning-rate range test stopped at lr {lr_range.lrs[-1]:.3g} for "
+                    "lack of time, before the loss diverged; the pick may be low."
+                )
         else:
-            lr_deadline = budget.phase("lr")
-            log(f"lr: range test at batch size {rec.batch_size}")
-            lr_range = _skip_on_failure(
-                "Learning-rate range test",
-                skipped,
-                failures,
-                dev,
-                lambda: lr_range_test(
-                    model,
-                    source,
-                    loss.fn,
-                    batch_size=rec.batch_size,
-                    micro_batch_size=rec.micro_batch_size,
-                    optimizer=optimizer,
-                    steps=LR_RANGE_STEPS,
-                    deadline=lr_deadline,
-                    log=log,
-                ),
-            )
-            if lr_range is not None and lr_range.pick is not None:
-                chosen_lr = lr_range.pick
-                lr_rule = f"{optimizer}, range test at {rec.batch_size}: {lr_range.rule}"
-                if lr_range.stopped_by == "time budget":
-                    skipped.append(
-                        f"The learning-rate range test stopped at lr {lr_range.lrs[-1]:.3g} for "
-                        "lack of time, before the loss diverged; the pick may be low."
-                    )
-            else:
-                base = warmup_lr or DEFAULT_LR[optimizer]
-                chosen_lr = scale_lr(base, lr_batch_size, rec.batch_size, rule)
-                lr_rule = f"{optimizer}, {rule} rule from the default {base:g} at {lr_batch_size}"
-        timed("lr", t0)
-
+            base = warmup_lr or DEFAULT_LR[optimizer]
+            chosen_lr = scale_lr(base, lr_batch_size, rec.batch_size, rule)
+            lr_rule = f"{optimizer}, {rule} rule from the default {base:g} at {lr_batch_size}"
+    timed("lr", t0)
     fit = fit_step_time(throughput.pairs())
     recommended = Recommended(
         batch_size=rec.batch_size,
@@ -506,7 +482,7 @@ def _skip_on_failure(
             raise
         release_memory(device, collect=True)
         message = (
-            f"{what} not measured: it ran out of memory ({str(exc).splitlines()[0][:200]}); "
+            f"{what} not measured: it ran out of memory ({first_line(exc)[:200]}); "
             "the measurements before it stand."
         )
         skipped.append(message)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from batchfit.errors import BatchfitError
+from batchfit.errors import BatchfitError, first_line
 
 TABLE_SUFFIXES = {".parquet", ".pq", ".csv", ".arrow", ".feather", ".ipc"}
 ARRAY_SUFFIXES = {".npy", ".npz"}
@@ -43,12 +43,6 @@ class Table:
 def _place(where: Path | str) -> str:
     """``where`` for a message: a path quoted, a place description as it is."""
     return f"'{where}'" if isinstance(where, Path) else where
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an error, without a final full stop (our messages add their own)."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__).rstrip(".")
 
 
 def file_format(path: Path) -> str:
@@ -99,7 +93,7 @@ def read_arrow_table(path: Path) -> pa.Table:
                 raise not_a_file from None  # neither: report what the file format said
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise BatchfitError(
-            f"Cannot read '{path}' as {fmt}: {_first_line(exc)}. Check that the file is complete "
+            f"Cannot read '{path}' as {fmt}: {first_line(exc)}. Check that the file is complete "
             "and really in that format."
         ) from None
 
@@ -278,7 +272,7 @@ def read_table(path: str | Path, features: list[str] | None, target: str | None)
             loaded = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut-off file
             raise BatchfitError(
-                f"Cannot read '{path}' as {fmt}: {_first_line(exc)}. Check that the file is "
+                f"Cannot read '{path}' as {fmt}: {first_line(exc)}. Check that the file is "
                 "complete and really a NumPy file."
             ) from None
         columns = _columns_of_array(path, loaded)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from batchfit.data.files import _first_line, check_exists, check_numeric_type, file_format
-from batchfit.errors import BatchfitError
+from batchfit.data.files import check_exists, check_numeric_type, file_format
+from batchfit.errors import BatchfitError, first_line
 
 #: Decoded-row target of one internal read; the pieces the source asks for are assembled from them.
 READ_ROWS = 65_536
@@ -264,7 +264,7 @@ class _CursorReader(Reader):
         except _ARROW_ERRORS + (EOFError,) as exc:
             self._local.cursor = None
             raise BatchfitError(
-                f"Cannot read {self.piece(block, start, stop)}: {_first_line(exc)}. The file is "
+                f"Cannot read {self.piece(block, start, stop)}: {first_line(exc)}. The file is "
                 "damaged or changed while training; restore it or leave it out."
             ) from None
         self._local.cursor = (block, cursor) if stop < self.block_rows[block] else None
@@ -287,7 +287,7 @@ class ParquetReader(_CursorReader):
                 schema = metadata.schema.to_arrow_schema()
             except _ARROW_ERRORS as exc:
                 raise BatchfitError(
-                    f"Cannot read '{path}' as parquet: {_first_line(exc)}. Check that the file is "
+                    f"Cannot read '{path}' as parquet: {first_line(exc)}. Check that the file is "
                     "complete and really Parquet."
                 ) from None
             if first_schema is None:
@@ -397,7 +397,7 @@ class IpcReader(Reader):
                 del batch
         except _ARROW_ERRORS as exc:
             raise BatchfitError(
-                f"Cannot read '{path}' as arrow: {_first_line(exc)}. Check that the file is "
+                f"Cannot read '{path}' as arrow: {first_line(exc)}. Check that the file is "
                 "complete and really Arrow IPC (Feather v2)."
             ) from None
         self._set_schema(self._reader.schema)
@@ -426,7 +426,7 @@ class IpcReader(Reader):
             batch = self._batch(block).select(self.columns)
         except _ARROW_ERRORS as exc:
             raise BatchfitError(
-                f"Cannot read {self.where(block)}: {_first_line(exc)}. The file is damaged or "
+                f"Cannot read {self.where(block)}: {first_line(exc)}. The file is damaged or "
                 "changed while training; restore it."
             ) from None
         return pa.Table.from_batches([batch.slice(start, stop - start)])
@@ -461,7 +461,7 @@ class IpcStreamReader(_CursorReader):
             self._scan(self._stream())
         except _ARROW_ERRORS as exc:
             raise BatchfitError(
-                f"Cannot read '{files[0]}' as an Arrow IPC stream: {_first_line(exc)}. Check "
+                f"Cannot read '{files[0]}' as an Arrow IPC stream: {first_line(exc)}. Check "
                 "that the file is complete."
             ) from None
 
@@ -508,7 +508,7 @@ class NpyReader(Reader):
             self._array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut-off file
             raise BatchfitError(
-                f"Cannot read '{path}' as npy: {_first_line(exc)}. Check that the file is "
+                f"Cannot read '{path}' as npy: {first_line(exc)}. Check that the file is "
                 "complete and really a NumPy .npy file."
             ) from None
         array = self._array
@@ -562,7 +562,7 @@ class CsvReader(_CursorReader):
             self._scan(self._stream(None))
         except _ARROW_ERRORS as exc:
             raise BatchfitError(
-                f"Cannot read '{files[0]}' as csv: {_first_line(exc)}. Check the file, or make "
+                f"Cannot read '{files[0]}' as csv: {first_line(exc)}. Check the file, or make "
                 "every value of a column the same type."
             ) from None
 

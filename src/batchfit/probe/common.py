@@ -14,6 +14,7 @@ from torch import nn
 
 from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError
+from batchfit.schedule import split_evenly
 
 
 class OutOfTime(BatchfitError):
@@ -49,9 +50,7 @@ def balanced_split(total: int, max_chunk: int) -> list[int]:
     >>> balanced_split(10, 4), balanced_split(1025, 341), balanced_split(3, 8)
     ([4, 3, 3], [257, 256, 256, 256], [3])
     """
-    parts = math.ceil(total / max_chunk)
-    size, extra = divmod(total, parts)
-    return [size + 1] * extra + [size] * (parts - extra)
+    return split_evenly(total, math.ceil(total / max_chunk))
 
 
 class SampleReader:

@@ -50,7 +50,7 @@ from torch import nn
 
 from batchfit import validation
 from batchfit.data.source import BatchSource
-from batchfit.errors import BatchfitError
+from batchfit.errors import BatchfitError, first_line
 from batchfit.losses import LossFn
 from batchfit.probe.common import (
     Deadline,
@@ -59,6 +59,7 @@ from batchfit.probe.common import (
     smallest_trainable_size,
     synchronize,
 )
+from batchfit.train import train_step
 from batchfit.units import format_bytes
 
 DEFAULT_HEADROOM = 0.1
@@ -278,11 +279,10 @@ def _iteration(
     micro_batch_size: int,
     device: torch.device,
 ) -> None:
-    """One training iteration as the loop runs it: fetch, forward, backward, optimizer step."""
+    """One training iteration as the loop runs it (fetch, forward, backward, optimizer step),
+    its gradients freed after."""
     x, y = next(iter(source.batches(0, micro_batch_size)))
-    loss = loss_fn(model(x.to(device)), y.to(device))
-    loss.backward()
-    optimizer.step()
+    train_step(model, optimizer, loss_fn, x, y, micro_batch_size, device)
     optimizer.zero_grad(set_to_none=True)
     synchronize(device)
 
@@ -317,8 +317,7 @@ def _trial(
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    return f"{type(exc).__name__}: {first_line(exc)}"[:300]
 
 
 def confirm_in_child(
@@ -432,8 +431,7 @@ def find_max_micro_batch_size(
     log = log or (lambda _: None)
     deadline = deadline or Deadline(None)
     validation.check("headroom", headroom)
-    if max_batch_size is not None:
-        validation.check("max_batch_size", max_batch_size)
+    validation.check_optional("max_batch_size", max_batch_size)
     device = model_device(model)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
     n = data.num_samples

@@ -36,7 +36,7 @@ from torch import nn
 from batchfit import validation
 from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError
-from batchfit.losses import Loss, LossFn, resolve_loss
+from batchfit.losses import Loss, LossFn
 from batchfit.noise_estimator import NoiseScale, estimate_noise_scale, expected_relative_error
 from batchfit.probe.common import (
     Deadline,
@@ -47,7 +47,7 @@ from batchfit.probe.common import (
     preserved,
     smallest_trainable_size,
 )
-from batchfit.task import as_source, target_kind_of
+from batchfit.task import as_source, loss_for
 from batchfit.train import make_optimizer
 
 #: The loss has "clearly fallen" once its recent mean is this share below its initial value.
@@ -181,8 +181,7 @@ def noise_scale(
             f"use micro_batch_size >= {smallest}."
         )
     source = as_source(data, seed=seed)
-    if not isinstance(loss_fn, Loss):
-        loss_fn = resolve_loss(loss_fn, target_kind_of(source))
+    loss_fn = loss_for(source, loss_fn)
     big = micro_batch_size * accumulation
     n = source.num_samples
     if n is not None and big > n:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -219,10 +219,7 @@ def measure_throughput(
                 )
     pairs = [(p.batch_size, p.samples_per_s) for p in points]
     gains = doubling_gains(pairs)
-    points = [
-        ThroughputPoint(**{**asdict(p), "gain_from_doubling": g})
-        for p, g in zip(points, gains, strict=True)
-    ]
+    points = [replace(p, gain_from_doubling=g) for p, g in zip(points, gains, strict=True)]
     if unstable:
         notes.append(
             f"Step times varied more than {UNSTABLE:g}x at batch size "

@@ -12,12 +12,46 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from batchfit.atomic import atomic_open
+from batchfit.errors import BatchfitError
+
+
+def make_folder(folder: Path, flag: str) -> None:
+    """Create ``folder`` (and its parents), or fail in one line naming the command-line ``flag``."""
+    if folder.exists() and not folder.is_dir():
+        raise BatchfitError(f"{flag} '{folder}' is a file, not a folder; give a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BatchfitError(
+            f"Cannot create {flag} '{folder}': {exc.strerror}; choose a folder you can write to."
+        ) from None
+
+
+def prepare_report_folder(out_dir: str | Path, report_files: Sequence[str]) -> Path:
+    """Make sure ``out_dir`` is a folder this process can write to, before any measuring or
+    training, and remove the ``report_files`` an earlier run left there, so that a run that fails
+    leaves none that look current (other files are left alone)."""
+    folder = Path(out_dir)
+    make_folder(folder, "--out")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise BatchfitError(
+            f"Cannot write to --out '{folder}': {exc.strerror}; choose a folder you can write to."
+        ) from None
+    for name in report_files:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    return folder
 
 
 def to_json(value: object) -> str:

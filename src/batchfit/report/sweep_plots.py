@@ -15,7 +15,14 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from batchfit.report.plots import batch_size_axis, figure, save
 
-PLOTS = ("curves", "metric", "sharpness", "time_to_target", "lr_grid")
+#: The file of each plot in --out (``lr_grid`` only with --lr-grid).
+PLOT_FILES = {
+    "curves": "sweep_curves.png",
+    "metric": "sweep_metric.png",
+    "sharpness": "sweep_sharpness.png",
+    "time_to_target": "sweep_time_to_target.png",
+    "lr_grid": "sweep_lr_grid.png",
+}
 
 
 def _colours(count: int) -> list[Any]:
@@ -65,7 +72,6 @@ def plot_curves(result: dict[str, Any], path: Path) -> str:
             linewidth=1,
             label=f"target: {target['text']}",
         )
-        ax.grid(True, alpha=0.3)
     left.set_xlabel("optimizer steps" if by_steps else "training examples seen")
     right.set_xscale("log")
     right.set_xlabel("training seconds, log scale (evaluation excluded)")
@@ -186,7 +192,6 @@ def plot_lr_grid(result: dict[str, Any], path: Path) -> str | None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"best {_pretty(result['metric'])}")
-    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(
         "Learning-rate grid per batch size (star: chosen; red x: diverged, best before it)",
@@ -198,11 +203,12 @@ def plot_lr_grid(result: dict[str, Any], path: Path) -> str | None:
 def write_plots(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Draw every plot that applies into ``out_dir``; return ``{name: path}``."""
     out_dir = Path(out_dir)
-    drawn = {
-        "curves": plot_curves(result, out_dir / "sweep_curves.png"),
-        "metric": plot_metric(result, out_dir / "sweep_metric.png"),
-        "sharpness": plot_sharpness(result, out_dir / "sweep_sharpness.png"),
-        "time_to_target": plot_time_to_target(result, out_dir / "sweep_time_to_target.png"),
-        "lr_grid": plot_lr_grid(result, out_dir / "sweep_lr_grid.png"),
+    draw = {
+        "curves": plot_curves,
+        "metric": plot_metric,
+        "sharpness": plot_sharpness,
+        "time_to_target": plot_time_to_target,
+        "lr_grid": plot_lr_grid,
     }
+    drawn = {name: fn(result, out_dir / PLOT_FILES[name]) for name, fn in draw.items()}
     return {k: v for k, v in drawn.items() if v is not None}

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from batchfit.report.files import table, write_json, write_text
-from batchfit.report.sweep_plots import write_plots
+from batchfit.report.sweep_plots import PLOT_FILES, write_plots
 from batchfit.sweep_analysis import format_seconds
+
+#: Every file a sweep's report writes into --out (its finished runs are kept in runs/).
+REPORT_FILES = ("sweep.json", "sweep.md", *PLOT_FILES.values())
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:

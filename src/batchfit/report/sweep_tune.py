@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from batchfit.errors import BatchfitError
+from batchfit.errors import BatchfitError, first_line
 
 
 def read_recommendation(path: str | Path) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def read_recommendation(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise BatchfitError(f"No tune report at '{path}'; {fix}.") from None
     except (OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise BatchfitError(f"Cannot read '{path}' as JSON ({first}); {fix}.") from None
     recommended = report.get("recommended") if isinstance(report, dict) else None
     if not isinstance(recommended, dict) or "batch_size" not in recommended:

@@ -10,6 +10,7 @@ not finite (an unbounded noise scale) are ``null``.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,8 +121,8 @@ def build_report(result: TuneResult) -> dict[str, Any]:
             "lr": noise.lr if noise else None,
             "b_simple_at_start": noise.at_start.b_simple if noise and noise.at_start else None,
             "start_steps": noise.start_steps if noise else None,
-            "trajectory": [vars_of(w) for w in noise.windows] if noise else [],
-            "gradient_error": [vars_of(p) for p in noise.gradient_error] if noise else [],
+            "trajectory": [asdict(w) for w in noise.windows] if noise else [],
+            "gradient_error": [asdict(p) for p in noise.gradient_error] if noise else [],
             "gradient_error_reference_samples": noise.gradient_error_reference_samples
             if noise
             else None,
@@ -138,7 +139,7 @@ def build_report(result: TuneResult) -> dict[str, Any]:
             "verdict": result.lr_range.verdict,
             "stopped_by": result.lr_range.stopped_by,
         },
-        "predicted_time": [vars_of(c) for c in rec.curve],
+        "predicted_time": [asdict(c) for c in rec.curve],
         "decision": list(result.decision),
         "skipped": list(result.skipped),
         "time_budget_s": result.time_budget_s,
@@ -146,12 +147,6 @@ def build_report(result: TuneResult) -> dict[str, Any]:
         "phase_seconds": dict(result.phase_seconds),
         "files": [Path(f).name for f in result.report_files],
     }
-
-
-def vars_of(obj: object) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(obj)  # type: ignore[call-overload]
 
 
 def write_report(result: TuneResult, out_dir: Path) -> tuple[dict[str, Any], list[Path]]:
