@@ -5,7 +5,10 @@ side by side in one run, alternating which goes first; the ratio is the median o
 batchfit does its full job here (progress off): metrics rows for every step written to
 metrics.csv, NaN checks, position bookkeeping. Target (DESIGN.md): ratio >= 0.97.
 
-    python benchmarks/loop_overhead.py [--rounds 5] [--seconds 1.5]
+    python benchmarks/loop_overhead.py [--rounds 5] [--seconds 1.5] [--device cuda]
+
+On a GPU both loops keep the data in CPU memory and copy each batch to the device, as batchfit
+does; the model lives on the device.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import batchfit
 from batchfit.examples import EXAMPLES
 
 
-def hand_written(model, x, y, batch_size: int, steps: int, seed: int) -> None:
+def hand_written(model, x, y, batch_size: int, steps: int, seed: int, device: str) -> None:
     """What a user writes without batchfit: seeded permutation, slice, step."""
+    on_device = device != "cpu"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     n = len(y)
     epoch, i = 0, 0
@@ -37,13 +41,16 @@ def hand_written(model, x, y, batch_size: int, steps: int, seed: int) -> None:
         idx = perm[i : i + batch_size]
         i += batch_size
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        xb, yb = x[idx], y[idx]
+        if on_device:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         opt.step()
         loss.item()  # a real loop logs its loss
 
 
-def with_batchfit(model, x, y, batch_size: int, steps: int, seed: int, out: str) -> None:
+def with_batchfit(model, x, y, batch_size: int, steps: int, seed: int, device: str, out: str):
     batchfit.train(
         model,
         (x, y),
@@ -54,12 +61,15 @@ def with_batchfit(model, x, y, batch_size: int, steps: int, seed: int, out: str)
         seed=seed,
         out_dir=out,
         loss="cross_entropy",
+        device=device,
     )
 
 
-def timed(fn) -> float:
+def timed(fn, device: str = "cpu") -> float:
     start = time.perf_counter()
     fn()
+    if device != "cpu":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -68,31 +78,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.5, help="target time per measurement")
     parser.add_argument("--batch-sizes", default="1,32,256")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
 
     example = EXAMPLES["mnist1d"]
     data = example.load()
     x, y = data.x_train, data.y_train
-    print(f"# {' '.join(sys.argv)}  (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    dev = args.device
+    where = torch.cuda.get_device_name() if dev != "cpu" else f"{torch.get_num_threads()} threads"
+    print(f"# {' '.join(sys.argv)}  (torch {torch.__version__}, {where})")
     print(f"{'B':>5} {'steps':>6} {'hand samples/s':>15} {'batchfit samples/s':>19} {'ratio':>7}")
     with tempfile.TemporaryDirectory() as out:
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            warm = example.make_model()
-            hand_written(warm, x, y, batch_size, 20, 0)
-            probe = timed(lambda b=batch_size, m=warm: hand_written(m, x, y, b, 100, 0))
+            warm = example.make_model().to(dev)
+            hand_written(warm, x, y, batch_size, 20, 0, dev)
+            probe = timed(lambda b=batch_size, m=warm: hand_written(m, x, y, b, 100, 0, dev), dev)
             steps = max(100, int(args.seconds / (probe / 100)))
             ratios, hand_rates, ours_rates = [], [], []
             for r in range(args.rounds):
                 torch.manual_seed(r)
-                m1, m2 = example.make_model(), example.make_model()
+                m1, m2 = example.make_model().to(dev), example.make_model()
                 runs = [
-                    functools.partial(hand_written, m1, x, y, batch_size, steps, r),
-                    functools.partial(with_batchfit, m2, x, y, batch_size, steps, r, out),
+                    functools.partial(hand_written, m1, x, y, batch_size, steps, r, dev),
+                    functools.partial(with_batchfit, m2, x, y, batch_size, steps, r, dev, out),
                 ]
                 order = [0, 1] if r % 2 == 0 else [1, 0]
                 times = {}
                 for i in order:
-                    times[i] = timed(runs[i])
+                    times[i] = timed(runs[i], dev)
                 hand_rates.append(steps * batch_size / times[0])
                 ours_rates.append(steps * batch_size / times[1])
                 ratios.append(times[0] / times[1])

@@ -27,6 +27,13 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def cpu_only_env() -> dict[str, str]:
+    """:func:`subprocess_env` with the GPUs hidden, for a child that tests CPU memory limits: on a
+    GPU machine the model would otherwise go to the GPU, and PyTorch's autograd cannot train in
+    a child forked after it started its GPU threads."""
+    return {**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""}
+
+
 def run_cli(args: list[str], cwd: Path | None = None, timeout: float = 120, **kwargs):
     """Run ``python -m batchfit`` in a real subprocess."""
     import subprocess

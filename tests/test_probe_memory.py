@@ -26,7 +26,7 @@ from batchfit.probe.memory import (
     rss_bytes,
     search_ceiling,
 )
-from helpers import blobs
+from helpers import blobs, cpu_only_env
 
 MiB = 2**20
 
@@ -62,7 +62,7 @@ def test_a_real_out_of_memory_error_is_caught_and_the_search_backs_off(tmp_path)
     # the address-space limit is exact; with its dynamic threshold, freed blocks stay mapped in
     # the heap and a later trial can grow resident memory past the limit without a new mapping
     # (the probe then judges it "too big" by its peak instead of meeting a real error).
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(cpu_only_env(), MALLOC_MMAP_THRESHOLD_="131072")
     done = subprocess.run(
         [sys.executable, "-c", OOM_SCRIPT], capture_output=True, text=True, env=env, timeout=120
     )
@@ -117,6 +117,8 @@ def test_a_limit_too_small_for_one_sample_is_a_clear_error():
     # 64 MiB of weights: gradients and Adam's moments need 192 MiB more at any micro-batch.
     model = nn.Linear(4096, 4096)
     source = TensorSource(torch.randn(8, 4096), torch.randint(0, 10, (8,)))
+    # One backward first: on a GPU machine the first one loads GPU libraries (tens of MiB).
+    F.cross_entropy(nn.Linear(4, 3)(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
     with pytest.raises(
         BatchfitError, match=r"too small for even a micro-batch of 1.*--memory-limit"
     ):
@@ -162,6 +164,23 @@ def test_a_child_killed_by_a_signal_does_not_fit():
     assert ok is False and "killed by SIGKILL" in detail
 
 
+def test_a_child_that_autograd_refuses_to_train_leaves_the_size_unconfirmed():
+    """PyTorch's own error for a backward in a child forked after autograd started GPU threads
+    (raised here by hand; tests/test_cuda.py meets the real one on a GPU machine)."""
+
+    def refused():
+        raise RuntimeError(
+            "Unable to handle autograd's threading in combination with fork-based "
+            "multiprocessing. See https://github.com/pytorch/pytorch/wiki/Autograd-and-Fork"
+        )
+
+    ok, detail = confirm_in_child(refused, rss_bytes() + 256 * MiB, 0.0)
+    assert ok is None and detail.startswith("not run: on a machine with GPUs")
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a forked child cannot train once autograd has GPU threads"
+)
 def test_the_memory_probe_backs_off_from_a_size_whose_child_was_killed():
     class KilledAbove(nn.Module):
         """Dies of SIGKILL at 64 samples or more in a forked child, as under the OOM killer."""

@@ -21,7 +21,7 @@ import batchfit
 from batchfit.cli import main
 from batchfit.errors import BatchfitError
 from batchfit.train import params_sha256
-from helpers import blobs, run_cli, subprocess_env
+from helpers import blobs, cpu_only_env, run_cli, subprocess_env
 
 # Tiny models: one intra-op thread (conftest.py); child processes get one via run_cli.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -626,7 +626,7 @@ def test_out_of_memory_in_sharpness_is_one_line_and_micro_batches_avoid_it():
         [sys.executable, "-c", OOM_SCRIPT],
         capture_output=True,
         text=True,
-        env=subprocess_env(),
+        env=cpu_only_env(),
         timeout=120,
     )
     assert done.returncode == 0, done.stderr

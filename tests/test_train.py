@@ -47,6 +47,7 @@ def test_accumulated_micro_batches_equal_the_full_batch_mean_gradient(micro):
         optimizer="sgd",
         lr=0.5,
         momentum=0.0,
+        device="cpu",  # the reference above ran on the CPU
     )
     assert torch.allclose(params(model), expected, rtol=0, atol=1e-13)
 
@@ -441,3 +442,15 @@ def test_a_bad_label_under_a_sequence_output_names_the_class_axis():
     output = torch.zeros(2, 3, 7)  # (N, C, d): 3 classes, 7 positions
     with pytest.raises(BatchfitError, match=r"Target label 5 is outside the model's 3 outputs"):
         cross_entropy(output, torch.full((2, 7), 5))
+
+
+@pytest.mark.parametrize("name", ["mse", "bce"])
+def test_mse_and_bce_take_the_target_in_the_models_dtype(name):
+    """An integer target against a float32 output fails in backward on CUDA, and a float32 target
+    against a float64 model used to give a float32 bce loss."""
+    from batchfit.losses import bce, mse
+
+    output = torch.randn(6, 1, dtype=torch.float64, requires_grad=True)
+    loss = {"mse": mse, "bce": bce}[name](output, torch.tensor([0, 1, 1, 0, 1, 0]))
+    loss.backward()
+    assert loss.dtype == torch.float64 and output.grad.dtype == torch.float64

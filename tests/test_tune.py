@@ -323,7 +323,7 @@ def test_cli_tune_json_end_to_end_writes_every_report_file(
             "--data",
             str(blobs_parquet),
             "--time-budget",
-            "15",
+            "30",  # room for every phase on a loaded machine (15 s once ran out on a GPU machine)
             "--out",
             str(out),
             "--json",
@@ -364,7 +364,8 @@ def test_cli_tune_prints_the_recommendation_with_its_reasons(tmp_path, capsys):
     ],
 )
 def test_cli_tune_bad_memory_limit_is_one_line_and_exit_2(flag, value, message, capsys, tmp_path):
-    assert main(["tune", flag, value, "--quiet", "--out", str(tmp_path)]) == 2
+    # On the CPU the limit covers the whole process, so 100 MiB leaves no room.
+    assert main(["tune", flag, value, "--device", "cpu", "--quiet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
 
@@ -386,7 +387,8 @@ def test_cli_tune_json_is_the_report_on_disk_and_stale_files_are_removed(tmp_pat
 
 def test_a_failed_tune_leaves_no_earlier_report_looking_current(tmp_path, capsys):
     (tmp_path / "report.json").write_text('{"recommended": {"batch_size": 64}}')
-    assert main(["tune", "--memory-limit", "100MiB", "--quiet", "--out", str(tmp_path)]) == 2
+    argv = ["tune", "--memory-limit", "100MiB", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
     assert "leaves no room" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
 

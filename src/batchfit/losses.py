@@ -40,11 +40,13 @@ def _match_shape(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(_match_shape(output, target), target)
+    # The target in the output's dtype: an integer target fails in backward on CUDA (not on CPU).
+    return F.mse_loss(_match_shape(output, target), target.to(output.dtype))
 
 
 def bce(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(_match_shape(output, target), target.float())
+    # The target in the output's dtype: a float64 model keeps a float64 loss.
+    return F.binary_cross_entropy_with_logits(_match_shape(output, target), target.to(output.dtype))
 
 
 def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,13 @@ A trial *fits* when it raised no out-of-memory error and its peak stayed at most
   final size is then confirmed in a child process (``fork``) whose own address space is limited
   the same way.
 - **CUDA**: real ``torch.cuda.OutOfMemoryError`` and ``torch.cuda.max_memory_allocated``; the limit
-  defaults to the device's total memory. This path is a few lines in :func:`_trial`; it was
-  written without a GPU at hand and has not been run.
+  defaults to the device's total memory, and a smaller ``memory_limit`` caps PyTorch's allocator
+  for each trial (its per-process memory fraction), so going over it is the allocator's own error
+  too. No child check: the device's errors are already real. ``tests/test_cuda.py`` runs this on
+  a GPU (checked on an H200).
+
+A CPU model on a machine with GPUs gets no child check either: once autograd has started its GPU
+threads, PyTorch refuses to train in a forked child; the result says so.
 
 Examples:
     The search alone, with a predicate standing in for real trials:
@@ -81,6 +86,8 @@ OOM_MESSAGES = (
     "CUBLAS_STATUS_ALLOC_FAILED",
     "CUDNN_STATUS_ALLOC_FAILED",
 )
+#: What PyTorch raises when a child forked after autograd started its GPU threads runs backward.
+AUTOGRAD_FORK_ERROR = "autograd's threading in combination with fork"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -256,6 +263,25 @@ def address_space_limit(allowed_new_bytes: int) -> Iterator[bool]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+@contextlib.contextmanager
+def device_memory_cap(limit_bytes: int, device: torch.device) -> Iterator[None]:
+    """Let PyTorch's CUDA allocator hold at most ``limit_bytes`` on ``device`` (its per-process
+    memory fraction), so that a trial going over ``--memory-limit`` fails with the allocator's
+    real ``OutOfMemoryError``, as it would on a card of that size; the previous fraction is put
+    back after. A limit at or above the card's memory changes nothing."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if limit_bytes >= total:
+        yield
+        return
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    previous = float(getter(device)) if getter is not None else 1.0
+    torch.cuda.set_per_process_memory_fraction(limit_bytes / total, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous, device)
+
+
 def default_memory_limit() -> tuple[int, str]:
     """``(bytes, how it was chosen)``: this process's memory now plus half the available RAM."""
     now = rss_bytes()
@@ -291,13 +317,13 @@ def _trial(
     run: Callable[[], None], size: int, limit: int, headroom: float, device: torch.device
 ) -> MemoryTrial:
     """One iteration with its peak measured. CPU: the process's peak resident memory, under an
-    address-space limit. CUDA: the allocator's peak (this branch has not been run: no GPU here)."""
+    address-space limit. CUDA: the allocator's peak, under the allocator's own cap."""
     cuda = device.type == "cuda"
     release_memory(device)
     started = time.perf_counter()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-        guard: contextlib.AbstractContextManager = contextlib.nullcontext()
+        guard: contextlib.AbstractContextManager = device_memory_cap(limit, device)
     else:
         reset = _reset_peak()
         guard = address_space_limit(limit - rss_bytes())
@@ -329,7 +355,9 @@ def confirm_in_child(
     Returns ``(True, detail)`` when it ran within the limit, ``(False, detail)`` on a real
     out-of-memory error in the child, a peak above the limit less headroom, or a child killed by a
     signal (the kernel's out-of-memory killer sends SIGKILL), and ``(None, why)`` where a child
-    cannot be forked or gave no answer within ``timeout`` seconds.
+    cannot be forked, cannot train (PyTorch's autograd refuses to run in a child forked after it
+    started threads for GPUs: a CPU model on a GPU machine) or gave no answer within ``timeout``
+    seconds.
 
     >>> confirm_in_child(lambda: os.kill(os.getpid(), 9), rss_bytes() + 2**30, 0.1)
     (False, 'the child process was killed by SIGKILL (the out-of-memory killer sends it)')
@@ -390,6 +418,12 @@ def confirm_in_child(
         return False, f"peak {format_bytes(peak)} in the child is above the limit less headroom"
     if kind == "oom":
         return False, f"out of memory in the child: {rest}"
+    if kind == "error" and AUTOGRAD_FORK_ERROR in rest:
+        return None, (
+            "not run: on a machine with GPUs, PyTorch's autograd cannot run in a forked child "
+            "once it has started its GPU threads (the in-process trials under the address-space "
+            "limit stand; CUDA_VISIBLE_DEVICES= hides the GPUs and allows the check)"
+        )
     if kind == "error":
         raise BatchfitError(f"The training iteration failed in the memory check's child: {rest}")
     return (
@@ -462,12 +496,13 @@ def find_max_micro_batch_size(
             if _reset_peak()
             else "peak resident memory since the process started (ru_maxrss): conservative"
         )
-        if baseline >= (1 - headroom) * limit:
-            raise BatchfitError(
-                f"The memory limit ({format_bytes(limit)}) leaves no room: this process already "
-                f"holds {format_bytes(baseline)} (torch, the model and the data) before any "
-                f"trial. Raise --memory-limit above {format_bytes(baseline / (1 - headroom))}."
-            )
+    if baseline >= (1 - headroom) * limit:
+        held = "on the GPU (the model)" if is_cuda else "(torch, the model and the data)"
+        raise BatchfitError(
+            f"The memory limit ({format_bytes(limit)}) leaves no room: this process already "
+            f"holds {format_bytes(baseline)} {held} before any trial. Raise --memory-limit "
+            f"above {format_bytes(baseline / (1 - headroom))}."
+        )
     trials: list[MemoryTrial] = []
 
     def fits(size: int) -> bool:
