@@ -21,8 +21,8 @@ import time
 import torch
 
 import batchfit
-from batchfit.lr_scaling import scale_lr
-from batchfit.sweep import DEFAULT_BATCH_SIZES, DEFAULT_EPOCHS
+from batchfit.core.lr_scaling import scale_lr
+from batchfit.orchestrate.sweep import DEFAULT_BATCH_SIZES, DEFAULT_EPOCHS
 from batchfit.task import load_task
 
 

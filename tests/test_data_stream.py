@@ -30,7 +30,7 @@ from batchfit.data.stream import (
     open_stream,
     should_stream,
 )
-from batchfit.train import train
+from batchfit.loop.train import train
 
 
 def rows_table(n: int, seed: int = 0) -> pa.Table:

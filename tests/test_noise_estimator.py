@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchfit.errors import BatchfitError
-from batchfit.noise_estimator import (
+from batchfit.core.noise_estimator import (
     estimate_noise_scale,
     expected_relative_error,
     unbiased_norms,
     variance_factor,
 )
+from batchfit.errors import BatchfitError
 
 
 @given(

@@ -18,7 +18,7 @@ from torch import nn
 
 from batchfit import TensorSource
 from batchfit.errors import BatchfitError
-from batchfit.probe.common import Deadline
+from batchfit.probe.harness import Deadline
 from batchfit.probe.memory import (
     confirm_in_child,
     find_max_micro_batch_size,

@@ -20,9 +20,9 @@ from batchfit import TensorSource
 from batchfit.errors import BatchfitError
 from batchfit.examples.linreg import analytic_noise_scale, load, make_model
 from batchfit.losses import mse
-from batchfit.probe.common import Deadline, Diverged
+from batchfit.probe.harness import Deadline, Diverged
 from batchfit.probe.noise import gradient_error_curve, warmup_and_measure
-from batchfit.train import params_sha256
+from batchfit.step import params_sha256
 from helpers import blobs, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")

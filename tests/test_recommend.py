@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchfit.errors import BatchfitError
-from batchfit.recommend import (
+from batchfit.core.recommend import (
     fit_step_time,
     flattening_point,
     recommend,
     split_batch,
 )
+from batchfit.errors import BatchfitError
 
 SIZES = [2**i for i in range(13)]  # 1 .. 4096
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batchfit import BatchfitError, plan
-from batchfit.schedule import micro_batch_sizes, split_evenly
+from batchfit.core.accounting import micro_batch_sizes, split_evenly
 
 
 def test_seed_example_24000_samples_batch_32_is_750_steps():

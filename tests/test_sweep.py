@@ -20,7 +20,7 @@ from torch import nn
 import batchfit
 from batchfit.cli import main
 from batchfit.errors import BatchfitError
-from batchfit.train import params_sha256
+from batchfit.step import params_sha256
 from helpers import blobs, cpu_only_env, run_cli, subprocess_env
 
 # Tiny models: one intra-op thread (conftest.py); child processes get one via run_cli.

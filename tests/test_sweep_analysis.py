@@ -8,9 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchfit.errors import BatchfitError
-from batchfit.schedule import plan
-from batchfit.sweep_analysis import (
+from batchfit.core.accounting import plan
+from batchfit.core.sweep_verdict import (
     DEFAULT_LR_GRID,
     Target,
     auto_target,
@@ -28,6 +27,7 @@ from batchfit.sweep_analysis import (
     time_to_target,
     verdict,
 )
+from batchfit.errors import BatchfitError
 
 
 def curve(values, metric="val_accuracy", every=10, batch=32, seconds=0.1):

@@ -225,7 +225,7 @@ def test_stream_without_length_needs_max_steps():
 
 
 def test_parameters_hash_is_stable_and_sensitive():
-    from batchfit.train import params_sha256
+    from batchfit.step import params_sha256
 
     a, b = tiny_model(), tiny_model()
     assert params_sha256(a) == params_sha256(b)

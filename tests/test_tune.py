@@ -15,18 +15,18 @@ from torch import nn
 
 from batchfit import TensorSource
 from batchfit.cli import main
+from batchfit.core.lr_scaling import scale_lr
 from batchfit.errors import BatchfitError
-from batchfit.lr_scaling import scale_lr
-from batchfit.probe.common import Deadline
-from batchfit.probe.lr_range import lr_range_test, pick_lr
-from batchfit.probe.throughput import MAX_TIMED_STEPS, measure_throughput
-from batchfit.report.tune_report import headline
-from batchfit.train import params_sha256
-from batchfit.tune import (
+from batchfit.orchestrate.tune import (
     PHASE_SHARES,
     _Budget,
     tune,  # the function; the name batchfit.tune is also the module
 )
+from batchfit.probe.harness import Deadline
+from batchfit.probe.lr_range import lr_range_test, pick_lr
+from batchfit.probe.throughput import MAX_TIMED_STEPS, measure_throughput
+from batchfit.report.tune_report import headline
+from batchfit.step import params_sha256
 from helpers import blobs, run_cli
 
 PLOTS = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchfit.units import format_bytes, parse_size
+from batchfit.core.units import format_bytes, parse_size
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from batchfit import validation
 from batchfit.cli import main
+from batchfit.core import options
+from batchfit.core.options import OPTIONS, Choice, Float, Int, RowsOrSize, Size
 from batchfit.errors import BatchfitError
-from batchfit.validation import OPTIONS, Choice, Float, Int, RowsOrSize, Size
 
 BAD_VALUES = {
     Int: [0.5, "3", True, None],
@@ -40,7 +40,7 @@ def test_every_option_rejects_bad_values_with_one_message_template(name):
         with pytest.raises(
             BatchfitError, match=rf"^The '{name}' option must be .*Got .* instead\."
         ):
-            validation.check(name, value)
+            options.check(name, value)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
@@ -53,9 +53,9 @@ def test_every_option_parses_its_text_form(name):
         Size: "2GiB",
         RowsOrSize: "64MiB",
     }[type(rule)]
-    assert validation.parse(name, good) == validation.check(name, rule.convert(good))
+    assert options.parse(name, good) == options.check(name, rule.convert(good))
     with pytest.raises(BatchfitError, match=rf"The '{name}' option"):
-        validation.parse(name, "not-a-value")
+        options.parse(name, "not-a-value")
 
 
 # Each command-line flag checked through the shared table: (command, flag, bad text).

@@ -12,16 +12,19 @@ The Python API mirrors the command line:
 - :func:`sharpness` measures the top Hessian eigenvalue of a model's loss.
 """
 
+from batchfit.core.accounting import Plan, plan
+from batchfit.core.lr_scaling import scale_lr
+from batchfit.core.noise_estimator import NoiseScale
 from batchfit.data import BatchSource, DatasetSource, IterableSource, TensorSource
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
-from batchfit.lr_scaling import scale_lr
-from batchfit.noise_estimator import NoiseScale
+from batchfit.loop.train import TrainResult, evaluate, train
+from batchfit.orchestrate.sweep import (  # batchfit.sweep is the function from here on
+    SweepResult,
+    sweep,
+)
+from batchfit.orchestrate.tune import TuneResult, tune
 from batchfit.probe.noise import noise_scale
 from batchfit.probe.sharpness import SharpnessResult, sharpness
-from batchfit.schedule import Plan, plan
-from batchfit.sweep import SweepResult, sweep  # batchfit.sweep is the function from here on
-from batchfit.train import TrainResult, evaluate, train
-from batchfit.tune import TuneResult, tune
 
 __version__ = "0.1.0"
 

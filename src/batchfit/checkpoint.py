@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from batchfit.atomic import atomic_open, temporary_name_pattern
 from batchfit.errors import BatchfitError
+from batchfit.files import atomic_open, temporary_name_pattern
 
 CHECKPOINT_NAME = "last.pt"
 FORMAT_VERSION = 1

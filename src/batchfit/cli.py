@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from batchfit import validation
+from batchfit.core import options
 from batchfit.errors import BatchfitError, TrainingInterrupted
 from batchfit.examples import EXAMPLES
-from batchfit.report.files import to_json
+from batchfit.files import to_json
 
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -35,7 +35,7 @@ def _typed(name: str) -> Callable[[str], Any]:
 
     def convert(text: str) -> Any:
         try:
-            return validation.parse(name, text)
+            return options.parse(name, text)
         except BatchfitError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -396,9 +396,9 @@ def _process_started() -> float:
 def _cmd_tune(args: argparse.Namespace) -> int:
     import time
 
+    from batchfit.orchestrate.tune import tune
     from batchfit.progress import console
     from batchfit.report.tune_report import headline, reasons_line
-    from batchfit.tune import tune
 
     started = _process_started()
     task = _load_task(args)
@@ -584,7 +584,7 @@ def _print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from batchfit.schedule import plan
+    from batchfit.core.accounting import plan
 
     p = plan(
         args.samples,
@@ -598,7 +598,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(to_json(p.to_dict()))
         return 0
-    from batchfit.schedule import micro_batch_sizes
+    from batchfit.core.accounting import micro_batch_sizes
 
     division = "floor" if p.drop_last else "ceil"
     busiest = max(p.per_rank_batch_size)
@@ -684,7 +684,7 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from batchfit.train import train
+    from batchfit.loop.train import train
 
     task = _load_task(args)
     model, lr = _model_and_lr(args, task)
@@ -742,8 +742,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from batchfit.sweep import sweep
-    from batchfit.sweep_analysis import METRICS
+    from batchfit.core.sweep_verdict import METRICS
+    from batchfit.orchestrate.sweep import sweep
 
     if args.target is not None and args.data is None:
         raise BatchfitError(

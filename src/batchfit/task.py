@@ -16,18 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
-from batchfit import validation
-from batchfit.data.memory import TensorSource
+from batchfit.core import options
 from batchfit.data.permute import Holdout, validation_count
 from batchfit.data.source import BatchSource
 from batchfit.data.stream import DEFAULT_PREFETCH, StreamSource, load_file
+from batchfit.data.tensors import TensorSource
 from batchfit.data.torch_dataset import DatasetSource, IterableSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.examples import DEFAULT_EXAMPLE, EXAMPLES
 from batchfit.imports import import_object
-from batchfit.losses import Loss, LossFn, resolve_loss
+from batchfit.inputs import as_source, target_kind_of
+from batchfit.losses import Loss, resolve_loss
 
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -44,30 +45,6 @@ class Task:
     suggested_lr: float | None = None
     data_choice: str | None = None  # how --data was read (in memory or streamed) and why
     notes: list[str] = field(default_factory=list)  # what the user should know (printed on stderr)
-
-
-def as_source(
-    data: object, *, seed: int = 0, shuffle: bool = True, what: str = "data"
-) -> BatchSource:
-    """Wrap what the user gave (tensors, arrays, a Dataset, a BatchSource) as a BatchSource.
-
-    Examples:
-        >>> src = as_source((torch.zeros(5, 2), torch.zeros(5)))
-        >>> src.num_samples
-        5
-    """
-    if isinstance(data, BatchSource):
-        return data
-    if isinstance(data, IterableDataset):
-        return IterableSource(data)
-    if isinstance(data, Dataset):
-        return DatasetSource(data, seed=seed, shuffle=shuffle)
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return TensorSource(data[0], data[1], seed=seed, shuffle=shuffle)
-    raise BatchfitError(
-        f"The {what} must be an (x, y) pair of tensors or arrays, a torch Dataset or "
-        f"IterableDataset, or a BatchSource; got {type(data).__name__}."
-    )
 
 
 def model_factory(spec: str) -> Callable[[], nn.Module]:
@@ -138,18 +115,18 @@ def _load_data(
             data = data()
         source = as_source(data, seed=seed, shuffle=shuffle, what=f"data from '{spec}'")
         return source, target_kind_of(source), None
-    options = stream or StreamOptions()
+    stream_options = stream or StreamOptions()
     return load_file(
         spec,
         features,
         target,
         seed=seed,
         shuffle=shuffle,
-        stream=options.stream,
-        shuffle_buffer=options.shuffle_buffer,
-        prefetch=options.prefetch,
-        workers=options.workers,
-        reason=options.reason,
+        stream=stream_options.stream,
+        shuffle_buffer=stream_options.shuffle_buffer,
+        prefetch=stream_options.prefetch,
+        workers=stream_options.workers,
+        reason=stream_options.reason,
     )
 
 
@@ -168,38 +145,21 @@ class StreamOptions:
     reason: str | None = None
 
 
-def _as_resumed(options: StreamOptions, resume_from: str | Path | None) -> StreamOptions:
+def _as_resumed(stream_options: StreamOptions, resume_from: str | Path | None) -> StreamOptions:
     """Read --data as the run being resumed read it (streamed or loaded), unless a flag forces
     it: the choice by free memory could differ now, and with it the order of the batches."""
-    if options.stream is not None or resume_from is None:
-        return options
+    if stream_options.stream is not None or resume_from is None:
+        return stream_options
     from batchfit.checkpoint import saved_settings
 
     source = saved_settings(resume_from).get("data", {}).get("source")
     if source not in ("stream", "memory"):
-        return options
+        return stream_options
     return replace(
-        options,
+        stream_options,
         stream=source == "stream",
         reason=f"as the run being resumed from '{resume_from}' did",
     )
-
-
-def loss_for(source: BatchSource, loss: str | LossFn | Loss | None) -> Loss:
-    """``loss`` as a :class:`Loss`: given as one, or resolved by name, callable or, for None, the
-    default for the source's target (which reads one batch to learn its kind)."""
-    if isinstance(loss, Loss):
-        return loss
-    return resolve_loss(loss, target_kind_of(source))
-
-
-def target_kind_of(source: BatchSource) -> str:
-    if isinstance(source, StreamSource):
-        return source.target_kind
-    _, y = next(iter(source.batches(0, 1)))
-    if y.dtype == torch.bool:
-        return "binary"
-    return "real" if y.is_floating_point() else "class"
 
 
 def load_task(
@@ -216,7 +176,7 @@ def load_task(
     stream: StreamOptions | None = None,
     resume_from: str | Path | None = None,
 ) -> Task:
-    """Build a :class:`Task` from command-line style options.
+    """Build a :class:`Task` from command-line style stream_options.
 
     With no ``model`` and no ``data`` the built-in ``example`` (default ``mnist1d``) is used.
     ``model`` alone trains the user's model on the example's data; ``data`` needs ``model``.
@@ -226,7 +186,7 @@ def load_task(
     if data is None and (val_data is not None or features or target is not None):
         raise BatchfitError("--val-data, --features and --target describe --data; give --data too.")
     if val_fraction is not None:
-        validation.check("val_fraction", val_fraction)
+        options.check("val_fraction", val_fraction)
     if data is not None and example is not None:
         raise BatchfitError("Give either --example or --data, not both.")
     if data is not None and model is None:
@@ -256,8 +216,10 @@ def load_task(
         label = f"example '{name}'" + (f" with model {model}" if model else "")
         return Task(label, factory, train, val, resolve_loss(loss, kind), ex.lr)
 
-    options = _as_resumed(stream or StreamOptions(), resume_from)
-    train, kind, choice = _load_data(data, features, target, seed, shuffle=True, stream=options)
+    stream_options = _as_resumed(stream or StreamOptions(), resume_from)
+    train, kind, choice = _load_data(
+        data, features, target, seed, shuffle=True, stream=stream_options
+    )
     notes = []
     if val_data is not None:
         if val_fraction:
@@ -332,73 +294,3 @@ def _split(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSource
     raise BatchfitError(
         "A stream cannot be split for validation; give --val-data, or --val-fraction 0."
     )
-
-
-def check_model_accepts_data(
-    model: nn.Module, source: BatchSource, loss: Loss, what: str = "data"
-) -> None:
-    """Run the model on two samples (eval mode, no gradients) and fail early with both shapes.
-
-    Catches the classic mismatches before any training: features of the wrong width, outputs that
-    do not match the target, labels beyond the number of classes. For class labels it also makes
-    the source check them (:meth:`~batchfit.data.source.BatchSource.expect_classes`): all at once
-    for tensors in memory, else each batch on the CPU before it reaches a device.
-    """
-    x, y = next(iter(source.batches(0, min(2, source.num_samples or 2))))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                output = model(x.to(device))
-            except (RuntimeError, ValueError, IndexError) as exc:
-                _raise_if_dtype_mismatch(model, x, exc)
-                raise BatchfitError(
-                    f"The model does not accept the {what}: each sample has shape "
-                    f"{tuple(x.shape[1:])}{_expected_input(model)}. torch said: "
-                    f"{first_line(exc)}. Fix --features or the model's input layer."
-                ) from None
-            if not isinstance(output, torch.Tensor):
-                raise BatchfitError(
-                    f"The model returned {type(output).__name__}, not a tensor; return the "
-                    "prediction tensor from forward()."
-                )
-            if loss.kind == "class":
-                # F.cross_entropy takes classes on dim 1: (N, C) or (N, C, d1, ...)
-                source.expect_classes(output.shape[1] if output.ndim > 1 else output.shape[0])
-            try:
-                loss.fn(output, y.to(device))
-            except BatchfitError:
-                raise
-            except (RuntimeError, ValueError, IndexError) as exc:
-                raise BatchfitError(
-                    f"The loss '{loss.name}' cannot compare the model's output of shape "
-                    f"{tuple(output.shape)} with the target of shape {tuple(y.shape)}: "
-                    f"{first_line(exc)}."
-                ) from None
-    finally:
-        model.train(was_training)
-
-
-def _raise_if_dtype_mismatch(model: nn.Module, x: torch.Tensor, exc: Exception) -> None:
-    parameter = next(model.parameters(), None)
-    if parameter is not None and x.is_floating_point() and x.dtype != parameter.dtype:
-        raise BatchfitError(
-            f"The data is {x.dtype} but the model's parameters are {parameter.dtype}; convert one "
-            f"to the other (e.g. x.float() or model.double()). torch said: "
-            f"{first_line(exc)}"
-        ) from None
-
-
-def _expected_input(model: nn.Module) -> str:
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            return f", but the model's first layer expects {module.in_features} features"
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            channels = module.in_channels
-            return (
-                f", but the model's first layer expects {channels} input "
-                f"channel{'' if channels == 1 else 's'}"
-            )
-    return ""

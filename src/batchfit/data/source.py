@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchfit.core.accounting import rank_share
 from batchfit.errors import BatchfitError
-from batchfit.schedule import rank_share
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -118,7 +118,7 @@ class BatchSource(ABC):
         """Yield epoch ``epoch`` in batches of ``batch_size``, skipping its first ``start`` samples.
 
         ``batch_size`` is the global batch; with ``world_size > 1`` this rank gets its share
-        (:func:`batchfit.schedule.split_evenly`) of every batch.
+        (:func:`batchfit.core.accounting.split_evenly`) of every batch.
         """
 
     def describe(self) -> str:

@@ -20,8 +20,8 @@ size of the data.
   time in sorted row order.
 
 **Sharding**: every rank computes the same global batches and keeps its share
-(:func:`~batchfit.schedule.split_evenly`), so shares are disjoint, every rank takes the same number
-of steps and the training maths equals one process. Each rank decodes the whole stream.
+(:func:`~batchfit.core.accounting.split_evenly`), so shares are disjoint, every rank takes the same
+number of steps and the training maths equals one process. Each rank decodes the whole stream.
 
 **Decoding ahead**: ``workers`` threads (default 1) decode the next windows while the current one
 is cut into batches, at most ``workers`` windows ahead. Consecutive windows that continue one
@@ -48,7 +48,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from batchfit import validation
+from batchfit.core import options
+from batchfit.core.accounting import rank_share, split_evenly
+from batchfit.core.units import format_bytes, parse_size
 from batchfit.data.files import (
     _features_tensor,
     _numeric_column,
@@ -70,8 +72,6 @@ from batchfit.data.readers import (
 )
 from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed
 from batchfit.errors import BatchfitError
-from batchfit.schedule import rank_share, split_evenly
-from batchfit.units import format_bytes, parse_size
 
 #: Default shuffle buffer: as many rows as one window of this many bytes holds (the decoded rows,
 #: their float32 copy and its permuted copy): 466,000 rows of 16 float32 features and an int64
@@ -633,9 +633,9 @@ def open_stream(
     the last column of a plain 2-D ``.npy``). ``shuffle_buffer`` is rows (int) or the bytes of
     one window (``"64MiB"``); see :class:`StreamSource`.
     """
-    validation.check_optional("shuffle_buffer", shuffle_buffer)
-    validation.check("prefetch", prefetch)
-    validation.check("data_workers", workers)
+    options.check_optional("shuffle_buffer", shuffle_buffer)
+    options.check("prefetch", prefetch)
+    options.check("data_workers", workers)
     reader = open_reader(spec)
     names = reader.column_names
     label = reader.label
@@ -724,7 +724,7 @@ def load_file(
     flag). ``.npz`` is always loaded.
     """
     from batchfit.data.files import read_table
-    from batchfit.data.memory import TensorSource
+    from batchfit.data.tensors import TensorSource
 
     files = resolve_files(spec)
     fmt = file_format(files[0])

@@ -1,7 +1,7 @@
 """Adapters for the user's own ``torch.utils.data`` datasets.
 
 A map-style ``Dataset`` is read through a ``DataLoader`` whose batch sampler walks the same seeded
-permutation as :class:`~batchfit.data.memory.TensorSource`, so resume and sharding behave the same.
+permutation as :class:`~batchfit.data.tensors.TensorSource`, so resume and sharding behave the same.
 An ``IterableDataset`` is a stream: it is batched as it comes, its length may be unknown, and a
 resume skips the samples already consumed by reading past them (a stream cannot seek).
 """
@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
+from batchfit.core.accounting import rank_share
 from batchfit.data.source import (
     Batch,
     BatchSource,
@@ -25,7 +26,6 @@ from batchfit.data.source import (
     index_batches,
 )
 from batchfit.errors import BatchfitError
-from batchfit.schedule import rank_share
 
 
 def _as_pair(item: object) -> Batch:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchfit.atomic import atomic_open
 from batchfit.examples.base import Example, ExampleData, cache_dir
+from batchfit.files import atomic_open
 
 CACHE_NAME = "mnist1d-v1.npz"
 KEYS = ("x_train", "y_train", "x_val", "y_val")

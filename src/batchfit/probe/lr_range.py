@@ -25,8 +25,8 @@ from torch import nn
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.losses import LossFn
-from batchfit.probe.common import Deadline, OutOfTime, cycle_batches, model_device, preserved
-from batchfit.train import make_optimizer, train_step
+from batchfit.probe.harness import Deadline, OutOfTime, cycle_batches, preserved
+from batchfit.step import make_optimizer, model_device, train_step
 
 #: Stop once the smoothed loss is this many times its minimum: the rate has diverged.
 DIVERGED = 4.0

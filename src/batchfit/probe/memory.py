@@ -4,7 +4,7 @@ The search (:func:`search_ceiling`) doubles the micro-batch until a trial does n
 (``max_batch_size`` or the data set size) is reached, then bisects between the last size that fit
 and the first that did not. Only sizes that were run are ever returned. A trial is one real
 training iteration on real data (forward, backward, optimizer step), run on the user's model and
-undone afterwards (:func:`~batchfit.probe.common.preserved`), with memory freed between trials.
+undone afterwards (:func:`~batchfit.probe.harness.preserved`), with memory freed between trials.
 
 A trial *fits* when it raised no out-of-memory error and its peak stayed at most
 ``(1 - headroom) x limit``.
@@ -53,19 +53,16 @@ import psutil
 import torch
 from torch import nn
 
-from batchfit import validation
+from batchfit.core import options
+from batchfit.core.units import format_bytes
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.losses import LossFn
-from batchfit.probe.common import (
+from batchfit.probe.harness import (
     Deadline,
-    model_device,
     preserved,
-    smallest_trainable_size,
-    synchronize,
 )
-from batchfit.train import train_step
-from batchfit.units import format_bytes
+from batchfit.step import model_device, smallest_trainable_size, synchronize, train_step
 
 DEFAULT_HEADROOM = 0.1
 #: The default CPU limit: what the process holds now plus this share of the RAM still available.
@@ -464,8 +461,8 @@ def find_max_micro_batch_size(
     """
     log = log or (lambda _: None)
     deadline = deadline or Deadline(None)
-    validation.check("headroom", headroom)
-    validation.check_optional("max_batch_size", max_batch_size)
+    options.check("headroom", headroom)
+    options.check_optional("max_batch_size", max_batch_size)
     device = model_device(model)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
     n = data.num_samples

@@ -3,8 +3,9 @@
 Each measured step takes a batch of ``B = k b`` samples, computes the mean gradient of each of its
 ``k`` micro-batches of ``b`` samples (one backward each, as gradient accumulation does anyway), and
 records the mean squared norm of those micro-batch gradients and the squared norm of their average:
-the batch gradient. :mod:`batchfit.noise_estimator` turns many such pairs into ``B_simple`` with a
-confidence interval, correcting for drawing batches without replacement from a finite data set.
+the batch gradient. :mod:`batchfit.core.noise_estimator` turns many such pairs into ``B_simple``
+with a confidence interval, correcting for drawing batches without replacement from a finite data
+set.
 
 The noise scale grows as the loss falls (McCandlish et al. 2018 report a tenfold rise over a run),
 so a reading at initialisation is a lower bound. :func:`warmup_and_measure` therefore reads it at
@@ -33,22 +34,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchfit import validation
+from batchfit.core import options
+from batchfit.core.noise_estimator import NoiseScale, estimate_noise_scale, expected_relative_error
 from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError
+from batchfit.inputs import as_source, loss_for
 from batchfit.losses import Loss, LossFn
-from batchfit.noise_estimator import NoiseScale, estimate_noise_scale, expected_relative_error
-from batchfit.probe.common import (
+from batchfit.probe.harness import (
     Deadline,
     Diverged,
     OutOfTime,
     SampleReader,
     cycle_batches,
     preserved,
-    smallest_trainable_size,
 )
-from batchfit.task import as_source, loss_for
-from batchfit.train import make_optimizer
+from batchfit.step import make_optimizer, smallest_trainable_size
 
 #: The loss has "clearly fallen" once its recent mean is this share below its initial value.
 LOSS_DROP = 0.25
@@ -167,8 +167,8 @@ def noise_scale(
         >>> 50 < est.b_simple < 80   # analytic: 65
         True
     """
-    validation.check("micro_batch_size", micro_batch_size)
-    validation.check("batches", batches, fix="Give the number of batches to average over.")
+    options.check("micro_batch_size", micro_batch_size)
+    options.check("batches", batches, fix="Give the number of batches to average over.")
     if accumulation < 2:
         raise BatchfitError(
             f"The noise scale needs at least 2 micro-batches per batch; got accumulation "
@@ -290,7 +290,7 @@ def warmup_and_measure(
     initial weights. The warm-up ends when the mean loss of the last :data:`WINDOW` steps is 25%
     below the initial loss (or at half the steps or half the time); the estimate is taken over the
     steps after it (at least ``min_measure_steps`` when time allows). A loss that is not finite,
-    exceeds 10x the initial loss, or ends above it raises :class:`~batchfit.probe.common.Diverged`:
+    exceeds 10x the initial loss, or ends above it raises :class:`~batchfit.probe.harness.Diverged`:
     such a run measures a diverging model, not the noise scale. With ``gradient_error_sizes`` the
     error of batch gradients is then measured at the warmed-up weights
     (:func:`gradient_error_curve`), in micro-batches of ``max_micro_batch_size`` (default: the

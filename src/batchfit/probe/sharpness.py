@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp
 
-from batchfit import validation
+from batchfit.core import options
 from batchfit.errors import BatchfitError
 from batchfit.losses import LossFn
 
@@ -80,9 +80,9 @@ def sharpness(
         >>> round(result.eigenvalue, 4), result.converged
         (9.0, True)
     """
-    validation.check("sharpness_iterations", iterations)
-    validation.check("sharpness_tolerance", tolerance)
-    validation.check_optional("micro_batch_size", micro_batch_size)
+    options.check("sharpness_iterations", iterations)
+    options.check("sharpness_tolerance", tolerance)
+    options.check_optional("micro_batch_size", micro_batch_size)
     names, shapes, sizes, frozen = [], [], [], {}
     tensors = []
     for name, param in model.named_parameters():

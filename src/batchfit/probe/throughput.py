@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchfit.core.accounting import check_batch_fits_data
+from batchfit.core.recommend import FLAT_GAIN, doubling_gains, flattening_point
 from batchfit.data.source import BatchSource
 from batchfit.losses import LossFn
-from batchfit.probe.common import Deadline, cycle_batches, model_device, preserved, synchronize
+from batchfit.probe.harness import Deadline, cycle_batches, preserved
 from batchfit.probe.memory import is_out_of_memory, release_memory
-from batchfit.recommend import FLAT_GAIN, doubling_gains, flattening_point
-from batchfit.schedule import check_batch_fits_data
-from batchfit.train import train_step
+from batchfit.step import model_device, synchronize, train_step
 
 WARMUP_STEPS = 2
 TIMED_STEPS = 5
@@ -75,7 +75,7 @@ class Throughput:
 
 
 def powers_of_two_up_to(ceiling: int, smallest: int = 1) -> list[int]:
-    """Powers of two from ``smallest`` (see :func:`~batchfit.probe.common.smallest_trainable_size`)
+    """Powers of two from ``smallest`` (see :func:`~batchfit.probe.harness.smallest_trainable_size`)
     up to ``ceiling``, and ``ceiling`` itself when it is not a power of two.
 
     >>> powers_of_two_up_to(100), powers_of_two_up_to(100, smallest=2)

@@ -11,9 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from batchfit.report.files import table, write_json, write_text
+from batchfit.core.sweep_verdict import format_seconds
+from batchfit.files import write_json, write_text
+from batchfit.report.markdown import table
 from batchfit.report.sweep_plots import PLOT_FILES, write_plots
-from batchfit.sweep_analysis import format_seconds
 
 #: Every file a sweep's report writes into --out (its finished runs are kept in runs/).
 REPORT_FILES = ("sweep.json", "sweep.md", *PLOT_FILES.values())

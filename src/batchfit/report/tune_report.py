@@ -14,12 +14,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchfit.core.units import format_bytes
+from batchfit.files import write_json, write_text
 from batchfit.report import plots
-from batchfit.report.files import table, write_json, write_text
-from batchfit.units import format_bytes
+from batchfit.report.markdown import table
 
 if TYPE_CHECKING:
-    from batchfit.tune import TuneResult
+    from batchfit.orchestrate.tune import TuneResult
 
 REPORT_VERSION = 1
 PLOT_FILES = {

@@ -43,19 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchfit import validation
-from batchfit.data.memory import TensorSource
-from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted, first_line
-from batchfit.losses import LOSS_NAMES, Loss
-from batchfit.lr_scaling import default_rule, scale_lr
-from batchfit.probe.common import has_batch_norm
-from batchfit.probe.memory import is_out_of_memory, rss_bytes
-from batchfit.probe.sharpness import sharpness
-from batchfit.progress import TrainProgress
-from batchfit.report.files import make_folder, prepare_report_folder
-from batchfit.report.sweep_report import REPORT_FILES
-from batchfit.schedule import plan, single_sample_micro_batch_at
-from batchfit.sweep_analysis import (
+from batchfit.core import options
+from batchfit.core.accounting import plan, single_sample_micro_batch_at
+from batchfit.core.lr_scaling import default_rule, scale_lr
+from batchfit.core.sweep_verdict import (
     METRICS,
     Target,
     Verdict,
@@ -72,14 +63,17 @@ from batchfit.sweep_analysis import (
     time_to_target,
     verdict,
 )
-from batchfit.task import as_source, check_model_accepts_data, loss_for
-from batchfit.train import (
-    DEFAULT_LR,
-    _resolve_device,
-    evaluate,
-    params_sha256,
-    train,
-)
+from batchfit.data.tensors import TensorSource
+from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted, first_line
+from batchfit.files import make_folder, prepare_report_folder
+from batchfit.inputs import as_source, check_model_accepts_data, loss_for
+from batchfit.loop.train import train
+from batchfit.losses import LOSS_NAMES, Loss
+from batchfit.probe.memory import is_out_of_memory, rss_bytes
+from batchfit.probe.sharpness import sharpness
+from batchfit.progress import TrainProgress
+from batchfit.report.sweep_report import REPORT_FILES
+from batchfit.step import DEFAULT_LR, evaluate, has_batch_norm, params_sha256, resolve_device
 
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256)
 DEFAULT_EPOCHS = 40
@@ -158,7 +152,7 @@ def sweep(
     (default 40), ``examples`` (equal examples: the same number of samples at every size, give or
     take one batch) or ``steps`` (equal updates). ``target`` is ``"METRIC=VALUE"``
     (``val_accuracy=0.9``, ``val_loss=0.5``); without it the sweep picks one from the runs
-    (:func:`batchfit.sweep_analysis.auto_target`). ``report`` is tune's ``report.json``: its
+    (:func:`batchfit.core.sweep_verdict.auto_target`). ``report`` is tune's ``report.json``: its
     recommended batch size joins the sweep (at the sweep's learning rate), one more run trains it
     at tune's learning rate, and the verdict says whether that run agrees with the sweep.
 
@@ -190,16 +184,16 @@ def sweep(
     loss = loss_for(source, loss)
     sizes = parse_batch_sizes(batch_sizes, n)
     budget = _budget(epochs, steps, examples, n)
-    validation.check("optimizer", optimizer)
-    lr = DEFAULT_LR[optimizer] if lr is None else validation.check("lr", lr)
-    validation.check("lr_batch_size", lr_batch_size)
+    options.check("optimizer", optimizer)
+    lr = DEFAULT_LR[optimizer] if lr is None else options.check("lr", lr)
+    options.check("lr_batch_size", lr_batch_size)
     rule = default_rule(optimizer) if lr_scaling is None else lr_scaling
-    validation.check("lr_scaling", rule)
+    options.check("lr_scaling", rule)
     factors = parse_lr_grid(lr_grid) or (1.0,)
-    validation.check("momentum", momentum)
-    validation.check_optional("weight_decay", weight_decay)
-    validation.check_optional("micro_batch_size", micro_batch_size)
-    eval_batch_size = validation.check_optional("eval_batch_size", eval_batch_size) or (
+    options.check("momentum", momentum)
+    options.check_optional("weight_decay", weight_decay)
+    options.check_optional("micro_batch_size", micro_batch_size)
+    eval_batch_size = options.check_optional("eval_batch_size", eval_batch_size) or (
         micro_batch_size or DEFAULT_EVAL_BATCH_SIZE
     )
     for name, value in (
@@ -209,7 +203,7 @@ def sweep(
         ("sharpness_iterations", sharpness_iterations),
         ("sharpness_tolerance", sharpness_tolerance),
     ):
-        validation.check(name, value)
+        options.check(name, value)
     metrics = METRICS if loss.has_accuracy else ("val_loss",)
     given = (
         target if isinstance(target, Target) or target is None else parse_target(target, metrics)
@@ -230,7 +224,7 @@ def sweep(
         )
     recommendation, tune_not_run = None, None
     if report is not None:
-        from batchfit.report.sweep_tune import read_recommendation
+        from batchfit.report.recommendation_file import read_recommendation
 
         recommendation = read_recommendation(report)
         wanted = recommendation["batch_size"]
@@ -253,7 +247,7 @@ def sweep(
     if runs_dir is not None:
         _prepare_folder(Path(out_dir), runs_dir)
 
-    device = _resolve_device(device)
+    device = resolve_device(device)
     model.to(device)
     check_model_accepts_data(model, source, loss)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -362,7 +356,7 @@ def sweep(
             record["initial_params_sha256"] = initial_sha
             record["settings"] = fingerprint
             if path is not None:
-                from batchfit.report.files import write_json
+                from batchfit.files import write_json
 
                 try:
                     write_json(path, record)
@@ -586,7 +580,7 @@ def _budget(
     if not given:
         epochs = DEFAULT_EPOCHS
     if epochs is not None:
-        validation.check("epochs", epochs)
+        options.check("epochs", epochs)
         if n is None:
             raise BatchfitError(
                 "The training data is a stream of unknown length, so epochs cannot be counted; "
@@ -594,8 +588,8 @@ def _budget(
             )
         return {"epochs": epochs}
     if steps is not None:
-        return {"steps": validation.check("steps", steps)}
-    return {"examples": validation.check("examples", examples)}
+        return {"steps": options.check("steps", steps)}
+    return {"examples": options.check("examples", examples)}
 
 
 def _total_steps(budget: dict[str, int], n: int | None, batch_size: int) -> int:

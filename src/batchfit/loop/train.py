@@ -12,7 +12,6 @@ state, so a run stopped at any step and resumed ends bitwise identical to an uni
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import signal
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchfit import validation
 from batchfit.checkpoint import (
     CHECKPOINT_NAME,
     check_same_model,
@@ -36,22 +34,30 @@ from batchfit.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from batchfit.data.source import Batch, BatchSource
-from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
-from batchfit.losses import Loss, LossFn, correct_count
-from batchfit.metrics import MetricsLog
-from batchfit.probe.common import has_batch_norm
-from batchfit.progress import TrainProgress
-from batchfit.report.files import make_folder
-from batchfit.schedule import (
+from batchfit.core import options
+from batchfit.core.accounting import (
     check_sizes,
     plan,
     single_sample_micro_batch_at,
     total_steps,
 )
-from batchfit.task import as_source, check_model_accepts_data, loss_for
+from batchfit.data.source import Batch, BatchSource
+from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
+from batchfit.files import make_folder
+from batchfit.inputs import as_source, check_model_accepts_data, loss_for
+from batchfit.losses import Loss, LossFn
+from batchfit.metrics import MetricsLog
+from batchfit.progress import TrainProgress
+from batchfit.step import (
+    DEFAULT_LR,
+    evaluate,
+    has_batch_norm,
+    make_optimizer,
+    params_sha256,
+    resolve_device,
+    train_step,
+)
 
-DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 FLUSH_SECONDS = 0.5
 
 
@@ -102,94 +108,6 @@ class _Run:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
-
-
-def make_optimizer(
-    name: str, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float | None = None
-) -> torch.optim.Optimizer:
-    """``sgd`` (with momentum), ``adam`` or ``adamw``; weight decay defaults to torch's default."""
-    validation.check("optimizer", name)
-    params = model.parameters()
-    extra = {} if weight_decay is None else {"weight_decay": weight_decay}
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, **extra)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, **extra)
-    return torch.optim.AdamW(params, lr=lr, **extra)
-
-
-def params_sha256(model: nn.Module) -> str:
-    """SHA-256 over the parameters sorted by name (name, dtype, shape and bytes of each)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.named_parameters()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        # reshape: a 0-dim tensor cannot be viewed as bytes (its shape is in the header above)
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
-
-
-def evaluate(
-    model: nn.Module,
-    source: BatchSource,
-    loss: Loss,
-    batch_size: int = 1024,
-    device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Mean loss (and accuracy for classification) over ``source``, in eval mode, no gradients."""
-    was_training = model.training
-    model.eval()
-    total_loss, total_correct, count = 0.0, 0, 0
-    try:
-        with torch.no_grad():
-            for x, y in source.batches(0, batch_size):
-                x, y = x.to(device), y.to(device)
-                output = model(x)
-                total_loss += loss.fn(output, y).item() * len(y)
-                if loss.has_accuracy:
-                    total_correct += int(correct_count(output, y, loss.kind))
-                count += len(y)
-    finally:
-        model.train(was_training)
-    result = {"loss": total_loss / count if count else math.nan}
-    if loss.has_accuracy:
-        result["accuracy"] = total_correct / count if count else math.nan
-    return result
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    micro_batch_size: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, int]:
-    """One optimizer update on one batch; returns (mean loss as a detached tensor, iterations).
-
-    Micro-batch losses are weighted by their share of the batch, so the accumulated gradient is the
-    mean gradient of the whole batch whatever the split (DESIGN.md: no flooring).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    n = len(y)
-    if n <= micro_batch_size:
-        if device.type != "cpu":  # on CPU, .to() is a no-op that still costs a call per tensor
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss.detach(), 1
-    total = torch.zeros((), device=device)
-    parts = 0
-    for xs, ys in zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True):
-        weight = len(ys) / n
-        loss = loss_fn(model(xs.to(device, non_blocking=True)), ys.to(device, non_blocking=True))
-        (loss * weight).backward()
-        total += loss.detach() * weight
-        parts += 1
-    optimizer.step()
-    return total, parts
 
 
 class _StopSignals:
@@ -248,20 +166,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise BatchfitError(f"Unknown device '{device}'; use cpu, cuda, cuda:N or auto.") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BatchfitError(
-            "--device cuda was asked for, but no CUDA device is available; use cpu."
-        )
-    return resolved
 
 
 def _check_output_paths(
@@ -330,9 +234,9 @@ def _stop_rule(
     num_samples: int | None,
     steps_per_epoch: int | None = None,
 ) -> None:
-    validation.check_optional("epochs", epochs)
-    validation.check_optional("max_steps", max_steps)
-    validation.check_optional("steps_per_epoch", steps_per_epoch)
+    options.check_optional("epochs", epochs)
+    options.check_optional("max_steps", max_steps)
+    options.check_optional("steps_per_epoch", steps_per_epoch)
     if num_samples is None and max_steps is None and steps_per_epoch is None:
         raise BatchfitError(
             "The training data is a stream of unknown length, so epochs cannot be counted; "
@@ -415,18 +319,16 @@ def train(
     else:
         the_plan, micro = None, check_sizes(batch_size, micro_batch_size)
     _stop_rule(epochs, max_steps, n, steps_per_epoch)
-    validation.check("optimizer", optimizer)
-    lr = DEFAULT_LR[optimizer] if lr is None else validation.check("lr", lr)
-    validation.check_optional("checkpoint_every", checkpoint_every)
-    validation.check_optional("eval_every", eval_every)
-    eval_batch_size = validation.check_optional("eval_batch_size", eval_batch_size) or max(
-        micro, 1024
-    )
+    options.check("optimizer", optimizer)
+    lr = DEFAULT_LR[optimizer] if lr is None else options.check("lr", lr)
+    options.check_optional("checkpoint_every", checkpoint_every)
+    options.check_optional("eval_every", eval_every)
+    eval_batch_size = options.check_optional("eval_batch_size", eval_batch_size) or max(micro, 1024)
     _check_output_paths(checkpoint_dir, checkpoint_every, resume, out_dir)
     loss = loss_for(source, loss)
 
     _check_batch_norm(model, n, batch_size, micro, drop_last)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     model.to(device)
     check_model_accepts_data(model, source, loss)
     if val_source is not None:  # bad validation data found now, not after an epoch of training

@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import math
 
-from batchfit import validation
+from batchfit.core import options
 
 
 def default_rule(optimizer: str) -> str:
     """The usual rule for an optimizer: ``linear`` for SGD, ``sqrt`` for the Adam family."""
-    validation.check("optimizer", optimizer)
+    options.check("optimizer", optimizer)
     return "linear" if optimizer == "sgd" else "sqrt"
 
 
 def scale_lr(lr: float, from_batch_size: int, to_batch_size: int, rule: str) -> float:
     """The learning rate for ``to_batch_size``, given ``lr`` tuned at ``from_batch_size``."""
-    validation.check("lr", lr)
-    validation.check("batch_size", from_batch_size)
-    validation.check("batch_size", to_batch_size)
-    validation.check("lr_scaling", rule)
+    options.check("lr", lr)
+    options.check("batch_size", from_batch_size)
+    options.check("batch_size", to_batch_size)
+    options.check("lr_scaling", rule)
     ratio = to_batch_size / from_batch_size
     if rule == "linear":
         factor = ratio

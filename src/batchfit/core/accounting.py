@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from batchfit import validation
+from batchfit.core import options
 from batchfit.errors import BatchfitError
 
 
@@ -163,8 +163,8 @@ def check_sizes(batch_size: int, micro_batch_size: int | None = None, world_size
 
     The default micro-batch is the whole per-device share of the batch (no accumulation).
     """
-    validation.check("batch_size", batch_size)
-    validation.check("world_size", world_size)
+    options.check("batch_size", batch_size)
+    options.check("world_size", world_size)
     if batch_size < world_size:
         raise BatchfitError(
             f"The batch size ({batch_size}) is smaller than the world size ({world_size}): "
@@ -173,7 +173,7 @@ def check_sizes(batch_size: int, micro_batch_size: int | None = None, world_size
     per_device = math.ceil(batch_size / world_size)
     if micro_batch_size is None:
         return per_device
-    validation.check("micro_batch_size", micro_batch_size)
+    options.check("micro_batch_size", micro_batch_size)
     if micro_batch_size > per_device:
         raise BatchfitError(
             f"The micro-batch size ({micro_batch_size}) is larger than the batch size "
@@ -214,11 +214,11 @@ def plan(
         >>> plan(100, 32, max_steps=10).epochs_run
         2.5
     """
-    validation.check("samples", samples)
+    options.check("samples", samples)
     micro = check_sizes(batch_size, micro_batch_size, world_size)
     check_batch_fits_data(batch_size, samples)
-    validation.check_optional("epochs", epochs)
-    validation.check_optional("max_steps", max_steps)
+    options.check_optional("epochs", epochs)
+    options.check_optional("max_steps", max_steps)
 
     full_batches, remainder = divmod(samples, batch_size)
     if drop_last or remainder == 0:
@@ -265,3 +265,23 @@ def plan(
         total_samples=total_samples,
         epochs_run=epochs_run,
     )
+
+
+def balanced_split(total: int, max_chunk: int) -> list[int]:
+    """The fewest chunks of at most ``max_chunk`` that sum to ``total``, sizes differing by at most
+    one, so that no chunk is a small remainder (batch norm cannot train on a chunk of one).
+
+    >>> balanced_split(10, 4), balanced_split(1025, 341), balanced_split(3, 8)
+    ([4, 3, 3], [257, 256, 256, 256], [3])
+    """
+    return split_evenly(total, math.ceil(total / max_chunk))
+
+
+def split_batch(batch_size: int, max_micro_batch_size: int) -> tuple[int, int]:
+    """``(micro_batch_size, accumulation)``: the fewest micro-batches that fit, sized evenly.
+
+    >>> split_batch(256, 4000), split_batch(512, 300), split_batch(1000, 300)
+    ((256, 1), (256, 2), (250, 4))
+    """
+    accumulation = math.ceil(batch_size / max_micro_batch_size)
+    return math.ceil(batch_size / accumulation), accumulation

@@ -2,9 +2,9 @@
 and a learning rate, with the reasons and the evidence.
 
 Read :func:`tune` top to bottom: each phase is one probe (``batchfit.probe``) that returns a plain
-result; the pure :func:`batchfit.recommend.recommend` turns them into a choice; the report module
-writes ``report.json``, ``report.md`` and plots. The whole run keeps to a time budget: each phase
-gets a share of the time left, probes do fewer trials when time is short, and what was cut is
+result; the pure :func:`batchfit.core.recommend.recommend` turns them into a choice; the report
+module writes ``report.json``, ``report.md`` and plots. The whole run keeps to a time budget: each
+phase gets a share of the time left, probes do fewer trials when time is short, and what was cut is
 listed in the report; a recommendation that measurements cut short could not settle is marked
 provisional. The noise and learning-rate phases may fail (a diverging warm-up, no time, out of
 memory) without losing what memory and throughput measured. The user's model is the same after
@@ -23,17 +23,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchfit import validation
+from batchfit.core import options
+from batchfit.core.lr_scaling import default_rule, scale_lr
+from batchfit.core.recommend import Recommendation, fit_step_time, recommend
+from batchfit.core.units import format_bytes
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError, first_line
+from batchfit.files import prepare_report_folder
+from batchfit.inputs import as_source, check_model_accepts_data, loss_for
 from batchfit.losses import Loss, LossFn
-from batchfit.lr_scaling import default_rule, scale_lr
-from batchfit.probe.common import (
+from batchfit.probe.harness import (
     Deadline,
     Diverged,
     OutOfTime,
-    model_device,
-    smallest_trainable_size,
 )
 from batchfit.probe.lr_range import LRRange, lr_range_test
 from batchfit.probe.memory import (
@@ -44,11 +46,13 @@ from batchfit.probe.memory import (
 )
 from batchfit.probe.noise import NoiseMeasurement, warmup_and_measure
 from batchfit.probe.throughput import Throughput, measure_throughput, powers_of_two_up_to
-from batchfit.recommend import Recommendation, fit_step_time, recommend
-from batchfit.report.files import prepare_report_folder
-from batchfit.task import as_source, check_model_accepts_data, loss_for
-from batchfit.train import DEFAULT_LR, _resolve_device, make_optimizer
-from batchfit.units import format_bytes
+from batchfit.step import (
+    DEFAULT_LR,
+    make_optimizer,
+    model_device,
+    resolve_device,
+    smallest_trainable_size,
+)
 
 DEFAULT_TIME_BUDGET_S = {"cpu": 60.0, "cuda": 300.0}
 #: Shares of the time budget per phase; what a phase leaves unused goes to the next ones.
@@ -202,16 +206,16 @@ def tune(
     wall_start = time.perf_counter()
     budget_started = time.time() if budget_started is None else budget_started
     log = log or (lambda _: None)
-    validation.check("optimizer", optimizer)
-    validation.check_optional("lr", lr)
-    validation.check_optional("lr", warmup_lr, fix="(This was warmup_lr.)")
-    validation.check("lr_batch_size", lr_batch_size)
-    rule = validation.check("lr_scaling", lr_scaling) if lr_scaling else default_rule(optimizer)
-    validation.check_optional("memory_limit", memory_limit)
-    validation.check_optional("max_batch_size", max_batch_size)
-    validation.check_optional("time_budget", time_budget)
-    validation.check("headroom", headroom)
-    validation.check("seed", seed)
+    options.check("optimizer", optimizer)
+    options.check_optional("lr", lr)
+    options.check_optional("lr", warmup_lr, fix="(This was warmup_lr.)")
+    options.check("lr_batch_size", lr_batch_size)
+    rule = options.check("lr_scaling", lr_scaling) if lr_scaling else default_rule(optimizer)
+    options.check_optional("memory_limit", memory_limit)
+    options.check_optional("max_batch_size", max_batch_size)
+    options.check_optional("time_budget", time_budget)
+    options.check("headroom", headroom)
+    options.check("seed", seed)
     out = None
     if out_dir is not None:
         from batchfit.report.tune_report import REPORT_FILES  # it imports this module
@@ -219,7 +223,7 @@ def tune(
         out = prepare_report_folder(out_dir, REPORT_FILES)
     source = as_source(data, seed=seed)
     loss = loss_for(source, loss)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     budget_s = time_budget or DEFAULT_TIME_BUDGET_S["cuda" if dev.type == "cuda" else "cpu"]
     reserve = min(REPORT_RESERVE_S, 0.15 * budget_s) if out is not None else 0.0
     _check_budget_left(budget_s, budget_started, reserve)

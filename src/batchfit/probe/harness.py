@@ -12,9 +12,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from batchfit.core.accounting import balanced_split
 from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError
-from batchfit.schedule import split_evenly
 
 
 class OutOfTime(BatchfitError):
@@ -24,33 +24,6 @@ class OutOfTime(BatchfitError):
 class Diverged(BatchfitError):
     """A probe's training run diverged at the learning rate it was given, so its reading is not
     to be used."""
-
-
-def smallest_trainable_size(model: nn.Module) -> int:
-    """The smallest batch (or micro-batch) ``model`` can train on: 2 with batch norm, which cannot
-    normalise over one sample in training mode, else 1. Every probe starts its sizes here.
-
-    >>> smallest_trainable_size(torch.nn.Linear(2, 1))
-    1
-    >>> smallest_trainable_size(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4)))
-    2
-    """
-    return 2 if has_batch_norm(model) else 1
-
-
-def has_batch_norm(model: nn.Module) -> bool:
-    """Whether ``model`` has a batch-norm layer (which cannot train on a batch of one sample)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def balanced_split(total: int, max_chunk: int) -> list[int]:
-    """The fewest chunks of at most ``max_chunk`` that sum to ``total``, sizes differing by at most
-    one, so that no chunk is a small remainder (batch norm cannot train on a chunk of one).
-
-    >>> balanced_split(10, 4), balanced_split(1025, 341), balanced_split(3, 8)
-    ([4, 3, 3], [257, 256, 256, 256], [3])
-    """
-    return split_evenly(total, math.ceil(total / max_chunk))
 
 
 class SampleReader:
@@ -155,13 +128,3 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.remaining() <= 0
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so that a timing or a memory reading covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))

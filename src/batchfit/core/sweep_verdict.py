@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from batchfit import validation
+from batchfit.core import options
+from batchfit.core.accounting import plan
 from batchfit.errors import BatchfitError
-from batchfit.schedule import plan
 
 #: Validation metrics the sweep records at each evaluation point (accuracy: classification only).
 METRICS = ("val_accuracy", "val_loss")
@@ -183,7 +183,7 @@ def steps_for_examples(examples: int, samples: int, batch_size: int) -> int:
     >>> steps_for_examples(10_000, 4000, 256)   # 2 epochs of 16 steps, then 2000 / 256 -> 8
     40
     """
-    validation.check("examples", examples)
+    options.check("examples", examples)
     per_epoch = plan(samples, batch_size).steps_per_epoch
     whole, rest = divmod(examples, samples)
     return whole * per_epoch + math.ceil(rest / batch_size)
@@ -216,7 +216,7 @@ def parse_batch_sizes(text: str | Sequence[int | str], samples: int | None) -> l
             size = int(item) if isinstance(item, str) else item
         except ValueError:
             size = item
-        validation.check(
+        options.check(
             "batch_size",
             size,
             "Give --batch-sizes as whole numbers, or N for full batch (e.g. 32,64,128,256,N).",
@@ -253,7 +253,7 @@ def parse_lr_grid(text: str | Sequence[float] | None) -> tuple[float, ...] | Non
             factor = float(item)
         except (TypeError, ValueError):
             factor = item
-        validation.check(
+        options.check(
             "lr_grid_factor",
             factor,
             "--lr-grid takes factors of the scaled learning rate, e.g. 0.25,0.5,1,2,4.",

@@ -24,8 +24,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from batchfit.core.units import parse_size
 from batchfit.errors import BatchfitError
-from batchfit.units import parse_size
 
 
 @dataclass(frozen=True)

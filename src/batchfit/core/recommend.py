@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from batchfit.core.accounting import has_single_sample_micro_batch, split_batch
 from batchfit.errors import BatchfitError
-from batchfit.schedule import has_single_sample_micro_batch
 
 #: Doubling the batch gains less than this share of samples/s: throughput has flattened.
 FLAT_GAIN = 0.10
@@ -72,16 +72,6 @@ class Recommendation:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def split_batch(batch_size: int, max_micro_batch_size: int) -> tuple[int, int]:
-    """``(micro_batch_size, accumulation)``: the fewest micro-batches that fit, sized evenly.
-
-    >>> split_batch(256, 4000), split_batch(512, 300), split_batch(1000, 300)
-    ((256, 1), (256, 2), (250, 4))
-    """
-    accumulation = math.ceil(batch_size / max_micro_batch_size)
-    return math.ceil(batch_size / accumulation), accumulation
 
 
 def doubling_gains(throughput: Sequence[tuple[int, float]]) -> list[float | None]:

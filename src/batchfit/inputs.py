@@ -1,0 +1,131 @@
+"""What the Python API accepts, turned into what the loop and the probes use.
+
+Data given as ``(x, y)`` tensors or arrays, a torch ``Dataset`` or ``IterableDataset``, or a
+:class:`~batchfit.data.source.BatchSource` becomes a ``BatchSource``; a loss given by name, as a
+function or not at all becomes a :class:`~batchfit.losses.Loss`; and a model is tried on two
+samples before any training, so that a mismatch is one clear error, not a traceback mid-epoch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from batchfit.data.source import BatchSource
+from batchfit.data.stream import StreamSource
+from batchfit.data.tensors import TensorSource
+from batchfit.data.torch_dataset import DatasetSource, IterableSource
+from batchfit.errors import BatchfitError, first_line
+from batchfit.losses import Loss, LossFn, resolve_loss
+
+
+def as_source(
+    data: object, *, seed: int = 0, shuffle: bool = True, what: str = "data"
+) -> BatchSource:
+    """Wrap what the user gave (tensors, arrays, a Dataset, a BatchSource) as a BatchSource.
+
+    Examples:
+        >>> src = as_source((torch.zeros(5, 2), torch.zeros(5)))
+        >>> src.num_samples
+        5
+    """
+    if isinstance(data, BatchSource):
+        return data
+    if isinstance(data, IterableDataset):
+        return IterableSource(data)
+    if isinstance(data, Dataset):
+        return DatasetSource(data, seed=seed, shuffle=shuffle)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return TensorSource(data[0], data[1], seed=seed, shuffle=shuffle)
+    raise BatchfitError(
+        f"The {what} must be an (x, y) pair of tensors or arrays, a torch Dataset or "
+        f"IterableDataset, or a BatchSource; got {type(data).__name__}."
+    )
+
+
+def loss_for(source: BatchSource, loss: str | LossFn | Loss | None) -> Loss:
+    """``loss`` as a :class:`Loss`: given as one, or resolved by name, callable or, for None, the
+    default for the source's target (which reads one batch to learn its kind)."""
+    if isinstance(loss, Loss):
+        return loss
+    return resolve_loss(loss, target_kind_of(source))
+
+
+def target_kind_of(source: BatchSource) -> str:
+    if isinstance(source, StreamSource):
+        return source.target_kind
+    _, y = next(iter(source.batches(0, 1)))
+    if y.dtype == torch.bool:
+        return "binary"
+    return "real" if y.is_floating_point() else "class"
+
+
+def check_model_accepts_data(
+    model: nn.Module, source: BatchSource, loss: Loss, what: str = "data"
+) -> None:
+    """Run the model on two samples (eval mode, no gradients) and fail early with both shapes.
+
+    Catches the classic mismatches before any training: features of the wrong width, outputs that
+    do not match the target, labels beyond the number of classes. For class labels it also makes
+    the source check them (:meth:`~batchfit.data.source.BatchSource.expect_classes`): all at once
+    for tensors in memory, else each batch on the CPU before it reaches a device.
+    """
+    x, y = next(iter(source.batches(0, min(2, source.num_samples or 2))))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                output = model(x.to(device))
+            except (RuntimeError, ValueError, IndexError) as exc:
+                _raise_if_dtype_mismatch(model, x, exc)
+                raise BatchfitError(
+                    f"The model does not accept the {what}: each sample has shape "
+                    f"{tuple(x.shape[1:])}{_expected_input(model)}. torch said: "
+                    f"{first_line(exc)}. Fix --features or the model's input layer."
+                ) from None
+            if not isinstance(output, torch.Tensor):
+                raise BatchfitError(
+                    f"The model returned {type(output).__name__}, not a tensor; return the "
+                    "prediction tensor from forward()."
+                )
+            if loss.kind == "class":
+                # F.cross_entropy takes classes on dim 1: (N, C) or (N, C, d1, ...)
+                source.expect_classes(output.shape[1] if output.ndim > 1 else output.shape[0])
+            try:
+                loss.fn(output, y.to(device))
+            except BatchfitError:
+                raise
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise BatchfitError(
+                    f"The loss '{loss.name}' cannot compare the model's output of shape "
+                    f"{tuple(output.shape)} with the target of shape {tuple(y.shape)}: "
+                    f"{first_line(exc)}."
+                ) from None
+    finally:
+        model.train(was_training)
+
+
+def _raise_if_dtype_mismatch(model: nn.Module, x: torch.Tensor, exc: Exception) -> None:
+    parameter = next(model.parameters(), None)
+    if parameter is not None and x.is_floating_point() and x.dtype != parameter.dtype:
+        raise BatchfitError(
+            f"The data is {x.dtype} but the model's parameters are {parameter.dtype}; convert one "
+            f"to the other (e.g. x.float() or model.double()). torch said: "
+            f"{first_line(exc)}"
+        ) from None
+
+
+def _expected_input(model: nn.Module) -> str:
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return f", but the model's first layer expects {module.in_features} features"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            channels = module.in_channels
+            return (
+                f", but the model's first layer expects {channels} input "
+                f"channel{'' if channels == 1 else 's'}"
+            )
+    return ""
