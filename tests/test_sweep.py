@@ -253,11 +253,11 @@ def test_an_out_folder_that_cannot_be_used_is_refused_before_any_run(tmp_path, c
     a_file = tmp_path / "afile"
     a_file.write_text("")
     ran = []
-    with pytest.raises(BatchfitError, match="--out '.*afile' is a file, not a folder"):
+    with pytest.raises(BatchfitError, match="'out_dir' '.*afile' is a file, not a folder"):
         run(out_dir=a_file, on_run=ran.append)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "runs").write_text("")
-    with pytest.raises(BatchfitError, match="--out '.*runs' is a file, not a folder"):
+    with pytest.raises(BatchfitError, match="'out_dir' '.*runs' is a file, not a folder"):
         run(out_dir=tmp_path / "out", on_run=ran.append)
     assert ran == []
     code = main(["sweep", "--out", str(a_file), "--epochs", "1", "--batch-sizes", "256"])

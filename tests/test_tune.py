@@ -306,7 +306,7 @@ def test_tune_refuses_bad_settings(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(BatchfitError, match="'.*afile' is a file, not a folder"):
         tune(mlp(), blobs(100), out_dir=tmp_path / "afile")
-    with pytest.raises(BatchfitError, match="Cannot create --out '.*afile/report'"):
+    with pytest.raises(BatchfitError, match="Cannot create 'out_dir' '.*afile/report'"):
         tune(mlp(), blobs(100), out_dir=tmp_path / "afile" / "report")
 
 

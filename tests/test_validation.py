@@ -6,7 +6,7 @@ import pytest
 
 from batchfit.cli import main
 from batchfit.core import options
-from batchfit.core.options import OPTIONS, Choice, Float, Int, RowsOrSize, Size
+from batchfit.core.options import OPTIONS, Choice, Flag, Float, Int, RowsOrSize, Size, Text
 from batchfit.errors import BatchfitError
 
 BAD_VALUES = {
@@ -15,6 +15,8 @@ BAD_VALUES = {
     RowsOrSize: [0, 0.5, "3", "lots", "0MiB", True, None],
     Float: ["x", float("nan"), float("inf"), None],
     Choice: ["nope", 3, None],
+    Flag: [1, "yes", None],
+    Text: ["", "   ", 3, None],
 }
 
 
@@ -35,8 +37,9 @@ def _out_of_range(rule):
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_every_option_rejects_bad_values_with_one_message_template(name):
-    rule = OPTIONS[name]
-    for value in BAD_VALUES[type(rule)] + _out_of_range(rule):
+    rule = OPTIONS[name].rule
+    bad = BAD_VALUES[type(rule)] if not getattr(rule, "objects", False) else ["", None]
+    for value in bad + _out_of_range(rule):
         with pytest.raises(
             BatchfitError, match=rf"^The '{name}' option must be .*Got .* instead\."
         ):
@@ -45,17 +48,20 @@ def test_every_option_rejects_bad_values_with_one_message_template(name):
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_every_option_parses_its_text_form(name):
-    rule = OPTIONS[name]
+    rule = OPTIONS[name].rule
     good = {
         Int: str(rule.low) if isinstance(rule, Int) else None,
         Float: "0.5",
         Choice: rule.choices[0] if isinstance(rule, Choice) else None,
         Size: "2GiB",
         RowsOrSize: "64MiB",
+        Flag: "true",
+        Text: "some/text",
     }[type(rule)]
     assert options.parse(name, good) == options.check(name, rule.convert(good))
-    with pytest.raises(BatchfitError, match=rf"The '{name}' option"):
-        options.parse(name, "not-a-value")
+    if not isinstance(rule, Text):  # any non-empty text is a Text value
+        with pytest.raises(BatchfitError, match=rf"The '{name}' option"):
+            options.parse(name, "not-a-value")
 
 
 # Each command-line flag checked through the shared table: (command, flag, bad text).

@@ -831,6 +831,19 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
+def _flags_of(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """Option name -> the flag that sets it, for the command's own flags (library messages name
+    options; while a command runs they show as its flags)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = commands.choices[command]
+    names = {"out": "out_dir"}
+    return {
+        names.get(a.dest, a.dest): a.option_strings[0]
+        for a in sub._actions
+        if a.option_strings and names.get(a.dest, a.dest) in options.OPTIONS
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for bad input)."""
     parser = build_parser()
@@ -842,7 +855,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.run(args)
+        with options.named_as_flags(_flags_of(parser, args.command)):
+            return args.run(args)
     except BatchfitError as exc:
         print(f"batchfit {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from batchfit.core.options import opt
 from batchfit.errors import BatchfitError
 
 
@@ -74,15 +75,17 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def make_folder(folder: Path, flag: str) -> None:
-    """Create ``folder`` (and its parents), or fail in one line naming the command-line ``flag``."""
+def make_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` (and its parents), or fail in one line naming the ``option`` that gave
+    it (``'out_dir'``; ``--out`` on the command line)."""
     if folder.exists() and not folder.is_dir():
-        raise BatchfitError(f"{flag} '{folder}' is a file, not a folder; give a folder.")
+        raise BatchfitError(f"{opt(option)} '{folder}' is a file, not a folder; give a folder.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BatchfitError(
-            f"Cannot create {flag} '{folder}': {exc.strerror}; choose a folder you can write to."
+            f"Cannot create {opt(option)} '{folder}': {exc.strerror}; choose a folder you can "
+            "write to."
         ) from None
 
 
@@ -91,13 +94,14 @@ def prepare_report_folder(out_dir: str | Path, report_files: Sequence[str]) -> P
     training, and remove the ``report_files`` an earlier run left there, so that a run that fails
     leaves none that look current (other files are left alone)."""
     folder = Path(out_dir)
-    make_folder(folder, "--out")
+    make_folder(folder, "out_dir")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
         raise BatchfitError(
-            f"Cannot write to --out '{folder}': {exc.strerror}; choose a folder you can write to."
+            f"Cannot write to {opt('out_dir')} '{folder}': {exc.strerror}; choose a folder you "
+            "can write to."
         ) from None
     for name in report_files:
         with contextlib.suppress(FileNotFoundError):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
+from batchfit.core.options import opt
 from batchfit.data.source import BatchSource
 from batchfit.data.stream import StreamSource
 from batchfit.data.tensors import TensorSource
@@ -84,7 +85,7 @@ def check_model_accepts_data(
                 raise BatchfitError(
                     f"The model does not accept the {what}: each sample has shape "
                     f"{tuple(x.shape[1:])}{_expected_input(model)}. torch said: "
-                    f"{first_line(exc)}. Fix --features or the model's input layer."
+                    f"{first_line(exc)}. Fix {opt('features')} or the model's input layer."
                 ) from None
             if not isinstance(output, torch.Tensor):
                 raise BatchfitError(

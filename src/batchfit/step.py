@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from batchfit.core import options
+from batchfit.core.options import opt_value
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.losses import Loss, LossFn, correct_count
@@ -118,7 +119,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise BatchfitError(f"Unknown device '{device}'; use cpu, cuda, cuda:N or auto.") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise BatchfitError(
-            "--device cuda was asked for, but no CUDA device is available; use cpu."
+            f"{opt_value('device', str(device))} was asked for, but no CUDA device is "
+            "available; use cpu."
         )
     return resolved
 

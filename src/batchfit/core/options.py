@@ -1,16 +1,24 @@
-"""Parameter checking in one place.
+"""Every option in one table: its name, what it accepts, its default and its help.
 
-One table, :data:`OPTIONS`, says what each option accepts. The Python API calls :func:`check`
-with values, the command line calls :func:`parse` with text; both raise
-:class:`~batchfit.errors.BatchfitError` with the same message template, e.g.
+:data:`OPTIONS` has one :class:`Option` row per option. The Python API checks values with
+:func:`check`, the command line parses text with :func:`parse` (its flags are generated from the
+same rows, see :mod:`batchfit.cli`), and the configs of :mod:`batchfit.core.configs` take their
+fields' defaults from here; both raise :class:`~batchfit.errors.BatchfitError` with one message
+template:
 
     The 'batch_size' option must be an int >= 1. Got 0 instead.
+
+Messages name an option with :func:`opt`: ``'checkpoint_dir'`` for a Python caller, and
+``--checkpoint-dir`` while the command line runs (:func:`named_as_flags`), so the library never
+speaks in flags a Python user does not have.
 
 Examples:
     >>> check("batch_size", 32)
     32
     >>> parse("lr", "3e-4")
     0.0003
+    >>> OPTIONS["optimizer"].default, OPTIONS["out_dir"].flag
+    ('adam', '--out')
     >>> check("batch_size", 0)
     Traceback (most recent call last):
     ...
@@ -19,177 +27,264 @@ Examples:
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from batchfit.core.units import parse_size
+from batchfit.core.rules import Choice, Flag, Float, Int, RowsOrSize, Rule, Size, Text
 from batchfit.errors import BatchfitError
-
-
-@dataclass(frozen=True)
-class Int:
-    """An integer in [low, high] (high None: unbounded)."""
-
-    low: int = 1
-    high: int | None = None
-
-    def describe(self) -> str:
-        if self.high is None:
-            return f"an int >= {self.low}"
-        return f"an int in [{self.low}, {self.high}]"
-
-    def accepts(self, value: Any) -> bool:
-        # numbers.Integral admits NumPy integers (np.int64(24000)); bool is excluded on purpose.
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            return False
-        return value >= self.low and (self.high is None or value <= self.high)
-
-    def convert(self, text: str) -> Any:
-        return int(text.strip().replace("_", ""))
-
-
-@dataclass(frozen=True)
-class Float:
-    """A finite float with optional bounds; ``open_low`` excludes the lower bound."""
-
-    low: float | None = None
-    high: float | None = None
-    open_low: bool = False
-    open_high: bool = False
-
-    def describe(self) -> str:
-        parts = []
-        if self.low is not None:
-            parts.append(f"{'>' if self.open_low else '>='} {self.low:g}")
-        if self.high is not None:
-            parts.append(f"{'<' if self.open_high else '<='} {self.high:g}")
-        return "a number" + (" " + " and ".join(parts) if parts else "")
-
-    def accepts(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            return False
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
-            return False
-        return not (
-            self.high is not None and (value >= self.high if self.open_high else value > self.high)
-        )
-
-    def convert(self, text: str) -> Any:
-        return float(text)
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One of a fixed set of strings."""
-
-    choices: tuple[str, ...]
-
-    def describe(self) -> str:
-        return "one of " + ", ".join(repr(c) for c in self.choices)
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, str) and value in self.choices
-
-    def convert(self, text: str) -> Any:
-        return text.strip().lower()
-
-
-@dataclass(frozen=True)
-class Size:
-    """A number of bytes >= ``low``, written as text like ``4GB``, ``512MiB`` or ``2g``."""
-
-    low: int = 1
-
-    def describe(self) -> str:
-        return f"a size of at least {self.low} bytes, like 4GB, 512MiB or 2g"
-
-    def accepts(self, value: Any) -> bool:
-        return Int(self.low).accepts(value)
-
-    def convert(self, text: str) -> Any:
-        return parse_size(text)
-
-
-@dataclass(frozen=True)
-class RowsOrSize:
-    """A count of rows (an int >= 1), or a size in bytes written with a unit (``'64MiB'``), kept
-    as text: what a row costs is only known once the data is open."""
-
-    def describe(self) -> str:
-        return "an int >= 1 (rows) or a size with a unit, like 64MiB or 1GB"
-
-    def accepts(self, value: Any) -> bool:
-        if isinstance(value, str):
-            try:
-                return value.strip()[-1:].isalpha() and parse_size(value) >= 1
-            except ValueError:
-                return False
-        return Int(1).accepts(value)
-
-    def convert(self, text: str) -> Any:
-        plain = text.strip().replace("_", "")
-        if plain.isdigit():
-            return int(plain)
-        parse_size(plain)  # raises ValueError on anything that is not a size
-        return plain
-
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 
-#: What every option accepts. The CLI and the API share it; a test feeds each a bad value.
-OPTIONS: dict[str, Int | Float | Choice | Size | RowsOrSize] = {
-    "samples": Int(1),
-    "batch_size": Int(1),
-    "micro_batch_size": Int(1),
-    "eval_batch_size": Int(1),
-    "world_size": Int(1),
-    "epochs": Int(1),
-    "max_steps": Int(1),
-    "checkpoint_every": Int(1),
-    "eval_every": Int(1),
-    "seed": Int(0, 2**63 - 1),
-    "lr": Float(0.0, open_low=True),
-    "momentum": Float(0.0, 1.0, open_high=True),
-    "weight_decay": Float(0.0),
-    "val_fraction": Float(0.0, 1.0, open_high=True),
-    "steps_per_epoch": Int(1),
-    "shuffle_buffer": RowsOrSize(),
-    "prefetch": Int(0),
-    "data_workers": Int(1, 64),
-    "optimizer": Choice(OPTIMIZERS),
-    "lr_scaling": Choice(LR_SCALING_RULES),
-    "max_batch_size": Int(1),
-    "lr_batch_size": Int(1),
-    "memory_limit": Size(2**20),
-    "time_budget": Float(0.0, open_low=True),
-    "headroom": Float(0.0, 1.0, open_high=True),
-    "batches": Int(1),
-    # batchfit sweep
-    "steps": Int(1),
-    "examples": Int(1),
-    "lr_grid_factor": Float(0.0, open_low=True),
-    "eval_points": Int(1),
-    "sharpness_samples": Int(1),
-    "sharpness_iterations": Int(1),
-    "sharpness_tolerance": Float(0.0, open_low=True),
-    "train_subset_samples": Int(1),
-}
+
+@dataclass(frozen=True)
+class Option:
+    """One option. ``default`` is the Python API's; ``cli_default`` the command line's where the
+    two differ on purpose (a library call writes no files unasked; the command shows progress).
+    ``help`` may name other options as ``{name}``: the command line shows their flags there.
+    ``cli`` holds extra argparse settings (``nargs``, ``metavar``, ``action``)."""
+
+    name: str
+    rule: Rule
+    default: Any = None
+    help: str = ""
+    flag: str | None = None
+    cli_default: Any = field(default=None)
+    cli: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The command-line spellings, the first one shown in messages."""
+        return (self.flag or "--" + self.name.replace("_", "-"),) + tuple(
+            self.cli.get("aliases", ())
+        )
+
+
+def _rows(*rows: Option) -> dict[str, Option]:
+    return {row.name: row for row in rows}
+
+
+_LR_HELP = "learning rate (default: the example's own with adam/adamw, else 1e-3 adam / 0.01 sgd)"
+
+#: The table. Order is the order of the command line's help within a group.
+OPTIONS: dict[str, Option] = _rows(
+    # -- the task: which model, which data (train, tune, sweep)
+    Option("example", Text(), help="built-in example (default mnist1d)"),
+    Option("model", Text(), help="package.module:factory returning your nn.Module"),
+    Option(
+        "data",
+        Text(),
+        help="training data: .parquet/.csv/.arrow/.npy/.npz file, folder or quoted glob, or "
+        "package.module:factory returning a torch Dataset or IterableDataset",
+    ),
+    Option("val_data", Text(), help="validation data, same forms as {data}"),
+    Option(
+        "val_fraction",
+        Float(0.0, 1.0, open_high=True),
+        help="seeded share of {data} held out for validation (default 0.1; 0: none)",
+    ),
+    Option(
+        "features",
+        Text(objects=True),
+        help="comma-separated feature columns (default: all but the target)",
+    ),
+    Option("target", Text(), help="target column (default: one named target, label or y)"),
+    Option(
+        "loss",
+        Text(objects=True),
+        help="cross_entropy, mse, bce or package.module:fn "
+        "(default: from the target: integers -> cross_entropy, floats -> mse)",
+    ),
+    Option(
+        "stream",
+        Flag(),
+        help="read {data} files piece by piece (--stream) or load them (--no-stream); default: "
+        "stream when the data would take over a quarter of the available memory",
+        cli={"action": "boolean_optional"},
+    ),
+    Option(
+        "shuffle_buffer",
+        RowsOrSize(),
+        help="rows shuffled together when streaming, or the memory of one such window, like "
+        "256MiB (default 96MiB; the stream holds 1 + {data_workers} windows, printed at start)",
+        cli={"metavar": "ROWS|SIZE"},
+    ),
+    Option(
+        "prefetch",
+        Int(0),
+        4,
+        "batches prepared ahead in a background thread when streaming (default 4; 0: none)",
+    ),
+    Option("data_workers", Int(1, 64), 1, "threads decoding streamed data ahead (default 1)"),
+    Option("seed", Int(0, 2**63 - 1), 0, "seed for weights, shuffling and splits (default 0)"),
+    # -- sizes and length (plan, train, sweep)
+    Option("samples", Int(1), help="training samples N"),
+    Option("batch_size", Int(1), help="samples per optimizer step B, over all devices"),
+    Option(
+        "micro_batch_size",
+        Int(1),
+        help="split each batch into micro-batches of this size (exact accumulation)",
+    ),
+    Option("world_size", Int(1), 1, "number of devices (default 1)"),
+    Option("epochs", Int(1), help="passes over the training set"),
+    Option("max_steps", Int(1), help="optimizer steps (with {epochs}: whichever ends first)"),
+    Option("drop_last", Flag(), False, "drop each epoch's incomplete batch"),
+    Option(
+        "steps_per_epoch",
+        Int(1),
+        help="an epoch is this many steps (Keras); needed for epochs on a stream of unknown length",
+    ),
+    Option(
+        "eval_batch_size",
+        Int(1),
+        help="batch size for validation (default max(micro-batch, 1024))",
+    ),
+    Option("eval_every", Int(1), help="also validate every this many steps"),
+    # -- optimizer and learning rate
+    Option(
+        "optimizer",
+        Choice(OPTIMIZERS),
+        "adam",
+        "sgd (momentum 0.9), adam or adamw (default adam)",
+    ),
+    Option("lr", Float(0.0, open_low=True), help=_LR_HELP),
+    Option("momentum", Float(0.0, 1.0, open_high=True), 0.9, "SGD momentum (default 0.9)"),
+    Option("weight_decay", Float(0.0), help="weight decay"),
+    Option("lr_batch_size", Int(1), 32, "the batch size {lr} was tuned at (default 32)"),
+    Option(
+        "lr_scaling",
+        Choice(LR_SCALING_RULES),
+        help="how lr follows the batch size: none, linear or sqrt "
+        "(default: linear for sgd, sqrt for adam/adamw)",
+    ),
+    Option("warmup_lr", Float(0.0, open_low=True), help="the noise probe's warm-up learning rate"),
+    # -- checkpoints and output
+    Option(
+        "checkpoint_dir",
+        Text(objects=True),
+        help="save a checkpoint here each epoch, every {checkpoint_every} steps and on "
+        "Ctrl-C/SIGTERM",
+    ),
+    Option("checkpoint_every", Int(1), help="also checkpoint every this many steps"),
+    Option("resume", Flag(), False, "continue exactly from the checkpoint in {checkpoint_dir}"),
+    Option(
+        "out_dir",
+        Text(objects=True),
+        help="folder for the output files",
+        flag="--out",
+    ),
+    Option(
+        "device",
+        Text(objects=True),
+        "auto",
+        "auto (default), cpu, cuda or cuda:N",
+    ),
+    Option(
+        "progress",
+        Flag(),
+        False,
+        "no progress on stderr",
+        flag="--quiet",
+        cli_default=True,
+        cli={"action": "store_false"},
+    ),
+    Option("json", Flag(), False, "print one JSON object on stdout instead of tables"),
+    # -- tune
+    Option(
+        "memory_limit",
+        Size(2**20),
+        help="peak memory allowed, e.g. 4GB or 512MiB; on CPU it covers the whole process (torch "
+        "alone takes ~370 MiB) (default on CPU: this process's memory plus half the available "
+        "RAM; on CUDA: the device's memory)",
+    ),
+    Option(
+        "max_batch_size",
+        Int(1),
+        help="largest batch size to consider (default: the data set size)",
+    ),
+    Option(
+        "time_budget",
+        Float(0.0, open_low=True),
+        help="seconds for the whole tune (default 60 on CPU, 300 on CUDA); less time means "
+        "fewer trials and wider intervals",
+    ),
+    Option("headroom", Float(0.0, 1.0, open_high=True), 0.1, "memory kept free (default 0.1)"),
+    Option("batches", Int(1), help="batches to average the noise scale over"),
+    # -- sweep
+    Option(
+        "batch_sizes",
+        Text(objects=True),
+        (32, 64, 128, 256),
+        "comma-separated batch sizes; N means the whole training set (default 32,64,128,256)",
+        cli_default="32,64,128,256",
+    ),
+    Option("steps", Int(1), help="equal updates: this many optimizer steps per size"),
+    Option(
+        "examples",
+        Int(1),
+        help="equal examples: this many samples at every size (give or take one batch)",
+        flag="--examples-per-size",
+        cli={"aliases": ("--examples",)},
+    ),
+    Option(
+        "lr_grid",
+        Text(objects=True),
+        help="also try these factors of the scaled lr at each size and keep the best by "
+        "validation (default factors 0.25,0.5,1,2,4)",
+        cli={"nargs": "?", "const": "", "metavar": "FACTORS"},
+    ),
+    Option("lr_grid_factor", Float(0.0, open_low=True), help="one factor of {lr_grid}"),
+    Option(
+        "target_level",
+        Text(objects=True),
+        help="the level to reach: val_accuracy=0.9 or val_loss=0.5",
+    ),
+    Option(
+        "report",
+        Text(objects=True),
+        help="tune's report.json: its recommended batch size joins the sweep, one more run "
+        "trains it at tune's lr, and the verdict says whether that run agrees",
+        cli={"metavar": "PATH"},
+    ),
+    Option(
+        "eval_points",
+        Int(1),
+        20,
+        "about this many validation evaluations per run, evenly spaced (default 20)",
+    ),
+    Option(
+        "sharpness_samples",
+        Int(1),
+        512,
+        "training samples in the fixed batch for sharpness (default 512)",
+    ),
+    Option("sharpness_iterations", Int(1), 50, "power-iteration steps for sharpness"),
+    Option("sharpness_tolerance", Float(0.0, open_low=True), 1e-3, "sharpness convergence"),
+    Option("train_subset_samples", Int(1), 1000, "training samples scored like validation"),
+)
+
+
+def default(name: str) -> Any:
+    """The Python API's default for option ``name``.
+
+    >>> default("momentum")
+    0.9
+    """
+    return OPTIONS[name].default
 
 
 def _message(name: str, got: Any, fix: str | None) -> str:
-    rule = OPTIONS[name].describe()
+    rule = OPTIONS[name].rule.describe()
     text = f"The '{name}' option must be {rule}. Got {got!r} instead."
     return f"{text} {fix}" if fix else text
 
 
 def check(name: str, value: Any, fix: str | None = None) -> Any:
     """Return ``value`` if option ``name`` accepts it, else raise a BatchfitError naming both."""
-    rule = OPTIONS[name]
+    rule = OPTIONS[name].rule
     if not rule.accepts(value):
         raise BatchfitError(_message(name, value, fix))
     if isinstance(rule, (Int, Size)) or (
@@ -206,7 +301,7 @@ def check_optional(name: str, value: Any, fix: str | None = None) -> Any:
 
 def parse(name: str, text: str) -> Any:
     """Convert command-line text for option ``name`` and check it."""
-    rule = OPTIONS[name]
+    rule = OPTIONS[name].rule
     try:
         value = rule.convert(text)
     except (ValueError, TypeError):
@@ -214,3 +309,75 @@ def parse(name: str, text: str) -> Any:
     if not rule.accepts(value):
         raise BatchfitError(_message(name, text, None))
     return value
+
+
+# How messages name options: None while called from Python, else the running command's flags.
+_FLAGS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "batchfit_option_flags", default=None
+)
+
+
+def opt(name: str) -> str:
+    """An option as a message should name it: ``'checkpoint_dir'`` for a Python caller, the flag
+    (``--checkpoint-dir``) while a command that has it runs.
+
+    >>> opt("checkpoint_dir")
+    "'checkpoint_dir'"
+    >>> with named_as_flags({"checkpoint_dir": "--checkpoint-dir"}):
+    ...     opt("checkpoint_dir")
+    '--checkpoint-dir'
+    """
+    if name not in OPTIONS:
+        raise KeyError(f"no option named {name!r}")
+    flags = _FLAGS.get()
+    if flags is not None and name in flags:
+        return flags[name]
+    return f"'{name}'"
+
+
+def opt_value(name: str, value: Any) -> str:
+    """An option set to a value, as a user would write it: ``batch_size=10`` from Python,
+    ``--batch-size 10`` on the command line (``--flag`` alone for a flag that is on).
+
+    >>> opt_value("batch_size", 10), opt_value("resume", True)
+    ('batch_size=10', 'resume=True')
+    >>> with named_as_flags({"batch_size": "--batch-size", "resume": "--resume"}):
+    ...     opt_value("batch_size", 10), opt_value("resume", True)
+    ('--batch-size 10', '--resume')
+    """
+    flags = _FLAGS.get()
+    if flags is not None and name in flags:
+        return flags[name] if value is True else f"{flags[name]} {value}"
+    return f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+
+
+@contextlib.contextmanager
+def named_as_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """Within this block, :func:`opt` names the options in ``flags`` (name -> flag) as flags."""
+    token = _FLAGS.set(dict(flags))
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)
+
+
+__all__ = [
+    "OPTIMIZERS",
+    "LR_SCALING_RULES",
+    "OPTIONS",
+    "Option",
+    "Choice",
+    "Flag",
+    "Float",
+    "Int",
+    "RowsOrSize",
+    "Size",
+    "Text",
+    "check",
+    "check_optional",
+    "default",
+    "named_as_flags",
+    "opt",
+    "opt_value",
+    "parse",
+]

@@ -198,9 +198,9 @@ def _check_output_paths(
                 f"'{folder}' already holds a checkpoint; add --resume to continue that run, or "
                 "choose another --checkpoint-dir (or delete it) to start over."
             )
-        make_folder(folder, "--checkpoint-dir")
+        make_folder(folder, "checkpoint_dir")
     if out_dir is not None:
-        make_folder(Path(out_dir), "--out")
+        make_folder(Path(out_dir), "out_dir")
 
 
 def _check_batch_norm(

@@ -505,7 +505,7 @@ def _prepare_folder(out_dir: Path, runs_dir: Path) -> None:
     """Fail now, not after the first run was trained, on an --out that cannot hold the runs; and
     remove the report an earlier sweep left there (its finished runs stay, for --resume)."""
     prepare_report_folder(out_dir, REPORT_FILES)
-    make_folder(runs_dir, "--out")
+    make_folder(runs_dir, "out_dir")
     if not os.access(runs_dir, os.W_OK | os.X_OK):
         raise BatchfitError(
             f"Cannot write to --out '{out_dir}' (its '{RUNS_FOLDER}' folder is not writable); "

@@ -1,0 +1,171 @@
+"""What an option accepts: small frozen rules with one description each, shared by the option
+table (:mod:`batchfit.core.options`) and its checks.
+
+A rule answers three questions: how to describe the values it takes (for the one message
+template), whether it accepts a value given from Python, and how to turn command-line text into
+such a value.
+
+Examples:
+    >>> Int(1).accepts(32), Int(1).accepts(0), Int(1).describe()
+    (True, False, 'an int >= 1')
+    >>> Float(0.0, open_low=True).describe()
+    'a number > 0'
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from batchfit.core.units import parse_size
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer in [low, high] (high None: unbounded)."""
+
+    low: int = 1
+    high: int | None = None
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"an int >= {self.low}"
+        return f"an int in [{self.low}, {self.high}]"
+
+    def accepts(self, value: Any) -> bool:
+        # numbers.Integral admits NumPy integers (np.int64(24000)); bool is excluded on purpose.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            return False
+        return value >= self.low and (self.high is None or value <= self.high)
+
+    def convert(self, text: str) -> Any:
+        return int(text.strip().replace("_", ""))
+
+
+@dataclass(frozen=True)
+class Float:
+    """A finite float with optional bounds; ``open_low`` excludes the lower bound."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.open_low else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.open_high else '<='} {self.high:g}")
+        return "a number" + (" " + " and ".join(parts) if parts else "")
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return not (
+            self.high is not None and (value >= self.high if self.open_high else value > self.high)
+        )
+
+    def convert(self, text: str) -> Any:
+        return float(text)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a fixed set of strings."""
+
+    choices: tuple[str, ...]
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.choices
+
+    def convert(self, text: str) -> Any:
+        return text.strip().lower()
+
+
+@dataclass(frozen=True)
+class Size:
+    """A number of bytes >= ``low``, written as text like ``4GB``, ``512MiB`` or ``2g``."""
+
+    low: int = 1
+
+    def describe(self) -> str:
+        return f"a size of at least {self.low} bytes, like 4GB, 512MiB or 2g"
+
+    def accepts(self, value: Any) -> bool:
+        return Int(self.low).accepts(value)
+
+    def convert(self, text: str) -> Any:
+        return parse_size(text)
+
+
+@dataclass(frozen=True)
+class RowsOrSize:
+    """A count of rows (an int >= 1), or a size in bytes written with a unit (``'64MiB'``), kept
+    as text: what a row costs is only known once the data is open."""
+
+    def describe(self) -> str:
+        return "an int >= 1 (rows) or a size with a unit, like 64MiB or 1GB"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, str):
+            try:
+                return value.strip()[-1:].isalpha() and parse_size(value) >= 1
+            except ValueError:
+                return False
+        return Int(1).accepts(value)
+
+    def convert(self, text: str) -> Any:
+        plain = text.strip().replace("_", "")
+        if plain.isdigit():
+            return int(plain)
+        parse_size(plain)  # raises ValueError on anything that is not a size
+        return plain
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string: a path, a ``module:name`` spec, a device or a list written as text.
+    ``objects`` also admits values that are not text (a ``Path``, a ``torch.device``, a list)."""
+
+    objects: bool = False
+
+    def describe(self) -> str:
+        return "a non-empty string" if not self.objects else "a non-empty string or an object"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, str):
+            return bool(value.strip())
+        return self.objects and value is not None
+
+    def convert(self, text: str) -> Any:
+        return text
+
+
+@dataclass(frozen=True)
+class Flag:
+    """True or False (on the command line: present or absent)."""
+
+    def describe(self) -> str:
+        return "True or False"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+    def convert(self, text: str) -> Any:
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return lowered in ("true", "1", "yes")
+
+
+Rule = Int | Float | Choice | Size | RowsOrSize | Text | Flag
