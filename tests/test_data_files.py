@@ -70,7 +70,7 @@ def test_features_selects_columns_and_bool_targets_are_binary(tmp_path):
         (None, None, "label", r"No such file or folder: '.*missing.parquet'"),
         ("ok", ["zz"], "label", r"Feature column\(s\) \['zz'\] not in .*columns are"),
         ("ok", None, "nope", r"Target column 'nope' is not in .*columns are"),
-        ("nolabel", None, None, r"Say which column .* is the target with --target"),
+        ("nolabel", None, None, r"Say which column .* is the target with 'target'"),
         ("strings", None, "label", r"Column 's' .* holds string values, not numbers"),
         ("nulls", None, "label", r"Column 'a' .* has 3 null values"),
         ("empty", None, "label", r"has no rows"),

@@ -204,7 +204,7 @@ def test_files_are_streamed_when_big_for_the_memory_and_loaded_when_small(tmp_pa
     big, _, why = load_file(spec, target="label", available_bytes=64 << 10)
     assert isinstance(big, StreamSource) and why.startswith("streaming") and "--no-stream" in why
     forced, _, why = load_file(spec, target="label", stream=True, available_bytes=16 << 30)
-    assert isinstance(forced, StreamSource) and "forced by --stream" in why
+    assert isinstance(forced, StreamSource) and "forced by stream=True" in why
     assert should_stream(10 << 30, 16 << 30) and not should_stream(1 << 20, 16 << 30)
 
 
@@ -283,7 +283,7 @@ def test_a_stream_of_unknown_length_has_epochs_with_steps_per_epoch(tmp_path):
     assert result.epochs_completed == 3 and result.steps == 15
     assert [h["step"] for h in result.history] == [5, 10, 15] and "val_loss" in result.final
     assert seen == list(range(120))
-    with pytest.raises(BatchfitError, match=r"give --max-steps .*or --steps-per-epoch"):
+    with pytest.raises(BatchfitError, match=r"give 'max_steps' .*or 'steps_per_epoch'"):
         train(IdRecorder([]), Endless(), batch_size=8, epochs=2)
     short = train(IdRecorder([]), Endless(limit=60), batch_size=8, steps_per_epoch=5, epochs=3)
     assert short.steps == 8 and short.epochs_completed == 2  # the stream ran dry in epoch 2
@@ -517,17 +517,18 @@ def test_a_compressed_arrow_file_is_counted_one_record_batch_at_a_time(tmp_path)
 # -- resume refuses another order; the split does not depend on streaming -----------------------
 
 
-def test_resuming_with_another_shuffle_buffer_or_source_is_refused_naming_the_flag(tmp_path):
+def test_resuming_with_another_shuffle_buffer_or_source_is_refused_naming_the_option(tmp_path):
     spec = write(tmp_path, "parquet", n=1000, row_group=70)
     settings = dict(batch_size=40, epochs=1, seed=9, checkpoint_dir=tmp_path / "c", resume=True)
     train(IdRecorder([]), stream(spec, shuffle_buffer=150, seed=9), max_steps=3, **settings)
     with pytest.raises(
-        BatchfitError, match=r"made with shuffle_buffer=150, not 300; resume with --shuffle-buffer"
+        BatchfitError,
+        match=r"made with shuffle_buffer=150, not 300; resume with shuffle_buffer=150",
     ):
         train(IdRecorder([]), stream(spec, shuffle_buffer=300, seed=9), **settings)
     loaded, _, _ = load_file(spec, target="label", stream=False, seed=9)
     with pytest.raises(
-        BatchfitError, match=r"made with source='stream', not 'memory'; resume with --stream,"
+        BatchfitError, match=r"made with source='stream', not 'memory'; resume with stream=True,"
     ):
         train(IdRecorder([]), loaded, **settings)
     assert train(IdRecorder([]), stream(spec, shuffle_buffer=150, seed=9), **settings).steps == 25
@@ -748,7 +749,7 @@ def test_a_table_with_numbered_columns_needs_a_target_whether_loaded_or_streamed
     path = tmp_path / "numbered.parquet"
     pq.write_table(pa.table({"0": np.arange(10.0), "1": np.arange(10.0), "2": np.arange(10)}), path)
     for streamed in (True, False):
-        with pytest.raises(BatchfitError, match="Say which column .* is the target with --target"):
+        with pytest.raises(BatchfitError, match="Say which column .* is the target with 'target'"):
             load_file(path, stream=streamed)
     np.save(tmp_path / "plain.npy", np.zeros((10, 3)))
     for streamed in (True, False):  # a plain 2-D .npy: the last column, both ways

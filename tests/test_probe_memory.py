@@ -120,7 +120,7 @@ def test_a_limit_too_small_for_one_sample_is_a_clear_error():
     # One backward first: on a GPU machine the first one loads GPU libraries (tens of MiB).
     F.cross_entropy(nn.Linear(4, 3)(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
     with pytest.raises(
-        BatchfitError, match=r"too small for even a micro-batch of 1.*--memory-limit"
+        BatchfitError, match=r"too small for even a micro-batch of 1.*Raise 'memory_limit'"
     ):
         find_max_micro_batch_size(
             model, source, F.cross_entropy, limit_bytes=rss_bytes() + 64 * MiB, headroom=0.0

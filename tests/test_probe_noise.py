@@ -169,7 +169,7 @@ def test_the_start_reading_is_taken_at_the_initial_weights():
 def test_a_diverging_warm_up_raises_instead_of_measuring(lr, why):
     # lr 100 once "fell by 25%" from 1e14 to 4e9 and gave B_simple ~212.
     with pytest.raises(
-        Diverged, match=rf"diverged at lr {re.escape(f'{lr:.3g}')}: the loss .*{why}.*smaller --lr"
+        Diverged, match=rf"diverged at lr {re.escape(f'{lr:.3g}')}: the loss .*{why}.*smaller 'lr'"
     ):
         warmup_and_measure(
             nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)),

@@ -66,7 +66,7 @@ def test_epochs_and_max_steps_end_at_whichever_comes_first():
         ({"samples": 100, "batch_size": 2.5}, r"Got 2\.5"),
         (
             {"samples": 100, "batch_size": 101},
-            r"larger than the training set \(100 samples\).*--batch-size 100",
+            r"larger than the training set \(100 samples\).*batch_size=100 for full-batch",
         ),
         (
             {"samples": 100, "batch_size": 10, "micro_batch_size": 20},

@@ -19,6 +19,7 @@ from torch import nn
 
 import batchfit
 from batchfit.cli import main
+from batchfit.core.configs import SweepConfig
 from batchfit.errors import BatchfitError
 from batchfit.step import params_sha256
 from helpers import blobs, cpu_only_env, run_cli, subprocess_env
@@ -279,7 +280,7 @@ def test_sizes_that_batch_norm_cannot_train_are_skipped_with_a_reason():
     lines = "\n".join(result.verdict.lines)
     assert "B=1 was not run: the model has batch norm" in lines and "at every step" in lines
     assert "B=3 was not run" in lines and "at the last batch of each epoch" in lines
-    with pytest.raises(BatchfitError, match="batch norm.*every size in --batch-sizes makes one"):
+    with pytest.raises(BatchfitError, match="batch norm.*every size in 'batch_sizes' makes one"):
         run(batch_norm_mlp(), batch_sizes=[1, 3], epochs=1)
 
 
@@ -294,20 +295,88 @@ def test_targets_that_mean_nothing_are_called_out_in_the_verdict():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"batch_sizes": []}, "--batch-sizes is empty"),
+        ({"batch_sizes": []}, "'batch_sizes' is empty"),
         ({"batch_sizes": [16, 1000]}, "Batch size 1000 is larger than the training set"),
-        ({"epochs": 2, "steps": 3}, "Give one budget: .*not --epochs and --steps"),
+        ({"epochs": 2, "steps": 3}, "Give one budget: .*not 'epochs' and 'steps'"),
         ({"epochs": 0}, "'epochs' option must be an int >= 1"),
         ({"target": "val_f1=0.9"}, "Unknown metric 'val_f1'"),
         ({"lr_scaling": "cubic"}, "'lr_scaling' option must be one of"),
         ({"eval_points": 0}, "'eval_points' option must be an int >= 1"),
-        ({"resume": True}, "resume needs out_dir"),
+        ({"resume": True}, "'resume' needs 'out_dir'"),
         ({"report": "/nonexistent/report.json"}, "No tune report at"),
     ],
 )
 def test_bad_sweep_settings_are_refused_before_training(kwargs, message):
     with pytest.raises(BatchfitError, match=message):
         run(**kwargs)
+
+
+def test_a_config_gives_the_same_sweep_as_keywords_and_keywords_override_it():
+    config = SweepConfig(batch_sizes=[16, 64], epochs=1, lr=1e-2, out_dir=None)
+    train_data, val_data = data()
+    by_config = batchfit.sweep(mlp(), train_data, val_data=val_data, config=config)
+    by_keywords = run(batch_sizes=[16, 64], epochs=1)
+    assert [s["params_sha256"] for s in by_config.sizes] == [
+        s["params_sha256"] for s in by_keywords.sizes
+    ]
+    overridden = batchfit.sweep(
+        mlp(), train_data, val_data=val_data, config=config, batch_sizes=[16]
+    )
+    assert overridden.sizes[0]["params_sha256"] == by_config.sizes[0]["params_sha256"]
+    assert [s["batch_size"] for s in overridden.sizes] == [16]
+
+
+def test_an_unknown_option_is_a_type_error_that_names_the_option_meant():
+    ran = []
+    with pytest.raises(TypeError, match="sweep\\(\\) got an unknown option 'batch_size'; did you "):
+        run(batch_size=[16], on_run=ran.append)
+    assert ran == []
+
+
+#: The keys of a run's file in runs/: an interrupted sweep saved by an earlier batchfit resumes
+#: only while these stay.
+RUN_KEYS = [
+    "batch_size",
+    "lr",
+    "lr_factor",
+    "micro_batch_size",
+    "steps",
+    "samples_seen",
+    "epochs",
+    "eval_every",
+    "train_seconds",
+    "eval_seconds",
+    "sharpness_seconds",
+    "seconds",
+    "samples_per_s",
+    "train_loss",
+    "final",
+    "train_subset",
+    "gap",
+    "sharpness",
+    "curve",
+    "params_sha256",
+    "rss_bytes",
+    "diverged",
+    "initial_params_sha256",
+    "settings",
+]
+
+
+def test_run_files_and_records_keep_their_keys(tmp_path):
+    made = []
+    result = run(batch_sizes=[16], out_dir=tmp_path, on_run=made.append)
+    (saved,) = (tmp_path / "runs").iterdir()
+    assert list(json.loads(saved.read_text())) == RUN_KEYS
+    assert list(made[0]) == RUN_KEYS
+    assert list(result.runs[0]) == [*RUN_KEYS, "in_sweep", "for_tune"]
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert list(report["runs"][0]) == [*RUN_KEYS, "in_sweep", "for_tune"]
+    without_curve = json.loads(saved.read_text())
+    del without_curve["curve"]
+    saved.write_text(json.dumps(without_curve))
+    with pytest.raises(BatchfitError, match="Cannot read the finished run .*: it has no curve"):
+        run(batch_sizes=[16], out_dir=tmp_path, resume=True)
 
 
 def test_a_sweep_needs_validation_data():
@@ -634,7 +703,7 @@ def test_out_of_memory_in_sharpness_is_one_line_and_micro_batches_avoid_it():
     assert out["error"].startswith("Out of memory while measuring the sharpness of B=8 (")
     assert "can't allocate memory" in out["error"] and len(out["error"].splitlines()) == 1
     assert out["error"].endswith(
-        "give --micro-batch-size, which also bounds evaluation and "
-        "sharpness, or lower --sharpness-samples."
+        "give 'micro_batch_size', which also bounds evaluation and "
+        "sharpness, or lower 'sharpness_samples'."
     )
     assert out["sharpness"] > 0

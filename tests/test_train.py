@@ -11,6 +11,7 @@ from torch import nn
 
 from batchfit import BatchfitError, NonFiniteLossError, TensorSource, train
 from batchfit.checkpoint import load_checkpoint
+from batchfit.core.configs import TrainConfig
 from helpers import blobs
 
 
@@ -162,7 +163,7 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
     x, y = blobs(50)
     train(tiny_model(), (x, y), batch_size=10, epochs=1, checkpoint_dir=tmp_path)
     with pytest.raises(
-        BatchfitError, match=r"made with batch_size=10, not 5; resume with --batch-size 10"
+        BatchfitError, match=r"made with batch_size=10, not 5; resume with batch_size=10"
     ):
         train(tiny_model(), (x, y), batch_size=5, epochs=2, checkpoint_dir=tmp_path, resume=True)
 
@@ -218,7 +219,7 @@ def test_stream_without_length_needs_max_steps():
             x, y = blobs(40)
             yield from zip(x, y, strict=True)
 
-    with pytest.raises(BatchfitError, match="stream of unknown length.*--max-steps"):
+    with pytest.raises(BatchfitError, match="stream of unknown length.*'max_steps'"):
         train(tiny_model(), Stream(), batch_size=4, epochs=1)
     r = train(tiny_model(), Stream(), batch_size=4, max_steps=25)
     assert r.steps == 25 and r.epochs_completed == 2  # 10 steps per pass over the stream
@@ -337,13 +338,13 @@ def test_resume_restores_numpy_and_python_generators(tmp_path):
 @pytest.mark.parametrize(
     ("first", "then", "match"),
     [
-        ({"lr": 0.001}, {"lr": 0.5}, r"made with lr=0.001, not 0.5; resume with --lr 0.001"),
-        ({"drop_last": True}, {"drop_last": False}, r"resume with --drop-last,"),
-        ({"drop_last": False}, {"drop_last": True}, r"resume with no --drop-last,"),
-        ({"weight_decay": None}, {"weight_decay": 0.1}, r"resume with no --weight-decay,"),
+        ({"lr": 0.001}, {"lr": 0.5}, r"made with lr=0.001, not 0.5; resume with lr=0.001"),
+        ({"drop_last": True}, {"drop_last": False}, r"resume with drop_last=True,"),
+        ({"drop_last": False}, {"drop_last": True}, r"resume with drop_last=False,"),
+        ({"weight_decay": None}, {"weight_decay": 0.1}, r"resume with weight_decay=None,"),
     ],
 )
-def test_resume_refuses_changed_settings_and_names_the_flag_to_use(tmp_path, first, then, match):
+def test_resume_refuses_changed_settings_and_names_the_option_to_use(tmp_path, first, then, match):
     x, y = blobs(95)
     train(tiny_model(), (x, y), batch_size=10, max_steps=3, checkpoint_dir=tmp_path, **first)
     with pytest.raises(BatchfitError, match=match):
@@ -454,3 +455,18 @@ def test_mse_and_bce_take_the_target_in_the_models_dtype(name):
     loss = {"mse": mse, "bce": bce}[name](output, torch.tensor([0, 1, 1, 0, 1, 0]))
     loss.backward()
     assert loss.dtype == torch.float64 and output.grad.dtype == torch.float64
+
+
+def test_a_config_trains_the_same_run_as_keyword_options_and_keywords_override_it():
+    x, y = blobs(60)
+    keywords = train(tiny_model(), (x, y), batch_size=16, epochs=2, optimizer="sgd", lr=0.1)
+    config = TrainConfig.build(batch_size=16, epochs=2, optimizer="sgd", lr=0.1)
+    assert train(tiny_model(), (x, y), config=config).params_sha256 == keywords.params_sha256
+    longer = train(tiny_model(), (x, y), config=config, epochs=3)
+    assert (longer.steps, longer.epochs_completed, longer.optimizer) == (12, 3, "sgd")
+
+
+def test_an_unknown_option_is_a_type_error_that_suggests_the_one_meant():
+    x, y = blobs(20)
+    with pytest.raises(TypeError, match=r"train\(\) got an unknown option 'epoch'; did you mean"):
+        train(tiny_model(), (x, y), batch_size=4, epoch=1)

@@ -15,17 +15,16 @@ from torch import nn
 
 from batchfit import TensorSource
 from batchfit.cli import main
+from batchfit.core.configs import TuneConfig
 from batchfit.core.lr_scaling import scale_lr
+from batchfit.core.options import named_as_flags
 from batchfit.errors import BatchfitError
-from batchfit.orchestrate.tune import (
-    PHASE_SHARES,
-    _Budget,
-    tune,  # the function; the name batchfit.tune is also the module
-)
+from batchfit.orchestrate.tune import tune  # the function; batchfit.tune is also the module
+from batchfit.orchestrate.tune_budget import PHASE_SHARES, TimeBudget
 from batchfit.probe.harness import Deadline
 from batchfit.probe.lr_range import lr_range_test, pick_lr
 from batchfit.probe.throughput import MAX_TIMED_STEPS, measure_throughput
-from batchfit.report.tune_report import headline
+from batchfit.report.tune_report import headline, write_report
 from batchfit.step import params_sha256
 from helpers import blobs, run_cli
 
@@ -238,7 +237,7 @@ def test_a_batch_norm_model_never_trains_on_one_sample():
 def test_a_time_budget_that_start_up_used_up_or_too_short_to_measure_is_refused():
     with pytest.raises(BatchfitError, match=r"leaves 0\.0 s to measure: start-up took 6\.\d s"):
         tune(mlp(), blobs(100), time_budget=5, budget_started=time.time() - 6)
-    with pytest.raises(BatchfitError, match="tuning needs at least 2 s. Give --time-budget"):
+    with pytest.raises(BatchfitError, match="tuning needs at least 2 s. Give time_budget="):
         tune(mlp(), blobs(100), time_budget=1.5)
 
 
@@ -253,14 +252,45 @@ def test_a_memory_search_cut_short_by_time_makes_a_provisional_recommendation():
     assert result.provisional and "PROVISIONAL" in headline(result.to_report())
     # Nothing above the sizes measured is assumed (it used to be taken as flat throughput).
     measured = [p.batch_size for p in result.throughput.points]
-    assert all(c.measured for c in result.recommendation.curve)
+    assert all(c.measured for c in result.batch_size_choice.curve)
     assert result.recommended.batch_size in measured and result.recommended.batch_size > 1
     assert any(d.startswith("Provisional: the time budget ended the memory search") for d in
                result.decision)  # fmt: skip
 
 
+def test_the_report_is_written_from_plain_json_data(tmp_path):
+    result = tune(mlp(), blobs(300), lr=1e-3, time_budget=8, out_dir=tmp_path / "tune")
+    plain = json.loads(json.dumps({**result.to_dict(), "report_files": [], "report": None}))
+    report, files = write_report(plain, tmp_path / "again")
+    assert json.dumps(report) == json.dumps(result.report)
+    assert [f.name for f in files] == [os.path.basename(f) for f in result.report_files]
+    for name in ("report.json", "report.md"):
+        assert (tmp_path / "again" / name).read_text() == (tmp_path / "tune" / name).read_text()
+
+
+def test_the_decision_names_options_from_python_and_flags_on_the_command_line():
+    config = TuneConfig.build(lr=1e-3, max_batch_size=16, time_budget=8)
+    python = tune(mlp(), blobs(300), config=config).decision
+    assert any("'max_batch_size' capped the search" in d for d in python)
+    assert "Batch sizes considered: up to 16 ('max_batch_size')." in python
+    with named_as_flags({"max_batch_size": "--max-batch-size"}):
+        cli = tune(mlp(), blobs(300), config=config).decision
+    assert any("--max-batch-size capped the search" in d for d in cli)
+    assert "Batch sizes considered: up to 16 (--max-batch-size)." in cli
+
+
+def test_tune_takes_a_config_and_options_on_top_of_it():
+    with pytest.raises(TypeError, match="unknown option 'time_budgt'; did you mean 'time_budget'"):
+        tune(mlp(), blobs(100), time_budgt=5)
+    config = TuneConfig.build(lr=1e-3, time_budget=0.5)
+    with pytest.raises(BatchfitError, match="tuning needs at least 2 s"):
+        tune(mlp(), blobs(100), config=config)  # the config's budget: too short
+    result = tune(mlp(), blobs(300), config=config, time_budget=8, max_batch_size=64)
+    assert result.time_budget_s == 8 and result.recommended.batch_size <= 64
+
+
 def test_with_a_given_lr_the_noise_probe_gets_the_range_tests_time():
-    budget = _Budget(100.0, time.time(), reserve=0.0)
+    budget = TimeBudget(100.0, time.time(), reserve=0.0)
     budget.phase("memory")
     budget.phase("throughput")
     budget.give_share_away("lr")
@@ -271,10 +301,10 @@ def test_with_a_given_lr_the_noise_probe_gets_the_range_tests_time():
 @pytest.mark.parametrize("lr", [100.0, 1e30])
 def test_a_diverging_warm_up_is_not_used_and_memory_and_throughput_stand(lr):
     result = tune(mlp(), blobs(2000), lr=lr, time_budget=20)
-    assert result.noise is None and result.recommendation.b_noise is None
+    assert result.noise is None and result.batch_size_choice.b_simple is None
     assert result.memory.max_micro_batch_size >= 32 and result.throughput.points
     assert any(
-        "warm-up diverged at lr" in d and "give a smaller --lr" in d for d in result.decision
+        "warm-up diverged at lr" in d and "give a smaller 'lr'" in d for d in result.decision
     )
 
 

@@ -10,45 +10,97 @@ The Python API mirrors the command line:
 - :func:`sweep` trains one short run per batch size and compares validation quality, the
   train-validation gap, sharpness and time to a target (``batchfit sweep``);
 - :func:`sharpness` measures the top Hessian eigenvalue of a model's loss.
+
+Each name is imported on first use (PEP 562), so ``import batchfit`` is cheap and
+``batchfit.plan`` needs no torch.
 """
 
-from batchfit.core.accounting import Plan, plan
-from batchfit.core.lr_scaling import scale_lr
-from batchfit.core.noise_estimator import NoiseScale
-from batchfit.data import BatchSource, DatasetSource, IterableSource, TensorSource
-from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
-from batchfit.loop.train import TrainResult, evaluate, train
-from batchfit.orchestrate.sweep import (  # batchfit.sweep is the function from here on
-    SweepResult,
-    sweep,
-)
-from batchfit.orchestrate.tune import TuneResult, tune
-from batchfit.probe.noise import noise_scale
-from batchfit.probe.sharpness import SharpnessResult, sharpness
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
+from batchfit.version import __version__
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "plan": "batchfit.core.accounting",
+    "Plan": "batchfit.core.accounting",
+    "scale_lr": "batchfit.core.lr_scaling",
+    "NoiseScale": "batchfit.core.noise_estimator",
+    "TrainConfig": "batchfit.core.configs",
+    "TuneConfig": "batchfit.core.configs",
+    "SweepConfig": "batchfit.core.configs",
+    "BatchSource": "batchfit.data.source",
+    "TensorSource": "batchfit.data.tensors",
+    "DatasetSource": "batchfit.data.torch_dataset",
+    "IterableSource": "batchfit.data.torch_dataset",
+    "evaluate": "batchfit.step",
+    "train": "batchfit.loop.train",
+    "TrainResult": "batchfit.loop.train",
+    "noise_scale": "batchfit.probe.noise",
+    "sharpness": "batchfit.probe.sharpness",
+    "SharpnessResult": "batchfit.probe.sharpness",
+    "tune": "batchfit.orchestrate.tune",
+    "TuneResult": "batchfit.orchestrate.tune",
+    "sweep": "batchfit.orchestrate.sweep",
+    "SweepResult": "batchfit.orchestrate.sweep",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchfit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
+    from batchfit.core.accounting import Plan, plan
+    from batchfit.core.configs import SweepConfig, TrainConfig, TuneConfig
+    from batchfit.core.lr_scaling import scale_lr
+    from batchfit.core.noise_estimator import NoiseScale
+    from batchfit.data.source import BatchSource
+    from batchfit.data.tensors import TensorSource
+    from batchfit.data.torch_dataset import DatasetSource, IterableSource
+    from batchfit.loop.train import TrainResult, train
+    from batchfit.orchestrate.sweep import SweepResult, sweep
+    from batchfit.orchestrate.tune import TuneResult, tune
+    from batchfit.probe.noise import noise_scale
+    from batchfit.probe.sharpness import SharpnessResult, sharpness
+    from batchfit.step import evaluate
 
 __all__ = [
-    "BatchSource",
     "BatchfitError",
+    "NonFiniteLossError",
+    "TrainingInterrupted",
+    "plan",
+    "Plan",
+    "scale_lr",
+    "NoiseScale",
+    "TrainConfig",
+    "TuneConfig",
+    "SweepConfig",
+    "BatchSource",
+    "TensorSource",
     "DatasetSource",
     "IterableSource",
-    "NoiseScale",
-    "NonFiniteLossError",
-    "Plan",
-    "SharpnessResult",
-    "SweepResult",
-    "TensorSource",
-    "TrainResult",
-    "TrainingInterrupted",
-    "TuneResult",
     "evaluate",
-    "noise_scale",
-    "plan",
-    "scale_lr",
-    "sharpness",
-    "sweep",
     "train",
+    "TrainResult",
+    "noise_scale",
+    "sharpness",
+    "SharpnessResult",
     "tune",
+    "TuneResult",
+    "sweep",
+    "SweepResult",
     "__version__",
 ]

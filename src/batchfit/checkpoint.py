@@ -4,15 +4,21 @@ A checkpoint is one ``torch.save`` file holding plain data (tensors, numbers, st
 dicts), so it loads with ``weights_only=True``: loading never runs code from the file. It is
 written to a temporary file in the same folder, flushed to disk, then renamed over the old one;
 a rename is atomic, so a crash leaves either the old checkpoint or the new one, never half of one.
+
+A checkpoint also carries the state of every global random generator (:func:`rng_state`), so a
+resumed run draws the same dropout masks and shuffles as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from batchfit.core.options import OPTIONS, opt, opt_value
 from batchfit.errors import BatchfitError
 from batchfit.files import atomic_open, temporary_name_pattern
 
@@ -21,6 +27,11 @@ FORMAT_VERSION = 1
 
 
 def checkpoint_path(directory: str | Path) -> Path:
+    """Where the checkpoint of ``directory`` lives.
+
+    >>> checkpoint_path("runs/a").as_posix()
+    'runs/a/last.pt'
+    """
     return Path(directory) / CHECKPOINT_NAME
 
 
@@ -44,13 +55,13 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
     except Exception as exc:
         raise BatchfitError(
             f"Cannot load '{path}' as a batchfit checkpoint ({type(exc).__name__}): it is damaged "
-            "or was not written by batchfit. Delete it to start over, or point --checkpoint-dir "
-            "elsewhere."
+            f"or was not written by batchfit. Delete it to start over, or point "
+            f"{opt('checkpoint_dir')} elsewhere."
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise BatchfitError(
             f"'{path}' is not a batchfit checkpoint of format {FORMAT_VERSION}; point "
-            "--checkpoint-dir at a folder written by this version."
+            f"{opt('checkpoint_dir')} at a folder written by this version."
         )
     return state
 
@@ -67,41 +78,49 @@ def check_same_model(
         where = "is missing from the checkpoint" if missing else "is in the checkpoint only"
         raise BatchfitError(
             f"The checkpoint '{path}' was saved from a different model: parameter '{name}' "
-            f"{where}. Resume with the same --model, or use a new --checkpoint-dir."
+            f"{where}. {_same_model_or_new_folder()}"
         )
     for name, tensor in model_state.items():
         if tuple(saved[name].shape) != tuple(tensor.shape):
             raise BatchfitError(
                 f"The checkpoint '{path}' was saved from a different model: '{name}' has shape "
-                f"{tuple(saved[name].shape)} there and {tuple(tensor.shape)} here. Resume with the "
-                "same --model, or use a new --checkpoint-dir."
+                f"{tuple(saved[name].shape)} there and {tuple(tensor.shape)} here. "
+                f"{_same_model_or_new_folder()}"
             )
 
 
+def _same_model_or_new_folder() -> str:
+    return f"Resume with the same {opt('model')}, or use a new {opt('checkpoint_dir')}."
+
+
+def _as_set(name: str, value: Any) -> str:
+    """Setting ``name`` to ``value`` as the caller writes it (see :func:`opt_value`); a saved
+    setting that is not an option (an older checkpoint's) as ``name=value``."""
+    return opt_value(name, value) if name in OPTIONS else f"{name}={value!r}"
+
+
 def _how_to_match(key: str, value: Any) -> str:
-    """The command-line words that reproduce a saved setting."""
+    """What reproduces a saved setting: the option set to its value then, or the data to give."""
     if key == "source":  # the "data" fingerprint of BatchSource.fingerprint
-        words = {"stream": "--stream", "memory": "--no-stream"}
-        return words.get(value, f"the same kind of --data ({value} then)")
+        if value in ("stream", "memory"):
+            return _as_set("stream", value == "stream")
+        return f"the same kind of {opt('data')} ({value} then)"
     if key == "files":
-        return f"the same --data files ({value} then)"
+        return f"the same {opt('data')} files ({value} then)"
     if key == "shuffle":
         return f"shuffle={value}"
     if key == "val_fraction" and value is None:
-        return "--val-data or --val-fraction 0 (no split of --data)"
+        return f"{opt('val_data')} or {opt_value('val_fraction', 0)} (no split of {opt('data')})"
     if key == "val_seed":
-        return f"--seed {value} (the seed of the validation split)"
+        return f"{opt_value('seed', value)} (the seed of the validation split)"
     if key == "shuffle_buffer" and value is None:
-        return "the same --data format (the buffer did not decide the order then)"
+        return f"the same {opt('data')} format (the buffer did not decide the order then)"
     if key == "samples":
         return (
-            f"the same training data ({value} samples then): the same --data, --val-data and "
-            "--val-fraction"
+            f"the same training data ({value} samples then): the same {opt('data')}, "
+            f"{opt('val_data')} and {opt('val_fraction')}"
         )
-    if key == "drop_last":
-        return "--drop-last" if value else "no --drop-last"
-    flag = "--" + key.replace("_", "-")
-    return f"no {flag}" if value is None else f"{flag} {value}"
+    return _as_set(key, value)
 
 
 def check_same_settings(state: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
@@ -123,8 +142,8 @@ def check_same_settings(state: dict[str, Any], settings: dict[str, Any], path: P
             if then != now:
                 raise BatchfitError(
                     f"The checkpoint '{path}' was made with {name}={then!r}, not {now!r}; "
-                    f"resume with {_how_to_match(name, then)}, or use a new --checkpoint-dir "
-                    "to start over."
+                    f"resume with {_how_to_match(name, then)}, or use a new "
+                    f"{opt('checkpoint_dir')} to start over."
                 )
 
 
@@ -140,3 +159,42 @@ def saved_settings(directory: str | Path) -> dict[str, Any]:
         return {}
     settings = state.get("settings") if isinstance(state, dict) else None
     return settings if isinstance(settings, dict) else {}
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator a model or dataset may draw from: torch (CPU and CUDA), Python's
+    ``random`` and NumPy's legacy global one, as plain data (loadable with ``weights_only``)."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put every generator back where :func:`rng_state` found it, so a resumed run draws the
+    same dropout masks and shuffles as an uninterrupted one."""
+    torch.set_rng_state(state["torch"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator that :func:`rng_state` saves, for a reproducible fresh run.
+
+    >>> seed_everything(3); a = torch.rand(1)
+    >>> seed_everything(3); bool(torch.rand(1) == a)
+    True
+    """
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)

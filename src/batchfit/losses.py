@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from batchfit.core.options import opt, opt_value
 from batchfit.data.source import check_class_labels
 from batchfit.errors import BatchfitError
 from batchfit.imports import import_object
@@ -28,7 +29,7 @@ def _match_shape(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return output.reshape(target.shape)
     if output.shape != target.shape:
         hint = (
-            "; if the target holds class labels, use --loss cross_entropy"
+            f"; if the target holds class labels, use {opt_value('loss', 'cross_entropy')}"
             if output.ndim == 2 and target.ndim == 1 and output.shape[0] == target.shape[0]
             else ""
         )
@@ -95,13 +96,16 @@ def resolve_loss(spec: str | LossFn | None, target_kind: str) -> Loss:
         if kind == "class" and target_kind != "class":
             raise BatchfitError(
                 f"The cross_entropy loss needs integer class labels, but the target is "
-                f"{target_kind}; use --loss mse (or bce for 0/1 targets), or integer labels."
+                f"{target_kind}; use {opt_value('loss', 'mse')} (or bce for 0/1 targets), or "
+                "integer labels."
             )
         return Loss(spec, fn, kind)
     if ":" in spec:
         fn = import_object(spec, what="loss function")
         if not callable(fn):
-            raise BatchfitError(f"The loss '{spec}' is not callable; point --loss at a function.")
+            raise BatchfitError(
+                f"The loss '{spec}' is not callable; point {opt('loss')} at a function."
+            )
         return Loss(spec, fn, "real")
     raise BatchfitError(
         f"Unknown loss '{spec}'; use one of {', '.join(LOSS_NAMES)} or package.module:function."

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from batchfit.core.options import opt
 from batchfit.errors import NonFiniteLossError
 
 COLUMNS = ("step", "epoch", "batch_size", "micro_batch_size", "loss", "lr", "samples_per_s")
@@ -96,8 +97,8 @@ class MetricsLog:
             step, epoch, value = bad
             raise NonFiniteLossError(
                 f"The training loss became {value} at step {step} (epoch {epoch}); training "
-                "stopped and the last good checkpoint was kept. Lower --lr or check the data "
-                "for extreme values.",
+                f"stopped and the last good checkpoint was kept. Lower {opt('lr')} or check the "
+                "data for extreme values.",
                 step=step,
             )
         return seconds

@@ -19,18 +19,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from batchfit.core import options
+from batchfit.core.options import opt, opt_value
 from batchfit.data.permute import Holdout, validation_count
 from batchfit.data.source import BatchSource
 from batchfit.data.stream import DEFAULT_PREFETCH, StreamSource, load_file
 from batchfit.data.tensors import TensorSource
 from batchfit.data.torch_dataset import DatasetSource, IterableSource
 from batchfit.errors import BatchfitError, first_line
-from batchfit.examples import DEFAULT_EXAMPLE, EXAMPLES
+from batchfit.examples import DEFAULT_EXAMPLE, DESCRIPTIONS, example
 from batchfit.imports import import_object
 from batchfit.inputs import as_source, target_kind_of
 from batchfit.losses import Loss, resolve_loss
-
-DEFAULT_VAL_FRACTION = 0.1
 
 
 @dataclass
@@ -42,9 +41,20 @@ class Task:
     train: BatchSource
     val: BatchSource | None
     loss: Loss
-    suggested_lr: float | None = None
-    data_choice: str | None = None  # how --data was read (in memory or streamed) and why
+    suggested_lr: float | None = None  # an example's learning rate for the Adam family at B=32
+    data_choice: str | None = None  # how the data was read (in memory or streamed) and why
     notes: list[str] = field(default_factory=list)  # what the user should know (printed on stderr)
+
+    def model_and_lr(
+        self, seed: int, optimizer: str, lr: float | None
+    ) -> tuple[nn.Module, float | None]:
+        """A fresh model seeded by ``seed``, and ``lr``, or else the example's own learning rate
+        when the optimizer is of the Adam family (None: the optimizer's default)."""
+        torch.manual_seed(seed)
+        model = self.make_model()
+        if lr is not None:
+            return model, lr
+        return model, self.suggested_lr if optimizer != "sgd" else None
 
 
 def model_factory(spec: str) -> Callable[[], nn.Module]:
@@ -52,14 +62,15 @@ def model_factory(spec: str) -> Callable[[], nn.Module]:
     factory = import_object(spec, what="model factory")
     if not callable(factory):
         raise BatchfitError(
-            f"The model factory '{spec}' is not callable; point --model at a function."
+            f"The model factory '{spec}' is not callable; point {opt('model')} at a function."
         )
 
     required = _required_parameters(factory)
     if required:
         raise BatchfitError(
-            f"The model factory '{spec}' needs arguments ({', '.join(required)}); --model needs a "
-            "function that takes no arguments and returns an nn.Module (wrap yours in one)."
+            f"The model factory '{spec}' needs arguments ({', '.join(required)}); {opt('model')} "
+            "needs a function that takes no arguments and returns an nn.Module (wrap yours in "
+            "one)."
         )
 
     def build() -> nn.Module:
@@ -162,6 +173,11 @@ def _as_resumed(stream_options: StreamOptions, resume_from: str | Path | None) -
     )
 
 
+#: The share of --data held out for validation when none is asked for, by command: tune measures
+#: training only, so it keeps all of the data.
+DEFAULT_VAL_FRACTION = {"train": 0.1, "sweep": 0.1, "tune": 0.0}
+
+
 def load_task(
     *,
     example: str | None = None,
@@ -175,85 +191,111 @@ def load_task(
     seed: int = 0,
     stream: StreamOptions | None = None,
     resume_from: str | Path | None = None,
+    purpose: str = "train",
 ) -> Task:
-    """Build a :class:`Task` from command-line style stream_options.
+    """Build a :class:`Task` from the task options of the command line.
 
     With no ``model`` and no ``data`` the built-in ``example`` (default ``mnist1d``) is used.
     ``model`` alone trains the user's model on the example's data; ``data`` needs ``model``.
     ``resume_from``, the checkpoint folder of a run being resumed, makes ``data`` be read as
-    that run read it (streamed or loaded), unless ``stream`` forces a choice.
+    that run read it (streamed or loaded), unless ``stream`` forces a choice. ``purpose`` is the
+    command the task is for: without ``val_fraction``, ``tune`` keeps all the data for measuring
+    (no validation), ``train`` and ``sweep`` hold out 0.1 of it.
     """
-    if data is None and (val_data is not None or features or target is not None):
-        raise BatchfitError("--val-data, --features and --target describe --data; give --data too.")
-    if val_fraction is not None:
-        options.check("val_fraction", val_fraction)
-    if data is not None and example is not None:
-        raise BatchfitError("Give either --example or --data, not both.")
-    if data is not None and model is None:
-        raise BatchfitError(
-            "--data needs --model package.module:factory (a function returning your nn.Module)."
-        )
-
+    _check_task_options(example, model, data, val_data, val_fraction, features, target)
+    if val_fraction is None and purpose == "tune":
+        val_fraction = DEFAULT_VAL_FRACTION["tune"]
     if data is None:
-        name = example or DEFAULT_EXAMPLE
-        if name not in EXAMPLES:
-            raise BatchfitError(
-                f"Unknown example '{name}'; choose one of {', '.join(sorted(EXAMPLES))}."
-            )
-        ex = EXAMPLES[name]
-        loaded = ex.load()
-        train: BatchSource = TensorSource(loaded.x_train, loaded.y_train, seed=seed)
-        val: BatchSource | None = TensorSource(loaded.x_val, loaded.y_val, shuffle=False)
-        if val_fraction == 0:
-            val = None
-        elif val_fraction is not None:
-            raise BatchfitError(
-                f"The example '{name}' has its own validation set; --val-fraction only takes 0 "
-                "there (no validation)."
-            )
-        kind = loaded.target_kind
-        factory = model_factory(model) if model else ex.make_model
-        label = f"example '{name}'" + (f" with model {model}" if model else "")
-        return Task(label, factory, train, val, resolve_loss(loss, kind), ex.lr)
-
+        return _example_task(example or DEFAULT_EXAMPLE, model, val_fraction, loss, seed)
     stream_options = _as_resumed(stream or StreamOptions(), resume_from)
     train, kind, choice = _load_data(
         data, features, target, seed, shuffle=True, stream=stream_options
     )
-    notes = []
+    notes: list[str] = []
     if val_data is not None:
-        if val_fraction:
-            raise BatchfitError("Give either --val-data or --val-fraction, not both.")
         val, _, _ = _load_data(val_data, features, target, seed, shuffle=False, stream=stream)
-    elif val_fraction is None and isinstance(train, IterableSource):
-        val = None  # the default fraction cannot apply: a stream of unknown length has no rows
-        notes.append(
-            f"no validation: data from '{data}' is an IterableDataset, which cannot be split; "
-            "give --val-data for validation (--val-fraction 0 silences this note)."
-        )
     else:
-        fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-        val = None
-        if fraction > 0:
-            train, val = _split(train, fraction, seed)
-            if isinstance(train, StreamSource):
-                notes.append(
-                    f"validation holds out {fraction:g} of the streamed rows, so each evaluation "
-                    "reads all of --data again; for big data give --val-data (a smaller file) "
-                    "instead."
-                )
+        train, val = _held_out(train, data, val_fraction, seed, notes)
     if loss == "cross_entropy" and kind == "real":
         train, val, kind = _as_class_labels(train), val and _as_class_labels(val), "class"
-    name = f"{model} on {data}"
-    return Task(
-        name,
-        model_factory(model),
-        train,
-        val,
-        resolve_loss(loss, kind),
-        data_choice=choice,
-        notes=notes,
-    )
+    factory = model_factory(model)  # type: ignore[arg-type]  # checked: data needs model
+    task_loss = resolve_loss(loss, kind)
+    return Task(f"{model} on {data}", factory, train, val, task_loss, None, choice, notes)
+
+
+def _check_task_options(
+    example: str | None,
+    model: str | None,
+    data: str | None,
+    val_data: str | None,
+    val_fraction: float | None,
+    features: list[str] | None,
+    target: str | None,
+) -> None:
+    """Options that contradict each other, before anything is loaded."""
+    if data is None and (val_data is not None or features or target is not None):
+        raise BatchfitError(
+            f"{opt('val_data')}, {opt('features')} and {opt('target')} describe {opt('data')}; "
+            f"give {opt('data')} too."
+        )
+    if val_fraction is not None:
+        options.check("val_fraction", val_fraction)
+    if data is not None and example is not None:
+        raise BatchfitError(f"Give either {opt('example')} or {opt('data')}, not both.")
+    if data is not None and model is None:
+        raise BatchfitError(
+            f"{opt('data')} needs {opt('model')} package.module:factory (a function returning "
+            "your nn.Module)."
+        )
+    if val_data is not None and val_fraction:
+        raise BatchfitError(f"Give either {opt('val_data')} or {opt('val_fraction')}, not both.")
+
+
+def _example_task(
+    name: str, model: str | None, val_fraction: float | None, loss: str | None, seed: int
+) -> Task:
+    """A built-in example, with its own validation set (or none, for ``val_fraction`` 0)."""
+    if name not in DESCRIPTIONS:
+        raise BatchfitError(
+            f"Unknown example '{name}'; choose one of {', '.join(sorted(DESCRIPTIONS))}."
+        )
+    if val_fraction not in (None, 0):
+        raise BatchfitError(
+            f"The example '{name}' has its own validation set; {opt('val_fraction')} only takes 0 "
+            "there (no validation)."
+        )
+    ex = example(name)
+    loaded = ex.load()
+    train = TensorSource(loaded.x_train, loaded.y_train, seed=seed)
+    val = None if val_fraction == 0 else TensorSource(loaded.x_val, loaded.y_val, shuffle=False)
+    factory = model_factory(model) if model else ex.make_model
+    label = f"example '{name}'" + (f" with model {model}" if model else "")
+    return Task(label, factory, train, val, resolve_loss(loss, loaded.target_kind), ex.lr)
+
+
+def _held_out(
+    train: BatchSource, data: str, val_fraction: float | None, seed: int, notes: list[str]
+) -> tuple[BatchSource, BatchSource | None]:
+    """Split a validation share off the training data (``val_fraction``, default 0.1)."""
+    if val_fraction is None and isinstance(train, IterableSource):
+        # The default fraction cannot apply: a stream of unknown length has no rows to hold out.
+        notes.append(
+            f"no validation: data from '{data}' is an IterableDataset, which cannot be split; "
+            f"give {opt('val_data')} for validation ({opt_value('val_fraction', 0)} silences "
+            "this note)."
+        )
+        return train, None
+    fraction = DEFAULT_VAL_FRACTION["train"] if val_fraction is None else val_fraction
+    if fraction == 0:
+        return train, None
+    train, val = _split(train, fraction, seed)
+    if isinstance(train, StreamSource):
+        notes.append(
+            f"validation holds out {fraction:g} of the streamed rows, so each evaluation reads "
+            f"all of {opt('data')} again; for big data give {opt('val_data')} (a smaller file) "
+            "instead."
+        )
+    return train, val
 
 
 def _as_class_labels(source: BatchSource) -> BatchSource:
@@ -269,7 +311,7 @@ def _as_class_labels(source: BatchSource) -> BatchSource:
             return labels
     raise BatchfitError(
         "The cross_entropy loss needs class labels 0..C-1, but the target holds other numbers; "
-        "store the labels as integers, or use --loss mse."
+        f"store the labels as integers, or use {opt_value('loss', 'mse')}."
     )
 
 
@@ -292,5 +334,6 @@ def _split(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSource
         )
         return train, val
     raise BatchfitError(
-        "A stream cannot be split for validation; give --val-data, or --val-fraction 0."
+        f"A stream cannot be split for validation; give {opt('val_data')}, or "
+        f"{opt_value('val_fraction', 0)}."
     )

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from batchfit.core import options
+from batchfit.core.options import opt, opt_value
 from batchfit.errors import BatchfitError
 
 
@@ -188,7 +189,7 @@ def check_batch_fits_data(batch_size: int, samples: int) -> None:
     if batch_size > samples:
         raise BatchfitError(
             f"The batch size ({batch_size}) is larger than the training set ({samples} samples). "
-            f"Use --batch-size {samples} for full-batch training, or a smaller batch."
+            f"Use {opt_value('batch_size', samples)} for full-batch training, or a smaller batch."
         )
 
 
@@ -285,3 +286,78 @@ def split_batch(batch_size: int, max_micro_batch_size: int) -> tuple[int, int]:
     """
     accumulation = math.ceil(batch_size / max_micro_batch_size)
     return math.ceil(batch_size / accumulation), accumulation
+
+
+def describe_plan(p: Plan) -> list[tuple[str, str]]:
+    """``plan``'s explanation, one ``(what, value and why)`` row per line: the table that
+    ``batchfit plan`` prints, here so that Python callers get the same words.
+
+    >>> dict(describe_plan(plan(1000, 300, micro_batch_size=128)))["per device, per step"]
+    '300 = micro-batches 128 + 128 + 44 (accumulation 3)'
+    """
+    division = "floor" if p.drop_last else "ceil"
+    rows = [
+        (
+            "steps per epoch",
+            f"{p.steps_per_epoch}   ({division}({p.samples} / {p.batch_size}); "
+            "a step is one batch, one optimizer update)",
+        ),
+        ("batch size", f"{p.batch_size} samples per step, over all devices"),
+        ("last batch size", _last_batch_text(p)),
+        ("per device, per step", _per_device_text(p)),
+        (
+            "iterations per epoch",
+            f"{p.iterations_per_epoch}   (micro-batch forward+backward passes per device)",
+        ),
+        ("one epoch", _epoch_text(p)),
+    ]
+    if p.world_size > 1 and p.last_batch_size != p.batch_size:
+        rows.append(("last batch per device", _last_batch_per_device_text(p)))
+    if p.total_steps is not None:
+        run = p.epochs_run
+        epochs = f"{run:g}" if run == int(run) else f"{run:.3f}"
+        rows.append(
+            (
+                "total steps",
+                f"{p.total_steps}   ({epochs} epochs, {p.total_samples} samples, "
+                f"{p.total_iterations} iterations per device)",
+            )
+        )
+    return rows
+
+
+def _per_device_text(p: Plan) -> str:
+    busiest = max(p.per_rank_batch_size)
+    split = " + ".join(str(s) for s in micro_batch_sizes(busiest, p.micro_batch_size))
+    text = f"{busiest} = micro-batches {split} (accumulation {p.accumulation})"
+    if p.world_size == 1:
+        return text
+    if len(set(p.per_rank_batch_size)) == 1:
+        return text + f", on each of {p.world_size} devices"
+    return text + f"; devices get {list(p.per_rank_batch_size)}"
+
+
+def _last_batch_text(p: Plan) -> str:
+    if p.dropped_per_epoch:
+        return f"{p.last_batch_size}   ({p.dropped_per_epoch} samples dropped per epoch)"
+    if p.last_batch_size != p.batch_size:
+        return f"{p.last_batch_size}   (the remainder)"
+    return f"{p.last_batch_size}"
+
+
+def _epoch_text(p: Plan) -> str:
+    if p.last_batch_size != p.batch_size:
+        full = p.steps_per_epoch - 1
+        return f"{p.samples_per_epoch} samples = {full} x {p.batch_size} + {p.last_batch_size}"
+    return f"{p.samples_per_epoch} samples = {p.steps_per_epoch} steps x {p.batch_size}"
+
+
+def _last_batch_per_device_text(p: Plan) -> str:
+    shares = list(p.per_rank_last_batch_size)
+    idle = shares.count(0)
+    if idle:
+        return (
+            f"{shares}   ({idle} of {p.world_size} devices get no sample in the last step; "
+            f"{opt('drop_last')} drops it)"
+        )
+    return f"{shares}   (every device still takes the step: equal step counts)"

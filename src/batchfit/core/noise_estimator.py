@@ -3,7 +3,10 @@
 McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", appendix A) define the simple
 noise scale ``B_simple = tr(Sigma) / |G|^2``: the per-sample gradient variance over the squared true
 gradient. It is the batch size at which the noise in a batch gradient is as large as the signal,
-and it predicts the critical batch size beyond which bigger batches buy few steps.
+and it predicts the critical batch size beyond which bigger batches buy few steps. It is their
+estimate of the noise scale ``B_noise`` (exact when the Hessian is a multiple of the identity);
+in code this number has one name, ``b_simple``, from this estimator through the recommendation
+(``report.json`` shows it as ``noise.b_simple`` and as ``noise.critical_batch_size``).
 
 Neither term is observed directly, but the squared norm of a mean gradient over ``n`` samples has a
 known expectation. Drawing ``n`` of ``N`` training samples without replacement,

@@ -337,18 +337,25 @@ def opt(name: str) -> str:
 
 def opt_value(name: str, value: Any) -> str:
     """An option set to a value, as a user would write it: ``batch_size=10`` from Python,
-    ``--batch-size 10`` on the command line (``--flag`` alone for a flag that is on).
+    ``--batch-size 10`` on the command line (``--flag`` alone for a flag that is on; ``--no-stream``
+    or ``no --drop-last`` for one that is off; ``no --weight-decay`` for a setting not given).
 
     >>> opt_value("batch_size", 10), opt_value("resume", True)
     ('batch_size=10', 'resume=True')
-    >>> with named_as_flags({"batch_size": "--batch-size", "resume": "--resume"}):
-    ...     opt_value("batch_size", 10), opt_value("resume", True)
-    ('--batch-size 10', '--resume')
+    >>> with named_as_flags({"batch_size": "--batch-size", "stream": "--stream"}):
+    ...     opt_value("batch_size", 10), opt_value("stream", True), opt_value("stream", False)
+    ('--batch-size 10', '--stream', '--no-stream')
     """
     flags = _FLAGS.get()
-    if flags is not None and name in flags:
-        return flags[name] if value is True else f"{flags[name]} {value}"
-    return f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+    if flags is None or name not in flags:
+        return f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+    if value is True:
+        return flags[name]
+    if value is False and OPTIONS[name].cli.get("action") == "boolean_optional":
+        return f"--no-{flags[name][2:]}"
+    if value is None or value is False:  # a flag left out, a setting not given
+        return f"no {flags[name]}"
+    return f"{flags[name]} {value}"
 
 
 @contextlib.contextmanager

@@ -6,6 +6,11 @@ proportional to
 
     T(B) = (B + B_noise) / throughput(B).
 
+``B_noise`` is not observed; the code's one name for the number that stands in for it is
+``b_simple``: McCandlish et al.'s simple noise scale ``B_simple = tr(Sigma) / |G|^2``
+(:mod:`batchfit.core.noise_estimator`), their estimate of ``B_noise`` and of the critical batch
+size (``report.json`` shows it as both ``noise.b_simple`` and ``noise.critical_batch_size``).
+
 Small batches waste the hardware (low samples/s); batches far above the noise scale waste samples
 (each doubling saves few steps). The recommendation is the feasible ``B`` that minimises ``T``:
 equivalently, the one that maximises goodput, throughput times statistical efficiency.
@@ -18,12 +23,16 @@ When the time budget cut the memory search or the throughput measurements short,
 largest one measured are *unknown*, not slow: they are left out of the choice, and the
 recommendation is marked provisional.
 
+:func:`recommend` works in three steps: what may be chosen (:func:`_feasible`), the choice in
+numbers (:func:`_choose`, a frozen :class:`BatchSizeChoice`), then the reasons in words
+(:func:`_explain`).
+
 Examples:
     Throughput that stops growing at 256, and a noise scale of 200:
 
     >>> tp = [(2**i, min(2**i, 256) * 100.0) for i in range(11)]
-    >>> rec = recommend(tp, b_noise=200.0, max_micro_batch_size=1024, num_samples=50_000)
-    >>> rec.batch_size, rec.micro_batch_size, rec.runner_up.batch_size
+    >>> choice = recommend(tp, b_simple=200.0, max_micro_batch_size=1024, num_samples=50_000)
+    >>> choice.batch_size, choice.micro_batch_size, choice.runner_up.batch_size
     (256, 256, 128)
 """
 
@@ -31,14 +40,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from batchfit.core.accounting import has_single_sample_micro_batch, split_batch
+from batchfit.core.options import opt, opt_value
 from batchfit.errors import BatchfitError
 
 #: Doubling the batch gains less than this share of samples/s: throughput has flattened.
 FLAT_GAIN = 0.10
+#: Without a noise scale, the smallest batch within this share of the best throughput is chosen.
+NEAR_BEST_SPEED = 0.9
+
+#: ``(batch size, samples/s, measured)``: one size the choice may fall on.
+_Size = tuple[int, float, bool]
 
 
 @dataclass(frozen=True)
@@ -50,20 +65,23 @@ class Candidate:
     accumulation: int
     samples_per_s: float
     measured: bool
-    steps_factor: float  # S(B) / S_min = 1 + B_noise / B
+    steps_factor: float  # S(B) / S_min = 1 + B_simple / B
     relative_time: float
 
 
 @dataclass(frozen=True)
-class Recommendation:
-    """The chosen batch size, the runner-up, the predicted curve and every rule applied."""
+class BatchSizeChoice:
+    """The chosen batch size, the runner-up, the predicted curve and every rule applied.
+
+    ``b_simple`` is the noise scale the choice used (``None``: not measured; ``inf``: unbounded).
+    """
 
     batch_size: int
     micro_batch_size: int
     accumulation: int
     runner_up: Candidate | None
     curve: tuple[Candidate, ...]
-    b_noise: float | None
+    b_simple: float | None
     batch_size_range: tuple[int, int]  # the choice over the noise scale's interval
     flattens_at: int | None
     decision: tuple[str, ...] = field(default=())
@@ -72,6 +90,22 @@ class Recommendation:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Feasible:
+    """What the choice may fall on, and the limits that made it so (the reasons need them)."""
+
+    measured: tuple[tuple[int, float], ...]  # every usable (batch size, samples/s)
+    sizes: tuple[_Size, ...]
+    cap: int  # the largest batch size considered
+    cap_given: bool  # the cap came from the data size or max_batch_size
+    left_out: tuple[int, ...]  # sizes batch norm cannot train as split into micro-batches
+    provisional: tuple[str, ...]
+    max_micro_batch_size: int
+    min_micro_batch_size: int
+    num_samples: int | None
+    max_batch_size: int | None
 
 
 def doubling_gains(throughput: Sequence[tuple[int, float]]) -> list[float | None]:
@@ -137,9 +171,9 @@ def fit_step_time(throughput: Sequence[tuple[int, float]]) -> tuple[float, float
     return a, c
 
 
-def _candidates(
+def _sizes(
     throughput: Sequence[tuple[int, float]], max_micro_batch_size: int, cap: int, extrapolate: bool
-) -> list[tuple[int, float, bool]]:
+) -> list[_Size]:
     """(batch size, samples/s, measured) for each measured size and, with ``extrapolate``, each
     power of two above the largest measured one, up to ``cap``."""
     measured = sorted((b, s) for b, s in throughput if b <= min(cap, max_micro_batch_size))
@@ -184,191 +218,270 @@ def _fmt(x: float) -> str:
 def recommend(
     throughput: Sequence[tuple[int, float]],
     *,
-    b_noise: float | None,
+    b_simple: float | None,
     max_micro_batch_size: int,
     num_samples: int | None = None,
     max_batch_size: int | None = None,
-    b_noise_interval: tuple[float, float] | None = None,
+    b_simple_interval: tuple[float, float] | None = None,
     ceiling_is_final: bool = True,
     min_micro_batch_size: int = 1,
-) -> Recommendation:
+) -> BatchSizeChoice:
     """Choose the batch size that minimises predicted time to a result (see the module docstring).
 
-    ``throughput`` holds measured ``(batch_size, samples_per_s)`` pairs. ``b_noise`` is the noise
-    scale (``inf``: the gradient signal was not resolved, so only throughput matters; ``None``: not
-    measured, so the smallest size within 10% of the best throughput is chosen).
-    ``b_noise_interval`` gives the range of choices over the noise scale's confidence interval.
-    ``ceiling_is_final`` is False when the memory search was cut short (by time): then nothing above
-    the measured sizes is assumed. With ``min_micro_batch_size`` 2 (batch norm), sizes whose split
-    into micro-batches would make one of one sample are left out, and a choice whose epoch of
-    ``num_samples`` ends on one sample comes with the advice to drop that last batch.
+    ``throughput`` holds measured ``(batch_size, samples_per_s)`` pairs. ``b_simple`` is the noise
+    scale B_simple, the estimate of ``B_noise`` in ``T(B)`` (``inf``: the gradient signal was not
+    resolved, so only throughput matters; ``None``: not measured, so the smallest size within 10%
+    of the best throughput is chosen). ``b_simple_interval`` gives the range of choices over the
+    noise scale's confidence interval. ``ceiling_is_final`` is False when the memory search was
+    cut short (by time): then nothing above the measured sizes is assumed. With
+    ``min_micro_batch_size`` 2 (batch norm), sizes whose split into micro-batches would make one of
+    one sample are left out, and a choice whose epoch of ``num_samples`` ends on one sample comes
+    with the advice to drop that last batch.
 
     Examples:
         A memory search cut short at 32 by time: nothing above 32 is assumed, the choice is
         provisional.
 
         >>> tp = [(2**i, 2**i * 100.0) for i in range(6)]
-        >>> rec = recommend(tp, b_noise=200.0, max_micro_batch_size=32, ceiling_is_final=False)
-        >>> rec.batch_size, [c.batch_size for c in rec.curve][-1], bool(rec.provisional)
+        >>> choice = recommend(tp, b_simple=200.0, max_micro_batch_size=32, ceiling_is_final=False)
+        >>> choice.batch_size, [c.batch_size for c in choice.curve][-1], bool(choice.provisional)
         (32, 32, True)
     """
-    usable = [(int(b), float(s)) for b, s in throughput if s > 0 and math.isfinite(s)]
-    if not usable:
+    feasible = _feasible(
+        throughput,
+        max_micro_batch_size=max_micro_batch_size,
+        num_samples=num_samples,
+        max_batch_size=max_batch_size,
+        ceiling_is_final=ceiling_is_final,
+        min_micro_batch_size=min_micro_batch_size,
+    )
+    choice = _choose(feasible, b_simple, b_simple_interval)
+    return replace(choice, decision=_explain(choice, feasible))
+
+
+def _feasible(
+    throughput: Sequence[tuple[int, float]],
+    *,
+    max_micro_batch_size: int,
+    num_samples: int | None,
+    max_batch_size: int | None,
+    ceiling_is_final: bool,
+    min_micro_batch_size: int,
+) -> _Feasible:
+    """The sizes the choice may fall on: measured ones within the cap, powers of two above them
+    when the ceiling is final, less those batch norm cannot train on."""
+    measured = [(int(b), float(s)) for b, s in throughput if s > 0 and math.isfinite(s)]
+    if not measured:
         raise BatchfitError("No throughput was measured; nothing to recommend.")
     if max_micro_batch_size < 1:
         raise BatchfitError(f"The micro-batch ceiling must be >= 1; got {max_micro_batch_size}.")
-    cap_parts = [c for c in (num_samples, max_batch_size) if c is not None]
-    cap = min(cap_parts) if cap_parts else max(b for b, _ in usable) * 8
-    top = max((b for b, _ in usable if b <= min(cap, max_micro_batch_size)), default=0)
+    caps = [c for c in (num_samples, max_batch_size) if c is not None]
+    cap = min(caps) if caps else max(b for b, _ in measured) * 8
+    top = max((b for b, _ in measured if b <= min(cap, max_micro_batch_size)), default=0)
     provisional = _provisional(top, max_micro_batch_size, cap, ceiling_is_final)
-    candidates = _candidates(usable, max_micro_batch_size, cap, extrapolate=not provisional)
-    decision: list[str] = []
+    sizes = _sizes(measured, max_micro_batch_size, cap, extrapolate=not provisional)
+    left_out: list[int] = []
     if min_micro_batch_size > 1:
-        single = [
+        left_out = [
             b
-            for b, _, _ in candidates
+            for b, _, _ in sizes
             if has_single_sample_micro_batch(None, b, split_batch(b, max_micro_batch_size)[0])
         ]
-        candidates = [c for c in candidates if c[0] not in single]
-        if not candidates:
+        sizes = [size for size in sizes if size[0] not in left_out]
+        if not sizes:
             raise BatchfitError(
                 "Every batch size considered would make a micro-batch of one sample, which batch "
-                "norm cannot train on; give a larger --max-batch-size or more data."
+                f"norm cannot train on; give a larger {opt('max_batch_size')} or more data."
             )
-        if single:
-            decision.append(
-                f"Left out B={', '.join(map(str, single))}: batch norm cannot train on one "
-                "sample, and split into micro-batches that fit, these leave one."
-            )
-    flat = flattening_point(usable)
+    return _Feasible(
+        measured=tuple(measured),
+        sizes=tuple(sizes),
+        cap=cap,
+        cap_given=bool(caps),
+        left_out=tuple(left_out),
+        provisional=provisional,
+        max_micro_batch_size=max_micro_batch_size,
+        min_micro_batch_size=min_micro_batch_size,
+        num_samples=num_samples,
+        max_batch_size=max_batch_size,
+    )
 
-    def times(noise: float) -> list[float]:
-        if math.isinf(noise):
-            return [1.0 / s for _, s, _ in candidates]
-        return [(b + max(noise, 0.0)) / s for b, s, _ in candidates]
 
-    if b_noise is None:
-        best_speed = max(s for _, s, _ in candidates)
-        chosen = min(b for b, s, _ in candidates if s >= 0.9 * best_speed)
-        t = [1.0 / s for _, s, _ in candidates]
-        decision.append(
-            "No gradient noise scale was measured, so the steps a batch size saves are unknown: "
-            f"chose the smallest batch within 10% of the best measured throughput ({chosen})."
-        )
+def _predicted_times(sizes: Sequence[_Size], b_simple: float) -> list[float]:
+    """``T(B)`` up to a constant for each size: ``(B + B_simple) / samples_per_s(B)``."""
+    if math.isinf(b_simple):
+        return [1.0 / s for _, s, _ in sizes]
+    return [(b + max(b_simple, 0.0)) / s for b, s, _ in sizes]
+
+
+def _fastest(sizes: Sequence[_Size], times: Sequence[float]) -> int:
+    """The batch size of the smallest time; among equal times (flat throughput, an unbounded
+    noise scale) the smaller batch."""
+    best = min(times)
+    return min(b for (b, _, _), t in zip(sizes, times, strict=True) if t <= best)
+
+
+def _choose(
+    feasible: _Feasible, b_simple: float | None, interval: tuple[float, float] | None
+) -> BatchSizeChoice:
+    """The choice in numbers: the batch size, the curve of predicted times, the runner-up and the
+    range of choices over the noise scale's interval (its ``decision`` is left empty)."""
+    sizes = feasible.sizes
+    if b_simple is None:
+        best_speed = max(s for _, s, _ in sizes)
+        chosen = min(b for b, s, _ in sizes if s >= NEAR_BEST_SPEED * best_speed)
+        times = [1.0 / s for _, s, _ in sizes]
     else:
-        t = times(b_noise)
-        best_t = min(t)
-        # Among equal predicted times (flat throughput, infinite noise scale) the smaller batch.
-        chosen = min(b for (b, _, _), ti in zip(candidates, t, strict=True) if ti <= best_t)
-    best_t = t[[b for b, _, _ in candidates].index(chosen)]
+        times = _predicted_times(sizes, b_simple)
+        chosen = _fastest(sizes, times)
+    best_time = times[[b for b, _, _ in sizes].index(chosen)]
     curve = []
-    for (b, s, measured), ti in zip(candidates, t, strict=True):
-        micro, acc = split_batch(b, max_micro_batch_size)
-        steps = math.inf if b_noise is not None and math.isinf(b_noise) else 1 + (b_noise or 0) / b
-        curve.append(Candidate(b, micro, acc, s, measured, steps, ti / best_t))
+    for (b, s, measured), t in zip(sizes, times, strict=True):
+        micro, accumulation = split_batch(b, feasible.max_micro_batch_size)
+        unbounded = b_simple is not None and math.isinf(b_simple)
+        steps = math.inf if unbounded else 1 + (b_simple or 0) / b
+        curve.append(Candidate(b, micro, accumulation, s, measured, steps, t / best_time))
     ranked = sorted(curve, key=lambda c: (c.relative_time, c.batch_size))
     best = next(c for c in curve if c.batch_size == chosen)
     runner_up = next((c for c in ranked if c.batch_size != chosen), None)
-
-    lo_hi = (chosen, chosen)
-    if b_noise is not None and b_noise_interval is not None:
-        picks = []
-        for noise in b_noise_interval:
-            tt = times(noise)
-            picks.append(
-                min(b for (b, _, _), x in zip(candidates, tt, strict=True) if x <= min(tt))
-            )
-        lo_hi = (min(picks), max(picks))
-
-    if flat is not None:
-        decision.append(
-            f"Throughput flattens after {flat}: doubling the batch beyond it gains less than "
-            f"{FLAT_GAIN:.0%} samples/s."
-        )
-    else:
-        decision.append(
-            "Throughput still grows by 10% or more with each doubling up to the largest size "
-            f"measured ({max(b for b, _ in usable) if usable else '-'})."
-        )
-    if b_noise is not None:
-        if math.isinf(b_noise):
-            decision.append(
-                "The gradient noise scale is unbounded (the mean gradient was not resolved under "
-                "the noise), so every batch size saves steps in proportion: time to a result "
-                "follows throughput alone."
-            )
-        else:
-            decision.append(
-                f"Gradient noise scale ~{_fmt(b_noise)}: steps needed S(B) = S_min (1 + "
-                f"{_fmt(b_noise)}/B), so beyond ~{_fmt(2 * b_noise)} extra samples per step buy "
-                "few steps."
-            )
-        decision.append(
-            f"Predicted time to a result ~ (B + B_noise) / samples_per_s(B) is smallest at "
-            f"B={chosen}"
-            + (
-                f"; runner-up B={runner_up.batch_size} at {runner_up.relative_time:.2f}x the time."
-                if runner_up
-                else "."
-            )
-        )
-        if lo_hi[0] != lo_hi[1]:
-            decision.append(
-                f"Over the noise scale's confidence interval the best batch size ranges from "
-                f"{lo_hi[0]} to {lo_hi[1]}."
-            )
-    if best.accumulation > 1:
-        decision.append(
-            f"B={chosen} exceeds the micro-batch ceiling ({max_micro_batch_size}): "
-            f"{best.accumulation} micro-batches of {best.micro_batch_size} accumulated "
-            "(exactly the same update; no extra speed on one device)."
-        )
-    elif (
-        b_noise is not None
-        and b_noise > chosen
-        and chosen >= max_micro_batch_size
-        and any(c.accumulation > 1 for c in curve)
-    ):
-        decision.append(
-            f"Batches above the memory ceiling ({max_micro_batch_size}) need accumulation, which "
-            "adds no speed on one device: they would cost more samples per step without "
-            "saving time, so the ceiling is the largest useful batch here."
-        )
-    if any(not c.measured for c in curve):
-        decision.append(
-            f"Above the memory ceiling ({max_micro_batch_size}) a batch runs as accumulated "
-            "micro-batches, so its throughput is taken as that of the ceiling."
-        )
-    if provisional:
-        decision.append(
-            f"Provisional: {'; '.join(provisional)}. Give a larger --time-budget to measure them."
-        )
-    if cap_parts:
-        decision.append(
-            f"Batch sizes considered: up to {cap} ({_cap_reason(num_samples, max_batch_size)})."
-        )
-    if min_micro_batch_size > 1 and has_single_sample_micro_batch(
-        num_samples, chosen, best.micro_batch_size
-    ):
-        decision.append(
-            f"Each epoch of {num_samples} samples ends on a batch of one sample at B={chosen}, "
-            "which batch norm cannot train on: train with --drop-last."
-        )
-    return Recommendation(
+    choice_range = (chosen, chosen)
+    if b_simple is not None and interval is not None:
+        picks = [_fastest(sizes, _predicted_times(sizes, end)) for end in interval]
+        choice_range = (min(picks), max(picks))
+    return BatchSizeChoice(
         batch_size=chosen,
         micro_batch_size=best.micro_batch_size,
         accumulation=best.accumulation,
         runner_up=runner_up,
         curve=tuple(curve),
-        b_noise=b_noise,
-        batch_size_range=lo_hi,
-        flattens_at=flat,
-        decision=tuple(decision),
-        provisional=provisional,
+        b_simple=b_simple,
+        batch_size_range=choice_range,
+        flattens_at=flattening_point(feasible.measured),
+        provisional=feasible.provisional,
     )
+
+
+def _explain(choice: BatchSizeChoice, feasible: _Feasible) -> tuple[str, ...]:
+    """Every rule the choice applied, in plain words, in the order applied."""
+    lines: list[str] = []
+    if feasible.left_out:
+        lines.append(
+            f"Left out B={', '.join(map(str, feasible.left_out))}: batch norm cannot train on one "
+            "sample, and split into micro-batches that fit, these leave one."
+        )
+    if choice.b_simple is None:
+        lines.append(
+            "No gradient noise scale was measured, so the steps a batch size saves are unknown: "
+            f"chose the smallest batch within 10% of the best measured throughput "
+            f"({choice.batch_size})."
+        )
+    lines.append(_throughput_reason(choice, feasible))
+    if choice.b_simple is not None:
+        lines += _noise_reasons(choice, choice.b_simple)
+    lines += _accumulation_reasons(choice, feasible)
+    lines += _limit_reasons(choice, feasible)
+    return tuple(lines)
+
+
+def _throughput_reason(choice: BatchSizeChoice, feasible: _Feasible) -> str:
+    if choice.flattens_at is not None:
+        return (
+            f"Throughput flattens after {choice.flattens_at}: doubling the batch beyond it gains "
+            f"less than {FLAT_GAIN:.0%} samples/s."
+        )
+    return (
+        "Throughput still grows by 10% or more with each doubling up to the largest size "
+        f"measured ({max(b for b, _ in feasible.measured)})."
+    )
+
+
+def _noise_reasons(choice: BatchSizeChoice, b_simple: float) -> list[str]:
+    """What the noise scale says about steps, and where the predicted time is smallest."""
+    if math.isinf(b_simple):
+        lines = [
+            "The gradient noise scale is unbounded (the mean gradient was not resolved under "
+            "the noise), so every batch size saves steps in proportion: time to a result "
+            "follows throughput alone."
+        ]
+    else:
+        lines = [
+            f"Gradient noise scale ~{_fmt(b_simple)}: steps needed S(B) = S_min (1 + "
+            f"{_fmt(b_simple)}/B), so beyond ~{_fmt(2 * b_simple)} extra samples per step buy "
+            "few steps."
+        ]
+    runner_up = choice.runner_up
+    lines.append(
+        f"Predicted time to a result ~ (B + B_noise) / samples_per_s(B) is smallest at "
+        f"B={choice.batch_size}"
+        + (
+            f"; runner-up B={runner_up.batch_size} at {runner_up.relative_time:.2f}x the time."
+            if runner_up
+            else "."
+        )
+    )
+    low, high = choice.batch_size_range
+    if low != high:
+        lines.append(
+            f"Over the noise scale's confidence interval the best batch size ranges from "
+            f"{low} to {high}."
+        )
+    return lines
+
+
+def _accumulation_reasons(choice: BatchSizeChoice, feasible: _Feasible) -> list[str]:
+    """Why the choice is, or is not, above the memory ceiling."""
+    ceiling = feasible.max_micro_batch_size
+    lines = []
+    if choice.accumulation > 1:
+        lines.append(
+            f"B={choice.batch_size} exceeds the micro-batch ceiling ({ceiling}): "
+            f"{choice.accumulation} micro-batches of {choice.micro_batch_size} accumulated "
+            "(exactly the same update; no extra speed on one device)."
+        )
+    elif (
+        choice.b_simple is not None
+        and choice.b_simple > choice.batch_size
+        and choice.batch_size >= ceiling
+        and any(c.accumulation > 1 for c in choice.curve)
+    ):
+        lines.append(
+            f"Batches above the memory ceiling ({ceiling}) need accumulation, which "
+            "adds no speed on one device: they would cost more samples per step without "
+            "saving time, so the ceiling is the largest useful batch here."
+        )
+    if any(not c.measured for c in choice.curve):
+        lines.append(
+            f"Above the memory ceiling ({ceiling}) a batch runs as accumulated "
+            "micro-batches, so its throughput is taken as that of the ceiling."
+        )
+    return lines
+
+
+def _limit_reasons(choice: BatchSizeChoice, feasible: _Feasible) -> list[str]:
+    """What was not judged, what capped the sizes, and what the epoch's last batch needs."""
+    lines = []
+    if feasible.provisional:
+        lines.append(
+            f"Provisional: {'; '.join(feasible.provisional)}. Give a larger "
+            f"{opt('time_budget')} to measure them."
+        )
+    if feasible.cap_given:
+        lines.append(
+            f"Batch sizes considered: up to {feasible.cap} "
+            f"({_cap_reason(feasible.num_samples, feasible.max_batch_size)})."
+        )
+    if feasible.min_micro_batch_size > 1 and has_single_sample_micro_batch(
+        feasible.num_samples, choice.batch_size, choice.micro_batch_size
+    ):
+        lines.append(
+            f"Each epoch of {feasible.num_samples} samples ends on a batch of one sample at "
+            f"B={choice.batch_size}, which batch norm cannot train on: train with "
+            f"{opt_value('drop_last', True)}."
+        )
+    return lines
 
 
 def _cap_reason(num_samples: int | None, max_batch_size: int | None) -> str:
     if max_batch_size is not None and (num_samples is None or max_batch_size <= num_samples):
-        return "--max-batch-size"
+        return opt("max_batch_size")
     return f"the training set holds {num_samples} samples"

@@ -134,18 +134,19 @@ class RowsOrSize:
 
 @dataclass(frozen=True)
 class Text:
-    """A non-empty string: a path, a ``module:name`` spec, a device or a list written as text.
-    ``objects`` also admits values that are not text (a ``Path``, a ``torch.device``, a list)."""
+    """A non-empty string: a path, a ``module:name`` spec or a device. With ``objects``, any value
+    but None: the function that takes it checks what it means (a ``Path``, a ``torch.device``, a
+    list, or text such as ``"32,64"`` whose parse says what is wrong with it)."""
 
     objects: bool = False
 
     def describe(self) -> str:
-        return "a non-empty string" if not self.objects else "a non-empty string or an object"
+        return "a non-empty string" if not self.objects else "given (not None)"
 
     def accepts(self, value: Any) -> bool:
-        if isinstance(value, str):
-            return bool(value.strip())
-        return self.objects and value is not None
+        if self.objects:
+            return value is not None
+        return isinstance(value, str) and bool(value.strip())
 
     def convert(self, text: str) -> Any:
         return text

@@ -25,11 +25,13 @@ from typing import Any
 
 from batchfit.core import options
 from batchfit.core.accounting import plan
+from batchfit.core.options import opt, opt_value
 from batchfit.errors import BatchfitError
 
 #: Validation metrics the sweep records at each evaluation point (accuracy: classification only).
 METRICS = ("val_accuracy", "val_loss")
-#: ``--lr-grid`` with no factors: two halvings and two doublings around the scaled learning rate.
+#: ``lr_grid=True`` (``--lr-grid`` with no factors): two halvings and two doublings around the
+#: scaled learning rate.
 DEFAULT_LR_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: An automatic target sits this far from the initial value towards the best value any size reached.
 AUTO_TARGET_SHARE = 0.9
@@ -54,8 +56,8 @@ def higher_is_better(metric: str) -> bool:
 class Target:
     """A level of a validation metric to reach: ``val_accuracy >= 0.9`` or ``val_loss <= 0.5``.
 
-    ``source`` is ``"given"`` (``--target``) or ``"auto"`` (chosen from the runs, see
-    :func:`auto_target`).
+    ``source`` is ``"given"`` (the ``target_level`` option, ``--target`` on the command line) or
+    ``"auto"`` (chosen from the runs, see :func:`auto_target`).
     """
 
     metric: str
@@ -84,34 +86,37 @@ def parse_target(text: str, metrics: Sequence[str] = METRICS) -> Target:
         >>> parse_target("accuracy=0.9")
         Traceback (most recent call last):
         ...
-        batchfit.errors.BatchfitError: Unknown metric 'accuracy' in --target 'accuracy=0.9'; \
-use one of val_accuracy, val_loss (e.g. --target val_accuracy=0.9).
+        batchfit.errors.BatchfitError: Unknown metric 'accuracy' in target_level='accuracy=0.9'; \
+use one of val_accuracy, val_loss (e.g. target_level='val_accuracy=0.9').
     """
-    example = f"e.g. --target {metrics[0]}={0.9 if higher_is_better(metrics[0]) else 0.5}"
+    level = 0.9 if higher_is_better(metrics[0]) else 0.5
+    example = f"e.g. {opt_value('target_level', f'{metrics[0]}={level}')}"
+    given = opt_value("target_level", str(text))
     name, sep, value_text = str(text).partition("=")
     name = name.strip()
     if not sep or not name or not value_text.strip():
-        raise BatchfitError(f"--target must be METRIC=VALUE, got {text!r} ({example}).")
+        raise BatchfitError(
+            f"{opt('target_level')} must be METRIC=VALUE, got {text!r} ({example})."
+        )
     if name not in metrics:
         if name in METRICS:
             raise BatchfitError(
-                f"{name} in --target {text!r} is not measured for this task's loss; use one "
+                f"{name} in {given} is not measured for this task's loss; use one "
                 f"of {', '.join(metrics)} ({example})."
             )
         raise BatchfitError(
-            f"Unknown metric '{name}' in --target {text!r}; use one of "
-            f"{', '.join(metrics)} ({example})."
+            f"Unknown metric '{name}' in {given}; use one of {', '.join(metrics)} ({example})."
         )
     try:
         value = float(value_text)
     except ValueError:
-        raise BatchfitError(f"The value in --target {text!r} is not a number; {example}.") from None
+        raise BatchfitError(f"The value in {given} is not a number; {example}.") from None
     if not math.isfinite(value):
-        raise BatchfitError(f"The value in --target {text!r} must be finite; {example}.")
+        raise BatchfitError(f"The value in {given} must be finite; {example}.")
     if name.endswith("accuracy") and not 0.0 <= value <= 1.0:
         raise BatchfitError(
-            f"An accuracy target must be a fraction in [0, 1], got {value:g} in --target "
-            f"{text!r}; write 0.9 for 90%."
+            f"An accuracy target must be a fraction in [0, 1], got {value:g} in {given}; "
+            "write 0.9 for 90%."
         )
     return Target(name, value, higher_is_better(name))
 
@@ -200,7 +205,7 @@ def parse_batch_sizes(text: str | Sequence[int | str], samples: int | None) -> l
     items = [p for p in items if p != ""]
     if not items:
         raise BatchfitError(
-            "--batch-sizes is empty; give a comma-separated list such as 32,64,128,256."
+            f"{opt('batch_sizes')} is empty; give a comma-separated list such as 32,64,128,256."
         )
     sizes = []
     for item in items:
@@ -208,7 +213,7 @@ def parse_batch_sizes(text: str | Sequence[int | str], samples: int | None) -> l
             if samples is None:
                 raise BatchfitError(
                     "Batch size N (full batch) needs data of known length; the training data "
-                    "is a stream, so give numbers in --batch-sizes."
+                    f"is a stream, so give numbers in {opt('batch_sizes')}."
                 )
             sizes.append(samples)
             continue
@@ -219,13 +224,15 @@ def parse_batch_sizes(text: str | Sequence[int | str], samples: int | None) -> l
         options.check(
             "batch_size",
             size,
-            "Give --batch-sizes as whole numbers, or N for full batch (e.g. 32,64,128,256,N).",
+            f"Give {opt('batch_sizes')} as whole numbers, or N for full batch "
+            "(e.g. 32,64,128,256,N).",
         )
         sizes.append(size)
     for size in sizes:
         if sizes.count(size) > 1:
             raise BatchfitError(
-                f"Batch size {size} appears more than once in --batch-sizes; list each size once."
+                f"Batch size {size} appears more than once in {opt('batch_sizes')}; list each "
+                "size once."
             )
         if samples is not None and size > samples:
             raise BatchfitError(
@@ -236,7 +243,7 @@ def parse_batch_sizes(text: str | Sequence[int | str], samples: int | None) -> l
 
 
 def parse_lr_grid(text: str | Sequence[float] | None) -> tuple[float, ...] | None:
-    """Learning-rate factors for ``--lr-grid``: ``None`` (no grid), ``""``/``True`` (the default
+    """Learning-rate factors for ``lr_grid``: ``None`` (no grid), ``""``/``True`` (the default
     grid) or factors like ``"0.5,1,2"``. Always includes 1 (the rule-scaled learning rate).
 
     >>> parse_lr_grid("2,0.5")
@@ -256,7 +263,7 @@ def parse_lr_grid(text: str | Sequence[float] | None) -> tuple[float, ...] | Non
         options.check(
             "lr_grid_factor",
             factor,
-            "--lr-grid takes factors of the scaled learning rate, e.g. 0.25,0.5,1,2,4.",
+            f"{opt('lr_grid')} takes factors of the scaled learning rate, e.g. 0.25,0.5,1,2,4.",
         )
         factors.add(float(factor))
     return tuple(sorted(factors | {1.0}))
@@ -460,6 +467,33 @@ def _noise(metric: str, value: float, val_samples: int | None) -> float:
     return 2 * accuracy_noise(value, val_samples)
 
 
+@dataclass(frozen=True)
+class _Tail:
+    """The last quarter of a curve (by step): its first and last values and the gain over it,
+    next to the gain over the whole curve (both signed so that positive is better)."""
+
+    first: dict[str, float]
+    last: dict[str, float]
+    evaluations: int
+    gain: float
+    total_gain: float
+
+
+def _tail(points: Sequence[dict[str, float]], metric: str) -> _Tail:
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    last = points[-1]
+    window = [p for p in points if p["step"] >= 0.75 * last["step"]]
+    if len(window) < 2:
+        window = list(points[-2:])
+    return _Tail(
+        first=window[0],
+        last=last,
+        evaluations=len(window),
+        gain=sign * (last[metric] - window[0][metric]),
+        total_gain=sign * (last[metric] - points[0][metric]),
+    )
+
+
 def full_batch_claim(
     full: dict[str, Any],
     others: Sequence[dict[str, Any]],
@@ -485,40 +519,38 @@ def full_batch_claim(
     text = f"Full batch gets stuck in the first valley (B={full['batch_size']})"
     if full.get("diverged"):
         return Claim(text, "diverged", None, f"the run diverged at step {full['diverged']['step']}")
-    sign = 1.0 if higher_is_better(metric) else -1.0
     points = [p for p in full["curve"] if _finite(p.get(metric))]
     if len(points) < 3:
-        return Claim(
-            text,
-            "too few evaluations",
-            None,
+        detail = (
             f"{len(points)} evaluation(s) in {full['steps']} steps; a plateau needs 3+ "
-            "(raise --eval-points or the budget)",
+            f"(raise {opt('eval_points')} or the budget)"
         )
-    last = points[-1]
-    window = [p for p in points if p["step"] >= 0.75 * last["step"]]
-    if len(window) < 2:
-        window = points[-2:]
-    recent = sign * (last[metric] - window[0][metric])
-    total = sign * (last[metric] - points[0][metric])
+        return Claim(text, "too few evaluations", None, detail)
+    # choose: still improving, or plateaued behind or level with the best other size
+    tail = _tail(points, metric)
     detail = (
-        f"{full['steps']} steps; {metric} {window[0][metric]:.4g} -> {last[metric]:.4g} over its "
-        f"last {len(window)} evaluations (steps {window[0]['step']}-{last['step']})"
+        f"{full['steps']} steps; {metric} {tail.first[metric]:.4g} -> {tail.last[metric]:.4g} "
+        f"over its last {tail.evaluations} evaluations "
+        f"(steps {tail.first['step']}-{tail.last['step']})"
     )
-    if recent > max(PLATEAU_SHARE * abs(total), _noise(metric, last[metric], val_samples)):
+    noise = _noise(metric, tail.last[metric], val_samples)
+    if tail.gain > max(PLATEAU_SHARE * abs(tail.total_gain), noise):
         return Claim(text, "still improving", None, detail + ": too few updates to tell, not stuck")
     rivals = [o for o in others if o.get("best") and o["batch_size"] != full["batch_size"]]
     if not rivals:
         return Claim(text, "plateaued", None, detail + "; no other size to compare it with")
+    sign = 1.0 if higher_is_better(metric) else -1.0
     rival = max(rivals, key=lambda o: sign * o["best"]["value"])
-    mine = full["best"]["value"] if full.get("best") else last[metric]
+    mine = full["best"]["value"] if full.get("best") else tail.last[metric]
     behind = sign * (rival["best"]["value"] - mine)
     scale = abs(rival["best"]["value"] - points[0][metric])
+    stuck = behind > max(PLATEAU_SHARE * scale, _noise(metric, mine, val_samples))
+    # explain
     detail += (
         f"; plateaued with best {mine:.4g} against {rival['best']['value']:.4g} at "
         f"B={rival['batch_size']}"
     )
-    if behind > max(PLATEAU_SHARE * scale, _noise(metric, mine, val_samples)):
+    if stuck:
         return Claim(text, "holds", None, detail)
     return Claim(text, "reversed", None, detail + " (level with it: not stuck)")
 
@@ -585,97 +617,140 @@ def compare_with_tune(
     ``tune_run`` is the sweep's run at tune's batch size *and* tune's learning rate; it is what is
     judged. Without it (the report gives no lr, or tune's size could not be run: ``not_run`` says
     why), the swept size nearest to tune's, at the sweep's own learning rate, stands in.
+
+    >>> point = {"reached": True, "steps": 5, "samples_seen": 320, "seconds": 1.2}
+    >>> swept = [{"batch_size": 64, "lr": 1e-3, "time_to_target": point}]
+    >>> tune = compare_with_tune(swept, 64, None, 64, 1.0)
+    >>> tune["seconds_ratio"], tune["agrees"]
+    (1.2, True)
     """
     by_size = {s["batch_size"]: s for s in sizes}
+    # choose: the run judged, and how its time compares with the fastest size's
     if tune_run is not None:
-        judged, swept = tune_run, tune_run["batch_size"]
-        where = f"B={recommended_batch_size} at its lr {tune_run['lr']:.3g}"
+        judged = tune_run
     else:
-        swept = nearest_size(recommended_batch_size, list(by_size))
-        judged = by_size[swept]
-        where = (
-            f"B={recommended_batch_size}"
-            if swept == recommended_batch_size
-            else f"B={recommended_batch_size} (not swept; nearest swept B={swept})"
-        )
+        judged = by_size[nearest_size(recommended_batch_size, list(by_size))]
     seconds = judged["time_to_target"]["seconds"]
-    out: dict[str, Any] = {
-        "recommended_batch_size": recommended_batch_size,
-        "recommended_lr": recommended_lr,
-        "judged": "tune's batch size and lr" if tune_run is not None else "nearest swept size",
-        "swept_batch_size": swept,
-        "swept_lr": judged["lr"],
-        "seconds_to_target": seconds,
-        "best": judged["best"]["value"] if judged.get("best") else None,
-        "diverged": judged.get("diverged"),
-        "fastest_batch_size": fastest_batch_size,
-        "seconds_ratio": None,
-        "agrees": False,
-    }
+    ratio, agrees = _tune_agreement(judged, seconds, fastest_seconds)
+    # explain
+    where = _tune_where(recommended_batch_size, judged, tune_run is not None)
     fastest = (
         f"B={fastest_batch_size}, {format_seconds(fastest_seconds)}"
         if fastest_seconds is not None
         else None
     )
+    reason = _tune_reason(where, judged, seconds, fastest, ratio, agrees)
+    reason += _tune_aside(
+        by_size, recommended_batch_size, recommended_lr, judged, tune_run, not_run
+    )
+    return {
+        "recommended_batch_size": recommended_batch_size,
+        "recommended_lr": recommended_lr,
+        "judged": "tune's batch size and lr" if tune_run is not None else "nearest swept size",
+        "swept_batch_size": judged["batch_size"],
+        "swept_lr": judged["lr"],
+        "seconds_to_target": seconds,
+        "best": judged["best"]["value"] if judged.get("best") else None,
+        "diverged": judged.get("diverged"),
+        "fastest_batch_size": fastest_batch_size,
+        "seconds_ratio": round(ratio, 4) if ratio is not None else None,
+        "agrees": agrees,
+        "reason": reason,
+    }
+
+
+def _tune_agreement(
+    judged: dict[str, Any], seconds: float | None, fastest_seconds: float | None
+) -> tuple[float | None, bool]:
+    """Tune's time over the fastest size's (when both reached the target) and whether it agrees:
+    a run that diverged or missed the target does not; one that reached it alone does."""
+    if judged.get("diverged") or seconds is None:
+        return None, False
+    if fastest_seconds is None:
+        return None, True
+    ratio = seconds / fastest_seconds if fastest_seconds > 0 else 1.0
+    return ratio, ratio <= AGREEMENT_FACTOR
+
+
+def _tune_where(recommended_batch_size: int, judged: dict[str, Any], own_run: bool) -> str:
+    """The run judged, in words: tune's own run, its size in the sweep, or the nearest size."""
+    if own_run:
+        return f"B={recommended_batch_size} at its lr {judged['lr']:.3g}"
+    if judged["batch_size"] == recommended_batch_size:
+        return f"B={recommended_batch_size}"
+    return f"B={recommended_batch_size} (not swept; nearest swept B={judged['batch_size']})"
+
+
+def _tune_reason(
+    where: str,
+    judged: dict[str, Any],
+    seconds: float | None,
+    fastest: str | None,
+    ratio: float | None,
+    agrees: bool,
+) -> str:
     if judged.get("diverged"):
-        out["reason"] = f"tune's {where} diverged (step {judged['diverged']['step']}): disagrees."
-    elif seconds is None and fastest_seconds is None:
-        out["reason"] = f"No size reached the target, tune's {where} neither: cannot be confirmed."
-    elif seconds is None:
-        out["reason"] = (
+        return f"tune's {where} diverged (step {judged['diverged']['step']}): disagrees."
+    if seconds is None and fastest is None:
+        return f"No size reached the target, tune's {where} neither: cannot be confirmed."
+    if seconds is None:
+        return (
             f"tune's {where} did not reach the target in the sweep's budget; the fastest "
             f"size did ({fastest}): disagrees."
         )
-    elif fastest_seconds is None:
-        out["agrees"] = True
-        out["reason"] = (
+    if ratio is None:
+        return (
             f"tune's {where} reached the target in {format_seconds(seconds)} and no swept size "
             "did: agrees."
         )
-    else:
-        ratio = seconds / fastest_seconds if fastest_seconds > 0 else 1.0
-        out["seconds_ratio"] = round(ratio, 4)
-        out["agrees"] = ratio <= AGREEMENT_FACTOR
-        verb = "agrees" if out["agrees"] else "disagrees"
-        out["reason"] = (
-            f"tune's {where} reached the target in {format_seconds(seconds)}, {ratio:.2f}x the "
-            f"fastest ({fastest}): {verb} (within {AGREEMENT_FACTOR}x counts as agreement)."
-        )
-    scaled = by_size.get(recommended_batch_size)
-    if tune_run is not None and scaled is not None and scaled is not tune_run:
+    verb = "agrees" if agrees else "disagrees"
+    return (
+        f"tune's {where} reached the target in {format_seconds(seconds)}, {ratio:.2f}x the "
+        f"fastest ({fastest}): {verb} (within {AGREEMENT_FACTOR}x counts as agreement)."
+    )
+
+
+def _tune_aside(
+    by_size: dict[int, dict[str, Any]],
+    recommended_batch_size: int,
+    recommended_lr: float | None,
+    judged: dict[str, Any],
+    tune_run: dict[str, Any] | None,
+    not_run: str | None,
+) -> str:
+    """What sets the judged run apart: the sweep's own lr at tune's size, or why tune's lr was
+    not run."""
+    if tune_run is not None:
+        scaled = by_size.get(recommended_batch_size)
+        if scaled is None or scaled is tune_run:
+            return ""
         took = scaled["time_to_target"]["seconds"]
-        out["reason"] += f" At the sweep's lr {scaled['lr']:.3g}, B={recommended_batch_size} " + (
+        return f" At the sweep's lr {scaled['lr']:.3g}, B={recommended_batch_size} " + (
             f"took {format_seconds(took)}." if took is not None else "did not reach it."
         )
-    elif tune_run is None:
-        if not_run:
-            out["reason"] += f" {not_run}"
-        elif recommended_lr is None:
-            out["reason"] += f" report.json gives no lr, so B={swept} ran at the sweep's lr."
-        else:
-            out["reason"] += (
-                f" tune's lr {recommended_lr:.3g}; the sweep ran B={swept} at lr "
-                f"{judged['lr']:.3g}."
-            )
-    return out
+    if not_run:
+        return f" {not_run}"
+    swept = judged["batch_size"]
+    if recommended_lr is None:
+        return f" report.json gives no lr, so B={swept} ran at the sweep's lr."
+    return f" tune's lr {recommended_lr:.3g}; the sweep ran B={swept} at lr {judged['lr']:.3g}."
 
 
-def _divergence_lines(sizes: Sequence[dict[str, Any]]) -> list[str]:
-    lines = []
-    for s in sizes:
-        b = s["batch_size"]
-        blew_up = [g for g in s.get("lr_grid") or () if g.get("diverged")]
-        if s.get("diverged"):
-            lrs = ", ".join(f"{g['lr']:.3g}" for g in blew_up) or f"{s['lr']:.3g}"
-            lines.append(
-                f"B={b} diverged at every lr tried (lr {lrs}; {s['diverged']['reason']}): left "
-                "out of the best, the fastest and the claims. Lower --lr or widen --lr-grid "
-                "downwards."
-            )
-        elif blew_up:
-            lrs = ", ".join(f"{g['lr']:.3g} (step {g['diverged']})" for g in blew_up)
-            lines.append(f"At B={b}, lr {lrs} diverged; the grid kept lr {s['lr']:.3g}.")
-    return lines
+def best_size(usable: Sequence[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The size with the best validation value (the smaller batch size on a tie)."""
+    scored = [s for s in usable if s.get("best")]
+    if not scored:
+        return None
+    sign = 1 if higher_is_better(metric) else -1
+    return max(scored, key=lambda s: (sign * s["best"]["value"], -s["batch_size"]))
+
+
+def fastest_size(usable: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The size that reached the target in the fewest training seconds (smaller B on a tie)."""
+    reached = [s for s in usable if s["time_to_target"]["reached"]]
+    if not reached:
+        return None
+    return min(reached, key=lambda s: (s["time_to_target"]["seconds"], s["batch_size"]))
 
 
 def verdict(
@@ -701,32 +776,17 @@ def verdict(
     whose curve is read for the full-batch claim; ``initial`` is the metric at the initial
     weights, to warn about a target met before training. ``notes`` come first in ``lines``.
     Ties go to the smaller batch size.
+
+    >>> point = {"reached": True, "steps": 5, "samples_seen": 320, "seconds": 0.5}
+    >>> size = {"batch_size": 64, "lr": 1e-3, "time_to_target": point,
+    ...         "best": {"value": 0.9, "step": 5}, "gap": {}, "sharpness": None}
+    >>> verdict([size], "val_accuracy", Target("val_accuracy", 0.8, True)).lines[0]
+    'Best validation: B=64 (val_accuracy 0.9000 at step 5, lr 0.001).'
     """
-    up = higher_is_better(metric)
+    # choose
     usable = [s for s in sizes if not s.get("diverged")]
-    scored = [s for s in usable if s.get("best")]
-    best = (
-        max(scored, key=lambda s: ((1 if up else -1) * s["best"]["value"], -s["batch_size"]))
-        if scored
-        else None
-    )
-    reached = [s for s in usable if s["time_to_target"]["reached"]]
-    fastest = (
-        min(reached, key=lambda s: (s["time_to_target"]["seconds"], s["batch_size"]))
-        if reached
-        else None
-    )
-    claims = list(check_claims(usable, metric, val_samples))
-    full = next((s for s in sizes if samples is not None and s["batch_size"] == samples), None)
-    if full is not None:
-        claims.append(full_batch_claim(full, usable, metric, val_samples))
-    claims.append(
-        sizes_claim(
-            [s["batch_size"] for s in usable],
-            best["batch_size"] if best else None,
-            fastest["batch_size"] if fastest else None,
-        )
-    )
+    best, fastest = best_size(usable, metric), fastest_size(usable)
+    claims = _all_claims(sizes, usable, metric, val_samples, samples, best, fastest)
     tune = None
     if recommendation is not None:
         tune = compare_with_tune(
@@ -738,15 +798,75 @@ def verdict(
             tune_run,
             tune_not_run,
         )
-    lines = list(notes)
-    if initial is not None and target.reached(initial):
-        lines.append(
-            f"The target {target.describe()} is met already at the initial weights ({metric} "
-            f"{initial:.4g}), so every size reaches it at step 0; give a harder --target."
-            if target.source == "given"
-            else f"No size improved on the initial weights' {metric} ({initial:.4g}), so the "
-            "automatic target and the time to it mean nothing here."
+    # explain
+    lines = [
+        *notes,
+        *_initial_lines(target, metric, initial),
+        *_result_lines(sizes, usable, best, fastest, metric, target),
+        *[claim.describe() for claim in claims],
+        *([tune["reason"]] if tune is not None else []),
+    ]
+    return Verdict(
+        best_batch_size=best["batch_size"] if best else None,
+        best_value=best["best"]["value"] if best else None,
+        fastest_batch_size=fastest["batch_size"] if fastest else None,
+        fastest_seconds=fastest["time_to_target"]["seconds"] if fastest else None,
+        claims=claims,
+        tune=tune,
+        lines=tuple(lines),
+    )
+
+
+def _all_claims(
+    sizes: Sequence[dict[str, Any]],
+    usable: Sequence[dict[str, Any]],
+    metric: str,
+    val_samples: int | None,
+    samples: int | None,
+    best: dict[str, Any] | None,
+    fastest: dict[str, Any] | None,
+) -> tuple[Claim, ...]:
+    """The trend claims, the full-batch claim (when full batch was swept) and the 32-256 claim."""
+    claims = list(check_claims(usable, metric, val_samples))
+    full = next((s for s in sizes if samples is not None and s["batch_size"] == samples), None)
+    if full is not None:
+        claims.append(full_batch_claim(full, usable, metric, val_samples))
+    claims.append(
+        sizes_claim(
+            [s["batch_size"] for s in usable],
+            best["batch_size"] if best else None,
+            fastest["batch_size"] if fastest else None,
         )
+    )
+    return tuple(claims)
+
+
+def _initial_lines(target: Target, metric: str, initial: float | None) -> list[str]:
+    """A warning when the target is met before any training: then every time to it is 0."""
+    if initial is None or not target.reached(initial):
+        return []
+    if target.source == "given":
+        return [
+            f"The target {target.describe()} is met already at the initial weights ({metric} "
+            f"{initial:.4g}), so every size reaches it at step 0; give a harder "
+            f"{opt('target_level')}."
+        ]
+    return [
+        f"No size improved on the initial weights' {metric} ({initial:.4g}), so the automatic "
+        "target and the time to it mean nothing here."
+    ]
+
+
+def _result_lines(
+    sizes: Sequence[dict[str, Any]],
+    usable: Sequence[dict[str, Any]],
+    best: dict[str, Any] | None,
+    fastest: dict[str, Any] | None,
+    metric: str,
+    target: Target,
+) -> list[str]:
+    """The best size, the fastest, the sizes that missed or diverged and the grid's edges."""
+    lines = []
     if best is not None:
         lines.append(
             f"Best validation: B={best['batch_size']} ({metric} {best['best']['value']:.4f} "
@@ -768,18 +888,25 @@ def verdict(
     edge = [str(s["batch_size"]) for s in usable if s.get("lr_at_grid_edge")]
     if edge:
         lines.append(
-            f"The chosen lr is at the edge of the grid for B={', '.join(edge)}: widen --lr-grid "
-            "to be sure it is the best."
+            f"The chosen lr is at the edge of the grid for B={', '.join(edge)}: widen "
+            f"{opt('lr_grid')} to be sure it is the best."
         )
-    lines += [claim.describe() for claim in claims]
-    if tune is not None:
-        lines.append(tune["reason"])
-    return Verdict(
-        best_batch_size=best["batch_size"] if best else None,
-        best_value=best["best"]["value"] if best else None,
-        fastest_batch_size=fastest["batch_size"] if fastest else None,
-        fastest_seconds=fastest["time_to_target"]["seconds"] if fastest else None,
-        claims=tuple(claims),
-        tune=tune,
-        lines=tuple(lines),
-    )
+    return lines
+
+
+def _divergence_lines(sizes: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for s in sizes:
+        b = s["batch_size"]
+        blew_up = [g for g in s.get("lr_grid") or () if g.get("diverged")]
+        if s.get("diverged"):
+            lrs = ", ".join(f"{g['lr']:.3g}" for g in blew_up) or f"{s['lr']:.3g}"
+            lines.append(
+                f"B={b} diverged at every lr tried (lr {lrs}; {s['diverged']['reason']}): left "
+                f"out of the best, the fastest and the claims. Lower {opt('lr')} or widen "
+                f"{opt('lr_grid')} downwards."
+            )
+        elif blew_up:
+            lrs = ", ".join(f"{g['lr']:.3g} (step {g['diverged']})" for g in blew_up)
+            lines.append(f"At B={b}, lr {lrs} diverged; the grid kept lr {s['lr']:.3g}.")
+    return lines

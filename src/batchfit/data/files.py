@@ -18,10 +18,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from batchfit.core.options import opt
 from batchfit.errors import BatchfitError, first_line
 
-TABLE_SUFFIXES = {".parquet", ".pq", ".csv", ".arrow", ".feather", ".ipc"}
-ARRAY_SUFFIXES = {".npy", ".npz"}
 TARGET_NAMES = ("target", "label", "y")
 
 
@@ -67,7 +66,9 @@ def file_format(path: Path) -> str:
 
 def check_exists(path: Path) -> None:
     if not path.exists():
-        raise BatchfitError(f"No such file or folder: '{path}'. Check the --data/--val-data path.")
+        raise BatchfitError(
+            f"No such file or folder: '{path}'. Check the {opt('data')}/{opt('val_data')} path."
+        )
 
 
 def read_arrow_table(path: Path) -> pa.Table:
@@ -104,7 +105,7 @@ def _numeric_column(table: pa.Table, name: str, path: Path | str) -> np.ndarray:
     if column.null_count:
         raise BatchfitError(
             f"Column '{name}' in {_place(path)} has {column.null_count} null values; fill or drop "
-            "them, or leave the column out with --features."
+            f"them, or leave the column out with {opt('features')}."
         )
     if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
         values = column.combine_chunks()
@@ -139,7 +140,7 @@ def check_numeric_type(name: str, kind: object, path: Path | str) -> None:
     if not ok:
         raise BatchfitError(
             f"Column '{name}' in {_place(path)} holds {kind} values, not numbers; encode it as "
-            "numbers or leave it out with --features."
+            f"numbers or leave it out with {opt('features')}."
         )
 
 
@@ -169,7 +170,7 @@ def _features_tensor(arrays: list[np.ndarray], names: list[str], path: Path | st
         if array.dtype.kind not in "biuf":
             raise BatchfitError(
                 f"Feature '{name}' in {_place(path)} holds {array.dtype} values, not numbers; "
-                "encode it as numbers or leave it out with --features."
+                f"encode it as numbers or leave it out with {opt('features')}."
             )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = int((~np.isfinite(array)).sum())
@@ -210,14 +211,14 @@ def _pick_target(columns: list[str], target: str | None, path: Path | str) -> st
         if target not in columns:
             raise BatchfitError(
                 f"Target column '{target}' is not in {_place(path)}; its columns are {columns}. "
-                "Pass one of them with --target."
+                f"Pass one of them with {opt('target')}."
             )
         return target
     found = [c for c in TARGET_NAMES if c in columns]
     if len(found) == 1:
         return found[0]
     raise BatchfitError(
-        f"Say which column of {_place(path)} is the target with --target; its columns are "
+        f"Say which column of {_place(path)} is the target with {opt('target')}; its columns are "
         f"{columns}."
     )
 
@@ -232,11 +233,12 @@ def _pick_features(
         if missing:
             raise BatchfitError(
                 f"Feature column(s) {missing} not in {_place(path)}; its columns are {columns}. "
-                "Fix --features."
+                f"Fix {opt('features')}."
             )
         if target in features:
             raise BatchfitError(
-                f"Column '{target}' is both the target and a feature; remove it from --features."
+                f"Column '{target}' is both the target and a feature; remove it from "
+                f"{opt('features')}."
             )
         chosen = list(features)
     if not chosen:

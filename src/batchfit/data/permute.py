@@ -24,7 +24,6 @@ import numpy as np
 from batchfit.data.source import epoch_seed
 from batchfit.errors import BatchfitError
 
-_MASK64 = np.uint64(2**64 - 1)
 _ROUNDS = 6
 
 

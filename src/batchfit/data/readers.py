@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from batchfit.core.options import opt, opt_value
 from batchfit.data.files import check_exists, check_numeric_type, file_format
 from batchfit.errors import BatchfitError, first_line
 
@@ -604,7 +605,7 @@ def open_reader(spec: str | Path) -> Reader:
     if fmt == "npz":
         raise BatchfitError(
             f"'{files[0]}' is a .npz archive, which cannot be streamed; save the arrays as .npy "
-            "or Parquet, or load it into memory with --no-stream."
+            f"or Parquet, or load it into memory with {opt_value('stream', False)}."
         )
     reader = READERS[fmt](files)
     if reader.num_rows == 0:
@@ -623,5 +624,5 @@ def check_types(reader: Reader, names: list[str]) -> None:
         if nulls.get(name):
             raise BatchfitError(
                 f"Column '{name}' in {where} has {nulls[name]} null values; fill or drop them, "
-                "or leave the column out with --features."
+                f"or leave the column out with {opt('features')}."
             )

@@ -50,6 +50,7 @@ import torch
 
 from batchfit.core import options
 from batchfit.core.accounting import rank_share, split_evenly
+from batchfit.core.options import opt_value
 from batchfit.core.units import format_bytes, parse_size
 from batchfit.data.files import (
     _features_tensor,
@@ -356,7 +357,7 @@ class StreamSource(BatchSource):
             raise BatchfitError(
                 f"The cross_entropy loss needs class labels 0..C-1, but the target '{self.target}' "
                 f"in {self.reader.label} holds other numbers; store the labels as integers, or "
-                "use --loss mse."
+                f"use {opt_value('loss', 'mse')}."
             )
         return y.astype(np.int64)
 
@@ -729,7 +730,7 @@ def load_file(
     files = resolve_files(spec)
     fmt = file_format(files[0])
     many = len(files) > 1
-    why = reason or ("forced by --stream" if stream else "forced by --no-stream")
+    why = reason or f"forced by {opt_value('stream', bool(stream))}"
     if stream is None:
         if fmt == "npz":
             stream, why = False, ".npz archives cannot be streamed"

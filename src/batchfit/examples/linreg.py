@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from batchfit.examples.base import Example, ExampleData
+from batchfit.examples.catalog import DESCRIPTIONS
 
 DIM, SIGMA, N_TRAIN, N_VAL, SEED = 32, 1.0, 8192, 2048, 1234
 
@@ -53,7 +54,7 @@ def make_model() -> nn.Module:
 
 LINREG = Example(
     name="linreg",
-    description=f"least squares, {DIM} Gaussian inputs, {N_TRAIN} train / {N_VAL} validation",
+    description=DESCRIPTIONS["linreg"],
     load=load,
     make_model=make_model,
     lr=1e-2,

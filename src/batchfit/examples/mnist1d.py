@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from batchfit.examples.base import Example, ExampleData, cache_dir
+from batchfit.examples.catalog import DESCRIPTIONS
 from batchfit.files import atomic_open
 
 CACHE_NAME = "mnist1d-v1.npz"
@@ -90,7 +91,7 @@ class ConvNet1D(nn.Module):
 
 MNIST1D = Example(
     name="mnist1d",
-    description="MNIST-1D: 4,000 train / 1,000 validation sequences of 40 values, 10 classes",
+    description=DESCRIPTIONS["mnist1d"],
     load=load,
     make_model=ConvNet1D,
     lr=1e-3,

@@ -16,13 +16,14 @@ rule-scaled default.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
 
-from batchfit.data.source import BatchSource
+from batchfit.core.options import opt
+from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.losses import LossFn
 from batchfit.probe.harness import Deadline, OutOfTime, cycle_batches, preserved
@@ -121,40 +122,19 @@ def lr_range_test(
     if steps < 3:
         raise BatchfitError(f"The learning-rate range test needs at least 3 steps; got {steps}.")
     log = log or (lambda _: None)
-    deadline = deadline or Deadline(None)
-    device = model_device(model)
     micro = micro_batch_size or batch_size
     factor = (max_lr / min_lr) ** (1 / (steps - 1))
-    lrs: list[float] = []
-    smoothed: list[float] = []
-    stopped_by = "max_lr reached"
-    average = 0.0
+    schedule = [min_lr * factor**i for i in range(steps)]
     with preserved(model):
         model.train()
-        opt = make_optimizer(optimizer, model, min_lr)
-        stream = cycle_batches(data, batch_size)
-        for i in range(steps):
-            lr = min_lr * factor**i
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = next(stream)
-            loss, _ = train_step(model, opt, loss_fn, x, y, micro, device)
-            value = float(loss)
-            average = SMOOTHING * average + (1 - SMOOTHING) * value
-            current = average / (1 - SMOOTHING ** (i + 1))  # bias-corrected, as in Adam
-            lrs.append(lr)
-            smoothed.append(current if math.isfinite(value) else math.inf)
-            best = min(smoothed)
-            if not math.isfinite(value) or (i > 5 and current > DIVERGED * best):
-                stopped_by = "loss diverged"
-                break
-            if deadline.expired():
-                stopped_by = "time budget"
-                break
+        batches = cycle_batches(data, batch_size)
+        lrs, smoothed, stopped_by = _climb(
+            model, batches, loss_fn, micro, optimizer, schedule, deadline or Deadline(None)
+        )
     if len(lrs) < 3:
         raise OutOfTime(
             "The learning-rate range test ran fewer than 3 steps in its time; give a larger "
-            "--time-budget or --lr."
+            f"{opt('time_budget')} or {opt('lr')}."
         )
     at_min, pick, verdict = pick_lr(lrs, smoothed)
     log(f"lr range test: {verdict}" + (f"; pick {pick:.3g}" if pick is not None else ""))
@@ -170,3 +150,36 @@ def lr_range_test(
         stopped_by=stopped_by,
         verdict=verdict,
     )
+
+
+def _climb(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    loss_fn: LossFn,
+    micro_batch_size: int,
+    optimizer: str,
+    schedule: list[float],
+    deadline: Deadline,
+) -> tuple[list[float], list[float], str]:
+    """Train one step at each learning rate of ``schedule`` until the smoothed loss diverges or
+    time is up: ``(lrs, smoothed losses, why it stopped)``."""
+    device = model_device(model)
+    lrs: list[float] = []
+    smoothed: list[float] = []
+    average = 0.0
+    optim = make_optimizer(optimizer, model, schedule[0])
+    for i, lr in enumerate(schedule):
+        for group in optim.param_groups:
+            group["lr"] = lr
+        x, y = next(batches)
+        loss, _ = train_step(model, optim, loss_fn, x, y, micro_batch_size, device)
+        value = float(loss)
+        average = SMOOTHING * average + (1 - SMOOTHING) * value
+        current = average / (1 - SMOOTHING ** (i + 1))  # bias-corrected, as in Adam
+        lrs.append(lr)
+        smoothed.append(current if math.isfinite(value) else math.inf)
+        if not math.isfinite(value) or (i > 5 and current > DIVERGED * min(smoothed)):
+            return lrs, smoothed, "loss diverged"
+        if deadline.expired():
+            return lrs, smoothed, "time budget"
+    return lrs, smoothed, "max_lr reached"

@@ -47,13 +47,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import torch
 from torch import nn
 
 from batchfit.core import options
+from batchfit.core.options import opt
 from batchfit.core.units import format_bytes
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError, first_line
@@ -67,7 +68,7 @@ from batchfit.step import model_device, smallest_trainable_size, synchronize, tr
 DEFAULT_HEADROOM = 0.1
 #: The default CPU limit: what the process holds now plus this share of the RAM still available.
 DEFAULT_RAM_SHARE = 0.5
-#: Without a data set size or --max-batch-size, the search stops here.
+#: Without a data set size or a max_batch_size, the search stops here.
 STREAM_CAP = 65536
 #: Bisect until the gap between fit and no-fit is at most this share of the fitting size.
 BISECT_PRECISION = 1 / 16
@@ -263,7 +264,7 @@ def address_space_limit(allowed_new_bytes: int) -> Iterator[bool]:
 @contextlib.contextmanager
 def device_memory_cap(limit_bytes: int, device: torch.device) -> Iterator[None]:
     """Let PyTorch's CUDA allocator hold at most ``limit_bytes`` on ``device`` (its per-process
-    memory fraction), so that a trial going over ``--memory-limit`` fails with the allocator's
+    memory fraction), so that a trial going over ``memory_limit`` fails with the allocator's
     real ``OutOfMemoryError``, as it would on a card of that size; the previous fraction is put
     back after. A limit at or above the card's memory changes nothing."""
     total = torch.cuda.get_device_properties(device).total_memory
@@ -365,25 +366,40 @@ def confirm_in_child(
     parent_rss = rss_bytes()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: never returns
-        code = 1
-        try:
-            os.close(read_fd)
-            # GNU OpenMP's thread pool does not survive fork; one thread avoids a hang.
-            torch.set_num_threads(1)
-            reset = _reset_peak()
-            with address_space_limit(limit - parent_rss):
-                try:
-                    run()
-                    message = f"ok {_peak_bytes(reset)}"
-                    code = 0
-                except Exception as exc:
-                    kind = "oom" if is_out_of_memory(exc) else "error"
-                    message = f"{kind} {_first_line(exc)}"
-            os.write(write_fd, message.encode()[:4000])
-        finally:
-            os._exit(code)
+    if pid == 0:
+        os.close(read_fd)
+        _run_in_child(run, limit - parent_rss, write_fd)
     os.close(write_fd)
+    answer, status = _child_answer(pid, read_fd, timeout)
+    if answer is None:
+        return None, f"the child process gave no answer within {timeout:.0f} s"
+    return _child_verdict(answer, status, limit, headroom)
+
+
+def _run_in_child(run: Callable[[], None], allowed_new_bytes: int, write_fd: int) -> NoReturn:
+    """The forked child: run under the address-space limit, write ``ok PEAK``, ``oom WHY`` or
+    ``error WHY`` to the pipe, and exit without returning into the parent's code."""
+    code = 1
+    try:
+        # GNU OpenMP's thread pool does not survive fork; one thread avoids a hang.
+        torch.set_num_threads(1)
+        reset = _reset_peak()
+        with address_space_limit(allowed_new_bytes):
+            try:
+                run()
+                message = f"ok {_peak_bytes(reset)}"
+                code = 0
+            except Exception as exc:
+                kind = "oom" if is_out_of_memory(exc) else "error"
+                message = f"{kind} {_first_line(exc)}"
+        os.write(write_fd, message.encode()[:4000])
+    finally:
+        os._exit(code)
+
+
+def _child_answer(pid: int, read_fd: int, timeout: float) -> tuple[str | None, int]:
+    """What the child wrote (``None``: nothing within ``timeout`` seconds, so it was killed) and
+    its wait status."""
     chunks = []
     timed_out = False
     try:
@@ -397,13 +413,17 @@ def confirm_in_child(
     finally:
         os.close(read_fd)
         _, status = os.waitpid(pid, 0)
-    if timed_out:
-        return None, f"the child process gave no answer within {timeout:.0f} s"
+    return (None if timed_out else b"".join(chunks).decode(errors="replace")), status
+
+
+def _child_verdict(
+    answer: str, status: int, limit: int, headroom: float
+) -> tuple[bool | None, str]:
+    """:func:`confirm_in_child`'s verdict from the child's answer and wait status."""
     if os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
         return False, f"the child process was killed by {name} (the out-of-memory killer sends it)"
-    text = b"".join(chunks).decode(errors="replace")
-    kind, _, rest = text.partition(" ")
+    kind, _, rest = answer.partition(" ")
     if kind == "ok":
         peak = int(rest)
         if peak <= (1 - headroom) * limit:
@@ -430,6 +450,49 @@ def confirm_in_child(
 
 
 # --- the probe ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """What a trial must stay under, how that was chosen, what the process holds before any
+    trial, and how peaks are read."""
+
+    bytes: int
+    source: str
+    baseline_bytes: int
+    peak_measure: str
+
+
+@dataclass
+class _Search:
+    """The trials of one search, each a real iteration on the user's model, undone after."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    data: BatchSource
+    device: torch.device
+    limit: _Limit
+    headroom: float
+    log: Callable[[str], None]
+    trials: list[MemoryTrial] = field(default_factory=list)
+
+    def iteration(self, size: int) -> Callable[[], None]:
+        """One training iteration at micro-batch ``size``, to be run (and undone) later."""
+        return lambda: _iteration(
+            self.model, self.optimizer, self.loss_fn, self.data, size, self.device
+        )
+
+    def fits(self, size: int) -> bool:
+        """Run a trial at ``size``, keep it, say how it went."""
+        limit = self.limit.bytes
+        with preserved(self.model, self.optimizer):
+            trial = _trial(self.iteration(size), size, limit, self.headroom, self.device)
+        self.trials.append(trial)
+        peak = format_bytes(trial.peak_bytes) if trial.peak_bytes is not None else "?"
+        verdict = "fits" if trial.fits else ("out of memory" if trial.out_of_memory else "too big")
+        self.log(f"memory: micro-batch {size}: {verdict} (peak {peak} of {format_bytes(limit)})")
+        return trial.fits
 
 
 def find_max_micro_batch_size(
@@ -464,114 +527,129 @@ def find_max_micro_batch_size(
     options.check("headroom", headroom)
     options.check_optional("max_batch_size", max_batch_size)
     device = model_device(model)
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
-    n = data.num_samples
-    caps = [(c, why) for c, why in ((max_batch_size, "max_batch_size"), (n, "data size")) if c]
-    cap, cap_reason = min(caps) if caps else (STREAM_CAP, "stream cap")
+    optim = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
+    cap, cap_reason = _search_cap(max_batch_size, data.num_samples)
     # Batch norm cannot train on one sample: its micro-batches start at two.
     start = min(smallest_trainable_size(model), cap)
-    notes: list[str] = []
-    is_cuda = device.type == "cuda"
     # One untracked iteration first: one-time allocations (thread pools, kernel workspaces) then
     # count in the baseline rather than in the first trial.
-    with preserved(model, opt):
-        _iteration(model, opt, loss_fn, data, start, device)
-    if is_cuda:
-        limit = limit_bytes or torch.cuda.get_device_properties(device).total_memory
-        source_text = "--memory-limit" if limit_bytes else "the GPU's total memory"
-        baseline = torch.cuda.memory_allocated(device)
-        peak_measure = "torch.cuda.max_memory_allocated"
-    else:
-        if limit_bytes is None:
-            limit, source_text = default_memory_limit()
-        else:
-            limit, source_text = limit_bytes, "--memory-limit"
-        release_memory(collect=True)
-        baseline = rss_bytes()
-        peak_measure = (
-            "peak resident memory of the process (VmHWM, reset per trial)"
-            if _reset_peak()
-            else "peak resident memory since the process started (ru_maxrss): conservative"
-        )
-    if baseline >= (1 - headroom) * limit:
-        held = "on the GPU (the model)" if is_cuda else "(torch, the model and the data)"
-        raise BatchfitError(
-            f"The memory limit ({format_bytes(limit)}) leaves no room: this process already "
-            f"holds {format_bytes(baseline)} {held} before any trial. Raise --memory-limit "
-            f"above {format_bytes(baseline / (1 - headroom))}."
-        )
-    trials: list[MemoryTrial] = []
-
-    def fits(size: int) -> bool:
-        with preserved(model, opt):
-            run = lambda: _iteration(model, opt, loss_fn, data, size, device)  # noqa: E731
-            trial = _trial(run, size, limit, headroom, device)
-        trials.append(trial)
-        peak = format_bytes(trial.peak_bytes) if trial.peak_bytes is not None else "?"
-        verdict = "fits" if trial.fits else ("out of memory" if trial.out_of_memory else "too big")
-        log(f"memory: micro-batch {size}: {verdict} (peak {peak} of {format_bytes(limit)})")
-        return trial.fits
-
-    best, _, stopped = search_ceiling(fits, cap, start=start, deadline=deadline)
+    with preserved(model, optim):
+        _iteration(model, optim, loss_fn, data, start, device)
+    limit = _limit(device, limit_bytes, headroom)
+    search = _Search(model, optim, loss_fn, data, device, limit, headroom, log)
+    best, _, stopped = search_ceiling(search.fits, cap, start=start, deadline=deadline)
     if best == 0:
-        first = trials[0]
-        need = (first.peak_bytes or 0) / (1 - headroom)
-        what = (
-            "ran out of memory"
-            if first.out_of_memory
-            else f"peaked at {format_bytes(first.peak_bytes or 0)}"
-        )
-        raise BatchfitError(
-            f"The memory limit ({format_bytes(limit)}) is too small for even a micro-batch of "
-            f"{start}: "
-            f"one training iteration {what}, with {headroom:.0%} headroom kept. Raise "
-            f"--memory-limit to at least {format_bytes(max(need, limit * 1.5))}."
-        )
-    capped_by = {"cap": cap_reason, "memory": "memory", "time budget": "time budget"}[stopped]
+        raise _nothing_fits(search.trials[0], limit.bytes, headroom, start)
+    notes: list[str] = []
     if stopped == "time budget":
         notes.append(
             f"The time budget ended the memory search at {best}; larger sizes were not tried."
         )
-
-    confirmed, confirmation = None, "not needed: the device reports real out-of-memory errors"
-    if not is_cuda and confirm:
-        tried = sorted((t.micro_batch_size for t in trials if t.fits), reverse=True)
-        for size in tried[:3]:
-            with preserved(model, opt):
-                confirmed, confirmation = confirm_in_child(
-                    lambda s=size: _iteration(model, opt, loss_fn, data, s, device),
-                    limit,
-                    headroom,
-                    timeout=max(10.0, min(60.0, deadline.remaining())),
-                )
-            log(f"memory: micro-batch {size} in a limited child process: {confirmation}")
-            if confirmed is not False:
-                best = size
-                break
-            notes.append(
-                f"Micro-batch {size} failed in the child process ({confirmation}); backed off."
-            )
-        else:
-            if confirmed is False:
-                raise BatchfitError(
-                    f"No micro-batch size passed the check in a child process limited to "
-                    f"{format_bytes(limit)}; raise --memory-limit."
-                )
-    elif not is_cuda:
-        confirmation = "skipped"
-    peak = next((t.peak_bytes for t in trials if t.micro_batch_size == best and t.fits), None)
+    if device.type == "cuda":
+        confirmed, confirmation = None, "not needed: the device reports real out-of-memory errors"
+    elif confirm:
+        best, confirmed, confirmation = _confirm_in_children(search, deadline, notes)
+    else:
+        confirmed, confirmation = None, "skipped"
     return MemoryCeiling(
         max_micro_batch_size=best,
-        limit_bytes=int(limit),
-        limit_source=source_text,
+        limit_bytes=int(limit.bytes),
+        limit_source=limit.source,
         headroom=headroom,
         device=str(device),
-        capped_by=capped_by,
-        baseline_bytes=int(baseline),
-        peak_bytes=peak,
-        trials=tuple(trials),
+        capped_by={"cap": cap_reason, "memory": "memory", "time budget": "time budget"}[stopped],
+        baseline_bytes=int(limit.baseline_bytes),
+        peak_bytes=next(
+            (t.peak_bytes for t in search.trials if t.micro_batch_size == best and t.fits), None
+        ),
+        trials=tuple(search.trials),
         confirmed=confirmed,
         confirmation=confirmation,
-        peak_measure=peak_measure,
+        peak_measure=limit.peak_measure,
         notes=tuple(notes),
+    )
+
+
+def _search_cap(max_batch_size: int | None, num_samples: int | None) -> tuple[int, str]:
+    """The largest size the search may try, and what set it (the ``capped_by`` it reports)."""
+    caps = [
+        (c, why) for c, why in ((max_batch_size, "max_batch_size"), (num_samples, "data size")) if c
+    ]
+    return min(caps) if caps else (STREAM_CAP, "stream cap")
+
+
+def _limit(device: torch.device, limit_bytes: int | None, headroom: float) -> _Limit:
+    """The limit (``limit_bytes``, else the device's memory or :func:`default_memory_limit`) and
+    the baseline it is held against; refused when the baseline leaves no room."""
+    if device.type == "cuda":
+        limit = _Limit(
+            bytes=limit_bytes or torch.cuda.get_device_properties(device).total_memory,
+            source=opt("memory_limit") if limit_bytes else "the GPU's total memory",
+            baseline_bytes=torch.cuda.memory_allocated(device),
+            peak_measure="torch.cuda.max_memory_allocated",
+        )
+        held = "on the GPU (the model)"
+    else:
+        if limit_bytes is None:
+            limit_at, source = default_memory_limit()
+        else:
+            limit_at, source = limit_bytes, opt("memory_limit")
+        release_memory(collect=True)
+        baseline = rss_bytes()
+        limit = _Limit(
+            bytes=limit_at,
+            source=source,
+            baseline_bytes=baseline,
+            peak_measure="peak resident memory of the process (VmHWM, reset per trial)"
+            if _reset_peak()
+            else "peak resident memory since the process started (ru_maxrss): conservative",
+        )
+        held = "(torch, the model and the data)"
+    if limit.baseline_bytes >= (1 - headroom) * limit.bytes:
+        raise BatchfitError(
+            f"The memory limit ({format_bytes(limit.bytes)}) leaves no room: this process already "
+            f"holds {format_bytes(limit.baseline_bytes)} {held} before any trial. Raise "
+            f"{opt('memory_limit')} above {format_bytes(limit.baseline_bytes / (1 - headroom))}."
+        )
+    return limit
+
+
+def _nothing_fits(first: MemoryTrial, limit: int, headroom: float, start: int) -> BatchfitError:
+    """The error for a limit too small for the first, smallest trial."""
+    need = (first.peak_bytes or 0) / (1 - headroom)
+    what = (
+        "ran out of memory"
+        if first.out_of_memory
+        else f"peaked at {format_bytes(first.peak_bytes or 0)}"
+    )
+    return BatchfitError(
+        f"The memory limit ({format_bytes(limit)}) is too small for even a micro-batch of "
+        f"{start}: one training iteration {what}, with {headroom:.0%} headroom kept. Raise "
+        f"{opt('memory_limit')} to at least {format_bytes(max(need, limit * 1.5))}."
+    )
+
+
+def _confirm_in_children(
+    search: _Search, deadline: Deadline, notes: list[str]
+) -> tuple[int, bool | None, str]:
+    """Confirm the largest fitting sizes in a limited child process, largest first, backing off
+    (at most three tries); returns ``(ceiling, confirmed, how)``. Each back-off adds a note."""
+    tried = sorted((t.micro_batch_size for t in search.trials if t.fits), reverse=True)
+    for size in tried[:3]:
+        with preserved(search.model, search.optimizer):
+            confirmed, confirmation = confirm_in_child(
+                search.iteration(size),
+                search.limit.bytes,
+                search.headroom,
+                timeout=max(10.0, min(60.0, deadline.remaining())),
+            )
+        search.log(f"memory: micro-batch {size} in a limited child process: {confirmation}")
+        if confirmed is not False:
+            return size, confirmed, confirmation
+        notes.append(
+            f"Micro-batch {size} failed in the child process ({confirmation}); backed off."
+        )
+    raise BatchfitError(
+        f"No micro-batch size passed the check in a child process limited to "
+        f"{format_bytes(search.limit.bytes)}; raise {opt('memory_limit')}."
     )

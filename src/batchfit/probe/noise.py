@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from torch import nn
 
 from batchfit.core import options
 from batchfit.core.noise_estimator import NoiseScale, estimate_noise_scale, expected_relative_error
+from batchfit.core.options import opt
 from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.inputs import as_source, loss_for
@@ -260,8 +261,64 @@ def _mean(values: Sequence[float]) -> float:
 def _diverged(lr: float, loss_start: float, loss: float, step: int, why: str) -> Diverged:
     return Diverged(
         f"The noise-scale warm-up diverged at lr {lr:.3g}: the loss {why} ({loss_start:.3g} at the "
-        f"initial weights, {loss:.3g} by step {step}); give a smaller --lr."
+        f"initial weights, {loss:.3g} by step {step}); give a smaller {opt('lr')}."
     )
+
+
+@dataclass
+class _Readings:
+    """Per step: the mean squared norm of its micro-batch gradients, that of the batch gradient,
+    and the loss."""
+
+    small_sq: list[float] = field(default_factory=list)
+    big_sq: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def add(self, small_sq: float, big_sq: float, loss: float) -> None:
+        self.small_sq.append(small_sq)
+        self.big_sq.append(big_sq)
+        self.losses.append(loss)
+
+    def estimate(self, start: int, stop: int, run: _WarmUp) -> NoiseScale:
+        """``B_simple`` over steps ``start`` to ``stop`` (0-based, ``stop`` excluded)."""
+        return estimate_noise_scale(
+            self.small_sq[start:stop],
+            self.big_sq[start:stop],
+            run.micro_batch_size,
+            run.batch_size,
+            run.num_samples,
+            confidence=run.confidence,
+            seed=run.seed,
+        )
+
+
+@dataclass
+class _WarmUp:
+    """One run of the noise probe: its settings, the readings at the initial weights and during
+    training, where the warm-up ended, why the run stopped, and what it has to say."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    micro_batch_size: int
+    batch_size: int
+    num_samples: int | None
+    optimizer: str
+    lr: float
+    confidence: float
+    seed: int
+    log: Callable[[str], None]
+    at_start: _Readings = field(default_factory=_Readings)
+    readings: _Readings = field(default_factory=_Readings)
+    loss_start: float = math.nan
+    warmup_end: int | None = None
+    stopped_by: str = "steps"
+    started: float = 0.0  # when training began (perf_counter): the cost per sample comes from it
+    notes: list[str] = field(default_factory=list)
+
+    def step(self, stream: Iterator[Batch]) -> tuple[float, float, float]:
+        """Read one batch's gradients; its batch gradient is left in ``.grad``."""
+        x, y = next(stream)
+        return measured_step(self.model, self.loss_fn, x, y, self.micro_batch_size)
 
 
 def warmup_and_measure(
@@ -297,167 +354,216 @@ def warmup_and_measure(
     measured batch) to stay within memory, with a reference gradient over as many samples as the
     time left allows.
     """
-    log = log or (lambda _: None)
     deadline = deadline or Deadline(None)
-    big = micro_batch_size * accumulation
-    n = data.num_samples
     started = time.perf_counter()
-    small_sq: list[float] = []
-    big_sq: list[float] = []
-    losses: list[float] = []
-    notes: list[str] = []
-    warmup_end: int | None = None
-    stopped_by = "steps"
+    run = _WarmUp(
+        model=model,
+        loss_fn=loss_fn,
+        micro_batch_size=micro_batch_size,
+        batch_size=micro_batch_size * accumulation,
+        num_samples=data.num_samples,
+        optimizer=optimizer,
+        lr=lr,
+        confidence=confidence,
+        seed=seed,
+        log=log or (lambda _: None),
+    )
     curve: tuple[GradientErrorPoint, ...] = ()
     reference = None
     with preserved(model):
         model.train()
-        opt = make_optimizer(optimizer, model, lr)
-        stream = cycle_batches(data, big)
-        start_sq: tuple[list[float], list[float], list[float]] = ([], [], [])
-        for _ in range(WINDOW):
-            if deadline.expired():
-                raise OutOfTime(
-                    "no time was left to read the noise scale at the initial weights; give a "
-                    "larger --time-budget."
-                )
-            x, y = next(stream)
-            reading = measured_step(model, loss_fn, x, y, micro_batch_size)
-            for values, value in zip(start_sq, reading, strict=True):
-                values.append(value)
-        loss_start = _mean(start_sq[2])
-        # Losses may be negative (a log-likelihood), so changes are measured against |loss|.
-        scale = abs(loss_start)
-        if not math.isfinite(loss_start):
-            raise BatchfitError(
-                f"The loss at the initial weights is {loss_start}; check the data and the model."
+        optim = make_optimizer(optimizer, model, lr)
+        stream = cycle_batches(data, run.batch_size)
+        # 1. The noise scale and the loss at the initial weights: steps without updates.
+        _read_at_initial_weights(run, stream, deadline)
+        # 2. Warm up from them, then measure, reading every step.
+        _train_and_read(
+            run, optim, stream, max_steps, min_measure_steps, deadline, bool(gradient_error_sizes)
+        )
+        # 3. The error of batch gradients at the warmed-up weights.
+        if gradient_error_sizes and run.readings.losses:
+            curve, reference = _gradient_error(
+                run,
+                data,
+                gradient_error_sizes,
+                repeats=gradient_error_repeats,
+                micro_batch_size=max_micro_batch_size or run.batch_size,
+                deadline=deadline,
             )
-        half_time = deadline.remaining() / 2
-        # Leave time for the gradient-error curve after the warm-up run.
-        run_deadline = Deadline(deadline.remaining() * (0.8 if gradient_error_sizes else 1.0))
-        run_started = time.perf_counter()
-        for step in range(max_steps):
-            x, y = next(stream)
-            s, b, loss = measured_step(model, loss_fn, x, y, micro_batch_size)
-            if not math.isfinite(loss) or loss - loss_start > (DIVERGED_FACTOR - 1) * scale:
-                why = "became non-finite" if not math.isfinite(loss) else "rose over tenfold"
-                raise _diverged(lr, loss_start, loss, step + 1, why)
-            opt.step()
-            small_sq.append(s)
-            big_sq.append(b)
-            losses.append(loss)
-            done = step + 1
-            if warmup_end is None and done >= 2 * WINDOW:
-                fell = _mean(losses[-WINDOW:]) <= loss_start - LOSS_DROP * scale
-                elapsed = time.perf_counter() - run_started
-                if fell or done >= max_steps // 2 or elapsed >= half_time:
-                    warmup_end = done
-                    why = "the loss fell by 25%" if fell else "half the warm-up allowance passed"
-                    log(f"noise: warm-up done after {done} steps ({why}); measuring")
-                    if not fell:
-                        notes.append(
-                            f"The loss had not fallen by 25% after {done} warm-up steps; the "
-                            "estimate is taken earlier in training than intended (a lower bound)."
-                        )
-            if (
-                warmup_end is not None
-                and done - warmup_end >= min_measure_steps
-                and (done >= 2 * warmup_end or run_deadline.remaining() < 0.3 * half_time)
-            ):
-                stopped_by = "enough steps"
-                break
-            if run_deadline.expired():
-                stopped_by = "time budget"
-                break
-        loss_end = _mean(losses[-WINDOW:])
-        if losses and loss_end > loss_start + ROSE_BY * scale:
-            raise _diverged(lr, loss_start, loss_end, len(losses), "rose instead of falling")
-        if gradient_error_sizes and losses:
-            # A reference gradient over as many samples as 30% of the time left allows.
-            per_sample = max(time.perf_counter() - run_started, 1e-9) / (len(losses) * big)
-            allowance = 0.3 * deadline.remaining()
-            reference = REFERENCE_SAMPLES
-            if math.isfinite(allowance):
-                reference = min(reference, int(allowance / per_sample))
-            if n is not None:
-                reference = min(reference, n)
-            if reference >= MIN_REFERENCE:
-                curve, reference = gradient_error_curve(
-                    model,
-                    data,
-                    loss_fn,
-                    gradient_error_sizes,
-                    micro_batch_size=max_micro_batch_size or big,
-                    repeats=gradient_error_repeats,
-                    reference_samples=reference,
-                    deadline=deadline,
-                )
-            if not curve:
-                why = (
-                    f"{n} samples are too few"
-                    if n is not None and n < MIN_REFERENCE
-                    else "there was not enough time"
-                )
-                notes.append(f"The gradient-error curve was not measured: {why}.")
-                reference = None
-    steps = len(losses)
-    if warmup_end is None:
-        warmup_end = steps // 2
-        notes.append(
+    # 4. The estimate over the measured steps, and how it moved.
+    return _summarise(run, curve, reference, started)
+
+
+def _read_at_initial_weights(run: _WarmUp, stream: Iterator[Batch], deadline: Deadline) -> None:
+    """:data:`WINDOW` readings at the initial weights (no updates), and the loss there."""
+    for _ in range(WINDOW):
+        if deadline.expired():
+            raise OutOfTime(
+                "no time was left to read the noise scale at the initial weights; give a "
+                f"larger {opt('time_budget')}."
+            )
+        run.at_start.add(*run.step(stream))
+    run.loss_start = _mean(run.at_start.losses)
+    if not math.isfinite(run.loss_start):
+        raise BatchfitError(
+            f"The loss at the initial weights is {run.loss_start}; check the data and the model."
+        )
+
+
+def _train_and_read(
+    run: _WarmUp,
+    optim: torch.optim.Optimizer,
+    stream: Iterator[Batch],
+    max_steps: int,
+    min_measure_steps: int,
+    deadline: Deadline,
+    curve_follows: bool,
+) -> None:
+    """Train with the measured batch gradients, reading each step, until enough steps after the
+    warm-up were read or time is up; refuse a run whose loss diverged."""
+    # Losses may be negative (a log-likelihood), so changes are measured against |loss|.
+    scale = abs(run.loss_start)
+    half_time = deadline.remaining() / 2
+    # Leave time for the gradient-error curve after the warm-up run.
+    run_deadline = Deadline(deadline.remaining() * (0.8 if curve_follows else 1.0))
+    run.started = time.perf_counter()
+    for step in range(max_steps):
+        small_sq, big_sq, loss = run.step(stream)
+        if not math.isfinite(loss) or loss - run.loss_start > (DIVERGED_FACTOR - 1) * scale:
+            why = "became non-finite" if not math.isfinite(loss) else "rose over tenfold"
+            raise _diverged(run.lr, run.loss_start, loss, step + 1, why)
+        optim.step()
+        run.readings.add(small_sq, big_sq, loss)
+        done = step + 1
+        if run.warmup_end is None and done >= 2 * WINDOW:
+            _end_warmup_when_due(run, done, max_steps, half_time)
+        if (
+            run.warmup_end is not None
+            and done - run.warmup_end >= min_measure_steps
+            and (done >= 2 * run.warmup_end or run_deadline.remaining() < 0.3 * half_time)
+        ):
+            run.stopped_by = "enough steps"
+            break
+        if run_deadline.expired():
+            run.stopped_by = "time budget"
+            break
+    losses = run.readings.losses
+    loss_end = _mean(losses[-WINDOW:])
+    if losses and loss_end > run.loss_start + ROSE_BY * scale:
+        raise _diverged(run.lr, run.loss_start, loss_end, len(losses), "rose instead of falling")
+
+
+def _end_warmup_when_due(run: _WarmUp, done: int, max_steps: int, half_time: float) -> None:
+    """End the warm-up once the loss has clearly fallen, or half the steps or time have passed
+    (then the estimate comes earlier in training than intended, and a note says so)."""
+    scale = abs(run.loss_start)
+    fell = _mean(run.readings.losses[-WINDOW:]) <= run.loss_start - LOSS_DROP * scale
+    elapsed = time.perf_counter() - run.started
+    if fell or done >= max_steps // 2 or elapsed >= half_time:
+        run.warmup_end = done
+        why = "the loss fell by 25%" if fell else "half the warm-up allowance passed"
+        run.log(f"noise: warm-up done after {done} steps ({why}); measuring")
+        if not fell:
+            run.notes.append(
+                f"The loss had not fallen by 25% after {done} warm-up steps; the "
+                "estimate is taken earlier in training than intended (a lower bound)."
+            )
+
+
+def _gradient_error(
+    run: _WarmUp,
+    data: BatchSource,
+    sizes: Sequence[int],
+    *,
+    repeats: int,
+    micro_batch_size: int,
+    deadline: Deadline,
+) -> tuple[tuple[GradientErrorPoint, ...], int | None]:
+    """:func:`gradient_error_curve` with a reference gradient over as many samples as 30% of the
+    time left allows (at the run's cost per sample); a note when it could not be measured."""
+    steps = len(run.readings.losses)
+    per_sample = max(time.perf_counter() - run.started, 1e-9) / (steps * run.batch_size)
+    allowance = 0.3 * deadline.remaining()
+    reference = REFERENCE_SAMPLES
+    if math.isfinite(allowance):
+        reference = min(reference, int(allowance / per_sample))
+    n = run.num_samples
+    if n is not None:
+        reference = min(reference, n)
+    curve: tuple[GradientErrorPoint, ...] = ()
+    if reference >= MIN_REFERENCE:
+        curve, reference = gradient_error_curve(
+            run.model,
+            data,
+            run.loss_fn,
+            sizes,
+            micro_batch_size=micro_batch_size,
+            repeats=repeats,
+            reference_samples=reference,
+            deadline=deadline,
+        )
+    if curve:
+        return curve, reference
+    why = (
+        f"{n} samples are too few"
+        if n is not None and n < MIN_REFERENCE
+        else "there was not enough time"
+    )
+    run.notes.append(f"The gradient-error curve was not measured: {why}.")
+    return (), None
+
+
+def _summarise(
+    run: _WarmUp,
+    curve: tuple[GradientErrorPoint, ...],
+    reference: int | None,
+    started: float,
+) -> NoiseMeasurement:
+    """The estimate over the steps after the warm-up, the reading at the initial weights, the
+    trajectory per :data:`WINDOW` steps, and the curve's predictions from the estimate; the
+    probe's time is counted from ``started`` (a ``perf_counter``)."""
+    readings = run.readings
+    steps = len(readings.losses)
+    if run.warmup_end is None:
+        run.warmup_end = steps // 2
+        run.notes.append(
             f"Time allowed only {steps} steps: the first half counts as warm-up, the estimate "
             "uses the second half."
         )
-    if steps - warmup_end < 2:
+    if steps - run.warmup_end < 2:
         raise OutOfTime(
-            f"Only {steps} noise-scale steps fit in the time budget; give a larger --time-budget."
+            f"Only {steps} noise-scale steps fit in the time budget; give a larger "
+            f"{opt('time_budget')}."
         )
-    measure = slice(warmup_end, steps)
-    estimate = estimate_noise_scale(
-        small_sq[measure], big_sq[measure], micro_batch_size, big, n,
-        confidence=confidence, seed=seed,
-    )  # fmt: skip
-    at_start = estimate_noise_scale(
-        start_sq[0], start_sq[1], micro_batch_size, big, n, confidence=confidence, seed=seed
-    )
+    estimate = readings.estimate(run.warmup_end, steps, run)
     windows = []
     for lo in range(0, steps - WINDOW + 1, WINDOW):
-        w = estimate_noise_scale(
-            small_sq[lo : lo + WINDOW], big_sq[lo : lo + WINDOW], micro_batch_size, big, n,
-            confidence=confidence, seed=seed,
-        )  # fmt: skip
-        windows.append(
-            NoiseWindow(
-                lo + 1, lo + WINDOW, _mean(losses[lo : lo + WINDOW]), w.b_simple, w.low, w.high
-            )
-        )
-    if curve:
+        w = readings.estimate(lo, lo + WINDOW, run)
+        loss = _mean(readings.losses[lo : lo + WINDOW])
+        windows.append(NoiseWindow(lo + 1, lo + WINDOW, loss, w.b_simple, w.low, w.high))
+    if math.isfinite(estimate.b_simple):
         curve = tuple(
-            GradientErrorPoint(
-                p.batch_size,
-                p.relative_error,
-                expected_relative_error(estimate.b_simple, p.batch_size, reference)
-                if math.isfinite(estimate.b_simple)
-                else None,
-                p.repeats,
+            replace(
+                p, predicted=expected_relative_error(estimate.b_simple, p.batch_size, reference)
             )
             for p in curve
         )
     return NoiseMeasurement(
         estimate=estimate,
-        at_start=at_start,
+        at_start=run.at_start.estimate(0, WINDOW, run),
         windows=tuple(windows),
         steps=steps,
-        warmup_steps=warmup_end,
-        loss_start=loss_start,
-        loss_end=loss_end,
-        lr=lr,
-        optimizer=optimizer,
-        stopped_by=stopped_by,
+        warmup_steps=run.warmup_end,
+        loss_start=run.loss_start,
+        loss_end=_mean(readings.losses[-WINDOW:]),
+        lr=run.lr,
+        optimizer=run.optimizer,
+        stopped_by=run.stopped_by,
         seconds=time.perf_counter() - started,
         start_steps=WINDOW,
         gradient_error=curve,
         gradient_error_reference_samples=reference,
-        notes=tuple(notes),
+        notes=tuple(run.notes),
     )
 
 

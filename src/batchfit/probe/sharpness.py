@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -83,52 +84,13 @@ def sharpness(
     options.check("sharpness_iterations", iterations)
     options.check("sharpness_tolerance", tolerance)
     options.check_optional("micro_batch_size", micro_batch_size)
-    names, shapes, sizes, frozen = [], [], [], {}
-    tensors = []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            names.append(name)
-            shapes.append(param.shape)
-            sizes.append(param.numel())
-            tensors.append(param.detach().reshape(-1))
-        else:
-            frozen[name] = param.detach()
-    if not tensors:
-        raise BatchfitError(
-            "The model has no trainable parameters, so its loss has no Hessian to measure; "
-            "leave requires_grad=True on the weights."
-        )
-    frozen.update({name: buffer.detach() for name, buffer in model.named_buffers()})
-    flat = torch.cat(tensors)
-
-    def loss_of(weights: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        params = {
-            name: part.view(shape)
-            for name, part, shape in zip(names, weights.split(sizes), shapes, strict=True)
-        }
-        return loss_fn(functional_call(model, (params, frozen), (xs,)), ys)
-
+    weights = _Weights.of(model)
     was_training = model.training
     model.eval()
     try:
-        if micro_batch_size is None or micro_batch_size >= len(y):
-            # Built once: every call of hvp reuses the graph of the gradient at ``flat``.
-            _, pullback = vjp(grad(lambda w: loss_of(w, x, y)), flat)
-
-            def hvp(v: torch.Tensor) -> torch.Tensor:
-                return pullback(v)[0]
-
-        else:
-            chunks = list(zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True))
-
-            def hvp(v: torch.Tensor) -> torch.Tensor:
-                total = torch.zeros_like(flat)
-                for xs, ys in chunks:
-                    _, pullback = vjp(grad(lambda w, xs=xs, ys=ys: loss_of(w, xs, ys)), flat)
-                    total += pullback(v)[0] * (len(ys) / len(y))
-                return total
-
+        hvp = _hessian_vector_product(model, loss_fn, weights, x, y, micro_batch_size)
         generator = torch.Generator().manual_seed(seed)
+        flat = weights.flat
         start = torch.randn(flat.shape, generator=generator, dtype=flat.dtype).to(flat.device)
         top, used, converged = _power_iteration(hvp, start, 0.0, iterations, tolerance)
         if top < 0:
@@ -139,6 +101,80 @@ def sharpness(
     finally:
         model.train(was_training)
     return SharpnessResult(eigenvalue=top, iterations=used, converged=converged)
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The trainable parameters as one detached flat vector (the Hessian's coordinates), how to
+    cut it back into named tensors, and the tensors held fixed (frozen parameters, buffers)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    sizes: tuple[int, ...]
+    fixed: dict[str, torch.Tensor]
+    flat: torch.Tensor
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Weights:
+        names, shapes, sizes, tensors, fixed = [], [], [], [], {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                names.append(name)
+                shapes.append(param.shape)
+                sizes.append(param.numel())
+                tensors.append(param.detach().reshape(-1))
+            else:
+                fixed[name] = param.detach()
+        if not tensors:
+            raise BatchfitError(
+                "The model has no trainable parameters, so its loss has no Hessian to measure; "
+                "leave requires_grad=True on the weights."
+            )
+        fixed.update({name: buffer.detach() for name, buffer in model.named_buffers()})
+        return cls(tuple(names), tuple(shapes), tuple(sizes), fixed, torch.cat(tensors))
+
+    def as_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = flat.split(list(self.sizes))
+        return {
+            name: part.view(shape)
+            for name, part, shape in zip(self.names, parts, self.shapes, strict=True)
+        }
+
+
+def _hessian_vector_product(
+    model: nn.Module,
+    loss_fn: LossFn,
+    weights: _Weights,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro_batch_size: int | None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v -> H v`` at ``weights.flat``: over the whole batch with the gradient's graph built
+    once, or summed over chunks of ``micro_batch_size`` weighted by their share of the batch."""
+
+    def loss_of(flat: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        params = weights.as_params(flat)
+        return loss_fn(functional_call(model, (params, weights.fixed), (xs,)), ys)
+
+    if micro_batch_size is None or micro_batch_size >= len(y):
+        # Built once: every call of hvp reuses the graph of the gradient at ``flat``.
+        _, pullback = vjp(grad(lambda w: loss_of(w, x, y)), weights.flat)
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            return pullback(v)[0]
+
+        return hvp
+
+    chunks = list(zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True))
+
+    def chunked_hvp(v: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(weights.flat)
+        for xs, ys in chunks:
+            _, pullback = vjp(grad(lambda w, xs=xs, ys=ys: loss_of(w, xs, ys)), weights.flat)
+            total += pullback(v)[0] * (len(ys) / len(y))
+        return total
+
+    return chunked_hvp
 
 
 def _power_iteration(hvp, start: torch.Tensor, shift: float, iterations: int, tolerance: float):

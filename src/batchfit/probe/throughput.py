@@ -2,7 +2,7 @@
 
 A timed step is what the training loop does for one batch: take it from the data source (so the
 cost of loading and indexing counts), run forward, backward and the optimizer update
-(:func:`batchfit.train.train_step`), and wait for the loss value. After ``warmup_steps`` untimed
+(:func:`batchfit.step.train_step`), and wait for the loss value. After ``warmup_steps`` untimed
 steps (allocator and kernel caches warm up), steps are timed until there are ``timed_steps`` of them
 and they add up to ``min_seconds``: a small model's step takes a millisecond or two, and five of
 them are at the mercy of one scheduler tick. The median step time is kept: the median, because a
@@ -89,31 +89,50 @@ def powers_of_two_up_to(ceiling: int, smallest: int = 1) -> list[int]:
     return [*sizes, ceiling]
 
 
+@dataclass(frozen=True)
+class _Bench:
+    """What every timed size shares: the model and its optimizer, the data, the settings."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    data: BatchSource
+    device: torch.device
+    max_micro_batch_size: int | None
+    warmup_steps: int
+    timed_steps: int
+    min_seconds: float
+    deadline: Deadline
+    log: Callable[[str], None]
+
+
+@dataclass
+class _Timings:
+    """The sizes measured so far, those skipped, and what the probe has to say."""
+
+    points: list[ThroughputPoint] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    unstable: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    last_step: float = 0.0  # the median step time of the last size measured
+    out_of_memory_at: int | None = None
+
+
 def _time_steps(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    loss_fn: LossFn,
-    data: BatchSource,
-    size: int,
-    micro: int,
-    device: torch.device,
-    warmup_steps: int,
-    timed_steps: int,
-    min_seconds: float,
-    deadline: Deadline,
-    may_give_up: bool,
+    bench: _Bench, size: int, micro: int, min_seconds: float, may_give_up: bool
 ) -> list[float]:
-    """Seconds of each timed step at batch ``size``, after ``warmup_steps`` untimed ones; none
-    when ``may_give_up`` and the first step shows that the size cannot be measured before the
-    ``deadline``."""
-    batches = cycle_batches(data, size)
+    """Seconds of each timed step at batch ``size``, after the untimed warm-up steps; none when
+    ``may_give_up`` and the first step shows that the size cannot be measured before the
+    deadline."""
+    batches = cycle_batches(bench.data, size)
+    warmup_steps, deadline = bench.warmup_steps, bench.deadline
     times: list[float] = []
     for i in range(warmup_steps + MAX_TIMED_STEPS):
         started = time.perf_counter()
         x, y = next(batches)
-        loss, _ = train_step(model, opt, loss_fn, x, y, micro, device)
+        loss, _ = train_step(bench.model, bench.optimizer, bench.loss_fn, x, y, micro, bench.device)
         loss.item()
-        synchronize(device)
+        synchronize(bench.device)
         if i == 0 and may_give_up:
             # The first step shows what this size costs: give up on it early if it cannot fit.
             needed = (time.perf_counter() - started) * (warmup_steps - 1 + MIN_TIMED_STEPS)
@@ -121,7 +140,7 @@ def _time_steps(
                 return []
         if i >= warmup_steps:
             times.append(time.perf_counter() - started)
-            if len(times) >= timed_steps and sum(times) >= min_seconds:
+            if len(times) >= bench.timed_steps and sum(times) >= min_seconds:
                 break
             if len(times) >= MIN_TIMED_STEPS and times[-1] * 2 > deadline.remaining():
                 break
@@ -158,77 +177,102 @@ def measure_throughput(
         >>> [p.batch_size for p in result.points]
         [8, 16]
     """
-    log = log or (lambda _: None)
-    deadline = deadline or Deadline(None)
     if data.num_samples is not None:
         for size in batch_sizes:
             check_batch_fits_data(size, data.num_samples)
-    device = model_device(model)
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
-    points: list[ThroughputPoint] = []
-    skipped: list[int] = []
-    notes: list[str] = []
-    last_step = 0.0
-    out_of_memory_at = None
-    unstable: list[int] = []
-    with preserved(model, opt):
+    bench = _Bench(
+        model=model,
+        optimizer=optimizer or torch.optim.Adam(model.parameters(), lr=1e-3),
+        loss_fn=loss_fn,
+        data=data,
+        device=model_device(model),
+        max_micro_batch_size=max_micro_batch_size,
+        warmup_steps=warmup_steps,
+        timed_steps=timed_steps,
+        min_seconds=min_seconds,
+        deadline=deadline or Deadline(None),
+        log=log or (lambda _: None),
+    )
+    timings = _Timings()
+    with preserved(model, bench.optimizer):
         model.train()
         for size in sorted(batch_sizes):
-            micro = min(size, max_micro_batch_size or size)
-            # Predict this size's cost from the last (step time roughly doubles with B).
-            predicted = last_step * 2 * (warmup_steps + MIN_TIMED_STEPS)
-            if skipped or (points and predicted > deadline.remaining()):
-                skipped.append(size)
-                continue
-            # Spend at most half of each remaining size's share of the time on reaching min_seconds.
-            share = 0.5 * deadline.remaining() / (len(batch_sizes) - len(points))
-            try:
-                times = _time_steps(
-                    model, opt, loss_fn, data, size, micro, device, warmup_steps, timed_steps,
-                    min(min_seconds, share), deadline, may_give_up=bool(points),
-                )  # fmt: skip
-            except Exception as exc:
-                # A device can still run out at a size the memory probe passed (fragmentation).
-                if not is_out_of_memory(exc):
-                    raise
-                release_memory(device, collect=True)
-                notes.append(
-                    f"Batch size {size} ran out of memory while timing it; it and larger sizes "
-                    "were not measured."
-                )
-                out_of_memory_at = size
+            if not _measure_size(bench, timings, size, len(batch_sizes)):
                 break
-            if not times:
-                skipped.append(size)
-                continue
-            if len(times) >= 10:
-                deciles = statistics.quantiles(times, n=10)
-                if deciles[-1] > UNSTABLE * deciles[0]:
-                    unstable.append(size)
-            elif max(times) > UNSTABLE * min(times):
-                unstable.append(size)
-            step = statistics.median(times)
-            last_step = step
-            points.append(
-                ThroughputPoint(size, micro, size / step, step, min(times), max(times), len(times))
-            )
-            log(f"throughput: batch size {size}: {size / step:,.0f} samples/s")
-            if len(times) < timed_steps:
-                notes.append(
-                    f"Batch size {size}: {len(times)} steps timed instead of {timed_steps}."
-                )
-    pairs = [(p.batch_size, p.samples_per_s) for p in points]
+    return _summarise(timings, warmup_steps)
+
+
+def _measure_size(bench: _Bench, timings: _Timings, size: int, sizes: int) -> bool:
+    """Time batch ``size`` (one of ``sizes``), or skip it when the time left is too short;
+    False when it ran out of memory, which ends the probe."""
+    points = timings.points
+    micro = min(size, bench.max_micro_batch_size or size)
+    # Predict this size's cost from the last (step time roughly doubles with B).
+    predicted = timings.last_step * 2 * (bench.warmup_steps + MIN_TIMED_STEPS)
+    if timings.skipped or (points and predicted > bench.deadline.remaining()):
+        timings.skipped.append(size)
+        return True
+    # Spend at most half of each remaining size's share of the time on reaching min_seconds.
+    share = 0.5 * bench.deadline.remaining() / (sizes - len(points))
+    try:
+        times = _time_steps(
+            bench, size, micro, min(bench.min_seconds, share), may_give_up=bool(points)
+        )
+    except Exception as exc:
+        # A device can still run out at a size the memory probe passed (fragmentation).
+        if not is_out_of_memory(exc):
+            raise
+        release_memory(bench.device, collect=True)
+        timings.notes.append(
+            f"Batch size {size} ran out of memory while timing it; it and larger sizes "
+            "were not measured."
+        )
+        timings.out_of_memory_at = size
+        return False
+    if not times:
+        timings.skipped.append(size)
+        return True
+    if _unstable(times):
+        timings.unstable.append(size)
+    step = statistics.median(times)
+    timings.last_step = step
+    points.append(
+        ThroughputPoint(size, micro, size / step, step, min(times), max(times), len(times))
+    )
+    bench.log(f"throughput: batch size {size}: {size / step:,.0f} samples/s")
+    if len(times) < bench.timed_steps:
+        timings.notes.append(
+            f"Batch size {size}: {len(times)} steps timed instead of {bench.timed_steps}."
+        )
+    return True
+
+
+def _unstable(times: Sequence[float]) -> bool:
+    """Whether the slowest timed steps took :data:`UNSTABLE` times the fastest (the slowest tenth
+    over the fastest tenth, given ten steps or more)."""
+    if len(times) >= 10:
+        deciles = statistics.quantiles(times, n=10)
+        return deciles[-1] > UNSTABLE * deciles[0]
+    return max(times) > UNSTABLE * min(times)
+
+
+def _summarise(timings: _Timings, warmup_steps: int) -> Throughput:
+    """The points with their gains from doubling, the flattening point, and the notes."""
+    pairs = [(p.batch_size, p.samples_per_s) for p in timings.points]
     gains = doubling_gains(pairs)
-    points = [replace(p, gain_from_doubling=g) for p, g in zip(points, gains, strict=True)]
-    if unstable:
+    points = [replace(p, gain_from_doubling=g) for p, g in zip(timings.points, gains, strict=True)]
+    notes = timings.notes
+    if timings.unstable:
         notes.append(
             f"Step times varied more than {UNSTABLE:g}x at batch size "
-            f"{', '.join(map(str, unstable))}: the CPU may be busy with other work (or its threads "
-            "oversubscribed); rerun on a quiet machine, or with fewer threads (OMP_NUM_THREADS)."
+            f"{', '.join(map(str, timings.unstable))}: the CPU may be busy with other work (or "
+            "its threads oversubscribed); rerun on a quiet machine, or with fewer threads "
+            "(OMP_NUM_THREADS)."
         )
+    skipped = timings.skipped
     if skipped:
         notes.append(f"Throughput not measured at {', '.join(map(str, skipped))} for lack of time.")
     flat = flattening_point(pairs, FLAT_GAIN)
     return Throughput(
-        tuple(points), flat, tuple(skipped), warmup_steps, tuple(notes), out_of_memory_at
+        tuple(points), flat, tuple(skipped), warmup_steps, tuple(notes), timings.out_of_memory_at
     )

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from batchfit.core.options import opt
 from batchfit.errors import BatchfitError, first_line
 
 
@@ -26,7 +27,7 @@ def read_recommendation(path: str | Path) -> dict[str, Any]:
         {'batch_size': 128, 'lr': 0.002, 'version': None}
     """
     path = Path(path)
-    fix = "point --report at the report.json that 'batchfit tune' wrote"
+    fix = f"point {opt('report')} at the report.json that 'batchfit tune' wrote"
     try:
         report = json.loads(path.read_text())
     except FileNotFoundError:

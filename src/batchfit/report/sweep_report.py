@@ -11,12 +11,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from batchfit.core.options import opt
 from batchfit.core.sweep_verdict import format_seconds
 from batchfit.files import write_json, write_text
 from batchfit.report.markdown import table
 from batchfit.report.sweep_plots import PLOT_FILES, write_plots
 
-#: Every file a sweep's report writes into --out (its finished runs are kept in runs/).
+#: Every file a sweep's report writes into ``out_dir`` (its finished runs are kept in runs/).
 REPORT_FILES = ("sweep.json", "sweep.md", *PLOT_FILES.values())
 
 
@@ -44,67 +45,83 @@ def fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+#: The per-size table's columns: (short header for the command line, header for sweep.md);
+#: ``{metric}`` and ``{gap}`` are filled in.
+SIZE_COLUMNS = (
+    ("B", "B"),
+    ("lr", "lr"),
+    ("steps", "steps"),
+    ("best", "best {metric}"),
+    ("final", "final {metric}"),
+    ("train loss", "train loss"),
+    ("gap", "gap ({gap})"),
+    ("sharpness", "sharpness"),
+    ("to target", "to target: s / examples"),
+    ("samples/s", "samples/s"),
+)
+
+#: The plots sweep.md shows, by their key in ``files``, with their titles.
+PLOT_TITLES = {
+    "curves": "Validation curves",
+    "metric": "Metric vs batch size",
+    "sharpness": "Sharpness vs batch size",
+    "time_to_target": "Time to target vs batch size",
+    "lr_grid": "Learning-rate grid",
+}
+
+
+def _gap_key(metric: str) -> str:
+    return "accuracy" if metric == "val_accuracy" else "loss"
+
+
 def size_rows(result: dict[str, Any], short: bool = False) -> tuple[list[str], list[list[str]]]:
-    """The per-size table (``sweep.md``; ``short`` headers for the command line)."""
+    """The per-size table (``sweep.md``; ``short`` headers for the command line).
+
+    >>> point = {"reached": True, "steps": 5, "samples_seen": 320, "seconds": 0.5}
+    >>> size = {"batch_size": 64, "lr": 1e-3, "steps": 10, "best": {"value": 0.9},
+    ...         "final": {"val_accuracy": 0.88}, "train_loss": 0.3, "gap": {"accuracy": 0.02},
+    ...         "sharpness": {"eigenvalue": 12.5, "converged": True}, "time_to_target": point,
+    ...         "samples_per_s": 1234.5}
+    >>> header, rows = size_rows({"metric": "val_accuracy", "sizes": [size]}, short=True)
+    >>> rows[0]
+    ['64', '0.001', '10', '0.9', '0.88', '0.3', '0.02', '12.5', '500 ms', '1,234']
+    """
     metric = result["metric"]
-    gap_key = "accuracy" if metric == "val_accuracy" else "loss"
+    names = {"metric": metric, "gap": _gap_key(metric)}
+    header = [(short_name if short else name).format(**names) for short_name, name in SIZE_COLUMNS]
+    return header, [_size_row(s, metric, short) for s in result["sizes"]]
+
+
+def _size_row(s: dict[str, Any], metric: str, short: bool) -> list[str]:
+    sharp = (
+        fmt(s["sharpness"]["eigenvalue"]) + ("" if s["sharpness"]["converged"] else "*")
+        if s.get("sharpness")
+        else "-"
+    )
+    return [
+        str(s["batch_size"]),
+        fmt(s["lr"], 3),
+        fmt(s["steps"]),
+        fmt(s["best"]["value"] if s.get("best") else None),
+        fmt(s["final"].get(metric)),
+        fmt(s["train_loss"]),
+        fmt((s.get("gap") or {}).get(_gap_key(metric)), 3),
+        sharp,
+        _reach(s, short),
+        fmt(round(s["samples_per_s"]) if s["samples_per_s"] else None),
+    ]
+
+
+def _reach(s: dict[str, Any], short: bool) -> str:
+    """Time to target in a table cell: seconds (and examples), or why there is none."""
+    ttt = s["time_to_target"]
+    if s.get("diverged"):
+        return f"diverged (step {s['diverged']['step']})"
+    if not ttt["reached"]:
+        return "missed" if short else "not reached"
     if short:
-        header = [
-            "B",
-            "lr",
-            "steps",
-            "best",
-            "final",
-            "train loss",
-            "gap",
-            "sharpness",
-            "to target",
-            "samples/s",
-        ]
-    else:
-        header = [
-            "B",
-            "lr",
-            "steps",
-            f"best {metric}",
-            f"final {metric}",
-            "train loss",
-            f"gap ({gap_key})",
-            "sharpness",
-            "to target: s / examples",
-            "samples/s",
-        ]
-    rows = []
-    for s in result["sizes"]:
-        ttt = s["time_to_target"]
-        if s.get("diverged"):
-            reach = f"diverged (step {s['diverged']['step']})"
-        elif not ttt["reached"]:
-            reach = "missed" if short else "not reached"
-        elif short:
-            reach = format_seconds(ttt["seconds"])
-        else:
-            reach = f"{format_seconds(ttt['seconds'])} / {ttt['samples_seen']:,}"
-        sharp = (
-            fmt(s["sharpness"]["eigenvalue"]) + ("" if s["sharpness"]["converged"] else "*")
-            if s.get("sharpness")
-            else "-"
-        )
-        rows.append(
-            [
-                str(s["batch_size"]),
-                fmt(s["lr"], 3),
-                fmt(s["steps"]),
-                fmt(s["best"]["value"] if s.get("best") else None),
-                fmt(s["final"].get(metric)),
-                fmt(s["train_loss"]),
-                fmt((s.get("gap") or {}).get(gap_key), 3),
-                sharp,
-                reach,
-                fmt(round(s["samples_per_s"]) if s["samples_per_s"] else None),
-            ]
-        )
-    return header, rows
+        return format_seconds(ttt["seconds"])
+    return f"{format_seconds(ttt['seconds'])} / {ttt['samples_seen']:,}"
 
 
 def _budget_text(settings: dict[str, Any]) -> str:
@@ -115,32 +132,52 @@ def _budget_text(settings: dict[str, Any]) -> str:
 
 def _target_source(target: dict[str, Any]) -> str:
     if target["source"] == "given":
-        return "given with --target"
+        return f"given with {opt('target_level')}"
     return "automatic: 90% of the way from the initial value to the best value any size reached"
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """``sweep.md``: settings, the per-size table, the verdict, the claims and the plots."""
+    """``sweep.md``: settings, the verdict, the per-size table, the claims, the learning-rate grid,
+    tune's recommendation, the plots and where the time went."""
+    sections = (
+        _settings_section,
+        _verdict_section,
+        _sizes_section,
+        _claims_section,
+        _grid_section,
+        _tune_section,
+        _plots_section,
+        _time_section,
+    )
+    return "\n".join(line for section in sections for line in section(result))
+
+
+def _settings_section(result: dict[str, Any]) -> list[str]:
     st, metric, target = result["settings"], result["metric"], result["target"]
-    header, rows = size_rows(result)
-    lines = [
+    grid = f", then the best of the grid x{st['lr_grid']}" if st["lr_grid"] else ""
+    return [
         "# batchfit sweep",
         "",
         f"Task: {st['task'] or 'Python API'}; {fmt(st['samples'])} training samples, "
         f"{fmt(st['val_samples'])} validation samples. Budget: {_budget_text(st)}. "
         f"Optimizer {st['optimizer']}, lr {st['lr']:g} at batch size {st['lr_batch_size']}, "
-        f"scaled by '{st['lr_scaling']}'"
-        + (f", then the best of the grid x{st['lr_grid']}" if st["lr_grid"] else "")
-        + f". Seed {st['seed']}; every size starts from the same weights "
-        f"(sha256 {st['initial_params_sha256'][:12]}...).",
+        f"scaled by '{st['lr_scaling']}'{grid}. Seed {st['seed']}; every size starts from the "
+        f"same weights (sha256 {st['initial_params_sha256'][:12]}...).",
         "",
         f"Target: {target['text']} ({_target_source(target)}). "
         f"At the initial weights {metric} = {fmt(result['initial'].get(metric))}.",
         "",
-        "## Verdict",
-        "",
-        *[f"- {line}" for line in result["verdict"]["lines"]],
-        "",
+    ]
+
+
+def _verdict_section(result: dict[str, Any]) -> list[str]:
+    return ["## Verdict", "", *[f"- {line}" for line in result["verdict"]["lines"]], ""]
+
+
+def _sizes_section(result: dict[str, Any]) -> list[str]:
+    st = result["settings"]
+    header, rows = size_rows(result)
+    return [
         "## Per batch size",
         "",
         table(header, rows),
@@ -153,75 +190,79 @@ def markdown(result: dict[str, Any]) -> str:
         "evaluation point that met it. Diverged: the loss or the weights became NaN or infinite "
         "at that step; such a size is left out of the verdict.",
         "",
+    ]
+
+
+def _claims_section(result: dict[str, Any]) -> list[str]:
+    rows = [
+        [c["claim"], c["outcome"], fmt(c["rho"], 3), c["detail"]]
+        for c in result["verdict"]["claims"]
+    ]
+    return [
         "## The seed's claims",
         "",
-        table(
-            ["claim", "outcome", "Spearman rho", "numbers"],
-            [
-                [c["claim"], c["outcome"], fmt(c["rho"], 3), c["detail"]]
-                for c in result["verdict"]["claims"]
-            ],
-            align="llrl",
-        ),
+        table(["claim", "outcome", "Spearman rho", "numbers"], rows, align="llrl"),
         "",
         "One seed per size: differences smaller than run-to-run noise can flip with another seed.",
         "",
     ]
+
+
+def _grid_section(result: dict[str, Any]) -> list[str]:
     grids = [s for s in result["sizes"] if s.get("lr_grid")]
-    if grids:
-        lines += ["## Learning-rate grid", ""]
-        grid_rows = [
-            [
-                str(s["batch_size"]),
-                fmt(g["lr"], 3),
-                fmt(g["factor"], 3),
-                fmt(g["best"]),
-                fmt(g["final"]),
-                "yes" if g["chosen"] else "",
-                f"at step {g['diverged']}" if g.get("diverged") else "",
-            ]
-            for s in grids
-            for g in s["lr_grid"]
+    if not grids:
+        return []
+    metric = result["metric"]
+    rows = [
+        [
+            str(s["batch_size"]),
+            fmt(g["lr"], 3),
+            fmt(g["factor"], 3),
+            fmt(g["best"]),
+            fmt(g["final"]),
+            "yes" if g["chosen"] else "",
+            f"at step {g['diverged']}" if g.get("diverged") else "",
         ]
-        lines += [
-            table(
-                ["B", "lr", "factor", f"best {metric}", f"final {metric}", "chosen", "diverged"],
-                grid_rows,
-                align="rrrrrll",
-            ),
-            "",
-        ]
+        for s in grids
+        for g in s["lr_grid"]
+    ]
+    header = ["B", "lr", "factor", f"best {metric}", f"final {metric}", "chosen", "diverged"]
+    return ["## Learning-rate grid", "", table(header, rows, align="rrrrrll"), ""]
+
+
+def _tune_section(result: dict[str, Any]) -> list[str]:
     tune = result["verdict"].get("tune")
-    if tune:
-        lines += [
-            "## Tune's recommendation",
-            "",
-            f"report.json recommends B={tune['recommended_batch_size']}"
-            + (f", lr {tune['recommended_lr']:.3g}" if tune["recommended_lr"] else "")
-            + f". Judged on: {tune['judged']} (B={tune['swept_batch_size']}, lr "
-            f"{tune['swept_lr']:.3g}; best {metric} {fmt(tune['best'])}). {tune['reason']}",
-            "",
-        ]
-    titles = {
-        "curves": "Validation curves",
-        "metric": "Metric vs batch size",
-        "sharpness": "Sharpness vs batch size",
-        "time_to_target": "Time to target vs batch size",
-        "lr_grid": "Learning-rate grid",
-    }
-    lines += ["## Plots", ""]
-    for key, title in titles.items():
+    if not tune:
+        return []
+    lr = f", lr {tune['recommended_lr']:.3g}" if tune["recommended_lr"] else ""
+    return [
+        "## Tune's recommendation",
+        "",
+        f"report.json recommends B={tune['recommended_batch_size']}{lr}. Judged on: "
+        f"{tune['judged']} (B={tune['swept_batch_size']}, lr {tune['swept_lr']:.3g}; best "
+        f"{result['metric']} {fmt(tune['best'])}). {tune['reason']}",
+        "",
+    ]
+
+
+def _plots_section(result: dict[str, Any]) -> list[str]:
+    lines = ["## Plots", ""]
+    for key, title in PLOT_TITLES.items():
         if key in result["files"]:
             lines += [f"![{title}]({Path(result['files'][key]).name})", ""]
+    return lines
+
+
+def _time_section(result: dict[str, Any]) -> list[str]:
     timing = result["timing"]
     read_back = timing.get("runs_read_back", 0)
     resumed = (
         f" ({read_back} of the {timing['runs']} runs were read back from an earlier sweep "
-        "with --resume; their time is in the runs' total, not in this one)"
+        f"with {opt('resume')}; their time is in the runs' total, not in this one)"
         if read_back
         else ""
     )
-    lines += [
+    return [
         "## Time",
         "",
         f"{timing['total_seconds']:.1f} s in all{resumed}; of the runs' "
@@ -229,4 +270,3 @@ def markdown(result: dict[str, Any]) -> str:
         f"{timing['eval_share']:.1%}, sharpness {timing['sharpness_share']:.1%}.",
         "",
     ]
-    return "\n".join(lines)

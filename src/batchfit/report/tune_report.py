@@ -5,22 +5,29 @@
 ``memory.limit_bytes``, ``throughput[] {batch_size, samples_per_s}``, ``noise.b_simple``,
 ``noise.critical_batch_size``, ``decision[]``, ``version``. Other keys add detail; values that are
 not finite (an unbounded noise scale) are ``null``.
+
+Everything here consumes plain data: the tune result as a dict
+(:meth:`batchfit.orchestrate.tune.TuneResult.to_dict`: its fields, each probe's result as a dict
+of its fields) for :func:`build_report`, :func:`write_report` and the plots, and the
+``report.json`` object for :func:`render_markdown`, :func:`headline` and :func:`reasons_line`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from batchfit.core.options import OPTIONS
 from batchfit.core.units import format_bytes
 from batchfit.files import write_json, write_text
 from batchfit.report import plots
 from batchfit.report.markdown import table
+from batchfit.version import __version__
 
-if TYPE_CHECKING:
-    from batchfit.orchestrate.tune import TuneResult
+#: A tune result as plain data: ``TuneResult.to_dict()``.
+TuneData = Mapping[str, Any]
 
 REPORT_VERSION = 1
 PLOT_FILES = {
@@ -35,124 +42,139 @@ PLOT_FILES = {
 REPORT_FILES = ("report.json", "report.md", *PLOT_FILES.values())
 
 
-def build_report(result: TuneResult) -> dict[str, Any]:
-    """The ``report.json`` object for a tune result."""
-    from batchfit import __version__
-
-    rec = result.recommendation
-    mem = result.memory
-    noise = result.noise
-    est = noise.estimate if noise else None
-    runner = rec.runner_up
-    fit = result.step_time_fit
+def build_report(result: TuneData) -> dict[str, Any]:
+    """The ``report.json`` object for a tune result given as plain data (``result.to_dict()``)."""
+    choice = result["batch_size_choice"]
+    throughput = result["throughput"]
     return {
         "version": REPORT_VERSION,
         "batchfit_version": __version__,
-        "task": result.task,
-        "device": result.device,
-        "num_samples": result.num_samples,
-        "recommended": {
-            "batch_size": result.recommended.batch_size,
-            "micro_batch_size": result.recommended.micro_batch_size,
-            "accumulation": result.recommended.accumulation,
-            "lr": result.recommended.lr,
-            "lr_rule": result.recommended.lr_rule,
-            "optimizer": result.recommended.optimizer,
-            "provisional": list(rec.provisional),
-            "batch_size_range": list(rec.batch_size_range),
-            "runner_up": None
-            if runner is None
-            else {
-                "batch_size": runner.batch_size,
-                "micro_batch_size": runner.micro_batch_size,
-                "relative_time": runner.relative_time,
-            },
-        },
-        "memory": {
-            "max_micro_batch_size": mem.max_micro_batch_size,
-            "limit_bytes": mem.limit_bytes,
-            "limit_source": mem.limit_source,
-            "headroom": mem.headroom,
-            "capped_by": mem.capped_by,
-            "peak_bytes": mem.peak_bytes,
-            "baseline_bytes": mem.baseline_bytes,
-            "peak_measure": mem.peak_measure,
-            "confirmed_in_child": mem.confirmed,
-            "confirmation": mem.confirmation,
-            "trials": [
-                {
-                    "micro_batch_size": t.micro_batch_size,
-                    "fits": t.fits,
-                    "out_of_memory": t.out_of_memory,
-                    "peak_bytes": t.peak_bytes,
-                    "error": t.error,
-                }
-                for t in mem.trials
-            ],
-        },
-        "throughput": [
-            {
-                "batch_size": p.batch_size,
-                "micro_batch_size": p.micro_batch_size,
-                "samples_per_s": p.samples_per_s,
-                "step_seconds": p.step_seconds,
-                "timed_steps": p.timed_steps,
-                "gain_from_doubling": p.gain_from_doubling,
-            }
-            for p in result.throughput.points
-        ],
-        "throughput_flattens_at": result.throughput.flattens_at,
-        "step_time_fit": None
-        if fit is None
-        else {"fixed_s": fit[0], "per_sample_s": fit[1], "knee_batch_size": fit[0] / fit[1]},
-        "noise": {
-            "b_simple": est.b_simple if est else None,
-            "critical_batch_size": est.b_simple if est else None,
-            "interval": [est.low, est.high] if est else None,
-            "confidence": est.confidence if est else None,
-            "g2": est.g2 if est else None,
-            "tr_sigma": est.tr_sigma if est else None,
-            "steps_averaged": est.pairs if est else 0,
-            "micro_batch_size": est.small_batch_size if est else None,
-            "batch_size": est.big_batch_size if est else None,
-            "finite_data_samples": est.num_samples if est else None,
-            "warmup_steps": noise.warmup_steps if noise else None,
-            "loss_start": noise.loss_start if noise else None,
-            "loss_end": noise.loss_end if noise else None,
-            "lr": noise.lr if noise else None,
-            "b_simple_at_start": noise.at_start.b_simple if noise and noise.at_start else None,
-            "start_steps": noise.start_steps if noise else None,
-            "trajectory": [asdict(w) for w in noise.windows] if noise else [],
-            "gradient_error": [asdict(p) for p in noise.gradient_error] if noise else [],
-            "gradient_error_reference_samples": noise.gradient_error_reference_samples
-            if noise
-            else None,
-        },
-        "lr_range": None
-        if result.lr_range is None
-        else {
-            "batch_size": result.lr_range.batch_size,
-            "lrs": list(result.lr_range.lrs),
-            "losses": list(result.lr_range.losses),
-            "lr_at_min_loss": result.lr_range.lr_at_min_loss,
-            "pick": result.lr_range.pick,
-            "rule": result.lr_range.rule,
-            "verdict": result.lr_range.verdict,
-            "stopped_by": result.lr_range.stopped_by,
-        },
-        "predicted_time": [asdict(c) for c in rec.curve],
-        "decision": list(result.decision),
-        "skipped": list(result.skipped),
-        "time_budget_s": result.time_budget_s,
-        "seconds": result.seconds,
-        "phase_seconds": dict(result.phase_seconds),
-        "files": [Path(f).name for f in result.report_files],
+        "task": result["task"],
+        "device": result["device"],
+        "num_samples": result["num_samples"],
+        "recommended": _recommended_json(result["recommended"], choice),
+        "memory": _memory_json(result["memory"]),
+        "throughput": [_throughput_point_json(p) for p in throughput["points"]],
+        "throughput_flattens_at": throughput["flattens_at"],
+        "step_time_fit": _step_time_fit_json(result["step_time_fit"]),
+        "noise": _noise_json(result["noise"]),
+        "lr_range": _lr_range_json(result["lr_range"]),
+        "predicted_time": [dict(c) for c in choice["curve"]],
+        "decision": list(result["decision"]),
+        "skipped": list(result["skipped"]),
+        "time_budget_s": result["time_budget_s"],
+        "seconds": result["seconds"],
+        "phase_seconds": dict(result["phase_seconds"]),
+        "files": [Path(f).name for f in result["report_files"]],
     }
 
 
-def write_report(result: TuneResult, out_dir: Path) -> tuple[dict[str, Any], list[Path]]:
-    """Write ``report.json``, ``report.md`` and the plots into ``out_dir``; return the report
-    object as written and the paths (only plots that have something to show are written)."""
+def _recommended_json(recommended: TuneData, choice: TuneData) -> dict[str, Any]:
+    runner = choice["runner_up"]
+    return {
+        "batch_size": recommended["batch_size"],
+        "micro_batch_size": recommended["micro_batch_size"],
+        "accumulation": recommended["accumulation"],
+        "lr": recommended["lr"],
+        "lr_rule": recommended["lr_rule"],
+        "optimizer": recommended["optimizer"],
+        "provisional": list(choice["provisional"]),
+        "batch_size_range": list(choice["batch_size_range"]),
+        "runner_up": None
+        if runner is None
+        else {
+            "batch_size": runner["batch_size"],
+            "micro_batch_size": runner["micro_batch_size"],
+            "relative_time": runner["relative_time"],
+        },
+    }
+
+
+def _memory_json(memory: TuneData) -> dict[str, Any]:
+    keys = ("micro_batch_size", "fits", "out_of_memory", "peak_bytes", "error")
+    return {
+        "max_micro_batch_size": memory["max_micro_batch_size"],
+        "limit_bytes": memory["limit_bytes"],
+        "limit_source": memory["limit_source"],
+        "headroom": memory["headroom"],
+        "capped_by": memory["capped_by"],
+        "peak_bytes": memory["peak_bytes"],
+        "baseline_bytes": memory["baseline_bytes"],
+        "peak_measure": memory["peak_measure"],
+        "confirmed_in_child": memory["confirmed"],
+        "confirmation": memory["confirmation"],
+        "trials": [{k: t[k] for k in keys} for t in memory["trials"]],
+    }
+
+
+def _throughput_point_json(point: TuneData) -> dict[str, Any]:
+    keys = (
+        "batch_size",
+        "micro_batch_size",
+        "samples_per_s",
+        "step_seconds",
+        "timed_steps",
+        "gain_from_doubling",
+    )
+    return {k: point[k] for k in keys}
+
+
+def _step_time_fit_json(fit: tuple[float, float] | None) -> dict[str, float] | None:
+    if fit is None:
+        return None
+    return {"fixed_s": fit[0], "per_sample_s": fit[1], "knee_batch_size": fit[0] / fit[1]}
+
+
+def _noise_json(noise: TuneData | None) -> dict[str, Any]:
+    """``noise``: every key present, ``None`` (or empty) when the noise scale was not measured.
+    ``b_simple`` and ``critical_batch_size`` hold the same number: B_simple is the estimate of
+    the critical batch size."""
+    est = noise["estimate"] if noise else None
+    at_start = noise["at_start"] if noise else None
+    return {
+        "b_simple": est["b_simple"] if est else None,
+        "critical_batch_size": est["b_simple"] if est else None,
+        "interval": [est["low"], est["high"]] if est else None,
+        "confidence": est["confidence"] if est else None,
+        "g2": est["g2"] if est else None,
+        "tr_sigma": est["tr_sigma"] if est else None,
+        "steps_averaged": est["pairs"] if est else 0,
+        "micro_batch_size": est["small_batch_size"] if est else None,
+        "batch_size": est["big_batch_size"] if est else None,
+        "finite_data_samples": est["num_samples"] if est else None,
+        "warmup_steps": noise["warmup_steps"] if noise else None,
+        "loss_start": noise["loss_start"] if noise else None,
+        "loss_end": noise["loss_end"] if noise else None,
+        "lr": noise["lr"] if noise else None,
+        "b_simple_at_start": at_start["b_simple"] if at_start else None,
+        "start_steps": noise["start_steps"] if noise else None,
+        "trajectory": [dict(w) for w in noise["windows"]] if noise else [],
+        "gradient_error": [dict(p) for p in noise["gradient_error"]] if noise else [],
+        "gradient_error_reference_samples": noise["gradient_error_reference_samples"]
+        if noise
+        else None,
+    }
+
+
+def _lr_range_json(lr_range: TuneData | None) -> dict[str, Any] | None:
+    if lr_range is None:
+        return None
+    return {
+        "batch_size": lr_range["batch_size"],
+        "lrs": list(lr_range["lrs"]),
+        "losses": list(lr_range["losses"]),
+        "lr_at_min_loss": lr_range["lr_at_min_loss"],
+        "pick": lr_range["pick"],
+        "rule": lr_range["rule"],
+        "verdict": lr_range["verdict"],
+        "stopped_by": lr_range["stopped_by"],
+    }
+
+
+def write_report(result: TuneData, out_dir: Path) -> tuple[dict[str, Any], list[Path]]:
+    """Write ``report.json``, ``report.md`` and the plots for a tune result given as plain data
+    (``result.to_dict()``) into ``out_dir``; return the report object as written and the paths
+    (only plots that have something to show are written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(result)
     written = [p for p in _plots(result, out_dir) if p is not None]
@@ -216,7 +238,20 @@ def _num(x: Any, digits: int = 3) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the recommendation, its reasons, the measurements and the plots."""
-    mem, noise = report["memory"], report["noise"]
+    sections = (
+        _md_summary,
+        _md_predicted_time,
+        _md_throughput,
+        _md_noise,
+        _md_memory,
+        _md_lr_range,
+        _md_reproduce,
+    )
+    return "\n".join(line for section in sections for line in section(report))
+
+
+def _md_summary(report: dict[str, Any]) -> list[str]:
+    """The title, the recommendation, where it was measured, why, and what was cut short."""
     lines = [
         f"# batchfit tune: {report['task']}",
         "",
@@ -233,7 +268,22 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report["skipped"]:
         lines += ["## Cut short or skipped", "", *[f"- {s}" for s in report["skipped"]], ""]
-    lines += [
+    return lines
+
+
+def _md_predicted_time(report: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            c["batch_size"],
+            f"{c['micro_batch_size']} x {c['accumulation']}",
+            _num(c["samples_per_s"]),
+            "yes" if c["measured"] else "no",
+            f"{c['relative_time']:.2f}",
+        ]
+        for c in report["predicted_time"]
+    ]
+    headers = ["B", "micro-batch x accumulation", "samples/s", "measured", "relative time"]
+    return [
         "## Predicted time to a result",
         "",
         "Relative to the best: `(B + B_noise) / samples_per_s(B)`; sizes past the measured range "
@@ -241,64 +291,71 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "![predicted time](time_to_result.png)",
         "",
-        table(
-            ["B", "micro-batch x accumulation", "samples/s", "measured", "relative time"],
-            [
-                [
-                    c["batch_size"],
-                    f"{c['micro_batch_size']} x {c['accumulation']}",
-                    _num(c["samples_per_s"]),
-                    "yes" if c["measured"] else "no",
-                    f"{c['relative_time']:.2f}",
-                ]
-                for c in report["predicted_time"]
-            ],
-        ),
+        table(headers, rows),
         "",
+    ]
+
+
+def _md_throughput(report: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            p["batch_size"],
+            _num(p["samples_per_s"]),
+            f"{p['step_seconds'] * 1e3:.3g} ms",
+            "-" if p["gain_from_doubling"] is None else f"{p['gain_from_doubling']:+.0%}",
+        ]
+        for p in report["throughput"]
+    ]
+    return [
         "## Throughput",
         "",
         "End-to-end training steps (data included), median of the timed steps after warm-up.",
         "",
         "![throughput](throughput.png)",
         "",
-        table(
-            ["B", "samples/s", "step time", "gain from doubling"],
-            [
-                [
-                    p["batch_size"],
-                    _num(p["samples_per_s"]),
-                    f"{p['step_seconds'] * 1e3:.3g} ms",
-                    "-" if p["gain_from_doubling"] is None else f"{p['gain_from_doubling']:+.0%}",
-                ]
-                for p in report["throughput"]
-            ],
-        ),
-        "",
-        "## Gradient noise scale",
+        table(["B", "samples/s", "step time", "gain from doubling"], rows),
         "",
     ]
-    if noise["b_simple"] is not None or noise["steps_averaged"]:
-        low, high = noise["interval"]
-        lines += [
-            f"B_simple = tr(Sigma) / |G|^2 ~ **{_num(noise['b_simple'])}** "
-            f"({noise['confidence']:.0%} interval {_num(low)} to {_num(high)}), from "
-            f"{noise['steps_averaged']} steps with micro-batches of "
-            f"{noise['micro_batch_size']} and batches of {noise['batch_size']}, corrected for "
-            f"drawing from {noise['finite_data_samples'] or 'an endless stream of'} samples. "
-            f"At the initial weights ({noise['start_steps']} steps without updates) it was "
-            f"~{_num(noise['b_simple_at_start'])}; the warm-up took the loss from "
-            f"{noise['loss_start']:.3g} to {noise['loss_end']:.3g}.",
-            "",
-            "![noise scale](noise_scale.png)",
-            "",
-            "The seed's law, measured: the error of a batch gradient shrinks only as 1/sqrt(B).",
-            "",
-            "![gradient error](gradient_error.png)",
-            "",
+
+
+def _md_noise(report: dict[str, Any]) -> list[str]:
+    noise = report["noise"]
+    lines = ["## Gradient noise scale", ""]
+    if noise["b_simple"] is None and not noise["steps_averaged"]:
+        return [*lines, "Not measured (see above).", ""]
+    low, high = noise["interval"]
+    return [
+        *lines,
+        f"B_simple = tr(Sigma) / |G|^2 ~ **{_num(noise['b_simple'])}** "
+        f"({noise['confidence']:.0%} interval {_num(low)} to {_num(high)}), from "
+        f"{noise['steps_averaged']} steps with micro-batches of "
+        f"{noise['micro_batch_size']} and batches of {noise['batch_size']}, corrected for "
+        f"drawing from {noise['finite_data_samples'] or 'an endless stream of'} samples. "
+        f"At the initial weights ({noise['start_steps']} steps without updates) it was "
+        f"~{_num(noise['b_simple_at_start'])}; the warm-up took the loss from "
+        f"{noise['loss_start']:.3g} to {noise['loss_end']:.3g}.",
+        "",
+        "![noise scale](noise_scale.png)",
+        "",
+        "The seed's law, measured: the error of a batch gradient shrinks only as 1/sqrt(B).",
+        "",
+        "![gradient error](gradient_error.png)",
+        "",
+    ]
+
+
+def _md_memory(report: dict[str, Any]) -> list[str]:
+    mem = report["memory"]
+    rows = [
+        [
+            t["micro_batch_size"],
+            "yes" if t["fits"] else "no",
+            format_bytes(t["peak_bytes"]) if t["peak_bytes"] else "-",
+            t["error"] or "",
         ]
-    else:
-        lines += ["Not measured (see above).", ""]
-    lines += [
+        for t in mem["trials"]
+    ]
+    return [
         "## Memory",
         "",
         f"Limit {format_bytes(mem['limit_bytes'])} ({mem['limit_source']}), "
@@ -308,53 +365,55 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "![memory and step time](memory_and_step_time.png)",
         "",
-        table(
-            ["micro-batch", "fits", "peak memory", "error"],
-            [
-                [
-                    t["micro_batch_size"],
-                    "yes" if t["fits"] else "no",
-                    format_bytes(t["peak_bytes"]) if t["peak_bytes"] else "-",
-                    t["error"] or "",
-                ]
-                for t in mem["trials"]
-            ],
-            "rrrl",
-        ),
+        table(["micro-batch", "fits", "peak memory", "error"], rows, "rrrl"),
         "",
     ]
+
+
+def _md_lr_range(report: dict[str, Any]) -> list[str]:
     lr_range = report["lr_range"]
-    if lr_range:
-        outcome = (
-            f"pick {lr_range['pick']:.3g} ({lr_range['rule']})"
-            if lr_range["pick"] is not None
-            else f"no pick: {lr_range['verdict']}; the lr is rule-scaled instead"
-        )
-        lines += [
-            "## Learning rate",
-            "",
-            f"Range test at batch size {lr_range['batch_size']}: lowest smoothed loss at lr "
-            f"{lr_range['lr_at_min_loss']:.3g}; {outcome}; stopped: {lr_range['stopped_by']}.",
-            "",
-            "![lr range test](lr_range.png)",
-            "",
-        ]
-    lines += [
+    if not lr_range:
+        return []
+    outcome = (
+        f"pick {lr_range['pick']:.3g} ({lr_range['rule']})"
+        if lr_range["pick"] is not None
+        else f"no pick: {lr_range['verdict']}; the lr is rule-scaled instead"
+    )
+    return [
+        "## Learning rate",
+        "",
+        f"Range test at batch size {lr_range['batch_size']}: lowest smoothed loss at lr "
+        f"{lr_range['lr_at_min_loss']:.3g}; {outcome}; stopped: {lr_range['stopped_by']}.",
+        "",
+        "![lr range test](lr_range.png)",
+        "",
+    ]
+
+
+def _md_reproduce(report: dict[str, Any]) -> list[str]:
+    """The ``batchfit train`` command line that trains with the recommendation: a command to
+    copy, so it names the train command's flags (from the option table) whoever made the report."""
+    r = report["recommended"]
+    settings = {
+        "batch_size": r["batch_size"],
+        "micro_batch_size": r["micro_batch_size"],
+        "lr": f"{r['lr']:.3g}",
+        "optimizer": r["optimizer"],
+        "epochs": "E",
+    }
+    command = " ".join(f"{OPTIONS[name].flags[0]} {value}" for name, value in settings.items())
+    return [
         "## Reproduce",
         "",
-        f"Train with it: `batchfit train --batch-size {report['recommended']['batch_size']} "
-        f"--micro-batch-size {report['recommended']['micro_batch_size']} "
-        f"--lr {report['recommended']['lr']:.3g} --optimizer {report['recommended']['optimizer']} "
-        "--epochs E` (plus the same task options).",
+        f"Train with it: `batchfit train {command}` (plus the same task options).",
         "",
     ]
-    return "\n".join(lines)
 
 
 # --- plots -----------------------------------------------------------------------------------
 
 
-def _plots(result: TuneResult, out: Path) -> list[Path | None]:
+def _plots(result: TuneData, out: Path) -> list[Path | None]:
     return [
         _throughput_plot(result, out / PLOT_FILES["throughput"]),
         _time_plot(result, out / PLOT_FILES["time_to_result"]),
@@ -365,9 +424,10 @@ def _plots(result: TuneResult, out: Path) -> list[Path | None]:
     ]
 
 
-def _throughput_plot(result: TuneResult, path: Path) -> Path:
-    points = result.throughput.points
-    sizes = [p.batch_size for p in points]
+def _throughput_plot(result: TuneData, path: Path) -> Path:
+    throughput = result["throughput"]
+    points = throughput["points"]
+    sizes = [p["batch_size"] for p in points]
     fig, (ax,) = plots.figure()
     plots.plot_series(
         ax,
@@ -375,60 +435,60 @@ def _throughput_plot(result: TuneResult, path: Path) -> Path:
             plots.Series(
                 "samples/s (median)",
                 sizes,
-                [p.samples_per_s for p in points],
-                lower=[p.batch_size / p.step_seconds_max for p in points],
-                upper=[p.batch_size / p.step_seconds_min for p in points],
+                [p["samples_per_s"] for p in points],
+                lower=[p["batch_size"] / p["step_seconds_max"] for p in points],
+                upper=[p["batch_size"] / p["step_seconds_min"] for p in points],
             )
         ],
     )
     plots.batch_size_axis(ax, sizes)
-    if result.throughput.flattens_at:
+    if throughput["flattens_at"]:
         plots.mark(
             ax,
-            result.throughput.flattens_at,
+            throughput["flattens_at"],
             "flat: larger B gains < 10%",
             plots.COLORS[2],
             at=0.45,
         )
-    plots.mark(ax, result.recommended.batch_size, "recommended", plots.COLORS[1])
+    plots.mark(ax, result["recommended"]["batch_size"], "recommended", plots.COLORS[1])
     plots.titles(ax, "Throughput: end-to-end training steps", "samples / s")
     ax.set_ylim(bottom=0)
     return plots.save(fig, path)
 
 
-def _time_plot(result: TuneResult, path: Path) -> Path:
-    curve = result.recommendation.curve
+def _time_plot(result: TuneData, path: Path) -> Path:
+    choice = result["batch_size_choice"]
+    curve = choice["curve"]
     fig, (ax,) = plots.figure()
-    measured = [c for c in curve if c.measured]
-    extrapolated = [c for c in curve if not c.measured]
+    measured = [c for c in curve if c["measured"]]
+    extrapolated = [c for c in curve if not c["measured"]]
     series = [
         plots.Series(
             "measured throughput",
-            [c.batch_size for c in measured],
-            [c.relative_time for c in measured],
+            [c["batch_size"] for c in measured],
+            [c["relative_time"] for c in measured],
         )
     ]
     if extrapolated:
         series.append(
             plots.Series(
                 "throughput extrapolated (accumulation)",
-                [c.batch_size for c in extrapolated],
-                [c.relative_time for c in extrapolated],
-                style="--s",
+                [c["batch_size"] for c in extrapolated],
+                [c["relative_time"] for c in extrapolated],
+                style="s--",  # dashed, square markers
             )
         )
     plots.plot_series(ax, series)
-    plots.batch_size_axis(ax, [c.batch_size for c in curve])
+    plots.batch_size_axis(ax, [c["batch_size"] for c in curve])
     ax.set_yscale("log")
-    plots.mark(ax, result.recommended.batch_size, "recommended", plots.COLORS[1])
-    if result.recommendation.runner_up:
-        plots.mark(
-            ax, result.recommendation.runner_up.batch_size, "runner-up", plots.COLORS[4], ":"
-        )
-    if result.memory.max_micro_batch_size < curve[-1].batch_size:
-        plots.mark(ax, result.memory.max_micro_batch_size, "memory ceiling", plots.COLORS[6], "-.")
-    noise = result.recommendation.b_noise
-    what = "B_noise not measured" if noise is None else f"B_noise = {noise:.0f}"
+    plots.mark(ax, result["recommended"]["batch_size"], "recommended", plots.COLORS[1])
+    if choice["runner_up"]:
+        plots.mark(ax, choice["runner_up"]["batch_size"], "runner-up", plots.COLORS[4], ":")
+    ceiling = result["memory"]["max_micro_batch_size"]
+    if ceiling < curve[-1]["batch_size"]:
+        plots.mark(ax, ceiling, "memory ceiling", plots.COLORS[6], "-.")
+    b_simple = choice["b_simple"]
+    what = "B_noise not measured" if b_simple is None else f"B_noise = {b_simple:.0f}"
     plots.titles(
         ax,
         f"Predicted time to a result, (B + B_noise) / throughput ({what})",
@@ -437,25 +497,29 @@ def _time_plot(result: TuneResult, path: Path) -> Path:
     return plots.save(fig, path)
 
 
-def _noise_plot(result: TuneResult, path: Path) -> Path | None:
-    noise = result.noise
-    if noise is None or not noise.windows:
+def _middle(window: Mapping[str, Any]) -> float:
+    return (window["first_step"] + window["last_step"]) / 2
+
+
+def _noise_plot(result: TuneData, path: Path) -> Path | None:
+    noise = result["noise"]
+    if noise is None or not noise["windows"]:
         return None
-    windows = noise.windows
-    finite = [w for w in windows if math.isfinite(w.b_simple)]
-    unbounded = [(w.first_step + w.last_step) / 2 for w in windows if not math.isfinite(w.b_simple)]
-    cap = max((w.b_simple for w in finite), default=1.0) * 4
+    windows = noise["windows"]
+    finite = [w for w in windows if math.isfinite(w["b_simple"])]
+    unbounded = [_middle(w) for w in windows if not math.isfinite(w["b_simple"])]
+    cap = max((w["b_simple"] for w in finite), default=1.0) * 4
     fig, (ax,) = plots.figure()
-    span = windows[0].last_step - windows[0].first_step + 1
+    span = windows[0]["last_step"] - windows[0]["first_step"] + 1
     series = []
     if finite:
         series.append(
             plots.Series(
                 f"B_simple per {span} steps",
-                [(w.first_step + w.last_step) / 2 for w in finite],
-                [w.b_simple for w in finite],
-                lower=[min(w.low, cap) for w in finite],
-                upper=[min(w.high, cap) for w in finite],
+                [_middle(w) for w in finite],
+                [w["b_simple"] for w in finite],
+                lower=[min(w["low"], cap) for w in finite],
+                upper=[min(w["high"], cap) for w in finite],
             )
         )
     if unbounded:
@@ -471,47 +535,59 @@ def _noise_plot(result: TuneResult, path: Path) -> Path | None:
     plots.plot_series(ax, series)
     if unbounded and not series:
         ax.legend(fontsize="small", loc="best")
-    mid = [(w.first_step + w.last_step) / 2 for w in windows]
-    est = noise.estimate
-    if math.isfinite(est.b_simple):
-        ax.axhline(est.b_simple, color=plots.COLORS[1], linestyle="--", linewidth=1)
-    ax.axvspan(noise.warmup_steps + 0.5, noise.steps + 0.5, color=plots.COLORS[1], alpha=0.07)
+    _mark_the_estimate(ax, noise)
+    plots.titles(
+        ax, "Gradient noise scale during the warm-up (shaded: measured)", "B_simple", "step"
+    )
+    ax.set_ylim(0, cap if finite else 1)
+    loss_ax = ax.twinx()
+    loss_ax.plot(
+        [_middle(w) for w in windows],
+        [w["loss"] for w in windows],
+        ":",
+        color=plots.COLORS[6],
+        label="training loss",
+    )
+    loss_ax.set_ylabel("training loss")
+    loss_ax.legend(fontsize="small", loc="lower right")
+    return plots.save(fig, path)
+
+
+def _mark_the_estimate(ax: Any, noise: Mapping[str, Any]) -> None:
+    """The estimate as a line and a label, and the measured steps shaded."""
+    est = noise["estimate"]
+    b_simple = est["b_simple"]
+    if math.isfinite(b_simple):
+        ax.axhline(b_simple, color=plots.COLORS[1], linestyle="--", linewidth=1)
+    ax.axvspan(noise["warmup_steps"] + 0.5, noise["steps"] + 0.5, color=plots.COLORS[1], alpha=0.07)
     ax.annotate(
-        f"estimate {_num(est.b_simple)} ({_num(est.low)}-{_num(est.high)})",
-        (noise.steps, est.b_simple if math.isfinite(est.b_simple) else 0.9),
-        xycoords=("data", "data" if math.isfinite(est.b_simple) else "axes fraction"),
+        f"estimate {_num(b_simple)} ({_num(est['low'])}-{_num(est['high'])})",
+        (noise["steps"], b_simple if math.isfinite(b_simple) else 0.9),
+        xycoords=("data", "data" if math.isfinite(b_simple) else "axes fraction"),
         xytext=(-4, 4),
         textcoords="offset points",
         ha="right",
         fontsize="small",
         color=plots.COLORS[1],
     )
-    plots.titles(
-        ax, "Gradient noise scale during the warm-up (shaded: measured)", "B_simple", "step"
-    )
-    ax.set_ylim(0, cap if finite else 1)
-    loss_ax = ax.twinx()
-    loss_ax.plot(mid, [w.loss for w in windows], ":", color=plots.COLORS[6], label="training loss")
-    loss_ax.set_ylabel("training loss")
-    loss_ax.legend(fontsize="small", loc="lower right")
-    return plots.save(fig, path)
 
 
-def _gradient_error_plot(result: TuneResult, path: Path) -> Path | None:
-    noise = result.noise
-    if noise is None or not noise.gradient_error:
+def _gradient_error_plot(result: TuneData, path: Path) -> Path | None:
+    noise = result["noise"]
+    if noise is None or not noise["gradient_error"]:
         return None
-    points = [p for p in noise.gradient_error if 0 < p.relative_error < math.inf]
+    points = [p for p in noise["gradient_error"] if 0 < p["relative_error"] < math.inf]
     if not points:
         return None
-    sizes = [p.batch_size for p in points]
+    sizes = [p["batch_size"] for p in points]
     # c / sqrt(B) fitted to every point by least squares in log space: log c is the mean of
     # log(error) + log(B) / 2.
     c = math.exp(
-        sum(math.log(p.relative_error * math.sqrt(p.batch_size)) for p in points) / len(points)
+        sum(math.log(p["relative_error"] * math.sqrt(p["batch_size"])) for p in points)
+        / len(points)
     )
     series = [
-        plots.Series("measured RMS |g_B - G| / |G|", sizes, [p.relative_error for p in points]),
+        plots.Series("measured RMS |g_B - G| / |G|", sizes, [p["relative_error"] for p in points]),
         plots.Series(
             "c / sqrt(B), fitted to all points",
             sizes,
@@ -519,12 +595,12 @@ def _gradient_error_plot(result: TuneResult, path: Path) -> Path | None:
             style="--",
         ),
     ]
-    if all(p.predicted is not None for p in points):
+    if all(p["predicted"] is not None for p in points):
         series.append(
             plots.Series(
                 "predicted from B_simple (finite data)",
                 sizes,
-                [p.predicted for p in points],
+                [p["predicted"] for p in points],
                 style=":",
             )
         )
@@ -540,37 +616,49 @@ def _gradient_error_plot(result: TuneResult, path: Path) -> Path | None:
     return plots.save(fig, path)
 
 
-def _memory_time_plot(result: TuneResult, path: Path) -> Path:
-    trials = sorted(
-        (t for t in result.memory.trials if t.fits and t.peak_bytes),
-        key=lambda t: t.micro_batch_size,
-    )
-    base = result.memory.baseline_bytes
+def _memory_time_plot(result: TuneData, path: Path) -> Path:
     fig, (left, right) = plots.figure(panels=2, width=5.2)
+    _memory_panel(left, result["memory"])
+    _step_time_panel(right, result["throughput"]["points"], result["step_time_fit"])
+    return plots.save(fig, path)
+
+
+def _memory_panel(ax: Any, memory: Mapping[str, Any]) -> None:
+    """Peak memory above the idle process per fitting trial, against proportional growth."""
+    trials = sorted(
+        (t for t in memory["trials"] if t["fits"] and t["peak_bytes"]),
+        key=lambda t: t["micro_batch_size"],
+    )
+    base = memory["baseline_bytes"]
     if trials:
-        sizes = [t.micro_batch_size for t in trials]
-        above = [max(t.peak_bytes - base, 1) / 2**20 for t in trials]
+        sizes = [t["micro_batch_size"] for t in trials]
+        above = [max(t["peak_bytes"] - base, 1) / 2**20 for t in trials]
         top = trials[-1]
         plots.plot_series(
-            left,
+            ax,
             [
                 plots.Series("peak memory above the idle process", sizes, above),
                 plots.Series(
                     "proportional to B",
                     sizes,
-                    [above[-1] * s / top.micro_batch_size for s in sizes],
+                    [above[-1] * s / top["micro_batch_size"] for s in sizes],
                     style="--",
                 ),
             ],
         )
-        plots.batch_size_axis(left, sizes, "micro-batch size b")
-        left.set_yscale("log")
-    plots.titles(left, "Memory per training iteration: O(B) once activations dominate", "MiB")
-    points = result.throughput.points
-    sizes = [p.batch_size for p in points]
-    series = [plots.Series("measured step time", sizes, [p.step_seconds * 1e3 for p in points])]
-    if result.step_time_fit:
-        a, c = result.step_time_fit
+        plots.batch_size_axis(ax, sizes, "micro-batch size b")
+        ax.set_yscale("log")
+    plots.titles(ax, "Memory per training iteration: O(B) once activations dominate", "MiB")
+
+
+def _step_time_panel(
+    ax: Any, points: Sequence[Mapping[str, Any]], fit: Sequence[float] | None
+) -> None:
+    """Measured step times, and the fit ``a + c B`` through them."""
+    sizes = [p["batch_size"] for p in points]
+    series = [plots.Series("measured step time", sizes, [p["step_seconds"] * 1e3 for p in points])]
+    if fit:
+        a, c = fit
         series.append(
             plots.Series(
                 f"fit {a * 1e3:.2g} ms + {c * 1e6:.2g} us x B",
@@ -579,19 +667,20 @@ def _memory_time_plot(result: TuneResult, path: Path) -> Path:
                 style="--",
             )
         )
-    plots.plot_series(right, series)
+    plots.plot_series(ax, series)
     if sizes:
-        plots.batch_size_axis(right, sizes)
-    right.set_yscale("log")
-    plots.titles(right, "Step time: a fixed cost, then O(B)", "ms per step")
-    return plots.save(fig, path)
+        plots.batch_size_axis(ax, sizes)
+    ax.set_yscale("log")
+    plots.titles(ax, "Step time: a fixed cost, then O(B)", "ms per step")
 
 
-def _lr_plot(result: TuneResult, path: Path) -> Path | None:
-    r = result.lr_range
+def _lr_plot(result: TuneData, path: Path) -> Path | None:
+    r = result["lr_range"]
     if r is None:
         return None
-    finite = [(lr, loss) for lr, loss in zip(r.lrs, r.losses, strict=True) if math.isfinite(loss)]
+    finite = [
+        (lr, loss) for lr, loss in zip(r["lrs"], r["losses"], strict=True) if math.isfinite(loss)
+    ]
     fig, (ax,) = plots.figure()
     plots.plot_series(
         ax,
@@ -602,14 +691,14 @@ def _lr_plot(result: TuneResult, path: Path) -> Path | None:
         ],
     )
     ax.set_xscale("log")
-    plots.mark(ax, r.lr_at_min_loss, "lowest loss", plots.COLORS[6], ":")
-    if r.pick is not None:
-        plots.mark(ax, r.pick, f"pick {r.pick:.2g}", plots.COLORS[1])
+    plots.mark(ax, r["lr_at_min_loss"], "lowest loss", plots.COLORS[6], ":")
+    if r["pick"] is not None:
+        plots.mark(ax, r["pick"], f"pick {r['pick']:.2g}", plots.COLORS[1])
     ax.set_ylim(top=min(max(f[1] for f in finite), finite[0][1] * 1.3))
-    verdict = "" if r.pick is not None else " (inconclusive: no pick)"
+    verdict = "" if r["pick"] is not None else " (inconclusive: no pick)"
     plots.titles(
         ax,
-        f"Learning-rate range test at batch size {r.batch_size}{verdict}",
+        f"Learning-rate range test at batch size {r['batch_size']}{verdict}",
         "loss",
         "learning rate",
     )

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batchfit.core.accounting import plan
+from batchfit.core.options import named_as_flags
 from batchfit.core.sweep_verdict import (
     DEFAULT_LR_GRID,
     Target,
@@ -59,10 +60,14 @@ def test_target_parses_metric_and_direction():
 @pytest.mark.parametrize(
     ("text", "metrics", "message"),
     [
-        ("val_accuracy", None, "--target must be METRIC=VALUE, got 'val_accuracy'"),
-        ("=0.9", None, "--target must be METRIC=VALUE"),
-        ("val_accuracy=", None, "--target must be METRIC=VALUE"),
-        ("accuracy=0.9", None, "Unknown metric 'accuracy' in --target 'accuracy=0.9'; use one of"),
+        ("val_accuracy", None, "'target_level' must be METRIC=VALUE, got 'val_accuracy'"),
+        ("=0.9", None, "'target_level' must be METRIC=VALUE"),
+        ("val_accuracy=", None, "'target_level' must be METRIC=VALUE"),
+        (
+            "accuracy=0.9",
+            None,
+            "Unknown metric 'accuracy' in target_level='accuracy=0.9'; use one of",
+        ),
         ("val_acc=0.9", None, "Unknown metric 'val_acc'"),
         ("val_accuracy=high", None, "is not a number"),
         ("val_loss=inf", None, "must be finite"),
@@ -121,10 +126,10 @@ def test_batch_sizes_parse_sort_and_accept_n_for_full_batch():
 @pytest.mark.parametrize(
     ("text", "samples", "message"),
     [
-        ("", 100, "--batch-sizes is empty"),
-        (" , ", 100, "--batch-sizes is empty"),
+        ("", 100, "'batch_sizes' is empty"),
+        (" , ", 100, "'batch_sizes' is empty"),
         ("32,0", 100, "'batch_size' option must be an int >= 1. Got 0"),
-        ("32,abc", 100, "Got 'abc' instead. Give --batch-sizes as whole numbers"),
+        ("32,abc", 100, "Got 'abc' instead. Give 'batch_sizes' as whole numbers"),
         ("3.5", 100, "Got '3.5'"),
         ("32,64,32", 100, "Batch size 32 appears more than once"),
         ("32,500", 100, "Batch size 500 is larger than the training set \\(100 samples\\); use N"),
@@ -296,7 +301,7 @@ def test_the_verdict_warns_about_a_grid_edge_and_a_target_met_before_training():
     answer = verdict(sizes, "val_accuracy", Target("val_accuracy", 0.5, True), initial=0.6)
     text = "\n".join(answer.lines)
     assert "met already at the initial weights (val_accuracy 0.6)" in text
-    assert "The chosen lr is at the edge of the grid for B=32: widen --lr-grid" in text
+    assert "The chosen lr is at the edge of the grid for B=32: widen 'lr_grid'" in text
     assert "in 0 ms of training" in text
 
 
@@ -368,3 +373,22 @@ def test_tune_is_judged_on_its_own_run_when_there_is_one():
     assert no_lr["reason"].endswith("report.json gives no lr, so B=64 ran at the sweep's lr.")
     not_run = compare_with_tune(sizes, 5000, 0.01, 64, 1.0, not_run="It was too large.")
     assert not_run["swept_batch_size"] == 128 and not_run["reason"].endswith("too large.")
+
+
+def test_messages_name_options_from_python_and_flags_on_the_command_line():
+    flags = {"target_level": "--target", "batch_sizes": "--batch-sizes", "lr_grid": "--lr-grid"}
+    python = "Unknown metric 'f1' in target_level='f1=0.9'; .* \\(e.g. target_level='val_accuracy"
+    with pytest.raises(BatchfitError, match=python):
+        parse_target("f1=0.9")
+    sizes = [size(32, 0.95, 0, 1, 0.0), size(64, 0.93, 0, 2, 0.0)]
+    sizes[0]["lr_at_grid_edge"] = True
+    target = Target("val_accuracy", 0.5, True)
+    with named_as_flags(flags):
+        with pytest.raises(BatchfitError, match="in --target f1=0.9; .* \\(e.g. --target val_acc"):
+            parse_target("f1=0.9")
+        with pytest.raises(BatchfitError, match="^--batch-sizes is empty"):
+            parse_batch_sizes("", 100)
+        lines = verdict(sizes, "val_accuracy", target, initial=0.6).lines
+    assert "met already at the initial weights (val_accuracy 0.6)" in lines[0]
+    assert lines[0].endswith("give a harder --target.")
+    assert any(line.endswith("widen --lr-grid to be sure it is the best.") for line in lines)

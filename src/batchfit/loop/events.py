@@ -1,0 +1,90 @@
+"""What the loop does between steps: flush the metrics, save a checkpoint, validate.
+
+The step loop calls these a few times a second at most (and at every epoch end), never per step,
+so they are plain functions of the run's state and its setup.
+"""
+
+from __future__ import annotations
+
+from batchfit.checkpoint import save_checkpoint
+from batchfit.errors import BatchfitError, NonFiniteLossError
+from batchfit.loop.checks import check_finite_parameters
+from batchfit.loop.state import Position, RunState, Setup, checkpoint_state
+from batchfit.step import evaluate
+
+
+def flush_metrics(run: RunState) -> None:
+    """Write the pending metrics rows (raising on a NaN loss) and count their training seconds."""
+    run.train_seconds += run.metrics.flush()
+
+
+def save(run: RunState, setup: Setup) -> str | None:
+    """Checkpoint the run here (once per step at most) and return the path; None when there is no
+    ``checkpoint_dir``. The metrics are flushed first: a NaN loss raises there, so a bad state is
+    never saved."""
+    flush_metrics(run)
+    directory = setup.config.checkpoint_dir
+    if directory is None:
+        return None
+    step = run.position.step
+    if run.last_checkpoint is not None and run.last_checkpoint[0] == step:
+        return run.last_checkpoint[1]
+    check_finite_parameters(setup.model, step)
+    path = str(save_checkpoint(directory, checkpoint_state(run, setup)))
+    run.last_checkpoint = (step, path)
+    return path
+
+
+def validate(run: RunState, setup: Setup) -> dict[str, float]:
+    """Evaluate here (once per step at most), record it in ``run.evals`` and pass it to
+    ``on_eval``, which may ask to stop. Without validation data the record still says where and
+    when (step, epoch, samples_seen, train_seconds)."""
+    pos = run.position
+    if run.evals and run.evals[-1]["step"] == pos.step:
+        return run.evals[-1]
+    flush_metrics(run)
+    record: dict[str, float] = {
+        "step": pos.step,
+        "epoch": pos.epoch + 1,
+        "samples_seen": pos.samples_seen,
+        "train_seconds": run.train_seconds,
+    }
+    if setup.val_source is not None:
+        values = evaluate(
+            setup.model, setup.val_source, setup.loss, setup.eval_batch_size, setup.device
+        )
+        record.update({f"val_{key}": value for key, value in values.items()})
+    run.evals.append(record)
+    if setup.on_eval is not None and setup.on_eval(dict(record)):
+        run.stop_requested = True
+    return record
+
+
+def validate_or_save(run: RunState, setup: Setup) -> dict[str, float]:
+    """:func:`validate`, but bad validation data saves a checkpoint before stopping."""
+    try:
+        return validate(run, setup)
+    except NonFiniteLossError:
+        raise
+    except BatchfitError as exc:
+        raise saved_before_stopping(exc, run.position, save(run, setup)) from None
+
+
+def validation_values(record: dict[str, float]) -> dict[str, float]:
+    """The ``val_*`` entries of an evaluation record.
+
+    >>> validation_values({"step": 3, "val_loss": 0.5})
+    {'val_loss': 0.5}
+    """
+    return {key: value for key, value in record.items() if key.startswith("val_")}
+
+
+def saved_before_stopping(exc: BatchfitError, pos: Position, saved_at: str | None) -> BatchfitError:
+    """``exc`` (bad data met while training), saying where training stopped and what was saved."""
+    if saved_at and exc.checkpoint_path is None:
+        exc.checkpoint_path = saved_at
+        exc.args = (
+            f"{exc} Training stopped at step {pos.step} (epoch {pos.epoch + 1}); checkpoint "
+            f"saved to {saved_at}.",
+        )
+    return exc

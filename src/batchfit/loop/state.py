@@ -1,0 +1,116 @@
+"""What a run knows while it trains, and how that goes into a checkpoint and comes back out.
+
+:class:`Setup` is fixed before the first step (data, loss, device, optimizer, derived sizes);
+:class:`RunState` changes with every step (position, history, evaluations, training seconds, the
+metrics log, the newest checkpoint, a request to stop). A checkpoint holds the model, the
+optimizer, every generator and the parts of :class:`RunState` that a resumed run needs, under the
+keys written by :func:`checkpoint_state` and read by :func:`restore_run` (checkpoint format 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchfit.checkpoint import rng_state, set_rng_state
+from batchfit.core.accounting import Plan
+from batchfit.core.configs import TrainConfig
+from batchfit.data.source import BatchSource
+from batchfit.losses import Loss
+from batchfit.metrics import MetricsLog
+
+#: Called with each evaluation record; returning True stops training there.
+OnEval = Callable[[dict[str, float]], bool | None]
+
+
+@dataclass
+class Position:
+    """Where the run is: the epoch in progress, samples of it consumed, and global counters."""
+
+    epoch: int = 0
+    sample_in_epoch: int = 0
+    step: int = 0
+    iterations: int = 0
+    samples_seen: int = 0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What :func:`~batchfit.loop.train.prepare` checked and built once for the whole run."""
+
+    config: TrainConfig
+    model: nn.Module
+    source: BatchSource
+    val_source: BatchSource | None
+    loss: Loss
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    #: The exact step counts of a source of known length; None for a stream.
+    plan: Plan | None
+    micro_batch_size: int
+    lr: float
+    eval_batch_size: int
+    #: The step training ends at, whatever ends it (epochs, max_steps, steps_per_epoch).
+    last_step: int
+    #: What a resume must match: a run continued with other values would read other batches.
+    settings: dict[str, Any]
+    on_eval: OnEval | None
+
+
+@dataclass
+class RunState:
+    """What changes while the run trains. ``samples_at_start`` and ``train_seconds_at_start``
+    keep where this call began, so a resumed run reports its own throughput."""
+
+    metrics: MetricsLog
+    position: Position = field(default_factory=Position)
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    resumed_from_step: int | None = None
+    #: (step, path) of the newest checkpoint, so one step is never saved twice.
+    last_checkpoint: tuple[int, str] | None = None
+    #: on_eval asked to stop, or a stream ran dry before its epoch ended.
+    stop_requested: bool = False
+    samples_at_start: int = field(init=False)
+    train_seconds_at_start: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples_at_start = self.position.samples_seen
+        self.train_seconds_at_start = self.train_seconds
+
+
+def checkpoint_state(run: RunState, setup: Setup) -> dict[str, Any]:
+    """Everything a resumed run needs, as plain data (the checkpoint's keys)."""
+    return {
+        "model": setup.model.state_dict(),
+        "optimizer": setup.optimizer.state_dict(),
+        "rng": rng_state(),
+        "position": asdict(run.position),
+        "history": run.history,
+        "evals": run.evals,
+        "train_seconds": run.train_seconds,
+        "epoch_loss": [run.metrics.epoch_loss_sum, run.metrics.epoch_samples],
+        "settings": setup.settings,
+    }
+
+
+def restore_run(saved: dict[str, Any], setup: Setup, metrics: MetricsLog) -> RunState:
+    """Load a checkpoint's model, optimizer and generators, and return its run state."""
+    setup.model.load_state_dict(saved["model"])
+    setup.optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+    metrics.epoch_loss_sum, metrics.epoch_samples = saved["epoch_loss"]
+    position = Position(**saved["position"])
+    return RunState(
+        metrics,
+        position,
+        list(saved["history"]),
+        list(saved["evals"]),
+        saved["train_seconds"],
+        resumed_from_step=position.step,
+    )

@@ -1,0 +1,90 @@
+"""``tune``'s time budget: one clock for the whole run, shared out among the probe phases.
+
+Each phase gets its share of the time that is left (:data:`PHASE_SHARES`), so what a phase leaves
+unused goes to the phases after it, and a phase that will not run gives its share away. Time for
+writing the report is kept back. A budget that start-up (importing torch, loading the data) and
+the report leave too little of is refused before any measuring.
+
+Examples:
+    >>> import time
+    >>> budget = TimeBudget(100.0, started=time.time(), reserve=0.0)
+    >>> round(budget.phase("memory").remaining())  # 15% of what is left
+    15
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from batchfit.core.options import opt_value
+from batchfit.errors import BatchfitError
+from batchfit.probe.harness import Deadline
+
+#: Seconds for the whole run when no ``time_budget`` is given, per device type.
+DEFAULT_TIME_BUDGET_S = {"cpu": 60.0, "cuda": 300.0}
+#: Shares of the time budget per phase; what a phase leaves unused goes to the next ones.
+PHASE_SHARES = {"memory": 0.15, "throughput": 0.25, "noise": 0.35, "lr": 0.25}
+#: Time kept back for writing the report and plots (at most 15% of the budget).
+REPORT_RESERVE_S = 4.0
+#: A budget that leaves less than this for measuring, after start-up and the report, is refused.
+MIN_MEASURE_S = 2.0
+
+
+class TimeBudget:
+    """Hands each phase its share of the time that is left, counted from ``started`` (a
+    ``time.time()``), less ``reserve`` seconds kept for the report."""
+
+    def __init__(self, seconds: float, started: float, reserve: float) -> None:
+        self.total = seconds
+        self.end = started + seconds
+        self.reserve = reserve
+        self.shares = dict(PHASE_SHARES)
+
+    @classmethod
+    def start(
+        cls, time_budget: float | None, device_type: str, started: float, *, writes_report: bool
+    ) -> TimeBudget:
+        """The budget of a run: ``time_budget`` seconds (default per device type), with time kept
+        for the report when one is written; refused when too little is left to measure."""
+        seconds = time_budget or DEFAULT_TIME_BUDGET_S["cuda" if device_type == "cuda" else "cpu"]
+        reserve = min(REPORT_RESERVE_S, 0.15 * seconds) if writes_report else 0.0
+        check_budget_left(seconds, started, reserve)
+        return cls(seconds, started, reserve)
+
+    def remaining(self) -> float:
+        return self.end - time.time() - self.reserve
+
+    def phase(self, name: str) -> Deadline:
+        """The deadline of phase ``name``: its share of the time left, against the shares of the
+        phases still to come."""
+        share = self.shares.pop(name)
+        fraction = share / (share + sum(self.shares.values()))
+        return Deadline(max(self.remaining(), 0.0) * fraction)
+
+    def give_share_away(self, name: str) -> None:
+        """A phase that will not run: the phases after it share its time."""
+        self.shares.pop(name)
+
+
+def check_budget_left(budget_s: float, started: float, reserve: float) -> None:
+    """Refuse a budget that start-up already used (importing torch, loading data) or that leaves
+    too little to measure anything; the message names the smallest budget that would do."""
+    startup = max(time.time() - started, 0.0)
+    left = budget_s - startup - reserve
+    if left >= MIN_MEASURE_S:
+        return
+    need = math.ceil(budget_s)
+    while need - startup - (min(REPORT_RESERVE_S, 0.15 * need) if reserve else 0) < MIN_MEASURE_S:
+        need += 1
+    spent = []
+    if startup >= 0.05:
+        spent.append(f"start-up took {startup:.1f} s (importing torch, loading the data)")
+    if reserve:
+        spent.append(f"{reserve:.1f} s are kept for writing the report")
+    raise BatchfitError(
+        f"The time budget of {budget_s:g} s leaves {max(left, 0.0):.1f} s to measure"
+        + (f": {' and '.join(spent)}" if spent else "")
+        + f"; tuning needs at least {MIN_MEASURE_S:g} s. Give {opt_value('time_budget', need)} "
+        f"or more (default {DEFAULT_TIME_BUDGET_S['cpu']:g} on CPU)."
+    )

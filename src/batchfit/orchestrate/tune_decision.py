@@ -1,0 +1,115 @@
+"""``tune``'s decision in words: every rule applied, in the order applied.
+
+The lines go into ``report.json``'s ``decision[]``, ``report.md``'s "Why" and the command's
+output: what fits in memory, what the noise probe read and how it moved, what failed, the batch
+size's reasons (from :func:`batchfit.core.recommend.recommend`), a cross-check of the choice
+against the step-time fit, and where the learning rate came from.
+"""
+
+from __future__ import annotations
+
+import math
+
+from batchfit.core.options import opt
+from batchfit.core.recommend import BatchSizeChoice
+from batchfit.core.units import format_bytes
+from batchfit.probe.lr_range import LRRange
+from batchfit.probe.memory import MemoryCeiling
+from batchfit.probe.noise import NoiseMeasurement
+
+
+def decision(
+    memory: MemoryCeiling,
+    noise: NoiseMeasurement | None,
+    choice: BatchSizeChoice,
+    lr: float,
+    lr_rule: str,
+    lr_range: LRRange | None,
+    step_time_fit: tuple[float, float] | None,
+    failures: list[str],
+) -> list[str]:
+    """Every rule applied, in plain words, in the order they were applied; ``lr`` and
+    ``lr_rule`` are the recommended learning rate and where it came from."""
+    lines = [_memory_line(memory)]
+    if memory.confirmed:
+        lines.append(
+            f"Memory check: micro-batch {memory.max_micro_batch_size} {memory.confirmation}."
+        )
+    if noise is not None:
+        lines.append(noise_line(noise))
+    lines.extend(failures)
+    lines.extend(choice.decision)
+    if step_time_fit is not None and noise is not None and math.isfinite(noise.estimate.b_simple):
+        lines.append(_cross_check(step_time_fit, noise.estimate.b_simple))
+    lines.append(_lr_line(lr, lr_rule, lr_range))
+    return lines
+
+
+def _memory_line(memory: MemoryCeiling) -> str:
+    """The ceiling, its limit and headroom, and what ended the search."""
+    peak = f"peak {format_bytes(memory.peak_bytes)}, " if memory.peak_bytes else ""
+    capped = {
+        "memory": "more did not fit",
+        "data size": "the whole training set: the data size capped the search",
+        "max_batch_size": f"{opt('max_batch_size')} capped the search",
+        "time budget": "the time budget ended the search, so larger ones may fit too",
+        "stream cap": "the search stops there for a stream",
+    }[memory.capped_by]
+    return (
+        f"Memory: micro-batches up to {memory.max_micro_batch_size} fit ({peak}limit "
+        f"{format_bytes(memory.limit_bytes)}, {memory.limit_source}; {memory.headroom:.0%} "
+        f"headroom kept; {capped})."
+    )
+
+
+def noise_line(noise: NoiseMeasurement) -> str:
+    """The noise reading in words: where it ended, where it started, and which way it moved."""
+    est = noise.estimate
+    text = (
+        f"Noise scale measured over {est.pairs} steps after a {noise.warmup_steps}-step warm-up "
+        f"(loss {noise.loss_start:.3g} at the initial weights -> {noise.loss_end:.3g}): B_simple "
+        f"~{est.b_simple:.0f}, {est.confidence:.0%} interval {est.low:.0f}-{est.high:.0f}."
+    )
+    start = noise.at_start.b_simple if noise.at_start else math.nan
+    if math.isfinite(start) and math.isfinite(est.b_simple):
+        if est.b_simple >= start:
+            moved = (
+                f"it grew from ~{start:.0f} as the loss fell, as McCandlish et al. found; it "
+                "usually keeps growing through training, so later on larger batches pay off"
+            )
+        else:
+            moved = (
+                f"it fell from ~{start:.0f} as the loss fell (it usually grows through training; "
+                "the warm-up may have been too short to show it)"
+            )
+        text += f" At the initial weights ({noise.start_steps} steps without updates) {moved}."
+    elif math.isinf(start):
+        text += " At the initial weights it was unbounded (the mean gradient not resolved)."
+    return text + (
+        " B_simple is a prior for the critical batch size (on image tasks it ran 2-8x above it)."
+    )
+
+
+def _cross_check(step_time_fit: tuple[float, float], b_simple: float) -> str:
+    """DESIGN.md's closed form: the time is smallest near sqrt(B_noise x a/c)."""
+    a, c = step_time_fit
+    return (
+        f"Cross-check: step time ~ {a * 1e3:.3g} ms + {c * 1e6:.3g} us x B, a throughput knee "
+        f"at a/c ~{a / c:.0f}; sqrt(B_noise x a/c) ~{math.sqrt(b_simple * a / c):.0f}."
+    )
+
+
+def _lr_line(lr: float, lr_rule: str, lr_range: LRRange | None) -> str:
+    """Where the learning rate came from: the range test's pick, or the rule."""
+    if lr_range is not None and lr_range.pick is not None:
+        return (
+            f"Learning rate {lr:.3g}: range test at batch {lr_range.batch_size} "
+            f"({len(lr_range.lrs)} steps, lr {lr_range.lrs[0]:.0e} to {lr_range.lrs[-1]:.2g}); "
+            f"lowest smoothed loss at {lr_range.lr_at_min_loss:.3g}, divided by 10."
+        )
+    if lr_range is not None:
+        return (
+            f"The learning-rate range test at batch {lr_range.batch_size} was "
+            f"{lr_range.verdict}; so learning rate {lr:.3g} ({lr_rule})."
+        )
+    return f"Learning rate {lr:.3g} ({lr_rule})."
