@@ -30,3 +30,18 @@ def test_an_unwritable_cache_folder_costs_time_not_the_run(tmp_path, monkeypatch
     monkeypatch.setenv("BATCHFIT_CACHE", str(blocker / "cache"))
     assert EXAMPLES["mnist1d"].load().x_val.shape == (1000, 40)
     assert "cannot cache MNIST-1D" in capsys.readouterr().err
+
+
+def test_the_catalog_describes_each_example_as_its_module_builds_it():
+    """The catalog (read by --help without torch) says what the example's own constants make."""
+    from batchfit.examples import catalog, example
+    from batchfit.examples.linreg import DIM, N_TRAIN, N_VAL
+
+    assert sorted(catalog.DESCRIPTIONS) == sorted(catalog.MODULES)
+    assert example("linreg").description == (
+        f"least squares, {DIM} Gaussian inputs, {N_TRAIN} train / {N_VAL} validation"
+    )
+    data = example("mnist1d").load()
+    assert f"{len(data.y_train):,} train / {len(data.y_val):,} validation" in (
+        example("mnist1d").description
+    )

@@ -62,7 +62,7 @@ def _draw_norms(pop: np.ndarray, small: int, k: int, steps: int, seed: int):
 
 
 def test_finite_data_correction_removes_the_late_training_bias():
-    # Late in training |G|^2 is small next to tr(Sigma)/n: the regime DESIGN.md warns about.
+    # Late in training |G|^2 is small next to tr(Sigma)/n: the regime docs/design.md warns about.
     n, small, k = 1000, 8, 32
     pop = _population(n, dim=20, mean_norm=0.25, seed=1)
     exact = _exact(pop)

@@ -53,7 +53,7 @@ def test_a_larger_noise_scale_recommends_a_larger_batch():
         for noise in (4.0, 64.0, 1024.0, 16384.0)
     ]
     assert picks == sorted(picks) and picks[0] < picks[-1]
-    # The optimum of (B + n)(a + cB)/B sits near sqrt(n a / c) (DESIGN.md): here sqrt(1024 * 64).
+    # The optimum of (B + n)(a + cB)/B sits near sqrt(n a / c) (docs/design.md): sqrt(1024 * 64).
     assert picks[2] == 256
 
 

@@ -87,7 +87,7 @@ def train_step(
     """One optimizer update on one batch; returns (mean loss as a detached tensor, iterations).
 
     Micro-batch losses are weighted by their share of the batch, so the accumulated gradient is the
-    mean gradient of the whole batch whatever the split (DESIGN.md: no flooring).
+    mean gradient of the whole batch whatever the split (docs/design.md: no flooring).
     """
     optimizer.zero_grad(set_to_none=True)
     n = len(y)

@@ -1,6 +1,6 @@
 """Pure accounting of batches: epochs, steps, iterations, accumulation and world size.
 
-The words are the ones of DESIGN.md. A *batch* of ``batch_size`` samples makes one optimizer
+The words are the ones of docs/design.md. A *batch* of ``batch_size`` samples makes one optimizer
 *step*; it is split over ``world_size`` devices and, on each device, into *micro-batches* of at
 most ``micro_batch_size`` samples; one forward+backward of one micro-batch on one device is an
 *iteration*. An *epoch* is one pass over the training set: ``ceil(N / B)`` steps, the last one

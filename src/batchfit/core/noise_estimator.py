@@ -16,7 +16,7 @@ known expectation. Drawing ``n`` of ``N`` training samples without replacement,
 (``c(n) = 1/n`` for an endless stream). Measuring ``|g_b|^2`` for micro-batches of ``b`` samples and
 ``|g_B|^2`` for their average over a batch of ``B`` gives two equations, solved here for unbiased
 estimates of ``|G|^2`` and ``tr(Sigma)``. Ignoring the finite-data factor inflates ``B_simple`` late
-in training, when ``|G|^2`` is small (DESIGN.md).
+in training, when ``|G|^2`` is small (docs/design.md).
 
 One step's estimates are very noisy (``|G|^2`` may even come out negative), so the numerator and the
 denominator are each averaged over many steps before dividing: the ratio of means, not the mean of

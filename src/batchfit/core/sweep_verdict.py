@@ -37,7 +37,7 @@ DEFAULT_LR_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
 AUTO_TARGET_SHARE = 0.9
 #: Rank correlation (Spearman) at or beyond which a trend over batch sizes counts as one.
 TREND_RHO = 0.8
-#: DESIGN.md's bar: the recommended batch size is good if its time to target is within this
+#: docs/design.md's bar: the recommended batch size is good if its time to target is within this
 #: factor of the fastest size found by the sweep.
 AGREEMENT_FACTOR = 1.25
 #: A curve has plateaued when its last quarter gained at most this share of what the whole run
@@ -611,8 +611,8 @@ def compare_with_tune(
     tune_run: dict[str, Any] | None = None,
     not_run: str | None = None,
 ) -> dict[str, Any]:
-    """Does tune's recommendation do well in the sweep? DESIGN.md's bar: it agrees when it reaches
-    the target within 1.25x the time of the fastest swept size.
+    """Does tune's recommendation do well in the sweep? The bar of docs/design.md: it agrees when it
+    reaches the target within 1.25x the time of the fastest swept size.
 
     ``tune_run`` is the sweep's run at tune's batch size *and* tune's learning rate; it is what is
     judged. Without it (the report gives no lr, or tune's size could not be run: ``not_run`` says

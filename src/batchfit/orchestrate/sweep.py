@@ -172,7 +172,7 @@ def _announce(bar: TrainProgress, setup: SweepSetup) -> None:
     if setup.tune_not_run:
         bar.log(f"Note: {setup.tune_not_run}")
     given = setup.given_target
-    if given is not None and given.reached(setup.initial[setup.metric]):
+    if given is not None and given.reached(setup.start.initial[setup.metric]):
         bar.log(f"Note: the target {given.describe()} is met already at the initial weights.")
 
 
@@ -186,7 +186,7 @@ def _conclude(
         for run, planned in zip(done.runs, plans, strict=True)
     ]
     summaries = _summaries([r for r in runs if r["in_sweep"]], setup.sizes, metric)
-    target = setup.given_target or _auto_target(metric, setup.initial, summaries)
+    target = setup.given_target or _auto_target(metric, setup.start.initial, summaries)
     for summary in summaries:
         summary["time_to_target"] = time_to_target(summary["curve"], target)
     tune_run = next((_summary_of(r, target, metric) for r in runs if r["for_tune"]), None)
@@ -197,7 +197,7 @@ def _conclude(
         setup.val_source.num_samples,
         setup.recommendation,
         samples=setup.samples,
-        initial=setup.initial[metric],
+        initial=setup.start.initial[metric],
         tune_run=tune_run,
         tune_not_run=setup.tune_not_run,
         notes=setup.notes,
@@ -207,7 +207,7 @@ def _conclude(
         runs=runs,
         metric=metric,
         target=target,
-        initial=setup.initial,
+        initial=setup.start.initial,
         verdict=answer,
         settings=setup.settings,
         timing=_timing(runs, seconds, done.read_back),

@@ -194,7 +194,7 @@ def run_all(
             ) from None
         raise
     finally:
-        model.load_state_dict(setup.initial_state)
+        model.load_state_dict(setup.start.initial_state)
     return done
 
 
@@ -221,7 +221,7 @@ def _next_run(
         done.saved += 1
         done.read_back += 1
         return None
-    model.load_state_dict(setup.initial_state)
+    model.load_state_dict(setup.start.initial_state)
     run = train_one(model, setup, planned, fingerprint, bar, label)
     if path is not None:
         save_run(path, run)
@@ -304,7 +304,7 @@ class _Curve:
         setup = self.setup
         started = time.perf_counter()
         values = evaluate(
-            self.model, setup.val_source, setup.loss, setup.eval_batch_size, setup.device
+            self.model, setup.val_source, setup.loss, setup.eval_batch_size, setup.start.device
         )
         self.eval_seconds += time.perf_counter() - started
         self.points.append(
@@ -348,7 +348,7 @@ def train_one(
         eval_every=max(1, round(total / setup.config.eval_points)),
         total_steps=total,
         bar=bar,
-        points=[{"step": 0, "samples_seen": 0, "train_seconds": 0.0, **setup.initial}],
+        points=[{"step": 0, "samples_seen": 0, "train_seconds": 0.0, **setup.start.initial}],
     )
     diverged = None
     bar.start_epoch(label, total)
@@ -366,7 +366,7 @@ def train_one(
         "lr_factor": planned.lr_factor,
         "eval_every": curve.eval_every,
         "curve": curve.points,
-        "initial_params_sha256": setup.initial_params_sha256,
+        "initial_params_sha256": setup.start.initial_params_sha256,
         "settings": fingerprint,
     }
     if diverged is not None:
@@ -394,7 +394,7 @@ def _train(model: nn.Module, setup: SweepSetup, planned: RunPlan, curve: _Curve)
             weight_decay=config.weight_decay,
             seed=config.seed,
             eval_every=curve.eval_every,
-            device=setup.device,
+            device=setup.start.device,
         )
         if curve.points[-1]["step"] != result.steps:  # e.g. a stream that ended before the budget
             curve.on_eval(
@@ -413,7 +413,7 @@ def _measure(model: nn.Module, setup: SweepSetup, batch_size: int, curve: _Curve
     with naming_out_of_memory(f"evaluating B={batch_size}"):
         started = time.perf_counter()
         on_train = evaluate(
-            model, setup.train_subset, setup.loss, setup.eval_batch_size, setup.device
+            model, setup.start.train_subset, setup.loss, setup.eval_batch_size, setup.start.device
         )
         curve.eval_seconds += time.perf_counter() - started
     with naming_out_of_memory(f"measuring the sharpness of B={batch_size}"):
@@ -421,7 +421,7 @@ def _measure(model: nn.Module, setup: SweepSetup, batch_size: int, curve: _Curve
         sharp = sharpness(
             model,
             setup.loss.fn,
-            *setup.sharpness_batch,
+            *setup.start.sharpness_batch,
             iterations=config.sharpness_iterations,
             tolerance=config.sharpness_tolerance,
             seed=config.seed,

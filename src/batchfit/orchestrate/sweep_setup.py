@@ -80,14 +80,7 @@ class SweepSetup:
     recommendation: dict[str, Any] | None
     tune_not_run: str | None
     runs_dir: Path | None
-    device: torch.device
-    initial_state: dict[str, torch.Tensor]
-    initial_params_sha256: str
-    train_subset: TensorSource
-    sharpness_batch: tuple[torch.Tensor, torch.Tensor]
-    initial: dict[str, float]
-    train_data_sha256: str
-    val_data_sha256: str
+    start: Start
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -113,14 +106,14 @@ class SweepSetup:
             "seed": config.seed,
             "loss": self.loss.name,
             "eval_points": config.eval_points,
-            "train_subset_samples": len(self.train_subset.y),
-            "sharpness_samples": len(self.sharpness_batch[1]),
+            "train_subset_samples": len(self.start.train_subset.y),
+            "sharpness_samples": len(self.start.sharpness_batch[1]),
             "sharpness_iterations": config.sharpness_iterations,
             "sharpness_tolerance": config.sharpness_tolerance,
-            "initial_params_sha256": self.initial_params_sha256,
-            "train_data_sha256": self.train_data_sha256,
-            "val_data_sha256": self.val_data_sha256,
-            "device": str(self.device),
+            "initial_params_sha256": self.start.initial_params_sha256,
+            "train_data_sha256": self.start.train_data_sha256,
+            "val_data_sha256": self.start.val_data_sha256,
+            "device": str(self.start.device),
             "report": str(config.report) if config.report is not None else None,
         }
 
@@ -136,7 +129,7 @@ class _Sizes:
 
 
 @dataclass(frozen=True, eq=False)
-class _Start:
+class Start:
     """Where every run starts: the device, the initial weights, the fixed training samples and
     the validation metrics at the initial weights."""
 
@@ -196,14 +189,7 @@ def prepare(
         recommendation=chosen.recommendation,
         tune_not_run=chosen.tune_not_run,
         runs_dir=runs_dir,
-        device=start.device,
-        initial_state=start.initial_state,
-        initial_params_sha256=start.initial_params_sha256,
-        train_subset=start.train_subset,
-        sharpness_batch=start.sharpness_batch,
-        initial=start.initial,
-        train_data_sha256=start.train_data_sha256,
-        val_data_sha256=start.val_data_sha256,
+        start=start,
     )
 
 
@@ -272,7 +258,7 @@ def _measure_start(
     loss: Loss,
     config: SweepConfig,
     eval_batch_size: int,
-) -> _Start:
+) -> Start:
     device = resolve_device(config.device)
     model.to(device)
     check_model_accepts_data(model, source, loss)
@@ -281,7 +267,7 @@ def _measure_start(
     fixed_x, fixed_y = _first_samples(source, max(subset_samples, sharpness_samples))
     with naming_out_of_memory("evaluating the initial weights"):
         values = evaluate(model, val_source, loss, eval_batch_size, device)
-    return _Start(
+    return Start(
         device=device,
         initial_state=initial_state,
         initial_params_sha256=params_sha256(model),

@@ -91,7 +91,7 @@ def noise_line(noise: NoiseMeasurement) -> str:
 
 
 def _cross_check(step_time_fit: tuple[float, float], b_simple: float) -> str:
-    """DESIGN.md's closed form: the time is smallest near sqrt(B_noise x a/c)."""
+    """docs/design.md's closed form: the time is smallest near sqrt(B_noise x a/c)."""
     a, c = step_time_fit
     return (
         f"Cross-check: step time ~ {a * 1e3:.3g} ms + {c * 1e6:.3g} us x B, a throughput knee "

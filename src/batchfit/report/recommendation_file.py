@@ -1,7 +1,7 @@
 """Read the recommendation from tune's ``report.json`` (only its stable, documented keys).
 
-DESIGN.md fixes ``recommended.batch_size`` and ``recommended.lr`` (and ``version``); nothing else
-of tune's report is read, so either side can change the rest freely.
+docs/design.md fixes ``recommended.batch_size`` and ``recommended.lr`` (and ``version``); nothing
+else of tune's report is read, so either side can change the rest freely.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``tune`` report: ``report.json`` (stable, versioned keys), ``report.md`` and PNG plots.
 
-``report.json`` keys promised by DESIGN.md (version 1): ``recommended.batch_size``,
+``report.json`` keys promised by docs/design.md (version 1): ``recommended.batch_size``,
 ``recommended.micro_batch_size``, ``recommended.lr``, ``memory.max_micro_batch_size``,
 ``memory.limit_bytes``, ``throughput[] {batch_size, samples_per_s}``, ``noise.b_simple``,
 ``noise.critical_batch_size``, ``decision[]``, ``version``. Other keys add detail; values that are
