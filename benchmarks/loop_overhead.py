@@ -3,7 +3,7 @@
 Same model (the built-in MNIST-1D CNN), same tensors, same optimizer, same number of steps, measured
 side by side in one run, alternating which goes first; the ratio is the median over rounds.
 batchfit does its full job here (progress off): metrics rows for every step written to
-metrics.csv, NaN checks, position bookkeeping. Target (DESIGN.md): ratio >= 0.97.
+metrics.csv, NaN checks, position bookkeeping. Target (docs/design.md): ratio >= 0.97.
 
     python benchmarks/loop_overhead.py [--rounds 5] [--seconds 1.5] [--device cuda]
 
