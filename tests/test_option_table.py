@@ -92,13 +92,21 @@ def test_options_are_written_as_the_caller_writes_them():
         assert opt("seed") == "'seed'"  # not a flag of this command: named as an option
 
 
-def test_a_python_caller_gets_the_command_lines_policy():
-    """tune keeps all the data for measuring; an example's lr is used for the Adam family."""
+def test_a_python_caller_gets_the_command_lines_policy(tmp_path):
+    """tune keeps all of --data for measuring (an example keeps its own validation set); an
+    example's lr is used for the Adam family."""
+    import numpy as np
+
     from batchfit.task import load_task
 
-    for_tune = load_task(example="linreg", purpose="tune")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((50, 3), np.float32), y=np.zeros(50, np.int64))
+    own = {"model": "torch.nn:Identity", "data": str(data)}
+    assert load_task(**own, purpose="tune").val is None
+    assert load_task(**own, purpose="train").val.num_samples == 5
+    assert load_task(example="linreg", purpose="tune").val is not None
+    assert load_task(example="linreg", purpose="tune", val_fraction=0).val is None
     for_train = load_task(example="linreg", purpose="train")
-    assert for_tune.val is None and for_train.val is not None
     _, lr_adam = for_train.model_and_lr(0, "adam", None)
     _, lr_sgd = for_train.model_and_lr(0, "sgd", None)
     _, lr_given = for_train.model_and_lr(0, "sgd", 0.5)

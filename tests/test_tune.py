@@ -35,6 +35,7 @@ PLOTS = (
     "gradient_error.png",
     "memory_and_step_time.png",
     "lr_range.png",
+    "race.png",
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,7 +187,11 @@ def test_tune_api_recommends_writes_the_report_and_restores_the_model(tmp_path):
     assert (
         1 <= rec.batch_size <= 1000 and rec.micro_batch_size <= result.memory.max_micro_batch_size
     )
-    assert result.lr_range is not None and rec.lr == result.lr_range.pick
+    # The race decides, around the range test's pick at the predicted batch size.
+    race, pick = result.race, result.lr_range.pick
+    assert race is not None and (rec.batch_size, rec.lr) == (race.winner.batch_size, race.winner.lr)
+    screened = {(lane.contender.batch_size, lane.contender.lr) for lane in race.rounds[0].lanes}
+    assert (result.lr_range.batch_size, float(f"{pick:.4g}")) in screened
     assert result.noise is not None and result.noise.estimate.pairs >= 2
     names = {os.path.basename(f) for f in result.report_files}
     assert {"report.json", "report.md", *PLOTS} <= names
@@ -289,13 +294,17 @@ def test_tune_takes_a_config_and_options_on_top_of_it():
     assert result.time_budget_s == 8 and result.recommended.batch_size <= 64
 
 
-def test_with_a_given_lr_the_noise_probe_gets_the_range_tests_time():
+def test_with_a_given_lr_the_noise_probe_and_the_race_share_the_range_tests_time():
     budget = TimeBudget(100.0, time.time(), reserve=0.0)
     budget.phase("memory")
     budget.phase("throughput")
     budget.give_share_away("lr")
-    assert budget.phase("noise").remaining() == pytest.approx(100.0, abs=0.5)
-    assert set(PHASE_SHARES) == {"memory", "throughput", "noise", "lr"}
+    noise, race = PHASE_SHARES["noise"], PHASE_SHARES["race"]
+    assert budget.phase("noise").remaining() == pytest.approx(
+        100.0 * noise / (noise + race), abs=0.5
+    )
+    assert budget.phase("race").remaining() == pytest.approx(100.0, abs=0.5)
+    assert set(PHASE_SHARES) == {"memory", "throughput", "noise", "lr", "race"}
 
 
 @pytest.mark.parametrize("lr", [100.0, 1e30])
@@ -323,7 +332,13 @@ def test_running_out_of_memory_in_the_noise_or_lr_phase_skips_only_that_phase(ph
         assert result.noise is None and result.lr_range is not None
     else:
         assert result.noise is not None and result.lr_range is None
-        assert result.recommended.lr == scale_lr(1e-3, 32, result.recommended.batch_size, "sqrt")
+        # the race centres its learning rates on the rule-scaled default, and decides
+        prior = result.batch_size_choice.batch_size
+        centre = float(f"{scale_lr(1e-3, 32, prior, 'sqrt'):.4g}")
+        screened = {
+            (lane.contender.batch_size, lane.contender.lr) for lane in result.race.rounds[0].lanes
+        }
+        assert (prior, centre) in screened and result.recommended.lr == result.race.winner.lr
 
 
 def test_tune_refuses_bad_settings(tmp_path):

@@ -321,7 +321,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if args.progress:
             console().print(f"[{time.time() - started:5.1f}s] {message}", markup=False)
 
-    result = tune(model, task.train, loss=task.loss, log=log, config=config)
+    result = tune(model, task.train, val_data=task.val, loss=task.loss, log=log, config=config)
     report = result.to_report()  # the very object written to report.json
     if args.json:
         print(to_json(report))
@@ -337,10 +337,13 @@ def _print_tune(args: argparse.Namespace, result: Any, report: dict, seconds: fl
 
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"[bold]batchfit tune: {headline(report)}[/bold]")
+    for warning in result.machine.warnings:  # first: they say how far to trust the rest
+        out.print(f"  [bold]warning:[/bold] {warning}")
     out.print(f"  {reasons_line(report)}", markup=False)
     out.print("why:")
     for line in result.decision:
-        out.print(f"  - {line}", markup=False)
+        if not line.startswith("Warning: "):
+            out.print(f"  - {line}", markup=False)
     if result.skipped:
         out.print("cut short or skipped:")
         for line in result.skipped:

@@ -8,11 +8,13 @@ samples before any training, so that a mismatch is one clear error, not a traceb
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from batchfit.core.options import opt
+from batchfit.core.options import opt, opt_value
+from batchfit.data.permute import Holdout, validation_count
 from batchfit.data.source import BatchSource
 from batchfit.data.stream import StreamSource
 from batchfit.data.tensors import TensorSource
@@ -130,3 +132,30 @@ def _expected_input(model: nn.Module) -> str:
                 f"channel{'' if channels == 1 else 's'}"
             )
     return ""
+
+
+def split_off(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSource, BatchSource]:
+    """``(the rest, a seeded share of the samples)``: the same held-out rows whether the data
+    are tensors in memory, a streamed file or a torch Dataset; a stream of unknown length cannot
+    be split."""
+    if isinstance(source, (TensorSource, StreamSource)):
+        return source.split(fraction, seed)
+    if isinstance(source, DatasetSource):
+        n = source.num_samples
+        # The same rows as TensorSource.split and StreamSource.split hold out.
+        held_out = Holdout(n, validation_count(n, fraction), seed).all_rows()
+        train_rows, val_rows = np.flatnonzero(~held_out).tolist(), np.flatnonzero(held_out).tolist()
+        workers = source.num_workers
+        train = DatasetSource(
+            torch.utils.data.Subset(source.dataset, train_rows),
+            seed=source.seed,
+            num_workers=workers,
+        )
+        val = DatasetSource(
+            torch.utils.data.Subset(source.dataset, val_rows), shuffle=False, num_workers=workers
+        )
+        return train, val
+    raise BatchfitError(
+        f"A stream cannot be split for validation; give {opt('val_data')}, or "
+        f"{opt_value('val_fraction', 0)}."
+    )

@@ -13,22 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from batchfit.core import options
 from batchfit.core.options import opt, opt_value
-from batchfit.data.permute import Holdout, validation_count
 from batchfit.data.source import BatchSource
 from batchfit.data.stream import DEFAULT_PREFETCH, StreamSource, load_file
 from batchfit.data.tensors import TensorSource
-from batchfit.data.torch_dataset import DatasetSource, IterableSource
+from batchfit.data.torch_dataset import IterableSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.examples import DEFAULT_EXAMPLE, DESCRIPTIONS, example
 from batchfit.imports import import_object
-from batchfit.inputs import as_source, target_kind_of
+from batchfit.inputs import as_source, split_off, target_kind_of
 from batchfit.losses import Loss, resolve_loss
 
 
@@ -199,14 +197,15 @@ def load_task(
     ``model`` alone trains the user's model on the example's data; ``data`` needs ``model``.
     ``resume_from``, the checkpoint folder of a run being resumed, makes ``data`` be read as
     that run read it (streamed or loaded), unless ``stream`` forces a choice. ``purpose`` is the
-    command the task is for: without ``val_fraction``, ``tune`` keeps all the data for measuring
-    (no validation), ``train`` and ``sweep`` hold out 0.1 of it.
+    command the task is for: without ``val_fraction``, ``tune`` keeps all of ``data`` for measuring
+    (no validation split; its race holds out its own share), ``train`` and ``sweep`` hold out 0.1
+    of it. A built-in example keeps its own validation set unless ``val_fraction`` is 0.
     """
     _check_task_options(example, model, data, val_data, val_fraction, features, target)
+    if data is None:  # an example's own validation set is kept unless val_fraction is 0
+        return _example_task(example or DEFAULT_EXAMPLE, model, val_fraction, loss, seed)
     if val_fraction is None and purpose == "tune":
         val_fraction = DEFAULT_VAL_FRACTION["tune"]
-    if data is None:
-        return _example_task(example or DEFAULT_EXAMPLE, model, val_fraction, loss, seed)
     stream_options = _as_resumed(stream or StreamOptions(), resume_from)
     train, kind, choice = _load_data(
         data, features, target, seed, shuffle=True, stream=stream_options
@@ -288,7 +287,7 @@ def _held_out(
     fraction = DEFAULT_VAL_FRACTION["train"] if val_fraction is None else val_fraction
     if fraction == 0:
         return train, None
-    train, val = _split(train, fraction, seed)
+    train, val = split_off(train, fraction, seed)
     if isinstance(train, StreamSource):
         notes.append(
             f"validation holds out {fraction:g} of the streamed rows, so each evaluation reads "
@@ -312,28 +311,4 @@ def _as_class_labels(source: BatchSource) -> BatchSource:
     raise BatchfitError(
         "The cross_entropy loss needs class labels 0..C-1, but the target holds other numbers; "
         f"store the labels as integers, or use {opt_value('loss', 'mse')}."
-    )
-
-
-def _split(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSource, BatchSource]:
-    if isinstance(source, (TensorSource, StreamSource)):
-        return source.split(fraction, seed)
-    if isinstance(source, DatasetSource):
-        n = source.num_samples
-        # The same rows as TensorSource.split and StreamSource.split hold out.
-        held_out = Holdout(n, validation_count(n, fraction), seed).all_rows()
-        train_rows, val_rows = np.flatnonzero(~held_out).tolist(), np.flatnonzero(held_out).tolist()
-        workers = source.num_workers
-        train = DatasetSource(
-            torch.utils.data.Subset(source.dataset, train_rows),
-            seed=source.seed,
-            num_workers=workers,
-        )
-        val = DatasetSource(
-            torch.utils.data.Subset(source.dataset, val_rows), shuffle=False, num_workers=workers
-        )
-        return train, val
-    raise BatchfitError(
-        f"A stream cannot be split for validation; give {opt('val_data')}, or "
-        f"{opt_value('val_fraction', 0)}."
     )

@@ -15,38 +15,39 @@ model is the same after tuning as before.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
+from batchfit.core.accounting import split_batch
 from batchfit.core.configs import TuneConfig
 from batchfit.core.lr_scaling import default_rule, scale_lr
+from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
-from batchfit.data.source import BatchSource
-from batchfit.errors import first_line
 from batchfit.files import prepare_report_folder
 from batchfit.inputs import as_source, check_model_accepts_data, loss_for
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
-from batchfit.orchestrate.tune_decision import decision
-from batchfit.probe.harness import Diverged, OutOfTime
+from batchfit.orchestrate.tune_decision import decision, race_lines
+from batchfit.orchestrate.tune_race import race_phase
+from batchfit.orchestrate.tune_result import Recommended, TuneResult
+from batchfit.orchestrate.tune_state import TuneRun
 from batchfit.probe.lr_range import LRRange, lr_range_test
+from batchfit.probe.machine import check_machine
 from batchfit.probe.memory import (
     MemoryCeiling,
     find_max_micro_batch_size,
-    is_out_of_memory,
-    release_memory,
 )
 from batchfit.probe.noise import NoiseMeasurement, warmup_and_measure
+from batchfit.probe.race import RaceResult
 from batchfit.probe.throughput import Throughput, measure_throughput, powers_of_two_up_to
-from batchfit.report.tune_report import REPORT_FILES, build_report, write_report
+from batchfit.report.tune_report import REPORT_FILES, write_report
 from batchfit.step import (
     DEFAULT_LR,
     make_optimizer,
@@ -59,122 +60,15 @@ from batchfit.step import (
 NOISE_MICRO_BATCH = 32
 NOISE_ACCUMULATION = 8
 LR_RANGE_STEPS = 60
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Recommended:
-    """Tune's answer, what to train with: the batch size, its split into micro-batches, and the
-    learning rate with where it came from."""
-
-    batch_size: int
-    micro_batch_size: int
-    accumulation: int
-    lr: float
-    lr_rule: str
-    optimizer: str
-
-
-@dataclass(frozen=True)
-class TuneResult:
-    """Everything ``tune`` measured and decided; :meth:`to_report` is ``report.json``.
-
-    ``recommended`` is the answer; ``batch_size_choice`` is how the batch size was chosen (the
-    predicted curve, the runner-up, the reasons); the probes' results sit beside them.
-    """
-
-    task: str
-    device: str
-    num_samples: int | None
-    recommended: Recommended
-    memory: MemoryCeiling
-    throughput: Throughput
-    noise: NoiseMeasurement | None
-    lr_range: LRRange | None
-    batch_size_choice: BatchSizeChoice
-    step_time_fit: tuple[float, float] | None
-    decision: tuple[str, ...]
-    skipped: tuple[str, ...]
-    time_budget_s: float
-    seconds: float
-    phase_seconds: dict[str, float]
-    report_files: tuple[str, ...] = field(default=())
-    #: The very object written to ``report.json`` (None when no report was written).
-    report: dict[str, Any] | None = None
-
-    @property
-    def provisional(self) -> bool:
-        """True when measurements cut short left larger batch sizes unjudged."""
-        return bool(self.batch_size_choice.provisional)
-
-    def to_report(self) -> dict[str, Any]:
-        """``report.json``: the object written to disk, or built now when none was written."""
-        return self.report if self.report is not None else build_report(self.to_dict())
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (each result as a dict of its fields): what the report is built from."""
-        return asdict(self)
-
-
-@dataclass
-class _Run:
-    """One tune run: what it measures, with which settings, and what it has collected so far
-    besides the probes' results (notes on what was cut short, failures, seconds per phase)."""
-
-    config: TuneConfig
-    model: nn.Module
-    source: BatchSource
-    loss: Loss
-    budget: TimeBudget
-    log: Callable[[str], None]
-    #: The smallest size the model trains on (2 with batch norm): every probe starts there.
-    smallest: int
-    #: How the learning rate follows the batch size: as given, else the optimizer's usual rule.
-    lr_scaling: str
-    skipped: list[str] = field(default_factory=list)
-    #: Divergences and out-of-memory errors of the optional phases, for the decision.
-    failures: list[str] = field(default_factory=list)
-    phase_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def loss_fn(self) -> LossFn:
-        return self.loss.fn
-
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
-        yield
-        self.phase_seconds[phase] = round(time.perf_counter() - started, 3)
-
-    def unless_it_fails(self, what: str, probe: Callable[[], T]) -> T | None:
-        """Run a probe that the recommendation can do without; when it ran out of time, diverged
-        or ran out of memory, say so in ``skipped`` (and a divergence or out-of-memory error also
-        in ``failures``, for the decision) and return None. Every other error propagates."""
-        try:
-            return probe()
-        except OutOfTime as exc:
-            self.skipped.append(f"{what} not measured: {exc}")
-        except Diverged as exc:
-            self.skipped.append(f"{what} not measured: {exc}")
-            self.failures.append(str(exc))
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            release_memory(model_device(self.model), collect=True)
-            message = (
-                f"{what} not measured: it ran out of memory ({first_line(exc)[:200]}); "
-                "the measurements before it stand."
-            )
-            self.skipped.append(message)
-            self.failures.append(message)
-        return None
+#: A noise scale read over fewer steps than this is marked provisional.
+MIN_NOISE_STEPS = 16
 
 
 def tune(
     model: nn.Module,
     data: object,
     *,
+    val_data: object | None = None,
     loss: str | LossFn | Loss | None = None,
     log: Callable[[str], None] | None = None,
     config: TuneConfig | None = None,
@@ -182,9 +76,11 @@ def tune(
 ) -> TuneResult:
     """Measure ``model`` on ``data`` and recommend a batch size, micro-batch and learning rate.
 
-    ``data`` is what :func:`batchfit.train` accepts; ``loss`` a loss name, function or ``None``
-    (inferred from the target); ``log`` receives progress lines. The options (fields of
-    :class:`~batchfit.core.configs.TuneConfig`, given as keywords or as ``config``):
+    ``data`` is what :func:`batchfit.train` accepts; ``val_data`` (the same forms) judges the
+    race of short training runs that confirms the batch size and measures the learning rate
+    (default: a seeded fifth of ``data``, held out from the race's training); ``loss`` a loss
+    name, function or ``None`` (inferred from the target); ``log`` receives progress lines. The
+    options (fields of :class:`~batchfit.core.configs.TuneConfig`, keywords or ``config``):
 
     - ``optimizer``: ``adam`` (default), ``adamw`` or ``sgd``; the optimizer that is measured.
     - ``lr``: your learning rate, tuned at ``lr_batch_size`` (default 32), scaled to the
@@ -222,7 +118,7 @@ def tune(
     source = as_source(data, seed=config.seed)
     loss_of_task = loss_for(source, loss)
     device = resolve_device(config.device)
-    run = _Run(
+    run = TuneRun(
         config=config,
         model=model,
         source=source,
@@ -233,6 +129,9 @@ def tune(
         log=log or (lambda _: None),
         smallest=smallest_trainable_size(model),
         lr_scaling=config.lr_scaling or default_rule(config.optimizer),
+        val_data=as_source(val_data, shuffle=False, what="validation data")
+        if val_data is not None
+        else None,
     )
     user_device = model_device(model)
     model.to(device)
@@ -246,11 +145,15 @@ def tune(
     return result if out is None else _with_report(result, out)
 
 
-def _measure_and_recommend(run: _Run) -> TuneResult:
+def _measure_and_recommend(run: TuneRun) -> TuneResult:
     """The phases of :func:`tune`, in order, on the model already on its device."""
     check_model_accepts_data(run.model, run.source, run.loss)
     budget = f"time budget {run.budget.total:g} s"
     run.log(f"tune: {run.config.task_name}, {run.source.describe()}; {budget}")
+    # Timings on a shared or oversubscribed CPU are slow alike and say nothing: look first.
+    machine = check_machine(model_device(run.model))
+    for warning in machine.warnings:
+        run.log(f"warning: {warning}")
     # The optimizer's state counts in the memory trials; its step is timed too.
     optimizer = make_optimizer(
         run.config.optimizer, run.model, run.config.lr or DEFAULT_LR[run.config.optimizer]
@@ -259,11 +162,17 @@ def _measure_and_recommend(run: _Run) -> TuneResult:
     throughput, ceiling = _throughput_phase(run, optimizer, memory.max_micro_batch_size)
     noise = _noise_phase(run, ceiling)
     choice = _choose_batch_size(run, memory, throughput, noise, ceiling)
-    recommended, lr_range = _lr_phase(run, choice)
+    prior, lr_range = _lr_phase(run, choice)
+    with run.timed("race"):
+        raced = race_phase(
+            run, choice, throughput, ceiling, prior.lr, run.val_data, run.budget.phase("race")
+        )
+    recommended = _answer(run, prior, raced, ceiling)
     fit = fit_step_time(throughput.pairs())
-    why = decision(
-        memory, noise, choice, recommended.lr, recommended.lr_rule, lr_range, fit, run.failures
-    )
+    why = [f"Warning: {w}" for w in machine.warnings]
+    why += decision(
+        memory, noise, choice, prior.lr, prior.lr_rule, lr_range, fit, run.failures, bool(raced)
+    ) + race_lines(raced, prior)
     return TuneResult(
         task=run.config.task_name,
         device=str(model_device(run.model)),
@@ -273,6 +182,8 @@ def _measure_and_recommend(run: _Run) -> TuneResult:
         throughput=throughput,
         noise=noise,
         lr_range=lr_range,
+        race=raced,
+        machine=machine,
         batch_size_choice=choice,
         step_time_fit=fit,
         decision=tuple(why),
@@ -283,7 +194,7 @@ def _measure_and_recommend(run: _Run) -> TuneResult:
     )
 
 
-def _memory_phase(run: _Run, optimizer: torch.optim.Optimizer) -> MemoryCeiling:
+def _memory_phase(run: TuneRun, optimizer: torch.optim.Optimizer) -> MemoryCeiling:
     """The largest micro-batch that fits."""
     with run.timed("memory"):
         memory = find_max_micro_batch_size(
@@ -302,7 +213,7 @@ def _memory_phase(run: _Run, optimizer: torch.optim.Optimizer) -> MemoryCeiling:
 
 
 def _throughput_phase(
-    run: _Run, optimizer: torch.optim.Optimizer, ceiling: int
+    run: TuneRun, optimizer: torch.optim.Optimizer, ceiling: int
 ) -> tuple[Throughput, int]:
     """Samples/s at powers of two up to the memory ceiling; returns the throughput and the
     ceiling, lowered to the largest size timed when a larger one ran out of memory."""
@@ -345,7 +256,7 @@ def _noise_sizes(ceiling: int, n: int | None, smallest: int = 1) -> tuple[int, i
     return (b, k) if b * k <= limit else None
 
 
-def _noise_phase(run: _Run, ceiling: int) -> NoiseMeasurement | None:
+def _noise_phase(run: TuneRun, ceiling: int) -> NoiseMeasurement | None:
     """The gradient noise scale, at the initial weights and after a short warm-up from them;
     None when the data are too few or the probe failed (``skipped`` says why)."""
     config, n = run.config, run.source.num_samples
@@ -386,6 +297,12 @@ def _noise_phase(run: _Run, ceiling: int) -> NoiseMeasurement | None:
         )
         if noise is not None:
             run.skipped += noise.notes
+            if noise.estimate.pairs < MIN_NOISE_STEPS:
+                run.skipped.append(
+                    f"The noise scale comes from {noise.estimate.pairs} steps only, so it is "
+                    f"provisional (its interval is wide); a larger {opt('time_budget')} reads it "
+                    "over more steps."
+                )
             est = noise.estimate
             run.log(
                 f"noise: B_simple ~{est.b_simple:.0f} ({est.confidence:.0%} interval "
@@ -395,7 +312,7 @@ def _noise_phase(run: _Run, ceiling: int) -> NoiseMeasurement | None:
 
 
 def _choose_batch_size(
-    run: _Run,
+    run: TuneRun,
     memory: MemoryCeiling,
     throughput: Throughput,
     noise: NoiseMeasurement | None,
@@ -414,7 +331,7 @@ def _choose_batch_size(
     )
 
 
-def _lr_phase(run: _Run, choice: BatchSizeChoice) -> tuple[Recommended, LRRange | None]:
+def _lr_phase(run: TuneRun, choice: BatchSizeChoice) -> tuple[Recommended, LRRange | None]:
     """The learning rate: the user's, scaled by the rule, or a range test at the chosen batch
     (rule-scaled from the default when the test failed or was inconclusive)."""
     config = run.config
@@ -439,7 +356,7 @@ def _lr_phase(run: _Run, choice: BatchSizeChoice) -> tuple[Recommended, LRRange 
     return recommended, lr_range
 
 
-def _lr_from_range_test(run: _Run, choice: BatchSizeChoice) -> tuple[LRRange | None, float, str]:
+def _lr_from_range_test(run: TuneRun, choice: BatchSizeChoice) -> tuple[LRRange | None, float, str]:
     """``(range test, lr, where the lr came from)`` at the chosen batch size."""
     config = run.config
     deadline = run.budget.phase("lr")
@@ -473,6 +390,28 @@ def _lr_from_range_test(run: _Run, choice: BatchSizeChoice) -> tuple[LRRange | N
         f"{config.lr_batch_size}"
     )
     return lr_range, lr, rule
+
+
+def _answer(
+    run: TuneRun, prior: Recommended, raced: RaceResult | None, ceiling: int
+) -> Recommended:
+    """The race's winner when there was a race, else the prior. The user's own learning rate
+    stays theirs, scaled by the rule to the winning batch size, as without a race."""
+    if raced is None:
+        return prior
+    size = raced.winner.batch_size
+    micro, accumulation = split_batch(size, ceiling)
+    config = run.config
+    if config.lr is not None:
+        lr = scale_lr(config.lr, config.lr_batch_size, size, run.lr_scaling)
+        rule = prior.lr_rule
+    else:
+        lr, rule = raced.winner.lr, f"{prior.optimizer}, the fastest of {_lanes(raced)} short runs"
+    return Recommended(size, micro, accumulation, lr, rule, prior.optimizer)
+
+
+def _lanes(raced: RaceResult) -> int:
+    return len({lane.contender for r in raced.rounds for lane in r.lanes})
 
 
 def _with_report(result: TuneResult, out: Path) -> TuneResult:

@@ -8,8 +8,8 @@ the report leave too little of is refused before any measuring.
 Examples:
     >>> import time
     >>> budget = TimeBudget(100.0, started=time.time(), reserve=0.0)
-    >>> round(budget.phase("memory").remaining())  # 15% of what is left
-    15
+    >>> round(budget.phase("memory").remaining())  # 10% of what is left
+    10
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from batchfit.probe.harness import Deadline
 #: Seconds for the whole run when no ``time_budget`` is given, per device type.
 DEFAULT_TIME_BUDGET_S = {"cpu": 60.0, "cuda": 300.0}
 #: Shares of the time budget per phase; what a phase leaves unused goes to the next ones.
-PHASE_SHARES = {"memory": 0.15, "throughput": 0.25, "noise": 0.35, "lr": 0.25}
+PHASE_SHARES = {"memory": 0.1, "throughput": 0.15, "noise": 0.2, "lr": 0.05, "race": 0.5}
 #: Time kept back for writing the report and plots (at most 15% of the budget).
 REPORT_RESERVE_S = 4.0
 #: A budget that leaves less than this for measuring, after start-up and the report, is refused.

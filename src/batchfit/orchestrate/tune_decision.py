@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 
+from batchfit.core.lr_scaling import scale_lr
 from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice
 from batchfit.core.units import format_bytes
+from batchfit.orchestrate.tune_result import Recommended
 from batchfit.probe.lr_range import LRRange
 from batchfit.probe.memory import MemoryCeiling
 from batchfit.probe.noise import NoiseMeasurement
+from batchfit.probe.race import RaceResult
 
 
 def decision(
@@ -27,9 +30,11 @@ def decision(
     lr_range: LRRange | None,
     step_time_fit: tuple[float, float] | None,
     failures: list[str],
+    raced: bool = False,
 ) -> list[str]:
     """Every rule applied, in plain words, in the order they were applied; ``lr`` and
-    ``lr_rule`` are the recommended learning rate and where it came from."""
+    ``lr_rule`` are the learning rate before the race (the answer when there was no race) and
+    where it came from."""
     lines = [_memory_line(memory)]
     if memory.confirmed:
         lines.append(
@@ -41,7 +46,8 @@ def decision(
     lines.extend(choice.decision)
     if step_time_fit is not None and noise is not None and math.isfinite(noise.estimate.b_simple):
         lines.append(_cross_check(step_time_fit, noise.estimate.b_simple))
-    lines.append(_lr_line(lr, lr_rule, lr_range))
+    line = _lr_line(lr, lr_rule, lr_range)
+    lines.append(f"Before the race: {line[0].lower()}{line[1:]}" if raced else line)
     return lines
 
 
@@ -113,3 +119,52 @@ def _lr_line(lr: float, lr_rule: str, lr_range: LRRange | None) -> str:
             f"{lr_range.verdict}; so learning rate {lr:.3g} ({lr_rule})."
         )
     return f"Learning rate {lr:.3g} ({lr_rule})."
+
+
+def race_lines(raced: RaceResult | None, prior: Recommended) -> list[str]:
+    """The race in words: what ran, who won, who came close, and whether it confirms the
+    prediction of the noise-scale model and the range test (``prior``)."""
+    if raced is None:
+        return []
+    winner, horizon = raced.winner, raced.rounds[-1].horizon_s
+    lanes = len({lane.contender for r in raced.rounds for lane in r.lanes})
+    lines = [
+        f"Race: {lanes} short training runs from the initial weights in {len(raced.rounds)} "
+        f"round(s), the last {horizon:.2g} s of training each (steps x the measured step time), "
+        f"judged on held-out loss: {winner.label()} reached {raced.level:.4g} first."
+    ]
+    close = [f"{c.label()} ({r:.2f}x)" for c, r in raced.finalists[1:4] if r < math.inf]
+    if close:
+        lines.append(f"Next in the race: {', '.join(close)}.")
+    sizes = sorted({c.batch_size for c in raced.equally_good})
+    if len(sizes) > 1:
+        lines.append(
+            f"Equally good within 5% of the winner's time: batch sizes {sizes[0]}-{sizes[-1]}."
+        )
+    lines.append(_against_prior(raced, prior))
+    if raced.still_improving:
+        lines.append(
+            "The winner's held-out loss was still falling when the race ended, so a long run may "
+            f"favour a larger batch than this; a larger {opt('time_budget')} races further."
+        )
+    return lines + list(raced.notes)
+
+
+def _against_prior(raced: RaceResult, prior: Recommended) -> str:
+    """Whether the race confirms the noise-scale model's batch size and the range test's lr."""
+    winner = raced.winner
+    if winner.batch_size == prior.batch_size:
+        size = f"It confirms the noise-scale model's batch size {prior.batch_size}"
+    else:
+        at_prior = [r for c, r in raced.finalists if c.batch_size == prior.batch_size]
+        slower = (
+            f", which took {at_prior[0]:.2f}x the winner's time"
+            if at_prior and at_prior[0] < math.inf
+            else ", which did not make the final"
+        )
+        size = (
+            f"It disagrees with the noise-scale model, which predicted batch size "
+            f"{prior.batch_size}{slower}"
+        )
+    ratio = winner.lr / scale_lr(prior.lr, prior.batch_size, winner.batch_size, "sqrt")
+    return f"{size}; its learning rate is {ratio:.2g}x the prior's ({prior.lr_rule}), scaled."

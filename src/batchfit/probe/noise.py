@@ -51,8 +51,13 @@ from batchfit.probe.harness import (
 )
 from batchfit.step import make_optimizer, smallest_trainable_size
 
-#: The loss has "clearly fallen" once its recent mean is this share below its initial value.
+#: The loss has "clearly fallen" once its recent mean is this share below its initial value ...
 LOSS_DROP = 0.25
+#: ... and its first fast fall is over once a window's mean is less than this share below the
+#: window's before it. On a target with a large mean, the first steps only fit the mean: the
+#: loss falls a hundredfold while the noise scale reads near zero (measured: ~0.3 where the
+#: critical batch later was ~100), so the reading waits until that fall has run its course.
+STILL_FALLING = 0.2
 #: Steps per window of the estimate's trajectory, and update-free steps at the initial weights.
 WINDOW = 8
 #: The warm-up diverged when a step's loss exceeds the initial loss this many times ...
@@ -454,19 +459,32 @@ def _train_and_read(
 
 
 def _end_warmup_when_due(run: _WarmUp, done: int, max_steps: int, half_time: float) -> None:
-    """End the warm-up once the loss has clearly fallen, or half the steps or time have passed
-    (then the estimate comes earlier in training than intended, and a note says so)."""
+    """End the warm-up once the loss has clearly fallen and its first fast fall is over, or half
+    the steps or time have passed (then the estimate comes earlier in training than intended,
+    and a note says so)."""
     scale = abs(run.loss_start)
-    fell = _mean(run.readings.losses[-WINDOW:]) <= run.loss_start - LOSS_DROP * scale
+    losses = run.readings.losses
+    recent, before = _mean(losses[-WINDOW:]), _mean(losses[-2 * WINDOW : -WINDOW])
+    fell = recent <= run.loss_start - LOSS_DROP * scale
+    slowed = recent >= before - STILL_FALLING * abs(before)
     elapsed = time.perf_counter() - run.started
-    if fell or done >= max_steps // 2 or elapsed >= half_time:
+    if (fell and slowed) or done >= max_steps // 2 or elapsed >= half_time:
         run.warmup_end = done
-        why = "the loss fell by 25%" if fell else "half the warm-up allowance passed"
+        why = (
+            "the loss fell by 25% and its fast fall is over"
+            if fell and slowed
+            else "half the warm-up allowance passed"
+        )
         run.log(f"noise: warm-up done after {done} steps ({why}); measuring")
         if not fell:
             run.notes.append(
                 f"The loss had not fallen by 25% after {done} warm-up steps; the "
                 "estimate is taken earlier in training than intended (a lower bound)."
+            )
+        elif not slowed:
+            run.notes.append(
+                f"The loss was still falling fast after {done} warm-up steps; the estimate is "
+                "taken earlier in training than intended (likely a lower bound)."
             )
 
 

@@ -24,6 +24,13 @@ from batchfit.core.units import format_bytes
 from batchfit.files import write_json, write_text
 from batchfit.report import plots
 from batchfit.report.markdown import table
+from batchfit.report.tune_race_report import (
+    batch_size_range,
+    markdown_race,
+    markdown_warnings,
+    race_json,
+    race_plot,
+)
 from batchfit.version import __version__
 
 #: A tune result as plain data: ``TuneResult.to_dict()``.
@@ -37,6 +44,7 @@ PLOT_FILES = {
     "gradient_error": "gradient_error.png",
     "memory_and_step_time": "memory_and_step_time.png",
     "lr_range": "lr_range.png",
+    "race": "race.png",
 }
 #: Every file a tune report may hold: what an earlier run left is removed before a new one.
 REPORT_FILES = ("report.json", "report.md", *PLOT_FILES.values())
@@ -52,13 +60,15 @@ def build_report(result: TuneData) -> dict[str, Any]:
         "task": result["task"],
         "device": result["device"],
         "num_samples": result["num_samples"],
-        "recommended": _recommended_json(result["recommended"], choice),
+        "recommended": _recommended_json(result["recommended"], choice, result["race"]),
         "memory": _memory_json(result["memory"]),
         "throughput": [_throughput_point_json(p) for p in throughput["points"]],
         "throughput_flattens_at": throughput["flattens_at"],
         "step_time_fit": _step_time_fit_json(result["step_time_fit"]),
         "noise": _noise_json(result["noise"]),
         "lr_range": _lr_range_json(result["lr_range"]),
+        "race": race_json(result["race"]),
+        "machine": dict(result["machine"]),
         "predicted_time": [dict(c) for c in choice["curve"]],
         "decision": list(result["decision"]),
         "skipped": list(result["skipped"]),
@@ -69,7 +79,9 @@ def build_report(result: TuneData) -> dict[str, Any]:
     }
 
 
-def _recommended_json(recommended: TuneData, choice: TuneData) -> dict[str, Any]:
+def _recommended_json(
+    recommended: TuneData, choice: TuneData, race: TuneData | None
+) -> dict[str, Any]:
     runner = choice["runner_up"]
     return {
         "batch_size": recommended["batch_size"],
@@ -79,7 +91,7 @@ def _recommended_json(recommended: TuneData, choice: TuneData) -> dict[str, Any]
         "lr_rule": recommended["lr_rule"],
         "optimizer": recommended["optimizer"],
         "provisional": list(choice["provisional"]),
-        "batch_size_range": list(choice["batch_size_range"]),
+        "batch_size_range": batch_size_range(race, list(choice["batch_size_range"])),
         "runner_up": None
         if runner is None
         else {
@@ -192,8 +204,10 @@ def headline(report: dict[str, Any]) -> str:
     mark = (
         "PROVISIONAL (the time budget cut the measurements short) " if r.get("provisional") else ""
     )
+    low, high = r["batch_size_range"]
+    span = f"; {low}-{high} equally good" if report.get("race") and low != high else ""
     return (
-        f"{mark}batch size {r['batch_size']}{acc} (micro-batch {r['micro_batch_size']}), "
+        f"{mark}batch size {r['batch_size']}{acc} (micro-batch {r['micro_batch_size']}{span}), "
         f"lr {r['lr']:.3g} ({r['lr_rule']})"
     )
 
@@ -240,6 +254,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the recommendation, its reasons, the measurements and the plots."""
     sections = (
         _md_summary,
+        markdown_race,
         _md_predicted_time,
         _md_throughput,
         _md_noise,
@@ -257,6 +272,7 @@ def _md_summary(report: dict[str, Any]) -> list[str]:
         "",
         f"**Recommended: {headline(report)}.**",
         "",
+        *markdown_warnings(report),
         f"Measured on {report['device']} in {report['seconds']:.1f} s (time budget "
         f"{report['time_budget_s']:g} s), {report['num_samples'] or 'a stream of'} training "
         f"samples. batchfit {report['batchfit_version']}, report version {report['version']}.",
@@ -421,6 +437,7 @@ def _plots(result: TuneData, out: Path) -> list[Path | None]:
         _gradient_error_plot(result, out / PLOT_FILES["gradient_error"]),
         _memory_time_plot(result, out / PLOT_FILES["memory_and_step_time"]),
         _lr_plot(result, out / PLOT_FILES["lr_range"]),
+        race_plot(result["race"], out / PLOT_FILES["race"]),
     ]
 
 

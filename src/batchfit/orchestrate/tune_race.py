@@ -1,0 +1,154 @@
+"""``tune``'s last phase: confirm the batch size and measure the learning rate by racing short
+training runs around the prediction (:mod:`batchfit.probe.race`).
+
+The noise-scale model and the range test give a *prior*: a batch size ``B0`` and a learning rate
+at it. The race tries the batch sizes from ``B0 / 2`` to ``4 B0`` with a grid of learning rates
+around the prior's (scaled to each size by the lr rule), from the initial weights, for equal
+training time, judged on held-out data; its winner is the answer. Held-out data is the
+validation data when given, else a seeded fifth of the training data (at most 4096 samples),
+which the race then does not train on.
+"""
+
+from __future__ import annotations
+
+from batchfit.core import race as judge
+from batchfit.core.accounting import split_batch
+from batchfit.core.lr_scaling import scale_lr
+from batchfit.core.recommend import BatchSizeChoice, fit_step_time
+from batchfit.data.source import BatchSource
+from batchfit.inputs import split_off
+from batchfit.orchestrate.tune_state import TuneRun
+from batchfit.probe.harness import Deadline
+from batchfit.probe.race import Contender, RaceResult, race
+from batchfit.probe.throughput import Throughput
+
+#: The share of the training data held out to judge the race when no validation data is given
+#: (at most :data:`MAX_HELD_OUT` samples).
+HELD_OUT_FRACTION = 0.2
+MAX_HELD_OUT = 4096
+#: The race is not run on fewer held-out samples than this: its judgement would be noise.
+MIN_HELD_OUT = 32
+
+
+def held_out_data(
+    source: BatchSource, val_data: BatchSource | None, seed: int
+) -> tuple[BatchSource, BatchSource] | str:
+    """``(data to train on, data to judge on)``, or why there is none."""
+    if val_data is not None:
+        return source, val_data
+    n = source.num_samples
+    if n is None:
+        return "a stream of unknown length cannot be split, and no validation data was given"
+    if n * HELD_OUT_FRACTION < MIN_HELD_OUT:
+        return f"{n} samples are too few to hold {MIN_HELD_OUT} out for judging"
+    return split_off(source, min(HELD_OUT_FRACTION, MAX_HELD_OUT / n), seed)
+
+
+def step_seconds(throughput: Throughput, sizes: list[int], ceiling: int) -> dict[int, float]:
+    """The step time of each batch size: measured, or for a size above the largest measured one
+    (it runs as accumulated micro-batches), that many micro-batches of the largest."""
+    measured = {p.batch_size: p.step_seconds for p in throughput.points}
+    top = max(b for b in measured if b <= ceiling)
+    out = {}
+    for size in sizes:
+        if size in measured:
+            out[size] = measured[size]
+        else:
+            micro, parts = split_batch(size, top)
+            out[size] = parts * measured.get(micro, measured[top] * micro / top)
+    return out
+
+
+def contenders(
+    choice: BatchSizeChoice,
+    lr_center: float,
+    lr_rule: str,
+    smallest: int,
+    largest: int,
+    ceiling: int,
+    user_lr: bool,
+    knee: float = 0.0,
+) -> dict[int, list[Contender]]:
+    """Batch size -> its contenders: the sizes around the prediction, each with the learning
+    rates of :data:`~batchfit.core.race.LR_FACTORS` around ``lr_center`` (the learning rate at the
+    predicted size) scaled by ``lr_rule``; only the scaled rate when the user gave the lr."""
+    sizes = judge.batch_sizes_around(choice.batch_size, smallest, largest, knee)
+    factors = (1.0,) if user_lr else judge.LR_FACTORS
+    grid = {}
+    for size in sizes:
+        center = scale_lr(lr_center, choice.batch_size, size, lr_rule)
+        micro = split_batch(size, ceiling)[0]
+        grid[size] = [Contender(size, float(f"{center * f:.4g}"), micro) for f in factors]
+    return grid
+
+
+def race_phase(
+    run: TuneRun,
+    choice: BatchSizeChoice,
+    throughput: Throughput,
+    ceiling: int,
+    lr_center: float,
+    val_data: BatchSource | None,
+    deadline: Deadline,
+) -> RaceResult | None:
+    """The race, or None with a note in ``run.skipped`` when it cannot be run."""
+    split = held_out_data(run.source, val_data, run.config.seed)
+    if isinstance(split, str):
+        run.skipped.append(f"The race was not run: {split}.")
+        return None
+    train, held_out = split
+    largest = _largest(run.config.max_batch_size, train.num_samples, 4 * choice.batch_size)
+    grid = contenders(
+        choice,
+        lr_center,
+        run.lr_scaling,
+        run.smallest,
+        max(largest, run.smallest),
+        ceiling,
+        user_lr=run.config.lr is not None,
+        knee=_knee(throughput),
+    )
+    times = step_seconds(throughput, list(grid), ceiling)
+    lanes = sum(len(c) for c in grid.values())
+    horizon = judge.first_horizon(
+        0.8 * deadline.remaining(), list(times.values()), lanes, len(grid)
+    )
+    if horizon * lanes > deadline.remaining():
+        run.skipped.append(
+            "The race was not run: even its screening round does not fit in the time left; "
+            "give a larger time budget."
+        )
+        return None
+    run.log(
+        f"race: {lanes} runs of {horizon:.2g} s of training from the initial weights, batch "
+        f"sizes {', '.join(map(str, grid))}; held-out loss on {held_out.num_samples} samples"
+    )
+    return run.unless_it_fails(
+        "The race",
+        lambda: race(
+            run.model,
+            train,
+            held_out,
+            run.loss,
+            grid,
+            times,
+            optimizer=run.config.optimizer,
+            deadline=deadline,
+            first_horizon_s=horizon,
+            seed=run.config.seed,
+            log=run.log,
+        ),
+    )
+
+
+def _knee(throughput: Throughput) -> float:
+    """Where samples/s reach half their limit, ``a / c`` of the step-time fit (0: no fit)."""
+    fit = fit_step_time(throughput.pairs())
+    return fit[0] / fit[1] if fit else 0.0
+
+
+def _largest(config_max: int | None, samples: int | None, fallback: int) -> int:
+    """The largest batch size raced: at most half the training data (so an epoch holds two
+    batches at least) and ``max_batch_size``."""
+    limits = [n for n in (config_max, samples // 2 if samples else None) if n]
+    return min(limits) if limits else fallback

@@ -1,0 +1,349 @@
+"""A race of short training runs: the (batch size, learning rate) that reaches a low held-out loss
+soonest, measured on the user's model and data instead of predicted by a rule.
+
+Every *lane* trains from the same initial weights with the same data order, one (batch size,
+learning rate) each, for the same number of *training seconds*: its steps times the step time of
+its batch size measured by the throughput probe (so a busy machine during the race changes
+nothing), evaluating the held-out loss at fixed intervals of training time;
+:mod:`batchfit.core.race` judges the curves. Rounds follow successive halving (Jamieson &
+Talwalkar 2016; Li et al. 2017, Hyperband), with twists of our own:
+
+1. *Screening*: every (batch size, lr) of the grid for a short horizon, and the two best learning
+   rates of *each* batch size go on (a large batch starts slower and would be thrown out by a
+   short race it wins over a longer one). A best lr at the edge of its grid has the next one
+   tried too.
+2. *Longer rounds*: the survivors race over three times the horizon, each twice, with the data in
+   two orders (a learning rate at the edge of stability can be fast with one order and never get
+   there with another: it must be fast with both), and the better half go on, as long as the
+   leader's held-out loss was still falling at the end of the last round (once it levels off, a
+   longer race only measures overfitting) and the time allows. The last round decides.
+
+Lanes are rerun from the initial weights each round (deterministic, so a rerun retraces its
+steps): nothing but the curves is kept in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchfit.core import race as judge
+from batchfit.data.source import BatchSource
+from batchfit.losses import Loss
+from batchfit.probe.harness import Deadline, OutOfTime, cycle_batches, preserved
+from batchfit.step import evaluate, make_optimizer, model_device, train_step
+
+#: Held-out evaluations per screening horizon; longer rounds evaluate as often in training time.
+EVAL_POINTS = 12
+#: Each round's horizon is this many times the one before.
+GROWTH = 3.0
+#: Learning rates per batch size that survive screening.
+KEEP_PER_BATCH_SIZE = 2
+#: The data orders of the rounds after screening: epochs of the source's own seeded shuffle.
+DATA_ORDERS = (0, 1000)
+#: Held-out evaluation batch size.
+EVAL_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One (batch size, learning rate) in the race, with the micro-batch it trains in."""
+
+    batch_size: int
+    lr: float
+    micro_batch_size: int
+
+    def label(self) -> str:
+        return f"B={self.batch_size} lr {self.lr:.3g}"
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One contender's run to ``horizon_s`` training seconds with the data in order
+    ``data_order``: its held-out loss curve as ``(seconds, loss)`` points (the first at the
+    initial weights), its steps, and the step at which its loss stopped being finite, if it did."""
+
+    contender: Contender
+    step_seconds: float
+    horizon_s: float
+    steps: int
+    curve: tuple[tuple[float, float], ...]
+    diverged_at: int | None = None
+    data_order: int = 0
+
+
+@dataclass(frozen=True)
+class RaceRound:
+    """One round: its horizon, its contenders and their lanes (one per data order), the level
+    they were judged at, the standings (indices into ``contenders``), the contenders that went
+    on, and the wall seconds it took."""
+
+    name: str
+    horizon_s: float
+    contenders: tuple[Contender, ...]
+    lanes: tuple[Lane, ...]
+    level: float
+    standings: tuple[judge.Standing, ...]
+    kept: tuple[int, ...]
+    wall_s: float = 0.0
+
+    def lanes_of(self, contender: Contender) -> list[Lane]:
+        return [lane for lane in self.lanes if lane.contender == contender]
+
+
+@dataclass(frozen=True)
+class RaceResult:
+    """The race: its rounds, the winner, the contenders equally good (within 5% of the winner's
+    time to the level), the winner's time relative to each finalist's, and whether the winner's
+    loss was still falling at the end (the race did not see where it levels off)."""
+
+    rounds: tuple[RaceRound, ...]
+    winner: Contender
+    equally_good: tuple[Contender, ...]
+    finalists: tuple[tuple[Contender, float], ...]
+    level: float
+    still_improving: bool
+    seconds: float
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Field:
+    """What every lane shares: the model and its initial state, the data, the judge's loss, and
+    the screening round's horizon, which sets when the held-out loss is evaluated."""
+
+    model: nn.Module
+    initial: dict[str, torch.Tensor]
+    train: BatchSource
+    held_out: BatchSource
+    loss: Loss
+    optimizer: str
+    step_seconds: Mapping[int, float]
+    deadline: Deadline
+    seed: int
+    first_horizon_s: float
+
+    def held_out_loss(self) -> float:
+        device = model_device(self.model)
+        return evaluate(self.model, self.held_out, self.loss, EVAL_BATCH_SIZE, device)["loss"]
+
+
+def run_lane(field_: _Field, contender: Contender, horizon_s: float, data_order: int = 0) -> Lane:
+    """Train ``contender`` from the initial weights for ``horizon_s`` training seconds."""
+    model = field_.model
+    model.load_state_dict(field_.initial)
+    model.train()
+    torch.manual_seed(field_.seed + data_order)  # dropout draws alike in every lane of an order
+    step_s = field_.step_seconds[contender.batch_size]
+    total = max(1, int(horizon_s / step_s))
+    marks = eval_steps(field_.first_horizon_s, horizon_s, step_s)
+    optimizer = make_optimizer(field_.optimizer, model, contender.lr)
+    batches = cycle_batches(field_.train, contender.batch_size, first_epoch=data_order)
+    device = model_device(model)
+    curve = [(0.0, field_.held_out_loss())]
+    for step in range(1, total + 1):
+        x, y = next(batches)
+        loss, _ = train_step(
+            model, optimizer, field_.loss.fn, x, y, contender.micro_batch_size, device
+        )
+        if not math.isfinite(float(loss)):
+            curve.append((step * step_s, math.inf))
+            return Lane(contender, step_s, horizon_s, step, tuple(curve), step, data_order)
+        if step in marks:
+            curve.append((step * step_s, field_.held_out_loss()))
+        if field_.deadline.expired():
+            raise OutOfTime("the race ran out of time")
+    return Lane(contender, step_s, horizon_s, total, tuple(curve), None, data_order)
+
+
+def eval_steps(first_horizon_s: float, horizon_s: float, step_seconds: float) -> set[int]:
+    """The steps after which a lane evaluates: every ``1/EVAL_POINTS`` of the screening horizon,
+    and from ``1/64`` of it on, every factor of sqrt(2), so that a model whose held-out loss is
+    best early (and then overfits) is seen at its best; always the last step.
+
+    >>> sorted(eval_steps(1.0, 1.0, 0.01))[:8], max(eval_steps(1.0, 3.0, 0.01))
+    ([2, 3, 4, 6, 8, 9, 13, 17], 300)
+    """
+    total = max(1, int(horizon_s / step_seconds))
+    times = {
+        first_horizon_s * k / EVAL_POINTS
+        for k in range(1, EVAL_POINTS * int(horizon_s / first_horizon_s + 1) + 1)
+    }
+    t = first_horizon_s / 64
+    while t < horizon_s:
+        times.add(t)
+        t *= math.sqrt(2)
+    steps = {max(1, round(t / step_seconds)) for t in times if t <= horizon_s}
+    return {s for s in steps if s <= total} | {total}
+
+
+def _judged(
+    name: str, lanes: Sequence[Lane], horizon_s: float, keep: int, started: float
+) -> RaceRound:
+    """A round of ``lanes`` judged per contender (over its data orders); its best ``keep``
+    contenders (those with a finite loss) go on."""
+    contenders = tuple(dict.fromkeys(lane.contender for lane in lanes))
+    groups = [[lane.curve for lane in lanes if lane.contender == c] for c in contenders]
+    level = judge.level_of([lane.curve for lane in lanes])
+    ranked = judge.standings(groups, level)
+    kept = tuple(s.lane for s in ranked if math.isfinite(s.best_loss))[:keep]
+    wall = time.perf_counter() - started
+    return RaceRound(name, horizon_s, contenders, tuple(lanes), level, tuple(ranked), kept, wall)
+
+
+def _screen(
+    field_: _Field, grid: Mapping[int, Sequence[Contender]], horizon_s: float, log
+) -> RaceRound:
+    """Round 1: every contender for ``horizon_s``; the best learning rates of each batch size go
+    on, and a best lr at the edge of its grid has its neighbour beyond the edge tried too."""
+    started = time.perf_counter()
+    lanes: list[Lane] = []
+    going_on: list[Contender] = []
+    for batch_size, contenders in grid.items():
+        mine = [run_lane(field_, c, horizon_s) for c in contenders]
+        mine += _beyond_the_edge(field_, mine, horizon_s)
+        judged = _judged("", mine, horizon_s, KEEP_PER_BATCH_SIZE, started)
+        going_on += [judged.contenders[i] for i in judged.kept]
+        lanes += mine
+        log(
+            f"race: B={batch_size}: "
+            + ", ".join(f"lr {judged.contenders[i].lr:.3g}" for i in judged.kept)
+            + f" go on (of {len(mine)})"
+        )
+    screened = _judged("screening", lanes, horizon_s, len(lanes), started)
+    order = [screened.contenders[s.lane] for s in screened.standings]
+    kept = tuple(screened.contenders.index(c) for c in sorted(going_on, key=order.index))
+    return replace(screened, kept=kept)
+
+
+def _beyond_the_edge(field_: _Field, lanes: list[Lane], horizon_s: float) -> list[Lane]:
+    """One more lane past the grid's edge when the best lr of this batch size sits at the edge."""
+    if len(lanes) < 2:
+        return []
+    lrs = sorted(lane.contender.lr for lane in lanes)
+    judged = _judged("", lanes, horizon_s, 1, time.perf_counter())
+    best = judged.contenders[judged.kept[0]]
+    factor = lrs[1] / lrs[0]
+    if best.lr == lrs[-1]:
+        lr = best.lr * factor
+    elif best.lr == lrs[0]:
+        lr = best.lr / factor
+    else:
+        return []
+    edge = Contender(best.batch_size, float(f"{lr:.4g}"), best.micro_batch_size)
+    return [run_lane(field_, edge, horizon_s)]
+
+
+def race(
+    model: nn.Module,
+    train: BatchSource,
+    held_out: BatchSource,
+    loss: Loss,
+    grid: Mapping[int, Sequence[Contender]],
+    step_seconds: Mapping[int, float],
+    *,
+    optimizer: str,
+    deadline: Deadline,
+    first_horizon_s: float,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> RaceResult:
+    """Race the contenders of ``grid`` (batch size -> its contenders) from ``model``'s current
+    weights, which it gets back afterwards. ``step_seconds`` is the measured step time of each
+    batch size; ``first_horizon_s`` the screening round's training seconds per lane. Raises
+    :class:`~batchfit.probe.harness.OutOfTime` when not even the screening round fits.
+    """
+    log = log or (lambda _: None)
+    started = time.perf_counter()
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    field_ = _Field(
+        model,
+        initial,
+        train,
+        held_out,
+        loss,
+        optimizer,
+        step_seconds,
+        deadline,
+        seed,
+        first_horizon_s,
+    )
+    notes: list[str] = []
+    with preserved(model):
+        rounds = [_screen(field_, grid, first_horizon_s, log)]
+        _longer_rounds(field_, rounds, notes, log)
+    return _result(rounds, notes, time.perf_counter() - started)
+
+
+def _longer_rounds(field_: _Field, rounds: list[RaceRound], notes: list[str], log) -> None:
+    """Rounds of growing horizon for the survivors, each run with the data in two orders, while
+    the leader's loss still falls and the time allows."""
+    while len(rounds[-1].kept) > 1:
+        last = rounds[-1]
+        if len(rounds) > 1 and not judge.still_improving(_leader(last).curve, last.horizon_s):
+            break
+        survivors = [last.contenders[i] for i in last.kept]
+        horizon = last.horizon_s * GROWTH
+        if _cost(rounds, horizon * len(survivors) * len(DATA_ORDERS)) > field_.deadline.remaining():
+            notes.append(
+                f"The race stopped after round {len(rounds)} ({last.horizon_s:.2g} s of training "
+                "per run): a longer round did not fit in the time budget."
+            )
+            return
+        started = time.perf_counter()
+        try:
+            lanes = [
+                run_lane(field_, c, horizon, order) for c in survivors for order in DATA_ORDERS
+            ]
+        except OutOfTime:
+            notes.append(f"Round {len(rounds) + 1} of the race ran out of time; it is left out.")
+            return
+        keep = max(2, math.ceil(len(survivors) / 2))
+        rounds.append(_judged(f"round {len(rounds) + 1}", lanes, horizon, keep, started))
+        log(f"race: round {len(rounds)}, {horizon:.2g} s per run: {_leaders(rounds[-1])}")
+
+
+def _cost(rounds: Sequence[RaceRound], training_seconds: float) -> float:
+    """The wall seconds ``training_seconds`` of lanes will take, at the rate the race has run so
+    far (evaluations, and a busier machine than the throughput probe saw, both count)."""
+    trained = sum(lane.steps * lane.step_seconds for r in rounds for lane in r.lanes)
+    wall = sum(r.wall_s for r in rounds)
+    rate = max(1.0, wall / trained) if trained > 0 else 1.0
+    return rate * training_seconds
+
+
+def _leader(round_: RaceRound) -> Lane:
+    return round_.lanes_of(round_.contenders[round_.standings[0].lane])[0]
+
+
+def _leaders(round_: RaceRound) -> str:
+    return ", ".join(
+        f"{round_.contenders[s.lane].label()} ({s.relative_time:.2f}x)"
+        for s in round_.standings[:3]
+    )
+
+
+def _result(rounds: list[RaceRound], notes: list[str], seconds: float) -> RaceResult:
+    """The winner and the finalists of the last round."""
+    last = rounds[-1]
+    finalists = tuple((last.contenders[s.lane], s.relative_time) for s in last.standings)
+    winner = finalists[0][0]
+    return RaceResult(
+        rounds=tuple(rounds),
+        winner=winner,
+        equally_good=tuple(c for c, r in finalists if r <= 1 + judge.EQUALLY_GOOD),
+        finalists=finalists,
+        level=last.level,
+        still_improving=judge.still_improving(_leader(last).curve, last.horizon_s),
+        seconds=seconds,
+        notes=tuple(notes),
+    )
