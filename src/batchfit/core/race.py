@@ -11,8 +11,8 @@ Each curve is first smoothed over three evaluations (a lucky dip of one evaluati
 learning rate at the edge of stability, does not win) and read as best-so-far (a model that starts
 to overfit keeps the best it reached, as early stopping would). The race is then judged by the
 time each lane takes to reach a demanding *level* (:func:`level_of`): four fifths of the way, on
-a log scale, from the initial loss down to the lowest loss any lane reached. Lanes that never
-reach it rank after, by the lowest loss they reached.
+a log scale, from the initial loss down to the lowest loss any lane reached (at most twice it).
+Lanes that never reach it rank after, by the lowest loss they reached.
 
 Examples:
     Two lanes: the first gets close to its best in 1 s, the second needs 2 s.
@@ -39,6 +39,9 @@ EQUALLY_GOOD = 0.05
 #: The level lies this share of the way (on a log scale) from the lowest loss reached back up to
 #: the initial loss: near the best, as a demanding target is, yet reached by more than one lane.
 LEVEL_SHARE = 0.2
+#: ... and never more than this many times the lowest loss: a huge initial loss (a regression
+#: target with a large mean starts in the thousands) must not make the level an easy one.
+LEVEL_AT_MOST = 2.0
 
 
 @dataclass(frozen=True)
@@ -115,14 +118,20 @@ def seconds_to(curve: Curve, level: float) -> float:
 
 def level_of(curves: Sequence[Curve], share: float = LEVEL_SHARE) -> float:
     """The race's level: ``share`` of the way on a log scale from the lowest loss any lane
-    reached up to the initial loss (the first point of the first curve). Losses that are not all
-    positive (a log-likelihood can be negative) take the same share on a linear scale."""
+    reached up to the initial loss (the first point of the first curve), and at most
+    :data:`LEVEL_AT_MOST` times the lowest. Losses that are not all positive (a log-likelihood can
+    be negative) take the same share on a linear scale.
+
+    >>> level_of([[(0.0, 1000.0), (1.0, 0.5)]])  # 0.5 x 2000**0.2 would be 2.29
+    1.0
+    """
     lowest = min((p[-1][1] for p in map(best_so_far, curves) if p), default=math.inf)
     start = next((c[0][1] for c in curves if c), math.inf)
     if not (math.isfinite(lowest) and math.isfinite(start)) or start <= lowest:
         return lowest
     if lowest > 0:
-        return math.exp(math.log(lowest) + share * (math.log(start) - math.log(lowest)))
+        level = math.exp(math.log(lowest) + share * (math.log(start) - math.log(lowest)))
+        return min(level, LEVEL_AT_MOST * lowest)
     return lowest + share * (start - lowest)
 
 
@@ -173,6 +182,8 @@ def still_improving(curve: Curve, horizon: float, tolerance: float = 0.02) -> bo
 #: Wall seconds a lane takes per training second (its held-out evaluations, data loading),
 #: measured at about 1.3-1.4 on small CPU models; to plan the race before it runs.
 WALL_PER_TRAINING_SECOND = 1.4
+#: The fewest steps the slowest batch size takes in the screening round.
+MIN_STEPS = 20
 #: Learning rates tried around each batch size's centre in the screening round: the centre comes
 #: from a range test (off by 4-5x either way on held-out tasks), so the grid spans 16x, and a best
 #: rate at its edge has the next one tried too.
@@ -216,11 +227,11 @@ def first_horizon(
     """Training seconds per lane for the screening round, so that the race's first two rounds fit
     in ``seconds``: ``lanes`` screening lanes (plus one beyond the grid's edge per size), then two
     survivors per size at ``growth`` times the horizon, each with the data in two orders (each
-    round reruns from the start), at :data:`WALL_PER_TRAINING_SECOND`. Never less than 8 steps of
-    the slowest size.
+    round reruns from the start), at :data:`WALL_PER_TRAINING_SECOND`. Never less than
+    :data:`MIN_STEPS` steps of the slowest size: fewer show no learning to judge.
 
     >>> round(first_horizon(30.0, [0.001, 0.002], lanes=10, sizes=2), 3)
     0.595
     """
     units = lanes + sizes + 4 * sizes * growth
-    return max(seconds / (units * WALL_PER_TRAINING_SECOND), 8 * max(step_seconds))
+    return max(seconds / (units * WALL_PER_TRAINING_SECOND), MIN_STEPS * max(step_seconds))

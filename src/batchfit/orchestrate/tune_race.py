@@ -14,6 +14,7 @@ from __future__ import annotations
 from batchfit.core import race as judge
 from batchfit.core.accounting import split_batch
 from batchfit.core.lr_scaling import scale_lr
+from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time
 from batchfit.data.source import BatchSource
 from batchfit.inputs import split_off
@@ -28,6 +29,8 @@ HELD_OUT_FRACTION = 0.2
 MAX_HELD_OUT = 4096
 #: The race is not run on fewer held-out samples than this: its judgement would be noise.
 MIN_HELD_OUT = 32
+#: ... nor in less time than this: its runs would be too short to tell learning rates apart.
+MIN_RACE_SECONDS = 3.0
 
 
 def held_out_data(
@@ -92,6 +95,13 @@ def race_phase(
     deadline: Deadline,
 ) -> RaceResult | None:
     """The race, or None with a note in ``run.skipped`` when it cannot be run."""
+    if deadline.remaining() < MIN_RACE_SECONDS:
+        run.skipped.append(
+            f"The race was not run: {max(deadline.remaining(), 0):.1f} s were left for it and it "
+            f"needs {MIN_RACE_SECONDS:g} s at least; the prediction stands unconfirmed (a larger "
+            f"{opt('time_budget')} confirms it)."
+        )
+        return None
     split = held_out_data(run.source, val_data, run.config.seed)
     if isinstance(split, str):
         run.skipped.append(f"The race was not run: {split}.")
@@ -113,7 +123,7 @@ def race_phase(
     horizon = judge.first_horizon(
         0.8 * deadline.remaining(), list(times.values()), lanes, len(grid)
     )
-    if horizon * lanes > deadline.remaining():
+    if horizon * lanes * judge.WALL_PER_TRAINING_SECOND > deadline.remaining():
         run.skipped.append(
             "The race was not run: even its screening round does not fit in the time left; "
             "give a larger time budget."

@@ -232,11 +232,10 @@ def _beyond_the_edge(field_: _Field, lanes: list[Lane], horizon_s: float) -> lis
     lrs = sorted(lane.contender.lr for lane in lanes)
     judged = _judged("", lanes, horizon_s, 1, time.perf_counter())
     best = judged.contenders[judged.kept[0]]
-    factor = lrs[1] / lrs[0]
     if best.lr == lrs[-1]:
-        lr = best.lr * factor
+        lr = best.lr * lrs[-1] / lrs[-2]  # one more step of the grid's own spacing
     elif best.lr == lrs[0]:
-        lr = best.lr / factor
+        lr = best.lr * lrs[0] / lrs[1]
     else:
         return []
     edge = Contender(best.batch_size, float(f"{lr:.4g}"), best.micro_batch_size)

@@ -1,0 +1,230 @@
+"""The race of short training runs that decides tune's batch size and learning rate: its judge
+(pure numbers), its runs (real training, equal training time, the model given back) and its place
+in tune (the answer, the report, a budget too small for it)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchfit.core import race as judge
+from batchfit.core.lr_scaling import scale_lr
+from batchfit.inputs import as_source, loss_for
+from batchfit.orchestrate.tune import tune
+from batchfit.probe.harness import Deadline, OutOfTime
+from batchfit.probe.machine import check_machine, usable_cores
+from batchfit.probe.race import Contender, race
+from batchfit.report.tune_report import headline
+from batchfit.step import params_sha256
+from helpers import blobs, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+# -- the judge ------------------------------------------------------------------------------------
+
+
+def test_one_lucky_evaluation_does_not_win_the_race():
+    steady = [(0.0, 1.0)] + [(t / 10, 1.0 - 0.07 * t) for t in range(1, 11)]
+    lucky = [(0.0, 1.0), (0.1, 0.85), (0.2, 0.85), (0.3, 0.1)]
+    lucky += [(t / 10, 0.85) for t in range(4, 11)]
+    level = judge.level_of([steady, lucky])
+    ranked = judge.standings([[lucky], [steady]], level)
+    assert ranked[0].lane == 1 and ranked[1].relative_time > 1
+
+
+def test_a_contender_fast_with_one_data_order_only_ranks_after_one_fast_with_both():
+    good = [(0.0, 1.0), (1.0, 0.3), (2.0, 0.2), (3.0, 0.2)]
+    never = [(0.0, 1.0), (1.0, 0.9), (2.0, 0.9), (3.0, 0.9)]
+    fast_once = [[good], [never]]  # a sharp lr: fine with one order, stuck with the other
+    both = [[good], [good]]
+    level = judge.level_of([good, never])
+    ranked = judge.standings([fast_once[0] + fast_once[1], both[0] + both[1]], level)
+    assert [s.lane for s in ranked] == [1, 0] and math.isinf(ranked[1].seconds_to_level)
+
+
+def test_the_level_is_near_the_best_on_a_log_scale_or_linear_for_negative_losses():
+    curves = [[(0.0, 10.0), (1.0, 1.0)], [(0.0, 10.0), (1.0, 5.0)]]
+    assert judge.level_of(curves) == pytest.approx(10**0.2)
+    huge_start = [[(0.0, 1e4), (1.0, 1.0)]]
+    assert judge.level_of(huge_start) == pytest.approx(judge.LEVEL_AT_MOST)
+    negative = [[(0.0, 1.0), (1.0, -3.0)]]
+    assert judge.level_of(negative) == pytest.approx(-3.0 + 0.2 * 4.0)
+
+
+def test_overfitting_keeps_the_best_it_reached():
+    curve = [(0.0, 2.0), (1.0, 0.5), (2.0, 0.5), (3.0, 1.5), (4.0, 1.5), (5.0, 1.5)]
+    assert judge.best_so_far(curve)[-1][1] == pytest.approx(0.5)
+    assert not judge.still_improving(curve, 5.0)
+
+
+@given(
+    center=st.integers(1, 5000),
+    smallest=st.integers(1, 4),
+    largest=st.integers(4, 10000),
+    knee=st.floats(0.0, 5000.0),
+)
+def test_the_batch_sizes_raced_surround_the_prediction_within_the_limits(
+    center, smallest, largest, knee
+):
+    sizes = judge.batch_sizes_around(center, smallest, largest, knee)
+    assert sizes == sorted(set(sizes))
+    assert all(smallest <= s <= largest for s in sizes)
+    assert min(center, largest) in sizes or min(center, largest) < smallest
+    assert all(2 * s >= min(center, largest) for s in sizes)
+
+
+def test_the_screening_horizon_fits_the_time_and_gives_the_slowest_size_enough_steps():
+    assert judge.first_horizon(0.01, [0.5], lanes=5, sizes=1) == pytest.approx(
+        judge.MIN_STEPS * 0.5
+    )
+    horizon = judge.first_horizon(100.0, [0.001, 0.004], lanes=10, sizes=2)
+    rounds = (10 + 2) * horizon + 2 * 2 * 2 * 3 * horizon  # screening, then two orders x 3H
+    assert rounds * judge.WALL_PER_TRAINING_SECOND == pytest.approx(100.0)
+
+
+# -- the runs ------------------------------------------------------------------------------------
+
+
+def _race(model, deadline_s=60.0, grid=None, seed=0):
+    x, y = blobs(600)
+    train, held_out = as_source((x[:480], y[:480]), seed=seed), as_source((x[480:], y[480:]))
+    grid = grid or {
+        16: [Contender(16, 1e-5, 16), Contender(16, 3e-2, 16)],
+        64: [Contender(64, 1e-5, 64), Contender(64, 3e-2, 64)],
+    }
+    return race(
+        model,
+        train,
+        held_out,
+        loss_for(train, None),
+        grid,
+        {16: 0.001, 64: 0.002},
+        optimizer="adam",
+        deadline=Deadline(deadline_s),
+        first_horizon_s=0.2,
+        seed=seed,
+    )
+
+
+def test_the_race_finds_a_learning_rate_that_learns_and_gives_the_model_back():
+    model = mlp()
+    sha = params_sha256(model)
+    result = _race(model)
+    assert params_sha256(model) == sha
+    assert result.winner.lr == 3e-2  # 1e-5 barely moves in the time given
+    slow = [relative for contender, relative in result.finalists if contender.lr == 1e-5]
+    assert slow and all(relative > 1.5 for relative in slow)
+
+
+def test_every_run_gets_the_same_training_time_and_the_race_is_deterministic():
+    first, second = _race(mlp()), _race(mlp())
+    assert [r.lanes for r in first.rounds] == [r.lanes for r in second.rounds]
+    assert (first.winner, first.finalists) == (second.winner, second.finalists)
+    lanes = {lane.contender.batch_size: lane for lane in first.rounds[0].lanes}
+    assert lanes[16].steps == 2 * lanes[64].steps  # a step of 64 takes twice as long
+    assert lanes[16].steps * 0.001 == pytest.approx(lanes[64].steps * 0.002)
+    later = first.rounds[1:]
+    assert later and all(len({lane.data_order for lane in r.lanes}) == 2 for r in later)
+
+
+def test_a_race_without_time_is_out_of_time():
+    with pytest.raises(OutOfTime):
+        _race(mlp(), deadline_s=0.0)
+
+
+# -- in tune -------------------------------------------------------------------------------------
+
+
+def test_tune_answers_with_the_races_winner_and_reports_the_race(tmp_path):
+    x, y = blobs(1200)
+    val = blobs(300)
+    result = tune(mlp(), (x, y), val_data=val, time_budget=25, out_dir=tmp_path)
+    race_ = result.race
+    assert race_ is not None
+    rec = result.recommended
+    assert (rec.batch_size, rec.lr) == (race_.winner.batch_size, race_.winner.lr)
+    assert "short runs" in rec.lr_rule
+    assert any(line.startswith("Race: ") for line in result.decision)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["race"]["winner"]["batch_size"] == rec.batch_size
+    sizes = report["race"]["equally_good_batch_sizes"]
+    assert report["recommended"]["batch_size_range"] == [min(sizes), max(sizes)]
+    assert "machine" in report and "warnings" in report["machine"]
+    assert (tmp_path / "race.png").exists() and "## The race" in (
+        tmp_path / "report.md"
+    ).read_text()
+    if sizes[0] != sizes[-1]:
+        assert f"{sizes[0]}-{sizes[-1]} equally good" in headline(report)
+
+
+def test_with_a_given_lr_the_race_chooses_the_batch_size_and_the_lr_stays_the_users_scaled():
+    result = tune(mlp(), blobs(1200), lr=2e-3, lr_batch_size=32, time_budget=25)
+    assert result.race is not None
+    assert {lane.contender.lr for r in result.race.rounds for lane in r.lanes} == {
+        float(f"{scale_lr(2e-3, 32, b, 'sqrt'):.4g}")
+        for b in {lane.contender.batch_size for r in result.race.rounds for lane in r.lanes}
+    }
+    rec = result.recommended
+    assert rec.batch_size == result.race.winner.batch_size
+    assert rec.lr == scale_lr(2e-3, 32, rec.batch_size, "sqrt")
+    assert rec.lr_rule == "adam, sqrt rule from 0.002 at 32"
+
+
+def test_a_budget_too_small_for_the_race_keeps_the_prediction_and_says_so():
+    result = tune(mlp(), blobs(4000), time_budget=3)
+    assert result.race is None
+    assert any(s.startswith("The race was not run: ") for s in result.skipped)
+    assert result.recommended.batch_size == result.batch_size_choice.batch_size
+
+
+# -- a machine unfit for timing ------------------------------------------------------------------
+
+
+def _cpu_hogs():
+    """One busy process per usable core, and one more, at the lowest priority: the CPU counts as
+    busy, yet the suite's other tests (and the tune under test) are served first."""
+    code = "while True: pass"
+    return [
+        subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: os.nice(19))
+        for _ in range(usable_cores() + 1)
+    ]
+
+
+def test_more_torch_threads_than_cores_is_named_with_the_fix():
+    before = torch.get_num_threads()
+    torch.set_num_threads(usable_cores() + 2)
+    try:
+        warnings = check_machine(torch.device("cpu")).warnings
+    finally:
+        torch.set_num_threads(before)
+    assert any(f"OMP_NUM_THREADS={usable_cores()}" in w for w in warnings)
+
+
+def test_tune_beside_a_cpu_hog_says_so_in_its_first_lines(tmp_path):
+    hogs = _cpu_hogs()
+    try:
+        time.sleep(0.5)
+        check = check_machine(torch.device("cpu"))
+        done = run_cli(["tune", "--time-budget", "10", "--quiet", "--out", str(tmp_path)])
+    finally:
+        for hog in hogs:
+            hog.kill()
+    assert any("machine is idle" in w for w in check.warnings)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and lines[0].startswith("batchfit tune: ")
+    assert lines[1].strip().startswith("warning:") and "idle" in " ".join(lines[1:4])
