@@ -85,7 +85,7 @@ def test_the_batch_sizes_raced_surround_the_prediction_within_the_limits(
     assert sizes == sorted(set(sizes))
     assert all(smallest <= s <= largest for s in sizes)
     assert min(center, largest) in sizes or min(center, largest) < smallest
-    assert all(2 * s >= min(center, largest) for s in sizes)
+    assert len(sizes) >= judge.SIZES_RACED or not sizes or min(sizes) // 2 < smallest
 
 
 def test_the_screening_horizon_fits_the_time_and_gives_the_slowest_size_enough_steps():
@@ -93,7 +93,8 @@ def test_the_screening_horizon_fits_the_time_and_gives_the_slowest_size_enough_s
         judge.MIN_STEPS * 0.5
     )
     horizon = judge.first_horizon(100.0, [0.001, 0.004], lanes=10, sizes=2)
-    rounds = (10 + 2) * horizon + 2 * 2 * 2 * 3 * horizon  # screening, then two orders x 3H
+    # screening, then per size two survivors and the lr between them, two orders each, over 3H
+    rounds = (10 + 2) * horizon + 2 * 3 * 2 * 3 * horizon
     assert rounds * judge.WALL_PER_TRAINING_SECOND == pytest.approx(100.0)
 
 

@@ -135,6 +135,30 @@ def level_of(curves: Sequence[Curve], share: float = LEVEL_SHARE) -> float:
     return lowest + share * (start - lowest)
 
 
+#: The level is raised, where needed, until this many contenders reach it with every run.
+FINISHERS = 3
+
+
+def level_for(groups: Sequence[Sequence[Curve]], finishers: int = FINISHERS) -> float:
+    """The level for contenders that each ran one or more times (:func:`level_of` over all their
+    curves), raised where needed so that ``finishers`` of them reach it with every run: one
+    lucky evaluation on a small held-out set must not set a level that only its own run reaches,
+    which would rank the rest by luck.
+
+    >>> lucky, good = [(0.0, 1.0), (1.0, 0.1)], [(0.0, 1.0), (1.0, 0.5)]
+    >>> fair = [(0.0, 1.0), (1.0, 0.6)]
+    >>> round(level_of([lucky, good, fair]), 3), level_for([[lucky], [good], [fair]])
+    (0.158, 0.6)
+    """
+    level = level_of([curve for group in groups for curve in group])
+    worst = sorted(
+        max((p[-1][1] if p else math.inf) for p in map(best_so_far, group)) for group in groups
+    )
+    if not worst:
+        return level
+    return max(level, worst[min(finishers, len(worst)) - 1])
+
+
 def standings(groups: Sequence[Sequence[Curve]], level: float) -> list[Standing]:
     """Contenders ranked by their time to ``level``, then (those that never reached it) by the
     lowest loss they reached; ties go to the earlier one. Each contender is a group of curves
@@ -182,6 +206,8 @@ def still_improving(curve: Curve, horizon: float, tolerance: float = 0.02) -> bo
 #: Wall seconds a lane takes per training second (its held-out evaluations, data loading),
 #: measured at about 1.3-1.4 on small CPU models; to plan the race before it runs.
 WALL_PER_TRAINING_SECOND = 1.4
+#: Batch sizes raced at least, where the limits allow.
+SIZES_RACED = 4
 #: The fewest steps the slowest batch size takes in the screening round.
 MIN_STEPS = 20
 #: Learning rates tried around each batch size's centre in the screening round: the centre comes
@@ -205,10 +231,13 @@ def batch_sizes_around(center: int, smallest: int, largest: int, knee: float = 0
     >>> batch_sizes_around(8, 8, 16)
     [8, 16]
 
-    A predicted size above ``largest`` (a training set cut for the held-out share) moves down:
+    A predicted size above ``largest`` (a training set cut for the held-out share) moves down, and
+    when ``largest`` cuts the sizes above, as many are added below, down to ``smallest``:
 
     >>> batch_sizes_around(256, 1, 120)
-    [64, 120]
+    [16, 32, 64, 120]
+    >>> batch_sizes_around(512, 1, 700)
+    [64, 128, 256, 512]
     """
     center = min(center, largest)
     top = max(4 * center, knee)
@@ -218,7 +247,12 @@ def batch_sizes_around(center: int, smallest: int, largest: int, knee: float = 0
         if power * 2 >= center and (power <= 4 * center or power / 2 < knee):
             sizes.add(power)
         power *= 2
-    return sorted(s for s in sizes if smallest <= s <= largest and 2 * s >= center)
+    kept = sorted(s for s in sizes if smallest <= s <= largest and 2 * s >= center)
+    below = min(kept, default=center)
+    while len(kept) < SIZES_RACED and below // 2 >= smallest:
+        below //= 2
+        kept.insert(0, below)
+    return kept
 
 
 def first_horizon(
@@ -226,12 +260,13 @@ def first_horizon(
 ) -> float:
     """Training seconds per lane for the screening round, so that the race's first two rounds fit
     in ``seconds``: ``lanes`` screening lanes (plus one beyond the grid's edge per size), then two
-    survivors per size at ``growth`` times the horizon, each with the data in two orders (each
-    round reruns from the start), at :data:`WALL_PER_TRAINING_SECOND`. Never less than
-    :data:`MIN_STEPS` steps of the slowest size: fewer show no learning to judge.
+    survivors per size and the learning rate between them, at ``growth`` times the horizon, each
+    with the data in two orders (each round reruns from the start), at
+    :data:`WALL_PER_TRAINING_SECOND`. Never less than :data:`MIN_STEPS` steps of the slowest
+    size: fewer show no learning to judge.
 
     >>> round(first_horizon(30.0, [0.001, 0.002], lanes=10, sizes=2), 3)
-    0.595
+    0.446
     """
-    units = lanes + sizes + 4 * sizes * growth
+    units = lanes + sizes + 6 * sizes * growth
     return max(seconds / (units * WALL_PER_TRAINING_SECOND), MIN_STEPS * max(step_seconds))
