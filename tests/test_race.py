@@ -229,3 +229,24 @@ def test_tune_beside_a_cpu_hog_says_so_in_its_first_lines(tmp_path):
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and lines[0].startswith("batchfit tune: ")
     assert lines[1].strip().startswith("warning:") and "idle" in " ".join(lines[1:4])
+
+
+def test_of_equally_fast_contenders_the_one_furthest_from_instability_wins():
+    from batchfit.probe.race import Lane, RaceRound, _result
+
+    bold, calm, slow = (
+        Contender(256, 0.0169, 256),
+        Contender(512, 0.0119, 512),
+        Contender(64, 1e-3, 64),
+    )
+    curve = ((0.0, 1.0), (1.0, 0.5))
+    lanes = tuple(Lane(c, 0.001, 1.0, 1000, curve) for c in (bold, calm, slow))
+    standings = (
+        judge.Standing(0, 1.00, 0.5, 1.00),
+        judge.Standing(1, 1.01, 0.5, 1.01),  # within 5%: as fast, and a calmer lr for its size
+        judge.Standing(2, 1.50, 0.5, 1.50),
+    )
+    last = RaceRound("round 2", 1.0, (bold, calm, slow), lanes, 0.6, standings, (0, 1))
+    result = _result([last], [], 1.0, lr_power=0.5)
+    assert result.winner == calm and set(result.equally_good) == {bold, calm}
+    assert _result([last], [], 1.0, lr_power=0.0).winner == calm  # lower lr outright, too

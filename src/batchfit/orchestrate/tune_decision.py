@@ -128,18 +128,24 @@ def race_lines(raced: RaceResult | None, prior: Recommended) -> list[str]:
         return []
     winner, horizon = raced.winner, raced.rounds[-1].horizon_s
     lanes = len({lane.contender for r in raced.rounds for lane in r.lanes})
+    relative = dict(raced.finalists)[winner]
+    pace = "first" if relative <= 1.0 else f"at {relative:.2f}x the fastest's time"
     lines = [
         f"Race: {lanes} short training runs from the initial weights in {len(raced.rounds)} "
         f"round(s), the last {horizon:.2g} s of training each (steps x the measured step time), "
-        f"judged on held-out loss: {winner.label()} reached {raced.level:.4g} first."
+        f"judged on held-out loss: {winner.label()} reached {raced.level:.4g} {pace}."
     ]
-    close = [f"{c.label()} ({r:.2f}x)" for c, r in raced.finalists[1:4] if r < math.inf]
+    others = [(c, r) for c, r in raced.finalists if c != winner]
+    close = [f"{c.label()} ({r:.2f}x)" for c, r in others[:3] if r < math.inf]
     if close:
         lines.append(f"Next in the race: {', '.join(close)}.")
     sizes = sorted({c.batch_size for c in raced.equally_good})
-    if len(sizes) > 1:
+    if len(raced.equally_good) > 1:
+        span = f"batch sizes {sizes[0]}-{sizes[-1]}" if len(sizes) > 1 else f"batch size {sizes[0]}"
         lines.append(
-            f"Equally good within 5% of the winner's time: batch sizes {sizes[0]}-{sizes[-1]}."
+            f"Equally good within 5% of the fastest: {len(raced.equally_good)} runs, {span}; the "
+            "answer is the one with the lowest learning rate for its batch size, the furthest "
+            "from instability."
         )
     lines.append(_against_prior(raced, prior))
     if raced.still_improving:

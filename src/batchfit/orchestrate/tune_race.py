@@ -146,6 +146,7 @@ def race_phase(
             deadline=deadline,
             first_horizon_s=horizon,
             seed=run.config.seed,
+            lr_power={"linear": 1.0, "sqrt": 0.5, "none": 0.0}[run.lr_scaling],
             log=run.log,
         ),
     )

@@ -261,11 +261,14 @@ def race(
     deadline: Deadline,
     first_horizon_s: float,
     seed: int = 0,
+    lr_power: float = 0.5,
     log: Callable[[str], None] | None = None,
 ) -> RaceResult:
     """Race the contenders of ``grid`` (batch size -> its contenders) from ``model``'s current
     weights, which it gets back afterwards. ``step_seconds`` is the measured step time of each
-    batch size; ``first_horizon_s`` the screening round's training seconds per lane. Raises
+    batch size; ``first_horizon_s`` the screening round's training seconds per lane;
+    ``lr_power`` how the learning rate follows the batch size (0.5: the sqrt rule), to tell the
+    boldest of equally fast contenders. Raises
     :class:`~batchfit.probe.harness.OutOfTime` when not even the screening round fits.
     """
     log = log or (lambda _: None)
@@ -287,7 +290,7 @@ def race(
     with preserved(model):
         rounds = [_screen(field_, grid, first_horizon_s, log)]
         _longer_rounds(field_, rounds, notes, log)
-    return _result(rounds, notes, time.perf_counter() - started)
+    return _result(rounds, notes, time.perf_counter() - started, lr_power)
 
 
 def _longer_rounds(field_: _Field, rounds: list[RaceRound], notes: list[str], log) -> None:
@@ -353,18 +356,24 @@ def _leaders(round_: RaceRound) -> str:
     )
 
 
-def _result(rounds: list[RaceRound], notes: list[str], seconds: float) -> RaceResult:
-    """The winner and the finalists of the last round."""
+def _result(
+    rounds: list[RaceRound], notes: list[str], seconds: float, lr_power: float
+) -> RaceResult:
+    """The finalists of the last round, and the winner: of those within 5% of the fastest, the
+    one with the lowest learning rate for its batch size (``lr / B**lr_power``, the lr rule's
+    scaling): equally fast, it is the one furthest from instability, where a learning rate fast
+    with these two data orders is slow or never gets there with others."""
     last = rounds[-1]
     finalists = tuple((last.contenders[s.lane], s.relative_time) for s in last.standings)
-    winner = finalists[0][0]
+    close = [c for c, r in finalists if r <= 1 + judge.EQUALLY_GOOD]
+    winner = min(close, key=lambda c: c.lr / c.batch_size**lr_power)
     return RaceResult(
         rounds=tuple(rounds),
         winner=winner,
         equally_good=tuple(c for c, r in finalists if r <= 1 + judge.EQUALLY_GOOD),
         finalists=finalists,
         level=last.level,
-        still_improving=judge.still_improving(_leader(last).curve, last.horizon_s),
+        still_improving=judge.still_improving(last.lanes_of(winner)[0].curve, last.horizon_s),
         seconds=seconds,
         notes=tuple(notes),
     )
