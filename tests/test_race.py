@@ -250,3 +250,19 @@ def test_of_equally_fast_contenders_the_one_furthest_from_instability_wins():
     result = _result([last], [], 1.0, lr_power=0.5)
     assert result.winner == calm and set(result.equally_good) == {bold, calm}
     assert _result([last], [], 1.0, lr_power=0.0).winner == calm  # lower lr outright, too
+
+
+def test_when_every_run_diverges_the_leader_still_stands_first_and_wins():
+    from batchfit.probe.race import Lane, RaceRound, _result
+
+    worse = [(0.0, 1.0), (1.0, 5.0), (2.0, math.nan)]  # the initial loss is the best it had
+    level = judge.level_for([[worse], [worse]])
+    ranked = judge.standings([[worse], [worse]], level)
+    assert [s.relative_time for s in ranked] == [1.0, 1.0]
+    calm, bold = Contender(32, 1.0, 32), Contender(32, 100.0, 32)
+    lanes = tuple(Lane(c, 0.001, 1.0, 1000, tuple(worse)) for c in (calm, bold))
+    last = RaceRound("screening", 1.0, (calm, bold), lanes, level, tuple(ranked), (0, 1))
+    assert _result([last], [], 1.0, lr_power=0.5).winner == calm
+    never = [judge.Standing(0, math.inf, 5.0, math.inf), judge.Standing(1, math.inf, 6.0, math.inf)]
+    last = RaceRound("screening", 1.0, (bold, calm), lanes, level, tuple(never), (0, 1))
+    assert _result([last], [], 1.0, lr_power=0.5).winner == bold  # nobody finished: the best loss

@@ -172,10 +172,21 @@ def standings(groups: Sequence[Sequence[Curve]], level: float) -> list[Standing]
         rows.append((sum(times) / len(times), sum(bests) / len(bests), i))
     rows.sort()
     first = rows[0][0] if rows else math.inf
-    return [
-        Standing(i, t, best, t / first if math.isfinite(t) and first > 0 else math.inf)
-        for t, best, i in rows
-    ]
+    return [Standing(i, t, best, _relative(t, first)) for t, best, i in rows]
+
+
+def _relative(time: float, first: float) -> float:
+    """``time`` over the fastest ``first``; a level reached at once (every run diverged, so the
+    initial loss is the best) counts as 1 for those that reached it at once.
+
+    >>> _relative(2.0, 1.0), _relative(0.0, 0.0), _relative(1.0, 0.0), _relative(math.inf, 1.0)
+    (2.0, 1.0, inf, inf)
+    """
+    if not math.isfinite(time):
+        return math.inf
+    if first > 0:
+        return time / first
+    return 1.0 if time <= first else math.inf
 
 
 def equally_good(ranked: Sequence[Standing], tolerance: float = EQUALLY_GOOD) -> list[int]:

@@ -365,12 +365,12 @@ def _result(
     with these two data orders is slow or never gets there with others."""
     last = rounds[-1]
     finalists = tuple((last.contenders[s.lane], s.relative_time) for s in last.standings)
-    close = [c for c, r in finalists if r <= 1 + judge.EQUALLY_GOOD]
+    close = [c for c, r in finalists if r <= 1 + judge.EQUALLY_GOOD] or [finalists[0][0]]
     winner = min(close, key=lambda c: c.lr / c.batch_size**lr_power)
     return RaceResult(
         rounds=tuple(rounds),
         winner=winner,
-        equally_good=tuple(c for c, r in finalists if r <= 1 + judge.EQUALLY_GOOD),
+        equally_good=tuple(close),
         finalists=finalists,
         level=last.level,
         still_improving=judge.still_improving(last.lanes_of(winner)[0].curve, last.horizon_s),
