@@ -1,9 +1,15 @@
 """Reliability of ``batchfit tune``'s limits and sizes (issue 17): each test walks one fault, on
 real models, real processes and the real ``setrlimit``, and checks it is refused (or clamped) in
-one line that names the problem and the fix, never a traceback."""
+one line that names the problem and the fix, never a traceback. Last, the README's promise that a
+run killed by any signal resumes bitwise identical, for the signals no other test sends."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -17,7 +23,7 @@ from batchfit.core.units import format_bytes, parse_size
 from batchfit.errors import BatchfitError
 from batchfit.orchestrate.tune import tune
 from batchfit.probe.memory import address_space_limit, find_max_micro_batch_size
-from helpers import blobs, run_cli
+from helpers import blobs, run_cli, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,3 +148,42 @@ def test_an_address_space_limit_past_what_setrlimit_takes_is_capped_not_an_overf
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         assert soft in (MAX_SIZE, before[0])
     assert resource.getrlimit(resource.RLIMIT_AS) == before
+
+
+# --- the README's promise: resume after SIGTERM or SIGKILL is bitwise identical ----------------
+
+
+def _wait_for_rows(path: Path, rows: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) > rows:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"finished early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("no metrics rows appeared")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_run_killed_by_sigterm_or_sigkill_resumes_bitwise_identical(tmp_path, signal_name):
+    args = ["train", "--example", "linreg", "--batch-size", "2", "--epochs", "1"]
+    args += ["--checkpoint-every", "25", "--quiet", "--json"]
+    ckpt = ["--checkpoint-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchfit", *args, *ckpt],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    _wait_for_rows(tmp_path / "o" / "metrics.csv", 60, proc)
+    proc.send_signal(getattr(signal, signal_name))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (-signal.SIGKILL if signal_name == "SIGKILL" else 143), err
+    resumed = run_cli([*args, *ckpt, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    fresh = run_cli([*args, "--checkpoint-dir", str(tmp_path / "fc"), "--out", str(tmp_path / "f")])
+    assert fresh.returncode == 0, fresh.stderr
+    a, b = json.loads(resumed.stdout), json.loads(fresh.stdout)
+    assert a["resumed_from_step"] >= 50  # SIGKILL: from the last periodic checkpoint
+    assert a["params_sha256"] == b["params_sha256"] and a["steps"] == b["steps"]
