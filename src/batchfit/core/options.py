@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchfit.core.rules import Choice, Flag, Float, Int, RowsOrSize, Rule, Size, Text
+from batchfit.core.units import SizeTooLarge
 from batchfit.errors import BatchfitError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -304,8 +305,9 @@ def parse(name: str, text: str) -> Any:
     rule = OPTIONS[name].rule
     try:
         value = rule.convert(text)
-    except (ValueError, TypeError):
-        raise BatchfitError(_message(name, text, None)) from None
+    except (ValueError, TypeError) as exc:
+        fix = str(exc) if isinstance(exc, SizeTooLarge) else None  # say why a number is refused
+        raise BatchfitError(_message(name, text, fix)) from None
     if not rule.accepts(value):
         raise BatchfitError(_message(name, text, None))
     return value

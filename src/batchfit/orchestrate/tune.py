@@ -42,6 +42,7 @@ from batchfit.probe.lr_range import LRRange, lr_range_test
 from batchfit.probe.machine import check_machine
 from batchfit.probe.memory import (
     MemoryCeiling,
+    batch_norm_cap_error,
     find_max_micro_batch_size,
 )
 from batchfit.probe.noise import NoiseMeasurement, warmup_and_measure
@@ -110,6 +111,7 @@ def tune(
         (True, 'adam, sqrt rule from 0.001 at 32')
     """
     config = TuneConfig.build(config, **options)
+    _check_batch_norm_cap(model, config.max_batch_size)
     wall_start = time.perf_counter()
     budget_started = time.time() if config.budget_started is None else config.budget_started
     out = None
@@ -143,6 +145,18 @@ def tune(
         model.to(user_device)
     result = replace(result, seconds=round(time.perf_counter() - wall_start, 3))
     return result if out is None else _with_report(result, out)
+
+
+def _check_batch_norm_cap(model: object, max_batch_size: int | None) -> None:
+    """Before anything is measured or written: no probe trains batch norm on one sample, so a
+    ``max_batch_size`` below the model's smallest trainable size leaves nothing to measure (the
+    loop refuses batch norm with a 1-sample micro-batch the same way)."""
+    if (
+        isinstance(model, nn.Module)
+        and max_batch_size is not None
+        and max_batch_size < smallest_trainable_size(model)
+    ):
+        raise batch_norm_cap_error(max_batch_size, "max_batch_size")
 
 
 def _measure_and_recommend(run: TuneRun) -> TuneResult:

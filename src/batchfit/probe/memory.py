@@ -23,6 +23,10 @@ A trial *fits* when it raised no out-of-memory error and its peak stayed at most
   too. No child check: the device's errors are already real. ``tests/test_cuda.py`` runs this on
   a GPU (checked on an H200).
 
+A ``memory_limit`` above the machine's memory (RAM, or the GPU's) is clamped to it, and the limit's
+source says so: more could never be reached, and a limit past what ``setrlimit`` takes would
+overflow it. A model with batch norm never trains on one sample, so a cap of one is refused.
+
 A CPU model on a machine with GPUs gets no child check either: once autograd has started its GPU
 threads, PyTorch refuses to train in a forked child; the result says so.
 
@@ -55,7 +59,7 @@ from torch import nn
 
 from batchfit.core import options
 from batchfit.core.options import opt
-from batchfit.core.units import format_bytes
+from batchfit.core.units import MAX_SIZE, format_bytes
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.losses import LossFn
@@ -248,7 +252,7 @@ def address_space_limit(allowed_new_bytes: int) -> Iterator[bool]:
         yield False
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    new = vm + max(allowed_new_bytes, 0)
+    new = min(vm + max(allowed_new_bytes, 0), MAX_SIZE)  # more would overflow setrlimit
     if hard != resource.RLIM_INFINITY:
         new = min(new, hard)
     if soft != resource.RLIM_INFINITY and soft <= new:
@@ -530,7 +534,9 @@ def find_max_micro_batch_size(
     optim = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
     cap, cap_reason = _search_cap(max_batch_size, data.num_samples)
     # Batch norm cannot train on one sample: its micro-batches start at two.
-    start = min(smallest_trainable_size(model), cap)
+    start = smallest_trainable_size(model)
+    if cap < start:
+        raise batch_norm_cap_error(cap, cap_reason)
     # One untracked iteration first: one-time allocations (thread pools, kernel workspaces) then
     # count in the baseline rather than in the first trial.
     with preserved(model, optim):
@@ -570,6 +576,20 @@ def find_max_micro_batch_size(
     )
 
 
+def batch_norm_cap_error(cap: int, cap_reason: str) -> BatchfitError:
+    """The error for a model with batch norm whose sizes are capped at one sample
+    (``cap_reason``: ``max_batch_size`` or ``data size``): no probe trains batch norm on one."""
+    what = (
+        f"{options.opt_value('max_batch_size', cap)} allows no other size; give "
+        f"{opt('max_batch_size')} 2 or more"
+        if cap_reason == "max_batch_size"
+        else f"the data holds only {cap} sample; give 2 samples or more"
+    )
+    return BatchfitError(
+        f"The model has batch norm, which needs batches of 2 or more samples to train, and {what}."
+    )
+
+
 def _search_cap(max_batch_size: int | None, num_samples: int | None) -> tuple[int, str]:
     """The largest size the search may try, and what set it (the ``capped_by`` it reports)."""
     caps = [
@@ -582,9 +602,11 @@ def _limit(device: torch.device, limit_bytes: int | None, headroom: float) -> _L
     """The limit (``limit_bytes``, else the device's memory or :func:`default_memory_limit`) and
     the baseline it is held against; refused when the baseline leaves no room."""
     if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        limit_at, source = _within_machine(limit_bytes, total, "the GPU's memory")
         limit = _Limit(
-            bytes=limit_bytes or torch.cuda.get_device_properties(device).total_memory,
-            source=opt("memory_limit") if limit_bytes else "the GPU's total memory",
+            bytes=limit_at or total,
+            source=source if limit_bytes else "the GPU's total memory",
             baseline_bytes=torch.cuda.memory_allocated(device),
             peak_measure="torch.cuda.max_memory_allocated",
         )
@@ -593,7 +615,8 @@ def _limit(device: torch.device, limit_bytes: int | None, headroom: float) -> _L
         if limit_bytes is None:
             limit_at, source = default_memory_limit()
         else:
-            limit_at, source = limit_bytes, opt("memory_limit")
+            total = psutil.virtual_memory().total
+            limit_at, source = _within_machine(limit_bytes, total, "this machine's RAM")
         release_memory(collect=True)
         baseline = rss_bytes()
         limit = _Limit(
@@ -612,6 +635,18 @@ def _limit(device: torch.device, limit_bytes: int | None, headroom: float) -> _L
             f"{opt('memory_limit')} above {format_bytes(limit.baseline_bytes / (1 - headroom))}."
         )
     return limit
+
+
+def _within_machine(limit_bytes: int | None, total: int, what: str) -> tuple[int | None, str]:
+    """The limit asked for, clamped to ``total`` bytes (``what``: the machine's memory) and saying
+    so: a limit the machine cannot reach would only let trials run into the kernel's out-of-memory
+    killer, and one past what ``setrlimit`` takes would overflow it."""
+    if limit_bytes is None or limit_bytes <= total:
+        return limit_bytes, opt("memory_limit")
+    return total, (
+        f"{opt('memory_limit')} {format_bytes(limit_bytes)} is more than {what}, "
+        f"{format_bytes(total)}: clamped to it"
+    )
 
 
 def _nothing_fits(first: MemoryTrial, limit: int, headroom: float, start: int) -> BatchfitError:
