@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from batchfit.core.options import OPTIONS, opt, opt_value
-from batchfit.errors import BatchfitError
-from batchfit.files import atomic_open, no_space_error, space_checked, temporary_name_pattern
+from batchfit.errors import BatchfitError, no_space_error, space_checked
+from batchfit.files import atomic_open, temporary_name_pattern
 
 CHECKPOINT_NAME = "last.pt"
 FORMAT_VERSION = 1

@@ -7,8 +7,11 @@ and exits with status 2; the Python API simply raises it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import traceback
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 #: This package's folder: frames of files under it are batchfit's, not the user's.
@@ -104,3 +107,31 @@ def describe_user_failure(exc: BaseException) -> str | None:
         return None
     frames = without_batchfit_frames(exc.__traceback__)  # ours were added on the way up
     return "".join(traceback.format_exception(type(exc), exc, frames, chain=False)).rstrip()
+
+
+#: errno values that mean the disk (or this process's file-size limit) has no room left.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def no_space_error(exc: BaseException, folder: str | Path, kept: str = "") -> BatchfitError | None:
+    """The one-line error for a write that failed for want of space in ``folder`` (ENOSPC, a
+    quota, or a file-size limit), saying what was ``kept``; None for any other error."""
+    if not isinstance(exc, OSError) or exc.errno not in NO_SPACE_ERRNOS:
+        return None
+    reason = "file too large for this process's limit" if exc.errno == errno.EFBIG else ""
+    detail = f" ({reason})" if reason else ""
+    return BatchfitError(
+        f"No space left on '{folder}'{detail}{kept}; free some space or choose another folder."
+    )
+
+
+@contextlib.contextmanager
+def space_checked(folder: str | Path, kept: str = "") -> Iterator[None]:
+    """Within this block, a write that fails for want of space is :func:`no_space_error`."""
+    try:
+        yield
+    except OSError as exc:
+        error = no_space_error(exc, folder, kept)
+        if error is None:
+            raise
+        raise error from None

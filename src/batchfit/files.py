@@ -110,34 +110,6 @@ def check_writable(folder: Path, option: str) -> None:
         ) from None
 
 
-#: errno values that mean the disk (or this process's file-size limit) has no room left.
-NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
-
-
-def no_space_error(exc: BaseException, folder: str | Path, kept: str = "") -> BatchfitError | None:
-    """The one-line error for a write that failed for want of space in ``folder`` (ENOSPC, a
-    quota, or a file-size limit), saying what was ``kept``; None for any other error."""
-    if not isinstance(exc, OSError) or exc.errno not in NO_SPACE_ERRNOS:
-        return None
-    reason = "file too large for this process's limit" if exc.errno == errno.EFBIG else ""
-    detail = f" ({reason})" if reason else ""
-    return BatchfitError(
-        f"No space left on '{folder}'{detail}{kept}; free some space or choose another folder."
-    )
-
-
-@contextlib.contextmanager
-def space_checked(folder: str | Path, kept: str = "") -> Iterator[None]:
-    """Within this block, a write that fails for want of space is :func:`no_space_error`."""
-    try:
-        yield
-    except OSError as exc:
-        error = no_space_error(exc, folder, kept)
-        if error is None:
-            raise
-        raise error from None
-
-
 LOCK_NAME = ".batchfit.lock"
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from batchfit.core.options import opt
-from batchfit.errors import BatchfitError, NonFiniteLossError
-from batchfit.files import space_checked
+from batchfit.errors import BatchfitError, NonFiniteLossError, space_checked
 
 COLUMNS = ("step", "epoch", "batch_size", "micro_batch_size", "loss", "lr", "samples_per_s")
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from batchfit.core.options import opt
 from batchfit.core.sweep_verdict import format_seconds
-from batchfit.files import report_staging, space_checked, write_json, write_text
+from batchfit.errors import space_checked
+from batchfit.files import report_staging, write_json, write_text
 from batchfit.report.markdown import table
 from batchfit.report.sweep_plots import PLOT_FILES, write_plots
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from batchfit.core.options import OPTIONS
 from batchfit.core.units import format_bytes
-from batchfit.files import report_staging, space_checked, write_json, write_text
+from batchfit.errors import space_checked
+from batchfit.files import report_staging, write_json, write_text
 from batchfit.report import plots
 from batchfit.report.markdown import table
 from batchfit.report.tune_race_report import (
