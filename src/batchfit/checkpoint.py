@@ -7,19 +7,25 @@ a rename is atomic, so a crash leaves either the old checkpoint or the new one, 
 
 A checkpoint also carries the state of every global random generator (:func:`rng_state`), so a
 resumed run draws the same dropout masks and shuffles as an uninterrupted one.
+
+A checkpoint holds a SHA-256 of its contents (every tensor's bytes, every other value's repr),
+checked on load: a file damaged on disk or in a copy is refused, never trained from. Checkpoints
+written before the checksum existed (no ``checksum`` key) are accepted unchecked, as before.
+A save that fails for want of space says so in one line and leaves the previous checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 from batchfit.core.options import OPTIONS, opt, opt_value
-from batchfit.errors import BatchfitError
+from batchfit.errors import BatchfitError, no_space_error, space_checked
 from batchfit.files import atomic_open, temporary_name_pattern
 
 CHECKPOINT_NAME = "last.pt"
@@ -36,17 +42,89 @@ def checkpoint_path(directory: str | Path) -> Path:
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` atomically and durably as ``directory/last.pt`` and return its path."""
+    """Write ``state`` atomically and durably as ``directory/last.pt`` and return its path.
+
+    The caller holds the folder (:func:`batchfit.files.folder_lock`), so any temporary file left
+    in it is a killed writer's. A disk that fills up is a one-line error; the previous checkpoint
+    stays."""
     target = checkpoint_path(directory)
     for stale in target.parent.glob(temporary_name_pattern(target)):
         stale.unlink(missing_ok=True)  # left by a writer that was killed mid-write
-    with atomic_open(target, "wb", durable=True) as f:
-        torch.save({"format": FORMAT_VERSION, **state}, f)
+    payload = {"format": FORMAT_VERSION, **state}
+    payload["checksum"] = state_checksum(payload)
+    kept = (
+        "; the previous checkpoint there was kept"
+        if target.exists()
+        else "; no checkpoint was saved"
+    )
+    with space_checked(target.parent, kept), atomic_open(target, "wb", durable=True) as f:
+        writer = _ErrorKeepingWriter(f)
+        try:
+            torch.save(payload, writer)
+        except Exception:
+            # torch reports a failed write as its own "unexpected pos" error: say the real one.
+            error = writer.error and no_space_error(writer.error, target.parent, kept)
+            if error is not None:
+                raise error from None
+            raise
     return target
 
 
+class _ErrorKeepingWriter:
+    """A file for ``torch.save`` that remembers the ``OSError`` a write raised (torch hides it)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def state_checksum(state: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, every other
+    value's type and repr, dict keys in sorted order (the ``checksum`` entry itself left out).
+
+    >>> a = {"w": torch.ones(2), "step": 3}
+    >>> state_checksum(a) == state_checksum({"step": 3, "w": torch.ones(2)})
+    True
+    >>> state_checksum(a) == state_checksum({"w": torch.tensor([1.0, 1.5]), "step": 3})
+    False
+    """
+    digest = hashlib.sha256()
+    _hash_into(digest, state)
+    return digest.hexdigest()
+
+
+def _hash_into(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        keys = sorted((key for key in value if key != "checksum"), key=str)
+        digest.update(f"D{len(keys)}".encode())
+        for key in keys:
+            digest.update(f"K{key!r}".encode())
+            _hash_into(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _hash_into(digest, item)
+    else:
+        digest.update(f"V{type(value).__name__}:{value!r}".encode())
+
+
 def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
-    """The checkpoint in ``directory``, or ``None`` if there is none yet."""
+    """The checkpoint in ``directory``, or ``None`` if there is none yet. One whose checksum does
+    not match its contents is refused; one without a checksum (older) is accepted unchecked."""
     path = checkpoint_path(directory)
     if not path.exists():
         return None
@@ -62,6 +140,12 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
         raise BatchfitError(
             f"'{path}' is not a batchfit checkpoint of format {FORMAT_VERSION}; point "
             f"{opt('checkpoint_dir')} at a folder written by this version."
+        )
+    if "checksum" in state and state_checksum(state) != state["checksum"]:
+        raise BatchfitError(
+            f"The checkpoint '{path}' is damaged: its contents do not match the checksum saved "
+            f"with it, so it cannot be trained from. Restore it from a copy, or delete it to "
+            f"start over (or point {opt('checkpoint_dir')} elsewhere)."
         )
     return state
 

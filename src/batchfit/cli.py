@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from batchfit.core import options
 from batchfit.core.options import OPTIONS
-from batchfit.errors import BatchfitError, TrainingInterrupted
+from batchfit.errors import BatchfitError, TrainingInterrupted, describe_user_failure
 from batchfit.examples.catalog import DEFAULT_EXAMPLE, DESCRIPTIONS
 from batchfit.files import to_json
 
@@ -273,6 +273,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if exc.checkpoint_path:  # bad data met while training: fix it, then continue from there
             exc.args = (f"{exc} Once the data is fixed, resume with: {_resume_command(args)}",)
         raise
+    except Exception as exc:  # the user's code raised: their frames, where it stopped, how to go on
+        report = describe_user_failure(exc)
+        if report is None:
+            raise
+        hint = f" Resume with: {_resume_command(args)}" if exc.checkpoint_path else ""
+        print(f"batchfit train: {report}{hint}", file=sys.stderr)
+        return 1
     if args.json:
         print(to_json(result.to_dict()))
         return 0

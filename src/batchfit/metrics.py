@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from batchfit.core.options import opt
-from batchfit.errors import NonFiniteLossError
+from batchfit.errors import BatchfitError, NonFiniteLossError, space_checked
 
 COLUMNS = ("step", "epoch", "batch_size", "micro_batch_size", "loss", "lr", "samples_per_s")
 
@@ -46,17 +46,29 @@ class MetricsLog:
         self.last_samples_per_s = 0.0
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None and path.exists():
-                self._truncate_after(resume_step)
-            else:
-                with path.open("w", newline="") as f:
-                    csv.writer(f, lineterminator="\n").writerow(COLUMNS)
+            with space_checked(path.parent):
+                if resume_step is not None and path.exists():
+                    self._truncate_after(resume_step)
+                else:
+                    with path.open("w", newline="") as f:
+                        csv.writer(f, lineterminator="\n").writerow(COLUMNS)
 
     def _truncate_after(self, step: int) -> None:
-        # Rows written after the checkpoint belong to steps that the resumed run does again.
+        """Keep the rows up to ``step``: rows written after the checkpoint belong to steps that
+        the resumed run does again. An empty file starts over with the header; a file that is
+        not a batchfit metrics log (other columns, rows that are not steps) is refused."""
         with self.path.open(newline="") as f:
             rows = list(csv.reader(f))
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        try:
+            if rows and tuple(rows[0]) != COLUMNS:
+                raise ValueError("other columns")
+            kept = [list(COLUMNS)] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        except ValueError:
+            raise BatchfitError(
+                f"'{self.path}' is not the metrics log of the run being resumed (its first line "
+                f"is not {','.join(COLUMNS)} followed by rows of steps); move it away, or give "
+                f"the {opt('out_dir')} of that run."
+            ) from None
         with self.path.open("w", newline="") as f:
             csv.writer(f, lineterminator="\n").writerows(kept)
 
@@ -91,15 +103,14 @@ class MetricsLog:
         if seconds > 0:  # the display shows the rate over the rows just flushed, not one step
             self.last_samples_per_s = samples / seconds
         if self.path is not None:
-            with self.path.open("a", newline="") as f:
+            with space_checked(self.path.parent), self.path.open("a", newline="") as f:
                 csv.writer(f, lineterminator="\n").writerows(rows)
         if bad is not None:
             step, epoch, value = bad
             raise NonFiniteLossError(
-                f"The training loss became {value} at step {step} (epoch {epoch}); training "
-                f"stopped and the last good checkpoint was kept. Lower {opt('lr')} or check the "
-                "data for extreme values.",
+                f"The training loss became {value} at step {step} (epoch {epoch})",
                 step=step,
+                advice=f"Lower {opt('lr')} or check the data for extreme values.",
             )
         return seconds
 

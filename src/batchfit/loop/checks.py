@@ -3,6 +3,8 @@ check that keeps overflowed weights out of every checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -13,7 +15,7 @@ from batchfit.core.accounting import single_sample_micro_batch_at
 from batchfit.core.configs import TrainConfig
 from batchfit.core.options import opt, opt_value
 from batchfit.errors import BatchfitError, NonFiniteLossError
-from batchfit.files import make_folder
+from batchfit.files import check_writable, folder_lock
 from batchfit.step import has_batch_norm
 
 
@@ -32,7 +34,8 @@ def check_stop_rule(config: TrainConfig, num_samples: int | None) -> None:
 
 
 def check_output_paths(config: TrainConfig) -> None:
-    """Fail before training, not at the first checkpoint, on folders that cannot be used."""
+    """Fail before training, not at the first checkpoint, on folders that cannot be used: each
+    is made if needed and must take a file (one is created and removed)."""
     if config.checkpoint_dir is None:
         if config.resume:
             raise BatchfitError(
@@ -47,7 +50,20 @@ def check_output_paths(config: TrainConfig) -> None:
     else:
         _check_checkpoint_folder(Path(config.checkpoint_dir), config.resume)
     if config.out_dir is not None:
-        make_folder(Path(config.out_dir), "out_dir")
+        check_writable(Path(config.out_dir), "out_dir")
+
+
+@contextlib.contextmanager
+def run_lock(config: TrainConfig) -> Iterator[None]:
+    """Hold the checkpoint folder for the run's life, so that a second run using it at the same
+    time is refused instead of overwriting this one's checkpoints (:func:`folder_lock`). Once
+    held, a fresh run's folder is checked again: another run may have saved there meanwhile."""
+    if config.checkpoint_dir is None:
+        yield
+        return
+    with folder_lock(config.checkpoint_dir, "checkpoint_dir"):
+        _check_checkpoint_folder(Path(config.checkpoint_dir), config.resume)
+        yield
 
 
 def _check_checkpoint_folder(folder: Path, resume: bool) -> None:
@@ -64,7 +80,7 @@ def _check_checkpoint_folder(folder: Path, resume: bool) -> None:
             f"'{folder}' already holds a checkpoint; add {opt_value('resume', True)} to continue "
             f"that run, or choose another {opt('checkpoint_dir')} (or delete it) to start over."
         )
-    make_folder(folder, "checkpoint_dir")
+    check_writable(folder, "checkpoint_dir")
 
 
 def check_batch_norm(
@@ -88,7 +104,7 @@ def check_finite_parameters(model: nn.Module, step: int) -> None:
         if not bool(torch.isfinite(parameter).all()):
             raise NonFiniteLossError(
                 f"Parameter '{name}' became NaN or infinite by step {step} although the loss was "
-                "still finite (a gradient overflowed); training stopped and the last good "
-                f"checkpoint was kept. Lower {opt('lr')} or check the data for extreme values.",
+                "still finite (a gradient overflowed)",
                 step=step,
+                advice=f"Lower {opt('lr')} or check the data for extreme values.",
             )

@@ -24,6 +24,7 @@ from batchfit.loop.events import (
     flush_metrics,
     save,
     saved_before_stopping,
+    stopped_by_user_code,
     validate,
     validate_or_save,
     validation_values,
@@ -63,6 +64,8 @@ def train_epoch(run: RunState, setup: Setup, bar: TrainProgress, stop: StopSigna
         raise
     except BatchfitError as exc:  # bad data met mid-epoch: keep what was trained, then stop
         raise saved_before_stopping(exc, pos, save(run, setup)) from None
+    except Exception as exc:  # the user's dataset, model or loss raised: keep what was trained
+        raise stopped_by_user_code(exc, run, setup, "step")  # noqa: B904 - theirs, as is
     finally:
         if batches is not None and hasattr(batches, "close"):
             batches.close()  # stops a prefetching thread when we leave mid-epoch

@@ -7,7 +7,8 @@ so they are plain functions of the run's state and its setup.
 from __future__ import annotations
 
 from batchfit.checkpoint import save_checkpoint
-from batchfit.errors import BatchfitError, NonFiniteLossError
+from batchfit.core.options import opt_value
+from batchfit.errors import BatchfitError, NonFiniteLossError, user_code_failed
 from batchfit.loop.checks import check_finite_parameters
 from batchfit.loop.state import Position, RunState, Setup, checkpoint_state
 from batchfit.step import evaluate
@@ -68,6 +69,22 @@ def validate_or_save(run: RunState, setup: Setup) -> dict[str, float]:
         raise
     except BatchfitError as exc:
         raise saved_before_stopping(exc, run.position, save(run, setup)) from None
+    except Exception as exc:  # the user's model or loss raised while evaluating
+        raise stopped_by_user_code(exc, run, setup, "evaluation")  # noqa: B904 - theirs, as is
+
+
+def stopped_by_user_code(exc: Exception, run: RunState, setup: Setup, during: str) -> BaseException:
+    """``exc``, raised by the user's code ``during`` a step or an evaluation, after saving the
+    checkpoint of the last completed step: the user's own exception, marked by
+    :func:`~batchfit.errors.user_code_failed`."""
+    pos = run.position
+    saved_at = save(run, setup)
+    if during == "step":
+        where = f"step {pos.step + 1} (epoch {pos.epoch + 1})"
+    else:
+        where = f"the evaluation after step {pos.step} (epoch {pos.epoch + 1})"
+    resume = f"train again with {opt_value('resume', True)}"
+    return user_code_failed(exc, where, pos.step, saved_at, resume)
 
 
 def validation_values(record: dict[str, float]) -> dict[str, float]:

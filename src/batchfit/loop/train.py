@@ -30,8 +30,14 @@ from batchfit.core.accounting import Plan, check_sizes, plan, total_steps
 from batchfit.core.configs import TrainConfig
 from batchfit.core.options import opt
 from batchfit.data.source import BatchSource
+from batchfit.errors import NonFiniteLossError, without_batchfit_frames
 from batchfit.inputs import as_source, check_model_accepts_data, loss_for
-from batchfit.loop.checks import check_batch_norm, check_output_paths, check_stop_rule
+from batchfit.loop.checks import (
+    check_batch_norm,
+    check_output_paths,
+    check_stop_rule,
+    run_lock,
+)
 from batchfit.loop.epoch import continuing_batches, end_epoch, train_epoch
 from batchfit.loop.events import save, validate_or_save, validation_values
 from batchfit.loop.signals import StopSignals
@@ -104,9 +110,17 @@ def train(
       stream; how epochs work on a stream of unknown length (training ends if it runs dry);
     - ``optimizer``, ``lr``, ``momentum``, ``weight_decay``: sgd, adam or adamw and its settings;
     - ``checkpoint_dir``: save a checkpoint at every epoch end, every ``checkpoint_every`` steps
-      and on SIGINT/SIGTERM; ``resume=True`` continues from it exactly;
+      and on SIGINT/SIGTERM; ``resume=True`` continues from it exactly. The folder is locked for
+      the run's life (a second run using it is refused), and it and ``out_dir`` are checked for
+      writing before the first step;
     - ``out_dir``: write ``metrics.csv``, one row per step;
     - ``seed``, ``device``, ``drop_last``, ``eval_batch_size``, ``progress`` (bars on stderr).
+
+    An exception from the user's code (their dataset, model or loss) stops training: the
+    checkpoint of the last completed step is saved (when ``checkpoint_dir`` is given) and the
+    user's own exception is re-raised, its type unchanged, with only their frames in its
+    traceback, a note saying where training stopped and how to resume, and the attributes
+    ``checkpoint_path`` (None when nothing was saved) and ``batchfit_step`` (the step that failed).
 
     Examples:
         >>> import torch
@@ -118,23 +132,33 @@ def train(
     config = TrainConfig.build(config, **options)
     # prepare: every check that can fail does so now, not an epoch into training
     setup = prepare(model, data, val_data, loss, on_eval, config)
-    # restore or seed: continue the checkpointed run exactly, or start a reproducible one
-    run = restore_or_seed(setup)
-    bar = TrainProgress(config.progress)
-    announce(bar, setup, run)
-    # epochs: each trains to its end (or a stop), then validates, records and checkpoints
-    started = time.perf_counter()
-    epoch_ended = False
-    with StopSignals(enabled=True) as stop:
-        while run.position.step < setup.last_step and not _epochs_done(run.position, config):
-            epoch_ended = train_epoch(run, setup, bar, stop)
-            if not epoch_ended:
-                break
-            end_epoch(run, setup, bar)
-            if run.stop_requested:
-                break
-    # finish: the final metrics (fresh ones if it stopped mid-epoch) and the last checkpoint
-    return finish(run, setup, epoch_ended, started)
+    with run_lock(config):  # no other run writes into this checkpoint folder meanwhile
+        # restore or seed: continue the checkpointed run exactly, or start a reproducible one
+        run = restore_or_seed(setup)
+        bar = TrainProgress(config.progress)
+        announce(bar, setup, run)
+        # epochs: each trains to its end (or a stop), then validates, records and checkpoints
+        started = time.perf_counter()
+        epoch_ended = False
+        try:
+            with StopSignals(enabled=True) as stop:
+                while not _training_done(run.position, setup):
+                    epoch_ended = train_epoch(run, setup, bar, stop)
+                    if not epoch_ended:
+                        break
+                    end_epoch(run, setup, bar)
+                    if run.stop_requested:
+                        break
+            # finish: the final metrics (fresh ones if it stopped mid-epoch), the last checkpoint
+            return finish(run, setup, epoch_ended, started)
+        except NonFiniteLossError as exc:
+            exc.say_kept(_what_was_kept(run, config))
+            raise
+        except Exception as exc:
+            if getattr(exc, "batchfit_step", None) is None:
+                raise
+            # the user's error: from here on up, their frames only (this call the one of ours)
+            raise exc.with_traceback(without_batchfit_frames(exc.__traceback__))  # noqa: B904
 
 
 def prepare(
@@ -256,6 +280,22 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
     )
 
 
+def _what_was_kept(run: RunState, config: TrainConfig) -> str:
+    """What is true of the checkpoints when training stopped on a NaN: for the error's message."""
+    if config.checkpoint_dir is None:
+        return f"training stopped; no checkpoint was saved, as no {opt('checkpoint_dir')} was given"
+    path = checkpoint_path(config.checkpoint_dir)
+    if run.last_checkpoint is not None:
+        step, path = run.last_checkpoint
+        return f"training stopped; the last good checkpoint (step {step}) was kept in {path}"
+    if run.resumed_from_step is not None:
+        return (
+            f"training stopped; the checkpoint it resumed from (step {run.resumed_from_step}) "
+            f"was kept in {path}"
+        )
+    return "training stopped before any checkpoint was saved; none was written"
+
+
 def _sizes(num_samples: int | None, config: TrainConfig) -> tuple[Plan | None, int]:
     """The plan (on data of known length, checking the sizes against it) and the micro-batch."""
     if num_samples is None:
@@ -275,6 +315,10 @@ def _last_step(config: TrainConfig, the_plan: Plan | None) -> int:
     if config.steps_per_epoch is not None:
         return total_steps(config.steps_per_epoch, config.epochs, config.max_steps)
     return the_plan.total_steps if the_plan else config.max_steps
+
+
+def _training_done(pos: Position, setup: Setup) -> bool:
+    return pos.step >= setup.last_step or _epochs_done(pos, setup.config)
 
 
 def _epochs_done(pos: Position, config: TrainConfig) -> bool:

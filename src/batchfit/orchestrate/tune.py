@@ -30,7 +30,8 @@ from batchfit.core.configs import TuneConfig
 from batchfit.core.lr_scaling import default_rule, scale_lr
 from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
-from batchfit.files import prepare_report_folder
+from batchfit.errors import BatchfitError
+from batchfit.files import discard_report, prepare_report_folder
 from batchfit.inputs import as_source, check_model_accepts_data, loss_for
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
@@ -95,8 +96,8 @@ def tune(
     - ``time_budget`` (seconds, default 60 on CPU, 300 on CUDA): the whole run, counted from
       ``budget_started`` (a ``time.time()``, default now); one that leaves under 2 s to measure
       is refused.
-    - ``out_dir``: write the report there (checked before measuring; report files of an earlier
-      run are removed first).
+    - ``out_dir``: write the report there (checked before measuring). The new report replaces an
+      earlier run's at the end; an interrupted run leaves the earlier one, a failed one removes it.
     - ``headroom``, ``device``, ``seed``, ``task_name``: memory kept free, where to measure, the
       seed, the name in the report.
 
@@ -141,6 +142,10 @@ def tune(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)
             result = _measure_and_recommend(run)
+    except BatchfitError:  # failed: no earlier report may look like its answer (interrupted: kept)
+        if out is not None:
+            discard_report(out, REPORT_FILES)
+        raise
     finally:
         model.to(user_device)
     result = replace(result, seconds=round(time.perf_counter() - wall_start, 3))

@@ -13,7 +13,8 @@ from typing import Any
 
 from batchfit.core.options import opt
 from batchfit.core.sweep_verdict import format_seconds
-from batchfit.files import write_json, write_text
+from batchfit.errors import space_checked
+from batchfit.files import report_staging, write_json, write_text
 from batchfit.report.markdown import table
 from batchfit.report.sweep_plots import PLOT_FILES, write_plots
 
@@ -25,12 +26,15 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Write the plots, ``sweep.md`` and ``sweep.json`` into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = write_plots(result, out_dir)
-    files["markdown"] = str(out_dir / "sweep.md")
-    files["json"] = str(out_dir / "sweep.json")
-    result = {**result, "files": files}
-    write_text(files["markdown"], markdown(result))
-    write_json(files["json"], result)
+    # Written beside the old report and swapped in whole: an interrupted run leaves the old one.
+    with space_checked(out_dir), report_staging(out_dir, REPORT_FILES) as staging:
+        drawn = write_plots(result, staging)
+        files = {name: str(out_dir / Path(path).name) for name, path in drawn.items()}
+        files["markdown"] = str(out_dir / "sweep.md")
+        files["json"] = str(out_dir / "sweep.json")
+        result = {**result, "files": files}
+        write_text(staging / "sweep.md", markdown(result))
+        write_json(staging / "sweep.json", result)
     return files
 
 

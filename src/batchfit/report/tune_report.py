@@ -21,7 +21,8 @@ from typing import Any
 
 from batchfit.core.options import OPTIONS
 from batchfit.core.units import format_bytes
-from batchfit.files import write_json, write_text
+from batchfit.errors import space_checked
+from batchfit.files import report_staging, write_json, write_text
 from batchfit.report import plots
 from batchfit.report.markdown import table
 from batchfit.report.tune_race_report import (
@@ -189,11 +190,13 @@ def write_report(result: TuneData, out_dir: Path) -> tuple[dict[str, Any], list[
     (only plots that have something to show are written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(result)
-    written = [p for p in _plots(result, out_dir) if p is not None]
-    report["files"] = ["report.json", "report.md", *(p.name for p in written)]
-    json_path = write_json(out_dir / "report.json", report)
-    md_path = write_text(out_dir / "report.md", render_markdown(report))
-    return report, [json_path, md_path, *written]
+    # Written beside the old report and swapped in whole: an interrupted run leaves the old one.
+    with space_checked(out_dir), report_staging(out_dir, REPORT_FILES) as staging:
+        written = [p.name for p in _plots(result, staging) if p is not None]
+        report["files"] = ["report.json", "report.md", *written]
+        write_json(staging / "report.json", report)
+        write_text(staging / "report.md", render_markdown(report))
+    return report, [out_dir / name for name in report["files"]]
 
 
 def headline(report: dict[str, Any]) -> str:
