@@ -137,18 +137,22 @@ def test_a_second_run_on_a_checkpoint_dir_in_use_is_refused_naming_the_holder(tm
         )
         assert first.poll() is None  # the first run is unharmed
     finally:
-        first.send_signal(signal.SIGTERM)
+        first.kill()  # SIGKILL: no exit handler runs, the lock dies with its holder
         first.communicate(timeout=60)
     assert second.returncode == 2, second.stderr
     line = _one_line(second.stderr)
     assert f"--checkpoint-dir '{tmp_path / 'ck'}' is in use by process {first.pid}" in line
-    # The first run is gone, and so is its lock (the lock file itself stays).
+    # The first run is gone, and so is its lock (the lock file itself stays): a resume there
+    # takes the folder and writes checkpoints again.
+    last = tmp_path / "ck" / "last.pt"
     assert (tmp_path / "ck" / ".batchfit.lock").exists()
-    again = run_cli(
-        ["train", "--example", "linreg", "--batch-size", "64", "--epochs", "1", "--quiet"]
-        + ["--checkpoint-dir", str(tmp_path / "ck2")]
-    )
-    assert again.returncode == 0, again.stderr
+    written = last.stat().st_mtime_ns
+    resumed = _start_training(tmp_path, "c", "--resume")
+    try:
+        _wait_for(lambda: last.stat().st_mtime_ns != written, resumed)
+    finally:
+        resumed.send_signal(signal.SIGTERM)
+        resumed.communicate(timeout=60)
 
 
 def test_a_full_disk_under_metrics_csv_is_one_line_naming_the_folder(tmp_path):
