@@ -5,9 +5,15 @@ or a silently wrong answer. Real files, real processes, real permissions; nothin
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
@@ -17,7 +23,7 @@ from batchfit.errors import BatchfitError
 from batchfit.loop.train import train
 from batchfit.orchestrate.sweep import sweep
 from batchfit.orchestrate.tune import tune
-from helpers import blobs, run_cli
+from helpers import blobs, run_cli, subprocess_env
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -200,3 +206,144 @@ def test_integer_features_are_told_to_become_floats_not_to_fix_features():
     message = str(error.value)
     assert "torch.int64" in message and "x.float()" in message
     assert "features'" not in message and "Fix" not in message
+
+
+# -- validation columns matched by name (defect 1) ----------------------------------------------
+
+
+def _write(table: pa.Table, path: Path) -> Path:
+    import pyarrow.csv as pacsv
+    import pyarrow.feather as feather
+
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+    elif path.suffix == ".csv":
+        pacsv.write_csv(table, path)
+    else:
+        feather.write_feather(table, path)
+    return path
+
+
+def _blobs_table(n: int, seed: int, order: list[str]) -> pa.Table:
+    x, y = blobs(n, seed=seed)
+    columns = {f"f{i}": x[:, i].numpy() for i in range(4)} | {"y": y.numpy()}
+    return pa.table({name: columns[name] for name in order})
+
+
+def _val_rows(source) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = list(source.batches(0, 1000))
+    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".arrow"])
+def test_validation_columns_are_matched_to_the_training_columns_by_name(
+    tmp_path, models_file, suffix, stream
+):
+    from batchfit.task import StreamOptions, load_task
+
+    train_file = _write(
+        _blobs_table(300, 0, ["f0", "f1", "f2", "f3", "y"]), tmp_path / f"t{suffix}"
+    )
+    same = _write(_blobs_table(100, 1, ["f0", "f1", "f2", "f3", "y"]), tmp_path / f"v{suffix}")
+    reordered = _write(_blobs_table(100, 1, ["f3", "y", "f2", "f1", "f0"]), tmp_path / f"r{suffix}")
+    sources = [
+        load_task(
+            model=f"{models_file}:mlp",
+            data=str(train_file),
+            val_data=str(val),
+            target="y",
+            stream=StreamOptions(stream=stream),
+        ).val
+        for val in (same, reordered)
+    ]
+    (x_same, y_same), (x_reordered, y_reordered) = (_val_rows(s) for s in sources)
+    assert torch.equal(x_same, x_reordered) and torch.equal(y_same, y_reordered)
+    assert torch.equal(x_same, blobs(100, seed=1)[0])
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "sweep"])
+def test_validation_data_without_the_training_columns_is_one_line_naming_the_column(
+    tmp_path, models_file, blobs_parquet, command
+):
+    other = _blobs_table(100, 1, ["f0", "f1", "f2", "f3", "y"]).rename_columns(
+        ["a", "b", "c", "d", "y"]
+    )
+    val = _write(other, tmp_path / "other.parquet")
+    args = [command, "--model", "user_models:mlp", "--data", str(blobs_parquet), "--target", "y"]
+    args += ["--val-data", str(val), "--out", str(tmp_path / "out"), "--quiet"]
+    args += ["--batch-size", "16", "--epochs", "1"] if command == "train" else []
+    line = _one_error_line(run_cli(args, cwd=tmp_path), "has no column 'f0'", "by name")
+    assert "['a', 'b', 'c', 'd', 'y']" in line
+
+
+def test_validation_column_holding_other_values_is_one_line_naming_the_column(
+    tmp_path, models_file
+):
+    from batchfit.task import load_task
+
+    train_file = _write(_blobs_table(300, 0, ["f0", "f1", "f2", "f3", "y"]), tmp_path / "t.parquet")
+    listed = _blobs_table(100, 1, ["f0", "f1", "f2", "f3", "y"])
+    pairs = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(200.0)), 2)
+    listed = listed.set_column(2, "f2", pairs)
+    val = _write(listed, tmp_path / "v.parquet")
+    with pytest.raises(BatchfitError, match=r"^Column 'f2' of the validation data .* 2 numbers"):
+        load_task(model=f"{models_file}:mlp", data=str(train_file), val_data=str(val), target="y")
+    strings = _blobs_table(100, 1, ["f0", "f1", "f2", "f3", "y"]).set_column(
+        1, "f1", pa.array([str(i) for i in range(100)])
+    )
+    val = _write(strings, tmp_path / "s.parquet")
+    with pytest.raises(BatchfitError, match=r"^Column 'f1' in .*s.parquet' holds string values"):
+        load_task(model=f"{models_file}:mlp", data=str(train_file), val_data=str(val), target="y")
+
+
+# -- misleading messages about data (defect 12) and options that do not apply (defect 13) ------
+
+
+def test_unreadable_folder_is_reported_as_unreadable_not_empty(tmp_path, models_file):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pq.write_table(_blobs_table(50, 0, ["f0", "f1", "f2", "f3", "y"]), folder / "p.parquet")
+    folder.chmod(0)
+    command = [sys.executable, "-m", "batchfit", "train", "--model", "user_models:mlp"]
+    command += ["--data", str(folder), "--target", "y", "--batch-size", "8", "--quiet"]
+    if os.geteuid() == 0:
+        # Root reads any folder through two capabilities: run the command without them.
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to drop root's capabilities")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    try:
+        proc = subprocess.run(
+            command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=subprocess_env()
+        )
+    finally:
+        folder.chmod(0o755)
+    _one_error_line(proc, "Cannot list the folder", "Permission denied", "chmod")
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_garbage_npy_is_called_not_a_npy_file_without_allow_pickle_advice(
+    tmp_path, models_file, stream
+):
+    (tmp_path / "zeros.npy").write_bytes(bytes(4096))
+    args = ["train", "--model", "user_models:mlp", "--data", "zeros.npy", stream]
+    line = _one_error_line(run_cli([*args, "--batch-size", "8"], cwd=tmp_path), "not a NumPy .npy")
+    assert "allow_pickle" not in line and "numpy.save" in line
+
+
+def test_empty_features_list_says_the_list_is_empty(tmp_path, models_file, blobs_parquet):
+    args = ["train", "--model", "user_models:mlp", "--data", str(blobs_parquet), "--target", "y"]
+    line = _one_error_line(
+        run_cli([*args, "--features", ",", "--batch-size", "8"], cwd=tmp_path),
+        "--features is empty",
+    )
+    assert "no feature columns" not in line
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--stream"], ["--shuffle-buffer", "100"], ["--data-workers", "2"]],
+)
+def test_streaming_options_with_the_built_in_example_are_refused(tmp_path, flags):
+    args = ["train", "--example", "linreg", "--batch-size", "64", "--epochs", "1", *flags]
+    _one_error_line(run_cli([*args, "--out", str(tmp_path)]), flags[0], "only to --data")
