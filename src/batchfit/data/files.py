@@ -99,7 +99,7 @@ def numpy_load_error(path: Path, fmt: str, exc: Exception) -> BatchfitError:
     except OSError as error:
         return BatchfitError(f"Cannot read '{path}': {first_line(error)}.")
     magic = NPY_MAGIC if fmt == "npy" else NPZ_MAGIC
-    if not head.startswith(magic):
+    if not head.startswith(magic) and not magic.startswith(head):  # (not a cut-off header)
         kind = "a NumPy .npy file" if fmt == "npy" else "a NumPy .npz archive"
         save = "numpy.save" if fmt == "npy" else "numpy.savez"
         return BatchfitError(
