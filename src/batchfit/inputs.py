@@ -2,11 +2,16 @@
 
 Data given as ``(x, y)`` tensors or arrays, a torch ``Dataset`` or ``IterableDataset``, or a
 :class:`~batchfit.data.source.BatchSource` becomes a ``BatchSource``; a loss given by name, as a
-function or not at all becomes a :class:`~batchfit.losses.Loss`; and a model is tried on two
-samples before any training, so that a mismatch is one clear error, not a traceback mid-epoch.
+function or not at all becomes a :class:`~batchfit.losses.Loss`; and a model is checked (a module
+with trainable parameters that hold data) and tried on two samples before any training, so that a
+mismatch is one clear error, not a traceback mid-epoch. Validation data is read to its end at every
+evaluation, so a stream of unknown length given for it must end (checked once, up front).
 """
 
 from __future__ import annotations
+
+import inspect
+import itertools
 
 import numpy as np
 import torch
@@ -22,11 +27,21 @@ from batchfit.data.torch_dataset import DatasetSource, IterableSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.losses import Loss, LossFn, resolve_loss
 
+#: How train, tune and sweep name their validation data to :func:`as_source`.
+VALIDATION = "validation data"
+#: Samples a validation ``IterableDataset`` without ``__len__`` may yield: validation reads it to
+#: its end at every evaluation, so one that yields more is refused as endless.
+VALIDATION_STREAM_LIMIT = 100_000
+
 
 def as_source(
     data: object, *, seed: int = 0, shuffle: bool = True, what: str = "data"
 ) -> BatchSource:
     """Wrap what the user gave (tensors, arrays, a Dataset, a BatchSource) as a BatchSource.
+
+    ``what`` names the data in messages. For :data:`VALIDATION` an ``IterableDataset`` must end:
+    one with ``__len__`` is read up to that many samples, one without is counted once now and
+    refused if it yields over :data:`VALIDATION_STREAM_LIMIT` samples (it would never end).
 
     Examples:
         >>> src = as_source((torch.zeros(5, 2), torch.zeros(5)))
@@ -36,6 +51,8 @@ def as_source(
     if isinstance(data, BatchSource):
         return data
     if isinstance(data, IterableDataset):
+        if what == VALIDATION:
+            return _validation_stream(data)
         return IterableSource(data)
     if isinstance(data, Dataset):
         return DatasetSource(data, seed=seed, shuffle=shuffle)
@@ -45,6 +62,75 @@ def as_source(
         f"The {what} must be an (x, y) pair of tensors or arrays, a torch Dataset or "
         f"IterableDataset, or a BatchSource; got {type(data).__name__}."
     )
+
+
+def _validation_stream(dataset: IterableDataset) -> IterableSource:
+    """``dataset`` as validation data that ends (see :func:`as_source`)."""
+    try:
+        length = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        length = None
+    if length is not None:
+        return IterableSource(dataset, limit=length)
+    name = type(dataset).__name__
+    count = sum(1 for _ in itertools.islice(iter(dataset), VALIDATION_STREAM_LIMIT + 1))
+    if count > VALIDATION_STREAM_LIMIT:
+        raise BatchfitError(
+            f"The validation data ({name}, an IterableDataset without __len__) yielded over "
+            f"{VALIDATION_STREAM_LIMIT:,} samples without ending, and validation reads it to "
+            "its end; give a finite one, or define __len__ to read that many samples of it."
+        )
+    return IterableSource(dataset, limit=VALIDATION_STREAM_LIMIT)
+
+
+def check_model(model: object) -> None:
+    """Fail in one line unless ``model`` is an ``nn.Module`` whose parameters hold data (not on
+    the meta device), at least one of them trainable, and whose ``forward`` takes one input."""
+    if not isinstance(model, nn.Module):
+        raise BatchfitError(
+            f"The model is a {type(model).__name__}, not a torch.nn.Module; pass the model itself "
+            "(an nn.Module)."
+        )
+    parameters = list(model.parameters())
+    if any(p.is_meta for p in itertools.chain(parameters, model.buffers())):
+        raise BatchfitError(
+            "The model's parameters are on the meta device (shapes without data), so it cannot "
+            "run; create it on a real device, or materialise it first "
+            "(model.to_empty(device='cpu'), then initialise its weights)."
+        )
+    if not parameters:
+        raise BatchfitError(
+            f"The model ({type(model).__name__}) has no parameters, so there is nothing to train; "
+            "give a model with trainable layers."
+        )
+    if not any(p.requires_grad for p in parameters):
+        raise BatchfitError(
+            f"All {len(parameters)} parameter tensors of the model are frozen "
+            "(requires_grad=False), so there is nothing to train; unfreeze the layers to train "
+            "(p.requires_grad_(True))."
+        )
+    extra = _required_inputs(model)[1:]
+    if extra:
+        raise BatchfitError(
+            f"The model's forward() needs {', '.join(repr(e) for e in extra)} besides the "
+            "features, but each "
+            "batch gives it the features only (model(x)); give those parameters a default, or "
+            "wrap the model in a module whose forward(x) supplies them."
+        )
+
+
+def _required_inputs(model: nn.Module) -> list[str]:
+    """The parameters of ``model.forward`` that a call must fill (no default, not ``*args``)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return []
+    return [
+        p.name
+        for p in signature.parameters.values()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 def loss_for(source: BatchSource, loss: str | LossFn | Loss | None) -> Loss:
@@ -69,11 +155,13 @@ def check_model_accepts_data(
 ) -> None:
     """Run the model on two samples (eval mode, no gradients) and fail early with both shapes.
 
-    Catches the classic mismatches before any training: features of the wrong width, outputs that
-    do not match the target, labels beyond the number of classes. For class labels it also makes
+    Catches the classic mismatches before any training: a model that cannot train at all
+    (:func:`check_model`), features of the wrong width or type, outputs that do not match the
+    target, labels beyond the number of classes. For class labels it also makes
     the source check them (:meth:`~batchfit.data.source.BatchSource.expect_classes`): all at once
     for tensors in memory, else each batch on the CPU before it reaches a device.
     """
+    check_model(model)
     x, y = next(iter(source.batches(0, min(2, source.num_samples or 2))))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
@@ -95,8 +183,9 @@ def check_model_accepts_data(
                     "prediction tensor from forward()."
                 )
             if loss.kind == "class":
+                _check_class_scores(output, loss)
                 # F.cross_entropy takes classes on dim 1: (N, C) or (N, C, d1, ...)
-                source.expect_classes(output.shape[1] if output.ndim > 1 else output.shape[0])
+                source.expect_classes(output.shape[1])
             try:
                 loss.fn(output, y.to(device))
             except BatchfitError:
@@ -111,14 +200,33 @@ def check_model_accepts_data(
         model.train(was_training)
 
 
+def _check_class_scores(output: torch.Tensor, loss: Loss) -> None:
+    """A class loss needs one score per class and sample: (N, C), not one number per sample."""
+    if output.ndim < 2:
+        raise BatchfitError(
+            f"The model's output has shape {tuple(output.shape)}, one number per sample, but the "
+            f"loss '{loss.name}' needs one score per class, shape (N, C); make the last layer "
+            f"output C values per sample (no squeeze or flatten to 1-D), or, for a numeric "
+            f"target, use {opt_value('loss', 'mse')}."
+        )
+
+
 def _raise_if_dtype_mismatch(model: nn.Module, x: torch.Tensor, exc: Exception) -> None:
     parameter = next(model.parameters(), None)
-    if parameter is not None and x.is_floating_point() and x.dtype != parameter.dtype:
+    if parameter is None or x.dtype == parameter.dtype or not parameter.is_floating_point():
+        return
+    if x.is_floating_point():
         raise BatchfitError(
             f"The data is {x.dtype} but the model's parameters are {parameter.dtype}; convert one "
             f"to the other (e.g. x.float() or model.double()). torch said: "
             f"{first_line(exc)}"
         ) from None
+    raise BatchfitError(
+        f"The features are {x.dtype} (integers) but the model's parameters are "
+        f"{parameter.dtype}; convert the features to floats (x.float()), or, if they are "
+        "category or token ids, start the model with an nn.Embedding. torch said: "
+        f"{first_line(exc)}"
+    ) from None
 
 
 def _expected_input(model: nn.Module) -> str:

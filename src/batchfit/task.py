@@ -115,9 +115,11 @@ def _load_data(
     seed: int,
     shuffle: bool,
     stream: StreamOptions | None = None,
+    match: str | None = None,
 ):
     """Return (source, target_kind, why) for a file path, folder or glob, or a
-    ``module:factory`` returning a dataset. Files are loaded or streamed (see ``load_file``)."""
+    ``module:factory`` returning a dataset. Files are loaded or streamed (see ``load_file``);
+    ``match`` names the training data whose feature columns ``features`` are."""
     if _is_factory(spec):
         data = import_object(spec, what="data factory")
         if callable(data) and not isinstance(data, (Dataset, BatchSource)):
@@ -136,6 +138,7 @@ def _load_data(
         prefetch=stream_options.prefetch,
         workers=stream_options.workers,
         reason=stream_options.reason,
+        match=match,
     )
 
 
@@ -203,6 +206,7 @@ def load_task(
     """
     _check_task_options(example, model, data, val_data, val_fraction, features, target)
     if data is None:  # an example's own validation set is kept unless val_fraction is 0
+        _check_no_stream_options(stream, example or DEFAULT_EXAMPLE)
         return _example_task(example or DEFAULT_EXAMPLE, model, val_fraction, loss, seed)
     if val_fraction is None and purpose == "tune":
         val_fraction = DEFAULT_VAL_FRACTION["tune"]
@@ -212,7 +216,7 @@ def load_task(
     )
     notes: list[str] = []
     if val_data is not None:
-        val, _, _ = _load_data(val_data, features, target, seed, shuffle=False, stream=stream)
+        val = _validation_data(val_data, train, data, features, target, seed, stream)
     else:
         train, val = _held_out(train, data, val_fraction, seed, notes)
     if loss == "cross_entropy" and kind == "real":
@@ -220,6 +224,37 @@ def load_task(
     factory = model_factory(model)  # type: ignore[arg-type]  # checked: data needs model
     task_loss = resolve_loss(loss, kind)
     return Task(f"{model} on {data}", factory, train, val, task_loss, None, choice, notes)
+
+
+def _validation_data(
+    spec: str,
+    train: BatchSource,
+    data: str,
+    features: list[str] | None,
+    target: str | None,
+    seed: int,
+    stream: StreamOptions | None,
+) -> BatchSource:
+    """``--val-data``, its feature columns chosen by the training data's names (in the training
+    order, whatever the order in the file) and each checked to hold the same values per row;
+    data without column names (a plain ``.npy``) is matched by position."""
+    named = train.columns
+    chosen = list(named) if named is not None else features
+    match = f"the training data '{data}'" if named is not None else None
+    val, _, _ = _load_data(spec, chosen, target, seed, shuffle=False, stream=stream, match=match)
+    for name, width in (val.columns or {}).items():
+        expected = (named or {}).get(name, width)
+        if None not in (width, expected) and width != expected:
+            raise BatchfitError(
+                f"Column '{name}' of the validation data '{spec}' holds {_values(width)} per row, "
+                f"but in the training data '{data}' it holds {_values(expected)}; store it as "
+                "the training data does."
+            )
+    return val
+
+
+def _values(width: int | None) -> str:
+    return "a list" if width is None else "one number" if width == 1 else f"{width} numbers"
 
 
 def _check_task_options(
@@ -232,6 +267,12 @@ def _check_task_options(
     target: str | None,
 ) -> None:
     """Options that contradict each other, before anything is loaded."""
+    if features is not None and not features:
+        raise BatchfitError(
+            f"The list of {opt('features')} is empty (no column name between its commas); give "
+            "comma-separated column names such as f0,f1, or leave it out to use every column "
+            "but the target."
+        )
     if data is None and (val_data is not None or features or target is not None):
         raise BatchfitError(
             f"{opt('val_data')}, {opt('features')} and {opt('target')} describe {opt('data')}; "
@@ -248,6 +289,29 @@ def _check_task_options(
         )
     if val_data is not None and val_fraction:
         raise BatchfitError(f"Give either {opt('val_data')} or {opt('val_fraction')}, not both.")
+
+
+def _check_no_stream_options(stream: StreamOptions | None, name: str) -> None:
+    """Streaming options read ``data`` files; a built-in example is in memory, so they would be
+    ignored: refused, as other options that do not apply are."""
+    given, default = stream or StreamOptions(), StreamOptions()
+    ignored = [
+        option
+        for option, applies in (
+            ("stream", given.stream is True),  # --no-stream: in memory, as the example is
+            ("shuffle_buffer", given.shuffle_buffer != default.shuffle_buffer),
+            ("prefetch", given.prefetch != default.prefetch),
+            ("data_workers", given.workers != default.workers),
+        )
+        if applies
+    ]
+    if ignored:
+        raise BatchfitError(
+            f"{' and '.join(opt(o) for o in ignored)} "
+            f"{'applies' if len(ignored) == 1 else 'apply'} only to {opt('data')} files, and "
+            f"the built-in example '{name}' is held in memory; leave "
+            f"{'it' if len(ignored) == 1 else 'them'} out, or give {opt('data')}."
+        )
 
 
 def _example_task(

@@ -37,6 +37,18 @@ class Table:
     feature_names: tuple[str, ...]
     target_name: str
     target_kind: str
+    #: Values per row of each feature, by name; None for columns without names (a plain .npy).
+    columns: dict[str, int | None] | None = None
+
+
+def column_width(kind: object) -> int | None:
+    """Values per row of a column of type ``kind`` (an Arrow type or a NumPy dtype): 1 for a
+    number, the length of a fixed-size list or sub-array, ``None`` for lists of any length."""
+    if isinstance(kind, pa.DataType):
+        if pa.types.is_fixed_size_list(kind):
+            return kind.list_size
+        return None if pa.types.is_list(kind) or pa.types.is_large_list(kind) else 1
+    return int(np.prod(np.dtype(kind).shape, dtype=int))
 
 
 def _place(where: Path | str) -> str:
@@ -69,6 +81,40 @@ def check_exists(path: Path) -> None:
         raise BatchfitError(
             f"No such file or folder: '{path}'. Check the {opt('data')}/{opt('val_data')} path."
         )
+
+
+#: The first bytes of every ``.npy`` file, and of every ``.npz`` (a zip archive).
+NPY_MAGIC, NPZ_MAGIC = b"\x93NUMPY", b"PK"
+
+
+def numpy_load_error(path: Path, fmt: str, exc: Exception) -> BatchfitError:
+    """The one-line error for ``np.load(path, allow_pickle=False)`` failing with ``exc``.
+
+    NumPy reads a file that is neither ``.npy`` nor ``.npz`` as a pickle and then advises
+    ``allow_pickle=True``: wrong for a damaged file, and unsafe. Say what the file really is.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(NPY_MAGIC))
+    except OSError as error:
+        return BatchfitError(f"Cannot read '{path}': {first_line(error)}.")
+    magic = NPY_MAGIC if fmt == "npy" else NPZ_MAGIC
+    if not head.startswith(magic) and not magic.startswith(head):  # (not a cut-off header)
+        kind = "a NumPy .npy file" if fmt == "npy" else "a NumPy .npz archive"
+        save = "numpy.save" if fmt == "npy" else "numpy.savez"
+        return BatchfitError(
+            f"'{path}' is not {kind}: it does not start with the {fmt} header (it starts "
+            f"with {head!r}), so it is damaged or of another format; write it again with {save}."
+        )
+    if any(sign in str(exc) for sign in ("allow_pickle", "Object arrays", "Python objects")):
+        return BatchfitError(
+            f"'{path}' holds Python objects (an object array), which are not loaded, for safety; "
+            "save the data as numbers (a numeric dtype, or named numeric fields)."
+        )
+    return BatchfitError(
+        f"Cannot read '{path}' as {fmt}: {first_line(exc)}. Check that the file is complete and "
+        "really a NumPy file."
+    )
 
 
 def read_arrow_table(path: Path) -> pa.Table:
@@ -223,13 +269,31 @@ def _pick_target(columns: list[str], target: str | None, path: Path | str) -> st
     )
 
 
+def positional(names: list[str], fmt: str) -> bool:
+    """Whether columns ``names`` are positions, not names: a plain 2-D ``.npy``'s ``"0"``, ..."""
+    return fmt == "npy" and names == [str(i) for i in range(len(names))]
+
+
 def _pick_features(
-    columns: list[str], features: list[str] | None, target: str, path: Path | str
+    columns: list[str],
+    features: list[str] | None,
+    target: str,
+    path: Path | str,
+    match: str | None = None,
 ) -> list[str]:
+    """The feature columns: ``features``, or every column but the target. ``match`` names the
+    training data when ``features`` are its columns, which validation data must have too."""
     if features is None:
         chosen = [c for c in columns if c != target]
     else:
         missing = [c for c in features if c not in columns]
+        if missing and match is not None:
+            raise BatchfitError(
+                f"The validation data {_place(path)} has no column {missing[0]!r} "
+                f"({len(missing)} of the {len(features)} feature columns of {match} missing); "
+                f"its columns are {columns}. Validation columns are matched to the training "
+                "columns by name: give it the same column names."
+            )
         if missing:
             raise BatchfitError(
                 f"Feature column(s) {missing} not in {_place(path)}; its columns are {columns}. "
@@ -260,11 +324,15 @@ def _columns_of_array(path: Path, data: object) -> dict[str, np.ndarray]:
     return {str(i): array[:, i] for i in range(array.shape[1])}
 
 
-def read_table(path: str | Path, features: list[str] | None, target: str | None) -> Table:
+def read_table(
+    path: str | Path, features: list[str] | None, target: str | None, match: str | None = None
+) -> Table:
     """Read ``path`` into a :class:`Table`.
 
     For a plain 2-D ``.npy`` the target defaults to the last column; elsewhere to a column named
-    ``target``, ``label`` or ``y`` when exactly one exists.
+    ``target``, ``label`` or ``y`` when exactly one exists. ``match`` names the training data
+    when ``features`` are its columns (see :func:`_pick_features`); a plain ``.npy`` has no
+    names, so its columns are then taken by position.
     """
     path = Path(path)
     check_exists(path)
@@ -273,14 +341,13 @@ def read_table(path: str | Path, features: list[str] | None, target: str | None)
         try:
             loaded = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut-off file
-            raise BatchfitError(
-                f"Cannot read '{path}' as {fmt}: {first_line(exc)}. Check that the file is "
-                "complete and really a NumPy file."
-            ) from None
+            raise numpy_load_error(path, fmt, exc) from None
         columns = _columns_of_array(path, loaded)
         names = list(columns)
+        if match is not None and positional(names, fmt):
+            features = None
         target = _pick_target(names, default_target(names, target, fmt), path)
-        chosen = _pick_features(names, features, target, path)
+        chosen = _pick_features(names, features, target, path, match)
         lengths = {len(columns[c]) for c in chosen + [target]}
         if len(lengths) != 1:
             raise BatchfitError(
@@ -295,11 +362,15 @@ def read_table(path: str | Path, features: list[str] | None, target: str | None)
             raise BatchfitError(f"'{path}' has no rows; give a file with at least one sample.")
         names = table.column_names
         target = _pick_target(names, target, path)
-        chosen = _pick_features(names, features, target, path)
+        chosen = _pick_features(names, features, target, path, match)
         x_arrays = [_numeric_column(table, c, path) for c in chosen]
         y_values = _numeric_column(table, target, path)
     if len(y_values) == 0:
         raise BatchfitError(f"'{path}' has no rows; give a file with at least one sample.")
     y, kind = _target_tensor(y_values, target, path)
     x = _features_tensor(x_arrays, chosen, path)
-    return Table(x=x, y=y, feature_names=tuple(chosen), target_name=target, target_kind=kind)
+    widths = {
+        c: int(np.prod(a.shape[1:], dtype=int)) for c, a in zip(chosen, x_arrays, strict=True)
+    }
+    named = None if positional(names, fmt) else widths
+    return Table(x, y, tuple(chosen), target, kind, named)

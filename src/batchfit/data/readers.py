@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob as globmod
 import hashlib
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchfit.core.options import opt, opt_value
-from batchfit.data.files import check_exists, check_numeric_type, file_format
+from batchfit.data.files import check_exists, check_numeric_type, file_format, numpy_load_error
 from batchfit.errors import BatchfitError, first_line
 
 #: Decoded-row target of one internal read; the pieces the source asks for are assembled from them.
@@ -64,6 +65,7 @@ def resolve_files(spec: str | Path) -> list[Path]:
         check_exists(path)
         if not path.is_dir():
             return [path]
+        _check_readable(path)
         files = sorted(
             p
             for p in path.rglob("*")
@@ -81,6 +83,22 @@ def resolve_files(spec: str | Path) -> list[Path]:
             f"'{text}' mixes file formats ({', '.join(sorted(formats))}); give files of one format."
         )
     return files
+
+
+def _check_readable(folder: Path) -> None:
+    """Fail unless every folder under ``folder`` that a walk visits can be listed (hidden ones
+    are skipped): a folder without read permission would otherwise look empty."""
+
+    def refuse(error: OSError) -> None:
+        where = error.filename or folder
+        raise BatchfitError(
+            f"Cannot list the folder '{where}': {error.strerror or first_line(error)}; give this "
+            f"user read and search permission on it (chmod a+rx), or point {opt('data')} "
+            "elsewhere."
+        )
+
+    for _, dirs, _ in os.walk(folder, onerror=refuse):
+        dirs[:] = [d for d in dirs if not d.startswith(HIDDEN_PREFIXES)]
 
 
 def files_fingerprint(files: list[Path]) -> str:
@@ -508,10 +526,7 @@ class NpyReader(Reader):
         try:
             self._array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut-off file
-            raise BatchfitError(
-                f"Cannot read '{path}' as npy: {first_line(exc)}. Check that the file is "
-                "complete and really a NumPy .npy file."
-            ) from None
+            raise numpy_load_error(path, "npy", exc) from None
         array = self._array
         if array.dtype.names:
             self.column_names = list(array.dtype.names)

@@ -98,6 +98,10 @@ class BatchSource(ABC):
 
     #: Labels must be below this (set by :meth:`expect_classes`); ``None``: not checked.
     classes: int | None = None
+    #: The feature columns by name, each with its values per row (1 for a number, ``None`` for
+    #: lists of unknown length), for data read from files with named columns; ``None`` for data
+    #: whose columns have no names (arrays, a plain 2-D ``.npy``), which are matched by position.
+    columns: dict[str, int | None] | None = None
 
     @property
     @abstractmethod

@@ -58,8 +58,10 @@ from batchfit.data.files import (
     _pick_features,
     _pick_target,
     _target_tensor,
+    column_width,
     default_target,
     file_format,
+    positional,
 )
 from batchfit.data.permute import Holdout, IndexPermutation, validation_count
 from batchfit.data.prefetch import Failure
@@ -168,6 +170,9 @@ class StreamSource(BatchSource):
         self.seed, self.shuffle = seed, shuffle
         self.prefetch, self.workers, self.holdout = prefetch, max(1, workers), holdout
         self.target_kind = _target_kind(reader.column_type(target))
+        fmt = file_format(reader.files[0])
+        if not positional(reader.column_names, fmt):
+            self.columns = {c: column_width(reader.column_type(c)) for c in self.features}
         self._float_labels_as_classes = False
         self._flat = all(_is_flat(reader.column_type(c)) for c in self.features)
         if shuffle_buffer is None or isinstance(shuffle_buffer, str):
@@ -627,12 +632,14 @@ def open_stream(
     shuffle_buffer: int | str | None = None,
     prefetch: int = DEFAULT_PREFETCH,
     workers: int = 1,
+    match: str | None = None,
 ) -> StreamSource:
     """A :class:`StreamSource` over a file, folder or glob, columns checked from metadata.
 
     The target defaults as for in-memory files (a column named ``target``, ``label`` or ``y``;
     the last column of a plain 2-D ``.npy``). ``shuffle_buffer`` is rows (int) or the bytes of
-    one window (``"64MiB"``); see :class:`StreamSource`.
+    one window (``"64MiB"``); see :class:`StreamSource`. ``match`` names the training data when
+    ``features`` are its columns (validation data; a plain ``.npy`` is then read by position).
     """
     options.check_optional("shuffle_buffer", shuffle_buffer)
     options.check("prefetch", prefetch)
@@ -641,8 +648,10 @@ def open_stream(
     names = reader.column_names
     label = reader.label
     fmt = file_format(reader.files[0])
+    if match is not None and positional(names, fmt):
+        features = None
     target = _pick_target(names, default_target(names, target, fmt), label)
-    chosen = _pick_features(names, features, target, label)
+    chosen = _pick_features(names, features, target, label, match)
     check_types(reader, chosen + [target])
     reader.select(chosen + [target])
     return StreamSource(
@@ -717,12 +726,13 @@ def load_file(
     workers: int = 1,
     available_bytes: int | None = None,
     reason: str | None = None,
+    match: str | None = None,
 ) -> tuple[BatchSource, str, str]:
     """Return (source, target kind, why): in memory when the data is small, else streamed.
 
     ``stream=None`` chooses by :func:`should_stream` against ``available_bytes`` (default: what
     psutil reports available now); ``True``/``False`` force it, for ``reason`` (default: the
-    flag). ``.npz`` is always loaded.
+    flag). ``.npz`` is always loaded. ``match``: see :func:`open_stream`.
     """
     from batchfit.data.files import read_table
     from batchfit.data.tensors import TensorSource
@@ -748,7 +758,9 @@ def load_file(
                 f"{format_bytes(available)} available with loading overhead; "
                 f"--{'no-' if stream else ''}stream to override"
             )
-    options = dict(seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, prefetch=prefetch)
+    options = dict(
+        seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, prefetch=prefetch, match=match
+    )
     if stream:
         source = open_stream(spec, features, target, workers=workers, **options)
         return source, source.target_kind, f"streaming {spec}: {why}"
@@ -757,7 +769,9 @@ def load_file(
         source = open_stream(spec, features, target, **{**options, "shuffle": False})
         x, y = next(iter(source.batches(0, source.num_samples)))
         loaded = TensorSource(x, y, seed=seed, shuffle=shuffle, files=origin)
+        loaded.columns = source.columns
         return loaded, source.target_kind, f"loading {spec} into memory: {why}"
-    table = read_table(spec, features, target)
+    table = read_table(spec, features, target, match)
     loaded = TensorSource(table.x, table.y, seed=seed, shuffle=shuffle, files=origin)
+    loaded.columns = table.columns
     return loaded, table.target_kind, f"loading {spec} into memory: {why}"

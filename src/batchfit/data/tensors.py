@@ -117,6 +117,7 @@ class TensorSource(BatchSource):
         )
         val = TensorSource(self.x[val_idx], self.y[val_idx], shuffle=False, files=self.files)
         train.val_split = val.val_split = (float(fraction), int(seed))
+        train.columns = val.columns = self.columns
         return train, val
 
     def fingerprint(self) -> dict[str, Any]:

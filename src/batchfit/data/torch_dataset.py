@@ -98,11 +98,13 @@ class IterableSource(BatchSource):
     """Batches from a ``torch.utils.data.IterableDataset``, in the order it yields them.
 
     Each epoch iterates the dataset again. With ``world_size > 1`` rank ``r`` keeps its share of
-    every global batch, so ranks never see the same sample.
+    every global batch, so ranks never see the same sample. ``limit``: an epoch ends after this
+    many samples even if the dataset goes on (validation data, which is read to its end).
     """
 
-    def __init__(self, dataset: IterableDataset) -> None:
+    def __init__(self, dataset: IterableDataset, *, limit: int | None = None) -> None:
         self.dataset = dataset
+        self.limit = limit
 
     @property
     def num_samples(self) -> int | None:
@@ -121,7 +123,7 @@ class IterableSource(BatchSource):
         rank: int = 0,
         world_size: int = 1,
     ) -> Iterator[Batch]:
-        samples = itertools.islice(iter(self.dataset), start, None)
+        samples = itertools.islice(iter(self.dataset), start, self.limit)
         while True:
             chunk = [_as_pair(item) for item in itertools.islice(samples, batch_size)]
             if not chunk or (drop_last and len(chunk) < batch_size):

@@ -31,7 +31,7 @@ from batchfit.core.configs import TrainConfig
 from batchfit.core.options import opt
 from batchfit.data.source import BatchSource
 from batchfit.errors import NonFiniteLossError, without_batchfit_frames
-from batchfit.inputs import as_source, check_model_accepts_data, loss_for
+from batchfit.inputs import as_source, check_model, check_model_accepts_data, loss_for
 from batchfit.loop.checks import (
     check_batch_norm,
     check_output_paths,
@@ -171,6 +171,7 @@ def prepare(
 ) -> Setup:
     """Check the sizes, the stop rule, the folders, the loss and the model against the data, then
     move the model to its device and build the optimizer."""
+    check_model(model)
     source = as_source(data, seed=config.seed)
     val_source = (
         as_source(val_data, shuffle=False, what="validation data") if val_data is not None else None

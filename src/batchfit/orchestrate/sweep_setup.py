@@ -37,7 +37,7 @@ from batchfit.data import BatchSource
 from batchfit.data.tensors import TensorSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.files import make_folder, prepare_report_folder
-from batchfit.inputs import as_source, check_model_accepts_data, loss_for
+from batchfit.inputs import as_source, check_model, check_model_accepts_data, loss_for
 from batchfit.losses import LOSS_NAMES, Loss
 from batchfit.probe.memory import is_out_of_memory
 from batchfit.report.recommendation_file import read_recommendation
@@ -147,7 +147,8 @@ def prepare(
     model: nn.Module, data: object, val_data: object, loss: object, config: SweepConfig
 ) -> SweepSetup:
     """Check the sweep's inputs and measure its starting point (the model moves to the device)."""
-    # check: data, sizes, budget, learning rates, target; all before any training
+    # check: model, data, sizes, budget, learning rates, target; all before any training
+    check_model(model)
     if val_data is None:
         raise BatchfitError(
             "sweep compares validation results, so it needs validation data; give "

@@ -32,7 +32,7 @@ from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
 from batchfit.errors import BatchfitError
 from batchfit.files import discard_report, prepare_report_folder
-from batchfit.inputs import as_source, check_model_accepts_data, loss_for
+from batchfit.inputs import as_source, check_model, check_model_accepts_data, loss_for
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
 from batchfit.orchestrate.tune_decision import decision, race_lines
@@ -112,6 +112,7 @@ def tune(
         (True, 'adam, sqrt rule from 0.001 at 32')
     """
     config = TuneConfig.build(config, **options)
+    check_model(model)
     _check_batch_norm_cap(model, config.max_batch_size)
     wall_start = time.perf_counter()
     budget_started = time.time() if config.budget_started is None else config.budget_started
