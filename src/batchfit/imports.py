@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,19 @@ def import_object(spec_text: str, *, what: str) -> Any:
             )
         obj = getattr(obj, part)
     return obj
+
+
+def required_parameters(function: Callable) -> list[str]:
+    """The names of the parameters a call of the user's ``function`` must fill (no default, not
+    ``*args``/``**kwargs``), to say what a factory or a ``forward`` expects before calling it;
+    empty where there is no signature to read (a builtin): the call then decides."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return []
+    return [
+        p.name
+        for p in signature.parameters.values()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]

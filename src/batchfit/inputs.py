@@ -10,7 +10,6 @@ evaluation, so a stream of unknown length given for it must end (checked once, u
 
 from __future__ import annotations
 
-import inspect
 import itertools
 
 import numpy as np
@@ -25,6 +24,7 @@ from batchfit.data.stream import StreamSource
 from batchfit.data.tensors import TensorSource
 from batchfit.data.torch_dataset import DatasetSource, IterableSource
 from batchfit.errors import BatchfitError, first_line
+from batchfit.imports import required_parameters
 from batchfit.losses import Loss, LossFn, resolve_loss
 
 #: How train, tune and sweep name their validation data to :func:`as_source`.
@@ -109,7 +109,7 @@ def check_model(model: object) -> None:
             "(requires_grad=False), so there is nothing to train; unfreeze the layers to train "
             "(p.requires_grad_(True))."
         )
-    extra = _required_inputs(model)[1:]
+    extra = required_parameters(model.forward)[1:]
     if extra:
         raise BatchfitError(
             f"The model's forward() needs {', '.join(repr(e) for e in extra)} besides the "
@@ -117,20 +117,6 @@ def check_model(model: object) -> None:
             "batch gives it the features only (model(x)); give those parameters a default, or "
             "wrap the model in a module whose forward(x) supplies them."
         )
-
-
-def _required_inputs(model: nn.Module) -> list[str]:
-    """The parameters of ``model.forward`` that a call must fill (no default, not ``*args``)."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):  # no signature to read: let the call decide
-        return []
-    return [
-        p.name
-        for p in signature.parameters.values()
-        if p.default is p.empty
-        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
 
 
 def loss_for(source: BatchSource, loss: str | LossFn | Loss | None) -> Loss:

@@ -8,7 +8,6 @@ This is where the command line's ``--example``, ``--model``, ``--data``, ``--val
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from batchfit.data.tensors import TensorSource
 from batchfit.data.torch_dataset import IterableSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.examples import DEFAULT_EXAMPLE, DESCRIPTIONS, example
-from batchfit.imports import import_object
+from batchfit.imports import import_object, required_parameters
 from batchfit.inputs import as_source, split_off, target_kind_of
 from batchfit.losses import Loss, resolve_loss
 
@@ -63,7 +62,7 @@ def model_factory(spec: str) -> Callable[[], nn.Module]:
             f"The model factory '{spec}' is not callable; point {opt('model')} at a function."
         )
 
-    required = _required_parameters(factory)
+    required = required_parameters(factory)
     if required:
         raise BatchfitError(
             f"The model factory '{spec}' needs arguments ({', '.join(required)}); {opt('model')} "
@@ -88,20 +87,6 @@ def model_factory(spec: str) -> Callable[[], nn.Module]:
         return model
 
     return build
-
-
-def _required_parameters(function: Callable) -> list[str]:
-    """Names of the parameters a call with no arguments would be missing."""
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):  # builtins without a signature: let the call decide
-        return []
-    return [
-        p.name
-        for p in signature.parameters.values()
-        if p.default is p.empty
-        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
 
 
 def _is_factory(spec: str) -> bool:
