@@ -327,3 +327,27 @@ def test_ctrl_c_during_tune_leaves_the_previous_report_intact(tmp_path):
     for name, text in old.items():
         assert (out / name).read_text() == text
     assert not list(out.glob(".report.*"))
+
+
+def test_ctrl_c_during_sweep_leaves_the_previous_report_intact(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    old = {"sweep.json": '{"runs": []}\n', "sweep.md": "# old sweep\n"}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    # B=1 finishes in a blink, the full batch takes seconds: the signal lands in the second run.
+    args = ["sweep", "--batch-sizes", "1,N", "--steps", "20", "--eval-points", "2", "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchfit", *args, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    _wait_for(lambda: bool(list((out / "runs").glob("b*.json"))), proc, timeout=120)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    for name, text in old.items():
+        assert (out / name).read_text() == text
+    assert not list(out.glob(".report.*"))
