@@ -76,6 +76,7 @@ ALLOWED: dict[str, set[str]] = {
         "task",
         "version",
     },
+    "integrations": {"errors", "orchestrate"},
     "__init__": {"*"},
     "__main__": {"cli"},
 }

@@ -1,0 +1,140 @@
+"""batchfit inside PyTorch Lightning: the callback sets the measured batch size, accumulation and
+learning rate where Lightning's own finders do, training then runs at them, the report is written
+once, and importing the integration without Lightning fails in one line naming the extra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import blobs, subprocess_env
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from batchfit.integrations.lightning import BatchfitTuner  # noqa: E402
+
+#: Batches above this size fail to allocate their memory (a real allocation failure), which
+#: makes a memory ceiling of this size on any machine.
+CEILING = 8
+
+
+class Blobs(pl.LightningModule):
+    def __init__(self, batch_size: int = 16, lr: float = 1e-3, ceiling: int | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+        )
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        if self.hparams.ceiling is not None and x.shape[0] > self.hparams.ceiling:
+            torch.empty(2**60, dtype=torch.uint8)  # more than any machine has
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.seen.append(len(batch[0]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(*blobs(384)), batch_size=self.hparams.batch_size)
+
+
+def _fit(tmp_path, module, callback, epochs=1):
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module)
+    return trainer
+
+
+def test_callback_sets_batch_size_and_lr_and_training_runs_at_that_size(tmp_path):
+    torch.manual_seed(0)
+    module = Blobs()
+    callback = BatchfitTuner(time_budget=8, max_batch_size=128, seed=0)
+    trainer = _fit(tmp_path, module, callback)
+    rec = callback.result.recommended
+    assert rec.optimizer == "sgd"  # the family from configure_optimizers
+    assert module.hparams.batch_size == callback.micro_batch_size
+    assert callback.micro_batch_size * callback.accumulation <= rec.batch_size
+    assert trainer.accumulate_grad_batches == callback.accumulation
+    assert module.hparams.lr == rec.lr
+    assert trainer.optimizers[0].param_groups[0]["lr"] == rec.lr  # rebuilt with it
+    full, last = divmod(384, callback.micro_batch_size)
+    assert module.seen == [callback.micro_batch_size] * full + ([last] if last else [])
+
+
+def test_training_stays_within_the_memory_ceiling_with_exact_accumulation(tmp_path):
+    torch.manual_seed(0)
+    module = Blobs(ceiling=CEILING)
+    callback = BatchfitTuner("cross_entropy", time_budget=8, max_batch_size=96, seed=0)
+    trainer = _fit(tmp_path, module, callback)
+    rec = callback.result.recommended
+    assert rec.micro_batch_size <= CEILING
+    k = callback.accumulation
+    assert module.hparams.batch_size == callback.micro_batch_size <= CEILING
+    assert trainer.accumulate_grad_batches == k
+    if rec.batch_size > CEILING:
+        assert k > 1
+    assert callback.micro_batch_size * k == rec.batch_size  # exact: equal micro-batches
+    assert set(module.seen[: len(module.seen) // k * k]) == {callback.micro_batch_size}
+    assert trainer.global_step == -(-len(module.seen) // k)  # one step per k micro-batches
+
+
+def test_the_report_is_written_once_beside_the_logger_files(tmp_path):
+    torch.manual_seed(0)
+    callback = BatchfitTuner(time_budget=8, max_batch_size=64, seed=0)
+    trainer = _fit(tmp_path, Blobs(), callback, epochs=2)
+    reports = sorted(tmp_path.rglob("report.json"))
+    assert reports == [tmp_path / "lightning_logs" / "version_0" / "batchfit" / "report.json"]
+    assert trainer.log_dir == str(reports[0].parent.parent)
+    first = reports[0].stat().st_mtime_ns
+    trainer.fit(trainer.lightning_module)  # a second fit with the same callback: not again
+    assert reports[0].stat().st_mtime_ns == first
+
+
+BLOCKED = """
+import sys
+sys.modules["lightning"] = None
+sys.modules["lightning.pytorch"] = None
+import batchfit, batchfit.integrations
+assert "lightning" not in [m for m in sys.modules if sys.modules[m] is not None]
+import batchfit.integrations.lightning
+"""
+
+
+def test_without_lightning_the_import_fails_in_one_line_naming_the_extra():
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ")
+    assert "pip install 'batchfit[lightning]'" in last
+
+
+def test_importing_batchfit_and_its_integrations_never_imports_lightning():
+    code = "import sys, batchfit, batchfit.integrations; print('lightning' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
+    )
+    assert done.stdout.strip() == "False", done.stderr
