@@ -76,7 +76,7 @@ ALLOWED: dict[str, set[str]] = {
         "task",
         "version",
     },
-    "integrations": {"errors", "orchestrate"},
+    "integrations": {"core", "errors", "inputs", "losses", "orchestrate", "report"},
     "__init__": {"*"},
     "__main__": {"cli"},
 }

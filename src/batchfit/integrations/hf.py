@@ -1,0 +1,167 @@
+"""The Hugging Face ``Trainer``: measured batch size, accumulation and learning rate in its
+``TrainingArguments``, a one-line change for its users.
+
+A Hugging Face model takes a dict of token tensors (``input_ids``, ``attention_mask``, ...) and
+returns an output object with ``.logits``; batchfit's probes give a model one tensor and compare
+its output tensor with a target. So the data set's samples are packed into one integer tensor
+(one row per model input, stacked) with the label as the target, and the model is wrapped in a
+module whose ``forward`` unpacks that tensor and returns the logits. The loss is then the one the
+labels call for (cross-entropy for class ids, mse for floats), or the user's. ``transformers`` is
+imported only here, so ``import batchfit`` never loads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from batchfit.errors import BatchfitError
+
+try:
+    import transformers
+except ImportError:
+    raise BatchfitError(
+        "batchfit.integrations.hf needs the transformers package, which is not installed; "
+        "install it with pip install 'batchfit[hf]'."
+    ) from None
+
+from batchfit.losses import Loss, LossFn
+from batchfit.orchestrate.tune import TuneResult, tune
+from batchfit.report.tune_report import headline
+
+logger = logging.getLogger(__name__)
+
+#: Keys of a Hugging Face sample that hold its target.
+LABEL_KEYS = ("labels", "label")
+#: ``TrainingArguments.optim`` values measured as batchfit's ``sgd``; the rest as ``adamw``.
+SGD_OPTIMIZERS = ("sgd",)
+
+
+def _forward_inputs(model: nn.Module, sample: dict[str, Any]) -> tuple[str, ...]:
+    """The sample's keys the model's ``forward`` takes, labels aside, in the sample's order."""
+    accepted = set(inspect.signature(model.forward).parameters)
+    keys = tuple(k for k in sample if k in accepted and k not in LABEL_KEYS)
+    if not keys:
+        raise BatchfitError(
+            f"The training data's samples have keys {sorted(sample)}, none of which the model's "
+            "forward() takes; give samples with the model's inputs (e.g. input_ids) and labels."
+        )
+    return keys
+
+
+class PackedDataset(Dataset):
+    """A data set of dict samples as ``(packed inputs, label)`` pairs: the inputs named by
+    ``keys`` stacked into one ``(len(keys), L)`` tensor, the label from ``labels``/``label``.
+    Every input of every sample must have the same length (tokenize with padding to a fixed
+    length)."""
+
+    def __init__(self, dataset: Any, keys: Sequence[str]) -> None:
+        self.dataset, self.keys = dataset, tuple(keys)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.dataset[index]
+        label_key = next((k for k in LABEL_KEYS if k in sample), None)
+        if label_key is None:
+            raise BatchfitError(
+                f"Sample {index} of the training data has no 'labels' or 'label' key "
+                f"(keys: {sorted(sample)}); add the target the model learns under 'labels'."
+            )
+        try:
+            packed = torch.stack([torch.as_tensor(sample[k]) for k in self.keys])
+        except RuntimeError:
+            lengths = {k: len(sample[k]) for k in self.keys}
+            raise BatchfitError(
+                f"Sample {index}'s inputs have different lengths {lengths}; tokenize with "
+                "padding to one fixed length (padding='max_length')."
+            ) from None
+        return packed, torch.as_tensor(sample[label_key])
+
+
+class PackedInputModel(nn.Module):
+    """``model`` taking one packed tensor (see :class:`PackedDataset`) and returning its logits."""
+
+    def __init__(self, model: nn.Module, keys: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, tuple(keys)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = {k: x[:, i] for i, k in enumerate(self.keys)}
+        output = self.model(**inputs)
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        return logits
+
+
+def _optimizer_of(args: transformers.TrainingArguments) -> str:
+    optim = str(getattr(args.optim, "value", args.optim))
+    return "sgd" if optim in SGD_OPTIMIZERS else "adamw"
+
+
+def tuned_arguments(
+    model: nn.Module,
+    train_dataset: Any,
+    args: transformers.TrainingArguments,
+    *,
+    eval_dataset: Any | None = None,
+    loss: str | LossFn | Loss | None = None,
+    time_budget: float | None = None,
+    log: Callable[[str], None] | None = None,
+    **tune_options: Any,
+) -> tuple[transformers.TrainingArguments, TuneResult]:
+    """Measure ``model`` on ``train_dataset`` and return ``(a copy of args, the tune result)``
+    with ``per_device_train_batch_size`` (the micro-batch that fits),
+    ``gradient_accumulation_steps`` and ``learning_rate`` set from the measurement; the reasons
+    are logged.
+
+    The change in a Trainer script is one line::
+
+        args, result = tuned_arguments(model, train_dataset, args)
+
+    ``train_dataset`` (and ``eval_dataset``, which then judges tune's race) holds dict samples
+    with the model's inputs padded to one length and ``labels``; ``loss`` defaults to the one
+    the labels call for, applied to the model's ``logits``. The optimizer measured follows
+    ``args.optim`` (SGD or the AdamW family). ``time_budget`` and ``tune_options`` go to
+    :func:`batchfit.tune` (e.g. ``lr=`` to scale your own learning rate instead of measuring it,
+    ``max_batch_size``, ``out_dir`` for the report). Across several devices the accumulation is
+    divided among them (the batch size counts every device's samples).
+    """
+    first = train_dataset[0]
+    if not isinstance(first, dict):
+        raise BatchfitError(
+            f"The training data's samples are {type(first).__name__}, not dicts of model inputs; "
+            "give a Hugging Face style data set (samples like {'input_ids': ..., 'labels': ...})."
+        )
+    keys = _forward_inputs(model, first)
+    say = log or logger.info
+    if time_budget is not None:
+        tune_options["time_budget"] = time_budget
+    tune_options.setdefault("optimizer", _optimizer_of(args))
+    tune_options.setdefault("seed", args.seed)
+    tune_options.setdefault("task_name", type(model).__name__)
+    result = tune(
+        PackedInputModel(model, keys),
+        PackedDataset(train_dataset, keys),
+        val_data=None if eval_dataset is None else PackedDataset(eval_dataset, keys),
+        loss=loss,
+        log=say,
+        **tune_options,
+    )
+    r = result.recommended
+    world = max(1, args.world_size)
+    tuned = copy.deepcopy(args)
+    tuned.per_device_train_batch_size = r.micro_batch_size
+    tuned.gradient_accumulation_steps = max(1, round(r.accumulation / world))
+    tuned.learning_rate = r.lr
+    say(f"batchfit: {headline(result.to_report())}")
+    for line in result.decision:
+        say(f"batchfit: {line}")
+    return tuned, result
