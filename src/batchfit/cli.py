@@ -296,6 +296,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.checkpoint_path:
         rows.append(("checkpoint", result.checkpoint_path))
     _print_table("batchfit train: done", rows)
+    if result.weights_path:  # in full, never cut to the terminal's width: a user copies it
+        print(
+            f"weights: {result.weights_path} (load: "
+            "model.load_state_dict(torch.load(path, weights_only=True)))"
+        )
     return 0
 
 
@@ -544,7 +549,8 @@ COMMANDS: dict[str, Command] = {
                         "out_dir",
                         {
                             "default": "batchfit-run",
-                            "help": "folder for metrics.csv (default ./batchfit-run)",
+                            "help": "folder for metrics.csv and the trained weights, model.pt "
+                            "(default ./batchfit-run)",
                         },
                     ),
                     "device",

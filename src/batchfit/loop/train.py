@@ -3,7 +3,8 @@
 A run is four phases: *prepare* checks everything that can fail before the first step and builds
 the optimizer; *restore or seed* continues a checkpointed run or starts a reproducible one;
 *epochs* train epoch after epoch (:mod:`batchfit.loop.epoch`), validating, recording and
-checkpointing at each end; *finish* reports the final metrics and saves the last checkpoint.
+checkpointing at each end; *finish* reports the final metrics, saves the last checkpoint and,
+with ``out_dir``, the final weights (``model.pt``).
 Training ends after ``epochs`` epochs or ``max_steps`` steps, whichever comes first.
 
 Everything needed to continue is two integers of data position plus model, optimizer and RNG
@@ -39,7 +40,7 @@ from batchfit.loop.checks import (
     run_lock,
 )
 from batchfit.loop.epoch import continuing_batches, end_epoch, train_epoch
-from batchfit.loop.events import save, validate_or_save, validation_values
+from batchfit.loop.events import save, save_weights, validate_or_save, validation_values
 from batchfit.loop.signals import StopSignals
 from batchfit.loop.state import OnEval, Position, RunState, Setup, restore_run
 from batchfit.losses import Loss, LossFn
@@ -75,6 +76,7 @@ class TrainResult:
     metrics_path: str | None
     checkpoint_path: str | None
     resumed_from_step: int | None
+    weights_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,7 +115,9 @@ def train(
       and on SIGINT/SIGTERM; ``resume=True`` continues from it exactly. The folder is locked for
       the run's life (a second run using it is refused), and it and ``out_dir`` are checked for
       writing before the first step;
-    - ``out_dir``: write ``metrics.csv``, one row per step;
+    - ``out_dir``: write ``metrics.csv``, one row per step, and the final weights as
+      ``model.pt`` (a ``state_dict``: ``model.load_state_dict(torch.load(path,
+      weights_only=True))``), its path in ``TrainResult.weights_path``;
     - ``seed``, ``device``, ``drop_last``, ``eval_batch_size``, ``progress`` (bars on stderr).
 
     An exception from the user's code (their dataset, model or loss) stops training: the
@@ -278,6 +282,7 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
         metrics_path=str(metrics.path) if metrics.path else None,
         checkpoint_path=last,
         resumed_from_step=run.resumed_from_step,
+        weights_path=save_weights(setup),
     )
 
 
