@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from helpers import blobs, run_cli
@@ -49,3 +50,61 @@ def test_train_without_out_dir_writes_no_weights(tmp_path, monkeypatch):
     x, y = blobs(64)
     result = batchfit.train(torch.nn.Linear(4, 3), (x, y), batch_size=32, epochs=1)
     assert result.weights_path is None and not list(tmp_path.iterdir())
+
+
+class _Records(torch.utils.data.Dataset):
+    """Samples as dicts, as many users' datasets give them: only a custom collate makes pairs."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"features": self.x[i], "label": self.y[i]}
+
+
+def _to_pair(items: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([i["features"] for i in items]), torch.stack([i["label"] for i in items])
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def test_train_reads_a_dataloaders_dataset_and_collate_fn_as_the_same_run_as_tensors():
+    import batchfit
+
+    x, y = blobs(200)
+    loader = torch.utils.data.DataLoader(_Records(x, y), batch_size=7, collate_fn=_to_pair)
+    from_loader = batchfit.train(_mlp(), loader, batch_size=32, epochs=2, seed=3)
+    from_tensors = batchfit.train(_mlp(), (x, y), batch_size=32, epochs=2, seed=3)
+    assert from_loader.steps == from_tensors.steps == 14
+    assert from_loader.params_sha256 == from_tensors.params_sha256
+    plain = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), shuffle=True)
+    assert batchfit.train(_mlp(), plain, batch_size=32, epochs=2, seed=3).params_sha256 == (
+        from_tensors.params_sha256
+    )
+
+
+def test_tune_accepts_a_dataloader_over_a_tensor_dataset_with_a_custom_collate():
+    import batchfit
+
+    x, y = blobs(600)
+    loader = torch.utils.data.DataLoader(_Records(x, y), batch_size=16, collate_fn=_to_pair)
+    result = batchfit.tune(_mlp(), loader, lr=1e-2, time_budget=5, seed=0)
+    assert 1 <= result.recommended.batch_size <= 600
+
+
+def test_a_dataloader_with_a_sampler_batchfit_cannot_honour_is_refused_in_one_line():
+    import batchfit
+
+    x, y = blobs(100)
+    weights = torch.ones(100)
+    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=50)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), sampler=sampler)
+    with pytest.raises(batchfit.BatchfitError, match="WeightedRandomSampler") as info:
+        batchfit.train(_mlp(), loader, batch_size=32, epochs=1)
+    assert "\n" not in str(info.value) and "without a custom sampler" in str(info.value)
