@@ -108,3 +108,26 @@ def test_a_dataloader_with_a_sampler_batchfit_cannot_honour_is_refused_in_one_li
     with pytest.raises(batchfit.BatchfitError, match="WeightedRandomSampler") as info:
         batchfit.train(_mlp(), loader, batch_size=32, epochs=1)
     assert "\n" not in str(info.value) and "without a custom sampler" in str(info.value)
+
+
+def test_tune_report_gives_one_complete_train_command_that_runs(
+    tmp_path, models_file, blobs_parquet
+):
+    import shlex
+
+    out = tmp_path / "tune"
+    argv = ["tune", "--model", f"{models_file}:mlp", "--data", str(blobs_parquet), "--target"]
+    argv += ["y", "--lr", "1e-3", "--time-budget", "12", "--quiet", "--out", str(out)]
+    proc = run_cli(argv, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    markdown = (out / "report.md").read_text()
+    reproduce = markdown.split("## Reproduce", 1)[1]
+    (command,) = [line for line in reproduce.splitlines() if line.startswith("batchfit train ")]
+    for part in (f"--model {models_file}:mlp", f"--data {blobs_parquet}", "--target y"):
+        assert part in command
+    assert "--epochs 10" in command and f"train with it: {command}" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert f"--batch-size {report['recommended']['batch_size']} " in command
+    proc = run_cli([*shlex.split(command)[1:], "--out", str(tmp_path / "run")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "model.pt").exists()

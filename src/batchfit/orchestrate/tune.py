@@ -195,6 +195,7 @@ def _measure_and_recommend(run: TuneRun) -> TuneResult:
     ) + race_lines(raced, prior)
     return TuneResult(
         task=run.config.task_name,
+        task_options=run.config.task_options,
         device=str(model_device(run.model)),
         num_samples=run.source.num_samples,
         recommended=recommended,
