@@ -131,3 +131,55 @@ def test_tune_report_gives_one_complete_train_command_that_runs(
     proc = run_cli([*shlex.split(command)[1:], "--out", str(tmp_path / "run")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "model.pt").exists()
+
+
+class _NoForward(torch.nn.Module):
+    """Layers, a training step, but no forward: as many LightningModules are written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+
+class _ForwardNotImplemented(_NoForward):
+    def forward(self, *args):
+        raise NotImplementedError("subclass must implement forward")
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (_NoForward, "does not define one"),
+        (_ForwardNotImplemented, "raised NotImplementedError"),
+    ],
+)
+def test_tune_names_a_model_without_a_forward_in_one_line(make, why):
+    import batchfit
+
+    with pytest.raises(batchfit.BatchfitError) as info:
+        batchfit.tune(make(), blobs(100), time_budget=5)
+    message = str(info.value)
+    assert "no usable forward()" in message and why in message and "\n" not in message
+    assert "input" not in message.split("forward(x)")[0]  # not about the input's shape
+
+
+def test_tune_names_a_lightning_module_without_a_forward():
+    import batchfit
+
+    lightning = pytest.importorskip("lightning.pytorch")
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    with pytest.raises(batchfit.BatchfitError, match="no usable forward"):
+        batchfit.tune(Module(), blobs(100), time_budget=5)

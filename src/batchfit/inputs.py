@@ -150,6 +150,8 @@ def check_model(model: object) -> None:
             "(requires_grad=False), so there is nothing to train; unfreeze the layers to train "
             "(p.requires_grad_(True))."
         )
+    if type(model).forward is nn.Module.forward:
+        raise _no_forward(model, "does not define one")
     extra = required_parameters(model.forward)[1:]
     if extra:
         raise BatchfitError(
@@ -158,6 +160,16 @@ def check_model(model: object) -> None:
             "batch gives it the features only (model(x)); give those parameters a default, or "
             "wrap the model in a module whose forward(x) supplies them."
         )
+
+
+def _no_forward(model: nn.Module, why: str) -> BatchfitError:
+    """The error for a model without a usable ``forward`` (a LightningModule often has none)."""
+    return BatchfitError(
+        f"The model ({type(model).__name__}) has no usable forward(): it {why}, and batchfit "
+        "trains by calling model(x) and applying the loss; define forward(x) to return the "
+        "prediction (a LightningModule's training_step is not used), or wrap the network in a "
+        "module whose forward(x) does."
+    )
 
 
 def loss_for(source: BatchSource, loss: str | LossFn | Loss | None) -> Loss:
@@ -197,6 +209,9 @@ def check_model_accepts_data(
         with torch.no_grad():
             try:
                 output = model(x.to(device))
+            except NotImplementedError as exc:  # a RuntimeError, but no mismatch of shapes
+                why = f"raised NotImplementedError ({first_line(exc)})"
+                raise _no_forward(model, why) from None
             except (RuntimeError, ValueError, IndexError) as exc:
                 _raise_if_dtype_mismatch(model, x, exc)
                 raise BatchfitError(
