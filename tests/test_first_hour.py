@@ -4,6 +4,8 @@ README's quick start runs as written."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +185,48 @@ def test_tune_names_a_lightning_module_without_a_forward():
 
     with pytest.raises(batchfit.BatchfitError, match="no usable forward"):
         batchfit.tune(Module(), blobs(100), time_budget=5)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _readme_block(marker: str) -> str:
+    """The fenced code block right after ``<!-- marker -->`` in the README."""
+    after = README.read_text().split(f"<!-- {marker} -->\n", 1)[1]
+    assert after.startswith("```python\n"), marker
+    return after[len("```python\n") :].split("\n```", 1)[0]
+
+
+def test_readme_python_quick_start_runs_as_written(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_readme_block("quickstart-python"), "README quick start", "exec"), namespace)
+    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "tune-report").is_dir()
+    assert namespace["trained"].weights_path == "run/model.pt"
+
+
+def test_readme_model_factory_trains_from_a_table_and_its_weights_load(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "models.py").write_text(_readme_block("quickstart-models"))
+    x, y = blobs(300)
+    table = pa.table({f"f{i}": x[:, i].numpy() for i in range(4)} | {"y": y.numpy()})
+    pq.write_table(table, tmp_path / "train.parquet")
+    argv = ["train", "--model", "models.py:make_model", "--data", "train.parquet", "--target"]
+    proc = run_cli([*argv, "y", "--batch-size", "64", "--epochs", "2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    namespace: dict = {}
+    exec(compile(_readme_block("quickstart-load"), "README load", "exec"), namespace)
+    sys.modules.pop("models", None)  # the README's models.py, not another test's
+    model = namespace["model"]
+    assert not model.training and model(x).shape == (300, 3)
+
+
+def test_readme_starts_with_the_quick_start_and_names_no_internal_documents():
+    text = README.read_text()
+    assert text.index("## Quick start with your own model") < text.index("## A first tour")
+    for internal in ("seed's", "DESIGN.md", "../shared"):
+        assert internal not in text, internal
