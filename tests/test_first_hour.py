@@ -230,3 +230,27 @@ def test_readme_starts_with_the_quick_start_and_names_no_internal_documents():
     assert text.index("## Quick start with your own model") < text.index("## A first tour")
     for internal in ("seed's", "DESIGN.md", "../shared"):
         assert internal not in text, internal
+
+
+def test_train_takes_the_optimizer_as_a_torch_optim_class_as_its_name():
+    import batchfit
+
+    x, y = blobs(128)
+    by_class = batchfit.train(_mlp(), (x, y), batch_size=32, epochs=1, optimizer=torch.optim.SGD)
+    by_name = batchfit.train(_mlp(), (x, y), batch_size=32, epochs=1, optimizer="sgd")
+    assert by_class.optimizer == "sgd" and by_class.params_sha256 == by_name.params_sha256
+
+
+def test_tune_takes_the_optimizer_as_a_class_and_scales_its_lr_by_its_family(one_thread):
+    import batchfit
+
+    result = batchfit.tune(_mlp(), blobs(600), optimizer=torch.optim.SGD, lr=0.05, time_budget=5)
+    assert result.recommended.optimizer == "sgd" and "linear" in result.recommended.lr_rule
+
+
+def test_an_optimizer_class_batchfit_cannot_scale_is_refused_in_one_line():
+    import batchfit
+
+    with pytest.raises(batchfit.BatchfitError, match="RMSprop") as info:
+        batchfit.train(_mlp(), blobs(64), batch_size=32, epochs=1, optimizer=torch.optim.RMSprop)
+    assert "\n" not in str(info.value) and "torch.optim.SGD, Adam or AdamW" in str(info.value)

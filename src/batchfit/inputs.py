@@ -124,6 +124,21 @@ def _validation_stream(dataset: IterableDataset, collate_fn: object = None) -> I
     return IterableSource(dataset, limit=VALIDATION_STREAM_LIMIT, collate_fn=collate_fn)
 
 
+def optimizer_name(optimizer: object) -> object:
+    """The optimizer as the option table names it: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (the
+    class) becomes ``sgd``, ``adam`` or ``adamw``, whose lr scaling rule batchfit knows (linear for
+    SGD, sqrt for the Adam family); anything else is returned for the option's own check."""
+    if not isinstance(optimizer, type):
+        return optimizer
+    names = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+    if optimizer in names:
+        return names[optimizer]
+    raise BatchfitError(
+        f"The optimizer {optimizer.__name__} is not one batchfit builds and scales the lr of; "
+        f"give {opt('optimizer')} as torch.optim.SGD, Adam or AdamW (or 'sgd', 'adam', 'adamw')."
+    )
+
+
 def check_model(model: object) -> None:
     """Fail in one line unless ``model`` is an ``nn.Module`` whose parameters hold data (not on
     the meta device), at least one of them trainable, and whose ``forward`` takes one input."""

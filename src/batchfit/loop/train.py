@@ -32,7 +32,13 @@ from batchfit.core.configs import TrainConfig
 from batchfit.core.options import opt
 from batchfit.data.source import BatchSource
 from batchfit.errors import NonFiniteLossError, without_batchfit_frames
-from batchfit.inputs import as_source, check_model, check_model_accepts_data, loss_for
+from batchfit.inputs import (
+    as_source,
+    check_model,
+    check_model_accepts_data,
+    loss_for,
+    optimizer_name,
+)
 from batchfit.loop.checks import (
     check_batch_norm,
     check_output_paths,
@@ -110,7 +116,8 @@ def train(
     - ``micro_batch_size``: split each batch for memory, with exact accumulation;
     - ``steps_per_epoch``: an epoch is this many steps (Keras) of the data read as one continuing
       stream; how epochs work on a stream of unknown length (training ends if it runs dry);
-    - ``optimizer``, ``lr``, ``momentum``, ``weight_decay``: sgd, adam or adamw and its settings;
+    - ``optimizer``, ``lr``, ``momentum``, ``weight_decay``: sgd, adam or adamw (a name, or the
+      ``torch.optim`` class) and its settings;
     - ``checkpoint_dir``: save a checkpoint at every epoch end, every ``checkpoint_every`` steps
       and on SIGINT/SIGTERM; ``resume=True`` continues from it exactly. The folder is locked for
       the run's life (a second run using it is refused), and it and ``out_dir`` are checked for
@@ -133,6 +140,8 @@ def train(
         >>> result.steps, result.samples_seen
         (8, 128)
     """
+    if "optimizer" in options:  # a torch.optim class, as its name
+        options["optimizer"] = optimizer_name(options["optimizer"])
     config = TrainConfig.build(config, **options)
     # prepare: every check that can fail does so now, not an epoch into training
     setup = prepare(model, data, val_data, loss, on_eval, config)
