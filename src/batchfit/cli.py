@@ -231,6 +231,29 @@ def _load_task(args: argparse.Namespace):
     return task
 
 
+#: The task options tune passes on to the train command of its report (the same task, trained).
+_TASK_OPTIONS = (
+    *("example", "model", "data", "val_data", "val_fraction", "features", "target", "loss"),
+    *("stream", "shuffle_buffer", "prefetch", "data_workers", "seed"),
+)
+
+
+def _task_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The task options given on this command line, as ``batchfit train`` takes them (quoted for a
+    shell): the ones left at their defaults are left out."""
+    flags, options = _flags(COMMANDS["train"]), []
+    for name in _TASK_OPTIONS:
+        value = getattr(args, name, None)
+        if value is None or value == OPTIONS[name].default:
+            continue
+        if isinstance(value, bool):
+            options.append(flags[name] if value else "--no-" + flags[name][2:])
+        else:
+            text = ",".join(value) if isinstance(value, list) else str(value)
+            options.append(f"{flags[name]} {shlex.quote(text)}")
+    return tuple(options)
+
+
 def _resume_command(args: argparse.Namespace) -> str:
     """The command line as typed, with --resume added if it is not there."""
     command = "batchfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -296,6 +319,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.checkpoint_path:
         rows.append(("checkpoint", result.checkpoint_path))
     _print_table("batchfit train: done", rows)
+    if result.weights_path:  # in full, never cut to the terminal's width: a user copies it
+        print(
+            f"weights: {result.weights_path} (load: "
+            "model.load_state_dict(torch.load(path, weights_only=True)))"
+        )
     return 0
 
 
@@ -322,6 +350,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     task = _load_task(args)
     model, warmup_lr = task.model_and_lr(args.seed, args.optimizer, args.lr)
     values = {**vars(args), "warmup_lr": warmup_lr, "task_name": task.name}
+    values |= {"task_options": _task_options(args)}
     config = TuneConfig.from_mapping(values | {"budget_started": started})
 
     def log(message: str) -> None:
@@ -340,7 +369,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _print_tune(args: argparse.Namespace, result: Any, report: dict, seconds: float) -> None:
     from rich.console import Console
 
-    from batchfit.report.tune_report import headline, reasons_line
+    from batchfit.report.tune_report import headline, reasons_line, train_command
 
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"[bold]batchfit tune: {headline(report)}[/bold]")
@@ -355,6 +384,7 @@ def _print_tune(args: argparse.Namespace, result: Any, report: dict, seconds: fl
         out.print("cut short or skipped:")
         for line in result.skipped:
             out.print(f"  - {line}", markup=False)
+    out.print(f"train with it: {train_command(report)}", markup=False)
     plots = sum(1 for f in result.report_files if f.endswith(".png"))
     out.print(
         f"report: {args.out_dir}/report.md (and report.json, {plots} plots); "
@@ -544,7 +574,8 @@ COMMANDS: dict[str, Command] = {
                         "out_dir",
                         {
                             "default": "batchfit-run",
-                            "help": "folder for metrics.csv (default ./batchfit-run)",
+                            "help": "folder for metrics.csv and the trained weights, model.pt "
+                            "(default ./batchfit-run)",
                         },
                     ),
                     "device",

@@ -1,11 +1,13 @@
 """What the Python API accepts, turned into what the loop and the probes use.
 
-Data given as ``(x, y)`` tensors or arrays, a torch ``Dataset`` or ``IterableDataset``, or a
-:class:`~batchfit.data.source.BatchSource` becomes a ``BatchSource``; a loss given by name, as a
-function or not at all becomes a :class:`~batchfit.losses.Loss`; and a model is checked (a module
-with trainable parameters that hold data) and tried on two samples before any training, so that a
-mismatch is one clear error, not a traceback mid-epoch. Validation data is read to its end at every
-evaluation, so a stream of unknown length given for it must end (checked once, up front).
+Data given as ``(x, y)`` tensors or arrays, a torch ``Dataset`` or ``IterableDataset``, a
+``DataLoader`` (its dataset and collate function: batchfit chooses the batch size and order, which
+is what it measures), or a :class:`~batchfit.data.source.BatchSource` becomes a ``BatchSource``;
+a loss given by name, as a function or not at all becomes a :class:`~batchfit.losses.Loss`; and
+a model is checked (a module with trainable parameters that hold data) and tried on two samples
+before any training, so that a mismatch is one clear error, not a traceback mid-epoch. Validation
+data is read to its end at every evaluation, so a stream of unknown length given for it must end
+(checked once, up front).
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ import itertools
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    default_collate,
+    default_convert,
+)
 
 from batchfit.core.options import opt, opt_value
 from batchfit.data.permute import Holdout, validation_count
@@ -50,28 +61,58 @@ def as_source(
     """
     if isinstance(data, BatchSource):
         return data
+    collate_fn, num_workers = None, 0
+    if isinstance(data, DataLoader):
+        collate_fn, num_workers = _loader_parts(data, what)
+        data = data.dataset
     if isinstance(data, IterableDataset):
         if what == VALIDATION:
-            return _validation_stream(data)
-        return IterableSource(data)
+            return _validation_stream(data, collate_fn)
+        return IterableSource(data, collate_fn=collate_fn)
     if isinstance(data, Dataset):
-        return DatasetSource(data, seed=seed, shuffle=shuffle)
+        return DatasetSource(
+            data, seed=seed, shuffle=shuffle, num_workers=num_workers, collate_fn=collate_fn
+        )
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return TensorSource(data[0], data[1], seed=seed, shuffle=shuffle)
     raise BatchfitError(
-        f"The {what} must be an (x, y) pair of tensors or arrays, a torch Dataset or "
-        f"IterableDataset, or a BatchSource; got {type(data).__name__}."
+        f"The {what} must be an (x, y) pair of tensors or arrays, a torch Dataset, "
+        f"IterableDataset or DataLoader, or a BatchSource; got {type(data).__name__}."
     )
 
 
-def _validation_stream(dataset: IterableDataset) -> IterableSource:
+def _loader_parts(loader: DataLoader, what: str) -> tuple[object, int]:
+    """The collate function and worker count of the user's ``DataLoader``, whose dataset batchfit
+    reads in batches of its own sizes; a sampler that picks other samples than one pass over the
+    dataset (weighted, a subset, a shard) cannot be honoured, and is refused."""
+    sampler = loader.sampler
+    if not isinstance(loader.dataset, IterableDataset):
+        batch_sampler = loader.batch_sampler
+        plain = isinstance(sampler, SequentialSampler) or (
+            isinstance(sampler, RandomSampler)
+            and not sampler.replacement
+            and sampler.num_samples == len(loader.dataset)  # type: ignore[arg-type]
+        )
+        if not plain or (batch_sampler is not None and type(batch_sampler) is not BatchSampler):
+            custom = sampler if not plain else batch_sampler
+            raise BatchfitError(
+                f"The {what} is a DataLoader with a {type(custom).__name__}, which batchfit "
+                "cannot honour (it draws its own batches of each size it measures, one pass over "
+                "the dataset per epoch); pass a DataLoader without a custom sampler, or its "
+                "dataset."
+            )
+    own = loader.collate_fn not in (default_collate, default_convert)
+    return (loader.collate_fn if own else None), loader.num_workers
+
+
+def _validation_stream(dataset: IterableDataset, collate_fn: object = None) -> IterableSource:
     """``dataset`` as validation data that ends (see :func:`as_source`)."""
     try:
         length = len(dataset)  # type: ignore[arg-type]
     except TypeError:
         length = None
     if length is not None:
-        return IterableSource(dataset, limit=length)
+        return IterableSource(dataset, limit=length, collate_fn=collate_fn)
     name = type(dataset).__name__
     count = sum(1 for _ in itertools.islice(iter(dataset), VALIDATION_STREAM_LIMIT + 1))
     if count > VALIDATION_STREAM_LIMIT:
@@ -80,7 +121,22 @@ def _validation_stream(dataset: IterableDataset) -> IterableSource:
             f"{VALIDATION_STREAM_LIMIT:,} samples without ending, and validation reads it to "
             "its end; give a finite one, or define __len__ to read that many samples of it."
         )
-    return IterableSource(dataset, limit=VALIDATION_STREAM_LIMIT)
+    return IterableSource(dataset, limit=VALIDATION_STREAM_LIMIT, collate_fn=collate_fn)
+
+
+def optimizer_name(optimizer: object) -> object:
+    """The optimizer as the option table names it: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (the
+    class) becomes ``sgd``, ``adam`` or ``adamw``, whose lr scaling rule batchfit knows (linear for
+    SGD, sqrt for the Adam family); anything else is returned for the option's own check."""
+    if not isinstance(optimizer, type):
+        return optimizer
+    names = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+    if optimizer in names:
+        return names[optimizer]
+    raise BatchfitError(
+        f"The optimizer {optimizer.__name__} is not one batchfit builds and scales the lr of; "
+        f"give {opt('optimizer')} as torch.optim.SGD, Adam or AdamW (or 'sgd', 'adam', 'adamw')."
+    )
 
 
 def check_model(model: object) -> None:
@@ -109,6 +165,8 @@ def check_model(model: object) -> None:
             "(requires_grad=False), so there is nothing to train; unfreeze the layers to train "
             "(p.requires_grad_(True))."
         )
+    if type(model).forward is nn.Module.forward:
+        raise _no_forward(model, "does not define one")
     extra = required_parameters(model.forward)[1:]
     if extra:
         raise BatchfitError(
@@ -117,6 +175,16 @@ def check_model(model: object) -> None:
             "batch gives it the features only (model(x)); give those parameters a default, or "
             "wrap the model in a module whose forward(x) supplies them."
         )
+
+
+def _no_forward(model: nn.Module, why: str) -> BatchfitError:
+    """The error for a model without a usable ``forward`` (a LightningModule often has none)."""
+    return BatchfitError(
+        f"The model ({type(model).__name__}) has no usable forward(): it {why}, and batchfit "
+        "trains by calling model(x) and applying the loss; define forward(x) to return the "
+        "prediction (a LightningModule's training_step is not used), or wrap the network in a "
+        "module whose forward(x) does."
+    )
 
 
 def loss_for(source: BatchSource, loss: str | LossFn | Loss | None) -> Loss:
@@ -156,6 +224,9 @@ def check_model_accepts_data(
         with torch.no_grad():
             try:
                 output = model(x.to(device))
+            except NotImplementedError as exc:  # a RuntimeError, but no mismatch of shapes
+                why = f"raised NotImplementedError ({first_line(exc)})"
+                raise _no_forward(model, why) from None
             except (RuntimeError, ValueError, IndexError) as exc:
                 _raise_if_dtype_mismatch(model, x, exc)
                 raise BatchfitError(

@@ -122,6 +122,9 @@ class TuneConfig(Config):
     seed: int = _option("seed")
     out_dir: Any = _option("out_dir")
     task_name: str = "your model"
+    #: The command line's task options (``--model M --data D ...``) for the report's train command;
+    #: None when tune was called from Python.
+    task_options: tuple[str, ...] | None = None
     #: When the time budget started (a ``time.time()``; None: when tune is called).
     budget_started: float | None = None
 

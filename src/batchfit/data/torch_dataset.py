@@ -9,7 +9,7 @@ resume skips the samples already consumed by reading past them (a stream cannot 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,11 +37,36 @@ def _as_pair(item: object) -> Batch:
     )
 
 
+def _collated(collate_fn: Callable[[list], Any] | None) -> Callable[[list], Batch]:
+    """The collate function of a source: the user's (from their ``DataLoader``), whose result must
+    be a pair (x, y), or the default one over (x, y) samples."""
+    if collate_fn is None:
+        return lambda items: default_collate([_as_pair(i) for i in items])
+
+    def collate(items: list) -> Batch:
+        batch = collate_fn(items)
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise BatchfitError(
+            f"The DataLoader's collate_fn returned a {type(batch).__name__}; batchfit needs a "
+            "pair (x, y) from it: return (features, target)."
+        )
+
+    return collate
+
+
 class DatasetSource(BatchSource):
-    """Batches from a map-style ``torch.utils.data.Dataset`` through a ``DataLoader``."""
+    """Batches from a map-style ``torch.utils.data.Dataset`` through a ``DataLoader``; a
+    ``collate_fn`` (from the user's own ``DataLoader``) makes each batch, else the default one."""
 
     def __init__(
-        self, dataset: Dataset, *, seed: int = 0, shuffle: bool = True, num_workers: int = 0
+        self,
+        dataset: Dataset,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        collate_fn: Callable[[list], Any] | None = None,
     ) -> None:
         try:
             n = len(dataset)  # type: ignore[arg-type]
@@ -54,6 +79,7 @@ class DatasetSource(BatchSource):
             raise BatchfitError("The dataset is empty (len 0); give at least one sample.")
         self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
         self.num_workers = num_workers
+        self.collate_fn = collate_fn
 
     @property
     def num_samples(self) -> int:
@@ -80,7 +106,7 @@ class DatasetSource(BatchSource):
             # torch's global RNG: a resumed run would shift every later dropout mask.
             generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)),
             num_workers=self.num_workers,
-            collate_fn=lambda items: default_collate([_as_pair(i) for i in items]),
+            collate_fn=_collated(self.collate_fn),
         )
         for x, y in loader:
             if self.classes is not None:
@@ -102,9 +128,16 @@ class IterableSource(BatchSource):
     many samples even if the dataset goes on (validation data, which is read to its end).
     """
 
-    def __init__(self, dataset: IterableDataset, *, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        *,
+        limit: int | None = None,
+        collate_fn: Callable[[list], Any] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.limit = limit
+        self.collate_fn = collate_fn
 
     @property
     def num_samples(self) -> int | None:
@@ -125,10 +158,10 @@ class IterableSource(BatchSource):
     ) -> Iterator[Batch]:
         samples = itertools.islice(iter(self.dataset), start, self.limit)
         while True:
-            chunk = [_as_pair(item) for item in itertools.islice(samples, batch_size)]
+            chunk = list(itertools.islice(samples, batch_size))
             if not chunk or (drop_last and len(chunk) < batch_size):
                 return
-            x, y = default_collate(chunk[rank_share(len(chunk), rank, world_size)])
+            x, y = _collated(self.collate_fn)(chunk[rank_share(len(chunk), rank, world_size)])
             if self.classes is not None:
                 check_class_labels(y, self.classes, f"a batch from {type(self.dataset).__name__}")
             yield x, y

@@ -6,9 +6,14 @@ so they are plain functions of the run's state and its setup.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from batchfit.checkpoint import save_checkpoint
-from batchfit.core.options import opt_value
+from batchfit.core.options import opt, opt_value
 from batchfit.errors import BatchfitError, NonFiniteLossError, user_code_failed
+from batchfit.files import atomic_open
 from batchfit.loop.checks import check_finite_parameters
 from batchfit.loop.state import Position, RunState, Setup, checkpoint_state
 from batchfit.step import evaluate
@@ -34,6 +39,29 @@ def save(run: RunState, setup: Setup) -> str | None:
     path = str(save_checkpoint(directory, checkpoint_state(run, setup)))
     run.last_checkpoint = (step, path)
     return path
+
+
+#: The file in ``out_dir`` that holds the trained model's final weights.
+WEIGHTS_FILE = "model.pt"
+
+
+def save_weights(setup: Setup) -> str | None:
+    """Write the model's final weights atomically as ``out_dir/model.pt`` (a plain ``state_dict``
+    on the CPU, loadable with ``torch.load(path, weights_only=True)``) and return the path; None
+    when there is no ``out_dir``. Without it a run that had no ``checkpoint_dir`` kept nothing."""
+    if setup.config.out_dir is None:
+        return None
+    path = Path(setup.config.out_dir) / WEIGHTS_FILE
+    state = {k: v.detach().cpu() for k, v in setup.model.state_dict().items()}
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(state, f)
+    except OSError as exc:
+        raise BatchfitError(
+            f"cannot write the trained weights to {path}: {exc.strerror or exc}; free space "
+            f"there or choose another {opt('out_dir')}"
+        ) from exc
+    return str(path)
 
 
 def validate(run: RunState, setup: Setup) -> dict[str, float]:

@@ -3,7 +3,8 @@
 A run is four phases: *prepare* checks everything that can fail before the first step and builds
 the optimizer; *restore or seed* continues a checkpointed run or starts a reproducible one;
 *epochs* train epoch after epoch (:mod:`batchfit.loop.epoch`), validating, recording and
-checkpointing at each end; *finish* reports the final metrics and saves the last checkpoint.
+checkpointing at each end; *finish* reports the final metrics, saves the last checkpoint and,
+with ``out_dir``, the final weights (``model.pt``).
 Training ends after ``epochs`` epochs or ``max_steps`` steps, whichever comes first.
 
 Everything needed to continue is two integers of data position plus model, optimizer and RNG
@@ -31,7 +32,13 @@ from batchfit.core.configs import TrainConfig
 from batchfit.core.options import opt
 from batchfit.data.source import BatchSource
 from batchfit.errors import NonFiniteLossError, without_batchfit_frames
-from batchfit.inputs import as_source, check_model, check_model_accepts_data, loss_for
+from batchfit.inputs import (
+    as_source,
+    check_model,
+    check_model_accepts_data,
+    loss_for,
+    optimizer_name,
+)
 from batchfit.loop.checks import (
     check_batch_norm,
     check_output_paths,
@@ -39,7 +46,7 @@ from batchfit.loop.checks import (
     run_lock,
 )
 from batchfit.loop.epoch import continuing_batches, end_epoch, train_epoch
-from batchfit.loop.events import save, validate_or_save, validation_values
+from batchfit.loop.events import save, save_weights, validate_or_save, validation_values
 from batchfit.loop.signals import StopSignals
 from batchfit.loop.state import OnEval, Position, RunState, Setup, restore_run
 from batchfit.losses import Loss, LossFn
@@ -75,6 +82,7 @@ class TrainResult:
     metrics_path: str | None
     checkpoint_path: str | None
     resumed_from_step: int | None
+    weights_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,12 +116,15 @@ def train(
     - ``micro_batch_size``: split each batch for memory, with exact accumulation;
     - ``steps_per_epoch``: an epoch is this many steps (Keras) of the data read as one continuing
       stream; how epochs work on a stream of unknown length (training ends if it runs dry);
-    - ``optimizer``, ``lr``, ``momentum``, ``weight_decay``: sgd, adam or adamw and its settings;
+    - ``optimizer``, ``lr``, ``momentum``, ``weight_decay``: sgd, adam or adamw (a name, or the
+      ``torch.optim`` class) and its settings;
     - ``checkpoint_dir``: save a checkpoint at every epoch end, every ``checkpoint_every`` steps
       and on SIGINT/SIGTERM; ``resume=True`` continues from it exactly. The folder is locked for
       the run's life (a second run using it is refused), and it and ``out_dir`` are checked for
       writing before the first step;
-    - ``out_dir``: write ``metrics.csv``, one row per step;
+    - ``out_dir``: write ``metrics.csv``, one row per step, and the final weights as
+      ``model.pt`` (a ``state_dict``: ``model.load_state_dict(torch.load(path,
+      weights_only=True))``), its path in ``TrainResult.weights_path``;
     - ``seed``, ``device``, ``drop_last``, ``eval_batch_size``, ``progress`` (bars on stderr).
 
     An exception from the user's code (their dataset, model or loss) stops training: the
@@ -129,6 +140,8 @@ def train(
         >>> result.steps, result.samples_seen
         (8, 128)
     """
+    if "optimizer" in options:  # a torch.optim class, as its name
+        options["optimizer"] = optimizer_name(options["optimizer"])
     config = TrainConfig.build(config, **options)
     # prepare: every check that can fail does so now, not an epoch into training
     setup = prepare(model, data, val_data, loss, on_eval, config)
@@ -278,6 +291,7 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
         metrics_path=str(metrics.path) if metrics.path else None,
         checkpoint_path=last,
         resumed_from_step=run.resumed_from_step,
+        weights_path=save_weights(setup),
     )
 
 

@@ -32,7 +32,13 @@ from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
 from batchfit.errors import BatchfitError
 from batchfit.files import discard_report, prepare_report_folder
-from batchfit.inputs import as_source, check_model, check_model_accepts_data, loss_for
+from batchfit.inputs import (
+    as_source,
+    check_model,
+    check_model_accepts_data,
+    loss_for,
+    optimizer_name,
+)
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
 from batchfit.orchestrate.tune_decision import decision, race_lines
@@ -111,6 +117,8 @@ def tune(
         >>> result.recommended.batch_size <= 128, result.recommended.lr_rule
         (True, 'adam, sqrt rule from 0.001 at 32')
     """
+    if "optimizer" in options:  # a torch.optim class, as its name
+        options["optimizer"] = optimizer_name(options["optimizer"])
     config = TuneConfig.build(config, **options)
     check_model(model)
     _check_batch_norm_cap(model, config.max_batch_size)
@@ -195,6 +203,7 @@ def _measure_and_recommend(run: TuneRun) -> TuneResult:
     ) + race_lines(raced, prior)
     return TuneResult(
         task=run.config.task_name,
+        task_options=run.config.task_options,
         device=str(model_device(run.model)),
         num_samples=run.source.num_samples,
         recommended=recommended,

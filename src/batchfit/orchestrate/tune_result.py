@@ -55,6 +55,8 @@ class TuneResult:
     seconds: float
     phase_seconds: dict[str, float]
     report_files: tuple[str, ...] = field(default=())
+    #: The command line's task options, for the report's train command (None: called from Python).
+    task_options: tuple[str, ...] | None = None
     #: The very object written to ``report.json`` (None when no report was written).
     report: dict[str, Any] | None = None
 

@@ -77,7 +77,12 @@ def build_report(result: TuneData) -> dict[str, Any]:
         "seconds": result["seconds"],
         "phase_seconds": dict(result["phase_seconds"]),
         "files": [Path(f).name for f in result["report_files"]],
+        "task_options": _task_options_json(result.get("task_options")),
     }
+
+
+def _task_options_json(options: Any) -> list[str] | None:
+    return None if options is None else list(options)
 
 
 def _recommended_json(
@@ -409,22 +414,45 @@ def _md_lr_range(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _md_reproduce(report: dict[str, Any]) -> list[str]:
-    """The ``batchfit train`` command line that trains with the recommendation: a command to
-    copy, so it names the train command's flags (from the option table) whoever made the report."""
+#: The epochs the report's train command names: a start, to set to the run's length.
+REPRODUCE_EPOCHS = 10
+
+
+def train_command(report: dict[str, Any]) -> str:
+    """The whole ``batchfit train`` command that trains with the recommendation on the task tune
+    measured (its ``--model/--data/...`` options, when tune ran from the command line), to copy
+    and run; it names the train command's flags (from the option table) whoever made the report."""
     r = report["recommended"]
     settings = {
         "batch_size": r["batch_size"],
         "micro_batch_size": r["micro_batch_size"],
         "lr": f"{r['lr']:.3g}",
         "optimizer": r["optimizer"],
-        "epochs": "E",
+        "epochs": REPRODUCE_EPOCHS,
     }
-    command = " ".join(f"{OPTIONS[name].flags[0]} {value}" for name, value in settings.items())
+    options = [*(report.get("task_options") or ())]
+    options += [f"{OPTIONS[name].flags[0]} {value}" for name, value in settings.items()]
+    return " ".join(["batchfit train", *options])
+
+
+def _md_reproduce(report: dict[str, Any]) -> list[str]:
+    """The train command that trains with the recommendation (see :func:`train_command`)."""
+    epochs = OPTIONS["epochs"].flags[0]
+    task = (
+        f" (with your task's options: tune ran from Python, so {OPTIONS['model'].flags[0]} and "
+        f"{OPTIONS['data'].flags[0]} name your model factory and data)"
+        if report.get("task_options") is None
+        else ""
+    )
     return [
         "## Reproduce",
         "",
-        f"Train with it: `batchfit train {command}` (plus the same task options).",
+        f"Train with it ({REPRODUCE_EPOCHS} epochs to start; set {epochs} to your run's "
+        f"length){task}:",
+        "",
+        "```bash",
+        train_command(report),
+        "```",
         "",
     ]
 
