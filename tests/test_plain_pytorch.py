@@ -3,6 +3,8 @@ then the user's own DataLoader and loop train with them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -10,12 +12,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import batchfit
 from helpers import blobs
 
-#: The snippet in README_integrations.md ("Plain PyTorch"), run exactly as written.
-SNIPPET = """\
-result = batchfit.tune(model, dataset, loss="cross_entropy", time_budget=10)
-b = result.recommended  # batch_size, micro_batch_size, accumulation, lr, and why:
-loader = DataLoader(dataset, batch_size=b.micro_batch_size, shuffle=True)
-"""
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _snippet() -> str:
+    """The README's "Plain PyTorch" code block, as written there."""
+    text = README.read_text()
+    section = text[text.index("### Plain PyTorch") :]
+    return section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
 
 
 def test_the_documented_three_lines_give_batch_micro_batch_lr_and_a_loader_that_trains():
@@ -24,7 +28,8 @@ def test_the_documented_three_lines_give_batch_micro_batch_lr_and_a_loader_that_
     dataset = TensorDataset(x, y)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     scope = {"batchfit": batchfit, "DataLoader": DataLoader, "model": model, "dataset": dataset}
-    exec(SNIPPET, scope)
+    assert "batchfit.tune(model, dataset" in _snippet()
+    exec(_snippet(), scope)
     b, loader = scope["b"], scope["loader"]
     assert b.micro_batch_size * b.accumulation == b.batch_size
     assert b.lr > 0 and scope["result"].decision
