@@ -389,6 +389,8 @@ def check_claims(
     and ``sharpness`` (``eigenvalue``). A trend needs |Spearman rho| >= 0.8 over at least three
     sizes. For accuracy, a spread between sizes smaller than twice the sampling error of the
     validation set is reported as ``within noise``: a single seed cannot separate such differences.
+    The accuracy gap gets the same threshold (it is read on the same validation set); sharpness and
+    losses have no known sampling error, so they get none.
     """
     batch_sizes = [s["batch_size"] for s in sizes]
     up = higher_is_better(metric)
@@ -414,7 +416,7 @@ def check_claims(
             gaps,
             1.0,
             f"{gap_key} gap",
-            None,
+            noise,
         ),
         _claim(
             "Larger batches reach sharper minima",
@@ -556,15 +558,24 @@ def full_batch_claim(
 
 
 def sizes_claim(
-    swept: Sequence[int], best_batch_size: int | None, fastest_batch_size: int | None
+    swept: Sequence[int],
+    best_batch_size: int | None,
+    fastest_batch_size: int | None,
+    best_ties: Sequence[int] = (),
 ) -> Claim:
     """ "32, 64, 128 and 256 are the sizes to try": do the best and the fastest size fall inside
-    32-256? Untested unless some swept size lies outside that range.
+    32-256? Untested unless some swept size lies outside that range. ``best_ties`` are the sizes
+    whose validation value is within twice the sampling error of the best (a tie): when the best
+    lies outside but a tie lies inside, that pick is ``within noise``, never ``does not hold``.
 
     >>> sizes_claim([8, 32, 256, 1024], 32, 1024).outcome
     'partly'
     >>> sizes_claim([32, 64], 32, 64).outcome
     'not tested'
+    >>> sizes_claim([8, 32], 8, None, best_ties=[8, 32]).outcome
+    'within noise'
+    >>> sizes_claim([8, 32], 8, None, best_ties=[8]).outcome
+    'does not hold'
     """
     low, high = SEED_SIZES
     text = f"{low}, 64, 128 and {high} are the sizes to try"
@@ -580,10 +591,21 @@ def sizes_claim(
     if not picks:
         return Claim(text, "not tested", None, "no size has a result to compare")
     inside = [low <= b <= high for _, b in picks]
-    outcome = "holds" if all(inside) else "does not hold" if not any(inside) else "partly"
+    tied_inside = [t for t in best_ties if low <= t <= high]
+    tied = [
+        not i and w == "best" and bool(tied_inside) for (w, _), i in zip(picks, inside, strict=True)
+    ]
+    level = [i or t for i, t in zip(inside, tied, strict=True)]
+    if all(inside):
+        outcome = "holds"
+    elif all(level):
+        outcome = "within noise"
+    else:
+        outcome = "does not hold" if not any(level) else "partly"
     where = ", ".join(
         f"{what} B={b} {'inside' if i else 'outside'}"
-        for (what, b), i in zip(picks, inside, strict=True)
+        + (f" (B={', '.join(map(str, tied_inside))} inside is within noise of it)" if t else "")
+        for (what, b), i, t in zip(picks, inside, tied, strict=True)
     )
     swept_outside = ", ".join(map(str, outside))
     return Claim(text, outcome, None, f"{where}; swept outside {low}-{high}: B={swept_outside}")
@@ -836,9 +858,27 @@ def _all_claims(
             [s["batch_size"] for s in usable],
             best["batch_size"] if best else None,
             fastest["batch_size"] if fastest else None,
+            _ties(usable, best, metric, val_samples),
         )
     )
     return tuple(claims)
+
+
+def _ties(
+    usable: Sequence[dict[str, Any]],
+    best: dict[str, Any] | None,
+    metric: str,
+    val_samples: int | None,
+) -> list[int]:
+    """The sizes whose best value is within twice the validation sampling error of the best one's
+    (equal to it, for losses, whose error is not known)."""
+    if best is None:
+        return []
+    top = best["best"]["value"]
+    noise = _noise(metric, top, val_samples)
+    return [
+        s["batch_size"] for s in usable if s.get("best") and abs(s["best"]["value"] - top) <= noise
+    ]
 
 
 def _initial_lines(target: Target, metric: str, initial: float | None) -> list[str]:
