@@ -4,6 +4,7 @@ noise thresholds and the sweep plots with tune's own run."""
 from __future__ import annotations
 
 from batchfit.core.sweep_verdict import Target, check_claims, verdict
+from batchfit.report.sweep_plots import plot_time_to_target, time_to_target_points
 from batchfit.report.tune_report import honest_decision, reasons_line
 
 #: Throughput that rises to B=64, then falls.
@@ -84,3 +85,25 @@ def test_sweep_sizes_claim_never_reads_a_tie_as_does_not_hold():
     result = verdict(clear, "val_accuracy", Target("val_accuracy", 0.99, True), val_samples=360)
     claim = next(c for c in result.claims if c.claim.endswith("are the sizes to try"))
     assert claim.outcome == "does not hold"
+
+
+def test_sweep_time_to_target_plot_data_includes_tunes_own_run(tmp_path):
+    target = Target("val_accuracy", 0.85, True)
+    curve = [
+        {"step": 5, "samples_seen": 480, "train_seconds": 0.5, "val_accuracy": 0.7},
+        {"step": 10, "samples_seen": 960, "train_seconds": 1.0, "val_accuracy": 0.9},
+    ]
+    sizes = [_size(b, 0.8, 0.0) for b in (32, 64, 128, 256)]
+    result = {
+        "sizes": sizes,
+        "runs": [{"batch_size": 96, "lr": 0.01, "curve": curve, "for_tune": True}],
+        "target": target.to_dict() | {"source": "given"},
+        "settings": {"budget": {"epochs": 1}},
+    }
+    points = time_to_target_points(result, "seconds")
+    assert [p["value"] for p in points if not p["tune"]] == [None] * 4
+    assert [p for p in points if p["tune"]] == [
+        {"batch_size": 96, "value": 1.0, "diverged": False, "tune": True}
+    ]
+    # The plot draws from the same data.
+    assert plot_time_to_target(result, tmp_path / "t.png")

@@ -13,6 +13,7 @@ from typing import Any
 
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from batchfit.core.sweep_verdict import Target, time_to_target
 from batchfit.report.plots import batch_size_axis, figure, save
 
 #: The file of each plot in --out (``lr_grid`` only with --lr-grid).
@@ -129,27 +130,71 @@ def plot_sharpness(result: dict[str, Any], path: Path) -> str:
     return str(save(fig, path))
 
 
+def time_to_target_points(result: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The time-to-target plot's data: one point per swept size and one for tune's own run (at
+    tune's batch size and lr, ``tune: True``), each with ``batch_size``, ``value`` (``key`` of its
+    time to target; ``None`` when it missed it) and ``diverged``."""
+    points = [
+        {
+            "batch_size": s["batch_size"],
+            "value": None if s.get("diverged") else s["time_to_target"][key],
+            "diverged": bool(s.get("diverged")),
+            "tune": False,
+        }
+        for s in result["sizes"]
+    ]
+    t = result["target"]
+    target = Target(t["metric"], t["value"], t["higher_is_better"], t.get("source", "given"))
+    for run in result.get("runs", []):
+        if run.get("for_tune"):
+            reached = time_to_target(run["curve"], target)
+            diverged = bool(run.get("diverged"))
+            value = None if diverged else reached[key]
+            points.append(
+                {
+                    "batch_size": run["batch_size"],
+                    "value": value,
+                    "diverged": diverged,
+                    "tune": True,
+                }
+            )
+    return points
+
+
 def plot_time_to_target(result: dict[str, Any], path: Path) -> str:
     """Training seconds and examples (or steps) to the target; sizes that missed it marked x."""
-    sizes = result["sizes"]
     by_steps = "steps" in result["settings"]["budget"]
-    bs = [s["batch_size"] for s in sizes]
     fig, axes = figure(2, width=5.5, height=4.2)
     panels = (("seconds", "training seconds to target"),) + (
         (("steps", "steps to target"),) if by_steps else (("samples_seen", "examples to target"),)
     )
     for ax, (key, label) in zip(axes, panels, strict=True):
         # a diverged size counts as not reached, whatever it passed on its way
-        got = [None if s.get("diverged") else s["time_to_target"][key] for s in sizes]
-        reached = [(b, v) for b, v in zip(bs, got, strict=True) if v is not None]
+        data = time_to_target_points(result, key)
+        swept = [(p["batch_size"], p["value"]) for p in data if not p["tune"]]
+        reached = [(b, v) for b, v in swept if v is not None]
         if reached:
             ax.plot(*zip(*reached, strict=True), marker="o", color="tab:blue")
-        top = max((v for _, v in reached), default=1.0) or 1.0
-        for b, v, s in zip(bs, got, sizes, strict=True):
+        mine = [p for p in data if p["tune"] and p["value"] is not None]
+        for p in mine:
+            ax.plot(p["batch_size"], p["value"], marker="*", color="tab:green", markersize=14)
+            ax.annotate(
+                "tune's run",
+                (p["batch_size"], p["value"]),
+                textcoords="offset points",
+                xytext=(0, 8),
+                ha="center",
+                fontsize=8,
+                color="tab:green",
+            )
+        top = max((p["value"] for p in data if p["value"] is not None), default=1.0) or 1.0
+        for p in data:
+            b, v = p["batch_size"], p["value"]
             if v is None:
                 ax.plot(b, top * 1.1, marker="x", color="tab:red", markersize=10)
                 ax.annotate(
-                    "diverged" if s.get("diverged") else "not reached",
+                    ("tune's run " if p["tune"] else "")
+                    + ("diverged" if p["diverged"] else "not reached"),
                     (b, top * 1.1),
                     textcoords="offset points",
                     xytext=(0, 6),
@@ -157,7 +202,7 @@ def plot_time_to_target(result: dict[str, Any], path: Path) -> str:
                     fontsize=8,
                     color="tab:red",
                 )
-        _batch_axis(ax, bs)
+        _batch_axis(ax, sorted({p["batch_size"] for p in data}))
         ax.set_ylabel(label)
         ax.set_ylim(bottom=0, top=top * 1.25)
     fig.suptitle(f"Time to {result['target']['text']} ({result['target']['source']} target)")
