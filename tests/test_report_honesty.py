@@ -3,9 +3,10 @@ noise thresholds and the sweep plots with tune's own run."""
 
 from __future__ import annotations
 
+from batchfit.core.recommend import throughput_sentence
 from batchfit.core.sweep_verdict import Target, check_claims, verdict
 from batchfit.report.sweep_plots import plot_time_to_target, time_to_target_points
-from batchfit.report.tune_report import honest_decision, reasons_line
+from batchfit.report.tune_report import reasons_line
 
 #: Throughput that rises to B=64, then falls.
 RISES_THEN_FALLS = [(16, 100.0), (32, 190.0), (64, 300.0), (128, 240.0), (256, 200.0)]
@@ -16,15 +17,13 @@ GROWS_CLAIM = (
 
 
 def test_tune_decision_never_claims_growth_beside_a_falling_throughput_table():
-    lines = honest_decision(["Left out B=1: ...", GROWS_CLAIM], RISES_THEN_FALLS)
-    assert lines[0] == "Left out B=1: ..."
-    said = lines[1]
+    said = throughput_sentence(None, RISES_THEN_FALLS)
     assert "grows by 10%" not in said
     assert "B=64" in said and "fall" in said
     assert "B=128" in said and "B=256" in said
     # Throughput that really grows keeps the claim.
     growing = [(b, 100.0 * b) for b in (16, 32, 64)]
-    assert honest_decision([GROWS_CLAIM], growing) == [GROWS_CLAIM]
+    assert throughput_sentence(None, growing) == GROWS_CLAIM.replace("(256)", "(64)")
 
 
 def test_tune_reasons_line_says_throughput_falls_after_its_peak():

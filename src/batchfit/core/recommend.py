@@ -384,15 +384,54 @@ def _explain(choice: BatchSizeChoice, feasible: _Feasible) -> tuple[str, ...]:
 
 
 def _throughput_reason(choice: BatchSizeChoice, feasible: _Feasible) -> str:
-    if choice.flattens_at is not None:
+    return throughput_sentence(choice.flattens_at, feasible.measured)
+
+
+def throughput_sentence(flattens_at: int | None, measured: Sequence[tuple[int, float]]) -> str:
+    """What the measured throughput does, in one sentence that the throughput table beside it
+    cannot contradict: where it flattens; else where it peaks and which larger sizes fall; else
+    that it still grows with each doubling.
+
+    >>> print(throughput_sentence(None, [(32, 100.0), (64, 200.0), (128, 150.0)]))
+    Throughput stops growing at B=64 (200 samples/s, the highest measured); larger sizes fall:
+    150 samples/s at B=128.
+    >>> print(throughput_sentence(None, [(32, 100.0), (64, 200.0)]))
+    Throughput still grows by 10% or more with each doubling up to the largest size measured
+    (64).
+    """
+    if flattens_at is not None:
         return (
-            f"Throughput flattens after {choice.flattens_at}: doubling the batch beyond it gains "
+            f"Throughput flattens after {flattens_at}: doubling the batch beyond it gains "
             f"less than {FLAT_GAIN:.0%} samples/s."
         )
-    return (
-        "Throughput still grows by 10% or more with each doubling up to the largest size "
-        f"measured ({max(b for b, _ in feasible.measured)})."
+    ordered = sorted(measured)
+    speed = dict(ordered)
+    gains = all(speed[2 * b] >= (1 + FLAT_GAIN) * s for b, s in ordered if 2 * b in speed)
+    rising = all(later > s for (_, s), (_, later) in zip(ordered, ordered[1:], strict=False))
+    if len(ordered) < 2 or (gains and rising):
+        return (
+            "Throughput still grows by 10% or more with each doubling up to the largest size "
+            f"measured ({max((b for b, _ in ordered), default=0)})."
+        )
+    peak_b, peak_s = max(ordered, key=lambda p: (p[1], -p[0]))
+    text = (
+        f"Throughput stops growing at B={peak_b} ({_fmt(peak_s)} samples/s, the highest measured)"
     )
+    falls = [(b, s) for b, s in ordered if b > peak_b]
+    if falls:
+        listed = [
+            f"{_fmt(s)} samples/s at B={b}" if i == 0 else f"{_fmt(s)} at B={b}"
+            for i, (b, s) in enumerate(falls)
+        ]
+        text += "; larger sizes fall: " + ", ".join(listed)
+    flat = [
+        b
+        for b, s in ordered
+        if b < peak_b and 2 * b in speed and speed[2 * b] < (1 + FLAT_GAIN) * s
+    ]
+    if flat:
+        text += f"; doubling gains under {FLAT_GAIN:.0%} already at B={', '.join(map(str, flat))}"
+    return text + "."
 
 
 def _noise_reasons(choice: BatchSizeChoice, b_simple: float) -> list[str]:

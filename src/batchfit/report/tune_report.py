@@ -71,10 +71,7 @@ def build_report(result: TuneData) -> dict[str, Any]:
         "race": race_json(result["race"]),
         "machine": dict(result["machine"]),
         "predicted_time": [dict(c) for c in choice["curve"]],
-        "decision": honest_decision(
-            result["decision"],
-            [(p["batch_size"], p["samples_per_s"]) for p in throughput["points"]],
-        ),
+        "decision": list(result["decision"]),
         "skipped": list(result["skipped"]),
         "time_budget_s": result["time_budget_s"],
         "seconds": result["seconds"],
@@ -82,52 +79,6 @@ def build_report(result: TuneData) -> dict[str, Any]:
         "files": [Path(f).name for f in result["report_files"]],
         "task_options": _task_options_json(result.get("task_options")),
     }
-
-
-def throughput_shape(points: Sequence[tuple[int, float]]) -> str | None:
-    """What the measured throughput does, in words, when it does not grow 10% or more with each
-    doubling (``None`` when it does): where it peaks and which larger sizes fall below the peak.
-
-    >>> said = throughput_shape([(32, 100.0), (64, 200.0), (128, 150.0)])
-    >>> said.startswith("Throughput stops growing at B=64 (200 samples/s, the highest measured)")
-    True
-    >>> said.endswith("larger sizes fall: 150 samples/s at B=128.")
-    True
-    >>> throughput_shape([(32, 100.0), (64, 200.0)]) is None
-    True
-    """
-    ordered = sorted((b, s) for b, s in points)
-    speed = dict(ordered)
-    grows = all(speed[2 * b] >= 1.1 * s for b, s in ordered if 2 * b in speed) and all(
-        later > s for (_, s), (_, later) in zip(ordered, ordered[1:], strict=False)
-    )
-    if len(ordered) < 2 or grows:
-        return None
-    peak_b, peak_s = max(ordered, key=lambda p: (p[1], -p[0]))
-    text = (
-        f"Throughput stops growing at B={peak_b} ({_num(peak_s)} samples/s, the highest measured)"
-    )
-    falls = [(b, s) for b, s in ordered if b > peak_b]
-    if falls:
-        listed = [
-            f"{_num(s)} samples/s at B={b}" if i == 0 else f"{_num(s)} at B={b}"
-            for i, (b, s) in enumerate(falls)
-        ]
-        text += "; larger sizes fall: " + ", ".join(listed)
-    below = [b for b, s in ordered if b < peak_b and 2 * b in speed and speed[2 * b] < 1.1 * s]
-    if below:
-        text += f"; doubling gains under 10% already at B={', '.join(map(str, below))}"
-    return text + "."
-
-
-def honest_decision(decision: Sequence[str], points: Sequence[tuple[int, float]]) -> list[str]:
-    """The decision lines, with a claim that throughput "still grows ... with each doubling"
-    replaced by what the measurements show when the table contradicts it."""
-    shape = throughput_shape(points)
-    return [
-        shape if shape is not None and line.startswith("Throughput still grows") else line
-        for line in decision
-    ]
 
 
 def _task_options_json(options: Any) -> list[str] | None:
