@@ -96,7 +96,7 @@ def test_tune_accepts_a_dataloader_over_a_tensor_dataset_with_a_custom_collate()
 
     x, y = blobs(600)
     loader = torch.utils.data.DataLoader(_Records(x, y), batch_size=16, collate_fn=_to_pair)
-    result = batchfit.tune(_mlp(), loader, lr=1e-2, time_budget=5, seed=0)
+    result = batchfit.tune(_mlp(), loader, lr=1e-2, time_budget=10, seed=0)
     assert 1 <= result.recommended.batch_size <= 600
 
 

@@ -150,18 +150,9 @@ def train(
         run = restore_or_seed(setup)
         bar = TrainProgress(config.progress)
         announce(bar, setup, run)
-        # epochs: each trains to its end (or a stop), then validates, records and checkpoints
         started = time.perf_counter()
-        epoch_ended = False
         try:
-            with StopSignals(enabled=True) as stop:
-                while not _training_done(run.position, setup):
-                    epoch_ended = train_epoch(run, setup, bar, stop)
-                    if not epoch_ended:
-                        break
-                    end_epoch(run, setup, bar)
-                    if run.stop_requested:
-                        break
+            epoch_ended = _train_epochs(run, setup, bar)
             # finish: the final metrics (fresh ones if it stopped mid-epoch), the last checkpoint
             return finish(run, setup, epoch_ended, started)
         except NonFiniteLossError as exc:
@@ -172,6 +163,21 @@ def train(
                 raise
             # the user's error: from here on up, their frames only (this call the one of ours)
             raise exc.with_traceback(without_batchfit_frames(exc.__traceback__))  # noqa: B904
+
+
+def _train_epochs(run: RunState, setup: Setup, bar: TrainProgress) -> bool:
+    """Epochs: each trains to its end (or a stop), then validates, records and checkpoints.
+    Whether the last epoch ended (``False``: stopped mid-epoch)."""
+    epoch_ended = False
+    with StopSignals(enabled=True) as stop:
+        while not _training_done(run.position, setup):
+            epoch_ended = train_epoch(run, setup, bar, stop)
+            if not epoch_ended:
+                break
+            end_epoch(run, setup, bar)
+            if run.stop_requested:
+                break
+    return epoch_ended
 
 
 def prepare(

@@ -117,11 +117,7 @@ def tune(
         >>> result.recommended.batch_size <= 128, result.recommended.lr_rule
         (True, 'adam, sqrt rule from 0.001 at 32')
     """
-    if "optimizer" in options:  # a torch.optim class, as its name
-        options["optimizer"] = optimizer_name(options["optimizer"])
-    config = TuneConfig.build(config, **options)
-    check_model(model)
-    _check_batch_norm_cap(model, config.max_batch_size)
+    config = _checked_config(model, config, options)
     wall_start = time.perf_counter()
     budget_started = time.time() if config.budget_started is None else config.budget_started
     out = None
@@ -145,20 +141,37 @@ def tune(
         if val_data is not None
         else None,
     )
-    user_device = model_device(model)
-    model.to(device)
+    result = _measured_on(device, run, out)
+    result = replace(result, seconds=round(time.perf_counter() - wall_start, 3))
+    return result if out is None else _with_report(result, out)
+
+
+def _checked_config(model: nn.Module, config: TuneConfig | None, options: dict) -> TuneConfig:
+    """The run's options, checked with the model before anything is measured or written."""
+    if "optimizer" in options:  # a torch.optim class, as its name
+        options["optimizer"] = optimizer_name(options["optimizer"])
+    config = TuneConfig.build(config, **options)
+    check_model(model)
+    _check_batch_norm_cap(model, config.max_batch_size)
+    return config
+
+
+def _measured_on(device: torch.device, run: TuneRun, out: Path | None) -> TuneResult:
+    """Every phase, on ``device`` with tune's own seed; the model goes back to its device and
+    torch's random state is untouched. A run that fails leaves no earlier report in ``out`` that
+    could look like its answer (an interrupted one keeps it)."""
+    user_device = model_device(run.model)
+    run.model.to(device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(config.seed)
-            result = _measure_and_recommend(run)
-    except BatchfitError:  # failed: no earlier report may look like its answer (interrupted: kept)
+            torch.manual_seed(run.config.seed)
+            return _measure_and_recommend(run)
+    except BatchfitError:
         if out is not None:
             discard_report(out, REPORT_FILES)
         raise
     finally:
-        model.to(user_device)
-    result = replace(result, seconds=round(time.perf_counter() - wall_start, 3))
-    return result if out is None else _with_report(result, out)
+        run.model.to(user_device)
 
 
 def _check_batch_norm_cap(model: object, max_batch_size: int | None) -> None:
