@@ -310,14 +310,12 @@ def split_off(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSou
         # The same rows as TensorSource.split and StreamSource.split hold out.
         held_out = Holdout(n, validation_count(n, fraction), seed).all_rows()
         train_rows, val_rows = np.flatnonzero(~held_out).tolist(), np.flatnonzero(held_out).tolist()
-        workers = source.num_workers
+        kept = {"num_workers": source.num_workers, "collate_fn": source.collate_fn}
         train = DatasetSource(
-            torch.utils.data.Subset(source.dataset, train_rows),
-            seed=source.seed,
-            num_workers=workers,
+            torch.utils.data.Subset(source.dataset, train_rows), seed=source.seed, **kept
         )
         val = DatasetSource(
-            torch.utils.data.Subset(source.dataset, val_rows), shuffle=False, num_workers=workers
+            torch.utils.data.Subset(source.dataset, val_rows), shuffle=False, **kept
         )
         return train, val
     raise BatchfitError(
