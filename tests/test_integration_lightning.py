@@ -4,6 +4,7 @@ once, and importing the integration without Lightning fails in one line naming t
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from helpers import blobs, subprocess_env
 
 pl = pytest.importorskip("lightning.pytorch")
 
+from batchfit.errors import BatchfitError  # noqa: E402
 from batchfit.integrations.lightning import BatchfitTuner  # noqa: E402
 
 #: Batches above this size fail to allocate their memory (a real allocation failure), which
@@ -98,6 +100,58 @@ def test_training_stays_within_the_memory_ceiling_with_exact_accumulation(tmp_pa
     assert callback.micro_batch_size * k == rec.batch_size  # exact: equal micro-batches
     assert set(module.seen[: len(module.seen) // k * k]) == {callback.micro_batch_size}
     assert trainer.global_step == -(-len(module.seen) // k)  # one step per k micro-batches
+
+
+def _report(tmp_path, **answer):
+    path = tmp_path / "report.json"
+    rule = {"lr_rule": "given", "optimizer": "sgd"}
+    path.write_text(json.dumps({"recommended": {**answer, **rule}}))
+    return path
+
+
+def test_a_batch_over_the_ceiling_trains_as_equal_micro_batches_with_the_exact_batch_update(
+    tmp_path,
+):
+    """A batch of 24 where only 8 fit: Lightning trains 3 micro-batches of 8 per step, and the
+    first update equals one plain SGD step on the whole batch of 24."""
+    torch.manual_seed(0)
+    module = Blobs(ceiling=CEILING)
+    initial = {k: v.clone() for k, v in module.net.state_dict().items()}
+    path = _report(tmp_path, batch_size=24, micro_batch_size=8, accumulation=3, lr=0.05)
+    callback = BatchfitTuner(report=path)
+    trainer = pl.Trainer(
+        max_steps=1,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    trainer.fit(module)
+    assert (callback.micro_batch_size, callback.accumulation) == (8, 3)
+    assert trainer.accumulate_grad_batches == 3 and module.hparams.batch_size == 8
+    assert module.seen == [8, 8, 8] and trainer.global_step == 1
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    reference.load_state_dict(initial)
+    x, y = blobs(384)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    F.cross_entropy(reference(x[:24]), y[:24]).backward()
+    optimizer.step()
+    for name, value in reference.state_dict().items():
+        assert torch.allclose(module.net.state_dict()[name], value, atol=1e-6), name
+    assert not torch.equal(module.net.state_dict()["0.weight"], initial["0.weight"])
+    assert callback.result is None  # nothing measured again
+
+
+def test_a_report_that_is_not_a_tune_report_is_refused_in_one_line(tmp_path):
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"hello": 1}')
+    for path, says in ((bad, "not a batchfit tune report"), (tmp_path / "gone.json", "no such")):
+        with pytest.raises(BatchfitError, match=says) as caught:
+            _fit(tmp_path, Blobs(), BatchfitTuner(report=path))
+        assert "\n" not in str(caught.value)
 
 
 def test_the_report_is_written_once_beside_the_logger_files(tmp_path):

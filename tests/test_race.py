@@ -143,6 +143,29 @@ def test_every_run_gets_the_same_training_time_and_the_race_is_deterministic():
     assert later and all(len({lane.data_order for lane in r.lanes}) == 2 for r in later)
 
 
+class _FitsSixteen(torch.nn.Module):
+    """Fails like an allocator on more than 16 samples at once: a memory ceiling of 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        if x.shape[0] > 16:
+            torch.empty(2**60, dtype=torch.uint8)  # more than any machine has
+        return self.net(x)
+
+
+def test_a_batch_above_the_ceiling_races_and_is_judged_in_micro_batches_that_fit():
+    grid = {
+        16: [Contender(16, 3e-2, 16)],
+        64: [Contender(64, 3e-2, 16)],  # 64 runs as four micro-batches of 16
+    }
+    result = _race(_FitsSixteen(), grid=grid)
+    assert {lane.contender.batch_size for lane in result.rounds[0].lanes} == {16, 64}
+    assert all(math.isfinite(loss) for lane in result.rounds[0].lanes for _, loss in lane.curve)
+
+
 def test_a_race_without_time_is_out_of_time():
     with pytest.raises(OutOfTime):
         _race(mlp(), deadline_s=0.0)

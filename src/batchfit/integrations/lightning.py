@@ -25,6 +25,7 @@ names the extra.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,7 @@ from torch import nn
 
 from batchfit.errors import BatchfitError
 from batchfit.orchestrate.tune import TuneResult, tune
+from batchfit.orchestrate.tune_result import Recommended
 
 #: torch optimizer classes -> tune's optimizer names (AdamW checked before Adam).
 _OPTIMIZERS = ((torch.optim.AdamW, "adamw"), (torch.optim.Adam, "adam"), (torch.optim.SGD, "sgd"))
@@ -88,7 +90,11 @@ class BatchfitTuner(pl.Callback):
     ``<trainer.log_dir or default_root_dir>/batchfit``). Other keywords are tune's options
     (``time_budget``, ``memory_limit``, ``max_batch_size``, ``seed`` ...); the optimizer family
     and its learning rate at the current batch size come from ``configure_optimizers`` unless
-    given. After fit, :attr:`result` holds tune's result.
+    given. After fit, :attr:`result` holds tune's result and :attr:`recommended` its answer.
+
+    ``report``: the ``report.json`` of an earlier tune of this model on this machine (from
+    ``batchfit tune --out`` or ``tune(out_dir=...)``) to train with its answer without measuring
+    again; :attr:`result` then stays None.
     """
 
     def __init__(
@@ -97,21 +103,24 @@ class BatchfitTuner(pl.Callback):
         *,
         batch_arg_name: str = "batch_size",
         out_dir: str | Path | None = None,
+        report: str | Path | None = None,
         **tune_options: Any,
     ) -> None:
         super().__init__()
+        self.report = Path(report) if report is not None else None
         self.loss = loss
         self.batch_arg_name = batch_arg_name
         self.out_dir = out_dir
         self.tune_options = tune_options
         self.result: TuneResult | None = None
+        self.recommended: Recommended | None = None
         #: What was set: the dataloader's batch size and the trainer's accumulation (their
         #: product is the batch each optimizer step sees).
         self.micro_batch_size: int | None = None
         self.accumulation: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.result is not None:  # measured once, even across several fit calls
+        if self.recommended is not None:  # measured once, even across several fit calls
             return
         source = trainer.fit_loop._data_source
         if not source.is_module() or not lightning_hasattr(pl_module, self.batch_arg_name):
@@ -121,9 +130,12 @@ class BatchfitTuner(pl.Callback):
                 f"build it in train_dataloader() from self.{self.batch_arg_name} (module or "
                 "datamodule) instead of passing a DataLoader to fit."
             )
-        dataset = source.dataloader().dataset
-        self.result = self._tune(trainer, pl_module, dataset)
-        self._apply(trainer, pl_module, self.result)
+        if self.report is not None:
+            self.recommended = recommended_in(self.report)
+        else:
+            self.result = self._tune(trainer, pl_module, source.dataloader().dataset)
+            self.recommended = self.result.recommended
+        self._apply(trainer, pl_module, self.recommended)
 
     def _tune(self, trainer: pl.Trainer, module: pl.LightningModule, dataset: Any) -> TuneResult:
         options = {**self._optimizer_options(module), **self.tune_options}
@@ -158,8 +170,7 @@ class BatchfitTuner(pl.Callback):
             "lr_batch_size": int(lightning_getattr(module, self.batch_arg_name)),
         }
 
-    def _apply(self, trainer: pl.Trainer, module: pl.LightningModule, result: TuneResult) -> None:
-        rec = result.recommended
+    def _apply(self, trainer: pl.Trainer, module: pl.LightningModule, rec: Recommended) -> None:
         accumulation = _exact_accumulation(rec.batch_size, rec.micro_batch_size, rec.accumulation)
         self.micro_batch_size = rec.batch_size // accumulation
         self.accumulation = accumulation
@@ -174,6 +185,24 @@ class BatchfitTuner(pl.Callback):
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = rec.lr
+
+
+def recommended_in(report: Path) -> Recommended:
+    """The answer recorded in a tune ``report.json``; a file that is not one is refused in one
+    line."""
+    try:
+        answer = json.loads(report.read_text())["recommended"]
+        return Recommended(**{name: answer[name] for name in Recommended.__dataclass_fields__})
+    except FileNotFoundError:
+        raise BatchfitError(
+            f"BatchfitTuner(report='{report}'): no such file; give the report.json that "
+            "batchfit tune wrote, or leave report out to measure at fit start."
+        ) from None
+    except (ValueError, KeyError, TypeError):
+        raise BatchfitError(
+            f"BatchfitTuner(report='{report}'): not a batchfit tune report (it has no "
+            "'recommended' answer); give the report.json that batchfit tune wrote."
+        ) from None
 
 
 def _exact_accumulation(batch_size: int, micro_batch_size: int, accumulation: int) -> int:

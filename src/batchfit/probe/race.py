@@ -49,7 +49,8 @@ KEEP_PER_BATCH_SIZE = 2
 EDGE_STEPS = 3
 #: The data orders of the rounds after screening: epochs of the source's own seeded shuffle.
 DATA_ORDERS = (0, 1000)
-#: Held-out evaluation batch size.
+#: Held-out evaluation batch size, at most: never above the largest micro-batch that trains, so an
+#: evaluation fits wherever a training iteration does (a forward without gradients needs less).
 EVAL_BATCH_SIZE = 1024
 
 
@@ -133,10 +134,11 @@ class _Field:
     deadline: Deadline
     seed: int
     first_horizon_s: float
+    eval_batch_size: int = EVAL_BATCH_SIZE
 
     def held_out_loss(self) -> float:
         device = model_device(self.model)
-        return evaluate(self.model, self.held_out, self.loss, EVAL_BATCH_SIZE, device)["loss"]
+        return evaluate(self.model, self.held_out, self.loss, self.eval_batch_size, device)["loss"]
 
 
 def run_lane(field_: _Field, contender: Contender, horizon_s: float, data_order: int = 0) -> Lane:
@@ -285,6 +287,7 @@ def race(
         deadline,
         seed,
         first_horizon_s,
+        min(EVAL_BATCH_SIZE, max(c.micro_batch_size for cs in grid.values() for c in cs)),
     )
     notes: list[str] = []
     with preserved(model):
