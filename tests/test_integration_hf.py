@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import subprocess_env
 
@@ -112,3 +113,50 @@ def test_the_hf_integration_without_transformers_names_the_extra_in_one_line():
     message = done.stdout.strip()
     assert "\n" not in message
     assert "transformers" in message and "batchfit[hf]" in message
+
+
+def test_samples_of_different_lengths_are_measured_at_the_longest_and_a_padding_trainer_trains(
+    tmp_path,
+):
+    """Tokenized without padding (lengths 3-12), as for a collator that pads each batch: tune
+    measures at the longest, and a Trainer with such a collator trains at the answer."""
+    transformers, model, fixed = _tiny_bert_task(n=256)
+    from batchfit.integrations.hf import tuned_arguments
+
+    lengths = torch.randint(3, 13, (len(fixed),), generator=torch.Generator().manual_seed(1))
+    data = [
+        {
+            "input_ids": s["input_ids"][:n],
+            "attention_mask": s["attention_mask"][:n],
+            "labels": s["labels"],
+        }
+        for s, n in zip(fixed, lengths.tolist(), strict=True)
+    ]
+
+    def pad_each_batch(samples):
+        longest = max(len(s["input_ids"]) for s in samples)
+        batch = {
+            key: torch.stack([F.pad(s[key], (0, longest - len(s[key]))) for s in samples])
+            for key in ("input_ids", "attention_mask")
+        }
+        batch["labels"] = torch.stack([s["labels"] for s in samples])
+        return batch
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    lines: list[str] = []
+    tuned, result = tuned_arguments(
+        model, data, args, time_budget=8, max_batch_size=64, log=lines.append
+    )
+    assert any("measured at the longest, 12 tokens" in line for line in lines)
+    assert result.recommended.micro_batch_size * result.recommended.accumulation <= 64
+    trainer = transformers.Trainer(
+        model=model, args=tuned, train_dataset=data, data_collator=pad_each_batch
+    )
+    assert trainer.train().global_step == 3

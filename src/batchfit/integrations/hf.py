@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from batchfit.errors import BatchfitError
@@ -59,11 +60,22 @@ def _forward_inputs(model: nn.Module, sample: dict[str, Any]) -> tuple[str, ...]
 class PackedDataset(Dataset):
     """A data set of dict samples as ``(packed inputs, label)`` pairs: the inputs named by
     ``keys`` stacked into one ``(len(keys), L)`` tensor, the label from ``labels``/``label``.
-    Every input of every sample must have the same length (tokenize with padding to a fixed
-    length)."""
 
-    def __init__(self, dataset: Any, keys: Sequence[str]) -> None:
+    Samples of different lengths (tokenized without padding, for a collator that pads each batch)
+    are padded on the right to the longest sample's length ``L``, with ``pad_values`` (the pad
+    token for ``input_ids``, 0 for the attention mask and the rest): every batch tune measures is
+    as long as the longest a Trainer can meet, so the memory ceiling holds for every batch.
+    """
+
+    def __init__(
+        self, dataset: Any, keys: Sequence[str], pad_values: dict[str, int] | None = None
+    ) -> None:
         self.dataset, self.keys = dataset, tuple(keys)
+        self.pad_values = pad_values or {}
+        lengths = {len(dataset[i][k]) for i in range(len(dataset)) for k in self.keys}
+        self.length = max(lengths, default=0)
+        #: Whether samples differ in length (and are padded to ``length``).
+        self.padded = len(lengths) > 1
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -76,15 +88,19 @@ class PackedDataset(Dataset):
                 f"Sample {index} of the training data has no 'labels' or 'label' key "
                 f"(keys: {sorted(sample)}); add the target the model learns under 'labels'."
             )
-        try:
-            packed = torch.stack([torch.as_tensor(sample[k]) for k in self.keys])
-        except RuntimeError:
-            lengths = {k: len(sample[k]) for k in self.keys}
-            raise BatchfitError(
-                f"Sample {index}'s inputs have different lengths {lengths}; tokenize with "
-                "padding to one fixed length (padding='max_length')."
-            ) from None
+        packed = torch.stack([self._padded(sample[k], k) for k in self.keys])
         return packed, torch.as_tensor(sample[label_key])
+
+    def _padded(self, value: Any, key: str) -> torch.Tensor:
+        tensor = torch.as_tensor(value)
+        missing = self.length - len(tensor)
+        return F.pad(tensor, (0, missing), value=self.pad_values.get(key, 0)) if missing else tensor
+
+
+def _pad_values(model: nn.Module) -> dict[str, int]:
+    """What pads each input: the model's pad token for ``input_ids`` (0 without one), else 0."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return {"input_ids": int(pad) if pad is not None else 0}
 
 
 class PackedInputModel(nn.Module):
@@ -127,7 +143,8 @@ def tuned_arguments(
         args, result = tuned_arguments(model, train_dataset, args)
 
     ``train_dataset`` (and ``eval_dataset``, which then judges tune's race) holds dict samples
-    with the model's inputs padded to one length and ``labels``; ``loss`` defaults to the one
+    with the model's inputs and ``labels``; inputs of different lengths are measured padded to
+    the longest (see :class:`PackedDataset`); ``loss`` defaults to the one
     the labels call for, applied to the model's ``logits``. The optimizer measured follows
     ``args.optim`` (SGD or the AdamW family). ``time_budget`` and ``tune_options`` go to
     :func:`batchfit.tune` (e.g. ``lr=`` to scale your own learning rate instead of measuring it,
@@ -147,10 +164,17 @@ def tuned_arguments(
     tune_options.setdefault("optimizer", _optimizer_of(args))
     tune_options.setdefault("seed", args.seed)
     tune_options.setdefault("task_name", type(model).__name__)
+    pads = _pad_values(model)
+    train = PackedDataset(train_dataset, keys, pads)
+    if train.padded:
+        say(
+            f"batchfit: samples vary in length; measured at the longest, {train.length} tokens, "
+            "so the memory ceiling holds for every batch a padding collator makes."
+        )
     result = tune(
         PackedInputModel(model, keys),
-        PackedDataset(train_dataset, keys),
-        val_data=None if eval_dataset is None else PackedDataset(eval_dataset, keys),
+        train,
+        val_data=None if eval_dataset is None else PackedDataset(eval_dataset, keys, pads),
         loss=loss,
         log=say,
         **tune_options,
