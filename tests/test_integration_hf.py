@@ -3,6 +3,7 @@ config (no download), a real Trainer run with them, and the optional dependency 
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -160,3 +161,55 @@ def test_samples_of_different_lengths_are_measured_at_the_longest_and_a_padding_
         model=model, args=tuned, train_dataset=data, data_collator=pad_each_batch
     )
     assert trainer.train().global_step == 3
+
+
+def test_a_tiny_gpt2_language_model_is_measured_on_its_own_loss_and_trains_at_the_answer(tmp_path):
+    """Labels per token (a causal language model, GPT-2 built from a config): tune measures the
+    model's own loss on samples of different lengths, and a Trainer trains at its answer."""
+    transformers = pytest.importorskip("transformers")
+    from batchfit.integrations.hf import tuned_arguments
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(192):
+        n = int(torch.randint(4, 17, (), generator=g))
+        start = int(torch.randint(0, 40, (), generator=g))
+        ids = (torch.arange(n) + start) % 50  # counting: learnable
+        data.append(
+            {"input_ids": ids, "attention_mask": torch.ones(n, dtype=torch.long), "labels": ids}
+        )
+
+    def pad_each_batch(samples):
+        longest = max(len(s["input_ids"]) for s in samples)
+        pads = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+        return {
+            key: torch.stack([F.pad(s[key], (0, longest - len(s[key])), value=v) for s in samples])
+            for key, v in pads.items()
+        }
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    lines: list[str] = []
+    tuned, result = tuned_arguments(
+        model, data, args, time_budget=8, max_batch_size=64, log=lines.append
+    )
+    r = result.recommended
+    assert any("measured at the longest, 16 tokens" in line for line in lines)
+    assert tuned.per_device_train_batch_size == r.micro_batch_size
+    assert tuned.learning_rate == r.lr
+    report = result.to_report()
+    assert report["noise"]["b_simple"] is not None  # measured on the model's loss
+    trainer = transformers.Trainer(
+        model=model, args=tuned, train_dataset=data, data_collator=pad_each_batch
+    )
+    out = trainer.train()
+    assert out.global_step == 3 and math.isfinite(out.training_loss)

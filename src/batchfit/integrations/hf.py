@@ -6,8 +6,10 @@ returns an output object with ``.logits``; batchfit's probes give a model one te
 its output tensor with a target. So the data set's samples are packed into one integer tensor
 (one row per model input, stacked) with the label as the target, and the model is wrapped in a
 module whose ``forward`` unpacks that tensor and returns the logits. The loss is then the one the
-labels call for (cross-entropy for class ids, mse for floats), or the user's. ``transformers`` is
-imported only here, so ``import batchfit`` never loads it.
+labels call for (cross-entropy for class ids, mse for floats), or the user's. Labels per token (a
+language model) are measured with the model's own loss instead, ``model(**inputs,
+labels=labels).loss``, the one the Trainer trains on. ``transformers`` is imported only here, so
+``import batchfit`` never loads it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Keys of a Hugging Face sample that hold its target.
 LABEL_KEYS = ("labels", "label")
+#: Pads per-token labels with the value Hugging Face losses ignore (-100).
+IGNORED_LABEL_KEY = "labels (ignored)"
 #: ``TrainingArguments.optim`` values measured as batchfit's ``sgd``; the rest as ``adamw``.
 SGD_OPTIMIZERS = ("sgd",)
 
@@ -89,7 +93,10 @@ class PackedDataset(Dataset):
                 f"(keys: {sorted(sample)}); add the target the model learns under 'labels'."
             )
         packed = torch.stack([self._padded(sample[k], k) for k in self.keys])
-        return packed, torch.as_tensor(sample[label_key])
+        label = torch.as_tensor(sample[label_key])
+        if label.dim() > 0:  # one label per token (a language model): padding is ignored
+            label = self._padded(label, IGNORED_LABEL_KEY)
+        return packed, label
 
     def _padded(self, value: Any, key: str) -> torch.Tensor:
         tensor = torch.as_tensor(value)
@@ -100,7 +107,7 @@ class PackedDataset(Dataset):
 def _pad_values(model: nn.Module) -> dict[str, int]:
     """What pads each input: the model's pad token for ``input_ids`` (0 without one), else 0."""
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    return {"input_ids": int(pad) if pad is not None else 0}
+    return {"input_ids": int(pad) if pad is not None else 0, IGNORED_LABEL_KEY: -100}
 
 
 class PackedInputModel(nn.Module):
@@ -115,6 +122,23 @@ class PackedInputModel(nn.Module):
         output = self.model(**inputs)
         logits = output.logits if hasattr(output, "logits") else output[0]
         return logits
+
+
+class OwnLossModel(nn.Module):
+    """``model`` as tune sees it when its labels are per token (a causal or masked language model,
+    token classification): forward passes the packed inputs through, and :meth:`loss` is the
+    model's own loss, ``model(**inputs, labels=labels).loss``, as the Trainer computes it."""
+
+    def __init__(self, model: nn.Module, keys: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, tuple(keys)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        inputs = {k: x[:, i] for i, k in enumerate(self.keys)}
+        return self.model(**inputs, labels=labels).loss
 
 
 def _optimizer_of(args: transformers.TrainingArguments) -> str:
@@ -143,7 +167,8 @@ def tuned_arguments(
         args, result = tuned_arguments(model, train_dataset, args)
 
     ``train_dataset`` (and ``eval_dataset``, which then judges tune's race) holds dict samples
-    with the model's inputs and ``labels``; inputs of different lengths are measured padded to
+    with the model's inputs and ``labels`` (one per sample, or one per token for a language
+    model, whose own loss is then measured); inputs of different lengths are measured padded to
     the longest (see :class:`PackedDataset`); ``loss`` defaults to the one
     the labels call for, applied to the model's ``logits``. The optimizer measured follows
     ``args.optim`` (SGD or the AdamW family). ``time_budget`` and ``tune_options`` go to
@@ -171,8 +196,12 @@ def tuned_arguments(
             f"batchfit: samples vary in length; measured at the longest, {train.length} tokens, "
             "so the memory ceiling holds for every batch a padding collator makes."
         )
+    wrapped: nn.Module = PackedInputModel(model, keys)
+    if train[0][1].dim() > 0 and loss is None:  # labels per token: the model's own loss
+        wrapped = OwnLossModel(model, keys)
+        loss = wrapped.loss
     result = tune(
-        PackedInputModel(model, keys),
+        wrapped,
         train,
         val_data=None if eval_dataset is None else PackedDataset(eval_dataset, keys, pads),
         loss=loss,
