@@ -33,12 +33,14 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"core", "errors"},
     "progress": {"core", "errors"},
     "step": {"core", "data", "errors", "losses"},
+    "distributed": {"core", "errors", "losses"},
     "inputs": {"core", "data", "errors", "imports", "losses"},
     "probe": {"core", "data", "errors", "files", "inputs", "losses", "step"},
     "loop": {
         "checkpoint",
         "core",
         "data",
+        "distributed",
         "errors",
         "files",
         "inputs",
@@ -52,6 +54,7 @@ ALLOWED: dict[str, set[str]] = {
         "checkpoint",
         "core",
         "data",
+        "distributed",
         "errors",
         "files",
         "inputs",
@@ -78,7 +81,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "integrations": {"core", "errors", "inputs", "losses", "orchestrate", "report"},
     "__init__": {"*"},
-    "__main__": {"cli"},
+    "__main__": {"cli", "distributed"},
 }
 
 #: What the pure core and the command line must not load just by being imported (NumPy is

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 
 from batchfit.data.source import Batch, BatchSource
+from batchfit.distributed import ddp_train_step
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
 from batchfit.loop.events import (
     flush_metrics,
@@ -102,7 +103,10 @@ def _train_steps(
     evaluation are not counted in the seconds."""
     model, optimizer, loss_fn = setup.model, setup.optimizer, setup.loss.fn
     micro, device = setup.micro_batch_size, setup.device
-    on_cpu, last_step = device.type == "cpu", setup.last_step
+    on_cpu, last_step = device.type == "cpu" and setup.ddp is None, setup.last_step
+    step_fn = train_step
+    if setup.ddp is not None:  # several processes: each its share, one all-reduce per step
+        model, step_fn = setup.ddp, ddp_train_step
     checkpoint_every, eval_every = setup.config.checkpoint_every, setup.config.eval_every
     pos, metrics, clock = run.position, run.metrics, time.perf_counter
     add_row = metrics.pending.append  # MetricsLog.flush empties this list in place
@@ -117,7 +121,7 @@ def _train_steps(
             optimizer.step()
             loss_value, parts = loss_value.item(), 1
         else:
-            loss_value, parts = train_step(model, optimizer, loss_fn, x, y, micro, device)
+            loss_value, parts = step_fn(model, optimizer, loss_fn, x, y, micro, device)
             if on_cpu:  # nothing to sync on the CPU, and a float is cheaper to keep
                 loss_value = loss_value.item()
         size = len(y)

@@ -12,6 +12,7 @@ import torch
 
 from batchfit.checkpoint import save_checkpoint
 from batchfit.core.options import opt, opt_value
+from batchfit.distributed import is_main
 from batchfit.errors import BatchfitError, NonFiniteLossError, user_code_failed
 from batchfit.files import atomic_open
 from batchfit.loop.checks import check_finite_parameters
@@ -30,7 +31,7 @@ def save(run: RunState, setup: Setup) -> str | None:
     never saved."""
     flush_metrics(run)
     directory = setup.config.checkpoint_dir
-    if directory is None:
+    if directory is None or not is_main():  # several processes: rank 0 alone writes
         return None
     step = run.position.step
     if run.last_checkpoint is not None and run.last_checkpoint[0] == step:
@@ -49,7 +50,7 @@ def save_weights(setup: Setup) -> str | None:
     """Write the model's final weights atomically as ``out_dir/model.pt`` (a plain ``state_dict``
     on the CPU, loadable with ``torch.load(path, weights_only=True)``) and return the path; None
     when there is no ``out_dir``. Without it a run that had no ``checkpoint_dir`` kept nothing."""
-    if setup.config.out_dir is None:
+    if setup.config.out_dir is None or not is_main():
         return None
     path = Path(setup.config.out_dir) / WEIGHTS_FILE
     state = {k: v.detach().cpu() for k, v in setup.model.state_dict().items()}

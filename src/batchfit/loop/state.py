@@ -59,6 +59,8 @@ class Setup:
     #: What a resume must match: a run continued with other values would read other batches.
     settings: dict[str, Any]
     on_eval: OnEval | None
+    #: The model in DistributedDataParallel when several processes train (batchfit.distributed).
+    ddp: nn.Module | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ state, so a run stopped at any step and resumed ends bitwise identical to an uni
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from batchfit.core.accounting import Plan, check_sizes, plan, total_steps
 from batchfit.core.configs import TrainConfig
 from batchfit.core.options import opt
 from batchfit.data.source import BatchSource
+from batchfit.distributed import check_world_size_matches, is_main, place, world_size, wrap
 from batchfit.errors import NonFiniteLossError, without_batchfit_frames
 from batchfit.inputs import (
     as_source,
@@ -145,10 +147,11 @@ def train(
     config = TrainConfig.build(config, **options)
     # prepare: every check that can fail does so now, not an epoch into training
     setup = prepare(model, data, val_data, loss, on_eval, config)
-    with run_lock(config):  # no other run writes into this checkpoint folder meanwhile
+    # no other run writes into this checkpoint folder meanwhile (rank 0 holds it for all ranks)
+    with run_lock(config) if is_main() else nullcontext():
         # restore or seed: continue the checkpointed run exactly, or start a reproducible one
         run = restore_or_seed(setup)
-        bar = TrainProgress(config.progress)
+        bar = TrainProgress(config.progress and is_main())
         announce(bar, setup, run)
         started = time.perf_counter()
         try:
@@ -201,7 +204,7 @@ def prepare(
     check_output_paths(config)
     loss = loss_for(source, loss)
     check_batch_norm(model, source.num_samples, config, micro)
-    device = resolve_device(config.device)
+    device = place(resolve_device(config.device))
     model.to(device)
     check_model_accepts_data(model, source, loss)
     if val_source is not None:  # bad validation data found now, not after an epoch of training
@@ -222,6 +225,7 @@ def prepare(
         last_step=_last_step(config, the_plan),
         settings=_settings(config, source, lr),
         on_eval=on_eval,
+        ddp=wrap(model, device),
     )
 
 
@@ -233,11 +237,12 @@ def restore_or_seed(setup: Setup) -> RunState:
     if saved is not None:
         path = checkpoint_path(config.checkpoint_dir)
         check_same_model(saved, setup.model.state_dict(), path)
+        check_world_size_matches(saved.get("settings", {}).get("world_size"), path)
         check_same_settings(saved, setup.settings, path)
     else:
         seed_everything(config.seed)
     metrics = MetricsLog(
-        Path(config.out_dir) / "metrics.csv" if config.out_dir else None,
+        Path(config.out_dir) / "metrics.csv" if config.out_dir and is_main() else None,
         micro_batch_size=setup.micro_batch_size,
         lr=setup.lr,
         resume_step=saved["position"]["step"] if saved is not None else None,
@@ -320,11 +325,12 @@ def _what_was_kept(run: RunState, config: TrainConfig) -> str:
 def _sizes(num_samples: int | None, config: TrainConfig) -> tuple[Plan | None, int]:
     """The plan (on data of known length, checking the sizes against it) and the micro-batch."""
     if num_samples is None:
-        return None, check_sizes(config.batch_size, config.micro_batch_size)
+        return None, check_sizes(config.batch_size, config.micro_batch_size, world_size())
     the_plan = plan(
         num_samples,
         config.batch_size,
         micro_batch_size=config.micro_batch_size,
+        world_size=world_size(),
         epochs=config.epochs,
         max_steps=config.max_steps,
         drop_last=config.drop_last,
@@ -359,4 +365,5 @@ def _settings(config: TrainConfig, source: BatchSource, lr: float) -> dict[str, 
         "momentum": config.momentum if config.optimizer == "sgd" else None,
         "weight_decay": config.weight_decay,
         "data": source.fingerprint(),  # streamed or loaded, files, shuffle buffer, split
+        "world_size": world_size(),  # processes: another number splits the batches otherwise
     }

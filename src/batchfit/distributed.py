@@ -1,0 +1,135 @@
+"""Training on several processes with PyTorch's own engine: torchrun and DistributedDataParallel.
+
+Why this shape: the loop keeps counting in *global* batches. Every rank walks the same global
+batches in the same order (so positions, step counts, resume and ``batchfit plan --world-size W``
+are those of one process), takes its share of each (:func:`~batchfit.core.accounting.rank_share`)
+and runs it as micro-batches under ``no_sync`` but the last. Each micro-batch loss is weighted by
+``len(ys) * W / B``; DDP averages over the ``W`` ranks, so the update is the mean gradient of the
+whole global batch, exactly as on one device, even when ``W`` does not divide ``B``.
+
+Only rank 0 writes (metrics, checkpoints, weights, reports) and prints; every rank takes every
+step. No collective is issued outside the step, so a rank that fails leaves the others blocked in
+at most one all-reduce, which fails as soon as the failed rank's connection closes (and torchrun
+ends the remaining ranks).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from batchfit.core.accounting import rank_share
+from batchfit.errors import BatchfitError
+from batchfit.losses import LossFn
+
+#: Seconds a collective may wait for a silent rank before it fails (``BATCHFIT_DIST_TIMEOUT``).
+DEFAULT_TIMEOUT_S = 300
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by ``torchrun`` (its environment says so)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def join_from_env() -> bool:
+    """Join the process group that torchrun's environment describes; True if this call did.
+
+    The backend serves both devices: gloo for CPU tensors, NCCL for CUDA ones (when there is a
+    GPU), so ``--device cpu`` on a GPU node works too.
+    """
+    if not launched_by_torchrun() or dist.is_initialized():
+        return False
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    timeout = timedelta(seconds=float(os.environ.get("BATCHFIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    return True
+
+
+def leave() -> None:
+    """Leave the process group (at the end of a command that joined it)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    """Processes training together: the initialised group's size, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Whether this process writes and prints: rank 0, or the only process."""
+    return rank() == 0
+
+
+def place(device: torch.device) -> torch.device:
+    """This rank's device: ``cuda`` without an index becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    if device.type == "cuda" and device.index is None and world_size() > 1:
+        return torch.device("cuda", local_rank())
+    return device
+
+
+def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel | None:
+    """``model`` in DistributedDataParallel when several processes train, else None.
+
+    DDP broadcasts rank 0's parameters and buffers here, so every rank starts from the same
+    weights whatever each built."""
+    if world_size() == 1:
+        return None
+    ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def check_world_size_matches(saved: int | None, path: object) -> None:
+    """Refuse to resume a checkpoint made by another number of processes."""
+    now = world_size()
+    if saved is not None and saved != now:
+        raise BatchfitError(
+            f"The checkpoint '{path}' was made by {saved} training processes, not {now}; resume "
+            f"under torchrun with {saved} processes in all (nodes x processes per node), or "
+            "start over with a new checkpoint folder."
+        )
+
+
+def ddp_train_step(
+    model: DistributedDataParallel,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro_batch_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, int]:
+    """One update on a global batch ``(x, y)``: this rank's share, in micro-batches; returns the
+    mean loss over the whole global batch (all-reduced) and this rank's iterations."""
+    optimizer.zero_grad(set_to_none=True)
+    n, world = len(y), dist.get_world_size()
+    share = rank_share(n, dist.get_rank(), world)
+    xs_all, ys_all, scale = x[share], y[share], world / n
+    if len(ys_all) == 0:  # a last batch smaller than W: still take part in the all-reduce
+        xs_all, ys_all, scale = x[:1], y[:1], 0.0
+    pieces = list(zip(xs_all.split(micro_batch_size), ys_all.split(micro_batch_size), strict=True))
+    total = torch.zeros((), device=device)
+    for i, (xs, ys) in enumerate(pieces):
+        with model.no_sync() if i < len(pieces) - 1 else nullcontext():
+            loss = loss_fn(model(xs.to(device)), ys.to(device))
+            (loss * (len(ys) * scale)).backward()
+        total += loss.detach() * (len(ys) * scale / world)
+    dist.all_reduce(total)  # the global batch's mean loss, as one process would log it
+    optimizer.step()
+    return total, len(pieces)

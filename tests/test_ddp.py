@@ -1,0 +1,178 @@
+"""torchrun / DistributedDataParallel: real processes, gloo on the CPU, tiny data.
+
+Each test launches ``python -m torch.distributed.run ... -m batchfit train`` in a subprocess and
+compares what it wrote with one plain process given the same global batch and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from helpers import run_cli, subprocess_env
+
+MODEL = '''
+import os
+import torch
+
+
+class Net(torch.nn.Module):
+    """A small non-linear net; with BREAK_AT set, rank 1 raises at that forward call."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+        )
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and self.calls == int(os.environ.get("BREAK_AT", 0)):
+            raise RuntimeError("rank 1 broke on purpose")
+        return self.body(x)
+
+
+def make():
+    return Net()
+'''
+
+# B=63 over 2 ranks: shares 32 and 31, micro-batches of 8 (accumulation 4, a remainder of 7).
+ARGS = ["train", "--example", "linreg", "--model", "ddpnet:make", "--batch-size", "63"]
+ARGS += ["--micro-batch-size", "8", "--optimizer", "sgd", "--lr", "0.05", "--seed", "3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env.get('PYTHONPATH', '')}"
+    return {**env, **extra}
+
+
+def _setup(tmp_path: Path) -> Path:
+    (tmp_path / "ddpnet.py").write_text(MODEL)
+    return tmp_path
+
+
+def _launcher(extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *extra, "-m", "batchfit"]
+
+
+def _torchrun(tmp_path: Path, args: list[str], nproc: int = 2, timeout: float = 90, **env: str):
+    cmd = _launcher(["--nproc-per-node", str(nproc), "--master-port", str(_free_port())])
+    return subprocess.run(
+        [*cmd, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(tmp_path, **env),
+    )
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "model.pt", weights_only=True)
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def _losses(folder: Path) -> list[float]:
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("loss")
+    return [float(r.split(",")[column]) for r in rows[1:]]
+
+
+def test_two_ranks_train_the_weights_of_one_process_and_only_rank_0_writes(tmp_path):
+    _setup(tmp_path)
+    one = run_cli([*ARGS, "--max-steps", "20", "--out", "one", "--quiet"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(tmp_path, [*ARGS, "--max-steps", "20", "--out", "two", "--quiet", "--json"])
+    assert two.returncode == 0, two.stderr
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    # metrics.csv: the global batch's mean loss, written once (one header, 20 rows)
+    torch.testing.assert_close(_losses(tmp_path / "two"), _losses(tmp_path / "one"))
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.csv", "model.pt"]
+    # one result printed, by rank 0; its counts are what `batchfit plan --world-size 2` says
+    assert two.stdout.count('"steps"') == 1
+
+    result = json.loads(two.stdout[two.stdout.index("{") :])
+    plan = run_cli(
+        ["plan", "--samples", "8192", "--batch-size", "63", "--micro-batch-size", "8"]
+        + ["--world-size", "2", "--max-steps", "20", "--json"]
+    )
+    planned = json.loads(plan.stdout)
+    assert (result["steps"], result["iterations"], result["samples_seen"]) == (
+        planned["total_steps"],
+        planned["total_iterations"],
+        planned["total_samples"],
+    )
+
+
+def test_a_checkpoint_resumes_exactly_on_the_same_world_size_and_refuses_another(tmp_path):
+    _setup(tmp_path)
+    full = _torchrun(tmp_path, [*ARGS, "--max-steps", "16", "--out", "full", "--quiet"])
+    assert full.returncode == 0, full.stderr
+    first = [*ARGS, "--max-steps", "8", "--checkpoint-dir", "ck", "--quiet"]
+    assert _torchrun(tmp_path, first).returncode == 0
+    resumed = [*ARGS, "--max-steps", "16", "--checkpoint-dir", "ck", "--resume", "--out", "res"]
+    done = _torchrun(tmp_path, [*resumed, "--quiet"])
+    assert done.returncode == 0, done.stderr
+    wa, wb = _weights(tmp_path / "full"), _weights(tmp_path / "res")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bitwise: same world size, same order
+    alone = run_cli([*resumed, "--max-steps", "24"], cwd=tmp_path)
+    assert alone.returncode == 2
+    message = alone.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert "made by 2 training processes, not 1" in message
+    assert "under torchrun with 2 processes" in message
+
+
+def test_a_rank_that_fails_ends_the_job_without_a_hang(tmp_path):
+    _setup(tmp_path)
+    started = time.monotonic()
+    run = _torchrun(tmp_path, [*ARGS, "--max-steps", "50", "--quiet"], timeout=60, BREAK_AT="12")
+    assert run.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "rank 1 broke on purpose" in run.stderr
+
+
+def test_two_nodes_on_one_machine_train_like_one_process(tmp_path):
+    _setup(tmp_path)
+    one = run_cli([*ARGS, "--max-steps", "12", "--out", "one", "--quiet"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    port = _free_port()
+    rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    rdzv += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "batchfit-test"]
+    args = [*ARGS, "--max-steps", "12", "--out", "nodes", "--quiet", "--json"]
+    nodes = [
+        subprocess.Popen(
+            [*_launcher([*rdzv, "--node-rank", str(rank)]), *args],
+            cwd=tmp_path,
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=90) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    _assert_same_weights(tmp_path / "one", tmp_path / "nodes")
+    # trained together: node 0's rank alone reports, 4 micro-batches of its 32 per step, not 8
+    assert '"iterations": 48' in outputs[0][0] and outputs[1][0].strip() == "", outputs
