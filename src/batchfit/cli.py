@@ -599,6 +599,7 @@ COMMANDS: dict[str, Command] = {
             ),
         ),
         run=_cmd_train,
+        shared_flags={"time_budget": "--tune-budget"},  # tune's budget, as train names it
     ),
     "tune": Command(
         help="measure memory, throughput and gradient noise; recommend a batch size and lr",
