@@ -37,7 +37,7 @@ _EXPORTS = {
     "DatasetSource": "batchfit.data.torch_dataset",
     "IterableSource": "batchfit.data.torch_dataset",
     "evaluate": "batchfit.step",
-    "train": "batchfit.loop.train",
+    "train": "batchfit.orchestrate.train_auto",
     "TrainResult": "batchfit.loop.train",
     "noise_scale": "batchfit.probe.noise",
     "sharpness": "batchfit.probe.sharpness",
@@ -70,8 +70,9 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from batchfit.data.source import BatchSource
     from batchfit.data.tensors import TensorSource
     from batchfit.data.torch_dataset import DatasetSource, IterableSource
-    from batchfit.loop.train import TrainResult, train
+    from batchfit.loop.train import TrainResult
     from batchfit.orchestrate.sweep import SweepResult, sweep
+    from batchfit.orchestrate.train_auto import train
     from batchfit.orchestrate.tune import TuneResult, tune
     from batchfit.probe.noise import noise_scale
     from batchfit.probe.sharpness import SharpnessResult, sharpness

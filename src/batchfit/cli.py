@@ -281,13 +281,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from batchfit.core.configs import TrainConfig
-    from batchfit.loop.train import train
+    from batchfit.orchestrate.train_auto import AUTO, train
 
     task = _load_task(args)
     model, lr = task.model_and_lr(args.seed, args.optimizer, args.lr)
+    auto = {}
+    if args.batch_size == AUTO:  # tune first: the user's lr (if any) stays theirs, B is tune's
+        tune_options = {"warmup_lr": lr, "task_name": task.name}
+        auto = {"log": _say, "tune_options": tune_options | {"task_options": _task_options(args)}}
+        lr = args.lr
     config = TrainConfig.from_mapping({**vars(args), "lr": lr})
     try:
-        result = train(model, task.train, val_data=task.val, loss=task.loss, config=config)
+        result = train(model, task.train, val_data=task.val, loss=task.loss, config=config, **auto)
     except TrainingInterrupted as exc:
         hint = f" Resume with: {_resume_command(args)}" if args.checkpoint_dir else ""
         print(f"batchfit train: {exc}{hint}", file=sys.stderr)
@@ -318,6 +323,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ]
     if result.checkpoint_path:
         rows.append(("checkpoint", result.checkpoint_path))
+    if getattr(result, "auto", None) is not None:
+        chosen = f"{result.batch_size} (micro-batch {result.micro_batch_size}), chosen by tune"
+        rows.insert(0, ("batch size", chosen))
     _print_table("batchfit train: done", rows)
     if result.weights_path:  # in full, never cut to the terminal's width: a user copies it
         print(
@@ -325,6 +333,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "model.load_state_dict(torch.load(path, weights_only=True)))"
         )
     return 0
+
+
+def _say(message: str) -> None:
+    print(f"batchfit train: {message}", file=sys.stderr, flush=True)
 
 
 def _process_started() -> float:
@@ -534,6 +546,7 @@ COMMANDS: dict[str, Command] = {
         examples=(
             "batchfit train --batch-size 32 --epochs 3",
             "batchfit train --batch-size 1 --max-steps 2000            # online learning",
+            "batchfit train --batch-size auto --tune-budget 30 --epochs 3  # tune, then train",
             "batchfit train --batch-size 4000 --epochs 20 --lr 0.01     # full batch",
             "batchfit train --batch-size 256 --micro-batch-size 64 --epochs 2 \\",
             "    --checkpoint-dir ckpt --checkpoint-every 50          # then add --resume",
@@ -552,9 +565,10 @@ COMMANDS: dict[str, Command] = {
                         {
                             "required": True,
                             "help": "samples per optimizer step (1: online learning; N: full "
-                            "batch)",
+                            "batch; auto: tune first, then train with its batch size and lr)",
                         },
                     ),
+                    "tune_budget",
                     "micro_batch_size",
                     "epochs",
                     "max_steps",
@@ -585,6 +599,7 @@ COMMANDS: dict[str, Command] = {
             ),
         ),
         run=_cmd_train,
+        shared_flags={"time_budget": "--tune-budget"},  # tune's budget, as train names it
     ),
     "tune": Command(
         help="measure memory, throughput and gradient noise; recommend a batch size and lr",

@@ -13,6 +13,7 @@ data is read to its end at every evaluation, so a stream of unknown length given
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,19 +125,90 @@ def _validation_stream(dataset: IterableDataset, collate_fn: object = None) -> I
     return IterableSource(dataset, limit=VALIDATION_STREAM_LIMIT, collate_fn=collate_fn)
 
 
+#: The torch optimizers batchfit builds and scales the lr of, by its names for them.
+OPTIMIZER_CLASSES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+#: Settings of an optimizer that change how it computes, not what: ignored when reading a factory's.
+_IMPLEMENTATION = {"params", "foreach", "fused", "capturable", "differentiable"}
+
+
 def optimizer_name(optimizer: object) -> object:
     """The optimizer as the option table names it: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (the
     class) becomes ``sgd``, ``adam`` or ``adamw``, whose lr scaling rule batchfit knows (linear for
     SGD, sqrt for the Adam family); anything else is returned for the option's own check."""
     if not isinstance(optimizer, type):
         return optimizer
-    names = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
-    if optimizer in names:
-        return names[optimizer]
+    if optimizer in OPTIMIZER_CLASSES:
+        return OPTIMIZER_CLASSES[optimizer]
     raise BatchfitError(
         f"The optimizer {optimizer.__name__} is not one batchfit builds and scales the lr of; "
         f"give {opt('optimizer')} as torch.optim.SGD, Adam or AdamW (or 'sgd', 'adam', 'adamw')."
     )
+
+
+def optimizer_options(options: dict[str, Any], settings: tuple[str, ...]) -> dict[str, Any]:
+    """``options`` with ``optimizer`` as the option table names it: a class becomes its name
+    (:func:`optimizer_name`), and a factory (a callable that takes the parameters and returns a
+    ``torch.optim`` SGD, Adam or AdamW) becomes its family, with its lr as the user's ``lr`` and,
+    of ``settings`` (the options the caller takes), its ``momentum`` and ``weight_decay``.
+
+    Examples:
+        >>> make = lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.8)
+        >>> optimizer_options({"optimizer": make}, ("lr", "momentum"))
+        {'optimizer': 'sgd', 'lr': 0.05, 'momentum': 0.8}
+    """
+    given = options.get("optimizer")
+    if "optimizer" not in options or isinstance(given, (str, type)) or not callable(given):
+        return (
+            options
+            if "optimizer" not in options
+            else options | {"optimizer": optimizer_name(given)}
+        )
+    name, group = _factory_settings(given)
+    if options.get("lr") is not None:
+        raise BatchfitError(
+            f"The optimizer factory sets the lr ({group['lr']:g}) and {opt('lr')} is given too "
+            f"({options['lr']:g}); give the lr in one place."
+        )
+    found = {"lr": group["lr"], "weight_decay": group["weight_decay"]}
+    if name == "sgd":
+        found["momentum"] = group["momentum"]
+    return options | {"optimizer": name} | {k: v for k, v in found.items() if k in settings}
+
+
+def _factory_settings(factory: Any) -> tuple[str, dict[str, Any]]:
+    """The family and settings of the optimizer ``factory`` builds (tried on one parameter);
+    refused when batchfit could not build the same one from its family, lr, momentum and weight
+    decay."""
+    works = (
+        "a callable taking the parameters and returning torch.optim.SGD, Adam or AdamW, e.g. "
+        "lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.8)"
+    )
+    probe = [nn.Parameter(torch.zeros(1))]
+    try:
+        built = factory(probe)
+    except Exception as exc:  # the user's factory: say what it must be
+        raise BatchfitError(
+            f"The optimizer factory raised {type(exc).__name__} ({first_line(exc)}) when given "
+            f"the parameters; {opt('optimizer')} takes a name, a class, or {works}."
+        ) from None
+    name = OPTIMIZER_CLASSES.get(type(built))
+    if name is None:
+        raise BatchfitError(
+            f"The optimizer factory returned {type(built).__name__}, which batchfit cannot scale "
+            f"the lr of; {opt('optimizer')} takes 'sgd', 'adam', 'adamw', their torch.optim "
+            f"classes, or {works}."
+        )
+    group = built.param_groups[0]
+    keep = {k: group[k] for k in ("lr", "momentum", "weight_decay") if k in group}
+    plain = type(built)(probe, **keep).param_groups[0]
+    other = sorted(k for k in group if k not in _IMPLEMENTATION and group[k] != plain.get(k))
+    if other:
+        raise BatchfitError(
+            f"The optimizer factory sets {', '.join(f'{k}={group[k]!r}' for k in other)}, which "
+            f"batchfit would not keep (it builds {type(built).__name__} from the lr, momentum and "
+            "weight decay only); leave those at their defaults."
+        )
+    return name, group
 
 
 def check_model(model: object) -> None:

@@ -165,6 +165,11 @@ def check_sizes(batch_size: int, micro_batch_size: int | None = None, world_size
     The default micro-batch is the whole per-device share of the batch (no accumulation).
     """
     options.check("batch_size", batch_size)
+    if batch_size == "auto":
+        raise BatchfitError(
+            f"{opt_value('batch_size', 'auto')} is chosen by running tune first, which train "
+            f"does; here give a number of samples, e.g. {opt_value('batch_size', 32)}."
+        )
     options.check("world_size", world_size)
     if batch_size < world_size:
         raise BatchfitError(

@@ -82,7 +82,7 @@ class TrainConfig(Config):
 
     command: ClassVar[str] = "train"
 
-    batch_size: int
+    batch_size: int | str  # "auto": tune chooses it (batchfit.orchestrate.train_auto)
     epochs: int | None = _option("epochs")
     max_steps: int | None = _option("max_steps")
     micro_batch_size: int | None = _option("micro_batch_size")
@@ -101,6 +101,7 @@ class TrainConfig(Config):
     out_dir: Any = _option("out_dir")
     device: Any = _option("device")
     progress: bool = _option("progress")
+    tune_budget: float | None = _option("tune_budget")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchfit.core.rules import Choice, Flag, Float, Int, RowsOrSize, Rule, Size, Text
+from batchfit.core.rules import (
+    Choice,
+    Flag,
+    Float,
+    Int,
+    IntOrAuto,
+    RowsOrSize,
+    Rule,
+    Size,
+    Text,
+)
 from batchfit.core.units import SizeTooLarge
 from batchfit.errors import BatchfitError
 
@@ -123,7 +133,12 @@ OPTIONS: dict[str, Option] = _rows(
     Option("seed", Int(0, 2**63 - 1), 0, "seed for weights, shuffling and splits (default 0)"),
     # -- sizes and length (plan, train, sweep)
     Option("samples", Int(1), help="training samples N"),
-    Option("batch_size", Int(1), help="samples per optimizer step B, over all devices"),
+    Option(
+        "batch_size",
+        IntOrAuto(1),
+        help="samples per optimizer step B, over all devices; train takes 'auto': tune first "
+        "(within {tune_budget}), then train with its batch size and lr",
+    ),
     Option(
         "micro_batch_size",
         Int(1),
@@ -214,6 +229,12 @@ OPTIONS: dict[str, Option] = _rows(
     ),
     Option("headroom", Float(0.0, 1.0, open_high=True), 0.1, "memory kept free (default 0.1)"),
     Option("batches", Int(1), help="batches to average the noise scale over"),
+    Option(
+        "tune_budget",
+        Float(0.0, open_low=True),
+        help="with {batch_size} auto: seconds for tune before training (default: tune's own "
+        "time budget, 60 on CPU, 300 on CUDA)",
+    ),
     # -- sweep
     Option(
         "batch_sizes",
@@ -278,8 +299,9 @@ def default(name: str) -> Any:
 
 
 def _message(name: str, got: Any, fix: str | None) -> str:
-    rule = OPTIONS[name].rule.describe()
-    text = f"The '{name}' option must be {rule}. Got {got!r} instead."
+    rule = OPTIONS[name].rule
+    text = f"The '{name}' option must be {rule.describe()}. Got {got!r} instead."
+    fix = fix or (rule.hint(got) if isinstance(rule, IntOrAuto) else None)
     return f"{text} {fix}" if fix else text
 
 
@@ -288,6 +310,8 @@ def check(name: str, value: Any, fix: str | None = None) -> Any:
     rule = OPTIONS[name].rule
     if not rule.accepts(value):
         raise BatchfitError(_message(name, value, fix))
+    if isinstance(rule, IntOrAuto) and value != "auto":
+        return int(value)
     if isinstance(rule, (Int, Size)) or (
         isinstance(rule, RowsOrSize) and not isinstance(value, str)
     ):
@@ -379,6 +403,7 @@ __all__ = [
     "Flag",
     "Float",
     "Int",
+    "IntOrAuto",
     "RowsOrSize",
     "Size",
     "Text",

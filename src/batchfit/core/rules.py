@@ -169,4 +169,30 @@ class Flag:
         return lowered in ("true", "1", "yes")
 
 
-Rule = Int | Float | Choice | Size | RowsOrSize | Text | Flag
+@dataclass(frozen=True)
+class IntOrAuto:
+    """An int >= ``low``, or the word ``auto``: batchfit chooses the value (the batch size, by
+    running tune first)."""
+
+    low: int = 1
+
+    def describe(self) -> str:
+        return f"an int >= {self.low}"
+
+    def hint(self, value: Any) -> str | None:
+        """What to say after the message for a refused value: a word may have meant ``auto``."""
+        return (
+            "Give a number, or 'auto' for train to choose it by tune."
+            if isinstance(value, str)
+            else None
+        )
+
+    def accepts(self, value: Any) -> bool:
+        return value == "auto" or Int(self.low).accepts(value)
+
+    def convert(self, text: str) -> Any:
+        plain = text.strip().lower()
+        return "auto" if plain == "auto" else Int(self.low).convert(plain)
+
+
+Rule = Int | Float | Choice | Size | RowsOrSize | Text | Flag | IntOrAuto

@@ -39,7 +39,7 @@ from batchfit.inputs import (
     check_model,
     check_model_accepts_data,
     loss_for,
-    optimizer_name,
+    optimizer_options,
 )
 from batchfit.loop.checks import (
     check_batch_norm,
@@ -142,8 +142,8 @@ def train(
         >>> result.steps, result.samples_seen
         (8, 128)
     """
-    if "optimizer" in options:  # a torch.optim class, as its name
-        options["optimizer"] = optimizer_name(options["optimizer"])
+    # a torch.optim class as its name; a factory as its family and settings
+    options = optimizer_options(options, ("lr", "momentum", "weight_decay"))
     config = TrainConfig.build(config, **options)
     # prepare: every check that can fail does so now, not an epoch into training
     setup = prepare(model, data, val_data, loss, on_eval, config)

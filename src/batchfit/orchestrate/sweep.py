@@ -50,6 +50,7 @@ from batchfit.core.sweep_verdict import (
     time_to_target,
     verdict,
 )
+from batchfit.inputs import optimizer_options
 from batchfit.losses import Loss
 from batchfit.orchestrate.sweep_runs import RunPlan, RunsDone, plan_runs, run_all
 from batchfit.orchestrate.sweep_setup import (
@@ -145,6 +146,7 @@ def sweep(
         >>> [s["batch_size"] for s in result.sizes], [s["samples_seen"] for s in result.sizes]
         ([16, 64], [512, 512])
     """
+    options = optimizer_options(options, ("lr", "momentum", "weight_decay"))  # a class, a factory
     config = SweepConfig.build(config, **options)
     started = time.perf_counter()
     # setup: check every input, then measure the start all runs share

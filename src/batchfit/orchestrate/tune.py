@@ -37,7 +37,7 @@ from batchfit.inputs import (
     check_model,
     check_model_accepts_data,
     loss_for,
-    optimizer_name,
+    optimizer_options,
 )
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
@@ -148,8 +148,8 @@ def tune(
 
 def _checked_config(model: nn.Module, config: TuneConfig | None, options: dict) -> TuneConfig:
     """The run's options, checked with the model before anything is measured or written."""
-    if "optimizer" in options:  # a torch.optim class, as its name
-        options["optimizer"] = optimizer_name(options["optimizer"])
+    # a torch.optim class as its name; a factory as its family and lr (the user's: B only)
+    options = optimizer_options(options, ("lr",))
     config = TuneConfig.build(config, **options)
     check_model(model)
     _check_batch_norm_cap(model, config.max_batch_size)
