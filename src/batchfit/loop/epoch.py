@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
+from batchfit.loop.backoff import back_off, regrow, watch_step
 from batchfit.loop.events import (
     flush_metrics,
     save,
@@ -101,25 +102,31 @@ def _train_steps(
     Each step appends ``(step, batch size, loss, seconds)`` to the metrics log; checkpoints and
     evaluation are not counted in the seconds."""
     model, optimizer, loss_fn = setup.model, setup.optimizer, setup.loss.fn
-    micro, device = setup.micro_batch_size, setup.device
+    micro, device = run.backoff.micro_batch_size, setup.device
     on_cpu, last_step = device.type == "cpu", setup.last_step
+    watch = watch_step(run, last_step)  # the last step, or an out-of-memory regrow before it
     checkpoint_every, eval_every = setup.config.checkpoint_every, setup.config.eval_every
     pos, metrics, clock = run.position, run.metrics, time.perf_counter
     add_row = metrics.pending.append  # MetricsLog.flush empties this list in place
     next_flush, t_last = clock() + FLUSH_SECONDS, clock_start
     for x, y in batches:
-        if on_cpu and len(y) <= micro:
-            # train_step's one-micro-batch case, written out: at batch size 1 the call alone
-            # cost ~1% of throughput (benchmarks/loop_overhead.py).
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = loss_fn(model(x), y)
-            loss_value.backward()
-            optimizer.step()
-            loss_value, parts = loss_value.item(), 1
-        else:
-            loss_value, parts = train_step(model, optimizer, loss_fn, x, y, micro, device)
-            if on_cpu:  # nothing to sync on the CPU, and a float is cheaper to keep
-                loss_value = loss_value.item()
+        try:  # free until something raises (Python 3.11+)
+            if on_cpu and len(y) <= micro:
+                # train_step's one-micro-batch case, written out: at batch size 1 the call alone
+                # cost ~1% of throughput (benchmarks/loop_overhead.py).
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = loss_fn(model(x), y)
+                loss_value.backward()
+                optimizer.step()
+                loss_value, parts = loss_value.item(), 1
+            else:
+                loss_value, parts = train_step(model, optimizer, loss_fn, x, y, micro, device)
+                if on_cpu:  # nothing to sync on the CPU, and a float is cheaper to keep
+                    loss_value = loss_value.item()
+        except Exception as exc:  # out of memory: the same batch again, smaller micro-batches
+            loss_value = None  # the failed pass's graph
+            loss_value, parts = back_off(exc, run, setup, x, y)
+            micro, watch = run.backoff.micro_batch_size, watch_step(run, last_step)
         size = len(y)
         pos.step += 1
         pos.iterations += parts
@@ -142,8 +149,11 @@ def _train_steps(
             if run.stop_requested:
                 return False
             t_last = clock()
-        if pos.step >= last_step:
-            return False
+        if pos.step >= watch:
+            if pos.step >= last_step:
+                return False
+            regrow(run, setup)
+            micro, watch = run.backoff.micro_batch_size, watch_step(run, last_step)
     return True
 
 

@@ -1,0 +1,191 @@
+"""Out-of-memory back-off in ``train``, met with real out-of-memory errors.
+
+Every run that is limited runs in a child process (its own address space limited by
+``memory_limit``, as ``tune`` limits its trials), so the allocator's own error is what the loop
+meets; the test process itself is never limited. The model is narrow in and wide inside: a step's
+activations grow by tens of KiB per sample while its arithmetic stays cheap, so a few thousand
+samples do not fit in a couple of hundred MiB above what the process already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import cpu_only_env
+
+CHILD = r'''
+import csv, json, sys
+import torch
+from torch import nn
+from batchfit import train
+from batchfit.memory_limits import rss_bytes
+from batchfit.step import evaluate
+
+torch.set_num_threads(1)
+MiB = 2**20
+
+
+def data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def wide(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 10))
+
+
+def micros(out):
+    with open(f"{out}/metrics.csv") as f:
+        return [int(row["micro_batch_size"]) for row in csv.DictReader(f)]
+
+
+def weights_gap(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def same_weights(out):
+    x, y = data(8192)
+    limited = wide()
+    kept = train(limited, (x, y), batch_size=4096, epochs=2, memory_limit=rss_bytes() + 200 * MiB,
+                 regrow_after=0, out_dir=f"{out}/limited", progress=True)
+    used = micros(f"{out}/limited")
+    plain = wide()
+    train(plain, (x, y), batch_size=4096, epochs=2, micro_batch_size=used[-1], out_dir=f"{out}/b")
+    return {"steps": kept.steps, "micros": used, "gap": weights_gap(limited, plain),
+            "bitwise": all(torch.equal(p, q) for p, q in zip(limited.parameters(),
+                                                             plain.parameters()))}
+
+
+class Spiky(nn.Module):
+    """The wide model, whose steps need much more memory while ``tanhs`` > 0 (a longer sequence,
+    a bigger image): each tanh keeps another activation of 16 KiB per sample for backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.tanhs = wide(), 0
+
+    def forward(self, x):
+        h = self.body[1](self.body[0](x))
+        for _ in range(self.tanhs):
+            h = torch.tanh(h)
+        return self.body[2](h)
+
+
+def drop_and_regrow(out):
+    x, y = data(2048 * 10)
+    model = Spiky()
+
+    def on_eval(record):
+        model.tanhs = 8 if record["step"] == 2 else 0  # a spike for steps 3 and 4
+
+    result = train(model, (x, y), batch_size=2048, max_steps=10, eval_every=2, on_eval=on_eval,
+                   memory_limit=rss_bytes() + 450 * MiB, regrow_after=1, out_dir=out,
+                   progress=True)
+    return {"steps": result.steps, "micros": micros(out)}
+
+
+def eval_backoff(out):
+    x, y = data(512)
+    vx, vy = data(16384, seed=1)
+    model = wide()
+    result = train(model, (x, y), val_data=(vx, vy), batch_size=256, epochs=1,
+                   eval_batch_size=16384, memory_limit=rss_bytes() + 350 * MiB, out_dir=out,
+                   progress=True)
+    from batchfit.data import TensorSource
+    from batchfit.inputs import loss_for
+    source = TensorSource(vx, vy, shuffle=False)
+    smaller = evaluate(model, source, loss_for(source, None), 256)
+    return {"val_loss": result.final["val_loss"], "small_batch_val_loss": smaller["loss"],
+            "micros": micros(out)}
+
+
+def resume_run(out, steps, resume):
+    x, y = data(4096 * 4)
+    result = train(wide(), (x, y), batch_size=4096, max_steps=steps, memory_limit=rss_bytes()
+                   + 200 * MiB, regrow_after=0, checkpoint_dir=f"{out}/ckpt", out_dir=f"{out}/run",
+                   resume=resume, progress=True)
+    return {"params": result.params_sha256, "micros": micros(f"{out}/run")}
+
+
+def resume_first(out):
+    return resume_run(out, 2, False)
+
+
+def resume_second(out):
+    """The rest of the run, then (unlimited) the whole run at the micro-batch it ended at."""
+    answer = resume_run(out, 4, True)
+    x, y = data(4096 * 4)
+    whole = train(wide(), (x, y), batch_size=4096, max_steps=4, out_dir=f"{out}/whole",
+                  micro_batch_size=answer["micros"][-1])
+    return {**answer, "whole_params": whole.params_sha256}
+
+
+if __name__ == "__main__":
+    scenario, out = sys.argv[1], sys.argv[2]
+    print(json.dumps(globals()[scenario](out)))
+'''
+
+
+def _child(tmp_path: Path, scenario: str) -> tuple[dict, str]:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    done = subprocess.run(
+        [sys.executable, str(script), scenario, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cpu_only_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_a_step_out_of_memory_is_redone_smaller_and_ends_with_the_smaller_runs_weights(tmp_path):
+    answer, log = _child(tmp_path, "same_weights")
+    micros = answer["micros"]
+    assert answer["steps"] == len(micros) == 4  # every planned step trained
+    assert micros[0] < 4096 and len(set(micros)) == 1  # backed off at once, never regrown
+    # the same batches, the same steps: the weights of a run at that micro-batch from the start
+    assert answer["gap"] < 1e-6, answer
+    assert "out of memory at micro-batch 4096; continuing with 2048 (batch size stays 4096)" in log
+
+
+def test_a_memory_spike_drops_the_micro_batch_and_it_grows_back_after_clean_steps(tmp_path):
+    answer, log = _child(tmp_path, "drop_and_regrow")
+    micros = answer["micros"]
+    assert answer["steps"] == len(micros) == 10
+    assert micros[:2] == [2048, 2048]  # fits until the spike
+    assert micros[2] < 2048  # the spike: backed off
+    assert micros[-1] == 2048  # the spike gone: grown back to the configured micro-batch
+    assert "steps without running out of memory: trying micro-batch" in log
+
+
+def test_evaluation_backs_off_on_its_own(tmp_path):
+    answer, log = _child(tmp_path, "eval_backoff")
+    assert "out of memory while evaluating at batch 16384; continuing with 8192" in log
+    assert set(answer["micros"]) == {256}  # training itself never ran out of memory
+    assert answer["val_loss"] == pytest.approx(answer["small_batch_val_loss"], rel=1e-5)
+
+
+def test_a_resumed_run_continues_at_the_micro_batch_it_backed_off_to(tmp_path):
+    first, first_log = _child(tmp_path, "resume_first")
+    second, second_log = _child(tmp_path, "resume_second")
+    assert "out of memory at micro-batch 4096" in first_log
+    assert "out of memory" not in second_log  # the checkpoint kept the smaller micro-batch
+    assert len(second["micros"]) == 4 and len(set(second["micros"])) == 1
+    assert second["micros"][:2] == first["micros"]
+    # bitwise the run that used that micro-batch from the start
+    assert second["params"] == second["whole_params"]
+    saved = torch.load(tmp_path / "out" / "ckpt" / "last.pt", weights_only=True)
+    assert saved["backoff"] == {
+        "micro_batch_size": second["micros"][-1],
+        "eval_batch_size": 4096,
+        "regrow_step": None,
+    }
