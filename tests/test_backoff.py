@@ -9,6 +9,7 @@ samples do not fit in a couple of hundred MiB above what the process already hol
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cpu_only_env
+from helpers import cpu_only_env, run_cli
 
 CHILD = r'''
 import csv, json, sys
@@ -189,3 +190,87 @@ def test_a_resumed_run_continues_at_the_micro_batch_it_backed_off_to(tmp_path):
         "eval_batch_size": 4096,
         "regrow_step": None,
     }
+
+
+MODELS = """
+import torch
+from torch import nn
+
+
+def hungry():
+    # ~40 KiB of activations per sample kept for backward, little arithmetic
+    return nn.Sequential(
+        nn.Linear(16, 2048), nn.Tanh(), nn.Sigmoid(), nn.Tanh(), nn.Sigmoid(), nn.Linear(2048, 10)
+    )
+
+
+class Hog(nn.Module):
+    # From its third training pass on, every pass needs 1.2 GB, whatever the micro-batch.
+    def __init__(self):
+        super().__init__()
+        self.body, self.passes = nn.Linear(16, 10), 0
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            self.passes += 1
+            if self.passes > 2:
+                torch.empty(300_000_000)
+        return self.body(x)
+
+
+def hog():
+    return Hog()
+"""
+
+
+def _parquet(path: Path, rows: int) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, 16, generator=g), torch.randint(0, 10, (rows,), generator=g)
+    columns = {f"f{i}": x[:, i].numpy() for i in range(16)} | {"y": y.numpy()}
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def _train_cli(tmp_path: Path, model: str, rows: int, *extra: str):
+    (tmp_path / "models.py").write_text(MODELS)
+    data = _parquet(tmp_path / "big.parquet", rows)
+    args = ["train", "--model", f"{tmp_path / 'models.py'}:{model}", "--data", str(data)]
+    args += ["--target", "y", "--device", "cpu", "--out", str(tmp_path / "run"), *extra]
+    return run_cli(args, cwd=tmp_path)
+
+
+def _micro_column(out: Path) -> list[int]:
+    with (out / "metrics.csv").open() as f:
+        return [int(row["micro_batch_size"]) for row in csv.DictReader(f)]
+
+
+def test_the_command_line_trains_every_step_of_a_batch_that_does_not_fit(tmp_path):
+    """The issue's command: a batch of 32768 under --memory-limit 1500MB trains every step."""
+    done = _train_cli(
+        tmp_path, "hungry", 32768, "--batch-size", "32768", "--memory-limit", "1500MB",
+        "--epochs", "2", "--val-fraction", "0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    micros = _micro_column(tmp_path / "run")
+    assert len(micros) == 2 and micros[0] < 32768  # both steps, at a micro-batch that fits
+    log = " ".join(done.stderr.split())  # the progress display wraps long lines
+    said = "out of memory at micro-batch 32768; continuing with 16384 (batch size stays 32768)"
+    assert said in log
+
+
+def test_one_sample_that_does_not_fit_stops_with_one_line_and_the_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    done = _train_cli(
+        tmp_path, "hog", 256, "--batch-size", "64", "--epochs", "1", "--memory-limit",
+        "1000MB", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--val-fraction", "0",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    error = done.stderr.strip().splitlines()[-1]  # errors are printed unwrapped, on one line
+    assert error.startswith("batchfit") and "Out of memory at micro-batch 1" in error
+    assert "raise --memory-limit above" in error and "smaller model" in error
+    assert "checkpoint saved to" in error and "Once more memory is allowed, resume with" in error
+    assert (ckpt / "last.pt").exists()
+    assert "Traceback" not in done.stderr
