@@ -274,3 +274,54 @@ def test_one_sample_that_does_not_fit_stops_with_one_line_and_the_checkpoint(tmp
     assert "checkpoint saved to" in error and "Once more memory is allowed, resume with" in error
     assert (ckpt / "last.pt").exists()
     assert "Traceback" not in done.stderr
+
+
+def test_a_checkpoint_from_before_back_off_resumes_at_the_configured_sizes(tmp_path):
+    from batchfit import train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 8, generator=g), torch.randint(0, 3, (256,), generator=g)
+
+    def run(steps: int, folder: str, resume: bool = False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        return train(model, (x, y), batch_size=32, micro_batch_size=16, max_steps=steps,
+                     checkpoint_dir=tmp_path / folder, resume=resume)  # fmt: skip
+
+    whole = run(6, "whole")
+    run(3, "old")
+    path = tmp_path / "old" / "last.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["backoff"], saved["checksum"]  # as written before back-off existed
+    torch.save(saved, path)
+    resumed = run(6, "old", resume=True)
+    assert resumed.resumed_from_step == 3
+    assert resumed.params_sha256 == whole.params_sha256
+    assert torch.load(path, weights_only=True)["backoff"]["micro_batch_size"] == 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_allocator_cap_is_met_and_every_step_trains(tmp_path, capfd):
+    """The allocator's own OutOfMemoryError at memory_limit (its per-process memory fraction):
+    each step of 16384 samples needs several GiB of activations; 2 GiB hold far fewer."""
+    from batchfit import train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16384, 64, generator=g), torch.randint(0, 10, (16384,), generator=g)
+
+    def wide() -> torch.nn.Module:
+        torch.manual_seed(0)
+        layers = (torch.nn.Linear(64, 65536), torch.nn.ReLU(), torch.nn.Linear(65536, 10))
+        return torch.nn.Sequential(*layers)
+
+    capped = wide()
+    result = train(capped, (x, y), batch_size=16384, max_steps=3, device="cuda",
+                   memory_limit=2 * 2**30, regrow_after=0, out_dir=tmp_path / "capped",
+                   progress=True)  # fmt: skip
+    micros = _micro_column(tmp_path / "capped")
+    assert result.steps == len(micros) == 3 and micros[0] < 16384 and len(set(micros)) == 1
+    assert "out of memory at micro-batch 16384; continuing with 8192" in capfd.readouterr().err
+    plain = wide()
+    train(plain, (x, y), batch_size=16384, max_steps=3, device="cuda", micro_batch_size=micros[0])
+    for p, q in zip(capped.parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5)
