@@ -325,3 +325,36 @@ def test_on_cuda_the_allocator_cap_is_met_and_every_step_trains(tmp_path, capfd)
     train(plain, (x, y), batch_size=16384, max_steps=3, device="cuda", micro_batch_size=micros[0])
     for p, q in zip(capped.parameters(), plain.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_out_of_memory_in_the_optimizers_update_is_not_redone_but_a_one_line_error(tmp_path):
+    """Adam's first update allocates two copies of the 4096 x 4096 weights (128 MiB): past the
+    limit there, while forward and backward fit. That step cannot be redone (the update may have
+    moved some parameters), and a smaller micro-batch would not shrink the optimizer's state."""
+    (tmp_path / "models.py").write_text(
+        "from torch import nn\n\ndef heavy():\n    return nn.Sequential(nn.Linear(16, 4096), "
+        "nn.Linear(4096, 4096), nn.Linear(4096, 10))\n"
+    )
+    data = _parquet(tmp_path / "small.parquet", 256)
+    ckpt = tmp_path / "ckpt"
+    args = ["train", "--model", f"{tmp_path / 'models.py'}:heavy", "--data", str(data)]
+    args += ["--target", "y", "--device", "cpu", "--batch-size", "64", "--epochs", "1"]
+    args += ["--val-fraction", "0", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "o")]
+    limit = _baseline_mib(args, tmp_path) + 100  # room for gradients (64 MiB), not Adam's 128
+    done = run_cli([*args, "--memory-limit", f"{limit}MiB"], cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    error = done.stderr.strip().splitlines()[-1]
+    assert "Out of memory in the optimizer's update at step 1" in error
+    assert "raise --memory-limit above" in error and "Traceback" not in done.stderr
+    assert "continuing with" not in done.stderr  # never redone
+    assert "without saving this step" in error and not (ckpt / "last.pt").exists()
+
+
+def _baseline_mib(args: list[str], cwd: Path) -> int:
+    """What ``batchfit train`` holds before its first step, in MiB: read from the refusal of a
+    limit that leaves no room (the smallest the option takes)."""
+    done = run_cli([*args, "--memory-limit", "1MiB"], cwd=cwd)
+    assert done.returncode == 2 and "leaves no room" in done.stderr, done.stderr[-2000:]
+    held = done.stderr.split("this process holds ")[1].split(" (")[0]
+    number, unit = held.split()
+    return int(float(number) * {"MiB": 1, "GiB": 1024}[unit]) + 1

@@ -44,26 +44,42 @@ from batchfit.step import evaluate, has_batch_norm, smallest_trainable_size, tra
 _OPTIMIZER_CODE = f"{os.sep}torch{os.sep}optim{os.sep}"
 
 
+class UpdateOutOfMemory(BatchfitError):
+    """Out of memory in the optimizer's update. Some parameters may have moved already, so the
+    step is not redone and this state is not checkpointed (the last checkpoint stays); a smaller
+    micro-batch would not shrink the optimizer's state anyway."""
+
+    resume_when = "more memory is allowed"
+
+    def __init__(self, run: RunState, setup: Setup) -> None:
+        super().__init__(
+            f"Out of memory in the optimizer's update at step {run.position.step + 1} (its state "
+            f"grows with the parameters, not the micro-batch); {_the_fix(setup)} Training "
+            f"stopped without saving this step; the last checkpoint, if any, is kept."
+        )
+
+
 @contextlib.contextmanager
 def memory_limited(setup: Setup, backoff: Backoff) -> Iterator[None]:
     """Train within ``memory_limit`` (nothing changes without one): on CUDA the allocator's cap;
     on the CPU the process may map at most the limit less the memory it holds now
     (``RLIMIT_AS``), measured again by ``backoff.make_room`` at every back-off and regrow, as
     ``tune`` measures before each trial (mapped but unused address space, such as a new thread's
-    malloc arena, would otherwise count against the limit for the rest of the run)."""
+    malloc arena, would otherwise count against the limit for the rest of the run).
+    ``backoff.lift_limit`` ends the limit early: a run that stops for want of memory still needs
+    some to save its checkpoint and say why."""
     limit = setup.config.memory_limit
     if limit is None:
         yield
-        return
-    if setup.device.type == "cuda":
-        with device_memory_cap(limit, setup.device):
-            yield
         return
     with contextlib.ExitStack() as held_limit:
 
         def make_room() -> None:
             held_limit.close()  # the previous limit back, then the new one from here
-            release_memory(collect=True)
+            release_memory(setup.device, collect=True)
+            if setup.device.type == "cuda":
+                held_limit.enter_context(device_memory_cap(limit, setup.device))
+                return
             held = rss_bytes()
             if held >= limit:
                 raise BatchfitError(
@@ -74,11 +90,11 @@ def memory_limited(setup: Setup, backoff: Backoff) -> Iterator[None]:
             held_limit.enter_context(address_space_limit(limit - held))
 
         make_room()
-        backoff.make_room = make_room
+        backoff.make_room, backoff.lift_limit = make_room, held_limit.close
         try:
             yield
         finally:
-            backoff.make_room = _unlimited
+            backoff.make_room = backoff.lift_limit = _unlimited
 
 
 def _unlimited() -> None:
@@ -91,14 +107,18 @@ def back_off(
     """Redo the step that raised ``exc`` on the batch ``(x, y)`` with half the micro-batch, again
     while it runs out of memory; return ``(loss, iterations)`` as the step loop keeps them.
 
-    Anything but an out-of-memory error in the forward or backward pass is re-raised as it is.
-    Raises :class:`~batchfit.errors.BatchfitError` when the smallest trainable micro-batch does not
-    fit (the caller saves the checkpoint of the last completed step)."""
+    Anything but an out-of-memory error is re-raised as it is. Raises
+    :class:`~batchfit.errors.BatchfitError` when the smallest trainable micro-batch does not fit,
+    or the optimizer's update (which cannot be redone) ran out of memory; the caller saves the
+    checkpoint of the last completed step."""
     state, size = run.backoff, len(y)
     floor = smallest_trainable_size(setup.model)
     while True:
-        if not is_out_of_memory(exc) or _in_optimizer_update(exc):
+        if not is_out_of_memory(exc):
             raise exc
+        if _in_optimizer_update(exc):
+            state.lift_limit()
+            raise UpdateOutOfMemory(run, setup) from None
         failed = min(state.micro_batch_size, size)
         exc.__traceback__ = None  # its frames hold the failed pass's activations
         del exc
@@ -106,6 +126,7 @@ def back_off(
         release_memory(setup.device, collect=True)
         state.make_room()
         if failed <= floor:
+            state.lift_limit()
             raise _nothing_fits(run, setup, failed)
         smaller = _half(failed, size, has_batch_norm(setup.model))
         _use_micro_batch(run, setup, smaller)
@@ -159,6 +180,7 @@ def evaluate_within_memory(run: RunState, setup: Setup) -> dict[str, float]:
         release_memory(setup.device, collect=True)
         state.make_room()
         if failed <= 1:
+            state.lift_limit()
             raise BatchfitError(
                 f"Evaluation ran out of memory even one sample at a time after step "
                 f"{run.position.step}; {_the_fix(setup)}"

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
-from batchfit.loop.backoff import back_off, regrow, watch_step
+from batchfit.loop.backoff import UpdateOutOfMemory, back_off, regrow, watch_step
 from batchfit.loop.events import (
     flush_metrics,
     save,
@@ -61,7 +61,7 @@ def train_epoch(run: RunState, setup: Setup, bar: TrainProgress, stop: StopSigna
             finished = ran_out or _covered_the_data(setup, pos)
         flush_metrics(run)
         bar.update(pos.step - first_step, run.metrics.last_loss, run.metrics.last_samples_per_s)
-    except (NonFiniteLossError, TrainingInterrupted):
+    except (NonFiniteLossError, TrainingInterrupted, UpdateOutOfMemory):
         raise
     except BatchfitError as exc:  # bad data met mid-epoch: keep what was trained, then stop
         raise saved_before_stopping(exc, pos, save(run, setup)) from None

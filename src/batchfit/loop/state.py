@@ -52,6 +52,8 @@ class Backoff:
     #: Measures the room under ``memory_limit`` again (after memory was freed); see
     #: :func:`batchfit.loop.backoff.memory_limited`.
     make_room: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
+    #: Ends ``memory_limit`` early, for a run that stops for want of memory.
+    lift_limit: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, int | None]:
         """What a checkpoint keeps, so a resumed run continues with the same sizes."""
