@@ -358,3 +358,31 @@ def _baseline_mib(args: list[str], cwd: Path) -> int:
     held = done.stderr.split("this process holds ")[1].split(" (")[0]
     number, unit = held.split()
     return int(float(number) * {"MiB": 1, "GiB": 1024}[unit]) + 1
+
+
+def test_a_regrow_due_at_the_checkpointed_step_is_made_before_the_resumed_runs_first_step(
+    tmp_path,
+):
+    """A checkpoint saved at the step a regrow fell due (here written as if the run had backed off
+    to 8 of 32 and was due to try 16 after step 3): the resumed run tries 16 from its first step,
+    as the uninterrupted run did, then 32 after ``regrow_after`` more steps."""
+    from batchfit import train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 8, generator=g), torch.randint(0, 3, (256,), generator=g)
+
+    def run(steps: int, resume: bool = False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        folders = {"checkpoint_dir": tmp_path / "ckpt", "out_dir": tmp_path / "run"}
+        return train(model, (x, y), batch_size=32, max_steps=steps, regrow_after=2,
+                     resume=resume, **folders)  # fmt: skip
+
+    run(3)
+    path = tmp_path / "ckpt" / "last.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["backoff"] = {"micro_batch_size": 8, "eval_batch_size": 1024, "regrow_step": 3}
+    del saved["checksum"]
+    torch.save(saved, path)
+    run(7, resume=True)
+    assert _micro_column(tmp_path / "run") == [32, 32, 32, 16, 16, 32, 32]

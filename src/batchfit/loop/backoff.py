@@ -157,10 +157,17 @@ def regrow(run: RunState, setup: Setup) -> None:
     state.make_room()
 
 
-def watch_step(run: RunState, last_step: int) -> int:
-    """The next step at which the step loop must look up: the last step, or a regrow before it."""
-    regrow_step = run.backoff.regrow_step
-    return last_step if regrow_step is None else min(last_step, regrow_step)
+def watch_step(run: RunState, setup: Setup) -> int:
+    """The next step at which the step loop must look up: the last step, or a regrow before it.
+    A regrow already due (a checkpoint saved at the step it fell due) is made now, so a resumed
+    run continues at the micro-batch the uninterrupted one used."""
+    last_step, regrow_step = setup.last_step, run.backoff.regrow_step
+    if regrow_step is None:
+        return last_step
+    if regrow_step <= run.position.step:
+        regrow(run, setup)
+        return watch_step(run, setup)
+    return min(last_step, regrow_step)
 
 
 def evaluate_within_memory(run: RunState, setup: Setup) -> dict[str, float]:

@@ -102,9 +102,9 @@ def _train_steps(
     Each step appends ``(step, batch size, loss, seconds)`` to the metrics log; checkpoints and
     evaluation are not counted in the seconds."""
     model, optimizer, loss_fn = setup.model, setup.optimizer, setup.loss.fn
+    watch = watch_step(run, setup)  # the last step, or an out-of-memory regrow before it
     micro, device = run.backoff.micro_batch_size, setup.device
     on_cpu, last_step = device.type == "cpu", setup.last_step
-    watch = watch_step(run, last_step)  # the last step, or an out-of-memory regrow before it
     checkpoint_every, eval_every = setup.config.checkpoint_every, setup.config.eval_every
     pos, metrics, clock = run.position, run.metrics, time.perf_counter
     add_row = metrics.pending.append  # MetricsLog.flush empties this list in place
@@ -126,7 +126,7 @@ def _train_steps(
         except Exception as exc:  # out of memory: the same batch again, smaller micro-batches
             loss_value = None  # the failed pass's graph
             loss_value, parts = back_off(exc, run, setup, x, y)
-            micro, watch = run.backoff.micro_batch_size, watch_step(run, last_step)
+            micro, watch = run.backoff.micro_batch_size, watch_step(run, setup)
         size = len(y)
         pos.step += 1
         pos.iterations += parts
@@ -153,7 +153,7 @@ def _train_steps(
             if pos.step >= last_step:
                 return False
             regrow(run, setup)
-            micro, watch = run.backoff.micro_batch_size, watch_step(run, last_step)
+            micro, watch = run.backoff.micro_batch_size, watch_step(run, setup)
     return True
 
 
