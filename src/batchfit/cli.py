@@ -299,7 +299,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_SIGNAL.get(exc.signal_name, 1)
     except BatchfitError as exc:
         if exc.checkpoint_path:  # bad data met while training: fix it, then continue from there
-            exc.args = (f"{exc} Once the data is fixed, resume with: {_resume_command(args)}",)
+            fixed = getattr(exc, "resume_when", "the data is fixed")
+            exc.args = (f"{exc} Once {fixed}, resume with: {_resume_command(args)}",)
         raise
     except Exception as exc:  # the user's code raised: their frames, where it stopped, how to go on
         report = describe_user_failure(exc)
@@ -575,6 +576,21 @@ COMMANDS: dict[str, Command] = {
                     "drop_last",
                     "steps_per_epoch",
                     "eval_batch_size",
+                ),
+            ),
+            Group(
+                "memory",
+                (
+                    (
+                        "memory_limit",
+                        {
+                            "help": "peak memory allowed, e.g. 1500MB (on CPU the whole process, "
+                            "enforced as an address-space limit; on CUDA the allocator's cap); "
+                            "a step that runs out of memory is redone with half the micro-batch "
+                            "(default: no limit; out-of-memory errors still back off)"
+                        },
+                    ),
+                    "regrow_after",
                 ),
             ),
             Group("optimizer", ("optimizer", "lr", "momentum", "weight_decay")),

@@ -95,6 +95,8 @@ class TrainConfig(Config):
     seed: int = _option("seed")
     eval_batch_size: int | None = _option("eval_batch_size")
     eval_every: int | None = _option("eval_every")
+    memory_limit: int | None = _option("memory_limit")
+    regrow_after: int = _option("regrow_after")
     checkpoint_dir: Any = _option("checkpoint_dir")
     checkpoint_every: int | None = _option("checkpoint_every")
     resume: bool = _option("resume")

@@ -159,6 +159,13 @@ OPTIONS: dict[str, Option] = _rows(
         help="batch size for validation (default max(micro-batch, 1024))",
     ),
     Option("eval_every", Int(1), help="also validate every this many steps"),
+    Option(
+        "regrow_after",
+        Int(0),
+        100,
+        "after an out-of-memory back-off, try twice the micro-batch (up to the configured one) "
+        "after this many clean steps (default 100; 0: never)",
+    ),
     # -- optimizer and learning rate
     Option(
         "optimizer",

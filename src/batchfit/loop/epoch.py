@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from batchfit.data.source import Batch, BatchSource
 from batchfit.distributed import ddp_train_step
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
+from batchfit.loop.backoff import UpdateOutOfMemory, back_off, regrow, watch_step
 from batchfit.loop.events import (
     flush_metrics,
     save,
@@ -61,7 +62,7 @@ def train_epoch(run: RunState, setup: Setup, bar: TrainProgress, stop: StopSigna
             finished = ran_out or _covered_the_data(setup, pos)
         flush_metrics(run)
         bar.update(pos.step - first_step, run.metrics.last_loss, run.metrics.last_samples_per_s)
-    except (NonFiniteLossError, TrainingInterrupted):
+    except (NonFiniteLossError, TrainingInterrupted, UpdateOutOfMemory):
         raise
     except BatchfitError as exc:  # bad data met mid-epoch: keep what was trained, then stop
         raise saved_before_stopping(exc, pos, save(run, setup)) from None
@@ -102,7 +103,8 @@ def _train_steps(
     Each step appends ``(step, batch size, loss, seconds)`` to the metrics log; checkpoints and
     evaluation are not counted in the seconds."""
     model, optimizer, loss_fn = setup.model, setup.optimizer, setup.loss.fn
-    micro, device = setup.micro_batch_size, setup.device
+    watch = watch_step(run, setup)  # the last step, or an out-of-memory regrow before it
+    micro, device = run.backoff.micro_batch_size, setup.device
     on_cpu, last_step = device.type == "cpu" and setup.ddp is None, setup.last_step
     step_fn = train_step
     if setup.ddp is not None:  # several processes: each its share, one all-reduce per step
@@ -112,18 +114,23 @@ def _train_steps(
     add_row = metrics.pending.append  # MetricsLog.flush empties this list in place
     next_flush, t_last = clock() + FLUSH_SECONDS, clock_start
     for x, y in batches:
-        if on_cpu and len(y) <= micro:
-            # train_step's one-micro-batch case, written out: at batch size 1 the call alone
-            # cost ~1% of throughput (benchmarks/loop_overhead.py).
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = loss_fn(model(x), y)
-            loss_value.backward()
-            optimizer.step()
-            loss_value, parts = loss_value.item(), 1
-        else:
-            loss_value, parts = step_fn(model, optimizer, loss_fn, x, y, micro, device)
-            if on_cpu:  # nothing to sync on the CPU, and a float is cheaper to keep
-                loss_value = loss_value.item()
+        try:  # free until something raises (Python 3.11+)
+            if on_cpu and len(y) <= micro:
+                # train_step's one-micro-batch case, written out: at batch size 1 the call alone
+                # cost ~1% of throughput (benchmarks/loop_overhead.py).
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = loss_fn(model(x), y)
+                loss_value.backward()
+                optimizer.step()
+                loss_value, parts = loss_value.item(), 1
+            else:
+                loss_value, parts = step_fn(model, optimizer, loss_fn, x, y, micro, device)
+                if on_cpu:  # nothing to sync on the CPU, and a float is cheaper to keep
+                    loss_value = loss_value.item()
+        except Exception as exc:  # out of memory: the same batch again, smaller micro-batches
+            loss_value = None  # the failed pass's graph
+            loss_value, parts = back_off(exc, run, setup, x, y)
+            micro, watch = run.backoff.micro_batch_size, watch_step(run, setup)
         size = len(y)
         pos.step += 1
         pos.iterations += parts
@@ -146,8 +153,11 @@ def _train_steps(
             if run.stop_requested:
                 return False
             t_last = clock()
-        if pos.step >= last_step:
-            return False
+        if pos.step >= watch:
+            if pos.step >= last_step:
+                return False
+            regrow(run, setup)
+            micro, watch = run.backoff.micro_batch_size, watch_step(run, setup)
     return True
 
 

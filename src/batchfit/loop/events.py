@@ -15,9 +15,9 @@ from batchfit.core.options import opt, opt_value
 from batchfit.distributed import is_main
 from batchfit.errors import BatchfitError, NonFiniteLossError, user_code_failed
 from batchfit.files import atomic_open
+from batchfit.loop.backoff import evaluate_within_memory
 from batchfit.loop.checks import check_finite_parameters
 from batchfit.loop.state import Position, RunState, Setup, checkpoint_state
-from batchfit.step import evaluate
 
 
 def flush_metrics(run: RunState) -> None:
@@ -80,9 +80,7 @@ def validate(run: RunState, setup: Setup) -> dict[str, float]:
         "train_seconds": run.train_seconds,
     }
     if setup.val_source is not None:
-        values = evaluate(
-            setup.model, setup.val_source, setup.loss, setup.eval_batch_size, setup.device
-        )
+        values = evaluate_within_memory(run, setup)
         record.update({f"val_{key}": value for key, value in values.items()})
     run.evals.append(record)
     if setup.on_eval is not None and setup.on_eval(dict(record)):

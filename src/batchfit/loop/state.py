@@ -4,7 +4,8 @@
 :class:`RunState` changes with every step (position, history, evaluations, training seconds, the
 metrics log, the newest checkpoint, a request to stop). A checkpoint holds the model, the
 optimizer, every generator and the parts of :class:`RunState` that a resumed run needs, under the
-keys written by :func:`checkpoint_state` and read by :func:`restore_run` (checkpoint format 1).
+keys written by :func:`checkpoint_state` and read by :func:`restore_run` (checkpoint format 1;
+``backoff`` was added later, and a checkpoint without it loads at the configured sizes).
 """
 
 from __future__ import annotations
@@ -36,6 +37,31 @@ class Position:
     step: int = 0
     iterations: int = 0
     samples_seen: int = 0
+
+
+@dataclass
+class Backoff:
+    """The sizes in use after out-of-memory back-offs (:mod:`batchfit.loop.backoff`): the training
+    micro-batch, the evaluation batch, and the step after which a larger micro-batch is tried again
+    (None: nothing to grow back to, or ``regrow_after`` is 0). ``log`` says each change once."""
+
+    micro_batch_size: int
+    eval_batch_size: int
+    regrow_step: int | None = None
+    log: Callable[[str], None] = field(default=lambda message: None, repr=False, compare=False)
+    #: Measures the room under ``memory_limit`` again (after memory was freed); see
+    #: :func:`batchfit.loop.backoff.memory_limited`.
+    make_room: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
+    #: Ends ``memory_limit`` early, for a run that stops for want of memory.
+    lift_limit: Callable[[], None] = field(default=lambda: None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, int | None]:
+        """What a checkpoint keeps, so a resumed run continues with the same sizes."""
+        return {
+            "micro_batch_size": self.micro_batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "regrow_step": self.regrow_step,
+        }
 
 
 @dataclass(frozen=True)
@@ -78,6 +104,8 @@ class RunState:
     last_checkpoint: tuple[int, str] | None = None
     #: on_eval asked to stop, or a stream ran dry before its epoch ended.
     stop_requested: bool = False
+    #: The micro-batch sizes in use; None until :func:`fresh_run` or :func:`restore_run` sets it.
+    backoff: Backoff | None = None
     samples_at_start: int = field(init=False)
     train_seconds_at_start: float = field(init=False)
 
@@ -98,7 +126,13 @@ def checkpoint_state(run: RunState, setup: Setup) -> dict[str, Any]:
         "train_seconds": run.train_seconds,
         "epoch_loss": [run.metrics.epoch_loss_sum, run.metrics.epoch_samples],
         "settings": setup.settings,
+        "backoff": run.backoff.to_dict(),
     }
+
+
+def fresh_run(setup: Setup, metrics: MetricsLog) -> RunState:
+    """The state of a run that starts at step 0, at the configured sizes."""
+    return RunState(metrics, backoff=Backoff(setup.micro_batch_size, setup.eval_batch_size))
 
 
 def restore_run(saved: dict[str, Any], setup: Setup, metrics: MetricsLog) -> RunState:
@@ -108,6 +142,11 @@ def restore_run(saved: dict[str, Any], setup: Setup, metrics: MetricsLog) -> Run
     set_rng_state(saved["rng"])
     metrics.epoch_loss_sum, metrics.epoch_samples = saved["epoch_loss"]
     position = Position(**saved["position"])
+    # A checkpoint written before out-of-memory back-off existed has no "backoff": configured sizes
+    backoff = Backoff(setup.micro_batch_size, setup.eval_batch_size)
+    for key, value in saved.get("backoff", {}).items():
+        setattr(backoff, key, value)
+    metrics.micro_batch_size = backoff.micro_batch_size
     return RunState(
         metrics,
         position,
@@ -115,4 +154,5 @@ def restore_run(saved: dict[str, Any], setup: Setup, metrics: MetricsLog) -> Run
         list(saved["evals"]),
         saved["train_seconds"],
         resumed_from_step=position.step,
+        backoff=backoff,
     )

@@ -41,6 +41,7 @@ from batchfit.inputs import (
     loss_for,
     optimizer_options,
 )
+from batchfit.loop.backoff import memory_limited
 from batchfit.loop.checks import (
     check_batch_norm,
     check_output_paths,
@@ -50,7 +51,7 @@ from batchfit.loop.checks import (
 from batchfit.loop.epoch import continuing_batches, end_epoch, train_epoch
 from batchfit.loop.events import save, save_weights, validate_or_save, validation_values
 from batchfit.loop.signals import StopSignals
-from batchfit.loop.state import OnEval, Position, RunState, Setup, restore_run
+from batchfit.loop.state import OnEval, Position, RunState, Setup, fresh_run, restore_run
 from batchfit.losses import Loss, LossFn
 from batchfit.metrics import MetricsLog
 from batchfit.progress import TrainProgress
@@ -127,6 +128,11 @@ def train(
     - ``out_dir``: write ``metrics.csv``, one row per step, and the final weights as
       ``model.pt`` (a ``state_dict``: ``model.load_state_dict(torch.load(path,
       weights_only=True))``), its path in ``TrainResult.weights_path``;
+    - ``memory_limit``: bytes the run may use (CPU: the whole process, as an address-space limit;
+      CUDA: the allocator's cap). A step that runs out of memory, limit or not, is redone on the
+      same batch with half the micro-batch (the update is the same), and a larger one is tried
+      again after ``regrow_after`` steps (0: never); one sample that does not fit stops the run
+      with the checkpoint of the last completed step;
     - ``seed``, ``device``, ``drop_last``, ``eval_batch_size``, ``progress`` (bars on stderr).
 
     An exception from the user's code (their dataset, model or loss) stops training: the
@@ -152,12 +158,14 @@ def train(
         # restore or seed: continue the checkpointed run exactly, or start a reproducible one
         run = restore_or_seed(setup)
         bar = TrainProgress(config.progress and is_main())
+        run.backoff.log = bar.log
         announce(bar, setup, run)
         started = time.perf_counter()
         try:
-            epoch_ended = _train_epochs(run, setup, bar)
-            # finish: the final metrics (fresh ones if it stopped mid-epoch), the last checkpoint
-            return finish(run, setup, epoch_ended, started)
+            with memory_limited(setup, run.backoff):  # real: out of memory backs off
+                epoch_ended = _train_epochs(run, setup, bar)
+                # finish: the final metrics (fresh ones if stopped mid-epoch), the last checkpoint
+                return finish(run, setup, epoch_ended, started)
         except NonFiniteLossError as exc:
             exc.say_kept(_what_was_kept(run, config))
             raise
@@ -247,7 +255,7 @@ def restore_or_seed(setup: Setup) -> RunState:
         lr=setup.lr,
         resume_step=saved["position"]["step"] if saved is not None else None,
     )
-    return restore_run(saved, setup, metrics) if saved is not None else RunState(metrics)
+    return restore_run(saved, setup, metrics) if saved is not None else fresh_run(setup, metrics)
 
 
 def announce(bar: TrainProgress, setup: Setup, run: RunState) -> None:

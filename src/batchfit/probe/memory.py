@@ -40,8 +40,6 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import math
 import os
 import resource
@@ -49,7 +47,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
@@ -59,10 +57,18 @@ from torch import nn
 
 from batchfit.core import options
 from batchfit.core.options import opt
-from batchfit.core.units import MAX_SIZE, format_bytes
+from batchfit.core.units import format_bytes
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.losses import LossFn
+from batchfit.memory_limits import (  # the shared limits, still importable from here
+    address_space_limit,
+    device_memory_cap,
+    is_out_of_memory,
+    release_memory,
+    rss_bytes,
+)
+from batchfit.memory_limits import status_bytes as _status_bytes
 from batchfit.probe.harness import (
     Deadline,
     preserved,
@@ -80,30 +86,8 @@ BISECT_PRECISION = 1 / 16
 #: trial says nothing, and trials at small sizes are cheap.
 MIN_DOUBLINGS = 5
 
-#: Messages of out-of-memory errors that arrive as a plain RuntimeError (CPU allocator, cuBLAS).
-OOM_MESSAGES = (
-    "out of memory",
-    "can't allocate memory",
-    "not enough memory",
-    "CUBLAS_STATUS_ALLOC_FAILED",
-    "CUDNN_STATUS_ALLOC_FAILED",
-)
 #: What PyTorch raises when a child forked after autograd started its GPU threads runs backward.
 AUTOGRAD_FORK_ERROR = "autograd's threading in combination with fork"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True when ``exc`` means the allocator ran out of memory; the caller re-raises the rest.
-
-    >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried..."))
-    True
-    >>> is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    False
-    """
-    oom_type = getattr(torch, "OutOfMemoryError", None)
-    if isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type)):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MESSAGES)
 
 
 @dataclass(frozen=True)
@@ -193,22 +177,6 @@ def search_ceiling(
 # --- process memory (Linux /proc; elsewhere a conservative fallback) -------------------------
 
 
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now."""
-    return psutil.Process().memory_info().rss
-
-
 def _reset_peak() -> bool:
     """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS; False where unsupported."""
     try:
@@ -227,61 +195,6 @@ def _peak_bytes(reset_worked: bool) -> int:
     # Lifetime peak: never below the trial's own, so a trial judged to fit really fits.
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def release_memory(device: torch.device | None = None, *, collect: bool = False) -> None:
-    """Free what the last trial left: cached device blocks, glibc's free heap pages
-    (``malloc_trim``), which otherwise stay resident and look like growth, and with ``collect``
-    Python's cyclic garbage (an exception's traceback holds the failed trial's tensors)."""
-    if collect:
-        gc.collect()
-    if device is not None and device.type == "cuda":
-        torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@contextlib.contextmanager
-def address_space_limit(allowed_new_bytes: int) -> Iterator[bool]:
-    """Let this process map at most ``allowed_new_bytes`` more memory (``RLIMIT_AS``, Linux),
-    so that going over fails with the allocator's error; the previous limit is put back after.
-    Yields False where the limit cannot be set."""
-    vm = _status_bytes("VmSize")
-    if vm is None or not hasattr(resource, "RLIMIT_AS"):
-        yield False
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    new = min(vm + max(allowed_new_bytes, 0), MAX_SIZE)  # more would overflow setrlimit
-    if hard != resource.RLIM_INFINITY:
-        new = min(new, hard)
-    if soft != resource.RLIM_INFINITY and soft <= new:
-        yield True  # an existing limit is already tighter
-        return
-    resource.setrlimit(resource.RLIMIT_AS, (new, hard))
-    try:
-        yield True
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-@contextlib.contextmanager
-def device_memory_cap(limit_bytes: int, device: torch.device) -> Iterator[None]:
-    """Let PyTorch's CUDA allocator hold at most ``limit_bytes`` on ``device`` (its per-process
-    memory fraction), so that a trial going over ``memory_limit`` fails with the allocator's
-    real ``OutOfMemoryError``, as it would on a card of that size; the previous fraction is put
-    back after. A limit at or above the card's memory changes nothing."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    if limit_bytes >= total:
-        yield
-        return
-    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    previous = float(getter(device)) if getter is not None else 1.0
-    torch.cuda.set_per_process_memory_fraction(limit_bytes / total, device)
-    try:
-        yield
-    finally:
-        torch.cuda.set_per_process_memory_fraction(previous, device)
 
 
 def default_memory_limit() -> tuple[int, str]:
