@@ -22,7 +22,7 @@ from torch import nn
 
 from batchfit.core.configs import TrainConfig, TuneConfig
 from batchfit.core.options import opt, opt_value
-from batchfit.errors import BatchfitError
+from batchfit.errors import BatchfitError, without_batchfit_frames
 from batchfit.files import write_json, write_text
 from batchfit.inputs import optimizer_options
 from batchfit.loop.checks import check_output_paths
@@ -100,6 +100,23 @@ def train(
     options = optimizer_options(options, ("lr", "momentum", "weight_decay"))
     config = TrainConfig.build(config, **options)
     run = dict(val_data=val_data, loss=loss, on_eval=on_eval)
+    try:
+        return _tune_then_train(model, data, config, run, log, tune_options)
+    except Exception as exc:
+        if getattr(exc, "batchfit_step", None) is None:
+            raise
+        # the user's error: from here on up, their frames only (this call the one of ours)
+        raise exc.with_traceback(without_batchfit_frames(exc.__traceback__))  # noqa: B904
+
+
+def _tune_then_train(
+    model: nn.Module,
+    data: object,
+    config: TrainConfig,
+    run: dict[str, Any],
+    log: Log | None,
+    tune_options: Mapping[str, Any] | None,
+) -> TrainResult:
     if config.batch_size != AUTO:
         return train_batches(model, data, config=config, **run)
     say = log or (_to_stderr if config.progress else (lambda _: None))
@@ -112,7 +129,7 @@ def train(
             f"from {AUTO_FILE}); not tuning again"
         )
     else:
-        tuned = _tune(model, data, val_data, loss, config, say, tune_options or {})
+        tuned = _tune(model, data, run["val_data"], run["loss"], config, say, tune_options or {})
         choice = _choice_of(tuned)
         _save(choice, tuned, config)
         for line in choice.lines():
