@@ -565,6 +565,21 @@ COMMANDS: dict[str, Command] = {
             ),
             Group("optimizer", ("optimizer", "lr", "momentum", "weight_decay")),
             Group(
+                "adaptive batch size",
+                (
+                    "adaptive",
+                    "adapt_every",
+                    "min_batch_size",
+                    (
+                        "max_batch_size",
+                        {
+                            "help": "with {adaptive}: the largest batch size "
+                            "(default: the data set size)"
+                        },
+                    ),
+                ),
+            ),
+            Group(
                 "checkpoints and output",
                 (
                     "checkpoint_dir",

@@ -101,6 +101,10 @@ class TrainConfig(Config):
     out_dir: Any = _option("out_dir")
     device: Any = _option("device")
     progress: bool = _option("progress")
+    adaptive: bool = _option("adaptive")
+    adapt_every: int = _option("adapt_every")
+    min_batch_size: int | None = _option("min_batch_size")
+    max_batch_size: int | None = _option("max_batch_size")
 
 
 @dataclass(frozen=True)

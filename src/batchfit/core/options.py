@@ -144,6 +144,24 @@ OPTIONS: dict[str, Option] = _rows(
         help="batch size for validation (default max(micro-batch, 1024))",
     ),
     Option("eval_every", Int(1), help="also validate every this many steps"),
+    Option(
+        "adaptive",
+        Flag(),
+        False,
+        "let the batch size follow the gradient noise scale measured while training, within "
+        "{min_batch_size} and {max_batch_size}, rescaling {lr} (default off)",
+    ),
+    Option(
+        "adapt_every",
+        Int(1),
+        50,
+        "with {adaptive}: re-choose the batch size every this many steps (default 50)",
+    ),
+    Option(
+        "min_batch_size",
+        Int(1),
+        help="with {adaptive}: the smallest batch size (default 2)",
+    ),
     # -- optimizer and learning rate
     Option(
         "optimizer",

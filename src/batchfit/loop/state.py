@@ -76,6 +76,8 @@ class RunState:
     last_checkpoint: tuple[int, str] | None = None
     #: on_eval asked to stop, or a stream ran dry before its epoch ended.
     stop_requested: bool = False
+    #: With ``adaptive``: its :class:`~batchfit.loop.adaptive.AdaptiveRun` (None: off).
+    adaptive: Any = None
     samples_at_start: int = field(init=False)
     train_seconds_at_start: float = field(init=False)
 
@@ -96,7 +98,7 @@ def checkpoint_state(run: RunState, setup: Setup) -> dict[str, Any]:
         "train_seconds": run.train_seconds,
         "epoch_loss": [run.metrics.epoch_loss_sum, run.metrics.epoch_samples],
         "settings": setup.settings,
-    }
+    } | ({"adaptive": run.adaptive.to_checkpoint()} if run.adaptive is not None else {})
 
 
 def restore_run(saved: dict[str, Any], setup: Setup, metrics: MetricsLog) -> RunState:

@@ -13,6 +13,7 @@ state, so a run stopped at any step and resumed ends bitwise identical to an uni
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from batchfit.inputs import (
     loss_for,
     optimizer_name,
 )
+from batchfit.loop.adaptive import AdaptiveRun, batch_size_range
 from batchfit.loop.checks import (
     check_batch_norm,
     check_output_paths,
@@ -83,6 +85,8 @@ class TrainResult:
     checkpoint_path: str | None
     resumed_from_step: int | None
     weights_path: str | None = None
+    #: With ``adaptive``: the final batch size and lr, the noise scale, every change and why.
+    adaptive: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,6 +201,7 @@ def prepare(
     )
     the_plan, micro = _sizes(source.num_samples, config)
     check_stop_rule(config, source.num_samples)
+    batch_size_range(config, source.num_samples)  # refuses bad adaptive bounds now
     lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
     check_output_paths(config)
     loss = loss_for(source, loss)
@@ -242,7 +247,11 @@ def restore_or_seed(setup: Setup) -> RunState:
         lr=setup.lr,
         resume_step=saved["position"]["step"] if saved is not None else None,
     )
-    return restore_run(saved, setup, metrics) if saved is not None else RunState(metrics)
+    run = restore_run(saved, setup, metrics) if saved is not None else RunState(metrics)
+    if config.adaptive:
+        run.adaptive = AdaptiveRun(setup, saved.get("adaptive") if saved is not None else None)
+        metrics.lr = run.adaptive.lr
+    return run
 
 
 def announce(bar: TrainProgress, setup: Setup, run: RunState) -> None:
@@ -298,6 +307,7 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
         checkpoint_path=last,
         resumed_from_step=run.resumed_from_step,
         weights_path=save_weights(setup),
+        adaptive=run.adaptive.summary() if run.adaptive is not None else None,
     )
 
 
@@ -333,6 +343,8 @@ def _sizes(num_samples: int | None, config: TrainConfig) -> tuple[Plan | None, i
 
 
 def _last_step(config: TrainConfig, the_plan: Plan | None) -> int:
+    if config.adaptive:  # steps per epoch follow the batch size: epochs end by samples
+        return config.max_steps or sys.maxsize
     if config.steps_per_epoch is not None:
         return total_steps(config.steps_per_epoch, config.epochs, config.max_steps)
     return the_plan.total_steps if the_plan else config.max_steps
@@ -359,4 +371,8 @@ def _settings(config: TrainConfig, source: BatchSource, lr: float) -> dict[str, 
         "momentum": config.momentum if config.optimizer == "sgd" else None,
         "weight_decay": config.weight_decay,
         "data": source.fingerprint(),  # streamed or loaded, files, shuffle buffer, split
+        "adaptive": config.adaptive,
+        "adapt_every": config.adapt_every if config.adaptive else None,
+        "min_batch_size": config.min_batch_size,
+        "max_batch_size": config.max_batch_size,
     }
