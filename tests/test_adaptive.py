@@ -52,8 +52,9 @@ def test_noise_scale_measured_in_the_loop_agrees_with_the_probe_and_the_analytic
     probe = noise_scale(model, data, "mse", micro_batch_size=8, batches=100, accumulation=8)
     distance_sq = float((model.weight.detach().flatten() - true_weights()).square().sum())
     analytic = analytic_noise_scale(distance_sq)
-    assert 1 / 1.25 < measured / probe.b_simple < 1.25, (measured, probe.b_simple)
-    assert 1 / 1.25 < measured / analytic < 1.25, (measured, analytic)
+    # 10 readings (one step in 20) against 100 batches of the probe: a loose factor
+    assert 1 / 1.5 < measured / probe.b_simple < 1.5, (measured, probe.b_simple)
+    assert 1 / 1.5 < measured / analytic < 1.5, (measured, analytic)
 
 
 def test_batch_size_grows_as_the_noise_scale_grows_and_lr_follows_the_linear_rule(tmp_path):
@@ -139,6 +140,22 @@ def test_shrinks_when_the_noise_scale_is_below_the_batch_size(tmp_path):
     assert (first["step"], first["from"], first["to"]) == (10, 128, 64)
     assert "below the batch size 128: halving it" in first["reason"]
     assert min(c["to"] for c in r.adaptive["changes"]) >= 16
+
+
+def test_by_default_the_batch_never_goes_below_where_it_started():
+    x, y = blobs(600)  # the run above, without a floor: the noise scale asks for less than 128
+    r = train(
+        nn.Linear(4, 3),
+        (x * 3, y),
+        batch_size=128,
+        max_steps=60,
+        optimizer="sgd",
+        lr=0.05,
+        adaptive=True,
+        adapt_every=10,
+    )
+    assert r.adaptive["range"][0] == 128
+    assert all(c["to"] >= 128 for c in r.adaptive["changes"])
 
 
 def test_accounting_stays_exact_when_the_batch_changes_mid_epoch(tmp_path):
@@ -232,7 +249,7 @@ def test_the_default_is_off_and_unchanged():
     [
         (dict(adaptive=True, min_batch_size=64, max_batch_size=32), "is above"),
         (dict(adaptive=True, min_batch_size=16), "outside the adaptive range"),
-        (dict(adaptive=True, max_batch_size=4), "outside the adaptive range"),
+        (dict(adaptive=True, min_batch_size=2, max_batch_size=4), "outside the adaptive range"),
         (dict(adaptive=True, min_batch_size=1), ">= 2"),
         (dict(min_batch_size=4), "add adaptive=True"),
         (dict(adaptive=True, steps_per_epoch=5), "steps_per_epoch"),

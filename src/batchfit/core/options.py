@@ -160,7 +160,7 @@ OPTIONS: dict[str, Option] = _rows(
     Option(
         "min_batch_size",
         Int(1),
-        help="with {adaptive}: the smallest batch size (default 2)",
+        help="with {adaptive}: the smallest batch size (default: the starting {batch_size})",
     ),
     # -- optimizer and learning rate
     Option(

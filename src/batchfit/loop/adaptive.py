@@ -8,8 +8,11 @@ The measurement costs no extra samples: a step of several micro-batches already 
 micro-batch's gradient (the difference of the accumulated gradient before and after its backward
 pass); a step of one micro-batch runs it as two halves, two backward passes whose sum is the same
 mean gradient. The parts' squared norms and the whole batch's give unbiased ``|G|^2`` and
-``tr(Sigma)`` (:func:`batchfit.core.adaptive.step_terms`), averaged over about ``adapt_every``
-steps. Every ``adapt_every`` steps the batch size is chosen again
+``tr(Sigma)`` (:func:`batchfit.core.adaptive.step_terms`). One step in ``adapt_every // 10`` is
+measured (its extra pass is what the measurement costs), and the readings are averaged over about
+the last 10, one ``adapt_every`` period.
+
+Every ``adapt_every`` steps the batch size is chosen again
 (:func:`batchfit.core.adaptive.next_batch_size`), the learning rate rescaled from the starting
 ``(batch_size, lr)`` by the optimizer's rule (linear for sgd, sqrt for adam/adamw), and the
 epoch's batches restart from the sample the run is at, so steps, epochs and samples seen stay
@@ -33,15 +36,23 @@ from batchfit.core.options import opt, opt_value
 from batchfit.data.source import Batch
 from batchfit.errors import BatchfitError
 from batchfit.loop.events import flush_metrics
-from batchfit.step import smallest_trainable_size
+from batchfit.step import smallest_trainable_size, train_step
 
 #: The most a stream of unknown length lets the batch size grow without a ``max_batch_size``.
 STREAM_GROWTH = 64
+#: Noise readings per ``adapt_every`` steps (one step in ``adapt_every // READINGS`` is measured),
+#: and the moving averages' window, in readings. A measured step costs a second pass on a small
+#: model (benchmarks/adaptive.py); the others are plain steps.
+READINGS = 10
 
 
 def batch_size_range(config: TrainConfig, num_samples: int | None) -> tuple[int, int]:
-    """``(min, max)`` batch size of an adaptive run, checked: ``min_batch_size`` (default 2, the
-    least that splits in two), ``max_batch_size`` (default the data set size)."""
+    """``(min, max)`` batch size of an adaptive run, checked: ``min_batch_size`` (default the
+    starting batch size), ``max_batch_size`` (default the data set size).
+
+    Why the start is the default floor: the noise scale grows as training goes on, and with it the
+    batch that minimises the predicted time to a result; a start that ``tune`` chose was the
+    fastest for the noise scale at the start, so going below it would only lose throughput."""
     if not config.adaptive:
         for name in ("min_batch_size", "max_batch_size"):
             if getattr(config, name) is not None:
@@ -50,7 +61,7 @@ def batch_size_range(config: TrainConfig, num_samples: int | None) -> tuple[int,
                     f" or leave {opt(name)} out."
                 )
         return config.batch_size, config.batch_size
-    low = config.min_batch_size or min(2, config.batch_size)
+    low = config.min_batch_size or config.batch_size
     high = config.max_batch_size or num_samples or config.batch_size * STREAM_GROWTH
     if low < 2:
         raise BatchfitError(
@@ -89,6 +100,8 @@ class AdaptiveRun:
         self.setup = setup
         self.low, self.high = batch_size_range(config, setup.source.num_samples)
         self.every, self.rule = config.adapt_every, default_rule(config.optimizer)
+        self.measure_every = max(1, config.adapt_every // READINGS)
+        self.position: Any = None  # the run's Position, bound by batches()
         self.params = [p for p in setup.model.parameters() if p.requires_grad]
         self.smallest = smallest_trainable_size(setup.model)
         self.num_samples = setup.source.num_samples
@@ -96,7 +109,7 @@ class AdaptiveRun:
         self.batch_size: int = saved.get("batch_size", config.batch_size)
         self.lr: float = saved.get("lr", setup.lr)
         self.noise = NoiseAverage(**saved["noise"]) if "noise" in saved else None
-        self.noise = self.noise or NoiseAverage.start(config.adapt_every)
+        self.noise = self.noise or NoiseAverage.start(READINGS)
         self.decided_at: int = saved.get("decided_at", 0)
         self.changes: list[dict[str, Any]] = list(saved.get("changes", []))
 
@@ -122,22 +135,15 @@ class AdaptiveRun:
         }
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        """One optimizer update on ``(x, y)`` from its parts' gradients; adds the step's noise
-        terms to the averages. Returns (mean loss, parts)."""
+        """One optimizer update on ``(x, y)``; on every ``measure_every``-th step, from its parts'
+        gradients, adding the step's noise terms to the averages. Returns (mean loss, parts)."""
         setup = self.setup
-        model, optimizer, loss_fn, device = (
-            setup.model,
-            setup.optimizer,
-            setup.loss.fn,
-            setup.device,
-        )
+        model, optimizer, loss_fn = setup.model, setup.optimizer, setup.loss.fn
+        n, micro, device = len(y), setup.micro_batch_size, setup.device
+        if self.position.step % self.measure_every or n < 2 * self.smallest:
+            loss, parts = train_step(model, optimizer, loss_fn, x, y, micro, device)
+            return loss.item(), parts
         optimizer.zero_grad(set_to_none=True)
-        n, micro = len(y), setup.micro_batch_size
-        if n < 2 * self.smallest:  # too small to split: a plain step, nothing measured
-            loss = loss_fn(model(x.to(device)), y.to(device))
-            loss.backward()
-            optimizer.step()
-            return loss.item(), 1
         size = micro if n > micro else (n + 1) // 2
         total = torch.zeros((), device=device)
         norms, sizes, before, last = [], [], None, math.ceil(n / size) - 1
@@ -163,6 +169,7 @@ class AdaptiveRun:
         """The batches left in the epoch in progress, at the current batch size; when a decision
         changes it, the rest of the epoch restarts from the sample the run is at."""
         setup, pos = self.setup, run.position
+        self.position = pos
         self._decide_when_due(run, bar)  # a run resumed at a decision point decides first
         while True:
             batches = setup.source.batches(
