@@ -288,6 +288,7 @@ def test_cli_adaptive_logs_each_change_and_records_batch_size_and_lr(tmp_path):
     assert "step 20: batch size 8 -> 16, lr 0.02 (the noise scale" in done.stderr + done.stdout
     table = rows(out)
     assert {(int(r["batch_size"]), float(r["lr"])) for r in table[20:40]} == {(16, 0.02)}
+    assert "batch size" in done.stdout and "8 -> " in done.stdout  # the summary says where it went
 
 
 def test_cli_refuses_min_above_max_in_one_line():

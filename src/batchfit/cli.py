@@ -318,6 +318,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ]
     if result.checkpoint_path:
         rows.append(("checkpoint", result.checkpoint_path))
+    if result.adaptive is not None:  # where --adaptive took the batch, and why it stopped there
+        a = result.adaptive
+        rows.insert(
+            3,
+            (
+                "batch size",
+                f"{result.batch_size} -> {a['batch_size']}, lr {a['lr']:g} at the end "
+                f"({len(a['changes'])} changes; noise scale ~{a['b_noise']:,.0f})",
+            ),
+        )
     _print_table("batchfit train: done", rows)
     if result.weights_path:  # in full, never cut to the terminal's width: a user copies it
         print(
