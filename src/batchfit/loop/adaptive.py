@@ -8,9 +8,9 @@ The measurement costs no extra samples: a step of several micro-batches already 
 micro-batch's gradient (the difference of the accumulated gradient before and after its backward
 pass); a step of one micro-batch runs it as two halves, two backward passes whose sum is the same
 mean gradient. The parts' squared norms and the whole batch's give unbiased ``|G|^2`` and
-``tr(Sigma)`` (:func:`batchfit.core.adaptive.step_terms`). One step in ``adapt_every // 10`` is
+``tr(Sigma)`` (:func:`batchfit.core.adaptive.step_terms`). One step in ``adapt_every // 5`` is
 measured (its extra pass is what the measurement costs), and the readings are averaged over about
-the last 10, one ``adapt_every`` period.
+the last 10, two ``adapt_every`` periods.
 
 Every ``adapt_every`` steps the batch size is chosen again
 (:func:`batchfit.core.adaptive.next_batch_size`), the learning rate rescaled from the starting
@@ -40,10 +40,13 @@ from batchfit.step import smallest_trainable_size, train_step
 
 #: The most a stream of unknown length lets the batch size grow without a ``max_batch_size``.
 STREAM_GROWTH = 64
-#: Noise readings per ``adapt_every`` steps (one step in ``adapt_every // READINGS`` is measured),
-#: and the moving averages' window, in readings. A measured step costs a second pass on a small
-#: model (benchmarks/adaptive.py); the others are plain steps.
-READINGS = 10
+#: Noise readings per ``adapt_every`` steps: one step in ``adapt_every // READINGS`` is measured,
+#: the others are plain steps. A measured step of one micro-batch costs ~30-50% more on a small
+#: CPU model (two passes on halves), so measuring one step in 10 keeps the cost near 3%
+#: (benchmarks/adaptive.py).
+READINGS = 5
+#: The moving averages' window, in readings: the last two ``adapt_every`` periods.
+WINDOW = 2 * READINGS
 
 
 def batch_size_range(config: TrainConfig, num_samples: int | None) -> tuple[int, int]:
@@ -109,7 +112,7 @@ class AdaptiveRun:
         self.batch_size: int = saved.get("batch_size", config.batch_size)
         self.lr: float = saved.get("lr", setup.lr)
         self.noise = NoiseAverage(**saved["noise"]) if "noise" in saved else None
-        self.noise = self.noise or NoiseAverage.start(READINGS)
+        self.noise = self.noise or NoiseAverage.start(WINDOW)
         self.decided_at: int = saved.get("decided_at", 0)
         self.changes: list[dict[str, Any]] = list(saved.get("changes", []))
 
