@@ -182,6 +182,16 @@ def test_accounting_stays_exact_when_the_batch_changes_mid_epoch(tmp_path):
     assert r.epochs_completed == 3 and [h["step"] for h in r.history][-1] == r.steps
 
 
+def test_a_micro_batch_above_the_start_lets_the_batch_grow_in_one_pass(tmp_path):
+    data, _ = linreg()
+    kwargs = dict(batch_size=8, max_steps=150, optimizer="sgd", lr=0.01, adaptive=True)
+    grown = train(make_model(), data, micro_batch_size=64, adapt_every=25, **kwargs)
+    split = train(make_model(), data, adapt_every=25, **kwargs)  # micro-batch 8, the start
+    assert grown.adaptive["batch_size"] >= 64 and grown.micro_batch_size == 64
+    # one pass per step up to 64 (two on a measured step), against B/8 passes when split
+    assert grown.iterations <= 150 * 2 < split.iterations
+
+
 def test_max_steps_still_counts_steps():
     x, y = blobs(301)
     r = train(

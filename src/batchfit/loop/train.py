@@ -328,18 +328,24 @@ def _what_was_kept(run: RunState, config: TrainConfig) -> str:
 
 
 def _sizes(num_samples: int | None, config: TrainConfig) -> tuple[Plan | None, int]:
-    """The plan (on data of known length, checking the sizes against it) and the micro-batch."""
+    """The plan (on data of known length, checking the sizes against it) and the micro-batch.
+
+    With ``adaptive`` the micro-batch may exceed the starting batch size: it is the ceiling the
+    batch grows to in one pass before accumulation takes over."""
+    micro = config.micro_batch_size
+    above = config.adaptive and micro is not None and micro > config.batch_size
+    given = None if above else micro
     if num_samples is None:
-        return None, check_sizes(config.batch_size, config.micro_batch_size)
+        return None, micro if above else check_sizes(config.batch_size, given)
     the_plan = plan(
         num_samples,
         config.batch_size,
-        micro_batch_size=config.micro_batch_size,
+        micro_batch_size=given,
         epochs=config.epochs,
         max_steps=config.max_steps,
         drop_last=config.drop_last,
     )
-    return the_plan, the_plan.micro_batch_size
+    return the_plan, micro if above else the_plan.micro_batch_size
 
 
 def _last_step(config: TrainConfig, the_plan: Plan | None) -> int:
