@@ -140,7 +140,7 @@ def test_shrinks_when_the_noise_scale_is_below_the_batch_size(tmp_path):
     )
     first = r.adaptive["changes"][0]
     assert (first["step"], first["from"], first["to"]) == (10, 128, 64)
-    assert "below the batch size 128: halving it" in first["reason"]
+    assert "below half the batch size 128: halving it" in first["reason"]
     assert min(c["to"] for c in r.adaptive["changes"]) >= 16
 
 

@@ -7,13 +7,13 @@ at two sizes (its micro-batches, or two halves of a batch that has one, and the 
 :class:`NoiseAverage` keeps an exponential moving average of each of the two terms, as McCandlish
 et al. 2018 advise (the ratio of averages, not the average of ratios), over about ``window`` steps.
 
-Every ``adapt_every`` steps :func:`next_batch_size` re-chooses the batch size. With one device and
-a fixed micro-batch, a batch above the micro-batch runs as accumulation at the micro-batch's speed,
-so predicted time to a result ``T(B) = (B + B_noise) / samples_per_s(B)`` is smallest near the
-noise scale as long as throughput is flat in ``B``; the step times of one run are not reproducible,
-so the choice uses the noise scale alone: ``B_noise`` rounded to a power of two, clamped to
-``[min, max]``, moving at most one doubling or halving per decision (Smith et al. 2018 grow the
-batch in steps), which keeps a noisy estimate from swinging it.
+Every ``adapt_every`` steps :func:`next_batch_size` re-chooses the batch size, one doubling or
+halving at a time (Smith et al. 2018 grow the batch in steps), toward the noise scale: at
+``B = B_noise`` a run takes twice the fewest steps and twice the fewest examples (McCandlish et
+al.'s critical batch size), the balance between wasting the hardware and wasting samples. ``tune``'s
+model of time to a result also weighs throughput per batch size; a run's own step times are not
+reproducible (a resumed run must repeat the uninterrupted one bitwise), so here throughput enters
+only through where the run starts and ``min_batch_size``.
 
 Examples:
     >>> avg = NoiseAverage.start(window=4)
@@ -22,7 +22,7 @@ Examples:
     >>> round(avg.b_noise, 6)
     64.0
     >>> next_batch_size(64.0, current=16, low=2, high=1024)
-    (32, 'the noise scale ~64 is above the batch size 16: doubling it')
+    (32, 'the noise scale ~64 is at least twice the batch size 16: doubling it')
     >>> next_batch_size(20.0, current=16, low=2, high=1024)[0]
     16
 """
@@ -98,37 +98,42 @@ class NoiseAverage:
         return max(self.tr_sigma, 0.0) / self.g2
 
 
-def _power_of_two(value: float) -> int:
-    """The power of two nearest ``value`` in log scale."""
-    return 2 ** max(0, round(math.log2(max(value, 1.0))))
-
-
 def next_batch_size(b_noise: float, *, current: int, low: int, high: int) -> tuple[int, str]:
     """The batch size for the next ``adapt_every`` steps, and why, in words.
 
-    ``B_noise`` rounded to a power of two and clamped to ``[low, high]``, reached by at most one
-    doubling or halving from ``current`` (itself clamped first). Not measured (``nan``): no change.
+    Doubled when the noise scale is at least twice the batch (or unbounded), halved when it is at
+    most half of it, kept in between (a dead band, so an estimate that wobbles around a boundary
+    does not swing the batch back and forth); always within ``[low, high]``. Not measured
+    (``nan``): no change.
 
     >>> next_batch_size(float("inf"), current=600, low=2, high=1000)
     (1000, 'the noise scale is unbounded (no gradient signal resolved yet): raising it to 1000')
     >>> next_batch_size(3.0, current=64, low=8, high=1000)
-    (32, 'the noise scale ~3 is below the batch size 64: halving it')
+    (32, 'the noise scale ~3 is below half the batch size 64: halving it')
+    >>> next_batch_size(100.0, current=64, low=8, high=1000)
+    (64, 'the noise scale ~100 is within a factor 2 of the batch size 64: no change')
     """
     if math.isnan(b_noise):
         return current, "no noise scale measured yet"
-    target = high if math.isinf(b_noise) else min(max(_power_of_two(b_noise), low), high)
     start = min(max(current, low), high)
-    chosen = min(max(target, start // 2), start * 2)
-    chosen = min(max(chosen, low), high)
+    if b_noise >= 2 * start:  # inf included
+        chosen = min(2 * start, high)
+    elif b_noise <= start / 2:
+        chosen = max(start // 2, low)
+    else:
+        chosen = start
     if math.isinf(b_noise):
         said = "is unbounded (no gradient signal resolved yet)"
     else:
         said = f"~{b_noise:,.0f}" if b_noise >= 10 else f"~{b_noise:.2g}"
     if chosen > current:
         how = "doubling it" if chosen == 2 * current else f"raising it to {chosen}"
-        where = "" if math.isinf(b_noise) else f" is above the batch size {current}"
+        where = "" if math.isinf(b_noise) else f" is at least twice the batch size {current}"
         return chosen, f"the noise scale {said}{where}: {how}"
     if chosen < current:
         how = "halving it" if 2 * chosen == current else f"lowering it to {chosen}"
-        return chosen, f"the noise scale {said} is below the batch size {current}: {how}"
-    return chosen, f"the noise scale {said} calls for batch size {chosen}: no change"
+        return chosen, f"the noise scale {said} is below half the batch size {current}: {how}"
+    return (
+        chosen,
+        f"the noise scale {said} is within a factor 2 of the batch size {chosen}: no change",
+    )
