@@ -323,3 +323,41 @@ def test_cli_refuses_min_above_max_in_one_line():
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--min-batch-size 64 is above --max-batch-size 32" in lines[0]
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """1,000 samples of unknown length: the source is a stream."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(1000):
+            x = torch.randn(4, generator=g)
+            yield x, (x.sum() > 0).long()
+
+
+def test_on_a_stream_the_batch_grows_and_every_sample_is_counted(tmp_path):
+    r = train(
+        nn.Linear(4, 2),
+        _Stream(),
+        batch_size=4,
+        max_steps=100,
+        optimizer="sgd",
+        lr=0.01,
+        adaptive=True,
+        adapt_every=10,
+        min_batch_size=2,
+        out_dir=tmp_path,
+    )
+    table = rows(tmp_path)
+    assert r.adaptive["changes"] and r.adaptive["range"] == [2, 4 * 64]  # no size: 64x the start
+    assert r.steps == len(table) == 100
+    assert r.samples_seen == sum(int(row["batch_size"]) for row in table)
+
+
+def test_resuming_a_fixed_run_with_adaptive_is_refused(tmp_path):
+    x, y = blobs(64)
+    kwargs = dict(batch_size=8, epochs=2, checkpoint_dir=tmp_path / "ckpt")
+    train(nn.Linear(4, 3), (x, y), max_steps=3, **kwargs)
+    with pytest.raises(BatchfitError, match="adaptive=False") as info:
+        train(nn.Linear(4, 3), (x, y), resume=True, adaptive=True, **kwargs)
+    assert "\n" not in str(info.value)
