@@ -327,6 +327,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if getattr(result, "auto", None) is not None:
         chosen = f"{result.batch_size} (micro-batch {result.micro_batch_size}), chosen by tune"
         rows.insert(0, ("batch size", chosen))
+    if result.adaptive is not None:  # where --adaptive took the batch, and why it stopped there
+        a = result.adaptive
+        rows.insert(
+            3,
+            (
+                "batch size",
+                f"{result.batch_size} -> {a['batch_size']}, lr {a['lr']:g} at the end "
+                f"({len(a['changes'])} changes; noise scale ~{a['b_noise']:,.0f})",
+            ),
+        )
     _print_table("batchfit train: done", rows)
     if result.weights_path:  # in full, never cut to the terminal's width: a user copies it
         print(
@@ -594,6 +604,21 @@ COMMANDS: dict[str, Command] = {
                 ),
             ),
             Group("optimizer", ("optimizer", "lr", "momentum", "weight_decay")),
+            Group(
+                "adaptive batch size",
+                (
+                    "adaptive",
+                    "adapt_every",
+                    "min_batch_size",
+                    (
+                        "max_batch_size",
+                        {
+                            "help": "with {adaptive}: the largest batch size "
+                            "(default: the data set size)"
+                        },
+                    ),
+                ),
+            ),
             Group(
                 "checkpoints and output",
                 (

@@ -104,6 +104,10 @@ class TrainConfig(Config):
     device: Any = _option("device")
     progress: bool = _option("progress")
     tune_budget: float | None = _option("tune_budget")
+    adaptive: bool = _option("adaptive")
+    adapt_every: int = _option("adapt_every")
+    min_batch_size: int | None = _option("min_batch_size")
+    max_batch_size: int | None = _option("max_batch_size")
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,24 @@ OPTIONS: dict[str, Option] = _rows(
         "after an out-of-memory back-off, try twice the micro-batch (up to the configured one) "
         "after this many clean steps (default 100; 0: never)",
     ),
+    Option(
+        "adaptive",
+        Flag(),
+        False,
+        "let the batch size follow the gradient noise scale measured while training, within "
+        "{min_batch_size} and {max_batch_size}, rescaling {lr} (default off)",
+    ),
+    Option(
+        "adapt_every",
+        Int(1),
+        50,
+        "with {adaptive}: re-choose the batch size every this many steps (default 50)",
+    ),
+    Option(
+        "min_batch_size",
+        Int(1),
+        help="with {adaptive}: the smallest batch size (default: the starting {batch_size})",
+    ),
     # -- optimizer and learning rate
     Option(
         "optimizer",

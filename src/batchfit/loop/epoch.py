@@ -52,7 +52,10 @@ def train_epoch(run: RunState, setup: Setup, bar: TrainProgress, stop: StopSigna
     clock_start = time.perf_counter()  # making the batches counts as training time
     batches = None
     try:
-        batches = _epoch_batches(setup, pos, steps_done)
+        if run.adaptive is None:
+            batches = _epoch_batches(setup, pos, steps_done)
+        else:  # the batch size may change mid-epoch: the adaptive run makes the batches
+            batches = run.adaptive.batches(run, bar)
         ran_out = _train_steps(run, setup, batches, bar, stop, first_step, clock_start)
         if steps_per_epoch is not None:
             finished = ran_out or pos.step - first_step >= steps_per_epoch
@@ -111,11 +114,13 @@ def _train_steps(
         model, step_fn = setup.ddp, ddp_train_step
     checkpoint_every, eval_every = setup.config.checkpoint_every, setup.config.eval_every
     pos, metrics, clock = run.position, run.metrics, time.perf_counter
+    adaptive = run.adaptive
+    plain_cpu = on_cpu and adaptive is None  # checked once here, so the default path pays nothing
     add_row = metrics.pending.append  # MetricsLog.flush empties this list in place
     next_flush, t_last = clock() + FLUSH_SECONDS, clock_start
     for x, y in batches:
         try:  # free until something raises (Python 3.11+)
-            if on_cpu and len(y) <= micro:
+            if plain_cpu and len(y) <= micro:
                 # train_step's one-micro-batch case, written out: at batch size 1 the call alone
                 # cost ~1% of throughput (benchmarks/loop_overhead.py).
                 optimizer.zero_grad(set_to_none=True)
@@ -123,6 +128,8 @@ def _train_steps(
                 loss_value.backward()
                 optimizer.step()
                 loss_value, parts = loss_value.item(), 1
+            elif adaptive is not None:  # measures the noise scale as it steps
+                loss_value, parts = adaptive.step(x, y, micro)
             else:
                 loss_value, parts = step_fn(model, optimizer, loss_fn, x, y, micro, device)
                 if on_cpu:  # nothing to sync on the CPU, and a float is cheaper to keep
@@ -169,6 +176,8 @@ def _epoch_steps(setup: Setup, pos: Position) -> tuple[int, int | None]:
     done = math.ceil(pos.sample_in_epoch / config.batch_size)
     if config.steps_per_epoch is not None:
         total, done = config.steps_per_epoch, pos.step - pos.epoch * config.steps_per_epoch
+    if config.adaptive:  # the batch size may change: the epoch's steps are not known ahead
+        total = None
     if total is not None:
         total = done + min(total - done, setup.last_step - pos.step)
     return done, total

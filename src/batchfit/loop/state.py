@@ -106,6 +106,8 @@ class RunState:
     stop_requested: bool = False
     #: The micro-batch sizes in use; None until :func:`fresh_run` or :func:`restore_run` sets it.
     backoff: Backoff | None = None
+    #: With ``adaptive``: its :class:`~batchfit.loop.adaptive.AdaptiveRun` (None: off).
+    adaptive: Any = None
     samples_at_start: int = field(init=False)
     train_seconds_at_start: float = field(init=False)
 
@@ -127,7 +129,7 @@ def checkpoint_state(run: RunState, setup: Setup) -> dict[str, Any]:
         "epoch_loss": [run.metrics.epoch_loss_sum, run.metrics.epoch_samples],
         "settings": setup.settings,
         "backoff": run.backoff.to_dict(),
-    }
+    } | ({"adaptive": run.adaptive.to_checkpoint()} if run.adaptive is not None else {})
 
 
 def fresh_run(setup: Setup, metrics: MetricsLog) -> RunState:

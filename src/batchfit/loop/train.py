@@ -13,6 +13,7 @@ state, so a run stopped at any step and resumed ends bitwise identical to an uni
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -30,10 +31,10 @@ from batchfit.checkpoint import (
 )
 from batchfit.core.accounting import Plan, check_sizes, plan, total_steps
 from batchfit.core.configs import TrainConfig
-from batchfit.core.options import opt
+from batchfit.core.options import opt, opt_value
 from batchfit.data.source import BatchSource
 from batchfit.distributed import check_world_size_matches, is_main, place, world_size, wrap
-from batchfit.errors import NonFiniteLossError, without_batchfit_frames
+from batchfit.errors import BatchfitError, NonFiniteLossError, without_batchfit_frames
 from batchfit.inputs import (
     as_source,
     check_model,
@@ -41,6 +42,7 @@ from batchfit.inputs import (
     loss_for,
     optimizer_options,
 )
+from batchfit.loop.adaptive import AdaptiveRun, batch_size_range
 from batchfit.loop.backoff import memory_limited
 from batchfit.loop.checks import (
     check_batch_norm,
@@ -86,6 +88,8 @@ class TrainResult:
     checkpoint_path: str | None
     resumed_from_step: int | None
     weights_path: str | None = None
+    #: With ``adaptive``: the final batch size and lr, the noise scale, every change and why.
+    adaptive: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +212,12 @@ def prepare(
     )
     the_plan, micro = _sizes(source.num_samples, config)
     check_stop_rule(config, source.num_samples)
+    batch_size_range(config, source.num_samples)  # refuses bad adaptive bounds now
+    if config.adaptive and world_size() > 1:
+        raise BatchfitError(
+            f"{opt_value('adaptive', True)} runs on one process only (every rank would have to "
+            "change its batch together); leave it out under torchrun, or train on one process."
+        )
     lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
     check_output_paths(config)
     loss = loss_for(source, loss)
@@ -255,7 +265,11 @@ def restore_or_seed(setup: Setup) -> RunState:
         lr=setup.lr,
         resume_step=saved["position"]["step"] if saved is not None else None,
     )
-    return restore_run(saved, setup, metrics) if saved is not None else fresh_run(setup, metrics)
+    run = restore_run(saved, setup, metrics) if saved is not None else fresh_run(setup, metrics)
+    if config.adaptive:
+        run.adaptive = AdaptiveRun(setup, saved.get("adaptive") if saved is not None else None)
+        metrics.lr = run.adaptive.lr
+    return run
 
 
 def announce(bar: TrainProgress, setup: Setup, run: RunState) -> None:
@@ -311,6 +325,7 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
         checkpoint_path=last,
         resumed_from_step=run.resumed_from_step,
         weights_path=save_weights(setup),
+        adaptive=run.adaptive.summary() if run.adaptive is not None else None,
     )
 
 
@@ -331,22 +346,30 @@ def _what_was_kept(run: RunState, config: TrainConfig) -> str:
 
 
 def _sizes(num_samples: int | None, config: TrainConfig) -> tuple[Plan | None, int]:
-    """The plan (on data of known length, checking the sizes against it) and the micro-batch."""
+    """The plan (on data of known length, checking the sizes against it) and the micro-batch.
+
+    With ``adaptive`` the micro-batch may exceed the starting batch size: it is the ceiling the
+    batch grows to in one pass before accumulation takes over."""
+    micro = config.micro_batch_size
+    above = config.adaptive and micro is not None and micro > config.batch_size
+    given = None if above else micro
     if num_samples is None:
-        return None, check_sizes(config.batch_size, config.micro_batch_size, world_size())
+        return None, micro if above else check_sizes(config.batch_size, given, world_size())
     the_plan = plan(
         num_samples,
         config.batch_size,
-        micro_batch_size=config.micro_batch_size,
+        micro_batch_size=given,
         world_size=world_size(),
         epochs=config.epochs,
         max_steps=config.max_steps,
         drop_last=config.drop_last,
     )
-    return the_plan, the_plan.micro_batch_size
+    return the_plan, micro if above else the_plan.micro_batch_size
 
 
 def _last_step(config: TrainConfig, the_plan: Plan | None) -> int:
+    if config.adaptive:  # steps per epoch follow the batch size: epochs end by samples
+        return config.max_steps or sys.maxsize
     if config.steps_per_epoch is not None:
         return total_steps(config.steps_per_epoch, config.epochs, config.max_steps)
     return the_plan.total_steps if the_plan else config.max_steps
@@ -374,4 +397,8 @@ def _settings(config: TrainConfig, source: BatchSource, lr: float) -> dict[str, 
         "weight_decay": config.weight_decay,
         "data": source.fingerprint(),  # streamed or loaded, files, shuffle buffer, split
         "world_size": world_size(),  # processes: another number splits the batches otherwise
+        "adaptive": config.adaptive,
+        "adapt_every": config.adapt_every if config.adaptive else None,
+        "min_batch_size": config.min_batch_size,
+        "max_batch_size": config.max_batch_size,
     }
