@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"core", "errors"},
     "progress": {"core", "errors"},
     "step": {"core", "data", "errors", "losses"},
-    "distributed": {"core", "errors", "losses"},
+    "distributed": {"core", "data", "errors", "losses"},
     "inputs": {"core", "data", "errors", "imports", "losses"},
     "probe": {"core", "data", "errors", "files", "inputs", "losses", "step"},
     "loop": {
