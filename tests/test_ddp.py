@@ -303,3 +303,43 @@ def test_stream_shares_resume_exactly_and_every_rank_takes_the_same_steps(tmp_pa
             )
             for i in x[:, 0].long().tolist()
         )
+
+
+TUNE_SCRIPT = """
+import dataclasses, json, os, sys
+import torch
+import batchfit
+
+torch.distributed.init_process_group("gloo")
+torch.manual_seed(int(os.environ["RANK"]))  # each rank its own model and data: rank 0's count
+x = torch.randn(512, 8)
+y = x @ torch.randn(8, 1)
+result = batchfit.tune(
+    torch.nn.Linear(8, 1), (x, y), lr=1e-3, time_budget=4, max_batch_size=128, out_dir="rep"
+)
+with open(f"rec.{os.environ['RANK']}.json", "w") as f:
+    json.dump(dataclasses.asdict(result.recommended), f)
+"""
+
+
+def test_tune_under_two_ranks_decides_once_writes_once_and_every_rank_holds_the_answer(tmp_path):
+    (tmp_path / "tune_script.py").write_text(TUNE_SCRIPT)
+    cmd = _launcher(["--nproc-per-node", "2", "--master-port", str(_free_port())])[:-2]
+    run = subprocess.run(
+        [*cmd, "tune_script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=90,
+        env=_env(tmp_path),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    recs = [json.loads((tmp_path / f"rec.{r}.json").read_text()) for r in (0, 1)]
+    assert recs[0] == recs[1] and recs[0]["batch_size"] >= 1
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["recommended"]["batch_size"] == recs[0]["batch_size"]
+    # the command line: one result printed, by rank 0
+    args = ["tune", "--example", "linreg", "--time-budget", "10", "--out", "cli", "--json"]
+    cli = _torchrun(tmp_path, args)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.count('"recommended"') == 1, cli.stdout
+    assert (
+        json.loads(cli.stdout)["recommended"]
+        == json.loads((tmp_path / "cli" / "report.json").read_text())["recommended"]
+    )

@@ -21,10 +21,10 @@ ends the remaining ranks).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,8 @@ from batchfit.core.accounting import rank_share
 from batchfit.data.source import Batch, BatchSource, rank_rows
 from batchfit.errors import BatchfitError
 from batchfit.losses import LossFn
+
+T = TypeVar("T")
 
 #: Seconds a collective may wait for a silent rank before it fails (``BATCHFIT_DIST_TIMEOUT``).
 DEFAULT_TIMEOUT_S = 300
@@ -237,3 +239,29 @@ def _empty_share_step(
     dist.all_reduce(total)
     optimizer.step()
     return total
+
+
+def on_rank_0(measure: Callable[[], T], wait_s: float) -> T:
+    """``measure()`` run by rank 0 alone, its result returned on every rank.
+
+    The other ranks wait for it (up to ``wait_s`` seconds, on a gloo group of its own, so a
+    long measurement outlasts the training timeout, whatever the device). A
+    :class:`~batchfit.errors.BatchfitError` on rank 0 is raised on every rank with its message;
+    a rank 0 that dies ends the job through torchrun."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
+    box: list[object] = [None]
+    try:
+        if rank() == 0:
+            try:
+                box[0] = ("result", measure())
+            except BatchfitError as exc:
+                box[0] = ("error", str(exc))
+                dist.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
+                raise
+        dist.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
+    finally:
+        dist.destroy_process_group(group)
+    kind, value = box[0]  # type: ignore[misc]
+    if kind == "error":
+        raise BatchfitError(str(value))
+    return value  # type: ignore[return-value]
