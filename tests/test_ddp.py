@@ -208,6 +208,18 @@ args = dict(batch_size=64, micro_batch_size=16, optimizer="sgd", lr=0.001, seed=
 result = batchfit.train(model, source, **args, **json.loads(sys.argv[3]))
 rank = int(os.environ.get("RANK", 0))
 out = dict(rank=rank, decoded=source.rows_decoded, seen=model.seen, steps=result.steps)
+if len(sys.argv) > 4:  # then: 20 steps straight, or 12 and a resume to 20, on the same ranks
+    runs = [dict(max_steps=20), dict(max_steps=12, checkpoint_dir="ck"),
+            dict(max_steps=20, checkpoint_dir="ck", resume=True)]
+    weights = []
+    for extra in runs:
+        torch.manual_seed(1)
+        model = Logs()
+        batchfit.train(model, open_stream(sys.argv[1], target="y", shuffle_buffer=100, seed=5),
+                       **args, **extra)
+        weights.append(model.state_dict())
+    out["resumed_exactly"] = all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    out["resumed_moved"] = not torch.equal(weights[0]["body.weight"], weights[1]["body.weight"])
 with open(f"{sys.argv[2]}.{rank}.json", "w") as f:
     json.dump(out, f)
 """
@@ -226,8 +238,11 @@ def _stream_file(tmp_path: Path, n: int) -> Path:
     return path
 
 
-def _stream_run(tmp_path: Path, name: str, nproc: int, **options: object) -> list[dict]:
-    """Train on rows.parquet with ``nproc`` processes; what each rank saw and decoded."""
+def _stream_run(
+    tmp_path: Path, name: str, nproc: int, *resume: str, **options: object
+) -> list[dict]:
+    """Train on rows.parquet with ``nproc`` processes; what each rank saw and decoded (and with
+    ``resume``, whether 12 steps and a resume to 20 trained the weights of 20 straight)."""
     script = tmp_path / "stream_train.py"
     script.write_text(STREAM_SCRIPT)
     data, out = tmp_path / "rows.parquet", str(tmp_path / name)
@@ -236,7 +251,7 @@ def _stream_run(tmp_path: Path, name: str, nproc: int, **options: object) -> lis
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
         launcher += ["--master-port", str(_free_port())]
     run = subprocess.run(
-        [*launcher, str(script), str(data), out, json.dumps(options)],
+        [*launcher, str(script), str(data), out, json.dumps(options), *resume],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -253,13 +268,15 @@ def _batch_sizes(folder: Path) -> list[int]:
     return [int(r.split(",")[column]) for r in rows[1:]]
 
 
-def test_a_stream_is_read_once_across_two_ranks_every_row_once_per_epoch(tmp_path):
+def test_a_stream_is_read_once_across_two_ranks_every_row_once_per_epoch_resumes_exactly(
+    tmp_path,
+):
     # 961 rows at batch 64: 16 steps, the last of 1 row; 2 ranks take 32+32 per step, then 1+0
     # (rank 1 holds no row of the last step and still takes part in its all-reduces)
     n = 961
     _stream_file(tmp_path, n)
     one = _stream_run(tmp_path, "one", 1, epochs=1)[0]
-    two = _stream_run(tmp_path, "two", 2, epochs=2, out_dir="out")
+    two = _stream_run(tmp_path, "two", 2, "resume", epochs=2, out_dir="out")
     # decoded: each epoch, plus up to 200 rows (2 windows) read once to check the model
     assert n <= one["decoded"] <= n + 200 and sorted(one["seen"]) == list(range(n))
     assert [r["steps"] for r in two] == [32, 32]  # 2 epochs of 16 steps on every rank
@@ -275,6 +292,9 @@ def test_a_stream_is_read_once_across_two_ranks_every_row_once_per_epoch(tmp_pat
     assert sorted(two[0]["seen"][:32] + two[1]["seen"][:32]) != sorted(one["seen"][:64])
     # rank 0 alone wrote metrics.csv, with the global batch sizes of one process
     assert _batch_sizes(tmp_path / "out") == ([64] * 15 + [1]) * 2
+    # a checkpoint at step 12 (mid-epoch, each rank part way through its rows) resumed on 2
+    # ranks to step 20 (across the epoch's end) gives the weights of 20 steps straight, bitwise
+    assert all(r["resumed_exactly"] and r["resumed_moved"] for r in two)
 
 
 def test_stream_shares_resume_exactly_and_every_rank_takes_the_same_steps(tmp_path):
