@@ -363,3 +363,7 @@ def test_tune_under_two_ranks_decides_once_writes_once_and_every_rank_holds_the_
     assert json.loads(cli.stdout)["recommended"] == written["recommended"]
     # on the CPU the default memory limit is rank 0's share of the RAM the 2 processes will use
     assert "shared by the 2 processes" in written["memory"]["limit_source"]
+    # rank 0's error (a budget too short to measure) ends every rank, said once
+    failed = _torchrun(tmp_path, ["tune", "--example", "linreg", "--time-budget", "2", "--quiet"])
+    assert failed.returncode != 0
+    assert failed.stderr.count("batchfit tune: error: The time budget") == 1, failed.stderr

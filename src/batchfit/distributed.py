@@ -246,8 +246,9 @@ def on_rank_0(measure: Callable[[], T], wait_s: float) -> T:
 
     The other ranks wait for it (up to ``wait_s`` seconds, on a gloo group of its own, so a
     long measurement outlasts the training timeout, whatever the device). A
-    :class:`~batchfit.errors.BatchfitError` on rank 0 is raised on every rank with its message;
-    a rank 0 that dies ends the job through torchrun."""
+    :class:`~batchfit.errors.BatchfitError` on rank 0 is raised on every rank with its message
+    (marked ``printed_by_rank_0`` on the others); a rank 0 that dies ends the job through
+    torchrun."""
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
     box: list[object] = [None]
     try:
@@ -263,5 +264,7 @@ def on_rank_0(measure: Callable[[], T], wait_s: float) -> T:
         dist.destroy_process_group(group)
     kind, value = box[0]  # type: ignore[misc]
     if kind == "error":
-        raise BatchfitError(str(value))
+        error = BatchfitError(str(value))
+        error.printed_by_rank_0 = True  # type: ignore[attr-defined] # the command line says it once
+        raise error
     return value  # type: ignore[return-value]
