@@ -194,12 +194,13 @@ def ddp_train_step(
     optimizer: torch.optim.Optimizer,
     loss_fn: LossFn,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | RankShare,
     micro_batch_size: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, int]:
     """One update on a global batch ``(x, y)``: this rank's share, in micro-batches; returns the
-    mean loss over the whole global batch (all-reduced) and this rank's iterations."""
+    mean loss over the whole global batch (all-reduced) and this rank's iterations. With ``y`` a
+    :class:`RankShare`, ``x`` and its labels are this rank's share already."""
     optimizer.zero_grad(set_to_none=True)
     n, world = len(y), dist.get_world_size()
     if isinstance(y, RankShare):  # this rank's rows already (a sharded stream)
