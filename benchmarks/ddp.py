@@ -7,7 +7,12 @@ data with the same global batch, and rank 0 prints one JSON line. The communicat
 measured on the rank's own share of a batch: step time with DDP's all-reduce vs the same step
 under ``no_sync`` (no communication), ``1 - t_nosync / t_sync``.
 
+Then the streamed-I/O figure: one epoch over a Parquet file of ``--stream-rows`` rows (written
+once to a temporary folder), and the rows each rank decoded (``StreamSource.rows_decoded``): about
+``1/W`` of the file per rank, plus the windows ranks share and one batch read to check the model.
+
     python benchmarks/ddp.py [--ranks 1,2] [--batch-size 256] [--steps 60] [--device auto]
+                             [--stream-rows 20000]  (0: no streamed figure)
 
 Runs unchanged on a multi-GPU node (NCCL, ``cuda:LOCAL_RANK``: batchfit.distributed).
 """
@@ -20,9 +25,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 WIDTH, INPUTS, CLASSES, SAMPLES = 1024, 256, 10, 8192
+#: Rows in one shuffle window of the streamed file (row groups of half that).
+STREAM_WINDOW = 2000
 
 
 def _model():
@@ -89,23 +97,62 @@ def worker(args: argparse.Namespace) -> None:
     share = 0.0
     if world > 1:
         share = _comm_share(model, device, -(-args.batch_size // world))
+    row = {
+        "world_size": world,
+        "device": str(device),
+        "samples_per_s": round(result.samples_per_s, 1),
+        "communication_share": round(share, 3),
+        "steps": result.steps,
+    }
+    if args.stream:
+        row |= _streamed_epoch(args, world)
     if distributed.is_main():
-        print(
-            json.dumps(
-                {
-                    "world_size": world,
-                    "device": str(device),
-                    "samples_per_s": round(result.samples_per_s, 1),
-                    "communication_share": round(share, 3),
-                    "steps": result.steps,
-                }
-            ),
-            flush=True,
-        )
+        print(json.dumps(row), flush=True)
     distributed.leave()
 
 
+def _streamed_epoch(args: argparse.Namespace, world: int) -> dict:
+    """One epoch streamed from the Parquet file: rows decoded by each rank, and samples/s."""
+    import torch.distributed as dist
+
+    import batchfit
+    from batchfit.data.stream import open_stream
+
+    source = open_stream(args.stream, target="y", shuffle_buffer=STREAM_WINDOW, seed=0)
+    result = batchfit.train(
+        _model(), source, batch_size=args.batch_size, epochs=1, device=args.device,
+        progress=False, optimizer="sgd", lr=0.01,
+    )  # fmt: skip
+    decoded = [source.rows_decoded] * world
+    if world > 1:
+        dist.all_gather_object(decoded, source.rows_decoded)
+    return {
+        "stream_rows": source.num_samples,
+        "stream_rows_decoded_per_rank": decoded,
+        "stream_samples_per_s": round(result.samples_per_s, 1),
+    }
+
+
+def _write_stream(rows: int, folder: str) -> str:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    columns = {f"f{i}": rng.normal(size=rows).astype(np.float32) for i in range(INPUTS)}
+    columns["y"] = rng.integers(0, CLASSES, size=rows)
+    path = os.path.join(folder, "stream.parquet")
+    pq.write_table(pa.table(columns), path, row_group_size=STREAM_WINDOW // 2)
+    return path
+
+
 def launch(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        stream = _write_stream(args.stream_rows, folder) if args.stream_rows else ""
+        _launch_each(args, stream)
+
+
+def _launch_each(args: argparse.Namespace, stream: str) -> None:
     rows = []
     for world in [int(w) for w in args.ranks.split(",")]:
         with socket.socket() as s:
@@ -114,7 +161,7 @@ def launch(args: argparse.Namespace) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
         cmd += ["--master-port", str(port), __file__, "--worker"]
         cmd += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-        cmd += ["--device", args.device]
+        cmd += ["--device", args.device, "--stream", stream]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
@@ -122,6 +169,12 @@ def launch(args: argparse.Namespace) -> None:
     base = rows[0]["samples_per_s"]
     for row in rows[1:]:
         print(f"{row['world_size']} ranks: {row['samples_per_s'] / base:.2f}x the samples/s of 1")
+    for row in rows if stream else []:
+        share = [f"{d / row['stream_rows']:.0%}" for d in row["stream_rows_decoded_per_rank"]]
+        print(
+            f"streamed, {row['world_size']} rank(s): rows decoded per rank "
+            f"{row['stream_rows_decoded_per_rank']} of {row['stream_rows']} ({', '.join(share)})"
+        )
 
 
 def main() -> None:
@@ -130,6 +183,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--stream-rows", type=int, default=20000)
+    parser.add_argument("--stream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     worker(args) if args.worker else launch(args)

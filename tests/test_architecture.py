@@ -34,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "progress": {"core", "errors"},
     "memory_limits": {"core"},
     "step": {"core", "data", "errors", "losses"},
-    "distributed": {"core", "errors", "losses"},
+    "distributed": {"core", "data", "errors", "losses"},
     "inputs": {"core", "data", "errors", "imports", "losses"},
     "probe": {"core", "data", "errors", "files", "inputs", "losses", "memory_limits", "step"},
     "loop": {

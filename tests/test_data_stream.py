@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from batchfit import BatchfitError
+from batchfit.core.accounting import split_evenly
 from batchfit.data.permute import IndexPermutation
 from batchfit.data.prefetch import prefetch
 from batchfit.data.readers import CsvReader, ParquetReader
@@ -132,12 +133,16 @@ def test_batches_have_the_batch_size_and_drop_last_drops_the_remainder(tmp_path)
 
 
 def test_ranks_get_disjoint_shares_of_every_batch_and_equal_step_counts(tmp_path):
+    # Streams under W ranks: each rank reads its own run of the epoch's order, so a global batch
+    # groups other rows than one process would; its size, the step count and the rows are the same.
     src = stream(write(tmp_path, "parquet"), shuffle_buffer=100, seed=2)
     whole = [ids([b]) for b in src.batches(0, 64)]
     shares = [[ids([b]) for b in src.batches(0, 64, rank=r, world_size=3)] for r in range(3)]
     assert len({len(s) for s in shares}) == 1 == len({len(whole)} | {len(shares[0])})
     for step, batch in enumerate(whole):
-        assert sum((shares[r][step] for r in range(3)), []) == batch
+        assert [len(shares[r][step]) for r in range(3)] == split_evenly(len(batch), 3)
+    every = [i for share in shares for batch in share for i in batch]
+    assert sorted(every) == sorted(sum(whole, []))  # every row once, no rank repeats another's
 
 
 @pytest.mark.parametrize(("depth", "workers"), [(0, 1), (1, 1), (8, 1), (2, 3), (0, 4)])

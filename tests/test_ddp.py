@@ -1,7 +1,8 @@
 """torchrun / DistributedDataParallel: real processes, gloo on the CPU, tiny data.
 
-Each test launches ``python -m torch.distributed.run ... -m batchfit train`` in a subprocess and
-compares what it wrote with one plain process given the same global batch and seed.
+Each test launches ``python -m torch.distributed.run ... -m batchfit train`` (or a script that
+calls the library) in a subprocess and compares what it wrote with one plain process given the
+same global batch and seed.
 """
 
 from __future__ import annotations
@@ -176,3 +177,193 @@ def test_two_nodes_on_one_machine_train_like_one_process(tmp_path):
     _assert_same_weights(tmp_path / "one", tmp_path / "nodes")
     # trained together: node 0's rank alone reports, 4 micro-batches of its 32 per step, not 8
     assert '"iterations": 48' in outputs[0][0] and outputs[1][0].strip() == "", outputs
+
+
+STREAM_SCRIPT = """
+import json, os, sys
+import torch
+import batchfit
+from batchfit.data.stream import open_stream
+
+
+class Logs(torch.nn.Module):
+    # records the row ids (feature 0) of every row it trains on
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.seen = torch.nn.Linear(2, 1), []
+
+    def forward(self, x):
+        if self.training:
+            self.seen += x[:, 0].long().tolist()
+        return self.body(x / 1000)
+
+
+if "RANK" in os.environ:
+    torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)
+source = open_stream(sys.argv[1], target="y", shuffle_buffer=100, seed=5)
+model = Logs()
+args = dict(batch_size=64, micro_batch_size=16, optimizer="sgd", lr=0.001, seed=5)
+result = batchfit.train(model, source, **args, **json.loads(sys.argv[3]))
+rank = int(os.environ.get("RANK", 0))
+out = dict(rank=rank, decoded=source.rows_decoded, seen=model.seen, steps=result.steps)
+if len(sys.argv) > 4:  # then: 20 steps straight, or 12 and a resume to 20, on the same ranks
+    runs = [dict(max_steps=20), dict(max_steps=12, checkpoint_dir="ck"),
+            dict(max_steps=20, checkpoint_dir="ck", resume=True)]
+    weights = []
+    for extra in runs:
+        torch.manual_seed(1)
+        model = Logs()
+        batchfit.train(model, open_stream(sys.argv[1], target="y", shuffle_buffer=100, seed=5),
+                       **args, **extra)
+        weights.append(model.state_dict())
+    out["resumed_exactly"] = all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    out["resumed_moved"] = not torch.equal(weights[0]["body.weight"], weights[1]["body.weight"])
+with open(f"{sys.argv[2]}.{rank}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def _stream_file(tmp_path: Path, n: int) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = np.arange(n, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    table = pa.table({"id": ids, "x": rng.normal(size=n).astype(np.float32), "y": ids / n})
+    path = tmp_path / "rows.parquet"
+    pq.write_table(table, path, row_group_size=50)
+    return path
+
+
+def _stream_run(
+    tmp_path: Path, name: str, nproc: int, *resume: str, **options: object
+) -> list[dict]:
+    """Train on rows.parquet with ``nproc`` processes; what each rank saw and decoded (and with
+    ``resume``, whether 12 steps and a resume to 20 trained the weights of 20 straight)."""
+    script = tmp_path / "stream_train.py"
+    script.write_text(STREAM_SCRIPT)
+    data, out = tmp_path / "rows.parquet", str(tmp_path / name)
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        launcher += ["--master-port", str(_free_port())]
+    run = subprocess.run(
+        [*launcher, str(script), str(data), out, json.dumps(options), *resume],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=_env(tmp_path),
+    )
+    assert run.returncode == 0, run.stderr
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(nproc)]
+
+
+def _batch_sizes(folder: Path) -> list[int]:
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("batch_size")
+    return [int(r.split(",")[column]) for r in rows[1:]]
+
+
+def test_a_stream_is_read_once_across_two_ranks_every_row_once_per_epoch_resumes_exactly(
+    tmp_path,
+):
+    # 961 rows at batch 64: 16 steps, the last of 1 row; 2 ranks take 32+32 per step, then 1+0
+    # (rank 1 holds no row of the last step and still takes part in its all-reduces)
+    n = 961
+    _stream_file(tmp_path, n)
+    one = _stream_run(tmp_path, "one", 1, epochs=1)[0]
+    two = _stream_run(tmp_path, "two", 2, "resume", epochs=2, out_dir="out")
+    # decoded: each epoch, plus up to 200 rows (2 windows) read once to check the model
+    assert n <= one["decoded"] <= n + 200 and sorted(one["seen"]) == list(range(n))
+    assert [r["steps"] for r in two] == [32, 32]  # 2 epochs of 16 steps on every rank
+    for r, own in zip(two, (481, 480), strict=True):
+        assert len(r["seen"]) == 2 * own  # this rank's rows, each epoch
+        # each rank decodes about half: its rows plus at most the 100-row window it shares
+        assert 2 * own <= r["decoded"] <= 2 * (own + 100) + 200, r["decoded"]
+    for epoch in range(2):
+        rows = two[0]["seen"][epoch * 481 : (epoch + 1) * 481]
+        rows += two[1]["seen"][epoch * 480 : (epoch + 1) * 480]
+        assert sorted(rows) == list(range(n))  # every row exactly once per epoch
+    # another grouping than one process: the first global batch holds other rows
+    assert sorted(two[0]["seen"][:32] + two[1]["seen"][:32]) != sorted(one["seen"][:64])
+    # rank 0 alone wrote metrics.csv, with the global batch sizes of one process
+    assert _batch_sizes(tmp_path / "out") == ([64] * 15 + [1]) * 2
+    # a checkpoint at step 12 (mid-epoch, each rank part way through its rows) resumed on 2
+    # ranks to step 20 (across the epoch's end) gives the weights of 20 steps straight, bitwise
+    assert all(r["resumed_exactly"] and r["resumed_moved"] for r in two)
+
+
+def test_stream_shares_resume_exactly_and_every_rank_takes_the_same_steps(tmp_path):
+    from batchfit.data.stream import open_stream
+
+    n = 961
+    path = _stream_file(tmp_path, n)
+    for world, drop_last in ((2, False), (3, True)):
+        end = n - n % 64 if drop_last else n
+        shares = []
+        for rank in range(world):
+            source = open_stream(path, target="y", shuffle_buffer=100, seed=2)
+            batches = source.batches(1, 64, drop_last=drop_last, rank=rank, world_size=world)
+            shares.append([x[:, 0].long().tolist() for x, _ in batches])
+            assert source.rows_decoded <= end / world + 200  # its rows and at most 2 windows
+            for step in (1, 7, len(shares[-1]) - 1):  # resumed at a step: the same shares on
+                again = source.batches(
+                    1, 64, start=64 * step, drop_last=drop_last, rank=rank, world_size=world
+                )
+                assert [x[:, 0].long().tolist() for x, _ in again] == shares[-1][step:]
+        assert len({len(s) for s in shares}) == 1  # every rank takes the same number of steps
+        assert sorted(i for s in shares for b in s for i in b) == sorted(
+            i
+            for x, _ in open_stream(path, target="y", shuffle_buffer=100, seed=2).batches(
+                1, 64, drop_last=drop_last
+            )
+            for i in x[:, 0].long().tolist()
+        )
+
+
+TUNE_SCRIPT = """
+import dataclasses, json, os, sys
+import torch
+import batchfit
+
+torch.distributed.init_process_group("gloo")
+torch.manual_seed(int(os.environ["RANK"]))  # each rank its own model and data: rank 0's count
+x = torch.randn(512, 8)
+y = x @ torch.randn(8, 1)
+result = batchfit.tune(
+    torch.nn.Linear(8, 1), (x, y), lr=1e-3, time_budget=4, max_batch_size=128, out_dir="rep"
+)
+with open(f"rec.{os.environ['RANK']}.json", "w") as f:
+    json.dump(dataclasses.asdict(result.recommended), f)
+"""
+
+
+def test_tune_under_two_ranks_decides_once_writes_once_and_every_rank_holds_the_answer(tmp_path):
+    (tmp_path / "tune_script.py").write_text(TUNE_SCRIPT)
+    cmd = _launcher(["--nproc-per-node", "2", "--master-port", str(_free_port())])[:-2]
+    run = subprocess.run(
+        [*cmd, "tune_script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=90,
+        env=_env(tmp_path),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    recs = [json.loads((tmp_path / f"rec.{r}.json").read_text()) for r in (0, 1)]
+    assert recs[0] == recs[1] and recs[0]["batch_size"] >= 1
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["recommended"]["batch_size"] == recs[0]["batch_size"]
+    # the command line: one result printed, by rank 0
+    args = ["tune", "--example", "linreg", "--time-budget", "10", "--out", "cli", "--json"]
+    cli = _torchrun(tmp_path, args)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.count('"recommended"') == 1, cli.stdout
+    written = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert json.loads(cli.stdout)["recommended"] == written["recommended"]
+    # on the CPU the default memory limit is rank 0's share of the RAM the 2 processes will use
+    assert "shared by the 2 processes" in written["memory"]["limit_source"]
+    # rank 0's error (a budget too short to measure) ends every rank, said once
+    failed = _torchrun(tmp_path, ["tune", "--example", "linreg", "--time-budget", "2", "--quiet"])
+    assert failed.returncode != 0
+    assert failed.stderr.count("batchfit tune: error: The time budget") == 1, failed.stderr

@@ -380,7 +380,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         if args.progress:
             console().print(f"[{time.time() - started:5.1f}s] {message}", markup=False)
 
-    result = tune(model, task.train, val_data=task.val, loss=task.loss, log=log, config=config)
+    try:
+        result = tune(model, task.train, val_data=task.val, loss=task.loss, log=log, config=config)
+    except BatchfitError as exc:
+        if getattr(exc, "printed_by_rank_0", False):  # under torchrun: said once, by rank 0
+            return EXIT_USAGE
+        raise
     report = result.to_report()  # the very object written to report.json
     if args.json:
         print(to_json(report))

@@ -7,6 +7,11 @@ and runs it as micro-batches under ``no_sync`` but the last. Each micro-batch lo
 ``len(ys) * W / B``; DDP averages over the ``W`` ranks, so the update is the mean gradient of the
 whole global batch, exactly as on one device, even when ``W`` does not divide ``B``.
 
+A source that reads only its rank's rows (a stream: ``BatchSource.reads_rank_share``) is
+wrapped by :func:`shard`: each rank then decodes about ``1/W`` of the data and its share of a step
+arrives as a :class:`RankShare`, which knows the global batch's size; the update is the same mean
+gradient over the global batch, whose rows are grouped otherwise than on one process.
+
 Only rank 0 writes (metrics, checkpoints, weights, reports) and prints; every rank takes every
 step. No collective is issued outside the step, so a rank that fails leaves the others blocked in
 at most one all-reduce, which fails as soon as the failed rank's connection closes (and torchrun
@@ -16,8 +21,10 @@ ends the remaining ranks).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,8 +32,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from batchfit.core.accounting import rank_share
+from batchfit.data.source import Batch, BatchSource, rank_rows
 from batchfit.errors import BatchfitError
 from batchfit.losses import LossFn
+
+T = TypeVar("T")
 
 #: Seconds a collective may wait for a silent rank before it fails (``BATCHFIT_DIST_TIMEOUT``).
 DEFAULT_TIMEOUT_S = 300
@@ -72,6 +82,9 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+_rank, _world = rank, world_size
+
+
 def is_main() -> bool:
     """Whether this process writes and prints: rank 0, or the only process."""
     return rank() == 0
@@ -95,6 +108,76 @@ def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel | No
     return DistributedDataParallel(model, device_ids=ids)
 
 
+class RankShare:
+    """This rank's labels of one global step, and the step's size over all ranks (``len``)."""
+
+    __slots__ = ("labels", "global_size")
+
+    def __init__(self, labels: torch.Tensor, global_size: int) -> None:
+        self.labels, self.global_size = labels, global_size
+
+    def __len__(self) -> int:
+        return self.global_size
+
+
+class _Sharded(BatchSource):
+    """A source whose ranks read disjoint rows, seen by the loop as global batches: each step
+    yields ``(x share, RankShare)``, the step's global size worked out from positions alone."""
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+
+    @property
+    def num_samples(self) -> int | None:
+        return self.source.num_samples
+
+    @property
+    def columns(self) -> dict[str, int | None] | None:  # type: ignore[override]
+        return self.source.columns
+
+    def batches(
+        self,
+        epoch: int,
+        batch_size: int,
+        *,
+        start: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:
+        n = self.source.num_samples
+        end = n - n % batch_size if drop_last else n
+        sizes = rank_rows(start, end, batch_size, 0, 1).shares
+        shares = self.source.batches(
+            epoch, batch_size, start=start, drop_last=drop_last, rank=_rank(), world_size=_world()
+        )
+        try:
+            for size, (x, y) in zip(sizes, shares, strict=True):
+                yield x, RankShare(y, size)  # type: ignore[misc]
+        finally:
+            if hasattr(shares, "close"):
+                shares.close()
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.source.fingerprint()
+
+    def expect_classes(self, classes: int) -> None:
+        self.classes = classes
+        self.source.expect_classes(classes)
+
+
+def shard(source: BatchSource) -> BatchSource:
+    """``source`` as the training loop reads it on this rank: a source that reads only its
+    rank's rows is wrapped (:class:`_Sharded`) when several processes train; others walk the
+    global batches and each rank slices its share (:func:`ddp_train_step`)."""
+    if world_size() == 1 or not source.reads_rank_share or source.num_samples is None:
+        return source
+    return _Sharded(source)
+
+
 def check_world_size_matches(saved: int | None, path: object) -> None:
     """Refuse to resume a checkpoint made by another number of processes."""
     now = world_size()
@@ -111,18 +194,23 @@ def ddp_train_step(
     optimizer: torch.optim.Optimizer,
     loss_fn: LossFn,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | RankShare,
     micro_batch_size: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, int]:
     """One update on a global batch ``(x, y)``: this rank's share, in micro-batches; returns the
-    mean loss over the whole global batch (all-reduced) and this rank's iterations."""
+    mean loss over the whole global batch (all-reduced) and this rank's iterations. With ``y`` a
+    :class:`RankShare`, ``x`` and its labels are this rank's share already."""
     optimizer.zero_grad(set_to_none=True)
     n, world = len(y), dist.get_world_size()
-    share = rank_share(n, dist.get_rank(), world)
-    xs_all, ys_all, scale = x[share], y[share], world / n
+    if isinstance(y, RankShare):  # this rank's rows already (a sharded stream)
+        xs_all, ys_all = x, y.labels
+    else:
+        share = rank_share(n, dist.get_rank(), world)
+        xs_all, ys_all = x[share], y[share]
+    scale = world / n
     if len(ys_all) == 0:  # a last batch smaller than W: still take part in the all-reduce
-        xs_all, ys_all, scale = x[:1], y[:1], 0.0
+        return _empty_share_step(model, optimizer, xs_all, x, y, device), 1
     pieces = list(zip(xs_all.split(micro_batch_size), ys_all.split(micro_batch_size), strict=True))
     total = torch.zeros((), device=device)
     for i, (xs, ys) in enumerate(pieces):
@@ -133,3 +221,51 @@ def ddp_train_step(
     dist.all_reduce(total)  # the global batch's mean loss, as one process would log it
     optimizer.step()
     return total, len(pieces)
+
+
+def _empty_share_step(
+    model: DistributedDataParallel,
+    optimizer: torch.optim.Optimizer,
+    xs: torch.Tensor,
+    x: torch.Tensor,
+    y: object,
+    device: torch.device,
+) -> torch.Tensor:
+    """A step where this rank holds no row (a last batch smaller than W): a zero-weighted
+    forward and backward keep it in the gradient all-reduce; then the loss all-reduce."""
+    rows = x[:1] if not isinstance(y, RankShare) else xs
+    out = model(rows.to(device))
+    (out.sum() * 0.0).backward()
+    total = torch.zeros((), device=device)
+    dist.all_reduce(total)
+    optimizer.step()
+    return total
+
+
+def on_rank_0(measure: Callable[[], T], wait_s: float) -> T:
+    """``measure()`` run by rank 0 alone, its result returned on every rank.
+
+    The other ranks wait for it (up to ``wait_s`` seconds, on a gloo group of its own, so a
+    long measurement outlasts the training timeout, whatever the device). A
+    :class:`~batchfit.errors.BatchfitError` on rank 0 is raised on every rank with its message
+    (marked ``printed_by_rank_0`` on the others); a rank 0 that dies ends the job through
+    torchrun."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
+    box: list[object] = [None]
+    try:
+        if rank() == 0:
+            try:
+                box[0] = ("result", measure())
+            except BatchfitError as exc:
+                box[0] = ("error", str(exc))
+                dist.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
+                raise
+        dist.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
+    finally:
+        dist.destroy_process_group(group)
+    kind, value = box[0]  # type: ignore[misc]
+    if kind == "error":
+        error = BatchfitError(str(value))
+        error.printed_by_rank_0 = True  # type: ignore[attr-defined] # the command line says it once
+        raise error
+    return value  # type: ignore[return-value]

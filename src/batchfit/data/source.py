@@ -3,19 +3,22 @@
 A source yields the batches of one epoch as ``(x, y)`` tensor pairs. The order is a pure function
 of ``(seed, epoch)``, so a run can resume at any position by asking for the epoch again with
 ``start`` samples already consumed: nothing but two integers needs to be saved. With
-``world_size > 1`` each rank receives its own disjoint share of every global batch.
+``world_size > 1`` each rank receives its own disjoint share of every global batch: a slice of
+the one-process batch for in-memory data, rows from its own run of the epoch's order for a stream
+(:func:`rank_rows`, :attr:`BatchSource.reads_rank_share`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from batchfit.core.accounting import rank_share
+from batchfit.core.accounting import rank_share, split_evenly
 from batchfit.errors import BatchfitError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -68,6 +71,54 @@ def index_batches(
         yield index[rank_share(len(index), rank, world_size)] if world_size > 1 else index
 
 
+@dataclass(frozen=True)
+class RankRows:
+    """The rows one rank reads from an epoch's order, and its share of each global step."""
+
+    first: int
+    stop: int
+    shares: list[int]
+
+
+def rank_rows(start: int, end: int, batch_size: int, rank: int, world_size: int) -> RankRows:
+    """Which rows of an epoch's order rank ``rank`` reads from sample ``start`` to ``end``, and
+    how many of them go into each global step: the same arithmetic on every rank, from positions
+    only (no data), so every rank takes the same number of steps.
+
+    Global step ``k`` covers ``batch_size`` samples (the last one the remainder), split over the
+    ranks as :func:`~batchfit.core.accounting.split_evenly` does. Rank ``r`` reads one contiguous
+    run of the epoch's order: the rows ranks ``0..r-1`` take over the whole epoch come before it.
+    So the union over ranks is every row once, each rank reads about ``1/W`` of them, and a resume
+    at ``start`` (a whole number of steps into the epoch) continues each rank where it stood.
+
+    Examples:
+        >>> rank_rows(0, 10, 4, 0, 1)
+        RankRows(first=0, stop=10, shares=[4, 4, 2])
+        >>> rank_rows(0, 10, 4, 0, 2), rank_rows(0, 10, 4, 1, 2)
+        (RankRows(first=0, stop=5, shares=[2, 2, 1]), RankRows(first=5, stop=10, shares=[2, 2, 1]))
+        >>> rank_rows(4, 9, 4, 1, 2)  # resumed after one step: rank 1 read 2 of its rows then
+        RankRows(first=7, stop=9, shares=[2, 0])
+    """
+    if start >= end:
+        return RankRows(end, end, [])
+    if world_size == 1:  # one process: batches from wherever it stands
+        full, last = divmod(end - start, batch_size)
+        return RankRows(start, end, [batch_size] * full + ([last] if last else []))
+    done, offset = divmod(start, batch_size)
+    if offset:
+        raise BatchfitError(
+            f"A resume position of {start} samples is not a whole number of batches of "
+            f"{batch_size} when {world_size} processes share the data; resume from a checkpoint "
+            "saved between steps with the same batch size."
+        )
+    full, last = divmod(end, batch_size)
+    per_step, in_last = split_evenly(batch_size, world_size), split_evenly(last, world_size)
+    takes = [full * per_step[r] + in_last[r] for r in range(world_size)]
+    first = sum(takes[:rank]) + done * per_step[rank]
+    shares = [per_step[rank]] * (full - done) + ([in_last[rank]] if last else [])
+    return RankRows(first, sum(takes[: rank + 1]), shares)
+
+
 def check_class_labels(y: torch.Tensor | np.ndarray, classes: int, where: str = "") -> None:
     """Raise unless every label in ``y`` is in ``0..classes-1`` (``where`` names the data).
 
@@ -102,6 +153,10 @@ class BatchSource(ABC):
     #: lists of unknown length), for data read from files with named columns; ``None`` for data
     #: whose columns have no names (arrays, a plain 2-D ``.npy``), which are matched by position.
     columns: dict[str, int | None] | None = None
+    #: Whether ``batches(rank=r, world_size=W)`` reads only rank ``r``'s rows (a stream, so the
+    #: data is read once across ranks, grouped otherwise than on one process) rather than taking
+    #: a share of each one-process batch (in-memory data: exactly the one-process order).
+    reads_rank_share: bool = False
 
     @property
     @abstractmethod

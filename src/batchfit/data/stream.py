@@ -19,9 +19,14 @@ size of the data.
   rows (:class:`~batchfit.data.permute.IndexPermutation`, no memory per row), read a window at a
   time in sorted row order.
 
-**Sharding**: every rank computes the same global batches and keeps its share
-(:func:`~batchfit.core.accounting.split_evenly`), so shares are disjoint, every rank takes the same
-number of steps and the training maths equals one process. Each rank decodes the whole stream.
+**Sharding** (``world_size > 1``): the data is read once across the ranks, not once per rank.
+Rank ``r`` reads one contiguous run of the epoch's order, about ``1/W`` of its rows
+(:func:`~batchfit.data.source.rank_rows`), and decodes only the windows that hold it; its share
+of every global step (:func:`~batchfit.core.accounting.split_evenly` of the step's size, the same
+arithmetic on every rank) comes from that run. Every rank takes the same number of steps and the
+union over the ranks is every row exactly once per epoch, but a global batch groups other rows
+together than one process would (for in-memory data the grouping is the one-process one). Resume
+on the same world size is exact.
 
 **Decoding ahead**: ``workers`` threads (default 1) decode the next windows while the current one
 is cut into batches, at most ``workers`` windows ahead. Consecutive windows that continue one
@@ -49,7 +54,7 @@ import pyarrow as pa
 import torch
 
 from batchfit.core import options
-from batchfit.core.accounting import rank_share, split_evenly
+from batchfit.core.accounting import split_evenly
 from batchfit.core.options import opt_value
 from batchfit.core.units import format_bytes, parse_size
 from batchfit.data.files import (
@@ -73,7 +78,7 @@ from batchfit.data.readers import (
     open_reader,
     resolve_files,
 )
-from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed
+from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed, rank_rows
 from batchfit.errors import BatchfitError
 
 #: Default shuffle buffer: as many rows as one window of this many bytes holds (the decoded rows,
@@ -153,6 +158,8 @@ class StreamSource(BatchSource):
         (10, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     """
 
+    reads_rank_share = True
+
     def __init__(
         self,
         reader: Reader,
@@ -167,6 +174,8 @@ class StreamSource(BatchSource):
         holdout: _Holdout | None = None,
     ) -> None:
         self.reader, self.features, self.target = reader, list(features), target
+        #: Rows decoded from the files so far, all epochs together (what this process read).
+        self.rows_decoded = 0
         self.seed, self.shuffle = seed, shuffle
         self.prefetch, self.workers, self.holdout = prefetch, max(1, workers), holdout
         self.target_kind = _target_kind(reader.column_type(target))
@@ -398,6 +407,8 @@ class StreamSource(BatchSource):
                         item = Failure(exc)
                     with cond:
                         ready[w] = item
+                        if isinstance(item, tuple):
+                            self.rows_decoded += len(item[1])
                         cond.notify_all()
                     if isinstance(item, Failure):
                         return
@@ -427,22 +438,25 @@ class StreamSource(BatchSource):
             for thread in threads:
                 thread.join()
 
-    def _global_batches(
-        self, epoch: int, batch_size: int, start: int, end: int, rank: int, world_size: int
-    ) -> Iterator[Batch]:
+    def _rows(self, epoch: int, lo: int, hi: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Rows ``lo..hi`` of the epoch's order as decoded (x, y) pieces; only the windows that
+        hold them are decoded (and no window past them is decoded ahead)."""
         windows = self._windows(epoch)
-        first, skip = 0, start
-        while first < len(windows):
-            size = self._window_size(epoch, windows[first])
-            if skip < size:
+        first, skip, last, seen = None, lo, len(windows), 0
+        for w, window in enumerate(windows):
+            size = self._window_size(epoch, window)
+            if first is None and skip < size:
+                first = w
+            elif first is None:
+                skip -= size
+            seen += size
+            if seen >= hi:
+                last = w + 1
                 break
-            skip -= size
-            first += 1
-        remaining = end - start
-        pending_x: list[np.ndarray] = []
-        pending_y: list[np.ndarray] = []
-        pending = 0
-        for decoded in self._decoded(epoch, windows, first):
+        remaining = hi - lo
+        if first is None or remaining <= 0:
+            return
+        for decoded in self._decoded(epoch, windows[:last], first):
             if decoded is None:
                 continue  # a window with no row of this side of the validation split
             x, y = decoded
@@ -451,33 +465,43 @@ class StreamSource(BatchSource):
             if len(y) > remaining:
                 x, y = x[:remaining], y[:remaining]
             remaining -= len(y)
-            offset = 0
-            while offset < len(y):
-                take = min(batch_size - pending, len(y) - offset)
+            yield x, y
+            if remaining == 0:
+                return
+
+    def _cut_batches(self, pieces: Iterator[tuple], sizes: Iterator[int]) -> Iterator[Batch]:
+        """The rows of ``pieces`` cut into batches of the given ``sizes`` (0 gives an empty one)."""
+        pending_x: list[np.ndarray] = []
+        pending_y: list[np.ndarray] = []
+        pending, x, y, offset = 0, None, None, 0
+        for size in sizes:
+            while pending < size:
+                if y is None or offset == len(y):
+                    x, y = next(pieces)
+                    offset = 0
+                take = min(size - pending, len(y) - offset)
                 pending_x.append(x[offset : offset + take])
                 pending_y.append(y[offset : offset + take])
                 pending += take
                 offset += take
-                if pending == batch_size:
-                    yield self._share(pending_x, pending_y, rank, world_size)
-                    pending_x, pending_y, pending = [], [], 0
-            if remaining == 0:
-                break
-        if pending:
-            yield self._share(pending_x, pending_y, rank, world_size)
+            if size == 0:
+                pending_x, pending_y = [self._empty_x()], [self._empty_y()]
+            yield self._batch(pending_x, pending_y)
+            pending_x, pending_y, pending = [], [], 0
 
-    def _share(
-        self, xs: list[np.ndarray], ys: list[np.ndarray], rank: int, world_size: int
-    ) -> Batch:
-        """This rank's share of one global batch, its labels checked first when asked to (in the
-        prefetch thread, on the CPU: free for the training step)."""
+    def _empty_x(self) -> np.ndarray:
+        return np.empty((0, max(1, self._feature_width())), dtype=np.float32)
+
+    def _empty_y(self) -> np.ndarray:
+        return np.empty((0,), dtype=np.int64 if self.target_kind == "class" else np.float32)
+
+    def _batch(self, xs: list[np.ndarray], ys: list[np.ndarray]) -> Batch:
+        """One batch from its pieces, its labels checked first when asked to (in the prefetch
+        thread, on the CPU: free for the training step)."""
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         y = ys[0] if len(ys) == 1 else np.concatenate(ys)
         if self.classes is not None and self.target_kind == "class":
             check_class_labels(y, self.classes, self.reader.label)
-        if world_size > 1:
-            share = rank_share(len(y), rank, world_size)
-            x, y = x[share], y[share]
         return torch.from_numpy(x), torch.from_numpy(y)
 
     # -- the BatchSource contract ---------------------------------------------------------------
@@ -499,8 +523,9 @@ class StreamSource(BatchSource):
         end = n - n % batch_size if drop_last else n
         if start >= end:
             return iter(())
-        batches = self._global_batches(epoch, batch_size, start, end, rank, world_size)
-        return run_ahead(batches, self.prefetch)
+        plan = rank_rows(start, end, batch_size, rank, world_size)
+        pieces = self._rows(epoch, plan.first, plan.stop)
+        return run_ahead(self._cut_batches(pieces, iter(plan.shares)), self.prefetch)
 
     def as_class_labels(self) -> StreamSource:
         """This stream with a float target read as int64 class labels (a 2-D ``.npy`` keeps its

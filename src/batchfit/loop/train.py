@@ -33,7 +33,7 @@ from batchfit.core.accounting import Plan, check_sizes, plan, total_steps
 from batchfit.core.configs import TrainConfig
 from batchfit.core.options import opt, opt_value
 from batchfit.data.source import BatchSource
-from batchfit.distributed import check_world_size_matches, is_main, place, world_size, wrap
+from batchfit.distributed import check_world_size_matches, is_main, place, shard, world_size, wrap
 from batchfit.errors import BatchfitError, NonFiniteLossError, without_batchfit_frames
 from batchfit.inputs import (
     as_source,
@@ -231,7 +231,7 @@ def prepare(
     return Setup(
         config=config,
         model=model,
-        source=source,
+        source=shard(source),  # a stream: each rank reads its own rows
         val_source=val_source,
         loss=loss,
         device=device,

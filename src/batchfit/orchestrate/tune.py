@@ -30,6 +30,7 @@ from batchfit.core.configs import TuneConfig
 from batchfit.core.lr_scaling import default_rule, scale_lr
 from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
+from batchfit.distributed import on_rank_0, world_size
 from batchfit.errors import BatchfitError
 from batchfit.files import discard_report, prepare_report_folder
 from batchfit.inputs import (
@@ -110,6 +111,11 @@ def tune(
     The model's parameters, buffers, mode and device, and torch's random state, are the same
     afterwards.
 
+    Under torchrun (or inside a process group of several processes), rank 0 measures alone on
+    its own device while the other ranks wait, then every rank returns rank 0's result: one
+    decision, the report written once. (Each rank measuring and the minimum ceiling winning is
+    not done: on identical devices rank 0's measurements stand for all.)
+
     Examples:
         >>> import torch
         >>> x = torch.randn(512, 8); y = (x[:, 0] > 0).long()
@@ -118,6 +124,21 @@ def tune(
         (True, 'adam, sqrt rule from 0.001 at 32')
     """
     config = _checked_config(model, config, options)
+    if world_size() > 1:  # under torchrun: rank 0 measures, the others wait for its answer
+        wait = 3 * (config.time_budget or 300) + 300
+        return on_rank_0(lambda: _tune(model, data, val_data, loss, log, config), wait)
+    return _tune(model, data, val_data, loss, log, config)
+
+
+def _tune(
+    model: nn.Module,
+    data: object,
+    val_data: object | None,
+    loss: str | LossFn | Loss | None,
+    log: Callable[[str], None] | None,
+    config: TuneConfig,
+) -> TuneResult:
+    """Every phase and the report, in this process."""
     wall_start = time.perf_counter()
     budget_started = time.time() if config.budget_started is None else config.budget_started
     out = None

@@ -10,8 +10,9 @@ A trial *fits* when it raised no out-of-memory error and its peak stayed at most
 ``(1 - headroom) x limit``.
 
 - **CPU**: there is no device limit, so the limit is ``memory_limit`` (default: what this process
-  uses now plus half of the RAM still available), for the whole process's resident memory (runtime,
-  model, data and the iteration's activations). Each trial's peak is read from the kernel
+  uses now plus half of the RAM still available, split among the processes torchrun starts on the
+  machine), for the whole process's resident memory (runtime, model, data and the iteration's
+  activations). Each trial's peak is read from the kernel
   (``VmHWM``, reset before each trial through ``/proc/self/clear_refs``), and trials run under an
   address-space limit (``RLIMIT_AS``) set to allow no more than the limit, so a trial that would
   exceed it fails with the allocator's real error instead of waking the kernel's OOM killer. The
@@ -198,14 +199,19 @@ def _peak_bytes(reset_worked: bool) -> int:
 
 
 def default_memory_limit() -> tuple[int, str]:
-    """``(bytes, how it was chosen)``: this process's memory now plus half the available RAM."""
+    """``(bytes, how it was chosen)``: this process's memory now plus half the available RAM,
+    split evenly among the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``),
+    which will all train at once."""
     now = rss_bytes()
     available = psutil.virtual_memory().available
-    limit = now + int(available * DEFAULT_RAM_SHARE)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    limit = now + int(available * DEFAULT_RAM_SHARE / processes)
     how = (
         f"default: this process's {format_bytes(now)} plus {DEFAULT_RAM_SHARE:.0%} of the "
         f"{format_bytes(available)} RAM available"
     )
+    if processes > 1:
+        how += f", shared by the {processes} processes training on this machine"
     return limit, how
 
 
