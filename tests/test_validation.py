@@ -7,10 +7,12 @@ import pytest
 from batchfit.cli import main
 from batchfit.core import options
 from batchfit.core.options import OPTIONS, Choice, Flag, Float, Int, RowsOrSize, Size, Text
+from batchfit.core.rules import IntOrAuto
 from batchfit.errors import BatchfitError
 
 BAD_VALUES = {
     Int: [0.5, "3", True, None],
+    IntOrAuto: [0.5, "3", "Auto", "banana", True, None],
     Size: [0.5, "4GB", True, None],
     RowsOrSize: [0, 0.5, "3", "lots", "0MiB", True, None],
     Float: ["x", float("nan"), float("inf"), None],
@@ -22,6 +24,8 @@ BAD_VALUES = {
 
 def _out_of_range(rule):
     if isinstance(rule, Size):
+        return [rule.low - 1]
+    if isinstance(rule, IntOrAuto):
         return [rule.low - 1]
     if isinstance(rule, Int):
         return [rule.low - 1] + ([rule.high + 1] if rule.high is not None else [])
@@ -51,6 +55,7 @@ def test_every_option_parses_its_text_form(name):
     rule = OPTIONS[name].rule
     good = {
         Int: str(rule.low) if isinstance(rule, Int) else None,
+        IntOrAuto: str(getattr(rule, "low", None)),
         Float: "0.5",
         Choice: rule.choices[0] if isinstance(rule, Choice) else None,
         Size: "2GiB",
@@ -59,6 +64,8 @@ def test_every_option_parses_its_text_form(name):
         Text: "some/text",
     }[type(rule)]
     assert options.parse(name, good) == options.check(name, rule.convert(good))
+    if isinstance(rule, IntOrAuto):
+        assert options.parse(name, "auto") == options.parse(name, " AUTO ") == "auto"
     if not isinstance(rule, Text):  # any non-empty text is a Text value
         with pytest.raises(BatchfitError, match=rf"The '{name}' option"):
             options.parse(name, "not-a-value")
