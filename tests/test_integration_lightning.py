@@ -85,6 +85,21 @@ def test_callback_sets_batch_size_and_lr_and_training_runs_at_that_size(tmp_path
     assert module.seen == [callback.micro_batch_size] * full + ([last] if last else [])
 
 
+def test_the_lr_is_measured_by_default_and_scaled_from_the_modules_with_measure_lr_false(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    measured = BatchfitTuner(time_budget=8, max_batch_size=128, seed=0)
+    _fit(tmp_path / "a", Blobs(), measured)
+    assert "at 16" not in measured.recommended.lr_rule  # not the module's lr at its batch size
+    torch.manual_seed(0)
+    kept = BatchfitTuner(time_budget=8, max_batch_size=128, seed=0, measure_lr=False)
+    _fit(tmp_path / "b", Blobs(), kept)
+    rec = kept.recommended
+    assert rec.lr_rule.startswith("sgd, linear rule from 0.001 at 16")
+    assert rec.lr == pytest.approx(0.001 * rec.batch_size / 16)
+
+
 def test_training_stays_within_the_memory_ceiling_with_exact_accumulation(tmp_path):
     torch.manual_seed(0)
     module = Blobs(ceiling=CEILING)

@@ -89,8 +89,13 @@ class BatchfitTuner(pl.Callback):
     dataloader reads its batch size from. ``out_dir``: where the report goes (default
     ``<trainer.log_dir or default_root_dir>/batchfit``). Other keywords are tune's options
     (``time_budget``, ``memory_limit``, ``max_batch_size``, ``seed`` ...); the optimizer family
-    and its learning rate at the current batch size come from ``configure_optimizers`` unless
-    given. After fit, :attr:`result` holds tune's result and :attr:`recommended` its answer.
+    comes from ``configure_optimizers`` unless given. After fit, :attr:`result` holds tune's
+    result and :attr:`recommended` its answer.
+
+    ``measure_lr``: True (default) measures the learning rate with the batch size, as
+    ``LearningRateFinder`` would; False keeps the learning rate ``configure_optimizers`` gives at
+    your current batch size and scales it to the new one by the optimizer's rule (linear for SGD,
+    square root for the Adam family).
 
     ``report``: the ``report.json`` of an earlier tune of this model on this machine (from
     ``batchfit tune --out`` or ``tune(out_dir=...)``) to train with its answer without measuring
@@ -104,9 +109,11 @@ class BatchfitTuner(pl.Callback):
         batch_arg_name: str = "batch_size",
         out_dir: str | Path | None = None,
         report: str | Path | None = None,
+        measure_lr: bool = True,
         **tune_options: Any,
     ) -> None:
         super().__init__()
+        self.measure_lr = measure_lr
         self.report = Path(report) if report is not None else None
         self.loss = loss
         self.batch_arg_name = batch_arg_name
@@ -154,7 +161,8 @@ class BatchfitTuner(pl.Callback):
             module.trainer = attached
 
     def _optimizer_options(self, module: pl.LightningModule) -> dict[str, Any]:
-        """The optimizer family and its learning rate at the current batch size."""
+        """The optimizer family, and without ``measure_lr`` its learning rate at the current batch
+        size (for tune to scale by the family's rule instead of measuring one)."""
         if "optimizer" in self.tune_options:
             return {}
         optimizer = _first_optimizer(module.configure_optimizers())
@@ -164,6 +172,8 @@ class BatchfitTuner(pl.Callback):
                 f"configure_optimizers gives a {type(optimizer).__name__}, which tune does not "
                 "measure; give BatchfitTuner optimizer='adam', 'adamw' or 'sgd' (the closest)."
             )
+        if self.measure_lr:
+            return {"optimizer": name}
         return {
             "optimizer": name,
             "lr": float(optimizer.param_groups[0]["lr"]),
