@@ -152,8 +152,7 @@ def train(
         >>> result.steps, result.samples_seen
         (8, 128)
     """
-    # a torch.optim class as its name; a factory as its family and settings
-    options = optimizer_options(options, ("lr", "momentum", "weight_decay"))
+    options = optimizer_options(options, ("lr", "momentum", "weight_decay"))  # class, factory
     config = TrainConfig.build(config, **options)
     # prepare: every check that can fail does so now, not an epoch into training
     setup = prepare(model, data, val_data, loss, on_eval, config)
@@ -161,9 +160,7 @@ def train(
     with run_lock(config) if is_main() else nullcontext():
         # restore or seed: continue the checkpointed run exactly, or start a reproducible one
         run = restore_or_seed(setup)
-        bar = TrainProgress(config.progress and is_main())
-        run.backoff.log = bar.log
-        announce(bar, setup, run)
+        bar = _progress(setup, run)
         started = time.perf_counter()
         try:
             with memory_limited(setup, run.backoff):  # real: out of memory backs off
@@ -178,6 +175,14 @@ def train(
                 raise
             # the user's error: from here on up, their frames only (this call the one of ours)
             raise exc.with_traceback(without_batchfit_frames(exc.__traceback__))  # noqa: B904
+
+
+def _progress(setup: Setup, run: RunState) -> TrainProgress:
+    """The progress bar (rank 0's only), which also says what is trained how and each back-off."""
+    bar = TrainProgress(setup.config.progress and is_main())
+    run.backoff.log = bar.log
+    announce(bar, setup, run)
+    return bar
 
 
 def _train_epochs(run: RunState, setup: Setup, bar: TrainProgress) -> bool:
