@@ -133,7 +133,7 @@ def back_off(
         if failed <= floor:
             state.lift_limit()
             raise _nothing_fits(run, setup, failed)
-        smaller = _half(failed, size, has_batch_norm(setup.model))
+        smaller = _half(failed, _batch_sizes(setup, size), has_batch_norm(setup.model))
         _use_micro_batch(run, setup, smaller)
         state.log(
             f"out of memory at micro-batch {failed}; continuing with {smaller} (batch size "
@@ -154,6 +154,9 @@ def regrow(run: RunState, setup: Setup) -> None:
     the configured one) from the next step on."""
     state = run.backoff
     larger = min(state.micro_batch_size * 2, setup.micro_batch_size)
+    if has_batch_norm(setup.model):  # no one-sample micro-batch in any batch the run meets
+        larger = _half(2 * larger, _batch_sizes(setup, setup.config.batch_size), True)
+        larger = max(larger, state.micro_batch_size)
     state.log(
         f"{setup.config.regrow_after} steps without running out of memory: trying micro-batch "
         f"{larger} again"
@@ -214,15 +217,24 @@ def _use_micro_batch(run: RunState, setup: Setup, size: int) -> None:
     state.regrow_step = run.position.step + regrow_after if grows else None
 
 
-def _half(failed: int, batch: int, batch_norm: bool) -> int:
-    """Half of ``failed``; with batch norm at least 2, and not a size that leaves ``batch`` a
-    one-sample last micro-batch.
+def _batch_sizes(setup: Setup, size: int) -> tuple[int, ...]:
+    """The batch sizes the run meets from here: this one, the configured one and an epoch's last
+    (smaller) batch when the plan knows it."""
+    last = setup.plan.last_batch_size if setup.plan is not None else setup.config.batch_size
+    return (size, setup.config.batch_size, last)
 
-    >>> _half(4096, 32768, False), _half(3, 3, True), _half(10, 11, True), _half(11, 11, False)
-    (2048, 2, 4, 5)
+
+def _half(failed: int, batches: tuple[int, ...], batch_norm: bool) -> int:
+    """Half of ``failed``; with batch norm at least 2, and not a size that leaves any of
+    ``batches`` a one-sample last micro-batch (batch norm cannot train on one sample).
+
+    >>> _half(4096, (32768,), False), _half(3, (3,), True), _half(10, (11,), True)
+    (2048, 2, 4)
+    >>> _half(11, (11,), False), _half(8, (8, 5), True)  # 4 would leave the last batch of 5 a 1
+    (5, 3)
     """
     smaller = max(failed // 2, 2 if batch_norm else 1)
-    while batch_norm and smaller > 2 and batch % smaller == 1:
+    while batch_norm and smaller > 2 and any(b % smaller == 1 for b in batches):
         smaller -= 1
     return smaller
 
