@@ -331,29 +331,70 @@ import torch
 import batchfit
 
 torch.distributed.init_process_group("gloo")
-torch.manual_seed(int(os.environ["RANK"]))  # each rank its own model and data: rank 0's count
+rank = int(os.environ["RANK"])
+torch.manual_seed(rank)  # each rank its own model and data: rank 0's count
+# rank r runs out of memory training above caps[r] rows (inference, without gradients, fits)
+caps = json.loads(os.environ.get("CAPS", "[64, 8]"))
+
+
+class Capped(torch.nn.Linear):
+    def forward(self, x):
+        if torch.is_grad_enabled() and len(x) > caps[rank]:
+            torch.empty(2**60)  # fails as the allocator does when memory runs out
+        return super().forward(x)
+
+
 x = torch.randn(512, 8)
 y = x @ torch.randn(8, 1)
-result = batchfit.tune(
-    torch.nn.Linear(8, 1), (x, y), lr=1e-3, time_budget=4, max_batch_size=128, out_dir="rep"
-)
-with open(f"rec.{os.environ['RANK']}.json", "w") as f:
-    json.dump(dataclasses.asdict(result.recommended), f)
+lines = []
+try:
+    result = batchfit.tune(
+        Capped(8, 1), (x, y), lr=1e-3, time_budget=4, max_batch_size=128, out_dir="rep",
+        log=lines.append,
+    )
+    out = dataclasses.asdict(result.recommended)
+except batchfit.BatchfitError as exc:
+    out = {"error": str(exc)}
+with open(f"rec.{rank}.json", "w") as f:
+    json.dump({**out, "log": lines}, f)
 """
+
+
+def _tune_script(tmp_path: Path, **env: str) -> list[dict]:
+    """tune_script.py under torchrun on 2 ranks: what each rank returned (or raised) and logged."""
+    cmd = _launcher(["--nproc-per-node", "2", "--master-port", str(_free_port())])[:-2]
+    run = subprocess.run(
+        [*cmd, "tune_script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=90,
+        env=_env(tmp_path, **env),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return [json.loads((tmp_path / f"rec.{r}.json").read_text()) for r in (0, 1)]
 
 
 def test_tune_under_two_ranks_decides_once_writes_once_and_every_rank_holds_the_answer(tmp_path):
     (tmp_path / "tune_script.py").write_text(TUNE_SCRIPT)
-    cmd = _launcher(["--nproc-per-node", "2", "--master-port", str(_free_port())])[:-2]
-    run = subprocess.run(
-        [*cmd, "tune_script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=90,
-        env=_env(tmp_path),
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    recs = [json.loads((tmp_path / f"rec.{r}.json").read_text()) for r in (0, 1)]
+    recs = _tune_script(tmp_path)
+    logs = [rec.pop("log") for rec in recs]
     assert recs[0] == recs[1] and recs[0]["batch_size"] >= 1
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["recommended"]["batch_size"] == recs[0]["batch_size"]
+    # every rank searched its own memory ceiling (rank 1 runs out above 8, rank 0 above 64 and
+    # reached at least 32, the doublings made whatever the budget); the minimum won on every rank
+    per_rank = report["memory"]["per_rank"]
+    assert per_rank[1] == 8 and 32 <= per_rank[0] <= 64, per_rank
+    assert report["memory"]["max_micro_batch_size"] == 8 and recs[0]["micro_batch_size"] <= 8
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "minimum of the 2 ranks' ceilings" in md and "rank 1: 8)" in md
+    # each rank searched once; rank 0 alone measured the rest, within the combined ceiling
+    assert [sum("memory: micro-batch 1:" in line for line in log) for log in logs] == [1, 1]
+    assert any(line.startswith("throughput") for line in logs[0])
+    assert not any(line.startswith(("throughput", "noise")) for line in logs[1])
+    # nothing fits on rank 1 (out of memory at 1): every rank raises its one-line error
+    failed = _tune_script(tmp_path, CAPS="[64, 0]")
+    assert failed[0]["error"] == failed[1]["error"], failed
+    assert failed[0]["error"].startswith("On rank 1 of 2: The memory limit"), failed[0]
+    assert "\n" not in failed[0]["error"]
+    assert not (tmp_path / "rep" / "report.json").exists()  # no earlier report left as its answer
     # the command line: one result printed, by rank 0
     args = ["tune", "--example", "linreg", "--time-budget", "10", "--out", "cli", "--json"]
     cli = _torchrun(tmp_path, args)

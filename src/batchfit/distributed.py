@@ -269,3 +269,39 @@ def on_rank_0(measure: Callable[[], T], wait_s: float) -> T:
         error.printed_by_rank_0 = True  # type: ignore[attr-defined] # the command line says it once
         raise error
     return value  # type: ignore[return-value]
+
+
+def on_every_rank(measure: Callable[[], T], wait_s: float) -> list[T]:
+    """``measure()`` run by every rank at the same time; every rank's result, in rank order, on
+    every rank (gathered on a gloo group of its own that waits up to ``wait_s`` seconds).
+
+    A :class:`~batchfit.errors.BatchfitError` on any rank is raised on every rank: the lowest
+    failing rank's message, naming that rank unless it is rank 0 or every rank failed alike
+    (marked ``printed_by_rank_0`` on all ranks but 0, whose command line says it once). A rank
+    that dies ends the job through torchrun."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
+    try:
+        try:
+            mine: tuple[str, object] = ("result", measure())
+        except BatchfitError as exc:
+            mine = ("error", str(exc))
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    errors = [(r, value) for r, (kind, value) in enumerate(every) if kind == "error"]
+    if errors:
+        raise _error_of_ranks(errors, len(every))
+    return [value for _, value in every]
+
+
+def _error_of_ranks(errors: list[tuple[int, str]], world: int) -> BatchfitError:
+    """The one error every rank raises for the ranks that failed (``(rank, message)`` pairs)."""
+    first, message = errors[0]
+    alike = len(errors) == world and len({m for _, m in errors}) == 1
+    if first != 0 and not alike:
+        message = f"On rank {first} of {world}: {message}"
+    error = BatchfitError(message)
+    if rank() != 0:
+        error.printed_by_rank_0 = True  # type: ignore[attr-defined] # the command line says it once
+    return error

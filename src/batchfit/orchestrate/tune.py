@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from batchfit.core.configs import TuneConfig
 from batchfit.core.lr_scaling import default_rule, scale_lr
 from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
-from batchfit.distributed import on_rank_0, world_size
+from batchfit.distributed import is_main, place, world_size
 from batchfit.errors import BatchfitError
 from batchfit.files import discard_report, prepare_report_folder
 from batchfit.inputs import (
@@ -44,6 +44,7 @@ from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
 from batchfit.orchestrate.tune_decision import decision, race_lines
 from batchfit.orchestrate.tune_race import race_phase
+from batchfit.orchestrate.tune_ranks import tune_on_ranks
 from batchfit.orchestrate.tune_result import Recommended, TuneResult
 from batchfit.orchestrate.tune_state import TuneRun
 from batchfit.probe.lr_range import LRRange, lr_range_test
@@ -69,6 +70,7 @@ from batchfit.step import (
 NOISE_MICRO_BATCH = 32
 NOISE_ACCUMULATION = 8
 LR_RANGE_STEPS = 60
+T = TypeVar("T")
 #: A noise scale read over fewer steps than this is marked provisional.
 MIN_NOISE_STEPS = 16
 
@@ -111,10 +113,13 @@ def tune(
     The model's parameters, buffers, mode and device, and torch's random state, are the same
     afterwards.
 
-    Under torchrun (or inside a process group of several processes), rank 0 measures alone on
-    its own device while the other ranks wait, then every rank returns rank 0's result: one
-    decision, the report written once. (Each rank measuring and the minimum ceiling winning is
-    not done: on identical devices rank 0's measurements stand for all.)
+    Under torchrun (or inside a process group of several processes), every rank searches its
+    memory ceiling on its own device at the same time, under its own limit; the smallest ceiling
+    wins (the report lists each rank's), and an error on any rank (nothing fits) is raised on
+    every rank. Then rank 0 alone measures the rest (throughput, noise, learning rate, race)
+    within that ceiling while the other ranks wait, and every rank returns rank 0's result: one
+    decision, the report written once (:mod:`~batchfit.orchestrate.tune_ranks`). The gradient
+    noise scale is still rank 0's own measurement, not read from the ranks' gradients.
 
     Examples:
         >>> import torch
@@ -124,9 +129,20 @@ def tune(
         (True, 'adam, sqrt rule from 0.001 at 32')
     """
     config = _checked_config(model, config, options)
-    if world_size() > 1:  # under torchrun: rank 0 measures, the others wait for its answer
-        wait = 3 * (config.time_budget or 300) + 300
-        return on_rank_0(lambda: _tune(model, data, val_data, loss, log, config), wait)
+    if world_size() > 1:  # under torchrun: every rank's ceiling, the minimum wins; then rank 0
+        config = replace(config, budget_started=config.budget_started or time.time())
+        try:
+            return tune_on_ranks(
+                lambda: _memory_here(model, data, loss, log, config),
+                lambda memory, seconds: _tune(
+                    model, data, val_data, loss, log, config, measured=(memory, seconds)
+                ),
+                wait_s=3 * (config.time_budget or 300) + 300,
+            )
+        except BatchfitError:
+            if config.out_dir is not None and is_main():  # another rank's error: no old report
+                discard_report(config.out_dir, REPORT_FILES)
+            raise
     return _tune(model, data, val_data, loss, log, config)
 
 
@@ -137,23 +153,63 @@ def _tune(
     loss: str | LossFn | Loss | None,
     log: Callable[[str], None] | None,
     config: TuneConfig,
+    measured: tuple[MemoryCeiling, float] | None = None,
 ) -> TuneResult:
-    """Every phase and the report, in this process."""
-    wall_start = time.perf_counter()
-    budget_started = time.time() if config.budget_started is None else config.budget_started
+    """Every phase and the report, in this process; with ``measured`` (the memory ceiling and
+    the seconds it took: under torchrun, the minimum over the ranks) every phase but memory."""
+    wall_start = time.perf_counter() - (measured[1] if measured else 0.0)
     out = None
     if config.out_dir is not None:
         out = prepare_report_folder(config.out_dir, REPORT_FILES)
+    run = _new_run(model, data, val_data, loss, log, config, measuring_began=bool(measured))
+    if measured is not None:
+        run.memory, run.phase_seconds["memory"] = measured
+    result = _measured_on(run, _measure_and_recommend, out)
+    result = replace(result, seconds=round(time.perf_counter() - wall_start, 3))
+    return result if out is None else _with_report(result, out)
+
+
+def _memory_here(
+    model: nn.Module,
+    data: object,
+    loss: str | LossFn | Loss | None,
+    log: Callable[[str], None] | None,
+    config: TuneConfig,
+) -> MemoryCeiling:
+    """This rank's memory ceiling, on its own device (under torchrun every rank at once):
+    :func:`_tune`'s checks and its memory phase, nothing written."""
+    if config.out_dir is not None and is_main():
+        prepare_report_folder(config.out_dir, REPORT_FILES)  # checked before measuring
+    run = _new_run(model, data, None, loss, log, config)
+    return _measured_on(run, lambda r: _memory_phase(r, _checked_optimizer(r)), None)
+
+
+def _new_run(
+    model: nn.Module,
+    data: object,
+    val_data: object | None,
+    loss: str | LossFn | Loss | None,
+    log: Callable[[str], None] | None,
+    config: TuneConfig,
+    *,
+    measuring_began: bool = False,
+) -> TuneRun:
+    """The run's state: data, loss, device, the time budget (counted from ``budget_started``;
+    checked for time left to measure unless ``measuring_began``)."""
+    budget_started = time.time() if config.budget_started is None else config.budget_started
     source = as_source(data, seed=config.seed)
-    loss_of_task = loss_for(source, loss)
-    device = resolve_device(config.device)
-    run = TuneRun(
+    device = place(resolve_device(config.device))
+    return TuneRun(
         config=config,
         model=model,
         source=source,
-        loss=loss_of_task,
+        loss=loss_for(source, loss),
         budget=TimeBudget.start(
-            config.time_budget, device.type, budget_started, writes_report=out is not None
+            config.time_budget,
+            device.type,
+            budget_started,
+            writes_report=config.out_dir is not None,
+            measuring_began=measuring_began,
         ),
         log=log or (lambda _: None),
         smallest=smallest_trainable_size(model),
@@ -161,10 +217,8 @@ def _tune(
         val_data=as_source(val_data, shuffle=False, what="validation data")
         if val_data is not None
         else None,
+        device=device,
     )
-    result = _measured_on(device, run, out)
-    result = replace(result, seconds=round(time.perf_counter() - wall_start, 3))
-    return result if out is None else _with_report(result, out)
 
 
 def _checked_config(model: nn.Module, config: TuneConfig | None, options: dict) -> TuneConfig:
@@ -177,16 +231,16 @@ def _checked_config(model: nn.Module, config: TuneConfig | None, options: dict) 
     return config
 
 
-def _measured_on(device: torch.device, run: TuneRun, out: Path | None) -> TuneResult:
-    """Every phase, on ``device`` with tune's own seed; the model goes back to its device and
-    torch's random state is untouched. A run that fails leaves no earlier report in ``out`` that
-    could look like its answer (an interrupted one keeps it)."""
-    user_device = model_device(run.model)
+def _measured_on(run: TuneRun, phases: Callable[[TuneRun], T], out: Path | None) -> T:
+    """``phases(run)`` on the run's device with tune's own seed; the model goes back to its
+    device and torch's random state is untouched. A run that fails leaves no earlier report in
+    ``out`` that could look like its answer (an interrupted one keeps it)."""
+    user_device, device = model_device(run.model), run.device
     run.model.to(device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(run.config.seed)
-            return _measure_and_recommend(run)
+            return phases(run)
     except BatchfitError:
         if out is not None:
             discard_report(out, REPORT_FILES)
@@ -209,17 +263,13 @@ def _check_batch_norm_cap(model: object, max_batch_size: int | None) -> None:
 
 def _measure_and_recommend(run: TuneRun) -> TuneResult:
     """The phases of :func:`tune`, in order, on the model already on its device."""
-    check_model_accepts_data(run.model, run.source, run.loss)
+    optimizer = _checked_optimizer(run)
     budget = f"time budget {run.budget.total:g} s"
     run.log(f"tune: {run.config.task_name}, {run.source.describe()}; {budget}")
     # Timings on a shared or oversubscribed CPU are slow alike and say nothing: look first.
     machine = check_machine(model_device(run.model))
     for warning in machine.warnings:
         run.log(f"warning: {warning}")
-    # The optimizer's state counts in the memory trials; its step is timed too.
-    optimizer = make_optimizer(
-        run.config.optimizer, run.model, run.config.lr or DEFAULT_LR[run.config.optimizer]
-    )
     memory = _memory_phase(run, optimizer)
     throughput, ceiling = _throughput_phase(run, optimizer, memory.max_micro_batch_size)
     noise = _noise_phase(run, ceiling)
@@ -257,8 +307,20 @@ def _measure_and_recommend(run: TuneRun) -> TuneResult:
     )
 
 
+def _checked_optimizer(run: TuneRun) -> torch.optim.Optimizer:
+    """The measured optimizer, once the model is known to accept the data. Its state counts in
+    the memory trials; its step is timed too."""
+    check_model_accepts_data(run.model, run.source, run.loss)
+    config = run.config
+    return make_optimizer(config.optimizer, run.model, config.lr or DEFAULT_LR[config.optimizer])
+
+
 def _memory_phase(run: TuneRun, optimizer: torch.optim.Optimizer) -> MemoryCeiling:
-    """The largest micro-batch that fits."""
+    """The largest micro-batch that fits (under torchrun: measured already, on every rank)."""
+    if run.memory is not None:
+        run.budget.give_share_away("memory")
+        run.skipped += run.memory.notes
+        return run.memory
     with run.timed("memory"):
         memory = find_max_micro_batch_size(
             run.model,

@@ -43,13 +43,21 @@ class TimeBudget:
 
     @classmethod
     def start(
-        cls, time_budget: float | None, device_type: str, started: float, *, writes_report: bool
+        cls,
+        time_budget: float | None,
+        device_type: str,
+        started: float,
+        *,
+        writes_report: bool,
+        measuring_began: bool = False,
     ) -> TimeBudget:
         """The budget of a run: ``time_budget`` seconds (default per device type), with time kept
-        for the report when one is written; refused when too little is left to measure."""
+        for the report when one is written; refused when too little is left to measure, unless
+        ``measuring_began`` (a run whose memory was measured already, under torchrun)."""
         seconds = time_budget or DEFAULT_TIME_BUDGET_S["cuda" if device_type == "cuda" else "cpu"]
         reserve = min(REPORT_RESERVE_S, 0.15 * seconds) if writes_report else 0.0
-        check_budget_left(seconds, started, reserve)
+        if not measuring_began:
+            check_budget_left(seconds, started, reserve)
         return cls(seconds, started, reserve)
 
     def remaining(self) -> float:

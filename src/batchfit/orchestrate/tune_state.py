@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from batchfit.core.configs import TuneConfig
@@ -17,7 +18,7 @@ from batchfit.errors import first_line
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
 from batchfit.probe.harness import Diverged, OutOfTime
-from batchfit.probe.memory import is_out_of_memory, release_memory
+from batchfit.probe.memory import MemoryCeiling, is_out_of_memory, release_memory
 from batchfit.step import model_device
 
 T = TypeVar("T")
@@ -44,6 +45,10 @@ class TuneRun:
     #: Divergences and out-of-memory errors of the optional phases, for the decision.
     failures: list[str] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    #: Where it measures (under torchrun: this rank's device).
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: The memory ceiling measured already (under torchrun: the minimum over the ranks).
+    memory: MemoryCeiling | None = None
 
     @property
     def loss_fn(self) -> LossFn:

@@ -107,7 +107,8 @@ class MemoryTrial:
 @dataclass(frozen=True)
 class MemoryCeiling:
     """The result of the memory probe. ``capped_by`` says what ended the search: ``memory``,
-    ``max_batch_size``, ``data size`` or ``time budget``."""
+    ``max_batch_size``, ``data size`` or ``time budget``. Under torchrun, ``per_rank`` holds each
+    rank's ceiling (rank order) and the rest is the smallest one's search; empty in one process."""
 
     max_micro_batch_size: int
     limit_bytes: int
@@ -122,6 +123,7 @@ class MemoryCeiling:
     confirmation: str
     peak_measure: str
     notes: tuple[str, ...] = field(default=())
+    per_rank: tuple[int, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -459,7 +461,12 @@ def find_max_micro_batch_size(
     # One untracked iteration first: one-time allocations (thread pools, kernel workspaces) then
     # count in the baseline rather than in the first trial.
     with preserved(model, optim):
-        _iteration(model, optim, loss_fn, data, start, device)
+        try:
+            _iteration(model, optim, loss_fn, data, start, device)
+        except Exception as exc:  # out of memory already: the first trial says so, with the limit
+            if not is_out_of_memory(exc):
+                raise
+            release_memory(device, collect=True)
     limit = _limit(device, limit_bytes, headroom)
     search = _Search(model, optim, loss_fn, data, device, limit, headroom, log)
     best, _, stopped = search_ceiling(search.fits, cap, start=start, deadline=deadline)

@@ -122,6 +122,7 @@ def _memory_json(memory: TuneData) -> dict[str, Any]:
         "confirmed_in_child": memory["confirmed"],
         "confirmation": memory["confirmation"],
         "trials": [{k: t[k] for k in keys} for t in memory["trials"]],
+        "per_rank": list(memory.get("per_rank", ())),
     }
 
 
@@ -373,6 +374,18 @@ def _md_noise(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _per_rank_sentence(per_rank: list[int]) -> str:
+    """Under torchrun: the ceiling is the smallest of the ranks' (each measured on its device)."""
+    if len(per_rank) < 2:
+        return ""
+    each = ", ".join(f"rank {r}: {c}" for r, c in enumerate(per_rank))
+    least = per_rank.index(min(per_rank))
+    return (
+        f"It is the minimum of the {len(per_rank)} ranks' ceilings, each measured on its own "
+        f"device ({each}); the limit and trials here are rank {least}'s. "
+    )
+
+
 def _md_memory(report: dict[str, Any]) -> list[str]:
     mem = report["memory"]
     rows = [
@@ -390,7 +403,8 @@ def _md_memory(report: dict[str, Any]) -> list[str]:
         f"Limit {format_bytes(mem['limit_bytes'])} ({mem['limit_source']}), "
         f"{mem['headroom']:.0%} headroom; measured as {mem['peak_measure']}. "
         f"Ceiling: micro-batch **{mem['max_micro_batch_size']}** ({mem['capped_by']}). "
-        f"Check in a limited child process: {mem['confirmation']}.",
+        + _per_rank_sentence(mem.get("per_rank", []))
+        + f"Check in a limited child process: {mem['confirmation']}.",
         "",
         "![memory and step time](memory_and_step_time.png)",
         "",

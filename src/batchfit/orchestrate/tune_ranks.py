@@ -1,0 +1,41 @@
+"""``tune`` under torchrun: every rank measures its memory ceiling at once, the minimum wins.
+
+Why: the ranks train together, each on its own device, so the micro-batch must fit on every one
+of them; a device with less room (a smaller GPU, a busier machine, a model whose footprint
+differs by rank) sets the ceiling for all. Each rank searches its own device under its own limit;
+the ceilings are gathered and the smallest rank's search stands for all, with every rank's
+ceiling kept (``per_rank``). An error on any rank (nothing fits even at the smallest size) is
+raised on every rank. The later phases (throughput, noise, learning rate, race) then run on rank
+0 alone with that ceiling while the others wait for its answer (:func:`on_rank_0`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TypeVar
+
+from batchfit.distributed import on_every_rank, on_rank_0
+from batchfit.probe.memory import MemoryCeiling
+
+T = TypeVar("T")
+
+
+def smallest_ceiling(ceilings: Sequence[MemoryCeiling]) -> MemoryCeiling:
+    """The lowest rank's smallest ceiling, listing every rank's (``per_rank``, rank order)."""
+    least = min(ceilings, key=lambda c: c.max_micro_batch_size)
+    return replace(least, per_rank=tuple(c.max_micro_batch_size for c in ceilings))
+
+
+def tune_on_ranks(
+    measure_memory: Callable[[], MemoryCeiling],
+    rest: Callable[[MemoryCeiling, float], T],
+    wait_s: float,
+) -> T:
+    """``measure_memory()`` on every rank, then ``rest(combined ceiling, seconds it took)`` on
+    rank 0 alone; every rank returns rank 0's result or raises its error."""
+    started = time.perf_counter()
+    combined = smallest_ceiling(on_every_rank(measure_memory, wait_s))
+    seconds = round(time.perf_counter() - started, 3)
+    return on_rank_0(lambda: rest(combined, seconds), wait_s)
