@@ -332,7 +332,7 @@ import batchfit
 
 torch.distributed.init_process_group("gloo")
 rank = int(os.environ["RANK"])
-torch.manual_seed(rank)  # each rank its own model and data: rank 0's count
+torch.manual_seed(rank)  # each rank its own model: rank 0's weights count
 # rank r runs out of memory training above caps[r] rows (inference, without gradients, fits)
 caps = json.loads(os.environ.get("CAPS", "[64, 8]"))
 
@@ -344,19 +344,22 @@ class Capped(torch.nn.Linear):
         return super().forward(x)
 
 
-x = torch.randn(512, 8)
-y = x @ torch.randn(8, 1)
+data = torch.Generator().manual_seed(3)  # the same data set on every rank, as in training
+x = torch.randn(512, 8, generator=data)
+y = x @ torch.randn(8, 1, generator=data) + 0.5 * torch.randn(512, 1, generator=data)
 lines = []
 try:
     result = batchfit.tune(
-        Capped(8, 1), (x, y), lr=1e-3, time_budget=4, max_batch_size=128, out_dir="rep",
+        Capped(8, 1), (x, y), lr=1e-3, time_budget=6, max_batch_size=128, out_dir="rep",
         log=lines.append,
     )
     out = dataclasses.asdict(result.recommended)
+    out["noise_steps"] = result.noise.start_steps + result.noise.steps if result.noise else None
 except batchfit.BatchfitError as exc:
     out = {"error": str(exc)}
 with open(f"rec.{rank}.json", "w") as f:
     json.dump({**out, "log": lines}, f)
+torch.distributed.destroy_process_group()  # left to exit, gloo may abort the process
 """
 
 
@@ -385,10 +388,21 @@ def test_tune_under_two_ranks_decides_once_writes_once_and_every_rank_holds_the_
     assert report["memory"]["max_micro_batch_size"] == 8 and recs[0]["micro_batch_size"] <= 8
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "minimum of the 2 ranks' ceilings" in md and "rank 1: 8)" in md
-    # each rank searched once; rank 0 alone measured the rest, within the combined ceiling
+    # each rank searched once; rank 0 alone measured throughput on, within the combined ceiling
     assert [sum("memory: micro-batch 1:" in line for line in log) for log in logs] == [1, 1]
     assert any(line.startswith("throughput") for line in logs[0])
-    assert not any(line.startswith(("throughput", "noise")) for line in logs[1])
+    assert not any(line.startswith("throughput") for line in logs[1])
+    # the noise scale came from both ranks' gradients (b each) and their all-reduce (2b): rank 1
+    # took every joint step rank 0 did (those at the initial weights, the warm-up, the measured)
+    noise = report["noise"]
+    assert "Measured from 2 ranks' gradients and their all-reduce." in noise["notes"], noise
+    assert noise["batch_size"] == 2 * noise["micro_batch_size"] <= 16, noise
+    assert 0 < noise["b_simple"] < float("inf") and noise["steps_averaged"] >= 2, noise
+    joint = [line for line in logs[1] if line.startswith("noise")]
+    assert joint == [f"noise: rank 1 of 2 took {recs[0]['noise_steps']} joint gradient steps"]
+    assert any("batch 16 = 2 ranks x 8" in line for line in logs[0]), logs[0]
+    # and agrees with one process's probe (batches of 8 x 8) on the same data and weights
+    assert 1 / 3 < noise["b_simple"] / _one_process_b_simple() < 3, noise
     # nothing fits on rank 1 (out of memory at 1): every rank raises its one-line error
     failed = _tune_script(tmp_path, CAPS="[64, 0]")
     assert failed[0]["error"] == failed[1]["error"], failed
@@ -408,3 +422,18 @@ def test_tune_under_two_ranks_decides_once_writes_once_and_every_rank_holds_the_
     failed = _torchrun(tmp_path, ["tune", "--example", "linreg", "--time-budget", "2", "--quiet"])
     assert failed.returncode != 0
     assert failed.stderr.count("batchfit tune: error: The time budget") == 1, failed.stderr
+
+
+def _one_process_b_simple() -> float:
+    """TUNE_SCRIPT's task tuned by one process within rank 1's ceiling: its ``B_simple``."""
+    import torch
+
+    import batchfit
+
+    data = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 8, generator=data)
+    y = x @ torch.randn(8, 1, generator=data) + 0.5 * torch.randn(512, 1, generator=data)
+    torch.manual_seed(0)  # rank 0's weights
+    result = batchfit.tune(torch.nn.Linear(8, 1), (x, y), lr=1e-3, time_budget=3, max_batch_size=8)
+    assert result.noise is not None and result.noise.estimate.big_batch_size == 64
+    return result.noise.estimate.b_simple

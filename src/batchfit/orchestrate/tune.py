@@ -30,7 +30,7 @@ from batchfit.core.configs import TuneConfig
 from batchfit.core.lr_scaling import default_rule, scale_lr
 from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
-from batchfit.distributed import is_main, place, world_size
+from batchfit.distributed import is_main, place, rank, world_size
 from batchfit.errors import BatchfitError
 from batchfit.files import discard_report, prepare_report_folder
 from batchfit.inputs import (
@@ -46,7 +46,8 @@ from batchfit.orchestrate.tune_decision import decision, race_lines
 from batchfit.orchestrate.tune_race import race_phase
 from batchfit.orchestrate.tune_ranks import tune_on_ranks
 from batchfit.orchestrate.tune_result import Recommended, TuneResult
-from batchfit.orchestrate.tune_state import TuneRun
+from batchfit.orchestrate.tune_state import MeasuredNoise, TuneRun
+from batchfit.probe.harness import Deadline
 from batchfit.probe.lr_range import LRRange, lr_range_test
 from batchfit.probe.machine import check_machine
 from batchfit.probe.memory import (
@@ -55,6 +56,7 @@ from batchfit.probe.memory import (
     find_max_micro_batch_size,
 )
 from batchfit.probe.noise import NoiseMeasurement, warmup_and_measure
+from batchfit.probe.noise_ranks import FROM_RANKS, JointProbe, follow_noise_probe, lead_noise_probe
 from batchfit.probe.race import RaceResult
 from batchfit.probe.throughput import Throughput, measure_throughput, powers_of_two_up_to
 from batchfit.report.tune_report import REPORT_FILES, write_report
@@ -116,10 +118,13 @@ def tune(
     Under torchrun (or inside a process group of several processes), every rank searches its
     memory ceiling on its own device at the same time, under its own limit; the smallest ceiling
     wins (the report lists each rank's), and an error on any rank (nothing fits) is raised on
-    every rank. Then rank 0 alone measures the rest (throughput, noise, learning rate, race)
-    within that ceiling while the other ranks wait, and every rank returns rank 0's result: one
-    decision, the report written once (:mod:`~batchfit.orchestrate.tune_ranks`). The gradient
-    noise scale is still rank 0's own measurement, not read from the ranks' gradients.
+    every rank. Then every rank measures the gradient noise scale together from rank 0's
+    weights: each rank's gradient over its micro-batch ``b`` is the small batch, their
+    all-reduced mean the large one (``b W``), read by the same estimator
+    (:mod:`~batchfit.probe.noise_ranks`; the measurement's notes say so). Then rank 0 alone
+    measures the rest (throughput, learning rate, race) within that ceiling while the other
+    ranks wait, and every rank returns rank 0's result: one decision, the report written once
+    (:mod:`~batchfit.orchestrate.tune_ranks`).
 
     Examples:
         >>> import torch
@@ -132,12 +137,14 @@ def tune(
     if world_size() > 1:  # under torchrun: every rank's ceiling, the minimum wins; then rank 0
         config = replace(config, budget_started=config.budget_started or time.time())
         try:
+            wait_s = 3 * (config.time_budget or 300) + 300
             return tune_on_ranks(
                 lambda: _memory_here(model, data, loss, log, config),
-                lambda memory, seconds: _tune(
-                    model, data, val_data, loss, log, config, measured=(memory, seconds)
+                lambda memory: _noise_here(model, data, loss, log, config, memory, wait_s),
+                lambda memory, noise, seconds: _tune(
+                    model, data, val_data, loss, log, config, (memory, seconds), noise
                 ),
-                wait_s=3 * (config.time_budget or 300) + 300,
+                wait_s=wait_s,
             )
         except BatchfitError:
             if config.out_dir is not None and is_main():  # another rank's error: no old report
@@ -154,9 +161,12 @@ def _tune(
     log: Callable[[str], None] | None,
     config: TuneConfig,
     measured: tuple[MemoryCeiling, float] | None = None,
+    noise: MeasuredNoise | None = None,
 ) -> TuneResult:
     """Every phase and the report, in this process; with ``measured`` (the memory ceiling and
-    the seconds it took: under torchrun, the minimum over the ranks) every phase but memory."""
+    the seconds it took: under torchrun, the minimum over the ranks) every phase but memory, and
+    with ``noise`` (under torchrun, measured by the ranks together; its seconds are part of
+    ``measured``'s) not the noise phase either."""
     wall_start = time.perf_counter() - (measured[1] if measured else 0.0)
     out = None
     if config.out_dir is not None:
@@ -164,6 +174,11 @@ def _tune(
     run = _new_run(model, data, val_data, loss, log, config, measuring_began=bool(measured))
     if measured is not None:
         run.memory, run.phase_seconds["memory"] = measured
+    if noise is not None:  # its share of the budget is spent
+        run.noise, run.phase_seconds["memory"] = noise, round(measured[1] - noise.seconds, 3)
+        run.budget.give_share_away("noise")
+        if config.lr is not None:
+            run.budget.give_share_away("lr")
     result = _measured_on(run, _measure_and_recommend, out)
     result = replace(result, seconds=round(time.perf_counter() - wall_start, 3))
     return result if out is None else _with_report(result, out)
@@ -182,6 +197,42 @@ def _memory_here(
         prepare_report_folder(config.out_dir, REPORT_FILES)  # checked before measuring
     run = _new_run(model, data, None, loss, log, config)
     return _measured_on(run, lambda r: _memory_phase(r, _checked_optimizer(r)), None)
+
+
+def _noise_here(
+    model: nn.Module,
+    data: object,
+    loss: str | LossFn | Loss | None,
+    log: Callable[[str], None] | None,
+    config: TuneConfig,
+    memory: MemoryCeiling,
+    wait_s: float,
+) -> MeasuredNoise | None:
+    """Under torchrun, on every rank at once: the noise phase from the ranks' gradients within
+    the combined ceiling (:mod:`~batchfit.probe.noise_ranks`); rank 0 returns what it measured
+    (the others None)."""
+    run = _new_run(model, data, None, loss, log, config, measuring_began=True)
+    run.memory = memory
+    run.budget.give_share_away("memory")
+    probe = JointProbe(wait_s)
+    try:
+        if not is_main():
+            steps = _measured_on(
+                run, lambda r: follow_noise_probe(r.model, r.source, r.loss_fn, probe), None
+            )
+            run.log(f"noise: rank {rank()} of {world_size()} took {steps} joint gradient steps")
+            return None
+        try:
+            noise = _measured_on(
+                run, lambda r: _noise_phase(r, memory.max_micro_batch_size, probe), None
+            )
+        finally:
+            probe.stop()  # the others wait for it even when rank 0 measured nothing
+    finally:
+        probe.close()
+    return MeasuredNoise(
+        noise, tuple(run.skipped), tuple(run.failures), run.phase_seconds.get("noise", 0.0)
+    )
 
 
 def _new_run(
@@ -360,9 +411,12 @@ def _throughput_phase(
     return throughput, ceiling
 
 
-def _noise_sizes(ceiling: int, n: int | None, smallest: int = 1) -> tuple[int, int] | None:
+def _noise_sizes(
+    ceiling: int, n: int | None, smallest: int = 1, ranks: int = 1
+) -> tuple[int, int] | None:
     """``(micro-batch b, accumulation k)`` for the noise probe: ``smallest <= b <= 32`` and
-    ``k <= 8``, ``b k <= N / 2`` so that a measurement run sees several distinct batches.
+    ``k <= 8``, ``b k <= N / 2`` so that a measurement run sees several distinct batches (with
+    several ``ranks``, each one micro-batch: ``k`` is the number of ranks).
 
     >>> _noise_sizes(4000, 4000), _noise_sizes(4000, 40), _noise_sizes(4000, 40, smallest=2)
     ((32, 8), (8, 2), (8, 2))
@@ -372,21 +426,31 @@ def _noise_sizes(ceiling: int, n: int | None, smallest: int = 1) -> tuple[int, i
     b = smallest
     while b * 2 <= min(NOISE_MICRO_BATCH, ceiling):
         b *= 2
-    k = NOISE_ACCUMULATION
+    k = NOISE_ACCUMULATION if ranks == 1 else ranks
     limit = n // 2 if n is not None else math.inf
-    while b * k > limit and k > 2:
+    while b * k > limit and k > 2 and ranks == 1:
         k //= 2
     while b * k > limit and b // 2 >= smallest:
         b //= 2
     return (b, k) if b * k <= limit else None
 
 
-def _noise_phase(run: TuneRun, ceiling: int) -> NoiseMeasurement | None:
+def _noise_phase(
+    run: TuneRun, ceiling: int, probe: JointProbe | None = None
+) -> NoiseMeasurement | None:
     """The gradient noise scale, at the initial weights and after a short warm-up from them;
-    None when the data are too few or the probe failed (``skipped`` says why)."""
+    None when the data are too few or the probe failed (``skipped`` says why). With ``probe``
+    (under torchrun, on rank 0) every rank measures together, the ranks' gradients the small
+    batch and their all-reduce the large one; with ``run.noise`` it was measured so already."""
+    if run.noise is not None:
+        run.skipped += run.noise.skipped
+        run.failures += run.noise.failures
+        run.phase_seconds["noise"] = run.noise.seconds
+        return run.noise.measurement
     config, n = run.config, run.source.num_samples
     with run.timed("noise"):
-        sizes = _noise_sizes(ceiling, n, run.smallest)
+        ranks = 1 if probe is None else world_size()
+        sizes = _noise_sizes(ceiling, n, run.smallest, ranks)
         if config.lr is not None:
             run.budget.give_share_away("lr")  # no range test: its time goes to the noise probe
         deadline = run.budget.phase("noise")
@@ -395,33 +459,11 @@ def _noise_phase(run: TuneRun, ceiling: int) -> NoiseMeasurement | None:
                 f"Noise scale not measured: {n} samples are too few for two batch sizes."
             )
             return None
-        b, k = sizes
-        base_lr = config.warmup_lr or config.lr or DEFAULT_LR[config.optimizer]
-        lr = scale_lr(base_lr, config.lr_batch_size, b * k, run.lr_scaling)
-        run.log(
-            f"noise: warm-up from the initial weights, batch {b * k} = {k} x {b}, "
-            f"{config.optimizer} lr {lr:.3g}"
-        )
-        error_sizes = powers_of_two_up_to(max(run.smallest, (n or 8192) // 4), run.smallest)
         noise = run.unless_it_fails(
-            "Noise scale",
-            lambda: warmup_and_measure(
-                run.model,
-                run.source,
-                run.loss_fn,
-                micro_batch_size=b,
-                accumulation=k,
-                optimizer=config.optimizer,
-                lr=lr,
-                deadline=deadline,
-                gradient_error_sizes=[s for s in error_sizes if s & (s - 1) == 0],
-                max_micro_batch_size=ceiling,
-                seed=config.seed,
-                log=run.log,
-            ),
+            "Noise scale", lambda: _noise_probe(run, sizes, ceiling, deadline, probe)
         )
         if noise is not None:
-            run.skipped += noise.notes
+            run.skipped += [m for m in noise.notes if not m.startswith(FROM_RANKS.split("{")[0])]
             if noise.estimate.pairs < MIN_NOISE_STEPS:
                 run.skipped.append(
                     f"The noise scale comes from {noise.estimate.pairs} steps only, so it is "
@@ -434,6 +476,47 @@ def _noise_phase(run: TuneRun, ceiling: int) -> NoiseMeasurement | None:
                 f"{est.low:.0f}-{est.high:.0f}) after {noise.steps} steps"
             )
     return noise
+
+
+def _noise_probe(
+    run: TuneRun,
+    sizes: tuple[int, int],
+    ceiling: int,
+    deadline: Deadline,
+    probe: JointProbe | None,
+) -> NoiseMeasurement:
+    """The noise probe at micro-batch ``b`` and accumulation ``k`` (``sizes``), or with ``probe``
+    at micro-batch ``b`` on each of the ranks."""
+    config, n = run.config, run.source.num_samples
+    b, k = sizes
+    big, parts = (
+        (b * k, f"{k} x {b}")
+        if probe is None
+        else (b * world_size(), f"{world_size()} ranks x {b}")
+    )
+    base_lr = config.warmup_lr or config.lr or DEFAULT_LR[config.optimizer]
+    lr = scale_lr(base_lr, config.lr_batch_size, big, run.lr_scaling)
+    run.log(
+        f"noise: warm-up from the initial weights, batch {big} = {parts}, "
+        f"{config.optimizer} lr {lr:.3g}"
+    )
+    error_sizes = powers_of_two_up_to(max(run.smallest, (n or 8192) // 4), run.smallest)
+    common = dict(
+        optimizer=config.optimizer,
+        lr=lr,
+        deadline=deadline,
+        gradient_error_sizes=[s for s in error_sizes if s & (s - 1) == 0],
+        max_micro_batch_size=ceiling,
+        seed=config.seed,
+        log=run.log,
+    )
+    if probe is not None:
+        return lead_noise_probe(
+            run.model, run.source, run.loss_fn, probe, micro_batch_size=b, **common
+        )
+    return warmup_and_measure(
+        run.model, run.source, run.loss_fn, micro_batch_size=b, accumulation=k, **common
+    )
 
 
 def _choose_batch_size(

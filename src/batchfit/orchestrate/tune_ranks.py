@@ -5,8 +5,11 @@ of them; a device with less room (a smaller GPU, a busier machine, a model whose
 differs by rank) sets the ceiling for all. Each rank searches its own device under its own limit;
 the ceilings are gathered and the smallest rank's search stands for all, with every rank's
 ceiling kept (``per_rank``). An error on any rank (nothing fits even at the smallest size) is
-raised on every rank. The later phases (throughput, noise, learning rate, race) then run on rank
-0 alone with that ceiling while the others wait for its answer (:func:`on_rank_0`).
+raised on every rank. Then every rank measures the gradient noise scale together, within that
+ceiling: each rank's gradient is the small batch, their all-reduce the large one
+(:mod:`batchfit.probe.noise_ranks`); an error there too is raised on every rank. The later phases
+(throughput, learning rate, race) then run on rank 0 alone with that ceiling and that noise
+measurement while the others wait for its answer (:func:`on_rank_0`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from batchfit.distributed import on_every_rank, on_rank_0
+from batchfit.orchestrate.tune_state import MeasuredNoise
 from batchfit.probe.memory import MemoryCeiling
 
 T = TypeVar("T")
@@ -30,12 +34,17 @@ def smallest_ceiling(ceilings: Sequence[MemoryCeiling]) -> MemoryCeiling:
 
 def tune_on_ranks(
     measure_memory: Callable[[], MemoryCeiling],
-    rest: Callable[[MemoryCeiling, float], T],
+    measure_noise: Callable[[MemoryCeiling], MeasuredNoise | None],
+    rest: Callable[[MemoryCeiling, MeasuredNoise, float], T],
     wait_s: float,
 ) -> T:
-    """``measure_memory()`` on every rank, then ``rest(combined ceiling, seconds it took)`` on
-    rank 0 alone; every rank returns rank 0's result or raises its error."""
+    """``measure_memory()`` on every rank, then ``measure_noise(combined ceiling)`` on every rank
+    together (rank 0's result counts; the others return None), then ``rest(combined ceiling,
+    noise, seconds both took)`` on rank 0 alone; every rank returns rank 0's result or raises its
+    error."""
     started = time.perf_counter()
     combined = smallest_ceiling(on_every_rank(measure_memory, wait_s))
+    noise = on_every_rank(lambda: measure_noise(combined), wait_s)[0]
+    assert noise is not None  # rank 0's
     seconds = round(time.perf_counter() - started, 3)
-    return on_rank_0(lambda: rest(combined, seconds), wait_s)
+    return on_rank_0(lambda: rest(combined, noise, seconds), wait_s)

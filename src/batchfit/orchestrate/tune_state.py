@@ -19,9 +19,22 @@ from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
 from batchfit.probe.harness import Diverged, OutOfTime
 from batchfit.probe.memory import MemoryCeiling, is_out_of_memory, release_memory
+from batchfit.probe.noise import NoiseMeasurement
 from batchfit.step import model_device
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MeasuredNoise:
+    """The noise phase done already (under torchrun: by every rank together): its measurement
+    (None when it failed or had too few samples), what it noted as cut short or failed, and its
+    seconds."""
+
+    measurement: NoiseMeasurement | None
+    skipped: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()
+    seconds: float = 0.0
 
 
 @dataclass
@@ -49,6 +62,8 @@ class TuneRun:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: The memory ceiling measured already (under torchrun: the minimum over the ranks).
     memory: MemoryCeiling | None = None
+    #: The noise phase done already (under torchrun: from the ranks' gradients, every rank).
+    noise: MeasuredNoise | None = None
 
     @property
     def loss_fn(self) -> LossFn:

@@ -172,6 +172,7 @@ def _noise_json(noise: TuneData | None) -> dict[str, Any]:
         "gradient_error_reference_samples": noise["gradient_error_reference_samples"]
         if noise
         else None,
+        "notes": list(noise["notes"]) if noise else [],
     }
 
 
