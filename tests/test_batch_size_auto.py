@@ -139,3 +139,30 @@ def test_api_auto_resume_without_saved_choice_raises(tmp_path):
             checkpoint_dir=tmp_path,
             resume=True,
         )
+
+
+def test_a_machine_unfit_for_timing_is_said_in_the_why_line():
+    """More torch threads than cores: tune's machine check names it with the fix, and the auto
+    run's second line carries it, so an answer measured on such a machine is not taken on trust."""
+    from batchfit.probe.machine import usable_cores
+
+    x = torch.randn(512, 8)
+    y = (x[:, 0] > 0).long()
+    before = torch.get_num_threads()
+    torch.set_num_threads(usable_cores() + 2)
+    said: list[str] = []
+    try:
+        result = batchfit.train(
+            torch.nn.Linear(8, 2),
+            (x, y),
+            batch_size="auto",
+            tune_budget=4,
+            max_steps=2,
+            log=said.append,
+            tune_options={"max_batch_size": 64},
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert len(said) == 2 and said[1].startswith("why: ")
+    assert "Warning:" in said[1] and f"OMP_NUM_THREADS={usable_cores()}" in said[1]
+    assert result.auto.reasons in said[1]

@@ -177,7 +177,10 @@ def _choice_of(tuned: TuneResult) -> AutoChoice:
         lr=r.lr,
         optimizer=r.optimizer,
         headline=headline(report),
-        reasons=reasons_line(report),
+        # a machine unfit for timing makes the answer doubtful: said where the answer is
+        reasons=" ".join(
+            [reasons_line(report)] + [f"Warning: {w}" for w in tuned.machine.warnings]
+        ),
     )
 
 
