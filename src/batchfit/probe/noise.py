@@ -73,14 +73,14 @@ REFERENCE_SAMPLES = 16384
 MIN_REFERENCE = 64
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise BatchfitError("The model has no trainable parameters; nothing to measure.")
     return params
 
 
-def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+def gradients_of(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
@@ -117,7 +117,7 @@ def measured_step(
             f"A measured batch of {len(y)} does not split into micro-batches of "
             f"{micro_batch_size}; use a multiple."
         )
-    params = _trainable(model)
+    params = trainable_parameters(model)
     device = params[0].device
     total: list[torch.Tensor] | None = None
     small_sq = torch.zeros((), dtype=torch.float64, device=device)
@@ -128,7 +128,7 @@ def measured_step(
             p.grad = None
         loss = loss_fn(model(xs.to(device)), ys.to(device))
         loss.backward()
-        grads = _grads(params)
+        grads = gradients_of(params)
         small_sq += squared_norm(grads)
         loss_sum += loss.detach().double()
         if total is None:
@@ -284,7 +284,7 @@ class _Readings:
         self.big_sq.append(big_sq)
         self.losses.append(loss)
 
-    def estimate(self, start: int, stop: int, run: _WarmUp) -> NoiseScale:
+    def estimate(self, start: int, stop: int, run: WarmUp) -> NoiseScale:
         """``B_simple`` over steps ``start`` to ``stop`` (0-based, ``stop`` excluded)."""
         return estimate_noise_scale(
             self.small_sq[start:stop],
@@ -298,7 +298,7 @@ class _Readings:
 
 
 @dataclass
-class _WarmUp:
+class WarmUp:
     """One run of the noise probe: its settings, the readings at the initial weights and during
     training, where the warm-up ended, why the run stopped, and what it has to say."""
 
@@ -361,7 +361,7 @@ def warmup_and_measure(
     """
     deadline = deadline or Deadline(None)
     started = time.perf_counter()
-    run = _WarmUp(
+    run = WarmUp(
         model=model,
         loss_fn=loss_fn,
         micro_batch_size=micro_batch_size,
@@ -380,14 +380,14 @@ def warmup_and_measure(
         optim = make_optimizer(optimizer, model, lr)
         stream = cycle_batches(data, run.batch_size)
         # 1. The noise scale and the loss at the initial weights: steps without updates.
-        _read_at_initial_weights(run, stream, deadline)
+        read_at_initial_weights(run, stream, deadline)
         # 2. Warm up from them, then measure, reading every step.
-        _train_and_read(
+        train_and_read(
             run, optim, stream, max_steps, min_measure_steps, deadline, bool(gradient_error_sizes)
         )
         # 3. The error of batch gradients at the warmed-up weights.
         if gradient_error_sizes and run.readings.losses:
-            curve, reference = _gradient_error(
+            curve, reference = measure_gradient_error(
                 run,
                 data,
                 gradient_error_sizes,
@@ -396,10 +396,10 @@ def warmup_and_measure(
                 deadline=deadline,
             )
     # 4. The estimate over the measured steps, and how it moved.
-    return _summarise(run, curve, reference, started)
+    return summarise_noise(run, curve, reference, started)
 
 
-def _read_at_initial_weights(run: _WarmUp, stream: Iterator[Batch], deadline: Deadline) -> None:
+def read_at_initial_weights(run: WarmUp, stream: Iterator[Batch], deadline: Deadline) -> None:
     """:data:`WINDOW` readings at the initial weights (no updates), and the loss there."""
     for _ in range(WINDOW):
         if deadline.expired():
@@ -415,8 +415,8 @@ def _read_at_initial_weights(run: _WarmUp, stream: Iterator[Batch], deadline: De
         )
 
 
-def _train_and_read(
-    run: _WarmUp,
+def train_and_read(
+    run: WarmUp,
     optim: torch.optim.Optimizer,
     stream: Iterator[Batch],
     max_steps: int,
@@ -458,7 +458,7 @@ def _train_and_read(
         raise _diverged(run.lr, run.loss_start, loss_end, len(losses), "rose instead of falling")
 
 
-def _end_warmup_when_due(run: _WarmUp, done: int, max_steps: int, half_time: float) -> None:
+def _end_warmup_when_due(run: WarmUp, done: int, max_steps: int, half_time: float) -> None:
     """End the warm-up once the loss has clearly fallen and its first fast fall is over, or half
     the steps or time have passed (then the estimate comes earlier in training than intended,
     and a note says so)."""
@@ -488,8 +488,8 @@ def _end_warmup_when_due(run: _WarmUp, done: int, max_steps: int, half_time: flo
             )
 
 
-def _gradient_error(
-    run: _WarmUp,
+def measure_gradient_error(
+    run: WarmUp,
     data: BatchSource,
     sizes: Sequence[int],
     *,
@@ -531,8 +531,8 @@ def _gradient_error(
     return (), None
 
 
-def _summarise(
-    run: _WarmUp,
+def summarise_noise(
+    run: WarmUp,
     curve: tuple[GradientErrorPoint, ...],
     reference: int | None,
     started: float,
@@ -594,7 +594,7 @@ def _mean_gradient(
 ) -> list[torch.Tensor]:
     """The mean gradient over ``total`` samples that arrive in ``chunks``, each weighted by its
     size, per parameter. Raises :class:`OutOfTime` when the ``deadline`` passes midway."""
-    params = _trainable(model)
+    params = trainable_parameters(model)
     device = params[0].device
     for p in params:
         p.grad = None
@@ -603,7 +603,7 @@ def _mean_gradient(
             raise OutOfTime("The deadline passed while computing a mean gradient.")
         loss = loss_fn(model(xs.to(device)), ys.to(device)) * (len(ys) / total)
         loss.backward()
-    grads = _grads(params)
+    grads = gradients_of(params)
     for p in params:
         p.grad = None
     return grads

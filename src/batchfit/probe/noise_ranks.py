@@ -31,14 +31,14 @@ from batchfit.probe.harness import Deadline, cycle_batches, preserved
 from batchfit.probe.noise import (
     GradientErrorPoint,
     NoiseMeasurement,
-    _gradient_error,
-    _grads,
-    _read_at_initial_weights,
-    _summarise,
-    _train_and_read,
-    _trainable,
-    _WarmUp,
+    WarmUp,
+    gradients_of,
+    measure_gradient_error,
+    read_at_initial_weights,
     squared_norm,
+    summarise_noise,
+    train_and_read,
+    trainable_parameters,
 )
 from batchfit.step import make_optimizer
 
@@ -84,7 +84,7 @@ def rank_step(
     """One joint step on every rank: rank 0's weights, this rank's slice of ``batch``; returns
     ``(mean over ranks of |g_b|^2, |g_bW|^2, mean loss)`` and leaves the all-reduced gradient
     in ``p.grad``."""
-    params = _trainable(model)
+    params = trainable_parameters(model)
     flat = torch.cat([p.detach().reshape(-1).cpu() for p in params])
     dist.broadcast(flat, src=0, group=group)
     with torch.no_grad():
@@ -97,7 +97,7 @@ def rank_step(
         p.grad = None
     loss = loss_fn(model(x[rows].to(params[0].device)), y[rows].to(params[0].device))
     loss.backward()
-    grads = _grads(params)
+    grads = gradients_of(params)
     local = torch.stack([squared_norm(grads).cpu(), loss.detach().double().cpu()])
     summed = torch.cat([g.detach().reshape(-1).cpu() for g in grads])
     dist.all_reduce(summed, group=group)
@@ -109,7 +109,7 @@ def rank_step(
     return small_sq, big_sq, mean_loss
 
 
-class _LeaderWarmUp(_WarmUp):
+class _LeaderWarmUp(WarmUp):
     """Rank 0's warm-up run: each step is a joint step of every rank."""
 
     group: dist.ProcessGroup
@@ -160,18 +160,18 @@ def lead_noise_probe(
             model.train()
             optim = make_optimizer(optimizer, model, lr)
             stream = cycle_batches(data, run.batch_size)
-            _read_at_initial_weights(run, stream, deadline)
-            _train_and_read(run, optim, stream, 400, 24, deadline, bool(gradient_error_sizes))
+            read_at_initial_weights(run, stream, deadline)
+            train_and_read(run, optim, stream, 400, 24, deadline, bool(gradient_error_sizes))
             probe.stop()  # the others are done; the gradient-error curve is rank 0's alone
             if gradient_error_sizes and run.readings.losses:
-                curve, reference = _gradient_error(
+                curve, reference = measure_gradient_error(
                     run, data, gradient_error_sizes, repeats=8,
                     micro_batch_size=max_micro_batch_size or run.batch_size, deadline=deadline,
                 )  # fmt: skip
     finally:
         probe.stop()  # also when rank 0 failed (out of time, diverged)
     run.notes.append(FROM_RANKS.format(world=world) + ".")
-    return _summarise(run, curve, reference, started)
+    return summarise_noise(run, curve, reference, started)
 
 
 def follow_noise_probe(
