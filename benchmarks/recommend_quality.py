@@ -466,20 +466,21 @@ def retime(
 # ----------------------------------------------------------------------------- tune, judged
 
 
-def tune_command(task: QualityTask, out: str) -> list[str]:
-    """`batchfit tune` as a user runs it on this task (default budget, Adam, JSON on stdout)."""
+def tune_command(task: QualityTask, out: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """`batchfit tune` as a user runs it on this task (default budget, Adam, JSON on stdout),
+    with ``extra`` arguments after the task's."""
     command = [sys.executable, "-m", "batchfit", "tune"]
     if task.tune_example is None:
         train, val = task_data.paths(task.data)
         model = f"{MODELS_FILE.relative_to(BENCH.parent)}:{task.model}"
         command += ["--model", model, "--data", str(train), "--val-data", str(val)]
-    return command + ["--optimizer", "adam", "--json", "--quiet", "--out", out]
+    return command + ["--optimizer", "adam", *extra, "--json", "--quiet", "--out", out]
 
 
-def run_tune(task: QualityTask) -> dict:
+def run_tune(task: QualityTask, extra: tuple[str, ...] = ()) -> dict:
     """One `batchfit tune` process: its answer, wall time, the load around it and its reasons."""
     with tempfile.TemporaryDirectory() as out:
-        command = tune_command(task, out)
+        command = tune_command(task, out, extra)
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
         done = subprocess.run(
@@ -495,6 +496,8 @@ def run_tune(task: QualityTask) -> dict:
         "batch_size": recommended["batch_size"],
         "lr": recommended["lr"],
         "lr_rule": recommended.get("lr_rule"),
+        "batch_size_range": recommended.get("batch_size_range"),
+        "raced": report.get("race") is not None,
         "provisional": bool(recommended.get("provisional")),
         "b_simple": noise.get("b_simple"),
         "b_simple_interval": noise.get("interval"),
