@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -12,7 +13,13 @@ from hypothesis import strategies as st
 
 from batchfit.core.accounting import plan
 from batchfit.core.options import named_as_flags
-from batchfit.core.sweep_claims import check_claims, full_batch_claim, sizes_claim, spearman
+from batchfit.core.sweep_claims import (
+    FULL_BATCH_MIN_STEPS,
+    check_claims,
+    full_batch_claim,
+    sizes_claim,
+    spearman,
+)
 from batchfit.core.sweep_inputs import (
     DEFAULT_LR_GRID,
     Target,
@@ -323,7 +330,7 @@ def test_the_verdict_warns_about_a_grid_edge_and_a_target_met_before_training():
     assert "in 0 ms of training" in text
 
 
-def full_batch(values, steps=40, metric="val_accuracy", b=4000, **more):
+def full_batch(values, steps=400, metric="val_accuracy", b=4000, **more):
     points = curve(values, metric=metric, every=steps // (len(values) - 1), batch=b)
     best = best_point(points, metric)
     never = {"reached": False, "steps": None, "samples_seen": None, "seconds": None}
@@ -335,9 +342,13 @@ def test_full_batch_claim_reads_still_improving_stuck_or_level_from_the_curve():
     climbing = full_batch([0.1, 0.3, 0.45, 0.55, 0.6, 0.62, 0.65, 0.68, 0.7])
     small = [size(32, 0.9, 0, 1)]
     claim = full_batch_claim(climbing, small, "val_accuracy", 1000)
-    assert claim.outcome == "still improving"
-    assert "40 steps; val_accuracy 0.65 -> 0.7 over its last 3 evaluations (steps 30-40)" in (
+    assert claim.outcome == "cannot tell"
+    assert "400 steps; val_accuracy 0.65 -> 0.7 over its last 3 evaluations (steps 300-400)" in (
         claim.detail
+    )
+    assert claim.detail.endswith(
+        ": still improving at the end (gained 0.05, more than 5% of the run's 0.6): too few "
+        "updates to tell"
     )
     stuck = full_batch([0.1, 0.5, 0.6, 0.62, 0.625, 0.625, 0.626, 0.625, 0.626])
     assert full_batch_claim(stuck, small, "val_accuracy", 1000).outcome == "holds"
@@ -453,3 +464,45 @@ def test_the_verdicts_json_keeps_the_keys_and_order_sweep_json_always_had():
         "reason": "the training loss became nan at step 7",
     }
     json.dumps(answer)  # plain JSON, nothing left as a record
+
+
+def test_full_batch_claim_cannot_tell_from_a_short_run_or_a_curve_still_rising():
+    # Issue 24: 10 full-batch steps with accuracy still rising on a small validation set read
+    # "holds" (the rise was within the sampling error, so it counted as a plateau).
+    rising = [0.1, 0.2, 0.3, 0.35, 0.4, 0.43, 0.46, 0.48, 0.5, 0.52, 0.54]
+    small = [size(32, 0.9, 0, 1)]
+    short = full_batch_claim(full_batch(rising, steps=10), small, "val_accuracy", 150)
+    assert short.outcome == "cannot tell"
+    assert f"only 10 steps; telling stuck from not yet converged takes {FULL_BATCH_MIN_STEPS}" in (
+        short.detail
+    )
+    with named_as_flags({"epochs": "--epochs", "steps": "--steps"}):
+        flagged = full_batch_claim(full_batch(rising, steps=10), small, "val_accuracy", 150)
+    assert "(raise --epochs or --steps)" in flagged.detail
+    # Enough steps, but the last quarter still rose (by less than the sampling error): the curve
+    # cannot be told from a slow climb, so neither stuck nor level.
+    long = full_batch(rising, steps=10 * FULL_BATCH_MIN_STEPS)
+    slow = full_batch_claim(long, small, "val_accuracy", 150)
+    assert slow.outcome == "cannot tell"
+    assert "still rising" in slow.detail and "sampling error" in slow.detail
+    assert "Full batch gets stuck in the first valley (B=4000)? cannot tell (" in slow.describe()
+
+
+def test_the_readme_quotes_the_full_batch_verdict_as_the_sweep_writes_it():
+    # README's built-in example: full batch on 4000 samples for 40 epochs makes 40 steps.
+    points = curve([0.1, 0.5, 0.6, 0.609, 0.625], every=10, batch=4000)
+    full = SizeSummary.from_dict(
+        {
+            "batch_size": 4000,
+            "lr": 1e-3,
+            "steps": 40,
+            "curve": points,
+            "best": best_point(points, "val_accuracy"),
+            "time_to_target": TimeToTarget(False).to_dict(),
+        }
+    )
+    with named_as_flags({"epochs": "--epochs", "steps": "--steps"}):
+        said = full_batch_claim(full, [size(8, 0.909, 0, 1)], "val_accuracy", 1000).describe()
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f'"{said[:-1]}"' in readme
+    assert f"fewer than {FULL_BATCH_MIN_STEPS} steps" in readme

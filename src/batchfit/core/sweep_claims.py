@@ -31,6 +31,10 @@ TREND_RHO = 0.8
 PLATEAU_SHARE = 0.05
 #: The sizes the seed says to try: 32, 64, 128 and 256.
 SEED_SIZES = (32, 256)
+#: Fewer full-batch updates than this cannot tell being stuck from not having converged yet, so
+#: the full-batch claim says it cannot tell (the built-in example's full batch was still climbing
+#: after 40); with the default equal-examples budget full batch makes one step per epoch.
+FULL_BATCH_MIN_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -216,25 +220,37 @@ def full_batch_claim(
 ) -> Claim:
     """ "Full batch gets stuck in the first valley", read from the full-batch run's curve.
 
-    Over the last quarter of its steps the curve is *still improving* when it gained more than
-    5% of what the whole run gained (and, for accuracy, more than twice the validation sampling
-    error): then the run had too few updates to tell, which is not being stuck. Otherwise it has
-    *plateaued*; the claim ``holds`` when it plateaued behind the best other size (by more than
-    5% of that size's gain and the sampling error) and is ``reversed`` when it plateaued level
-    with it. ``full`` and ``others`` are per-size summaries (their ``steps``, ``curve`` and
-    ``best`` are read).
+    The claim is about where full batch ends up, so short evidence is not read as an answer: with
+    fewer than :data:`FULL_BATCH_MIN_STEPS` steps, or a curve whose last quarter of steps still
+    gained more than :data:`PLATEAU_SHARE` of what the whole run gained (still improving, or
+    rising by less than twice the validation sampling error, which a plateau cannot be told from),
+    the outcome is ``cannot tell`` and the detail says why. Otherwise the curve has *plateaued*;
+    the claim ``holds`` when it plateaued behind the best other size (by more than that share of
+    the size's gain and the sampling error) and is ``reversed`` when it plateaued level with it.
+    ``full`` and ``others`` are per-size summaries (their ``steps``, ``curve`` and ``best`` are
+    read).
 
     >>> from batchfit.core.sweep_records import BestPoint, TimeToTarget
-    >>> points = [(0, 2.0), (10, 1.2), (20, 1.01), (40, 1.0)]
+    >>> points = [(0, 2.0), (100, 1.2), (200, 1.01), (400, 1.0)]
     >>> curve = tuple({"step": s, "val_loss": v} for s, v in points)
-    >>> full = SizeSummary(4000, 0.1, 40, curve, TimeToTarget(False), BestPoint(1.0, 40))
+    >>> full = SizeSummary(4000, 0.1, 400, curve, TimeToTarget(False), BestPoint(1.0, 400))
     >>> small = SizeSummary(32, 0.01, 5000, (), TimeToTarget(False), BestPoint(0.4, 900))
     >>> full_batch_claim(full, [small], "val_loss").outcome
     'holds'
+    >>> from dataclasses import replace
+    >>> full_batch_claim(replace(full, steps=40), [small], "val_loss").detail
+    "only 40 steps; telling stuck from not yet converged takes 100 or more (raise 'epochs' or \
+'steps')"
     """
     text = f"Full batch gets stuck in the first valley (B={full.batch_size})"
     if full.diverged:
         return Claim(text, "diverged", None, f"the run diverged at step {full.diverged.step}")
+    if full.steps < FULL_BATCH_MIN_STEPS:
+        detail = (
+            f"only {full.steps} steps; telling stuck from not yet converged takes "
+            f"{FULL_BATCH_MIN_STEPS} or more (raise {opt('epochs')} or {opt('steps')})"
+        )
+        return Claim(text, "cannot tell", None, detail)
     points = [p for p in full.curve if _finite(p.get(metric))]
     if len(points) < 3:
         detail = (
@@ -242,16 +258,16 @@ def full_batch_claim(
             f"(raise {opt('eval_points')} or the budget)"
         )
         return Claim(text, "too few evaluations", None, detail)
-    # choose: still improving, or plateaued behind or level with the best other size
+    # choose: still rising (cannot tell), or plateaued behind or level with the best other size
     tail = _tail(points, metric)
     detail = (
         f"{full.steps} steps; {metric} {tail.first[metric]:.4g} -> {tail.last[metric]:.4g} "
         f"over its last {tail.evaluations} evaluations "
         f"(steps {tail.first['step']}-{tail.last['step']})"
     )
-    noise = sampling_noise(metric, tail.last[metric], val_samples)
-    if tail.gain > max(PLATEAU_SHARE * abs(tail.total_gain), noise):
-        return Claim(text, "still improving", None, detail + ": too few updates to tell, not stuck")
+    rising = _still_rising(tail, sampling_noise(metric, tail.last[metric], val_samples))
+    if rising:
+        return Claim(text, "cannot tell", None, f"{detail}: {rising}")
     rivals = [
         (o.best.value, o.batch_size) for o in others if o.best and o.batch_size != full.batch_size
     ]
@@ -268,6 +284,23 @@ def full_batch_claim(
     if stuck:
         return Claim(text, "holds", None, detail)
     return Claim(text, "reversed", None, detail + " (level with it: not stuck)")
+
+
+def _still_rising(tail: _Tail, noise: float) -> str | None:
+    """Why the curve cannot be read as a plateau (its last quarter gained more than
+    :data:`PLATEAU_SHARE` of the whole run's gain), or ``None`` when it has plateaued."""
+    share = PLATEAU_SHARE * abs(tail.total_gain)
+    if tail.gain <= share:
+        return None
+    gained = (
+        f"gained {tail.gain:.3g}, more than {PLATEAU_SHARE:.0%} of the run's {tail.total_gain:.3g}"
+    )
+    if tail.gain > noise:
+        return f"still improving at the end ({gained}): too few updates to tell"
+    return (
+        f"still rising at the end ({gained}) by less than 2x the validation sampling error "
+        f"({noise:.3g}): a plateau cannot be told from a slow climb"
+    )
 
 
 def sizes_claim(
