@@ -4,7 +4,10 @@ noise thresholds and the sweep plots with tune's own run."""
 from __future__ import annotations
 
 from batchfit.core.recommend import throughput_sentence
-from batchfit.core.sweep_verdict import Target, check_claims, verdict
+from batchfit.core.sweep_claims import check_claims
+from batchfit.core.sweep_inputs import Target
+from batchfit.core.sweep_records import SizeSummary
+from batchfit.core.sweep_verdict import verdict
 from batchfit.report.sweep_plots import plot_time_to_target, time_to_target_points
 from batchfit.report.tune_report import reasons_line
 
@@ -52,16 +55,21 @@ def _size(batch_size: int, val_acc: float, gap: float) -> dict:
     }
 
 
+def _records(sizes: list[dict]) -> list[SizeSummary]:
+    """The summaries as the claims and the verdict read them (sweep.json keeps the dicts)."""
+    return [SizeSummary.from_dict(s) for s in sizes]
+
+
 def test_sweep_gap_claim_differences_of_a_few_samples_in_360_are_within_noise():
     # Gaps that grow by 2, 3 and 5 samples out of 360 (2x the sampling error is ~11 samples).
     sizes = [_size(b, 0.9, (10 + k) / 360) for b, k in ((32, 0), (64, 2), (128, 5), (256, 7))]
-    claims = {c.claim: c for c in check_claims(sizes, "val_accuracy", 360)}
+    claims = {c.claim: c for c in check_claims(_records(sizes), "val_accuracy", 360)}
     gap = claims["The train-validation gap grows with batch size"]
     assert gap.outcome == "within noise"
     assert "2x the validation sampling error" in gap.detail
     # A gap that really grows, by 60 samples and more, still holds.
     wide = [_size(b, 0.9, k / 360) for b, k in ((32, 0), (64, 60), (128, 120), (256, 180))]
-    claims = {c.claim: c for c in check_claims(wide, "val_accuracy", 360)}
+    claims = {c.claim: c for c in check_claims(_records(wide), "val_accuracy", 360)}
     assert claims["The train-validation gap grows with batch size"].outcome == "holds"
 
 
@@ -69,19 +77,20 @@ def test_sweep_sizes_claim_never_reads_a_tie_as_does_not_hold():
     target = Target("val_accuracy", 0.99, True)
     # B=8 is best by one sample in 360 over B=32: a tie within noise.
     sizes = [_size(8, 0.9, 0.0), _size(32, 0.9 - 1 / 360, 0.0), _size(1024, 0.8, 0.0)]
-    result = verdict(sizes, "val_accuracy", target, val_samples=360)
+    result = verdict(_records(sizes), "val_accuracy", target, val_samples=360)
     claim = next(c for c in result.claims if c.claim.endswith("are the sizes to try"))
     assert claim.outcome == "within noise"
     assert "B=32 inside is within noise" in claim.detail
     # An exact tie with a loss (no sampling error known) is a tie as well.
     losses = [_size(8, 0.5, 0.0), _size(32, 0.5, 0.0), _size(1024, 0.9, 0.0)]
     target = Target("val_loss", 0.01, False)
-    result = verdict(losses, "val_loss", target)
+    result = verdict(_records(losses), "val_loss", target)
     claim = next(c for c in result.claims if c.claim.endswith("are the sizes to try"))
     assert claim.outcome != "does not hold"
     # A clear win outside 32-256 still does not hold.
     clear = [_size(8, 0.95, 0.0), _size(32, 0.8, 0.0), _size(1024, 0.7, 0.0)]
-    result = verdict(clear, "val_accuracy", Target("val_accuracy", 0.99, True), val_samples=360)
+    target = Target("val_accuracy", 0.99, True)
+    result = verdict(_records(clear), "val_accuracy", target, val_samples=360)
     claim = next(c for c in result.claims if c.claim.endswith("are the sizes to try"))
     assert claim.outcome == "does not hold"
 

@@ -390,8 +390,8 @@ def test_tune_report_adds_its_batch_size_and_the_verdict_compares(tmp_path):
     result = run(batch_sizes=[16, 64], out_dir=None, report=report)
     assert [s["batch_size"] for s in result.sizes] == [16, 48, 64]
     tune = result.verdict.tune
-    assert tune["swept_batch_size"] == 48 and tune["recommended_lr"] == 0.01
-    assert result.verdict.lines[-1] == tune["reason"]
+    assert tune.swept_batch_size == 48 and tune.recommended_lr == 0.01
+    assert result.verdict.lines[-1] == tune.reason
 
 
 def test_tune_is_judged_on_a_run_at_its_own_batch_size_and_learning_rate(tmp_path):
@@ -404,15 +404,15 @@ def test_tune_is_judged_on_a_run_at_its_own_batch_size_and_learning_rate(tmp_pat
     (extra,) = [r for r in result.runs if not r["in_sweep"]]
     assert (extra["batch_size"], extra["lr"], extra["for_tune"]) == (48, 0.03, True)
     tune = result.verdict.tune
-    assert tune["judged"] == "tune's batch size and lr" and tune["swept_lr"] == 0.03
+    assert tune.judged == "tune's batch size and lr" and tune.swept_lr == 0.03
     seconds = extra["curve"][1:]  # the first evaluation at or past the target
     reached = [p for p in seconds if p["val_accuracy"] >= 0.6]
     assert reached, "tune's run must reach the target for this test to judge it"
-    assert tune["seconds_to_target"] == reached[0]["train_seconds"]
+    assert tune.seconds_to_target == reached[0]["train_seconds"]
     fastest = result.verdict.fastest_seconds
-    assert tune["seconds_ratio"] == pytest.approx(reached[0]["train_seconds"] / fastest, rel=1e-3)
-    assert tune["agrees"] == (tune["seconds_ratio"] <= 1.25)
-    assert "at its lr 0.03" in tune["reason"] and "At the sweep's lr 0.0122" in tune["reason"]
+    assert tune.seconds_ratio == pytest.approx(reached[0]["train_seconds"] / fastest, rel=1e-3)
+    assert tune.agrees == (tune.seconds_ratio <= 1.25)
+    assert "at its lr 0.03" in tune.reason and "At the sweep's lr 0.0122" in tune.reason
 
 
 def test_tune_runs_no_extra_run_when_a_sweep_run_already_has_its_lr_and_says_why_it_skips_one(
@@ -422,15 +422,15 @@ def test_tune_runs_no_extra_run_when_a_sweep_run_already_has_its_lr_and_says_why
     report.write_text(json.dumps({"recommended": {"batch_size": 64, "lr": 0.02}}))
     same = run(batch_sizes=[16, 64], lr_batch_size=16, lr_scaling="linear", lr=0.005, report=report)
     assert len(same.runs) == 2 and [r["for_tune"] for r in same.runs] == [False, True]
-    assert same.verdict.tune["judged"] == "tune's batch size and lr"
+    assert same.verdict.tune.judged == "tune's batch size and lr"
     report.write_text(json.dumps({"recommended": {"batch_size": 5000, "lr": 0.02}}))
     too_big = run(batch_sizes=[16, 64], report=report)
     assert [s["batch_size"] for s in too_big.sizes] == [16, 64] and len(too_big.runs) == 2
     assert (
         "larger than this training set (400 samples), so it was not run"
-        in (too_big.verdict.tune["reason"])
+        in (too_big.verdict.tune.reason)
     )
-    assert too_big.verdict.tune["judged"] == "nearest swept size"
+    assert too_big.verdict.tune.judged == "nearest swept size"
 
 
 def test_a_diverging_learning_rate_is_recorded_and_the_sweep_goes_on(tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -10,24 +13,32 @@ from hypothesis import strategies as st
 
 from batchfit.core.accounting import plan
 from batchfit.core.options import named_as_flags
-from batchfit.core.sweep_verdict import (
+from batchfit.core.sweep_claims import (
+    FULL_BATCH_MIN_STEPS,
+    check_claims,
+    full_batch_claim,
+    sizes_claim,
+    spearman,
+)
+from batchfit.core.sweep_inputs import (
     DEFAULT_LR_GRID,
     Target,
     auto_target,
-    best_point,
-    check_claims,
-    compare_with_tune,
-    format_seconds,
-    full_batch_claim,
     parse_batch_sizes,
     parse_lr_grid,
     parse_target,
-    sizes_claim,
-    spearman,
     steps_for_examples,
-    time_to_target,
-    verdict,
 )
+from batchfit.core.sweep_records import (
+    Divergence,
+    SizeSummary,
+    TimeToTarget,
+    best_point,
+    format_seconds,
+    time_to_target,
+)
+from batchfit.core.sweep_tune_check import Recommendation, compare_with_tune
+from batchfit.core.sweep_verdict import verdict
 from batchfit.errors import BatchfitError
 
 
@@ -82,15 +93,15 @@ def test_bad_targets_are_refused_with_the_fix(text, metrics, message):
 
 def test_time_to_target_is_the_first_evaluation_that_meets_it():
     points = curve([0.1, 0.5, 0.91, 0.85, 0.95])
-    assert time_to_target(points, parse_target("val_accuracy=0.9")) == {
+    assert time_to_target(points, parse_target("val_accuracy=0.9")).to_dict() == {
         "reached": True,
         "steps": 20,
         "samples_seen": 640,
         "seconds": 0.2,
     }
-    assert time_to_target(points, parse_target("val_accuracy=0.99"))["reached"] is False
+    assert time_to_target(points, parse_target("val_accuracy=0.99")).reached is False
     losses = curve([2.3, 0.9, 0.4, 0.6], metric="val_loss")
-    assert time_to_target(losses, parse_target("val_loss=0.5"))["steps"] == 20
+    assert time_to_target(losses, parse_target("val_loss=0.5")).steps == 20
 
 
 def test_best_point_takes_the_direction_of_the_metric_and_the_earliest_tie():
@@ -161,20 +172,28 @@ def test_spearman_matches_hand_computed_values():
     assert spearman([1], [2]) is None
 
 
-def size(b, best, gap_acc, sharp, seconds=None, lr=1e-3):
-    return {
-        "batch_size": b,
-        "lr": lr,
-        "best": {"value": best, "step": 100, "samples_seen": 3200, "seconds": 1.0},
-        "gap": {"accuracy": gap_acc, "loss": gap_acc},
-        "sharpness": {"eigenvalue": sharp, "iterations": 10, "converged": True},
-        "time_to_target": {
-            "reached": seconds is not None,
-            "steps": 10 if seconds is not None else None,
-            "samples_seen": 320 if seconds is not None else None,
-            "seconds": seconds,
-        },
-    }
+def size(b, best, gap_acc, sharp, seconds=None, lr=1e-3, **more):
+    """A size summary as sweep.json holds it (``more`` adds or replaces keys), read as the
+    verdict's record."""
+    return SizeSummary.from_dict(
+        {
+            "batch_size": b,
+            "lr": lr,
+            "steps": 100,
+            "curve": [],
+            "best": {"value": best, "step": 100, "samples_seen": 3200, "seconds": 1.0},
+            "gap": {"accuracy": gap_acc, "loss": gap_acc},
+            "sharpness": {"eigenvalue": sharp, "iterations": 10, "converged": True},
+            "time_to_target": {
+                "reached": seconds is not None,
+                "steps": 10 if seconds is not None else None,
+                "samples_seen": 320 if seconds is not None else None,
+                "seconds": seconds,
+            },
+            "diverged": None,
+        }
+        | more
+    )
 
 
 def test_claims_hold_reverse_or_show_no_trend():
@@ -227,23 +246,23 @@ def test_tune_agrees_within_the_design_factor_of_the_fastest():
         size(256, 0.8, 0, 3, None),
     ]
     agree = compare_with_tune(sizes, 128, 0.002, 64, 1.0)
-    assert agree["agrees"] and agree["seconds_ratio"] == 1.2 and agree["swept_batch_size"] == 128
-    assert agree["reason"].endswith("tune's lr 0.002; the sweep ran B=128 at lr 0.001.")
+    assert agree.agrees and agree.seconds_ratio == 1.2 and agree.swept_batch_size == 128
+    assert agree.reason.endswith("tune's lr 0.002; the sweep ran B=128 at lr 0.001.")
     slow = compare_with_tune(sizes, 32, None, 64, 1.0)
-    assert not slow["agrees"] and slow["seconds_ratio"] == 2.0 and "disagrees" in slow["reason"]
+    assert not slow.agrees and slow.seconds_ratio == 2.0 and "disagrees" in slow.reason
     missed = compare_with_tune(sizes, 300, None, 64, 1.0)
-    assert missed["swept_batch_size"] == 256 and not missed["agrees"]
-    assert "not swept; nearest swept B=256" in missed["reason"]
-    assert "did not reach the target" in missed["reason"]
+    assert missed.swept_batch_size == 256 and not missed.agrees
+    assert "not swept; nearest swept B=256" in missed.reason
+    assert "did not reach the target" in missed.reason
     answer = verdict(
         sizes,
         "val_accuracy",
         Target("val_accuracy", 0.9, True),
         1000,
-        {"batch_size": 100, "lr": 1e-3},
+        Recommendation.from_dict({"batch_size": 100, "lr": 1e-3}),
     )
-    assert answer.tune["swept_batch_size"] == 128 and answer.tune["agrees"]
-    assert answer.lines[-1] == answer.tune["reason"]
+    assert answer.tune.swept_batch_size == 128 and answer.tune.agrees
+    assert answer.lines[-1] == answer.tune.reason
 
 
 def test_claim_lines_give_rho_once_and_the_table_detail_not_at_all():
@@ -265,22 +284,29 @@ def test_seconds_read_as_milliseconds_below_one_second():
 
 
 def diverged(b, step=7, lr=1e-3):
-    out = size(b, 0.99, 0, 1, 0.01, lr=lr)  # looked great before it blew up
-    out["diverged"] = {"step": step, "reason": "the training loss became nan at step 7"}
-    out["sharpness"], out["gap"] = None, {}
-    return out
+    return size(  # looked great before it blew up
+        b,
+        0.99,
+        0,
+        1,
+        0.01,
+        lr=lr,
+        diverged={"step": step, "reason": "the training loss became nan at step 7"},
+        sharpness=None,
+        gap={},
+    )
 
 
 def test_diverged_sizes_are_named_and_kept_out_of_best_fastest_and_claims():
-    sizes = [
-        size(32, 0.95, 0.01, 10, 2.0),
-        size(64, 0.90, 0.03, 20, 1.0),
-        diverged(128),
-        size(256, 0.85, 0.05, 40, 1.5),
-    ]
-    sizes[1]["lr_grid"] = [
+    grid = [
         {"lr": 1e-3, "chosen": True, "diverged": None},
         {"lr": 4e-3, "chosen": False, "diverged": 12},
+    ]
+    sizes = [
+        size(32, 0.95, 0.01, 10, 2.0),
+        size(64, 0.90, 0.03, 20, 1.0, lr_grid=grid),
+        diverged(128),
+        size(256, 0.85, 0.05, 40, 1.5),
     ]
     answer = verdict(sizes, "val_accuracy", Target("val_accuracy", 0.9, True), 100_000)
     assert (answer.best_batch_size, answer.fastest_batch_size) == (32, 64)
@@ -296,8 +322,7 @@ def test_diverged_sizes_are_named_and_kept_out_of_best_fastest_and_claims():
 
 
 def test_the_verdict_warns_about_a_grid_edge_and_a_target_met_before_training():
-    sizes = [size(32, 0.95, 0, 1, 0.0), size(64, 0.93, 0, 2, 0.0)]
-    sizes[0]["lr_at_grid_edge"] = True
+    sizes = [size(32, 0.95, 0, 1, 0.0, lr_at_grid_edge=True), size(64, 0.93, 0, 2, 0.0)]
     answer = verdict(sizes, "val_accuracy", Target("val_accuracy", 0.5, True), initial=0.6)
     text = "\n".join(answer.lines)
     assert "met already at the initial weights (val_accuracy 0.6)" in text
@@ -305,19 +330,25 @@ def test_the_verdict_warns_about_a_grid_edge_and_a_target_met_before_training():
     assert "in 0 ms of training" in text
 
 
-def full_batch(values, steps=40, metric="val_accuracy", b=4000):
+def full_batch(values, steps=400, metric="val_accuracy", b=4000, **more):
     points = curve(values, metric=metric, every=steps // (len(values) - 1), batch=b)
     best = best_point(points, metric)
-    return {"batch_size": b, "steps": steps, "curve": points, "best": best, "lr": 1e-3}
+    never = {"reached": False, "steps": None, "samples_seen": None, "seconds": None}
+    record = {"batch_size": b, "steps": steps, "curve": points, "best": best, "lr": 1e-3}
+    return SizeSummary.from_dict(record | {"time_to_target": never} | more)
 
 
 def test_full_batch_claim_reads_still_improving_stuck_or_level_from_the_curve():
     climbing = full_batch([0.1, 0.3, 0.45, 0.55, 0.6, 0.62, 0.65, 0.68, 0.7])
     small = [size(32, 0.9, 0, 1)]
     claim = full_batch_claim(climbing, small, "val_accuracy", 1000)
-    assert claim.outcome == "still improving"
-    assert "40 steps; val_accuracy 0.65 -> 0.7 over its last 3 evaluations (steps 30-40)" in (
+    assert claim.outcome == "cannot tell"
+    assert "400 steps; val_accuracy 0.65 -> 0.7 over its last 3 evaluations (steps 300-400)" in (
         claim.detail
+    )
+    assert claim.detail.endswith(
+        ": still improving at the end (gained 0.05, more than 5% of the run's 0.6): too few "
+        "updates to tell"
     )
     stuck = full_batch([0.1, 0.5, 0.6, 0.62, 0.625, 0.625, 0.626, 0.625, 0.626])
     assert full_batch_claim(stuck, small, "val_accuracy", 1000).outcome == "holds"
@@ -329,15 +360,14 @@ def test_full_batch_claim_reads_still_improving_stuck_or_level_from_the_curve():
     losses = full_batch([2.3, 1.0, 0.8, 0.79, 0.79], metric="val_loss")
     rival = [size(32, 0.3, 0, 1)]
     assert full_batch_claim(losses, rival, "val_loss").outcome == "holds"
-    blew_up = {**stuck, "diverged": {"step": 9, "reason": "nan"}}
+    blew_up = replace(stuck, diverged=Divergence(9, "nan"))
     assert full_batch_claim(blew_up, small, "val_accuracy").outcome == "diverged"
 
 
 def test_full_batch_claim_joins_the_verdict_only_when_full_batch_was_swept():
-    stuck = full_batch([0.1, 0.5, 0.6, 0.62, 0.625, 0.625, 0.626, 0.625, 0.626], b=400)
-    stuck["time_to_target"] = {"reached": False, "steps": None, "samples_seen": None}
-    stuck["time_to_target"]["seconds"] = None
-    stuck["gap"], stuck["sharpness"] = {"accuracy": 0.0}, {"eigenvalue": 5.0}
+    values = [0.1, 0.5, 0.6, 0.62, 0.625, 0.625, 0.626, 0.625, 0.626]
+    stuck = full_batch(values, b=400, gap={"accuracy": 0.0}, sharpness={"eigenvalue": 5.0})
+    assert stuck.time_to_target == TimeToTarget(False)
     sizes = [size(32, 0.9, 0, 1, 1.0), stuck]
     target = Target("val_accuracy", 0.8, True)
     claims = [c.claim for c in verdict(sizes, "val_accuracy", target, 1000, samples=400).claims]
@@ -359,20 +389,20 @@ def test_tune_is_judged_on_its_own_run_when_there_is_one():
     sizes = [size(32, 0.95, 0, 1, 2.0), size(64, 0.93, 0, 2, 1.0), size(128, 0.9, 0, 3, None)]
     quick = size(128, 0.93, 0, 3, 1.2, lr=0.01)
     agree = compare_with_tune(sizes, 128, 0.01, 64, 1.0, tune_run=quick)
-    assert agree["agrees"] and agree["seconds_ratio"] == 1.2 and agree["swept_lr"] == 0.01
-    assert agree["reason"].startswith("tune's B=128 at its lr 0.01 reached the target in 1.20 s")
-    assert agree["reason"].endswith("At the sweep's lr 0.001, B=128 did not reach it.")
+    assert agree.agrees and agree.seconds_ratio == 1.2 and agree.swept_lr == 0.01
+    assert agree.reason.startswith("tune's B=128 at its lr 0.01 reached the target in 1.20 s")
+    assert agree.reason.endswith("At the sweep's lr 0.001, B=128 did not reach it.")
     slow = compare_with_tune(sizes, 128, 0.01, 64, 1.0, tune_run=size(128, 0.9, 0, 3, 1.3))
-    assert not slow["agrees"] and "disagrees" in slow["reason"]
+    assert not slow.agrees and "disagrees" in slow.reason
     blew_up = compare_with_tune(sizes, 128, 0.01, 64, 1.0, tune_run=diverged(128))
-    assert not blew_up["agrees"] and "diverged (step 7): disagrees" in blew_up["reason"]
+    assert not blew_up.agrees and "diverged (step 7): disagrees" in blew_up.reason
     alone = compare_with_tune(sizes, 128, 0.01, None, None, tune_run=quick)
-    assert alone["agrees"] and "no swept size did: agrees" in alone["reason"]
+    assert alone.agrees and "no swept size did: agrees" in alone.reason
     no_lr = compare_with_tune(sizes, 64, None, 64, 1.0)
-    assert no_lr["judged"] == "nearest swept size" and no_lr["agrees"]
-    assert no_lr["reason"].endswith("report.json gives no lr, so B=64 ran at the sweep's lr.")
+    assert no_lr.judged == "nearest swept size" and no_lr.agrees
+    assert no_lr.reason.endswith("report.json gives no lr, so B=64 ran at the sweep's lr.")
     not_run = compare_with_tune(sizes, 5000, 0.01, 64, 1.0, not_run="It was too large.")
-    assert not_run["swept_batch_size"] == 128 and not_run["reason"].endswith("too large.")
+    assert not_run.swept_batch_size == 128 and not_run.reason.endswith("too large.")
 
 
 def test_messages_name_options_from_python_and_flags_on_the_command_line():
@@ -380,8 +410,7 @@ def test_messages_name_options_from_python_and_flags_on_the_command_line():
     python = "Unknown metric 'f1' in target_level='f1=0.9'; .* \\(e.g. target_level='val_accuracy"
     with pytest.raises(BatchfitError, match=python):
         parse_target("f1=0.9")
-    sizes = [size(32, 0.95, 0, 1, 0.0), size(64, 0.93, 0, 2, 0.0)]
-    sizes[0]["lr_at_grid_edge"] = True
+    sizes = [size(32, 0.95, 0, 1, 0.0, lr_at_grid_edge=True), size(64, 0.93, 0, 2, 0.0)]
     target = Target("val_accuracy", 0.5, True)
     with named_as_flags(flags):
         with pytest.raises(BatchfitError, match="in --target f1=0.9; .* \\(e.g. --target val_acc"):
@@ -392,3 +421,88 @@ def test_messages_name_options_from_python_and_flags_on_the_command_line():
     assert "met already at the initial weights (val_accuracy 0.6)" in lines[0]
     assert lines[0].endswith("give a harder --target.")
     assert any(line.endswith("widen --lr-grid to be sure it is the best.") for line in lines)
+
+
+def test_the_verdicts_json_keeps_the_keys_and_order_sweep_json_always_had():
+    # sweep.json and --resume stay byte for byte the same although the verdict reads records.
+    sizes = [size(32, 0.95, 0, 1, 2.0), size(64, 0.93, 0, 2, 1.0)]
+    tune_run = diverged(64, lr=0.01)
+    answer = verdict(
+        sizes,
+        "val_accuracy",
+        Target("val_accuracy", 0.9, True),
+        1000,
+        Recommendation(64, 0.01),
+        tune_run=tune_run,
+    ).to_dict()
+    assert list(answer) == [
+        "best_batch_size",
+        "best_value",
+        "fastest_batch_size",
+        "fastest_seconds",
+        "claims",
+        "tune",
+        "lines",
+    ]
+    assert list(answer["claims"][0]) == ["claim", "outcome", "rho", "detail"]
+    assert list(answer["tune"]) == [
+        "recommended_batch_size",
+        "recommended_lr",
+        "judged",
+        "swept_batch_size",
+        "swept_lr",
+        "seconds_to_target",
+        "best",
+        "diverged",
+        "fastest_batch_size",
+        "seconds_ratio",
+        "agrees",
+        "reason",
+    ]
+    assert answer["tune"]["diverged"] == {
+        "step": 7,
+        "reason": "the training loss became nan at step 7",
+    }
+    json.dumps(answer)  # plain JSON, nothing left as a record
+
+
+def test_full_batch_claim_cannot_tell_from_a_short_run_or_a_curve_still_rising():
+    # Issue 24: 10 full-batch steps with accuracy still rising on a small validation set read
+    # "holds" (the rise was within the sampling error, so it counted as a plateau).
+    rising = [0.1, 0.2, 0.3, 0.35, 0.4, 0.43, 0.46, 0.48, 0.5, 0.52, 0.54]
+    small = [size(32, 0.9, 0, 1)]
+    short = full_batch_claim(full_batch(rising, steps=10), small, "val_accuracy", 150)
+    assert short.outcome == "cannot tell"
+    assert f"only 10 steps; telling stuck from not yet converged takes {FULL_BATCH_MIN_STEPS}" in (
+        short.detail
+    )
+    with named_as_flags({"epochs": "--epochs", "steps": "--steps"}):
+        flagged = full_batch_claim(full_batch(rising, steps=10), small, "val_accuracy", 150)
+    assert "(raise --epochs or --steps)" in flagged.detail
+    # Enough steps, but the last quarter still rose (by less than the sampling error): the curve
+    # cannot be told from a slow climb, so neither stuck nor level.
+    long = full_batch(rising, steps=10 * FULL_BATCH_MIN_STEPS)
+    slow = full_batch_claim(long, small, "val_accuracy", 150)
+    assert slow.outcome == "cannot tell"
+    assert "still rising" in slow.detail and "sampling error" in slow.detail
+    assert "Full batch gets stuck in the first valley (B=4000)? cannot tell (" in slow.describe()
+
+
+def test_the_readme_quotes_the_full_batch_verdict_as_the_sweep_writes_it():
+    # README's built-in example: full batch on 4000 samples for 40 epochs makes 40 steps.
+    points = curve([0.1, 0.5, 0.6, 0.609, 0.625], every=10, batch=4000)
+    full = SizeSummary.from_dict(
+        {
+            "batch_size": 4000,
+            "lr": 1e-3,
+            "steps": 40,
+            "curve": points,
+            "best": best_point(points, "val_accuracy"),
+            "time_to_target": TimeToTarget(False).to_dict(),
+        }
+    )
+    with named_as_flags({"epochs": "--epochs", "steps": "--steps"}):
+        said = full_batch_claim(full, [size(8, 0.909, 0, 1)], "val_accuracy", 1000).describe()
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f'"{said[:-1]}"' in readme
+    assert f"fewer than {FULL_BATCH_MIN_STEPS} steps" in readme

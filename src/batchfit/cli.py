@@ -423,7 +423,7 @@ def _print_tune(args: argparse.Namespace, result: Any, report: dict, seconds: fl
 
 def _sweep_task(args: argparse.Namespace):
     """The task of a sweep, where ``--target`` may have meant a level without its ``=VALUE``."""
-    from batchfit.core.sweep_verdict import METRICS
+    from batchfit.core.sweep_inputs import METRICS
 
     if args.target is not None and args.data is None:
         raise BatchfitError(

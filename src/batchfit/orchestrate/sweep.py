@@ -40,16 +40,10 @@ from torch import nn
 
 from batchfit.core.configs import SweepConfig
 from batchfit.core.options import default
-from batchfit.core.sweep_verdict import (
-    Target,
-    Verdict,
-    auto_target,
-    best_point,
-    choose_lr,
-    higher_is_better,
-    time_to_target,
-    verdict,
-)
+from batchfit.core.sweep_inputs import Target, auto_target, higher_is_better
+from batchfit.core.sweep_records import SizeSummary, best_point, choose_lr, time_to_target
+from batchfit.core.sweep_tune_check import Recommendation
+from batchfit.core.sweep_verdict import Verdict, verdict
 from batchfit.inputs import optimizer_options
 from batchfit.losses import Loss
 from batchfit.orchestrate.sweep_runs import RunPlan, RunsDone, plan_runs, run_all
@@ -124,7 +118,7 @@ def sweep(
       factors; each size keeps the grid point with the best validation result.
     - ``target``: ``"METRIC=VALUE"`` (``val_accuracy=0.9``, ``val_loss=0.5``; the option row
       ``target_level``, ``--target`` on the command line); without it the sweep picks one from the
-      runs (:func:`batchfit.core.sweep_verdict.auto_target`).
+      runs (:func:`batchfit.core.sweep_inputs.auto_target`).
     - ``report``: tune's ``report.json``; its recommended batch size joins the sweep (at the
       sweep's learning rate), one more run trains it at tune's learning rate, and the verdict says
       whether that run agrees with the sweep.
@@ -190,17 +184,19 @@ def _conclude(
     summaries = _summaries([r for r in runs if r["in_sweep"]], setup.sizes, metric)
     target = setup.given_target or _auto_target(metric, setup.start.initial, summaries)
     for summary in summaries:
-        summary["time_to_target"] = time_to_target(summary["curve"], target)
+        summary["time_to_target"] = time_to_target(summary["curve"], target).to_dict()
     tune_run = next((_summary_of(r, target, metric) for r in runs if r["for_tune"]), None)
+    # the edge: sweep.json's dicts (made now, or read back by resume) become the verdict's records
+    recommendation = setup.recommendation
     answer = verdict(
-        summaries,
+        [SizeSummary.from_dict(s) for s in summaries],
         metric,
         target,
         setup.val_source.num_samples,
-        setup.recommendation,
+        Recommendation.from_dict(recommendation) if recommendation is not None else None,
         samples=setup.samples,
         initial=setup.start.initial[metric],
-        tune_run=tune_run,
+        tune_run=SizeSummary.from_dict(tune_run) if tune_run is not None else None,
         tune_not_run=setup.tune_not_run,
         notes=setup.notes,
     )
@@ -227,7 +223,8 @@ def _summaries(runs: list[dict[str, Any]], sizes: list[int], metric: str) -> lis
     out = []
     for size in sizes:
         mine = [r for r in runs if r["batch_size"] == size]
-        chosen = choose_lr(mine, metric)
+        blew_up = [bool(r.get("diverged")) for r in mine]
+        chosen = mine[choose_lr([r["curve"] for r in mine], blew_up, metric)]
         grid = [
             {
                 "lr": r["lr"],
@@ -256,7 +253,7 @@ def _summary_of(run: dict[str, Any], target: Target, metric: str) -> dict[str, A
     return {
         **{k: v for k, v in run.items() if k != "settings"},
         "best": best_point(run["curve"], metric),
-        "time_to_target": time_to_target(run["curve"], target),
+        "time_to_target": time_to_target(run["curve"], target).to_dict(),
     }
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from batchfit.core.accounting import plan
 from batchfit.core.lr_scaling import scale_lr
 from batchfit.core.options import opt
-from batchfit.core.sweep_verdict import best_point, format_seconds, gap
+from batchfit.core.sweep_records import best_point, format_seconds, gap
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
 from batchfit.files import write_json
 from batchfit.loop.train import TrainResult, train

@@ -25,7 +25,7 @@ from batchfit.core.accounting import plan, single_sample_micro_batch_at
 from batchfit.core.configs import SweepConfig
 from batchfit.core.lr_scaling import default_rule
 from batchfit.core.options import opt
-from batchfit.core.sweep_verdict import (
+from batchfit.core.sweep_inputs import (
     METRICS,
     Target,
     parse_batch_sizes,

@@ -13,7 +13,8 @@ from typing import Any
 
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from batchfit.core.sweep_verdict import Target, time_to_target
+from batchfit.core.sweep_inputs import Target
+from batchfit.core.sweep_records import time_to_target
 from batchfit.report.plots import batch_size_axis, figure, save
 
 #: The file of each plot in --out (``lr_grid`` only with --lr-grid).
@@ -149,7 +150,7 @@ def time_to_target_points(result: dict[str, Any], key: str) -> list[dict[str, An
         if run.get("for_tune"):
             reached = time_to_target(run["curve"], target)
             diverged = bool(run.get("diverged"))
-            value = None if diverged else reached[key]
+            value = None if diverged else reached.to_dict()[key]
             points.append(
                 {
                     "batch_size": run["batch_size"],

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batchfit.core.options import opt
-from batchfit.core.sweep_verdict import format_seconds
+from batchfit.core.sweep_records import format_seconds
 from batchfit.errors import space_checked
 from batchfit.files import report_staging, write_json, write_text
 from batchfit.report.markdown import table
