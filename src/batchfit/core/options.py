@@ -59,7 +59,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 
 
-#: What a default may vary by, and how the help names each kind of key.
+#: What a default may vary by: the running command, the device type or the optimizer.
 VARIES_BY = ("command", "device", "optimizer")
 
 
@@ -133,8 +133,9 @@ def _rows(*rows: Option) -> dict[str, Option]:
     return {row.name: row for row in rows}
 
 
-#: Stream ``data`` files when loading them would take over this share of the available memory
-#: (:func:`batchfit.data.stream.load_file` decides with the same share).
+#: Stream ``data`` files when loading them would take over this share of the available memory.
+#: :func:`batchfit.data.stream.load_file` decides by its own ``LOAD_SHARE_OF_AVAILABLE``, held equal
+#: to this one by tests/test_option_table.py until it reads this one.
 STREAM_SHARE_OF_AVAILABLE = 0.25
 #: tune's memory limit on CPU when none is given: this process's memory now plus this share of
 #: the RAM still available (:func:`batchfit.probe.memory.default_memory_limit`).
@@ -590,9 +591,12 @@ def named_as_flags(flags: Mapping[str, str]) -> Iterator[None]:
 
 
 __all__ = [
+    "CPU_RAM_SHARE",
     "OPTIMIZERS",
     "LR_SCALING_RULES",
     "OPTIONS",
+    "SGD_MOMENTUM",
+    "STREAM_SHARE_OF_AVAILABLE",
     "Option",
     "Choice",
     "Flag",
