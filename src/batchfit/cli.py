@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 from batchfit.core import options
 from batchfit.core.options import OPTIONS
 from batchfit.errors import BatchfitError, TrainingInterrupted, describe_user_failure
-from batchfit.examples.catalog import DEFAULT_EXAMPLE, DESCRIPTIONS
+from batchfit.examples.catalog import DESCRIPTIONS
 from batchfit.files import to_json
 
 EXIT_USAGE = 2
@@ -99,12 +99,19 @@ class _TargetOrLevel(argparse.Action):
 _ACTIONS = {"boolean_optional": argparse.BooleanOptionalAction, "target_or_level": _TargetOrLevel}
 
 
-def _argument(name: str, changes: Mapping[str, Any], flags: Mapping[str, str]) -> tuple:
-    """``(flags, argparse keywords)`` for option ``name`` as this command shows it."""
+def _argument(
+    name: str, changes: Mapping[str, Any], flags: Mapping[str, str], command: str
+) -> tuple:
+    """``(flags, argparse keywords)`` for option ``name`` as ``command`` shows it: its help with
+    the row's default for this command appended, the only place a help text says a default."""
     row = OPTIONS[name]
     settings = {k: v for k, v in row.cli.items() if k != "aliases"} | dict(changes)
-    help_text = settings.pop("help", row.help).format_map(_FlagNames(flags))
-    default = settings.pop("default", row.default if row.cli_default is None else row.cli_default)
+    help_text = settings.pop("help", row.help)
+    shown = options.shown_default(name, command)
+    if shown is not None:
+        help_text += f" (default: {shown})"
+    help_text = help_text.format_map(_FlagNames(flags)).replace("%", "%%")  # argparse's % format
+    default = row.held_default(command, cli=True)
     kwargs: dict[str, Any] = {"dest": name, "help": help_text, "default": default}
     action = settings.pop("action", None)
     if action in ("store_true", "store_false"):
@@ -160,7 +167,7 @@ def _add_command(commands: argparse._SubParsersAction, name: str, command: Comma
         exclusive = holder.add_mutually_exclusive_group() if group.exclusive else None
         for shown in group.shown:
             option, changes = (shown, {}) if isinstance(shown, str) else shown
-            names, kwargs = _argument(option, changes, flags)
+            names, kwargs = _argument(option, changes, flags, name)
             target = exclusive if option in group.exclusive else holder
             target.add_argument(*names, **kwargs)
     parser.set_defaults(run=command.run, **command.defaults)
@@ -499,7 +506,7 @@ def _print_sweep(args: argparse.Namespace, result: Any, report: dict) -> None:
 
 def _task_group(target: Shown = "target") -> Group:
     """The task options of train, tune and sweep (the built-in example unless --data is given)."""
-    example_help = f"built-in example (default {DEFAULT_EXAMPLE}): " + "; ".join(
+    example_help = "built-in example: " + "; ".join(
         f"{name}: {text}" for name, text in DESCRIPTIONS.items()
     )
     return Group(
@@ -541,10 +548,7 @@ COMMANDS: dict[str, Command] = {
                     ("batch_size", {"required": True}),
                     (
                         "micro_batch_size",
-                        {
-                            "help": "samples per forward/backward on one device (default: B / "
-                            "world size)"
-                        },
+                        {"help": "samples per forward/backward on one device"},
                     ),
                     "world_size",
                     ("epochs", {"help": "epochs to train"}),
@@ -601,8 +605,7 @@ COMMANDS: dict[str, Command] = {
                         {
                             "help": "peak memory allowed, e.g. 1500MB (on CPU the whole process, "
                             "enforced as an address-space limit; on CUDA the allocator's cap); "
-                            "a step that runs out of memory is redone with half the micro-batch "
-                            "(default: no limit; out-of-memory errors still back off)"
+                            "a step that runs out of memory is redone with half the micro-batch"
                         },
                     ),
                     "regrow_after",
@@ -615,13 +618,7 @@ COMMANDS: dict[str, Command] = {
                     "adaptive",
                     "adapt_every",
                     "min_batch_size",
-                    (
-                        "max_batch_size",
-                        {
-                            "help": "with {adaptive}: the largest batch size "
-                            "(default: the data set size)"
-                        },
-                    ),
+                    ("max_batch_size", {"help": "with {adaptive}: the largest batch size"}),
                 ),
             ),
             Group(
@@ -632,11 +629,7 @@ COMMANDS: dict[str, Command] = {
                     "resume",
                     (
                         "out_dir",
-                        {
-                            "default": "batchfit-run",
-                            "help": "folder for metrics.csv and the trained weights, model.pt "
-                            "(default ./batchfit-run)",
-                        },
+                        {"help": "folder for metrics.csv and the trained weights, model.pt"},
                     ),
                     "device",
                     ("progress", {"help": "no progress bars"}),
@@ -671,8 +664,7 @@ COMMANDS: dict[str, Command] = {
                         "lr",
                         {
                             "help": "your learning rate, tuned at {lr_batch_size}; scaled to the "
-                            "recommended batch (default: a learning-rate range test at the "
-                            "recommended batch)"
+                            "recommended batch"
                         },
                     ),
                     "lr_batch_size",
@@ -682,13 +674,7 @@ COMMANDS: dict[str, Command] = {
             Group(
                 "output",
                 (
-                    (
-                        "out_dir",
-                        {
-                            "default": "batchfit-report",
-                            "help": "folder for the report (default ./batchfit-report)",
-                        },
-                    ),
+                    ("out_dir", {"help": "folder for the report"}),
                     *_OUTPUT,
                 ),
             ),
@@ -715,9 +701,8 @@ COMMANDS: dict[str, Command] = {
                     {
                         "action": "target_or_level",
                         "metavar": "COL | METRIC=VALUE",
-                        "help": "target column (default: one named target, label or y); with "
-                        "'=', the level to reach: val_accuracy=0.9 or val_loss=0.5 (may be given "
-                        "twice, once for each)",
+                        "help": "target column, or with '=' the level to reach: "
+                        "val_accuracy=0.9 or val_loss=0.5; may be given twice, once for each",
                     },
                 )
             ),
@@ -725,10 +710,7 @@ COMMANDS: dict[str, Command] = {
                 "batch sizes and budget",
                 (
                     "batch_sizes",
-                    (
-                        "epochs",
-                        {"help": "equal examples: this many epochs at every size (default 40)"},
-                    ),
+                    ("epochs", {"help": "equal examples: this many epochs at every size"}),
                     "examples",
                     "steps",
                     (
@@ -747,10 +729,7 @@ COMMANDS: dict[str, Command] = {
                     "optimizer",
                     (
                         "lr",
-                        {
-                            "help": "learning rate at {lr_batch_size} (default: the example's, "
-                            "or 1e-3 adam / 0.01 sgd)"
-                        },
+                        {"help": "learning rate at {lr_batch_size}"},
                     ),
                     "lr_batch_size",
                     "lr_scaling",
@@ -764,22 +743,10 @@ COMMANDS: dict[str, Command] = {
                 (
                     "report",
                     "eval_points",
-                    (
-                        "eval_batch_size",
-                        {
-                            "help": "batch size for evaluation (default: {micro_batch_size} if "
-                            "given, else 1024)"
-                        },
-                    ),
+                    ("eval_batch_size", {"help": "batch size for evaluation"}),
                     "sharpness_samples",
                     ("resume", {"help": "skip the runs already finished in {out_dir}"}),
-                    (
-                        "out_dir",
-                        {
-                            "default": "batchfit-sweep",
-                            "help": "folder for the report (default ./batchfit-sweep)",
-                        },
-                    ),
+                    ("out_dir", {"help": "folder for the report"}),
                     *_OUTPUT,
                 ),
             ),

@@ -19,7 +19,7 @@ from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.losses import Loss, LossFn, correct_count
 
-DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_LR = {name: options.default_of("lr", optimizer=name) for name in options.OPTIMIZERS}
 
 
 def make_optimizer(

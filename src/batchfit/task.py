@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from batchfit.core import options
-from batchfit.core.options import opt, opt_value
+from batchfit.core.options import default_of, opt, opt_value
 from batchfit.data.source import BatchSource
-from batchfit.data.stream import DEFAULT_PREFETCH, StreamSource, load_file
+from batchfit.data.stream import StreamSource, load_file
 from batchfit.data.tensors import TensorSource
 from batchfit.data.torch_dataset import IterableSource
 from batchfit.errors import BatchfitError, first_line
@@ -137,8 +137,8 @@ class StreamOptions:
 
     stream: bool | None = None
     shuffle_buffer: int | str | None = None
-    prefetch: int = DEFAULT_PREFETCH
-    workers: int = 1
+    prefetch: int = default_of("prefetch")
+    workers: int = default_of("data_workers")
     reason: str | None = None
 
 
@@ -157,11 +157,6 @@ def _as_resumed(stream_options: StreamOptions, resume_from: str | Path | None) -
         stream=source == "stream",
         reason=f"as the run being resumed from '{resume_from}' did",
     )
-
-
-#: The share of --data held out for validation when none is asked for, by command: tune measures
-#: training only, so it keeps all of the data.
-DEFAULT_VAL_FRACTION = {"train": 0.1, "sweep": 0.1, "tune": 0.0}
 
 
 def load_task(
@@ -185,16 +180,17 @@ def load_task(
     ``model`` alone trains the user's model on the example's data; ``data`` needs ``model``.
     ``resume_from``, the checkpoint folder of a run being resumed, makes ``data`` be read as
     that run read it (streamed or loaded), unless ``stream`` forces a choice. ``purpose`` is the
-    command the task is for: without ``val_fraction``, ``tune`` keeps all of ``data`` for measuring
-    (no validation split; its race holds out its own share), ``train`` and ``sweep`` hold out 0.1
-    of it. A built-in example keeps its own validation set unless ``val_fraction`` is 0.
+    command the task is for: without ``val_fraction`` it holds out that command's default share
+    of ``data`` (the option table's; ``tune`` keeps all of it for measuring, its race holds out its
+    own share). A built-in example keeps its own validation set unless ``val_fraction`` is 0.
     """
     _check_task_options(example, model, data, val_data, val_fraction, features, target)
     if data is None:  # an example's own validation set is kept unless val_fraction is 0
         _check_no_stream_options(stream, example or DEFAULT_EXAMPLE)
         return _example_task(example or DEFAULT_EXAMPLE, model, val_fraction, loss, seed)
-    if val_fraction is None and purpose == "tune":
-        val_fraction = DEFAULT_VAL_FRACTION["tune"]
+    default_fraction = default_of("val_fraction", purpose)
+    if val_fraction is None and default_fraction == 0:
+        val_fraction = 0.0  # none to hold out: no note that a stream of unknown length cannot split
     stream_options = _as_resumed(stream or StreamOptions(), resume_from)
     train, kind, choice = _load_data(
         data, features, target, seed, shuffle=True, stream=stream_options
@@ -203,7 +199,7 @@ def load_task(
     if val_data is not None:
         val = _validation_data(val_data, train, data, features, target, seed, stream)
     else:
-        train, val = _held_out(train, data, val_fraction, seed, notes)
+        train, val = _held_out(train, data, val_fraction, default_fraction, seed, notes)
     if loss == "cross_entropy" and kind == "real":
         train, val, kind = _as_class_labels(train), val and _as_class_labels(val), "class"
     factory = model_factory(model)  # type: ignore[arg-type]  # checked: data needs model
@@ -322,9 +318,15 @@ def _example_task(
 
 
 def _held_out(
-    train: BatchSource, data: str, val_fraction: float | None, seed: int, notes: list[str]
+    train: BatchSource,
+    data: str,
+    val_fraction: float | None,
+    default_fraction: float,
+    seed: int,
+    notes: list[str],
 ) -> tuple[BatchSource, BatchSource | None]:
-    """Split a validation share off the training data (``val_fraction``, default 0.1)."""
+    """Split a validation share off the training data (``val_fraction``, else the command's
+    ``default_fraction``)."""
     if val_fraction is None and isinstance(train, IterableSource):
         # The default fraction cannot apply: a stream of unknown length has no rows to hold out.
         notes.append(
@@ -333,7 +335,7 @@ def _held_out(
             "this note)."
         )
         return train, None
-    fraction = DEFAULT_VAL_FRACTION["train"] if val_fraction is None else val_fraction
+    fraction = default_fraction if val_fraction is None else val_fraction
     if fraction == 0:
         return train, None
     train, val = split_off(train, fraction, seed)

@@ -23,7 +23,7 @@ from batchfit.core import options
 def default_rule(optimizer: str) -> str:
     """The usual rule for an optimizer: ``linear`` for SGD, ``sqrt`` for the Adam family."""
     options.check("optimizer", optimizer)
-    return "linear" if optimizer == "sgd" else "sqrt"
+    return options.default_of("lr_scaling", optimizer=optimizer)
 
 
 def scale_lr(lr: float, from_batch_size: int, to_batch_size: int, rule: str) -> float:

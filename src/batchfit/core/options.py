@@ -8,6 +8,10 @@ template:
 
     The 'batch_size' option must be an int >= 1. Got 0 instead.
 
+A row holds every default of its option: one value, or one per command, device type or optimizer
+(:class:`Varies`); :func:`default_of` reads them, and the command line's help shows them
+(:func:`shown_default`), so a help text never restates a default.
+
 Messages name an option with :func:`opt`: ``'checkpoint_dir'`` for a Python caller, and
 ``--checkpoint-dir`` while the command line runs (:func:`named_as_flags`), so the library never
 speaks in flags a Python user does not have.
@@ -19,6 +23,10 @@ Examples:
     0.0003
     >>> OPTIONS["optimizer"].default, OPTIONS["out_dir"].flag
     ('adam', '--out')
+    >>> default_of("val_fraction", "train"), default_of("val_fraction", "tune")
+    (0.1, 0.0)
+    >>> default_of("time_budget", device="cuda")
+    300.0
     >>> check("batch_size", 0)
     Traceback (most recent call last):
     ...
@@ -51,12 +59,51 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 
 
+#: What a default may vary by: the running command, the device type or the optimizer.
+VARIES_BY = ("command", "device", "optimizer")
+
+
+@dataclass(frozen=True)
+class Varies:
+    """A default that is one value per command, device type or optimizer (``by``): ``values``
+    holds each one's own; one not in it takes ``otherwise``.
+
+    >>> Varies("device", {"cpu": 60.0, "cuda": 300.0}).of(device="cuda")
+    300.0
+    >>> Varies("command", {"tune": 0.0}, otherwise=0.1).of(command="train")
+    0.1
+    """
+
+    by: str
+    values: Mapping[str, Any]
+    otherwise: Any = None
+
+    def __post_init__(self) -> None:
+        if self.by not in VARIES_BY:
+            raise ValueError(f"a default varies by one of {VARIES_BY}, not {self.by!r}")
+
+    def of(
+        self, command: str | None = None, device: str | None = None, optimizer: str | None = None
+    ) -> Any:
+        key = {"command": command, "device": device, "optimizer": optimizer}[self.by]
+        return self.values.get(key, self.otherwise) if key is not None else self.otherwise
+
+
 @dataclass(frozen=True)
 class Option:
-    """One option. ``default`` is the Python API's; ``cli_default`` the command line's where the
-    two differ on purpose (a library call writes no files unasked; the command shows progress).
-    ``help`` may name other options as ``{name}``: the command line shows their flags there.
-    ``cli`` holds extra argparse settings (``nargs``, ``metavar``, ``action``)."""
+    """One option and every default it has.
+
+    ``default`` is the Python API's, the value a config holds when the option is not given;
+    ``cli_default`` the command line's where the two differ on purpose (a library call writes no
+    files unasked; the command shows progress), a :class:`Varies` by command where the commands
+    differ. ``run_default`` is the value a run takes where both hold ``None`` ("not given")
+    because the value depends on the command, the device or the optimizer, or because "not
+    given" means more than the value (a built-in example keeps its own validation set).
+    ``shown`` is how the help writes the default in words, ``{}`` standing for the value ("max(
+    micro-batch, {})"); per command as a :class:`Varies`. ``help`` describes the option and never
+    restates a default: :func:`shown_default` appends it. It may name other options as
+    ``{name}``: the command line shows their flags there. ``cli`` holds extra argparse settings
+    (``nargs``, ``metavar``, ``action``)."""
 
     name: str
     rule: Rule
@@ -65,6 +112,8 @@ class Option:
     flag: str | None = None
     cli_default: Any = field(default=None)
     cli: Mapping[str, Any] = field(default_factory=dict)
+    run_default: Any = None
+    shown: str | Varies | None = None
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -73,17 +122,33 @@ class Option:
             self.cli.get("aliases", ())
         )
 
+    def held_default(self, command: str | None = None, *, cli: bool = False) -> Any:
+        """What a config (``cli=False``) or ``command``'s parser holds when the option is not
+        given; ``None`` leaves the value to the run (:attr:`run_default`)."""
+        held = self.cli_default if cli and self.cli_default is not None else self.default
+        return held.of(command) if isinstance(held, Varies) else held
+
 
 def _rows(*rows: Option) -> dict[str, Option]:
     return {row.name: row for row in rows}
 
 
-_LR_HELP = "learning rate (default: the example's own with adam/adamw, else 1e-3 adam / 0.01 sgd)"
+#: Stream ``data`` files when loading them would take over this share of the available memory.
+#: :func:`batchfit.data.stream.load_file` decides by its own ``LOAD_SHARE_OF_AVAILABLE``, held equal
+#: to this one by tests/test_option_table.py until it reads this one.
+STREAM_SHARE_OF_AVAILABLE = 0.25
+#: tune's memory limit on CPU when none is given: this process's memory now plus this share of
+#: the RAM still available (:func:`batchfit.probe.memory.default_memory_limit`).
+CPU_RAM_SHARE = 0.5
+#: SGD's momentum, unless ``momentum`` says otherwise (tune has no ``momentum`` option).
+SGD_MOMENTUM = 0.9
+#: tune's time budget when none is given, per device type; also train's ``tune_budget``.
+_TIME_BUDGET = Varies("device", {"cpu": 60.0, "cuda": 300.0})
 
 #: The table. Order is the order of the command line's help within a group.
 OPTIONS: dict[str, Option] = _rows(
     # -- the task: which model, which data (train, tune, sweep)
-    Option("example", Text(), help="built-in example (default mnist1d)"),
+    Option("example", Text(), help="built-in example", run_default="mnist1d"),
     Option("model", Text(), help="package.module:factory returning your nn.Module"),
     Option(
         "data",
@@ -95,42 +160,47 @@ OPTIONS: dict[str, Option] = _rows(
     Option(
         "val_fraction",
         Float(0.0, 1.0, open_high=True),
-        help="seeded share of {data} held out for validation (default 0.1; 0: none)",
+        help="seeded share of {data} held out for validation; 0: none",
+        # tune measures training only, so it keeps all of the data (its race holds out its own)
+        run_default=Varies("command", {"tune": 0.0}, otherwise=0.1),
     ),
     Option(
         "features",
         Text(objects=True),
-        help="comma-separated feature columns (default: all but the target)",
+        help="comma-separated feature columns",
+        shown="all but the target",
     ),
-    Option("target", Text(), help="target column (default: one named target, label or y)"),
+    Option("target", Text(), help="target column", shown="one named target, label or y"),
     Option(
         "loss",
         Text(objects=True),
-        help="cross_entropy, mse, bce or package.module:fn "
-        "(default: from the target: integers -> cross_entropy, floats -> mse)",
+        help="cross_entropy, mse, bce or package.module:fn",
+        shown="from the target: integers -> cross_entropy, floats -> mse",
     ),
     Option(
         "stream",
         Flag(),
-        help="read {data} files piece by piece (--stream) or load them (--no-stream); default: "
-        "stream when the data would take over a quarter of the available memory",
+        help="read {data} files piece by piece, or load them whole with --no-stream",
         cli={"action": "boolean_optional"},
+        shown=f"stream when loading would take over {STREAM_SHARE_OF_AVAILABLE:.0%} of the "
+        "available memory",
     ),
     Option(
         "shuffle_buffer",
         RowsOrSize(),
         help="rows shuffled together when streaming, or the memory of one such window, like "
-        "256MiB (default 96MiB; the stream holds 1 + {data_workers} windows, printed at start)",
+        "256MiB; the stream holds 1 + {data_workers} windows, printed at start",
         cli={"metavar": "ROWS|SIZE"},
+        run_default="96MiB",
     ),
     Option(
         "prefetch",
         Int(0),
         4,
-        "batches prepared ahead in a background thread when streaming (default 4; 0: none)",
+        "batches prepared ahead in a background thread when streaming; 0: none",
     ),
-    Option("data_workers", Int(1, 64), 1, "threads decoding streamed data ahead (default 1)"),
-    Option("seed", Int(0, 2**63 - 1), 0, "seed for weights, shuffling and splits (default 0)"),
+    Option("data_workers", Int(1, 64), 1, "threads decoding streamed data ahead"),
+    Option("seed", Int(0, 2**63 - 1), 0, "seed for weights, shuffling and splits"),
     # -- sizes and length (plan, train, sweep)
     Option("samples", Int(1), help="training samples N"),
     Option(
@@ -143,9 +213,15 @@ OPTIONS: dict[str, Option] = _rows(
         "micro_batch_size",
         Int(1),
         help="split each batch into micro-batches of this size (exact accumulation)",
+        shown=Varies("command", {"plan": "B / world size"}),
     ),
-    Option("world_size", Int(1), 1, "number of devices (default 1)"),
-    Option("epochs", Int(1), help="passes over the training set"),
+    Option("world_size", Int(1), 1, "number of devices"),
+    Option(
+        "epochs",
+        Int(1),
+        help="passes over the training set",
+        run_default=Varies("command", {"sweep": 40}),  # train needs epochs or steps given
+    ),
     Option("max_steps", Int(1), help="optimizer steps (with {epochs}: whichever ends first)"),
     Option("drop_last", Flag(), False, "drop each epoch's incomplete batch"),
     Option(
@@ -156,7 +232,13 @@ OPTIONS: dict[str, Option] = _rows(
     Option(
         "eval_batch_size",
         Int(1),
-        help="batch size for validation (default max(micro-batch, 1024))",
+        help="batch size for validation",
+        run_default=1024,
+        shown=Varies(
+            "command",
+            {"sweep": "{micro_batch_size} if given, else {}"},
+            otherwise="max(micro-batch, {})",
+        ),
     ),
     Option("eval_every", Int(1), help="also validate every this many steps"),
     Option(
@@ -164,42 +246,53 @@ OPTIONS: dict[str, Option] = _rows(
         Int(0),
         100,
         "after an out-of-memory back-off, try twice the micro-batch (up to the configured one) "
-        "after this many clean steps (default 100; 0: never)",
+        "after this many clean steps; 0: never",
     ),
     Option(
         "adaptive",
         Flag(),
         False,
         "let the batch size follow the gradient noise scale measured while training, within "
-        "{min_batch_size} and {max_batch_size}, rescaling {lr} (default off)",
+        "{min_batch_size} and {max_batch_size}, rescaling {lr}",
     ),
     Option(
         "adapt_every",
         Int(1),
         50,
-        "with {adaptive}: re-choose the batch size every this many steps (default 50)",
+        "with {adaptive}: re-choose the batch size every this many steps",
     ),
     Option(
         "min_batch_size",
         Int(1),
-        help="with {adaptive}: the smallest batch size (default: the starting {batch_size})",
+        help="with {adaptive}: the smallest batch size",
+        shown="the starting {batch_size}",
     ),
     # -- optimizer and learning rate
     Option(
         "optimizer",
         Choice(OPTIMIZERS),
         "adam",
-        "sgd (momentum 0.9), adam or adamw (default adam)",
+        f"sgd (momentum {SGD_MOMENTUM:g}), adam or adamw",
     ),
-    Option("lr", Float(0.0, open_low=True), help=_LR_HELP),
-    Option("momentum", Float(0.0, 1.0, open_high=True), 0.9, "SGD momentum (default 0.9)"),
+    Option(
+        "lr",
+        Float(0.0, open_low=True),
+        help="learning rate",
+        run_default=Varies("optimizer", {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}),
+        shown=Varies(
+            "command",
+            {"tune": "a learning-rate range test at the recommended batch"},
+            otherwise="the example's own with adam/adamw; otherwise {}",
+        ),
+    ),
+    Option("momentum", Float(0.0, 1.0, open_high=True), SGD_MOMENTUM, "SGD momentum"),
     Option("weight_decay", Float(0.0), help="weight decay"),
-    Option("lr_batch_size", Int(1), 32, "the batch size {lr} was tuned at (default 32)"),
+    Option("lr_batch_size", Int(1), 32, "the batch size {lr} was tuned at"),
     Option(
         "lr_scaling",
         Choice(LR_SCALING_RULES),
-        help="how lr follows the batch size: none, linear or sqrt "
-        "(default: linear for sgd, sqrt for adam/adamw)",
+        help="how lr follows the batch size: none, linear or sqrt",
+        run_default=Varies("optimizer", {"sgd": "linear", "adam": "sqrt", "adamw": "sqrt"}),
     ),
     Option("warmup_lr", Float(0.0, open_low=True), help="the noise probe's warm-up learning rate"),
     # -- checkpoints and output
@@ -216,13 +309,13 @@ OPTIONS: dict[str, Option] = _rows(
         Text(objects=True),
         help="folder for the output files",
         flag="--out",
+        # a library call writes no files unasked; each command writes its own folder
+        cli_default=Varies(
+            "command",
+            {"train": "batchfit-run", "tune": "batchfit-report", "sweep": "batchfit-sweep"},
+        ),
     ),
-    Option(
-        "device",
-        Text(objects=True),
-        "auto",
-        "auto (default), cpu, cuda or cuda:N",
-    ),
+    Option("device", Text(objects=True), "auto", "auto, cpu, cuda or cuda:N"),
     Option(
         "progress",
         Flag(),
@@ -238,34 +331,43 @@ OPTIONS: dict[str, Option] = _rows(
         "memory_limit",
         Size(2**20),
         help="peak memory allowed, e.g. 4GB or 512MiB; on CPU it covers the whole process (torch "
-        "alone takes ~370 MiB) (default on CPU: this process's memory plus half the available "
-        "RAM; on CUDA: the device's memory)",
+        "alone takes ~370 MiB)",
+        shown=Varies(
+            "command",
+            {
+                "train": "no limit; out-of-memory errors still back off",
+                "tune": f"on CPU, this process's memory plus {CPU_RAM_SHARE:.0%} of the "
+                "available RAM; on CUDA, the device's memory",
+            },
+        ),
     ),
     Option(
         "max_batch_size",
         Int(1),
-        help="largest batch size to consider (default: the data set size)",
+        help="largest batch size to consider",
+        shown="the data set size",
     ),
     Option(
         "time_budget",
         Float(0.0, open_low=True),
-        help="seconds for the whole tune (default 60 on CPU, 300 on CUDA); less time means "
-        "fewer trials and wider intervals",
+        help="seconds for the whole tune; less time means fewer trials and wider intervals",
+        run_default=_TIME_BUDGET,
     ),
-    Option("headroom", Float(0.0, 1.0, open_high=True), 0.1, "memory kept free (default 0.1)"),
+    Option("headroom", Float(0.0, 1.0, open_high=True), 0.1, "memory kept free"),
     Option("batches", Int(1), help="batches to average the noise scale over"),
     Option(
         "tune_budget",
         Float(0.0, open_low=True),
-        help="with {batch_size} auto: seconds for tune before training (default: tune's own "
-        "time budget, 60 on CPU, 300 on CUDA)",
+        help="with {batch_size} auto: seconds for tune before training",
+        run_default=_TIME_BUDGET,
+        shown="tune's own time budget, {}",
     ),
     # -- sweep
     Option(
         "batch_sizes",
         Text(objects=True),
         (32, 64, 128, 256),
-        "comma-separated batch sizes; N means the whole training set (default 32,64,128,256)",
+        "comma-separated batch sizes; N means the whole training set",
         cli_default="32,64,128,256",
     ),
     Option("steps", Int(1), help="equal updates: this many optimizer steps per size"),
@@ -279,9 +381,10 @@ OPTIONS: dict[str, Option] = _rows(
     Option(
         "lr_grid",
         Text(objects=True),
-        help="also try these factors of the scaled lr at each size and keep the best by "
-        "validation (default factors 0.25,0.5,1,2,4)",
+        help="also try factors of the scaled lr at each size and keep the best by validation; "
+        "given alone, the factors 0.25,0.5,1,2,4",
         cli={"nargs": "?", "const": "", "metavar": "FACTORS"},
+        shown="no grid",
     ),
     Option("lr_grid_factor", Float(0.0, open_low=True), help="one factor of {lr_grid}"),
     Option(
@@ -300,13 +403,13 @@ OPTIONS: dict[str, Option] = _rows(
         "eval_points",
         Int(1),
         20,
-        "about this many validation evaluations per run, evenly spaced (default 20)",
+        "about this many validation evaluations per run, evenly spaced",
     ),
     Option(
         "sharpness_samples",
         Int(1),
         512,
-        "training samples in the fixed batch for sharpness (default 512)",
+        "training samples in the fixed batch for sharpness",
     ),
     Option("sharpness_iterations", Int(1), 50, "power-iteration steps for sharpness"),
     Option("sharpness_tolerance", Float(0.0, open_low=True), 1e-3, "sharpness convergence"),
@@ -314,13 +417,81 @@ OPTIONS: dict[str, Option] = _rows(
 )
 
 
-def default(name: str) -> Any:
-    """The Python API's default for option ``name``.
+def default_of(
+    name: str,
+    command: str | None = None,
+    *,
+    device: str | None = None,
+    optimizer: str | None = None,
+    cli: bool = False,
+) -> Any:
+    """The value option ``name`` takes when it is not given: from Python (or from ``command``'s
+    command line, ``cli=True``), for ``command`` on a ``device`` type with an ``optimizer`` where
+    the default varies with them; ``None`` where it has no default there.
 
-    >>> default("momentum")
-    0.9
+    >>> default_of("momentum"), default_of("prefetch")
+    (0.9, 4)
+    >>> default_of("out_dir"), default_of("out_dir", "tune", cli=True)
+    (None, 'batchfit-report')
+    >>> default_of("lr", optimizer="sgd"), default_of("epochs", "sweep")
+    (0.01, 40)
+    >>> default_of("epochs", "train") is None  # train needs epochs or steps given
+    True
     """
-    return OPTIONS[name].default
+    row = OPTIONS[name]
+    value = row.held_default(command, cli=cli)
+    if value is None:
+        value = row.run_default
+    if isinstance(value, Varies):
+        return value.of(command, device, optimizer)
+    return value
+
+
+def shown_default(name: str, command: str | None = None) -> str | None:
+    """The default of option ``name`` as ``command``'s help writes it, from the row (``None``:
+    none to show, as for a flag that is off unless given). ``{name}`` in it names another option.
+
+    >>> shown_default("time_budget"), shown_default("val_fraction", "tune")
+    ('60 on CPU, 300 on CUDA', '0')
+    >>> shown_default("eval_batch_size", "train"), shown_default("lr_scaling")
+    ('max(micro-batch, 1024)', 'linear for sgd, sqrt for adam/adamw')
+    >>> shown_default("drop_last") is None
+    True
+    """
+    row = OPTIONS[name]
+    words = row.shown.of(command) if isinstance(row.shown, Varies) else row.shown
+    value = row.held_default(command, cli=True)
+    if value is None:
+        value = row.run_default
+    if isinstance(value, Varies) and value.by == "command":
+        value = value.of(command)
+    if words is None and (value is None or isinstance(row.rule, Flag)):
+        return None
+    text = "" if value is None else shown_value(value)
+    return text if words is None else words.replace("{}", text)
+
+
+def shown_value(value: Any) -> str:
+    """A default value as the help writes it: as typed on the command line; one that varies by
+    device type or optimizer as each one's value.
+
+    >>> shown_value(0.001), shown_value((32, 64)), shown_value(Varies("device", {"cuda": 300.0}))
+    ('0.001', '32,64', '300 on CUDA')
+    """
+    if isinstance(value, Varies):
+        by_value: dict[str, list[str]] = {}
+        for key, one in value.values.items():
+            by_value.setdefault(shown_value(one), []).append(key)
+        if value.by == "device":  # "60 on CPU, 300 on CUDA"
+            parts = (f"{v} on {' or '.join(k.upper() for k in ks)}" for v, ks in by_value.items())
+        else:  # "linear for sgd, sqrt for adam/adamw"
+            parts = (f"{v} for {'/'.join(ks)}" for v, ks in by_value.items())
+        return ", ".join(parts)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(shown_value(v) for v in value)
+    return str(value)
 
 
 def _message(name: str, got: Any, fix: str | None) -> str:
@@ -420,9 +591,12 @@ def named_as_flags(flags: Mapping[str, str]) -> Iterator[None]:
 
 
 __all__ = [
+    "CPU_RAM_SHARE",
     "OPTIMIZERS",
     "LR_SCALING_RULES",
     "OPTIONS",
+    "SGD_MOMENTUM",
+    "STREAM_SHARE_OF_AVAILABLE",
     "Option",
     "Choice",
     "Flag",
@@ -432,11 +606,14 @@ __all__ = [
     "RowsOrSize",
     "Size",
     "Text",
+    "Varies",
     "check",
     "check_optional",
-    "default",
+    "default_of",
     "named_as_flags",
     "opt",
     "opt_value",
     "parse",
+    "shown_default",
+    "shown_value",
 ]

@@ -372,8 +372,8 @@ def _explain(choice: BatchSizeChoice, feasible: _Feasible) -> tuple[str, ...]:
     if choice.b_simple is None:
         lines.append(
             "No gradient noise scale was measured, so the steps a batch size saves are unknown: "
-            f"chose the smallest batch within 10% of the best measured throughput "
-            f"({choice.batch_size})."
+            f"chose the smallest batch within {1 - NEAR_BEST_SPEED:.0%} of the best measured "
+            f"throughput ({choice.batch_size})."
         )
     lines.append(_throughput_reason(choice, feasible))
     if choice.b_simple is not None:
@@ -410,8 +410,8 @@ def throughput_sentence(flattens_at: int | None, measured: Sequence[tuple[int, f
     rising = all(later > s for (_, s), (_, later) in zip(ordered, ordered[1:], strict=False))
     if len(ordered) < 2 or (gains and rising):
         return (
-            "Throughput still grows by 10% or more with each doubling up to the largest size "
-            f"measured ({max((b for b, _ in ordered), default=0)})."
+            f"Throughput still grows by {FLAT_GAIN:.0%} or more with each doubling up to the "
+            f"largest size measured ({max((b for b, _ in ordered), default=0)})."
         )
     peak_b, peak_s = max(ordered, key=lambda p: (p[1], -p[0]))
     text = (

@@ -84,8 +84,8 @@ from batchfit.errors import BatchfitError
 #: Default shuffle buffer: as many rows as one window of this many bytes holds (the decoded rows,
 #: their float32 copy and its permuted copy): 466,000 rows of 16 float32 features and an int64
 #: label, the same as 32 MiB of decoded rows.
-DEFAULT_SHUFFLE_BUFFER_BYTES = 96 << 20
-DEFAULT_PREFETCH = 4
+DEFAULT_SHUFFLE_BUFFER_BYTES = parse_size(options.default_of("shuffle_buffer"))
+DEFAULT_PREFETCH = options.default_of("prefetch")
 #: Stream when loading would take more than this share of the available memory. Loading a file
 #: holds the Arrow table and the float32 tensors at once: about 2x the decoded size, plus slack.
 LOAD_SHARE_OF_AVAILABLE = 0.25

@@ -8,7 +8,9 @@ True
 
 from __future__ import annotations
 
-DEFAULT_EXAMPLE = "mnist1d"
+from batchfit.core.options import default_of
+
+DEFAULT_EXAMPLE = default_of("example")
 
 #: name -> one line for ``--help`` and the report.
 DESCRIPTIONS = {

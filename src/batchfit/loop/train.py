@@ -31,7 +31,7 @@ from batchfit.checkpoint import (
 )
 from batchfit.core.accounting import Plan, check_sizes, plan, total_steps
 from batchfit.core.configs import TrainConfig
-from batchfit.core.options import opt, opt_value
+from batchfit.core.options import default_of, opt, opt_value
 from batchfit.data.source import BatchSource
 from batchfit.distributed import check_world_size_matches, is_main, place, shard, world_size, wrap
 from batchfit.errors import BatchfitError, NonFiniteLossError, without_batchfit_frames
@@ -244,7 +244,7 @@ def prepare(
         plan=the_plan,
         micro_batch_size=micro,
         lr=lr,
-        eval_batch_size=config.eval_batch_size or max(micro, 1024),
+        eval_batch_size=config.eval_batch_size or max(micro, default_of("eval_batch_size")),
         last_step=_last_step(config, the_plan),
         settings=_settings(config, source, lr),
         on_eval=on_eval,

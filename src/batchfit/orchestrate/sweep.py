@@ -39,7 +39,7 @@ from typing import Any
 from torch import nn
 
 from batchfit.core.configs import SweepConfig
-from batchfit.core.options import default
+from batchfit.core.options import default_of
 from batchfit.core.sweep_inputs import Target, auto_target, higher_is_better
 from batchfit.core.sweep_records import SizeSummary, best_point, choose_lr, time_to_target
 from batchfit.core.sweep_tune_check import Recommendation
@@ -56,7 +56,7 @@ from batchfit.orchestrate.sweep_setup import (
 from batchfit.progress import TrainProgress
 from batchfit.report.sweep_report import write_report
 
-DEFAULT_BATCH_SIZES = default("batch_sizes")
+DEFAULT_BATCH_SIZES = default_of("batch_sizes")
 FORMAT_VERSION = 1
 
 __all__ = ["DEFAULT_BATCH_SIZES", "DEFAULT_EPOCHS", "FORMAT_VERSION", "SweepResult", "sweep"]

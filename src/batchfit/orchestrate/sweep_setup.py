@@ -24,7 +24,7 @@ from torch import nn
 from batchfit.core.accounting import plan, single_sample_micro_batch_at
 from batchfit.core.configs import SweepConfig
 from batchfit.core.lr_scaling import default_rule
-from batchfit.core.options import opt
+from batchfit.core.options import default_of, opt
 from batchfit.core.sweep_inputs import (
     METRICS,
     Target,
@@ -44,11 +44,9 @@ from batchfit.report.recommendation_file import read_recommendation
 from batchfit.report.sweep_report import REPORT_FILES
 from batchfit.step import DEFAULT_LR, evaluate, has_batch_norm, params_sha256, resolve_device
 
-#: The sweep's budget when none of ``epochs``, ``steps`` or ``examples`` is given (the option
-#: table has no default for ``epochs``: train needs one given).
-DEFAULT_EPOCHS = 40
-#: Validation batch size when neither ``eval_batch_size`` nor ``micro_batch_size`` bounds it.
-DEFAULT_EVAL_BATCH_SIZE = 1024
+#: The sweep's budget when none of ``epochs``, ``steps`` or ``examples`` is given (sweep's own
+#: default for ``epochs`` in the option table: train has none, it needs one given).
+DEFAULT_EPOCHS = default_of("epochs", "sweep")
 #: The folder under ``out_dir`` that holds one JSON file per finished run.
 RUNS_FOLDER = "runs"
 
@@ -163,7 +161,9 @@ def prepare(
     lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
     lr_scaling = config.lr_scaling or default_rule(config.optimizer)
     lr_factors = parse_lr_grid(config.lr_grid) or (1.0,)
-    eval_batch_size = config.eval_batch_size or config.micro_batch_size or DEFAULT_EVAL_BATCH_SIZE
+    eval_batch_size = (
+        config.eval_batch_size or config.micro_batch_size or default_of("eval_batch_size")
+    )
     metric, given, notes = _target(config.target, loss_fn)
     chosen = _sizes(model, sizes, samples, config)
     notes += [s["reason"] for s in chosen.skipped]

@@ -17,12 +17,10 @@ from __future__ import annotations
 import math
 import time
 
-from batchfit.core.options import opt_value
+from batchfit.core.options import default_of, opt_value
 from batchfit.errors import BatchfitError
 from batchfit.probe.harness import Deadline
 
-#: Seconds for the whole run when no ``time_budget`` is given, per device type.
-DEFAULT_TIME_BUDGET_S = {"cpu": 60.0, "cuda": 300.0}
 #: Shares of the time budget per phase; what a phase leaves unused goes to the next ones.
 PHASE_SHARES = {"memory": 0.1, "throughput": 0.15, "noise": 0.2, "lr": 0.05, "race": 0.5}
 #: Time kept back for writing the report and plots (at most 15% of the budget).
@@ -54,7 +52,8 @@ class TimeBudget:
         """The budget of a run: ``time_budget`` seconds (default per device type), with time kept
         for the report when one is written; refused when too little is left to measure, unless
         ``measuring_began`` (a run whose memory was measured already, under torchrun)."""
-        seconds = time_budget or DEFAULT_TIME_BUDGET_S["cuda" if device_type == "cuda" else "cpu"]
+        device = "cuda" if device_type == "cuda" else "cpu"
+        seconds = time_budget or default_of("time_budget", device=device)
         reserve = min(REPORT_RESERVE_S, 0.15 * seconds) if writes_report else 0.0
         if not measuring_began:
             check_budget_left(seconds, started, reserve)
@@ -94,5 +93,5 @@ def check_budget_left(budget_s: float, started: float, reserve: float) -> None:
         f"The time budget of {budget_s:g} s leaves {max(left, 0.0):.1f} s to measure"
         + (f": {' and '.join(spent)}" if spent else "")
         + f"; tuning needs at least {MIN_MEASURE_S:g} s. Give {opt_value('time_budget', need)} "
-        f"or more (default {DEFAULT_TIME_BUDGET_S['cpu']:g} on CPU)."
+        f"or more (default {default_of('time_budget', device='cpu'):g} on CPU)."
     )

@@ -76,9 +76,9 @@ from batchfit.probe.harness import (
 )
 from batchfit.step import model_device, smallest_trainable_size, synchronize, train_step
 
-DEFAULT_HEADROOM = 0.1
+DEFAULT_HEADROOM = options.default_of("headroom")
 #: The default CPU limit: what the process holds now plus this share of the RAM still available.
-DEFAULT_RAM_SHARE = 0.5
+DEFAULT_RAM_SHARE = options.CPU_RAM_SHARE
 #: Without a data set size or a max_batch_size, the search stops here.
 STREAM_CAP = 65536
 #: Bisect until the gap between fit and no-fit is at most this share of the fitting size.

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from batchfit.core import race as judge
+from batchfit.core.options import default_of
 from batchfit.data.source import BatchSource
 from batchfit.losses import Loss
 from batchfit.probe.harness import Deadline, OutOfTime, cycle_batches, preserved
@@ -51,7 +52,7 @@ EDGE_STEPS = 3
 DATA_ORDERS = (0, 1000)
 #: Held-out evaluation batch size, at most: never above the largest micro-batch that trains, so an
 #: evaluation fits wherever a training iteration does (a forward without gradients needs less).
-EVAL_BATCH_SIZE = 1024
+EVAL_BATCH_SIZE = default_of("eval_batch_size")
 
 
 @dataclass(frozen=True)

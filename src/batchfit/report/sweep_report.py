@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batchfit.core.options import opt
+from batchfit.core.sweep_inputs import AUTO_TARGET_SHARE
 from batchfit.core.sweep_records import format_seconds
 from batchfit.errors import space_checked
 from batchfit.files import report_staging, write_json, write_text
@@ -137,7 +138,10 @@ def _budget_text(settings: dict[str, Any]) -> str:
 def _target_source(target: dict[str, Any]) -> str:
     if target["source"] == "given":
         return f"given with {opt('target_level')}"
-    return "automatic: 90% of the way from the initial value to the best value any size reached"
+    return (
+        f"automatic: {AUTO_TARGET_SHARE:.0%} of the way from the initial value to the best value "
+        "any size reached"
+    )
 
 
 def markdown(result: dict[str, Any]) -> str:
