@@ -4,6 +4,7 @@ README's quick start runs as written."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -254,3 +255,17 @@ def test_an_optimizer_class_batchfit_cannot_scale_is_refused_in_one_line():
     with pytest.raises(batchfit.BatchfitError, match="RMSprop") as info:
         batchfit.train(_mlp(), blobs(64), batch_size=32, epochs=1, optimizer=torch.optim.RMSprop)
     assert "\n" not in str(info.value) and "torch.optim.SGD, Adam or AdamW" in str(info.value)
+
+
+def test_a_progress_line_longer_than_the_console_stays_one_line_when_piped(tmp_path):
+    """stderr piped to a file is 80 columns to rich: a long path must not split a message (a
+    test, a log collector or grep reading it line by line would miss it)."""
+    script = (
+        "from batchfit.progress import console\n"
+        "console().print('Training on ' + 'x' * 300 + ' done', markup=False)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    lines = [line for line in proc.stderr.splitlines() if line]
+    assert lines == ["Training on " + "x" * 300 + " done"]

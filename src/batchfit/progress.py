@@ -20,10 +20,12 @@ _console: Console | None = None
 
 
 def console() -> Console:
-    """The shared stderr console (created lazily so that tests can swap stderr)."""
+    """The shared stderr console (created lazily so that tests can swap stderr). Lines are never
+    broken at the console's width: piped to a file or a log collector (80 columns when not a
+    terminal), a long path would split a message in two; a terminal wraps them itself."""
     global _console
     if _console is None:
-        _console = Console(stderr=True, highlight=False)
+        _console = Console(stderr=True, highlight=False, soft_wrap=True)
     return _console
 
 
