@@ -22,6 +22,7 @@ from torch import nn
 
 from batchfit import BatchfitError
 from batchfit.core.accounting import split_evenly
+from batchfit.core.options import named_as_flags
 from batchfit.data.permute import IndexPermutation
 from batchfit.data.prefetch import prefetch
 from batchfit.data.readers import CsvReader, ParquetReader
@@ -305,8 +306,13 @@ def test_files_are_streamed_when_big_for_the_memory_and_loaded_when_small(tmp_pa
     spec = write(tmp_path, "parquet")
     small, kind, why = load_file(spec, target="label", available_bytes=16 << 30)
     assert not isinstance(small, StreamSource) and kind == "class" and "into memory" in why
+    assert why.endswith("; stream=True to override")  # named for a Python caller
     big, _, why = load_file(spec, target="label", available_bytes=64 << 10)
-    assert isinstance(big, StreamSource) and why.startswith("streaming") and "--no-stream" in why
+    assert isinstance(big, StreamSource) and why.startswith("streaming")
+    assert why.endswith("; stream=False to override") and "--no-stream" not in why
+    with named_as_flags({"stream": "--stream"}):  # as the command line names it
+        _, _, why = load_file(spec, target="label", available_bytes=64 << 10)
+    assert why.endswith("; --no-stream to override")
     forced, _, why = load_file(spec, target="label", stream=True, available_bytes=16 << 30)
     assert isinstance(forced, StreamSource) and "forced by stream=True" in why
     assert should_stream(10 << 30, 16 << 30) and not should_stream(1 << 20, 16 << 30)

@@ -464,7 +464,7 @@ def load_file(
             why = (
                 f"about {format_bytes(size)} decoded, {relation} a quarter of the "
                 f"{format_bytes(available)} available with loading overhead; "
-                f"--{'no-' if stream else ''}stream to override"
+                f"{opt_value('stream', not stream)} to override"
             )
     options = dict(
         seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, prefetch=prefetch, match=match
