@@ -226,20 +226,47 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*\b")
 
 
 def _string_literals(tree: ast.AST) -> list[tuple[int, str]]:
-    """Every string constant that is not a docstring, with its line."""
+    """Every string constant that is not a docstring, with its line, and the text of every
+    f-string with its replacement fields left out: ``f"--{'no-' if on else ''}stream"`` holds
+    ``--stream`` though no constant of it does."""
     docstrings = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
                 docstrings.add(id(body[0].value))
-    return [
+    constants = [
         (node.lineno, node.value)
         for node in ast.walk(tree)
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
         and id(node) not in docstrings
     ]
+    fstrings = [
+        (node.lineno, "".join(v.value for v in node.values if isinstance(v, ast.Constant)))
+        for node in ast.walk(tree)
+        if isinstance(node, ast.JoinedStr)
+    ]
+    return constants + fstrings
+
+
+def _flags_named(source: str) -> set[tuple[int, str]]:
+    """``(line, flag)`` for each flag that a string of ``source`` names."""
+    return {
+        (line, flag)
+        for line, text in _string_literals(ast.parse(source))
+        for flag in FLAG.findall(text)
+    }
+
+
+def test_a_flag_is_found_in_plain_strings_and_in_fstrings_that_split_it():
+    source = (
+        'a = "pass --batch-size"\n'
+        "b = f\"--{'no-' if on else ''}stream to override\"\n"
+        'c = f"{opt(name)} or {n}-fold, --{flag}"\n'
+        'def f():\n    """--out in a docstring"""\n'
+    )
+    assert _flags_named(source) == {(1, "--batch-size"), (2, "--stream")}
 
 
 #: Where flags belong: the command line, and the option table's help texts it shows.
@@ -251,7 +278,6 @@ def test_library_messages_name_options_not_flags():
     for module, path in MODULES.items():
         if module in FLAGS_ALLOWED_IN:
             continue
-        for line, text in _string_literals(ast.parse(path.read_text())):
-            for flag in FLAG.findall(text):
-                found.append(f"{path.relative_to(SRC.parent)}:{line}: {flag}")
+        for line, flag in sorted(_flags_named(path.read_text())):
+            found.append(f"{path.relative_to(SRC.parent)}:{line}: {flag}")
     assert not found, "use batchfit.core.options.opt() instead of these flags:\n" + "\n".join(found)

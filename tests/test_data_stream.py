@@ -6,6 +6,7 @@ rows a batch holds and in which order.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from torch import nn
 
 from batchfit import BatchfitError
 from batchfit.core.accounting import split_evenly
+from batchfit.core.options import named_as_flags
 from batchfit.data.permute import IndexPermutation
 from batchfit.data.prefetch import prefetch
 from batchfit.data.readers import CsvReader, ParquetReader
@@ -123,6 +125,104 @@ def test_unshuffled_stream_is_in_file_order_and_the_same_seed_gives_the_same_ord
     assert a == b != c
 
 
+#: A digest of every batch (ids and labels, in order) of each case of :func:`recorded_cases`,
+#: per format: recorded before the stream's order and decoding moved out of ``StreamSource``.
+RECORDED_BATCHES = {
+    "parquet": {
+        "e0": "f92c083d59c5db33",
+        "e1_start": "742e20f5e146eba8",
+        "train": "8b6a5b32e7bfe317",
+        "val": "f636b8b2311e29de",
+        "rank1of3": "c682bb25d0bd2ac6",
+        "noshuffle": "692c4f1399a58fff",
+    },
+    "folder": {
+        "e0": "bfa82a3fe8c5ea86",
+        "e1_start": "bf3d14f844123a38",
+        "train": "11e61c99e23b5f5d",
+        "val": "f636b8b2311e29de",
+        "rank1of3": "3cb1dca7f79e42f2",
+        "noshuffle": "692c4f1399a58fff",
+    },
+    "glob": {
+        "e0": "bfa82a3fe8c5ea86",
+        "e1_start": "bf3d14f844123a38",
+        "train": "11e61c99e23b5f5d",
+        "val": "f636b8b2311e29de",
+        "rank1of3": "3cb1dca7f79e42f2",
+        "noshuffle": "692c4f1399a58fff",
+    },
+    "arrow": {
+        "e0": "b1a3aac5bf925f5d",
+        "e1_start": "4a1073dad1278382",
+        "train": "6dc9dc3ae662a248",
+        "val": "f636b8b2311e29de",
+        "rank1of3": "32157c19978ef9d2",
+        "noshuffle": "692c4f1399a58fff",
+    },
+    "arrow-zstd": {
+        "e0": "f92c083d59c5db33",
+        "e1_start": "742e20f5e146eba8",
+        "train": "8b6a5b32e7bfe317",
+        "val": "f636b8b2311e29de",
+        "rank1of3": "c682bb25d0bd2ac6",
+        "noshuffle": "692c4f1399a58fff",
+    },
+    "arrow-stream": {
+        "e0": "5987b88675e6887b",
+        "e1_start": "f207a2c61f765790",
+        "train": "3776148d5f89d1ac",
+        "val": "f636b8b2311e29de",
+        "rank1of3": "eaf7ab03e444f34f",
+        "noshuffle": "692c4f1399a58fff",
+    },
+    "npy": {
+        "e0": "b1a3aac5bf925f5d",
+        "e1_start": "4a1073dad1278382",
+        "train": "6dc9dc3ae662a248",
+        "val": "f636b8b2311e29de",
+        "rank1of3": "32157c19978ef9d2",
+        "noshuffle": "692c4f1399a58fff",
+    },
+    "csv": {
+        "e0": "5987b88675e6887b",
+        "e1_start": "f207a2c61f765790",
+        "train": "3776148d5f89d1ac",
+        "val": "f636b8b2311e29de",
+        "rank1of3": "eaf7ab03e444f34f",
+        "noshuffle": "692c4f1399a58fff",
+    },
+}
+
+def digest(batches) -> str:
+    """Every batch's ids and labels, in order, boundaries included, as a short hash."""
+    h = hashlib.sha256()
+    for x, y in batches:
+        h.update(np.asarray(x[:, 0], dtype=np.int64).tobytes() + b"|")
+        h.update(np.asarray(y, dtype=np.float64).tobytes() + b";")
+    return h.hexdigest()[:16]
+
+
+def recorded_cases(spec) -> dict[str, str]:
+    """Shuffled epochs, a resumed one, both sides of a split with three decode threads, a rank's
+    share and file order: each case's :func:`digest`."""
+    src = stream(spec, shuffle_buffer=100, seed=3)
+    train, val = stream(spec, shuffle_buffer=90, seed=4, workers=3).split(0.2, seed=5)
+    return {
+        "e0": digest(src.batches(0, 32)),
+        "e1_start": digest(src.batches(1, 32, start=96)),
+        "train": digest(train.batches(2, 50, drop_last=True)),
+        "val": digest(val.batches(0, 64)),
+        "rank1of3": digest(src.batches(2, 30, start=60, rank=1, world_size=3)),
+        "noshuffle": digest(stream(spec, shuffle=False, shuffle_buffer=70).batches(0, 33)),
+    }
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_the_same_seed_gives_the_batches_recorded_for_every_format(tmp_path, kind):
+    assert recorded_cases(write(tmp_path, kind)) == RECORDED_BATCHES[kind]
+
+
 def test_batches_have_the_batch_size_and_drop_last_drops_the_remainder(tmp_path):
     src = stream(write(tmp_path, "parquet"), shuffle_buffer=100)
     sizes = [len(y) for _, y in src.batches(0, 300)]
@@ -206,8 +306,13 @@ def test_files_are_streamed_when_big_for_the_memory_and_loaded_when_small(tmp_pa
     spec = write(tmp_path, "parquet")
     small, kind, why = load_file(spec, target="label", available_bytes=16 << 30)
     assert not isinstance(small, StreamSource) and kind == "class" and "into memory" in why
+    assert why.endswith("; stream=True to override")  # named for a Python caller
     big, _, why = load_file(spec, target="label", available_bytes=64 << 10)
-    assert isinstance(big, StreamSource) and why.startswith("streaming") and "--no-stream" in why
+    assert isinstance(big, StreamSource) and why.startswith("streaming")
+    assert why.endswith("; stream=False to override") and "--no-stream" not in why
+    with named_as_flags({"stream": "--stream"}):  # as the command line names it
+        _, _, why = load_file(spec, target="label", available_bytes=64 << 10)
+    assert why.endswith("; --no-stream to override")
     forced, _, why = load_file(spec, target="label", stream=True, available_bytes=16 << 30)
     assert isinstance(forced, StreamSource) and "forced by stream=True" in why
     assert should_stream(10 << 30, 16 << 30) and not should_stream(1 << 20, 16 << 30)

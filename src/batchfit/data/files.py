@@ -145,7 +145,9 @@ def read_arrow_table(path: Path) -> pa.Table:
         ) from None
 
 
-def _numeric_column(table: pa.Table, name: str, path: Path | str) -> np.ndarray:
+def numeric_column(table: pa.Table, name: str, path: Path | str) -> np.ndarray:
+    """Column ``name`` of ``table`` as a NumPy array (a list column as a 2-D one), refusing
+    nulls, lists of different lengths and values that are not numbers, naming ``path``."""
     column = table.column(name)
     kind = column.type
     if column.null_count:
@@ -190,7 +192,9 @@ def check_numeric_type(name: str, kind: object, path: Path | str) -> None:
         )
 
 
-def _target_tensor(values: np.ndarray, name: str, path: Path | str) -> tuple[torch.Tensor, str]:
+def target_tensor(values: np.ndarray, name: str, path: Path | str) -> tuple[torch.Tensor, str]:
+    """The target as a tensor and its kind (:attr:`Table.target_kind`): integers as int64 class
+    labels, booleans and floats as float32, refusing NaN, infinities and other dtypes."""
     if values.ndim != 1:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), "real"
     if values.dtype == np.bool_:
@@ -211,7 +215,9 @@ def _target_tensor(values: np.ndarray, name: str, path: Path | str) -> tuple[tor
     )
 
 
-def _features_tensor(arrays: list[np.ndarray], names: list[str], path: Path | str) -> torch.Tensor:
+def features_tensor(arrays: list[np.ndarray], names: list[str], path: Path | str) -> torch.Tensor:
+    """The feature columns as one float32 matrix, one row per sample, refusing values that are
+    not finite numbers and multi-dimensional columns mixed with others."""
     for array, name in zip(arrays, names, strict=True):
         if array.dtype.kind not in "biuf":
             raise BatchfitError(
@@ -252,7 +258,9 @@ def default_target(names: list[str], target: str | None, fmt: str) -> str | None
     return target
 
 
-def _pick_target(columns: list[str], target: str | None, path: Path | str) -> str:
+def pick_target(columns: list[str], target: str | None, path: Path | str) -> str:
+    """The target column: ``target`` if it is one of ``columns``, else the only column named
+    ``target``, ``label`` or ``y``; anything else is refused, naming the columns."""
     if target is not None:
         if target not in columns:
             raise BatchfitError(
@@ -274,7 +282,7 @@ def positional(names: list[str], fmt: str) -> bool:
     return fmt == "npy" and names == [str(i) for i in range(len(names))]
 
 
-def _pick_features(
+def pick_features(
     columns: list[str],
     features: list[str] | None,
     target: str,
@@ -331,7 +339,7 @@ def read_table(
 
     For a plain 2-D ``.npy`` the target defaults to the last column; elsewhere to a column named
     ``target``, ``label`` or ``y`` when exactly one exists. ``match`` names the training data
-    when ``features`` are its columns (see :func:`_pick_features`); a plain ``.npy`` has no
+    when ``features`` are its columns (see :func:`pick_features`); a plain ``.npy`` has no
     names, so its columns are then taken by position.
     """
     path = Path(path)
@@ -346,8 +354,8 @@ def read_table(
         names = list(columns)
         if match is not None and positional(names, fmt):
             features = None
-        target = _pick_target(names, default_target(names, target, fmt), path)
-        chosen = _pick_features(names, features, target, path, match)
+        target = pick_target(names, default_target(names, target, fmt), path)
+        chosen = pick_features(names, features, target, path, match)
         lengths = {len(columns[c]) for c in chosen + [target]}
         if len(lengths) != 1:
             raise BatchfitError(
@@ -361,14 +369,14 @@ def read_table(
         if table.num_rows == 0:
             raise BatchfitError(f"'{path}' has no rows; give a file with at least one sample.")
         names = table.column_names
-        target = _pick_target(names, target, path)
-        chosen = _pick_features(names, features, target, path, match)
-        x_arrays = [_numeric_column(table, c, path) for c in chosen]
-        y_values = _numeric_column(table, target, path)
+        target = pick_target(names, target, path)
+        chosen = pick_features(names, features, target, path, match)
+        x_arrays = [numeric_column(table, c, path) for c in chosen]
+        y_values = numeric_column(table, target, path)
     if len(y_values) == 0:
         raise BatchfitError(f"'{path}' has no rows; give a file with at least one sample.")
-    y, kind = _target_tensor(y_values, target, path)
-    x = _features_tensor(x_arrays, chosen, path)
+    y, kind = target_tensor(y_values, target, path)
+    x = features_tensor(x_arrays, chosen, path)
     widths = {
         c: int(np.prod(a.shape[1:], dtype=int)) for c, a in zip(chosen, x_arrays, strict=True)
     }

@@ -6,7 +6,7 @@ batches. Memory depends on the shuffle buffer, the batch size and the prefetch d
 size of the data.
 
 **Order of an epoch** (a pure function of ``(seed, epoch)`` and the file metadata, so resuming at
-``(epoch, start)`` is exact and re-reads only one window):
+``(epoch, start)`` is exact and re-reads only one window; :mod:`batchfit.data.stream_order`):
 
 - Block formats (Parquet, compressed Arrow, CSV, Arrow IPC streams): the blocks (row groups) are
   permuted per epoch;
@@ -28,10 +28,11 @@ union over the ranks is every row exactly once per epoch, but a global batch gro
 together than one process would (for in-memory data the grouping is the one-process one). Resume
 on the same world size is exact.
 
-**Decoding ahead**: ``workers`` threads (default 1) decode the next windows while the current one
-is cut into batches, at most ``workers`` windows ahead. Consecutive windows that continue one
-block (a row group or CSV file bigger than the buffer) go to the same thread, which keeps its read
-position in the block, so no block is decoded twice.
+**Decoding ahead** (:class:`~batchfit.data.decode_ahead.DecodeAhead`): ``workers`` threads
+(default 1) decode the next windows while the current one is cut into batches, at most ``workers``
+windows ahead. Consecutive windows that continue one block (a row group or CSV file bigger than the
+buffer) go to the same thread, which keeps its read position in the block, so no block is decoded
+twice.
 
 **Validation** from the same files: :meth:`StreamSource.split` holds out exactly
 ``round(fraction * N)`` rows chosen by :class:`~batchfit.data.permute.Holdout`, with no pass over
@@ -42,10 +43,7 @@ the data, the same rows as the in-memory split; each evaluation then reads the f
 from __future__ import annotations
 
 import copy
-import math
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,22 +52,18 @@ import pyarrow as pa
 import torch
 
 from batchfit.core import options
-from batchfit.core.accounting import split_evenly
 from batchfit.core.options import opt_value
 from batchfit.core.units import format_bytes, parse_size
+from batchfit.data.decode_ahead import DecodeAhead
 from batchfit.data.files import (
-    _features_tensor,
-    _numeric_column,
-    _pick_features,
-    _pick_target,
-    _target_tensor,
     column_width,
     default_target,
     file_format,
+    pick_features,
+    pick_target,
     positional,
 )
-from batchfit.data.permute import Holdout, IndexPermutation, validation_count
-from batchfit.data.prefetch import Failure
+from batchfit.data.permute import Holdout, validation_count
 from batchfit.data.prefetch import prefetch as run_ahead
 from batchfit.data.readers import (
     Reader,
@@ -78,7 +72,18 @@ from batchfit.data.readers import (
     open_reader,
     resolve_files,
 )
-from batchfit.data.source import Batch, BatchSource, check_class_labels, epoch_seed, rank_rows
+from batchfit.data.source import Batch, BatchSource, check_class_labels, rank_rows
+from batchfit.data.stream_batches import Rows, cut_batches, rows_from
+from batchfit.data.stream_order import (
+    Window,
+    block_pieces,
+    chains,
+    epoch_windows,
+    range_windows,
+    window_span,
+)
+from batchfit.data.window_convert import target_kind
+from batchfit.data.window_decode import HoldoutSide, WindowDecoder
 from batchfit.errors import BatchfitError
 
 #: Default shuffle buffer: as many rows as one window of this many bytes holds (the decoded rows,
@@ -92,47 +97,6 @@ LOAD_SHARE_OF_AVAILABLE = 0.25
 _LOAD_OVERHEAD = 2.0
 
 
-@dataclass(frozen=True)
-class _Segment:
-    block: int
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True)
-class _Holdout:
-    """One side of a split: the validation rows of ``rows`` (or the others), and the fraction."""
-
-    rows: Holdout
-    fraction: float
-    keep_validation: bool
-
-    def mask(self, rows: np.ndarray) -> np.ndarray:
-        held_out = self.rows.is_validation(rows)
-        return held_out if self.keep_validation else ~held_out
-
-
-@dataclass
-class _Part:
-    """One piece read for a window: the rows kept, where they came from (for messages), and the
-    segment when the holdout filtered it (to count a bad value over the whole piece named)."""
-
-    raw: pa.Table | dict[str, np.ndarray]
-    where: str
-    filtered_from: _Segment | None
-
-
-def _target_kind(kind: object) -> str:
-    if isinstance(kind, pa.DataType):
-        if pa.types.is_boolean(kind):
-            return "binary"
-        return "class" if pa.types.is_integer(kind) else "real"
-    dtype = np.dtype(kind)
-    if dtype.kind == "b":
-        return "binary"
-    return "class" if dtype.kind in "iu" else "real"
-
-
 class StreamSource(BatchSource):
     """Batches streamed from files through a seeded, resumable shuffle buffer.
 
@@ -142,6 +106,11 @@ class StreamSource(BatchSource):
     batches are prepared ahead in a background thread (0: none); ``workers`` threads decode
     windows ahead, window ``w`` by one worker only and delivered in order, so rows are never
     duplicated or lost.
+
+    It composes the pieces that do the work: the epoch's order (:mod:`~batchfit.data.stream_order`),
+    decoding a window (:class:`~batchfit.data.window_decode.WindowDecoder`) in threads ahead of
+    the consumer (:class:`~batchfit.data.decode_ahead.DecodeAhead`), and cutting the rows into
+    batches (:mod:`~batchfit.data.stream_batches`).
 
     Examples:
         >>> import tempfile, pyarrow.parquet as pq
@@ -171,19 +140,17 @@ class StreamSource(BatchSource):
         shuffle_buffer: int | str | None = None,
         prefetch: int = DEFAULT_PREFETCH,
         workers: int = 1,
-        holdout: _Holdout | None = None,
+        holdout: HoldoutSide | None = None,
     ) -> None:
         self.reader, self.features, self.target = reader, list(features), target
         #: Rows decoded from the files so far, all epochs together (what this process read).
         self.rows_decoded = 0
         self.seed, self.shuffle = seed, shuffle
         self.prefetch, self.workers, self.holdout = prefetch, max(1, workers), holdout
-        self.target_kind = _target_kind(reader.column_type(target))
+        self.target_kind = target_kind(reader.column_type(target))
         fmt = file_format(reader.files[0])
         if not positional(reader.column_names, fmt):
             self.columns = {c: column_width(reader.column_type(c)) for c in self.features}
-        self._float_labels_as_classes = False
-        self._flat = all(_is_flat(reader.column_type(c)) for c in self.features)
         if shuffle_buffer is None or isinstance(shuffle_buffer, str):
             window_bytes = (
                 DEFAULT_SHUFFLE_BUFFER_BYTES
@@ -193,8 +160,10 @@ class StreamSource(BatchSource):
             shuffle_buffer = max(1, int(window_bytes // self._window_row_bytes()))
         self.shuffle_buffer = int(shuffle_buffer)
         self.full_permutation = shuffle and reader.random_access
-        self._pieces = [self._cut(b, rows) for b, rows in enumerate(reader.block_rows)]
-        self._offsets = np.cumsum([0] + reader.block_rows)
+        self._pieces = block_pieces(reader.block_rows, self.shuffle_buffer)
+        self._decoder = WindowDecoder(
+            reader, self.features, target, seed=seed, shuffle=shuffle, holdout=holdout
+        )
         n = reader.num_rows
         if holdout is None:
             self._num_samples = n
@@ -202,307 +171,47 @@ class StreamSource(BatchSource):
             held = holdout.rows.count
             self._num_samples = held if holdout.keep_validation else n - held
 
-    # -- the order of an epoch -------------------------------------------------------------
-    def _cut(self, block: int, rows: int) -> list[_Segment]:
-        if rows == 0:
-            return []  # an empty row group or record batch: nothing to read
-        parts = split_evenly(rows, max(1, math.ceil(rows / self.shuffle_buffer)))
-        bounds = np.cumsum([0] + parts)
-        return [
-            _Segment(block, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-
-    def _windows(self, epoch: int) -> list:
-        """Window ``w`` of the epoch: a tuple of segments, or a (first, stop) range of positions."""
-        buffer = self.shuffle_buffer
+    def _windows(self, epoch: int) -> Sequence[Window]:
+        """The windows of epoch ``epoch``, in order (:mod:`~batchfit.data.stream_order`)."""
         if self.full_permutation:
-            n = self.reader.num_rows
-            return [(a, min(a + buffer, n)) for a in range(0, n, buffer)]
-        order = range(len(self._pieces))
-        if self.shuffle:
-            rng = np.random.default_rng((epoch_seed(self.seed, epoch), 0))
-            order = rng.permutation(len(self._pieces)).tolist()
-        windows, current, rows = [], [], 0
-        for block in order:
-            for segment in self._pieces[block]:
-                size = segment.stop - segment.start
-                if current and rows + size > buffer:
-                    windows.append(tuple(current))
-                    current, rows = [], 0
-                current.append(segment)
-                rows += size
-        if current:
-            windows.append(tuple(current))
-        return windows
+            return range_windows(self.reader.num_rows, self.shuffle_buffer)
+        return epoch_windows(self._pieces, self.shuffle_buffer, self.seed, epoch, self.shuffle)
 
-    def _window_rows(self, epoch: int, window) -> np.ndarray | None:
-        """Row indices (file order) of a full-permutation window; None for segment windows."""
-        if isinstance(window[0], _Segment):
-            return None
-        first, stop = window
-        rows = IndexPermutation(self.reader.num_rows, epoch_seed(self.seed, epoch))(
-            np.arange(first, stop, dtype=np.int64)
-        )
-        if self.holdout is not None:
-            rows = rows[self.holdout.mask(rows)]
-        return rows
-
-    def _window_size(self, epoch: int, window) -> int:
-        if self.holdout is None:  # every row counts: no need to work out the window's order
-            if isinstance(window[0], _Segment):
-                return sum(s.stop - s.start for s in window)
-            return window[1] - window[0]
-        rows = self._window_rows(epoch, window)
-        if rows is not None:
-            return len(rows)
-        total = 0
-        for s in window:
-            base = self._offsets[s.block]
-            total += int(self.holdout.mask(np.arange(base + s.start, base + s.stop)).sum())
-        return total
-
-    # -- reading ------------------------------------------------------------------------------
-    def _convert(self, raw: pa.Table | dict[str, np.ndarray], where: str):
-        if isinstance(raw, pa.Table):
-            arrays = [_numeric_column(raw, c, where) for c in self.features]
-            target = _numeric_column(raw, self.target, where)
-        else:
-            arrays = [np.asarray(raw[c]) for c in self.features]
-            target = np.asarray(raw[self.target])
-        x = _features_tensor(arrays, self.features, where).numpy()
-        y = _target_tensor(target, self.target, where)[0].numpy()
-        return x, y
-
-    def _convert_many(self, parts: list[_Part]) -> tuple[np.ndarray, np.ndarray]:
-        """Convert the raw pieces of a window into one (x, y), copying each value once."""
-        if not (self._flat and all(isinstance(p.raw, pa.Table) for p in parts)):
-            converted = [self._convert(p.raw, p.where) for p in parts]
-            xs, ys = [c[0] for c in converted], [c[1] for c in converted]
-            return (
-                xs[0] if len(xs) == 1 else np.concatenate(xs),
-                ys[0] if len(ys) == 1 else np.concatenate(ys),
-            )
-        total = sum(p.raw.num_rows for p in parts)
-        x = np.empty((total, len(self.features)), dtype=np.float32)
-        targets, offset = [], 0
-        for part in parts:
-            for j, name in enumerate(self.features):
-                position = offset
-                for chunk in part.raw.column(name).chunks:
-                    x[position : position + len(chunk), j] = chunk.to_numpy(zero_copy_only=False)
-                    position += len(chunk)
-            targets.append(_numeric_column(part.raw, self.target, part.where))
-            offset += part.raw.num_rows
-        # One fast pass: a finite sum means finite values (an overflow only costs the slow check).
-        if not np.isfinite(x.sum()) and not np.isfinite(x).all():
-            for part in parts:
-                self._convert(part.raw, part.where)  # raises, naming column, piece and count
-        y = targets[0] if len(targets) == 1 else np.concatenate(targets)
-        return x, _target_tensor(y, self.target, parts[0].where)[0].numpy()
-
-    def _check_nulls(self, raw: pa.Table | dict[str, np.ndarray], where: str) -> None:
-        """Nulls are counted over the whole piece read, before the holdout keeps part of it."""
-        if isinstance(raw, pa.Table):
-            for name in (*self.features, self.target):
-                if raw.column(name).null_count:
-                    _numeric_column(raw, name, where)  # raises, naming column, piece and count
-
-    def _explain(self, parts: list[_Part]) -> None:
-        """Convert each piece again, whole, so that a bad value is counted over the piece named
-        (the holdout may have kept only some of its rows); raises the first problem found."""
-        for part in parts:
-            raw = part.raw
-            if part.filtered_from is not None:
-                s = part.filtered_from
-                raw = self.reader.read(s.block, s.start, s.stop)
-            self._convert(raw, part.where)
-
-    def _decode(self, epoch: int, w: int, window) -> tuple[np.ndarray, np.ndarray] | None:
-        """Window ``w`` as (x, y) arrays in the order the epoch visits them; None if it holds no
-        row of this source (every row is on the other side of the validation split)."""
-        rows = self._window_rows(epoch, window)
-        if rows is not None:
-            if not len(rows):
-                return None
-            order = np.argsort(rows, kind="stable")
-            where = f"{len(rows)} rows (one shuffled window) of {self.reader.label}"
-            x_sorted, y_sorted = self._convert(self.reader.take(rows[order]), where)
-            back = np.empty_like(order)
-            back[order] = np.arange(len(order))
-            return _take(x_sorted, back), self._labels(_take(y_sorted, back))
-        parts = []
-        for s in window:
-            mask = None
-            if self.holdout is not None:
-                base = self._offsets[s.block]
-                mask = self.holdout.mask(np.arange(base + s.start, base + s.stop))
-                if not mask.any():
-                    continue
-            raw = self.reader.read(s.block, s.start, s.stop)
-            where = self.reader.piece(s.block, s.start, s.stop)
-            self._check_nulls(raw, where)
-            if mask is not None and not mask.all():
-                if isinstance(raw, pa.Table):
-                    raw = raw.filter(pa.array(mask))
-                else:
-                    raw = {k: v[mask] for k, v in raw.items()}
-                parts.append(_Part(raw, where, s))
-            else:
-                parts.append(_Part(raw, where, None))
-        if not parts:
-            return None
-        try:
-            x, y = self._convert_many(parts)
-        except BatchfitError:
-            if self.holdout is not None:
-                self._explain(parts)
-            raise
-        if self.shuffle:
-            rng = np.random.default_rng((epoch_seed(self.seed, epoch), 1, w))
-            perm = rng.permutation(len(y))
-            x, y = _take(x, perm), _take(y, perm)
-        return x, self._labels(y)
-
-    def _labels(self, y: np.ndarray) -> np.ndarray:
-        """Float targets as int64 class labels when :meth:`as_class_labels` asked for it."""
-        if not self._float_labels_as_classes:
-            return y
-        if y.ndim != 1 or not (y == np.round(y)).all() or (y < 0).any():
-            raise BatchfitError(
-                f"The cross_entropy loss needs class labels 0..C-1, but the target '{self.target}' "
-                f"in {self.reader.label} holds other numbers; store the labels as integers, or "
-                f"use {opt_value('loss', 'mse')}."
-            )
-        return y.astype(np.int64)
-
-    def _decoded(self, epoch: int, windows: list, first: int) -> Iterator[tuple | None]:
-        """Decoded windows from ``first`` on, in order, while ``workers`` threads decode the
-        windows ahead (at most ``workers`` of them: memory stays bounded).
-
-        A *chain* of consecutive windows that continue one block is decoded by one thread, which
-        keeps its read position in the block; a window may be decoded only once the consumer is
-        within ``workers`` windows of it. Chains are taken in order, so the window the consumer
-        waits for is always in a chain that a thread holds or takes next: no deadlock.
-        """
-        chains = iter(_chains(windows, first))
-        cond = threading.Condition()
-        ready: dict[int, object] = {}
-        state = {"next": first, "stop": False}
-
-        def decode_chains() -> None:
-            while True:
-                with cond:
-                    chain = None if state["stop"] else next(chains, None)
-                if chain is None:
-                    return
-                for w in chain:
-                    with cond:
-                        while not state["stop"] and w >= state["next"] + self.workers:
-                            cond.wait()
-                        if state["stop"]:
-                            return
-                    try:
-                        item: object = self._decode(epoch, w, windows[w])
-                    except BaseException as exc:  # raised in the consumer, at window w
-                        item = Failure(exc)
-                    with cond:
-                        ready[w] = item
-                        if isinstance(item, tuple):
-                            self.rows_decoded += len(item[1])
-                        cond.notify_all()
-                    if isinstance(item, Failure):
-                        return
-
-        threads = [
-            threading.Thread(target=decode_chains, name="batchfit-decode", daemon=True)
-            for _ in range(self.workers)
-        ]
-        for thread in threads:
-            thread.start()
-        try:
-            for w in range(first, len(windows)):
-                with cond:
-                    while w not in ready:
-                        cond.wait()
-                    item = ready.pop(w)
-                    state["next"] = w + 1
-                    cond.notify_all()
-                if isinstance(item, Failure):
-                    raise item.exc
-                yield item
-                del item  # not held while the next window is awaited
-        finally:
-            with cond:
-                state["stop"] = True
-                cond.notify_all()
-            for thread in threads:
-                thread.join()
-
-    def _rows(self, epoch: int, lo: int, hi: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _rows(self, epoch: int, lo: int, hi: int) -> Iterator[Rows]:
         """Rows ``lo..hi`` of the epoch's order as decoded (x, y) pieces; only the windows that
         hold them are decoded (and no window past them is decoded ahead)."""
-        windows = self._windows(epoch)
-        first, skip, last, seen = None, lo, len(windows), 0
-        for w, window in enumerate(windows):
-            size = self._window_size(epoch, window)
-            if first is None and skip < size:
-                first = w
-            elif first is None:
-                skip -= size
-            seen += size
-            if seen >= hi:
-                last = w + 1
-                break
-        remaining = hi - lo
-        if first is None or remaining <= 0:
+        windows, decoder = self._windows(epoch), self._decoder
+        span = window_span((decoder.size(epoch, window) for window in windows), lo, hi)
+        if span is None:
             return
-        for decoded in self._decoded(epoch, windows[:last], first):
-            if decoded is None:
-                continue  # a window with no row of this side of the validation split
-            x, y = decoded
-            if skip:
-                x, y, skip = x[skip:], y[skip:], 0
-            if len(y) > remaining:
-                x, y = x[:remaining], y[:remaining]
-            remaining -= len(y)
-            yield x, y
-            if remaining == 0:
-                return
+        first, stop, skip = span
+        ahead = DecodeAhead(
+            lambda w: decoder.decode(epoch, w, windows[w]),
+            chains(windows[:stop], first),
+            self.workers,
+            on_decoded=self._count_decoded,
+        )
+        decoded = iter(ahead)
+        try:
+            yield from rows_from(decoded, skip, hi - lo)
+        finally:
+            decoded.close()  # stops and joins the decode threads
 
-    def _cut_batches(self, pieces: Iterator[tuple], sizes: Iterator[int]) -> Iterator[Batch]:
-        """The rows of ``pieces`` cut into batches of the given ``sizes`` (0 gives an empty one)."""
-        pending_x: list[np.ndarray] = []
-        pending_y: list[np.ndarray] = []
-        pending, x, y, offset = 0, None, None, 0
-        for size in sizes:
-            while pending < size:
-                if y is None or offset == len(y):
-                    x, y = next(pieces)
-                    offset = 0
-                take = min(size - pending, len(y) - offset)
-                pending_x.append(x[offset : offset + take])
-                pending_y.append(y[offset : offset + take])
-                pending += take
-                offset += take
-            if size == 0:
-                pending_x, pending_y = [self._empty_x()], [self._empty_y()]
-            yield self._batch(pending_x, pending_y)
-            pending_x, pending_y, pending = [], [], 0
+    def _count_decoded(self, rows: Rows) -> None:
+        self.rows_decoded += len(rows[1])
 
-    def _empty_x(self) -> np.ndarray:
-        return np.empty((0, max(1, self._feature_width())), dtype=np.float32)
-
-    def _empty_y(self) -> np.ndarray:
-        return np.empty((0,), dtype=np.int64 if self.target_kind == "class" else np.float32)
-
-    def _batch(self, xs: list[np.ndarray], ys: list[np.ndarray]) -> Batch:
-        """One batch from its pieces, its labels checked first when asked to (in the prefetch
-        thread, on the CPU: free for the training step)."""
-        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        y = ys[0] if len(ys) == 1 else np.concatenate(ys)
-        if self.classes is not None and self.target_kind == "class":
-            check_class_labels(y, self.classes, self.reader.label)
-        return torch.from_numpy(x), torch.from_numpy(y)
+    def _batches(self, pieces: Iterator[Rows], shares: Iterator[int]) -> Iterator[Batch]:
+        """The rows cut into batches of ``shares`` rows, their labels checked first when asked
+        to (in the prefetch thread, on the CPU: free for the training step)."""
+        empty_y = np.int64 if self.target_kind == "class" else np.float32
+        empty = (
+            np.empty((0, max(1, self._feature_width())), dtype=np.float32),
+            np.empty((0,), dtype=empty_y),
+        )
+        for x, y in cut_batches(pieces, shares, empty):
+            if self.classes is not None and self.target_kind == "class":
+                check_class_labels(y, self.classes, self.reader.label)
+            yield torch.from_numpy(x), torch.from_numpy(y)
 
     # -- the BatchSource contract ---------------------------------------------------------------
     @property
@@ -525,13 +234,13 @@ class StreamSource(BatchSource):
             return iter(())
         plan = rank_rows(start, end, batch_size, rank, world_size)
         pieces = self._rows(epoch, plan.first, plan.stop)
-        return run_ahead(self._cut_batches(pieces, iter(plan.shares)), self.prefetch)
+        return run_ahead(self._batches(pieces, iter(plan.shares)), self.prefetch)
 
     def as_class_labels(self) -> StreamSource:
         """This stream with a float target read as int64 class labels (a 2-D ``.npy`` keeps its
         labels as floats), for ``--loss cross_entropy``; each window is checked as it is read."""
         labels = copy.copy(self)
-        labels._float_labels_as_classes = True
+        labels._decoder = self._decoder.with_class_labels()
         labels.target_kind = "class"
         return labels
 
@@ -555,16 +264,16 @@ class StreamSource(BatchSource):
             self.reader,
             seed=self.seed,
             shuffle=self.shuffle,
-            holdout=_Holdout(held_out, float(fraction), keep_validation=False),
+            holdout=HoldoutSide(held_out, float(fraction), keep_validation=False),
             **common,
         )
         val = StreamSource(
             self.reader,
             shuffle=False,
-            holdout=_Holdout(held_out, float(fraction), keep_validation=True),
+            holdout=HoldoutSide(held_out, float(fraction), keep_validation=True),
             **common,
         )
-        if self._float_labels_as_classes:
+        if self._decoder.labels_as_classes:
             train, val = train.as_class_labels(), val.as_class_labels()
         return train, val
 
@@ -620,32 +329,6 @@ class StreamSource(BatchSource):
         )
 
 
-def _is_flat(kind: object) -> bool:
-    """One number per row (not a list): such columns go straight into the feature matrix."""
-    if isinstance(kind, pa.DataType):
-        return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
-    return False
-
-
-def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
-    # np.take along axis 0 copies whole rows; fancy indexing (array[index]) is ~7x slower here.
-    return np.take(array, index, axis=0)
-
-
-def _chains(windows: list, first: int) -> list[list[int]]:
-    """Windows ``first..`` grouped into runs where each window continues the previous one's last
-    block exactly where it stopped (a block bigger than the buffer spans several windows)."""
-    chains: list[list[int]] = []
-    for w in range(first, len(windows)):
-        window = windows[w]
-        if chains and isinstance(window[0], _Segment):
-            last, start = windows[w - 1][-1], window[0]
-            if last.block == start.block and last.stop == start.start:
-                chains[-1].append(w)
-                continue
-        chains.append([w])
-    return chains
-
 
 def open_stream(
     spec: str | Path,
@@ -675,8 +358,8 @@ def open_stream(
     fmt = file_format(reader.files[0])
     if match is not None and positional(names, fmt):
         features = None
-    target = _pick_target(names, default_target(names, target, fmt), label)
-    chosen = _pick_features(names, features, target, label, match)
+    target = pick_target(names, default_target(names, target, fmt), label)
+    chosen = pick_features(names, features, target, label, match)
     check_types(reader, chosen + [target])
     reader.select(chosen + [target])
     return StreamSource(
@@ -781,7 +464,7 @@ def load_file(
             why = (
                 f"about {format_bytes(size)} decoded, {relation} a quarter of the "
                 f"{format_bytes(available)} available with loading overhead; "
-                f"--{'no-' if stream else ''}stream to override"
+                f"{opt_value('stream', not stream)} to override"
             )
     options = dict(
         seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, prefetch=prefetch, match=match
