@@ -174,8 +174,7 @@ def train(
             users = users_frames_only(exc)
             if users is None:
                 raise
-            # the user's error: from here on up, their frames only (this call the one of ours)
-            raise users  # noqa: B904
+            raise users  # noqa: B904 - the user's error: their frames only, and this call
 
 
 def _progress(setup: Setup, run: RunState) -> TrainProgress:
