@@ -471,3 +471,39 @@ def test_float_labels_of_a_2d_npy_train_with_cross_entropy(tmp_path, capsys, mod
     assert "if the target holds class labels, use --loss cross_entropy" in capsys.readouterr().err
     got = json_out(capsys, [*argv, "--loss", "cross_entropy"])
     assert "val_accuracy" in got["final"]
+
+
+def test_rank_0s_error_on_another_rank_exits_without_printing_it_again(capsys, monkeypatch):
+    from batchfit.errors import ReportedByRank0
+
+    def fails(*args, **kwargs):
+        raise ReportedByRank0("The time budget is too short.")
+
+    monkeypatch.setattr("batchfit.orchestrate.tune.tune", fails)
+    assert main(["tune", "--example", "linreg", "--quiet"]) == 2
+    assert capsys.readouterr().err == ""
+    # the same error on rank 0 (or in one process) is said, once
+    monkeypatch.setattr("batchfit.orchestrate.tune.tune", _raises(BatchfitError("Too short.")))
+    assert main(["tune", "--example", "linreg", "--quiet"]) == 2
+    assert capsys.readouterr().err == "batchfit tune: error: Too short.\n"
+
+
+def test_training_stopped_on_bad_data_says_how_to_resume_and_leaves_the_error_as_it_was(
+    capsys, monkeypatch
+):
+    error = BatchfitError("Target label 7 is out of range. Training stopped at step 3 (epoch 1).")
+    error.checkpoint_path, error.resume_when = "c/last.pt", "the labels are fixed"
+    monkeypatch.setattr("batchfit.orchestrate.train_auto.train", _raises(error))
+    argv = ["train", "--example", "linreg", "--batch-size", "8", "--checkpoint-dir", "c", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"batchfit train: error: {error} Once the labels are fixed, resume with:")
+    assert err.endswith(" --resume\n") and err.count("\n") == 1
+    assert str(error).endswith("(epoch 1).")  # a new error said it: the caught one is unchanged
+
+
+def _raises(error: BaseException):
+    def raises(*args, **kwargs):
+        raise error
+
+    return raises

@@ -437,3 +437,16 @@ def _one_process_b_simple() -> float:
     result = batchfit.tune(torch.nn.Linear(8, 1), (x, y), lr=1e-3, time_budget=3, max_batch_size=8)
     assert result.noise is not None and result.noise.estimate.big_batch_size == 64
     return result.noise.estimate.b_simple
+
+
+def test_the_error_of_the_ranks_is_reported_by_rank_0_alone(monkeypatch):
+    from batchfit import distributed
+    from batchfit.errors import BatchfitError, ReportedByRank0
+
+    failed = [(1, "Out of memory.")]
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    on_0 = distributed._error_of_ranks(failed, 2)
+    assert type(on_0) is BatchfitError and str(on_0) == "On rank 1 of 2: Out of memory."
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    on_1 = distributed._error_of_ranks(failed, 2)
+    assert isinstance(on_1, ReportedByRank0) and str(on_1) == str(on_0)

@@ -83,6 +83,7 @@ def test_callback_sets_batch_size_and_lr_and_training_runs_at_that_size(tmp_path
     assert trainer.optimizers[0].param_groups[0]["lr"] == rec.lr  # rebuilt with it
     full, last = divmod(384, callback.micro_batch_size)
     assert module.seen == [callback.micro_batch_size] * full + ([last] if last else [])
+    assert module.trainer is trainer  # detached while tune ran its training_step, then back
 
 
 def test_the_lr_is_measured_by_default_and_scaled_from_the_modules_with_measure_lr_false(
@@ -167,6 +168,33 @@ def test_a_report_that_is_not_a_tune_report_is_refused_in_one_line(tmp_path):
         with pytest.raises(BatchfitError, match=says) as caught:
             _fit(tmp_path, Blobs(), BatchfitTuner(report=path))
         assert "\n" not in str(caught.value)
+
+
+def test_a_dataloader_passed_to_fit_is_refused_and_a_datamodules_takes_the_batch_size(tmp_path):
+    loader = DataLoader(TensorDataset(*blobs(64)), batch_size=16)
+    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, callbacks=[BatchfitTuner()])
+    with pytest.raises(BatchfitError, match="the train dataloader does not read it") as caught:
+        trainer.fit(Blobs(), train_dataloaders=loader)  # its batch size is fixed already
+    assert "\n" not in str(caught.value)
+    # a datamodule that builds the loader from its batch_size: set there, trained at it
+    answer = {"batch_size": 12, "micro_batch_size": 12, "accumulation": 1, "lr": 0.01}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"recommended": answer | {"lr_rule": "-", "optimizer": "sgd"}}))
+
+    class Data(pl.LightningDataModule):
+        batch_size = 16
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(*blobs(48)), batch_size=self.batch_size)
+
+    module, data = Blobs(), Data()
+    del module.hparams["batch_size"]  # the datamodule's batch_size is the one read
+    trainer = pl.Trainer(
+        max_epochs=1, default_root_dir=tmp_path, callbacks=[BatchfitTuner(report=report)],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert data.batch_size == 12 and module.seen == [12] * 4
 
 
 def test_the_report_is_written_once_beside_the_logger_files(tmp_path):

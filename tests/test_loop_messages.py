@@ -151,3 +151,22 @@ def test_a_nan_loss_advises_a_lower_lr_as_option_or_flag():
         flush_a_nan()
     with named_as_flags(FLAGS), pytest.raises(NonFiniteLossError, match=r"Lower --lr or check"):
         flush_a_nan()
+
+
+def test_bad_data_met_after_a_save_is_a_new_error_and_the_cause_keeps_its_message():
+    from batchfit.errors import StoppedAfterSaving
+    from batchfit.loop.events import saved_before_stopping
+
+    cause = BatchfitError("Target label 7 is out of range.")
+    cause.resume_when = "the labels are fixed"
+    error = saved_before_stopping(cause, Position(step=10, epoch=0), "c/last.pt")
+    assert isinstance(error, StoppedAfterSaving) and error.cause is cause
+    assert str(error) == (
+        "Target label 7 is out of range. Training stopped at step 10 (epoch 1); checkpoint saved "
+        "to c/last.pt."
+    )
+    assert (error.checkpoint_path, error.resume_when) == ("c/last.pt", "the labels are fixed")
+    assert str(cause) == "Target label 7 is out of range." and cause.checkpoint_path is None
+    # nothing saved, or saved already: the error as it is
+    assert saved_before_stopping(cause, Position(step=10, epoch=0), None) is cause
+    assert saved_before_stopping(error, Position(step=11, epoch=0), "c/last.pt") is error

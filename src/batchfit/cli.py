@@ -24,7 +24,12 @@ from typing import Any, NoReturn
 
 from batchfit.core import options
 from batchfit.core.options import OPTIONS
-from batchfit.errors import BatchfitError, TrainingInterrupted, describe_user_failure
+from batchfit.errors import (
+    BatchfitError,
+    ReportedByRank0,
+    TrainingInterrupted,
+    describe_user_failure,
+)
 from batchfit.examples.catalog import DESCRIPTIONS
 from batchfit.files import to_json
 
@@ -306,8 +311,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_SIGNAL.get(exc.signal_name, 1)
     except BatchfitError as exc:
         if exc.checkpoint_path:  # bad data met while training: fix it, then continue from there
-            fixed = getattr(exc, "resume_when", "the data is fixed")
-            exc.args = (f"{exc} Once {fixed}, resume with: {_resume_command(args)}",)
+            hint = f"Once {exc.resume_when}, resume with: {_resume_command(args)}"
+            raise BatchfitError(f"{exc} {hint}") from exc
         raise
     except Exception as exc:  # the user's code raised: their frames, where it stopped, how to go on
         report = describe_user_failure(exc)
@@ -389,10 +394,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     try:
         result = tune(model, task.train, val_data=task.val, loss=task.loss, log=log, config=config)
-    except BatchfitError as exc:
-        if getattr(exc, "printed_by_rank_0", False):  # under torchrun: said once, by rank 0
-            return EXIT_USAGE
-        raise
+    except ReportedByRank0:  # under torchrun: said once, by rank 0
+        return EXIT_USAGE
     report = result.to_report()  # the very object written to report.json
     if args.json:
         print(to_json(report))

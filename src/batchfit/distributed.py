@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from batchfit.core.accounting import rank_share
 from batchfit.data.source import Batch, BatchSource, rank_rows
-from batchfit.errors import BatchfitError
+from batchfit.errors import BatchfitError, ReportedByRank0
 from batchfit.losses import LossFn
 
 T = TypeVar("T")
@@ -248,8 +248,8 @@ def on_rank_0(measure: Callable[[], T], wait_s: float) -> T:
     The other ranks wait for it (up to ``wait_s`` seconds, on a gloo group of its own, so a
     long measurement outlasts the training timeout, whatever the device). A
     :class:`~batchfit.errors.BatchfitError` on rank 0 is raised on every rank with its message
-    (marked ``printed_by_rank_0`` on the others); a rank 0 that dies ends the job through
-    torchrun."""
+    (a :class:`~batchfit.errors.ReportedByRank0` on the others); a rank 0 that dies ends the job
+    through torchrun."""
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
     box: list[object] = [None]
     try:
@@ -265,9 +265,7 @@ def on_rank_0(measure: Callable[[], T], wait_s: float) -> T:
         dist.destroy_process_group(group)
     kind, value = box[0]  # type: ignore[misc]
     if kind == "error":
-        error = BatchfitError(str(value))
-        error.printed_by_rank_0 = True  # type: ignore[attr-defined] # the command line says it once
-        raise error
+        raise ReportedByRank0(str(value))  # rank 0's command line says it, once
     return value  # type: ignore[return-value]
 
 
@@ -277,8 +275,8 @@ def on_every_rank(measure: Callable[[], T], wait_s: float) -> list[T]:
 
     A :class:`~batchfit.errors.BatchfitError` on any rank is raised on every rank: the lowest
     failing rank's message, naming that rank unless it is rank 0 or every rank failed alike
-    (marked ``printed_by_rank_0`` on all ranks but 0, whose command line says it once). A rank
-    that dies ends the job through torchrun."""
+    (a :class:`~batchfit.errors.ReportedByRank0` on all ranks but 0, whose command line says it
+    once). A rank that dies ends the job through torchrun."""
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
     try:
         try:
@@ -301,7 +299,6 @@ def _error_of_ranks(errors: list[tuple[int, str]], world: int) -> BatchfitError:
     alike = len(errors) == world and len({m for _, m in errors}) == 1
     if first != 0 and not alike:
         message = f"On rank {first} of {world}: {message}"
-    error = BatchfitError(message)
     if rank() != 0:
-        error.printed_by_rank_0 = True  # type: ignore[attr-defined] # the command line says it once
-    return error
+        return ReportedByRank0(message)  # rank 0's command line says it, once
+    return BatchfitError(message)

@@ -35,6 +35,23 @@ class BatchfitError(ValueError):
     #: Set when training stopped on this error after saving a checkpoint (the CLI then says how
     #: to resume).
     checkpoint_path: str | None = None
+    #: What must change before that resume can go on (the CLI says "Once <this>, resume with").
+    resume_when: str = "the data is fixed"
+
+
+class StoppedAfterSaving(BatchfitError):
+    """``cause``, met while training, after the checkpoint of the last completed step was saved
+    to ``checkpoint_path``: the message is the cause's, then where training stopped and what was
+    saved. A new error, so that the cause keeps its own message for whoever else holds it."""
+
+    def __init__(self, cause: BatchfitError, where: str, saved_at: str) -> None:
+        super().__init__(f"{cause} Training stopped at {where}; checkpoint saved to {saved_at}.")
+        self.cause, self.checkpoint_path, self.resume_when = cause, saved_at, cause.resume_when
+
+
+class ReportedByRank0(BatchfitError):
+    """Rank 0's error, raised on another rank under ``torchrun`` so that every rank stops: rank
+    0's command line prints it, so this rank's says nothing (the message is printed once)."""
 
 
 class NonFiniteLossError(BatchfitError):
@@ -97,6 +114,16 @@ def user_code_failed(
     else:
         kept, then = "no checkpoint was saved", ""
     exc.add_note(f"batchfit: training stopped at {where} on this error; {kept}{then}.")
+    return exc.with_traceback(without_batchfit_frames(exc.__traceback__))
+
+
+def users_frames_only(exc: BaseException) -> BaseException | None:
+    """``exc`` with the user's frames only, for an error of the user's code that
+    :func:`user_code_failed` marked; None for any other error (the caller re-raises it as is).
+    The caller raises the result, so its own frame is the one of batchfit's left: the call the
+    user made."""
+    if getattr(exc, "batchfit_step", None) is None:
+        return None
     return exc.with_traceback(without_batchfit_frames(exc.__traceback__))
 
 

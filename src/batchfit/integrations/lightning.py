@@ -129,6 +129,10 @@ class BatchfitTuner(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recommended is not None:  # measured once, even across several fit calls
             return
+        # Whether the train dataloader is the module's or datamodule's (and so reads the batch size
+        # set here) has no public API in Lightning 2.6: trainer.train_dataloader is None until
+        # after on_fit_start, and trainer.datamodule outlives the fit that passed it. Lightning's
+        # own BatchSizeFinder reads this private source for the same check.
         source = trainer.fit_loop._data_source
         if not source.is_module() or not lightning_hasattr(pl_module, self.batch_arg_name):
             raise BatchfitError(
@@ -151,14 +155,13 @@ class BatchfitTuner(pl.Callback):
         if self.loss is not None:
             return tune(module, dataset, loss=self.loss, **options)
         adapter = TrainingStepLoss(module)
-        attached = module._trainer
         module.trainer = None  # self.log becomes a warning, silenced here
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*self.log.*")
                 return tune(adapter, dataset, loss=adapter.loss, **options)
         finally:
-            module.trainer = attached
+            module.trainer = trainer  # at fit start the module is attached to this trainer
 
     def _optimizer_options(self, module: pl.LightningModule) -> dict[str, Any]:
         """The optimizer family, and without ``measure_lr`` its learning rate at the current batch

@@ -13,7 +13,7 @@ import torch
 from batchfit.checkpoint import save_checkpoint
 from batchfit.core.options import opt, opt_value
 from batchfit.distributed import is_main
-from batchfit.errors import BatchfitError, NonFiniteLossError, user_code_failed
+from batchfit.errors import BatchfitError, NonFiniteLossError, StoppedAfterSaving, user_code_failed
 from batchfit.files import atomic_open
 from batchfit.loop.backoff import evaluate_within_memory
 from batchfit.loop.checks import check_finite_parameters
@@ -124,11 +124,9 @@ def validation_values(record: dict[str, float]) -> dict[str, float]:
 
 
 def saved_before_stopping(exc: BatchfitError, pos: Position, saved_at: str | None) -> BatchfitError:
-    """``exc`` (bad data met while training), saying where training stopped and what was saved."""
+    """The error to raise for ``exc`` (bad data met while training): a new one saying where
+    training stopped and what was saved, or ``exc`` itself when nothing was saved or it says so
+    already."""
     if saved_at and exc.checkpoint_path is None:
-        exc.checkpoint_path = saved_at
-        exc.args = (
-            f"{exc} Training stopped at step {pos.step} (epoch {pos.epoch + 1}); checkpoint "
-            f"saved to {saved_at}.",
-        )
+        return StoppedAfterSaving(exc, f"step {pos.step} (epoch {pos.epoch + 1})", saved_at)
     return exc

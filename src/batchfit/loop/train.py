@@ -34,7 +34,7 @@ from batchfit.core.configs import TrainConfig
 from batchfit.core.options import default_of, opt, opt_value
 from batchfit.data.source import BatchSource
 from batchfit.distributed import check_world_size_matches, is_main, place, shard, world_size, wrap
-from batchfit.errors import BatchfitError, NonFiniteLossError, without_batchfit_frames
+from batchfit.errors import BatchfitError, NonFiniteLossError, users_frames_only
 from batchfit.inputs import (
     as_source,
     check_model,
@@ -171,10 +171,10 @@ def train(
             exc.say_kept(_what_was_kept(run, config))
             raise
         except Exception as exc:
-            if getattr(exc, "batchfit_step", None) is None:
+            users = users_frames_only(exc)
+            if users is None:
                 raise
-            # the user's error: from here on up, their frames only (this call the one of ours)
-            raise exc.with_traceback(without_batchfit_frames(exc.__traceback__))  # noqa: B904
+            raise users  # noqa: B904 - the user's error: their frames only, and this call
 
 
 def _progress(setup: Setup, run: RunState) -> TrainProgress:

@@ -22,7 +22,7 @@ from torch import nn
 
 from batchfit.core.configs import TrainConfig, TuneConfig
 from batchfit.core.options import opt, opt_value
-from batchfit.errors import BatchfitError, without_batchfit_frames
+from batchfit.errors import BatchfitError, users_frames_only
 from batchfit.files import write_json, write_text
 from batchfit.inputs import optimizer_options
 from batchfit.loop.checks import check_output_paths
@@ -103,10 +103,10 @@ def train(
     try:
         return _tune_then_train(model, data, config, run, log, tune_options)
     except Exception as exc:
-        if getattr(exc, "batchfit_step", None) is None:
+        users = users_frames_only(exc)
+        if users is None:
             raise
-        # the user's error: from here on up, their frames only (this call the one of ours)
-        raise exc.with_traceback(without_batchfit_frames(exc.__traceback__))  # noqa: B904
+        raise users  # noqa: B904 - the user's error: their frames only, and this call
 
 
 def _tune_then_train(
