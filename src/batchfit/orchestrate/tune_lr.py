@@ -22,14 +22,14 @@ def lr_phase(run: TuneRun, choice: BatchSizeChoice) -> Phase[tuple[Recommended, 
     """The answer before the race, ``choice`` with its learning rate: the user's, scaled by the
     rule, or a range test's pick at the chosen batch (the rule-scaled default when the test
     failed or was inconclusive); and the range test, if one ran."""
-    lrs, lr_range, tried = run.lr, None, Phase(None)
-    lr, rule = lrs.at(choice.batch_size), lrs.came_from()
+    lrs = run.lr
+    tried: Phase[LRRange | None] = Phase(None)
     if lrs.given is None:
         tried = _range_test(run, choice)
-        lr_range = tried.result
-        if lr_range is not None and lr_range.pick is not None:
-            lr = lr_range.pick
-            rule = lrs.came_from(f"range test at {choice.batch_size}: {lr_range.rule}")
+    lr, rule, lr_range = lrs.at(choice.batch_size), lrs.came_from(), tried.result
+    if lr_range is not None and lr_range.pick is not None:
+        lr = lr_range.pick
+        rule = lrs.came_from(f"range test at {choice.batch_size}: {lr_range.rule}")
     prior = Recommended(
         batch_size=choice.batch_size,
         micro_batch_size=choice.micro_batch_size,

@@ -533,7 +533,8 @@ def summarise_noise(
     probe's time is counted from ``started`` (a ``perf_counter``)."""
     readings = state.readings
     steps = len(readings.losses)
-    warmup_end, late = state.warmup_end, ()
+    warmup_end = state.warmup_end
+    late: tuple[str, ...] = ()
     if warmup_end is None:
         warmup_end = steps // 2
         late = (

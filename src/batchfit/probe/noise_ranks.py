@@ -102,9 +102,11 @@ def rank_step(
     summed = torch.cat([g.detach().reshape(-1).cpu() for g in grads])
     dist.all_reduce(summed, group=group)
     dist.all_reduce(local, group=group)
-    for p, part in zip(params, summed.div_(world).split([p.numel() for p in params]), strict=True):
-        p.grad = part.view_as(p).to(p.device, p.dtype)
-    big_sq = float(squared_norm(p.grad for p in params))
+    parts = summed.div_(world).split([p.numel() for p in params])
+    reduced = [part.view_as(p).to(p.device, p.dtype) for p, part in zip(params, parts, strict=True)]
+    for p, g in zip(params, reduced, strict=True):
+        p.grad = g
+    big_sq = float(squared_norm(reduced))
     small_sq, mean_loss = (local / world).tolist()
     return small_sq, big_sq, mean_loss
 
