@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import subprocess
 import sys
 import textwrap
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,8 +23,18 @@ from batchfit import TensorSource
 from batchfit.errors import BatchfitError
 from batchfit.examples.linreg import analytic_noise_scale, load, make_model
 from batchfit.losses import mse
-from batchfit.probe.harness import Deadline, Diverged
-from batchfit.probe.noise import gradient_error_curve, warmup_and_measure
+from batchfit.probe.gradients import gradient_error_curve
+from batchfit.probe.harness import Deadline, Diverged, cycle_batches
+from batchfit.probe.noise import (
+    NoiseSettings,
+    Readings,
+    WarmUp,
+    measured_step,
+    read_at_initial_weights,
+    summarise_noise,
+    train_and_read,
+    warmup_and_measure,
+)
 from batchfit.step import params_sha256
 from helpers import blobs, subprocess_env
 
@@ -89,10 +102,9 @@ def test_warmup_measures_after_the_loss_falls_and_reports_how_it_moved():
         model,
         TensorSource(x, y),
         F.cross_entropy,
-        micro_batch_size=8,
-        accumulation=8,
-        lr=3e-3,
-        gradient_error_sizes=[1, 4, 16, 64],
+        NoiseSettings(
+            micro_batch_size=8, accumulation=8, lr=3e-3, gradient_error_sizes=(1, 4, 16, 64)
+        ),
         deadline=Deadline(30),
     )
     assert params_sha256(model) == sha
@@ -155,9 +167,7 @@ def test_the_start_reading_is_taken_at_the_initial_weights():
         make_model(),
         TensorSource(data.x_train, data.y_train),
         mse,
-        micro_batch_size=8,
-        accumulation=8,
-        lr=1e-2,
+        NoiseSettings(micro_batch_size=8, accumulation=8, lr=1e-2),
         deadline=Deadline(20),
     )
     assert result.start_steps == 8 and result.at_start.pairs == 8
@@ -165,7 +175,7 @@ def test_the_start_reading_is_taken_at_the_initial_weights():
     assert result.loss_start == pytest.approx(2.0, rel=0.1)  # |w*|^2 + sigma^2 at w = 0
 
 
-@pytest.mark.parametrize(("lr", "why"), [(100.0, "rose over tenfold"), (1e30, "non-finite")])
+@pytest.mark.parametrize(("lr", "why"), [(100.0, "rose over 10-fold"), (1e30, "non-finite")])
 def test_a_diverging_warm_up_raises_instead_of_measuring(lr, why):
     # lr 100 once "fell by 25%" from 1e14 to 4e9 and gave B_simple ~212.
     with pytest.raises(
@@ -175,9 +185,7 @@ def test_a_diverging_warm_up_raises_instead_of_measuring(lr, why):
             nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)),
             TensorSource(*blobs(2000)),
             F.cross_entropy,
-            micro_batch_size=8,
-            accumulation=8,
-            lr=lr,
+            NoiseSettings(micro_batch_size=8, accumulation=8, lr=lr),
             deadline=Deadline(20),
         )
 
@@ -271,3 +279,48 @@ def test_a_measured_step_needs_one_gradient_copy_more_than_training():
     peak = json.loads(done.stdout)
     # The running sum of the micro-batch gradients, and small slices for the float64 norms.
     assert peak["noise"] < peak["training"] + 0.5 * peak["params"], peak
+
+
+def _state_after(steps: int, **fields) -> WarmUp:
+    """A noise probe's state after ``steps`` training steps of made-up readings."""
+    rng = random.Random(0)
+    readings = Readings()
+    for i in range(steps):
+        readings = readings.add(2.0 + rng.random(), 1.0 + 0.1 * rng.random(), 1.0 / (i + 1))
+    at_start = Readings((2.5,) * 8, (1.05,) * 8, (2.0,) * 8)
+    return WarmUp(at_start=at_start, readings=readings, **fields)
+
+
+def test_a_run_cut_short_before_its_warm_up_ended_measures_its_second_half_and_says_so():
+    settings = NoiseSettings(micro_batch_size=8, accumulation=8)
+    state = _state_after(20, notes=("cut short earlier",), facts=("Measured from 2 ranks.",))
+    result = summarise_noise(state, settings, 4000, time.perf_counter())
+    assert result.warmup_steps == 10 and result.estimate.pairs == 10
+    assert state.warmup_end is None  # the summary decides for itself, its input stays as it was
+    late = "Time allowed only 20 steps: the first half counts as warm-up"
+    # Facts about how it measured are the report's notes, never something cut short.
+    assert result.notes[:2] == ("cut short earlier", "Measured from 2 ranks.")
+    assert result.notes[2].startswith(late) and len(result.notes) == 3
+    assert result.cut_short == (result.notes[0], result.notes[2])
+    ended = summarise_noise(replace(state, warmup_end=4), settings, 4000, time.perf_counter())
+    assert ended.warmup_steps == 4 and ended.cut_short == ("cut short earlier",)
+
+
+def test_each_step_of_the_warm_up_returns_a_new_state_and_leaves_the_one_it_was_given():
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    source = TensorSource(*blobs(2000))
+    settings = NoiseSettings(micro_batch_size=8, accumulation=4, lr=3e-3, max_steps=40)
+    stream = cycle_batches(source, settings.batch_size)
+
+    def step():
+        x, y = next(stream)
+        return measured_step(model, F.cross_entropy, x, y, settings.micro_batch_size)
+
+    empty = WarmUp()
+    started = read_at_initial_weights(empty, step, Deadline(20))
+    assert empty == WarmUp() and len(started.at_start.losses) == 8 and not started.readings.losses
+    optim = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    trained = train_and_read(started, step, optim, settings, Deadline(20), lambda _: None)
+    assert not started.readings.losses and started.warmup_end is None
+    assert 0 < len(trained.readings.losses) <= 40 and trained.train_seconds > 0
+    assert trained.at_start == started.at_start and trained.stopped_by in ("steps", "enough steps")

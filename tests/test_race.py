@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,10 +20,11 @@ from hypothesis import strategies as st
 from batchfit.core import race as judge
 from batchfit.core.lr_scaling import scale_lr
 from batchfit.inputs import as_source, loss_for
+from batchfit.orchestrate import race_plan
 from batchfit.orchestrate.tune import tune
 from batchfit.probe.harness import Deadline, OutOfTime
 from batchfit.probe.machine import check_machine, usable_cores
-from batchfit.probe.race import Contender, race
+from batchfit.probe.race import Contender, RaceSettings, race
 from batchfit.report.tune_report import headline
 from batchfit.step import params_sha256
 from helpers import blobs, run_cli
@@ -81,21 +83,21 @@ def test_overfitting_keeps_the_best_it_reached():
 def test_the_batch_sizes_raced_surround_the_prediction_within_the_limits(
     center, smallest, largest, knee
 ):
-    sizes = judge.batch_sizes_around(center, smallest, largest, knee)
+    sizes = race_plan.batch_sizes_around(center, smallest, largest, knee)
     assert sizes == sorted(set(sizes))
     assert all(smallest <= s <= largest for s in sizes)
     assert min(center, largest) in sizes or min(center, largest) < smallest
-    assert len(sizes) >= judge.SIZES_RACED or not sizes or min(sizes) // 2 < smallest
+    assert len(sizes) >= race_plan.SIZES_RACED or not sizes or min(sizes) // 2 < smallest
 
 
 def test_the_screening_horizon_fits_the_time_and_gives_the_slowest_size_enough_steps():
-    assert judge.first_horizon(0.01, [0.5], lanes=5, sizes=1) == pytest.approx(
-        judge.MIN_STEPS * 0.5
+    assert race_plan.first_horizon(0.01, [0.5], lanes=5, sizes=1) == pytest.approx(
+        race_plan.MIN_STEPS * 0.5
     )
-    horizon = judge.first_horizon(100.0, [0.001, 0.004], lanes=10, sizes=2)
+    horizon = race_plan.first_horizon(100.0, [0.001, 0.004], lanes=10, sizes=2)
     # screening, then per size two survivors and the lr between them, two orders each, over 3H
     rounds = (10 + 2) * horizon + 2 * 3 * 2 * 3 * horizon
-    assert rounds * judge.WALL_PER_TRAINING_SECOND == pytest.approx(100.0)
+    assert rounds * race_plan.WALL_PER_TRAINING_SECOND == pytest.approx(100.0)
 
 
 # -- the runs ------------------------------------------------------------------------------------
@@ -108,18 +110,11 @@ def _race(model, deadline_s=60.0, grid=None, seed=0):
         16: [Contender(16, 1e-5, 16), Contender(16, 3e-2, 16)],
         64: [Contender(64, 1e-5, 64), Contender(64, 3e-2, 64)],
     }
-    return race(
-        model,
-        train,
-        held_out,
-        loss_for(train, None),
-        grid,
-        {16: 0.001, 64: 0.002},
-        optimizer="adam",
-        deadline=Deadline(deadline_s),
-        first_horizon_s=0.2,
-        seed=seed,
+    settings = RaceSettings(
+        grid, {16: 0.001, 64: 0.002}, optimizer="adam", first_horizon_s=0.2, seed=seed
     )
+    loss = loss_for(train, None)
+    return race(model, train, held_out, loss, settings, deadline=Deadline(deadline_s))
 
 
 def test_the_race_finds_a_learning_rate_that_learns_and_gives_the_model_back():
@@ -289,3 +284,24 @@ def test_when_every_run_diverges_the_leader_still_stands_first_and_wins():
     never = [judge.Standing(0, math.inf, 5.0, math.inf), judge.Standing(1, math.inf, 6.0, math.inf)]
     last = RaceRound("screening", 1.0, (bold, calm), lanes, level, tuple(never), (0, 1))
     assert _result([last], [], 1.0, lr_power=0.5).winner == bold  # nobody finished: the best loss
+
+
+def test_a_round_after_the_last_comes_back_as_a_value_and_the_rounds_given_stay_as_they_were():
+    from batchfit.probe.race import Lane, RaceRound, _Field, _longer_rounds, _next_round
+
+    calm, bold = Contender(32, 1e-3, 32), Contender(32, 2e-3, 32)
+    curve = ((0.0, 1.0), (1.0, 0.5))
+    lanes = tuple(Lane(c, 0.001, 1.0, 1000, curve) for c in (calm, bold))
+    ranked = (judge.Standing(0, 1.0, 0.5, 1.0), judge.Standing(1, 1.1, 0.5, 1.1))
+    decided = RaceRound("screening", 1.0, (calm, bold), lanes, 0.6, ranked, (0,))
+    assert _next_round(None, [decided]) is None  # one survivor: nothing to race
+    no_time = _Field(None, {}, None, None, None, "adam", {32: 0.001}, Deadline(0), 0, 1.0)
+    screening = replace(decided, kept=(0, 1))
+    rounds = [screening]
+    note = _next_round(no_time, rounds)
+    assert note == (
+        "The race stopped after round 1 (1 s of training per run): a longer round did not fit "
+        "in the time budget."
+    )
+    assert rounds == [screening]
+    assert _longer_rounds(no_time, screening, lambda _: None) == ([], [note])

@@ -295,16 +295,37 @@ def test_tune_takes_a_config_and_options_on_top_of_it():
 
 
 def test_with_a_given_lr_the_noise_probe_and_the_race_share_the_range_tests_time():
-    budget = TimeBudget(100.0, time.time(), reserve=0.0)
+    budget = TimeBudget(100.0, time.time(), reserve=0.0, skipped=("lr",))
     budget.phase("memory")
     budget.phase("throughput")
-    budget.give_share_away("lr")
     noise, race = PHASE_SHARES["noise"], PHASE_SHARES["race"]
     assert budget.phase("noise").remaining() == pytest.approx(
         100.0 * noise / (noise + race), abs=0.5
     )
     assert budget.phase("race").remaining() == pytest.approx(100.0, abs=0.5)
     assert set(PHASE_SHARES) == {"memory", "throughput", "noise", "lr", "race"}
+
+
+def test_phases_spent_before_a_run_leave_no_share_and_a_skipped_one_goes_with_the_one_before():
+    # Under torchrun, rank 0 goes on after every rank measured memory and noise together.
+    shares = PHASE_SHARES
+    after_ranks = TimeBudget(100.0, time.time(), 0.0, spent=("memory", "noise"), skipped=("lr",))
+    assert after_ranks.phase("throughput").remaining() == pytest.approx(
+        100.0 * shares["throughput"] / (shares["throughput"] + shares["race"]), abs=0.5
+    )
+    # Each rank's memory search: the range test it skips still counts (noise has not begun).
+    memory_only = TimeBudget(100.0, time.time(), 0.0, skipped=("lr",))
+    assert memory_only.phase("memory").remaining() == pytest.approx(
+        100.0 * shares["memory"], abs=0.5
+    )
+    # The joint noise probe, after the memory search: throughput and the race still to come.
+    joint_noise = TimeBudget(100.0, time.time(), 0.0, spent=("memory",), skipped=("lr",))
+    rest = shares["throughput"] + shares["noise"] + shares["race"]
+    assert joint_noise.phase("noise").remaining() == pytest.approx(
+        100.0 * shares["noise"] / rest, abs=0.5
+    )
+    with pytest.raises(KeyError):
+        after_ranks.phase("noise")  # spent: its share was handed out once, before this run
 
 
 @pytest.mark.parametrize("lr", [100.0, 1e30])

@@ -1,5 +1,6 @@
-"""Judging a race of training runs: which (batch size, learning rate) gets to a low held-out loss
-soonest. Pure: curves of numbers in, standings out.
+"""The race's judge, pure numbers (the core's job): which (batch size, learning rate) gets to a
+low held-out loss soonest; curves in, standings out. :mod:`batchfit.orchestrate.race_plan` plans
+a race, :mod:`batchfit.probe.race` runs it on the real model.
 
 A *lane* is one short training run from the same initial weights; its curve is
 ``(seconds, held-out loss)`` points, where seconds are *training* seconds counted as steps times
@@ -10,8 +11,9 @@ equal steps or samples.
 Each curve is first smoothed over three evaluations (a lucky dip of one evaluation, typical of a
 learning rate at the edge of stability, does not win) and read as best-so-far (a model that starts
 to overfit keeps the best it reached, as early stopping would). The race is then judged by the
-time each lane takes to reach a demanding *level* (:func:`level_of`): four fifths of the way, on
-a log scale, from the initial loss down to the lowest loss any lane reached (at most twice it).
+time each lane takes to reach a demanding *level* (:func:`level_of`): :data:`LEVEL_SHARE` of the
+way on a log scale from the lowest loss any lane reached back up to the initial loss (at most
+:data:`LEVEL_AT_MOST` times the lowest).
 Lanes that never reach it rank after, by the lowest loss they reached.
 
 Examples:
@@ -212,72 +214,3 @@ def still_improving(curve: Curve, horizon: float, tolerance: float = 0.02) -> bo
     if not (math.isfinite(half) and math.isfinite(end)):
         return False
     return half - end > tolerance * max(abs(half), 1e-12)
-
-
-#: Wall seconds a lane takes per training second (its held-out evaluations, data loading),
-#: measured at about 1.3-1.4 on small CPU models; to plan the race before it runs.
-WALL_PER_TRAINING_SECOND = 1.4
-#: Batch sizes raced at least, where the limits allow.
-SIZES_RACED = 4
-#: The fewest steps the slowest batch size takes in the screening round.
-MIN_STEPS = 20
-#: Learning rates tried around each batch size's centre in the screening round: the centre comes
-#: from a range test (off by 4-5x either way on held-out tasks), so the grid spans 16x, and a best
-#: rate at its edge has the next one tried too.
-LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-def batch_sizes_around(center: int, smallest: int, largest: int, knee: float = 0.0) -> list[int]:
-    """The batch sizes raced: ``center`` and the powers of two from half of it up to four times
-    it, or up to the throughput knee when that is higher (the noise scale read early in training
-    tends to understate the batch that wins later, and below the knee a larger batch costs
-    little time per step), kept within ``[smallest, largest]``.
-
-    >>> batch_sizes_around(128, 1, 4000)
-    [64, 128, 256, 512]
-    >>> batch_sizes_around(100, 2, 300)
-    [64, 100, 128, 256]
-    >>> batch_sizes_around(32, 1, 4000, knee=240.0)
-    [16, 32, 64, 128, 256]
-    >>> batch_sizes_around(8, 8, 16)
-    [8, 16]
-
-    A predicted size above ``largest`` (a training set cut for the held-out share) moves down, and
-    when ``largest`` cuts the sizes above, as many are added below, down to ``smallest``:
-
-    >>> batch_sizes_around(256, 1, 120)
-    [16, 32, 64, 120]
-    >>> batch_sizes_around(512, 1, 700)
-    [64, 128, 256, 512]
-    """
-    center = min(center, largest)
-    top = max(4 * center, knee)
-    sizes = {center}
-    power = 1
-    while power < 2 * top:
-        if power * 2 >= center and (power <= 4 * center or power / 2 < knee):
-            sizes.add(power)
-        power *= 2
-    kept = sorted(s for s in sizes if smallest <= s <= largest and 2 * s >= center)
-    below = min(kept, default=center)
-    while len(kept) < SIZES_RACED and below // 2 >= smallest:
-        below //= 2
-        kept.insert(0, below)
-    return kept
-
-
-def first_horizon(
-    seconds: float, step_seconds: Sequence[float], lanes: int, sizes: int, growth: float = 3.0
-) -> float:
-    """Training seconds per lane for the screening round, so that the race's first two rounds fit
-    in ``seconds``: ``lanes`` screening lanes (plus one beyond the grid's edge per size), then two
-    survivors per size and the learning rate between them, at ``growth`` times the horizon, each
-    with the data in two orders (each round reruns from the start), at
-    :data:`WALL_PER_TRAINING_SECOND`. Never less than :data:`MIN_STEPS` steps of the slowest
-    size: fewer show no learning to judge.
-
-    >>> round(first_horizon(30.0, [0.001, 0.002], lanes=10, sizes=2), 3)
-    0.446
-    """
-    units = lanes + sizes + 6 * sizes * growth
-    return max(seconds / (units * WALL_PER_TRAINING_SECOND), MIN_STEPS * max(step_seconds))

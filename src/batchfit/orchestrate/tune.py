@@ -2,9 +2,14 @@
 and a learning rate, with the reasons and the evidence.
 
 Read :func:`tune` top to bottom, then :func:`_measure_and_recommend`: each phase is one probe
-(``batchfit.probe``) that returns a plain result; the pure :func:`batchfit.core.recommend.recommend`
-turns them into a choice; :mod:`batchfit.report.tune_report` writes ``report.json``, ``report.md``
-and plots from the result as plain data. The whole run keeps to a time budget
+(``batchfit.probe``) that returns a plain result, wrapped in a
+:class:`~batchfit.orchestrate.tune_state.Phase` with what it cut short, what failed and its
+seconds, which :func:`_measure_and_recommend` alone records; the pure
+:func:`batchfit.core.recommend.recommend` turns the results into a choice;
+:mod:`batchfit.report.tune_report` writes ``report.json``, ``report.md`` and plots from the
+result as plain data. The noise phase is :mod:`~batchfit.orchestrate.tune_noise`, the
+learning-rate phase :mod:`~batchfit.orchestrate.tune_lr`, the race
+:mod:`~batchfit.orchestrate.tune_race`. The whole run keeps to a time budget
 (:mod:`~batchfit.orchestrate.tune_budget`): each phase gets a share of the time left, probes do
 fewer trials when time is short, and what was cut is listed in the report; a recommendation that
 measurements cut short could not settle is marked provisional. The noise and learning-rate phases
@@ -15,20 +20,16 @@ model is the same after tuning as before.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from batchfit.core.accounting import split_batch
 from batchfit.core.configs import TuneConfig
-from batchfit.core.lr_scaling import default_rule, scale_lr
-from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
 from batchfit.distributed import is_main, place, rank, world_size
 from batchfit.errors import BatchfitError
@@ -43,38 +44,39 @@ from batchfit.inputs import (
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
 from batchfit.orchestrate.tune_decision import decision, race_lines
+from batchfit.orchestrate.tune_lr import answer, lr_phase
+from batchfit.orchestrate.tune_noise import noise_phase
 from batchfit.orchestrate.tune_race import race_phase
 from batchfit.orchestrate.tune_ranks import tune_on_ranks
 from batchfit.orchestrate.tune_result import Recommended, TuneResult
-from batchfit.orchestrate.tune_state import MeasuredNoise, TuneRun
-from batchfit.probe.harness import Deadline
-from batchfit.probe.lr_range import LRRange, lr_range_test
+from batchfit.orchestrate.tune_state import LearningRates, MeasuredByRanks, Phase, TuneRun, timed
 from batchfit.probe.machine import check_machine
 from batchfit.probe.memory import (
     MemoryCeiling,
     batch_norm_cap_error,
     find_max_micro_batch_size,
 )
-from batchfit.probe.noise import NoiseMeasurement, warmup_and_measure
-from batchfit.probe.noise_ranks import FROM_RANKS, JointProbe, follow_noise_probe, lead_noise_probe
-from batchfit.probe.race import RaceResult
+from batchfit.probe.noise import NoiseMeasurement
+from batchfit.probe.noise_ranks import JointProbe, follow_noise_probe
 from batchfit.probe.throughput import Throughput, measure_throughput, powers_of_two_up_to
 from batchfit.report.tune_report import REPORT_FILES, write_report
-from batchfit.step import (
-    DEFAULT_LR,
-    make_optimizer,
-    model_device,
-    resolve_device,
-    smallest_trainable_size,
-)
+from batchfit.step import make_optimizer, model_device, resolve_device, smallest_trainable_size
 
-#: The noise probe's micro-batch and accumulation: b = 32, B = 256 unless memory or data are less.
-NOISE_MICRO_BATCH = 32
-NOISE_ACCUMULATION = 8
-LR_RANGE_STEPS = 60
+__all__ = ["Recommended", "TuneResult", "tune"]
+
 T = TypeVar("T")
-#: A noise scale read over fewer steps than this is marked provisional.
-MIN_NOISE_STEPS = 16
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What the caller gave ``tune``, its options checked: every run of it starts from these."""
+
+    model: nn.Module
+    data: object
+    val_data: object | None
+    loss: str | LossFn | Loss | None
+    log: Callable[[str], None] | None
+    config: TuneConfig
 
 
 def tune(
@@ -133,87 +135,60 @@ def tune(
         >>> result.recommended.batch_size <= 128, result.recommended.lr_rule
         (True, 'adam, sqrt rule from 0.001 at 32')
     """
-    config = _checked_config(model, config, options)
-    if world_size() > 1:  # under torchrun: every rank's ceiling, the minimum wins; then rank 0
-        config = replace(config, budget_started=config.budget_started or time.time())
-        try:
-            wait_s = 3 * (config.time_budget or 300) + 300
-            return tune_on_ranks(
-                lambda: _memory_here(model, data, loss, log, config),
-                lambda memory: _noise_here(model, data, loss, log, config, memory, wait_s),
-                lambda memory, noise, seconds: _tune(
-                    model, data, val_data, loss, log, config, (memory, seconds), noise
-                ),
-                wait_s=wait_s,
-            )
-        except BatchfitError:
-            if config.out_dir is not None and is_main():  # another rank's error: no old report
-                discard_report(config.out_dir, REPORT_FILES)
-            raise
-    return _tune(model, data, val_data, loss, log, config)
+    inputs = _Inputs(model, data, val_data, loss, log, _checked_config(model, config, options))
+    if world_size() > 1:  # under torchrun: memory and noise on every rank, then rank 0 alone
+        return _tune_on_ranks(inputs)
+    return _tune(inputs)
 
 
-def _tune(
-    model: nn.Module,
-    data: object,
-    val_data: object | None,
-    loss: str | LossFn | Loss | None,
-    log: Callable[[str], None] | None,
-    config: TuneConfig,
-    measured: tuple[MemoryCeiling, float] | None = None,
-    noise: MeasuredNoise | None = None,
-) -> TuneResult:
-    """Every phase and the report, in this process; with ``measured`` (the memory ceiling and
-    the seconds it took: under torchrun, the minimum over the ranks) every phase but memory, and
-    with ``noise`` (under torchrun, measured by the ranks together; its seconds are part of
-    ``measured``'s) not the noise phase either."""
-    wall_start = time.perf_counter() - (measured[1] if measured else 0.0)
+def _tune_on_ranks(inputs: _Inputs) -> TuneResult:
+    """:func:`tune` under torchrun: every rank's memory ceiling (the minimum wins) and the joint
+    noise probe on every rank, then the rest on rank 0 (:mod:`~batchfit.orchestrate.tune_ranks`)."""
+    config = replace(inputs.config, budget_started=inputs.config.budget_started or time.time())
+    inputs = replace(inputs, config=config)
+    wait_s = 3 * (config.time_budget or 300) + 300
+    try:
+        return tune_on_ranks(
+            lambda: _memory_on_this_rank(inputs),
+            lambda memory: _noise_on_every_rank(inputs, memory, wait_s),
+            lambda measured: _tune(inputs, measured),
+            wait_s=wait_s,
+        )
+    except BatchfitError:
+        if config.out_dir is not None and is_main():  # another rank's error: no old report
+            discard_report(config.out_dir, REPORT_FILES)
+        raise
+
+
+def _tune(inputs: _Inputs, by_ranks: MeasuredByRanks | None = None) -> TuneResult:
+    """Every phase and the report, in this process; with ``by_ranks`` (under torchrun) the
+    memory and noise phases as every rank measured them together."""
+    wall_start = time.perf_counter() - (by_ranks.seconds if by_ranks else 0.0)
     out = None
-    if config.out_dir is not None:
-        out = prepare_report_folder(config.out_dir, REPORT_FILES)
-    run = _new_run(model, data, val_data, loss, log, config, measuring_began=bool(measured))
-    if measured is not None:
-        run.memory, run.phase_seconds["memory"] = measured
-    if noise is not None:  # its share of the budget is spent
-        run.noise, run.phase_seconds["memory"] = noise, round(measured[1] - noise.seconds, 3)
-        run.budget.give_share_away("noise")
-        if config.lr is not None:
-            run.budget.give_share_away("lr")
-    result = _measured_on(run, _measure_and_recommend, out)
+    if inputs.config.out_dir is not None:
+        out = prepare_report_folder(inputs.config.out_dir, REPORT_FILES)
+    run = _new_run(inputs, spent=by_ranks.PHASES if by_ranks else ())
+    result = _measured_on(run, lambda r: _measure_and_recommend(r, by_ranks), out)
     result = replace(result, seconds=round(time.perf_counter() - wall_start, 3))
     return result if out is None else _with_report(result, out)
 
 
-def _memory_here(
-    model: nn.Module,
-    data: object,
-    loss: str | LossFn | Loss | None,
-    log: Callable[[str], None] | None,
-    config: TuneConfig,
-) -> MemoryCeiling:
+def _memory_on_this_rank(inputs: _Inputs) -> Phase[MemoryCeiling]:
     """This rank's memory ceiling, on its own device (under torchrun every rank at once):
     :func:`_tune`'s checks and its memory phase, nothing written."""
-    if config.out_dir is not None and is_main():
-        prepare_report_folder(config.out_dir, REPORT_FILES)  # checked before measuring
-    run = _new_run(model, data, None, loss, log, config)
+    if inputs.config.out_dir is not None and is_main():
+        prepare_report_folder(inputs.config.out_dir, REPORT_FILES)  # checked before measuring
+    run = _new_run(replace(inputs, val_data=None))  # only the race, on rank 0, judges on it
     return _measured_on(run, lambda r: _memory_phase(r, _checked_optimizer(r)), None)
 
 
-def _noise_here(
-    model: nn.Module,
-    data: object,
-    loss: str | LossFn | Loss | None,
-    log: Callable[[str], None] | None,
-    config: TuneConfig,
-    memory: MemoryCeiling,
-    wait_s: float,
-) -> MeasuredNoise | None:
+def _noise_on_every_rank(
+    inputs: _Inputs, memory: MemoryCeiling, wait_s: float
+) -> Phase[NoiseMeasurement | None] | None:
     """Under torchrun, on every rank at once: the noise phase from the ranks' gradients within
-    the combined ceiling (:mod:`~batchfit.probe.noise_ranks`); rank 0 returns what it measured
-    (the others None)."""
-    run = _new_run(model, data, None, loss, log, config, measuring_began=True)
-    run.memory = memory
-    run.budget.give_share_away("memory")
+    the combined ceiling (:mod:`~batchfit.probe.noise_ranks`); rank 0 returns its phase (the
+    others None)."""
+    run = _new_run(replace(inputs, val_data=None), spent=("memory",))
     probe = JointProbe(wait_s)
     try:
         if not is_main():
@@ -223,50 +198,41 @@ def _noise_here(
             run.log(f"noise: rank {rank()} of {world_size()} took {steps} joint gradient steps")
             return None
         try:
-            noise = _measured_on(
-                run, lambda r: _noise_phase(r, memory.max_micro_batch_size, probe), None
+            return _measured_on(
+                run, lambda r: noise_phase(r, memory.max_micro_batch_size, probe), None
             )
         finally:
             probe.stop()  # the others wait for it even when rank 0 measured nothing
     finally:
         probe.close()
-    return MeasuredNoise(
-        noise, tuple(run.skipped), tuple(run.failures), run.phase_seconds.get("noise", 0.0)
-    )
 
 
-def _new_run(
-    model: nn.Module,
-    data: object,
-    val_data: object | None,
-    loss: str | LossFn | Loss | None,
-    log: Callable[[str], None] | None,
-    config: TuneConfig,
-    *,
-    measuring_began: bool = False,
-) -> TuneRun:
-    """The run's state: data, loss, device, the time budget (counted from ``budget_started``;
-    checked for time left to measure unless ``measuring_began``)."""
+def _new_run(inputs: _Inputs, spent: tuple[str, ...] = ()) -> TuneRun:
+    """The run's state: data, loss, device, the learning rates and the time budget (counted from
+    ``budget_started``; the phases ``spent`` ran before this run, and a run after them is not
+    checked for time left to measure)."""
+    config = inputs.config
     budget_started = time.time() if config.budget_started is None else config.budget_started
-    source = as_source(data, seed=config.seed)
+    source = as_source(inputs.data, seed=config.seed)
     device = place(resolve_device(config.device))
     return TuneRun(
         config=config,
-        model=model,
+        model=inputs.model,
         source=source,
-        loss=loss_for(source, loss),
+        loss=loss_for(source, inputs.loss),
         budget=TimeBudget.start(
             config.time_budget,
             device.type,
             budget_started,
             writes_report=config.out_dir is not None,
-            measuring_began=measuring_began,
+            spent=spent,
+            skipped=("lr",) if config.lr is not None else (),  # no range test
         ),
-        log=log or (lambda _: None),
-        smallest=smallest_trainable_size(model),
-        lr_scaling=config.lr_scaling or default_rule(config.optimizer),
-        val_data=as_source(val_data, shuffle=False, what="validation data")
-        if val_data is not None
+        log=inputs.log or (lambda _: None),
+        smallest=smallest_trainable_size(inputs.model),
+        lr=LearningRates.of(config),
+        val_data=as_source(inputs.val_data, shuffle=False, what="validation data")
+        if inputs.val_data is not None
         else None,
         device=device,
     )
@@ -312,8 +278,10 @@ def _check_batch_norm_cap(model: object, max_batch_size: int | None) -> None:
         raise batch_norm_cap_error(max_batch_size, "max_batch_size")
 
 
-def _measure_and_recommend(run: TuneRun) -> TuneResult:
-    """The phases of :func:`tune`, in order, on the model already on its device."""
+def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> TuneResult:
+    """The phases of :func:`tune`, in order, on the model already on its device (memory and
+    noise as every rank measured them, ``by_ranks``, under torchrun); then the answer, with what
+    each phase noted, what failed, and each phase's seconds."""
     optimizer = _checked_optimizer(run)
     budget = f"time budget {run.budget.total:g} s"
     run.log(f"tune: {run.config.task_name}, {run.source.describe()}; {budget}")
@@ -321,27 +289,31 @@ def _measure_and_recommend(run: TuneRun) -> TuneResult:
     machine = check_machine(model_device(run.model))
     for warning in machine.warnings:
         run.log(f"warning: {warning}")
-    memory = _memory_phase(run, optimizer)
-    throughput, ceiling = _throughput_phase(run, optimizer, memory.max_micro_batch_size)
-    noise = _noise_phase(run, ceiling)
+    phases: dict[str, Phase[Any]] = {}
+    phases["memory"] = by_ranks.memory if by_ranks else _memory_phase(run, optimizer)
+    memory: MemoryCeiling = phases["memory"].result
+    phases["throughput"] = _throughput_phase(run, optimizer, memory.max_micro_batch_size)
+    throughput: Throughput = phases["throughput"].result
+    ceiling = _ceiling(memory, throughput)
+    phases["noise"] = by_ranks.noise if by_ranks else noise_phase(run, ceiling)
+    noise: NoiseMeasurement | None = phases["noise"].result
     choice = _choose_batch_size(run, memory, throughput, noise, ceiling)
-    prior, lr_range = _lr_phase(run, choice)
-    with run.timed("race"):
-        raced = race_phase(
-            run, choice, throughput, ceiling, prior.lr, run.val_data, run.budget.phase("race")
-        )
-    recommended = _answer(run, prior, raced, ceiling)
+    phases["lr"] = lr_phase(run, choice)
+    prior, lr_range = phases["lr"].result
+    phases["race"] = race_phase(run, choice, throughput, ceiling, prior.lr)
+    raced = phases["race"].result
+    failures = [f for phase in phases.values() for f in phase.failures]
     fit = fit_step_time(throughput.pairs())
     why = [f"Warning: {w}" for w in machine.warnings]
     why += decision(
-        memory, noise, choice, prior.lr, prior.lr_rule, lr_range, fit, run.failures, bool(raced)
+        memory, noise, choice, prior.lr, prior.lr_rule, lr_range, fit, failures, bool(raced)
     ) + race_lines(raced, prior)
     return TuneResult(
         task=run.config.task_name,
         task_options=run.config.task_options,
         device=str(model_device(run.model)),
         num_samples=run.source.num_samples,
-        recommended=recommended,
+        recommended=answer(run, prior, raced, ceiling),
         memory=memory,
         throughput=throughput,
         noise=noise,
@@ -351,172 +323,67 @@ def _measure_and_recommend(run: TuneRun) -> TuneResult:
         batch_size_choice=choice,
         step_time_fit=fit,
         decision=tuple(why),
-        skipped=tuple(run.skipped),
+        skipped=tuple(note for phase in phases.values() for note in phase.notes),
         time_budget_s=run.budget.total,
         seconds=0.0,
-        phase_seconds=run.phase_seconds,
+        phase_seconds=_seconds(phases),
     )
+
+
+def _seconds(phases: Mapping[str, Phase[Any]]) -> dict[str, float]:
+    """Each phase's seconds, by name, in the order they ran."""
+    return {name: phase.seconds for name, phase in phases.items()}
 
 
 def _checked_optimizer(run: TuneRun) -> torch.optim.Optimizer:
     """The measured optimizer, once the model is known to accept the data. Its state counts in
     the memory trials; its step is timed too."""
     check_model_accepts_data(run.model, run.source, run.loss)
-    config = run.config
-    return make_optimizer(config.optimizer, run.model, config.lr or DEFAULT_LR[config.optimizer])
+    return make_optimizer(run.lr.optimizer, run.model, run.lr.measured)
 
 
-def _memory_phase(run: TuneRun, optimizer: torch.optim.Optimizer) -> MemoryCeiling:
-    """The largest micro-batch that fits (under torchrun: measured already, on every rank)."""
-    if run.memory is not None:
-        run.budget.give_share_away("memory")
-        run.skipped += run.memory.notes
-        return run.memory
-    with run.timed("memory"):
-        memory = find_max_micro_batch_size(
-            run.model,
-            run.source,
-            run.loss_fn,
-            optimizer=optimizer,
-            limit_bytes=run.config.memory_limit,
-            max_batch_size=run.config.max_batch_size,
-            headroom=run.config.headroom,
-            deadline=run.budget.phase("memory"),
-            log=run.log,
-        )
-        run.skipped += memory.notes
-    return memory
-
-
-def _throughput_phase(
-    run: TuneRun, optimizer: torch.optim.Optimizer, ceiling: int
-) -> tuple[Throughput, int]:
-    """Samples/s at powers of two up to the memory ceiling; returns the throughput and the
-    ceiling, lowered to the largest size timed when a larger one ran out of memory."""
-    with run.timed("throughput"):
-        # The memory search already stopped at max_batch_size and the data size.
-        throughput = measure_throughput(
-            run.model,
-            run.source,
-            run.loss_fn,
-            powers_of_two_up_to(ceiling, run.smallest),
-            optimizer=optimizer,
-            max_micro_batch_size=ceiling,
-            deadline=run.budget.phase("throughput"),
-            log=run.log,
-        )
-        run.skipped += throughput.notes
-    if throughput.out_of_memory_at is not None:
-        ceiling = max(p.batch_size for p in throughput.points)
-    return throughput, ceiling
-
-
-def _noise_sizes(
-    ceiling: int, n: int | None, smallest: int = 1, ranks: int = 1
-) -> tuple[int, int] | None:
-    """``(micro-batch b, accumulation k)`` for the noise probe: ``smallest <= b <= 32`` and
-    ``k <= 8``, ``b k <= N / 2`` so that a measurement run sees several distinct batches (with
-    several ``ranks``, each one micro-batch: ``k`` is the number of ranks).
-
-    >>> _noise_sizes(4000, 4000), _noise_sizes(4000, 40), _noise_sizes(4000, 40, smallest=2)
-    ((32, 8), (8, 2), (8, 2))
-    >>> _noise_sizes(4000, 6), _noise_sizes(4000, 6, smallest=2)
-    ((1, 2), None)
-    """
-    b = smallest
-    while b * 2 <= min(NOISE_MICRO_BATCH, ceiling):
-        b *= 2
-    k = NOISE_ACCUMULATION if ranks == 1 else ranks
-    limit = n // 2 if n is not None else math.inf
-    while b * k > limit and k > 2 and ranks == 1:
-        k //= 2
-    while b * k > limit and b // 2 >= smallest:
-        b //= 2
-    return (b, k) if b * k <= limit else None
-
-
-def _noise_phase(
-    run: TuneRun, ceiling: int, probe: JointProbe | None = None
-) -> NoiseMeasurement | None:
-    """The gradient noise scale, at the initial weights and after a short warm-up from them;
-    None when the data are too few or the probe failed (``skipped`` says why). With ``probe``
-    (under torchrun, on rank 0) every rank measures together, the ranks' gradients the small
-    batch and their all-reduce the large one; with ``run.noise`` it was measured so already."""
-    if run.noise is not None:
-        run.skipped += run.noise.skipped
-        run.failures += run.noise.failures
-        run.phase_seconds["noise"] = run.noise.seconds
-        return run.noise.measurement
-    config, n = run.config, run.source.num_samples
-    with run.timed("noise"):
-        ranks = 1 if probe is None else world_size()
-        sizes = _noise_sizes(ceiling, n, run.smallest, ranks)
-        if config.lr is not None:
-            run.budget.give_share_away("lr")  # no range test: its time goes to the noise probe
-        deadline = run.budget.phase("noise")
-        if sizes is None:
-            run.skipped.append(
-                f"Noise scale not measured: {n} samples are too few for two batch sizes."
-            )
-            return None
-        noise = run.unless_it_fails(
-            "Noise scale", lambda: _noise_probe(run, sizes, ceiling, deadline, probe)
-        )
-        if noise is not None:
-            run.skipped += [m for m in noise.notes if not m.startswith(FROM_RANKS.split("{")[0])]
-            if noise.estimate.pairs < MIN_NOISE_STEPS:
-                run.skipped.append(
-                    f"The noise scale comes from {noise.estimate.pairs} steps only, so it is "
-                    f"provisional (its interval is wide); a larger {opt('time_budget')} reads it "
-                    "over more steps."
-                )
-            est = noise.estimate
-            run.log(
-                f"noise: B_simple ~{est.b_simple:.0f} ({est.confidence:.0%} interval "
-                f"{est.low:.0f}-{est.high:.0f}) after {noise.steps} steps"
-            )
-    return noise
-
-
-def _noise_probe(
-    run: TuneRun,
-    sizes: tuple[int, int],
-    ceiling: int,
-    deadline: Deadline,
-    probe: JointProbe | None,
-) -> NoiseMeasurement:
-    """The noise probe at micro-batch ``b`` and accumulation ``k`` (``sizes``), or with ``probe``
-    at micro-batch ``b`` on each of the ranks."""
-    config, n = run.config, run.source.num_samples
-    b, k = sizes
-    big, parts = (
-        (b * k, f"{k} x {b}")
-        if probe is None
-        else (b * world_size(), f"{world_size()} ranks x {b}")
-    )
-    base_lr = config.warmup_lr or config.lr or DEFAULT_LR[config.optimizer]
-    lr = scale_lr(base_lr, config.lr_batch_size, big, run.lr_scaling)
-    run.log(
-        f"noise: warm-up from the initial weights, batch {big} = {parts}, "
-        f"{config.optimizer} lr {lr:.3g}"
-    )
-    error_sizes = powers_of_two_up_to(max(run.smallest, (n or 8192) // 4), run.smallest)
-    common = dict(
-        optimizer=config.optimizer,
-        lr=lr,
-        deadline=deadline,
-        gradient_error_sizes=[s for s in error_sizes if s & (s - 1) == 0],
-        max_micro_batch_size=ceiling,
-        seed=config.seed,
+@timed
+def _memory_phase(run: TuneRun, optimizer: torch.optim.Optimizer) -> Phase[MemoryCeiling]:
+    """The largest micro-batch that fits."""
+    memory = find_max_micro_batch_size(
+        run.model,
+        run.source,
+        run.loss_fn,
+        optimizer=optimizer,
+        limit_bytes=run.config.memory_limit,
+        max_batch_size=run.config.max_batch_size,
+        headroom=run.config.headroom,
+        deadline=run.budget.phase("memory"),
         log=run.log,
     )
-    if probe is not None:
-        return lead_noise_probe(
-            run.model, run.source, run.loss_fn, probe, micro_batch_size=b, **common
-        )
-    return warmup_and_measure(
-        run.model, run.source, run.loss_fn, micro_batch_size=b, accumulation=k, **common
+    return Phase(memory, memory.notes)
+
+
+@timed
+def _throughput_phase(
+    run: TuneRun, optimizer: torch.optim.Optimizer, ceiling: int
+) -> Phase[Throughput]:
+    """Samples/s at powers of two up to the memory ceiling."""
+    # The memory search already stopped at max_batch_size and the data size.
+    throughput = measure_throughput(
+        run.model,
+        run.source,
+        run.loss_fn,
+        powers_of_two_up_to(ceiling, run.smallest),
+        optimizer=optimizer,
+        max_micro_batch_size=ceiling,
+        deadline=run.budget.phase("throughput"),
+        log=run.log,
     )
+    return Phase(throughput, throughput.notes)
+
+
+def _ceiling(memory: MemoryCeiling, throughput: Throughput) -> int:
+    """The micro-batch ceiling: the memory search's, lowered to the largest size timed when a
+    larger one ran out of memory in the throughput probe."""
+    if throughput.out_of_memory_at is not None:
+        return max(p.batch_size for p in throughput.points)
+    return memory.max_micro_batch_size
 
 
 def _choose_batch_size(
@@ -537,89 +404,6 @@ def _choose_batch_size(
         ceiling_is_final=memory.capped_by != "time budget",
         min_micro_batch_size=run.smallest,
     )
-
-
-def _lr_phase(run: TuneRun, choice: BatchSizeChoice) -> tuple[Recommended, LRRange | None]:
-    """The learning rate: the user's, scaled by the rule, or a range test at the chosen batch
-    (rule-scaled from the default when the test failed or was inconclusive)."""
-    config = run.config
-    lr_range = None
-    with run.timed("lr"):
-        if config.lr is not None:
-            lr = scale_lr(config.lr, config.lr_batch_size, choice.batch_size, run.lr_scaling)
-            lr_rule = (
-                f"{config.optimizer}, {run.lr_scaling} rule from {config.lr:g} at "
-                f"{config.lr_batch_size}"
-            )
-        else:
-            lr_range, lr, lr_rule = _lr_from_range_test(run, choice)
-    recommended = Recommended(
-        batch_size=choice.batch_size,
-        micro_batch_size=choice.micro_batch_size,
-        accumulation=choice.accumulation,
-        lr=lr,
-        lr_rule=lr_rule,
-        optimizer=config.optimizer,
-    )
-    return recommended, lr_range
-
-
-def _lr_from_range_test(run: TuneRun, choice: BatchSizeChoice) -> tuple[LRRange | None, float, str]:
-    """``(range test, lr, where the lr came from)`` at the chosen batch size."""
-    config = run.config
-    deadline = run.budget.phase("lr")
-    run.log(f"lr: range test at batch size {choice.batch_size}")
-    lr_range = run.unless_it_fails(
-        "Learning-rate range test",
-        lambda: lr_range_test(
-            run.model,
-            run.source,
-            run.loss_fn,
-            batch_size=choice.batch_size,
-            micro_batch_size=choice.micro_batch_size,
-            optimizer=config.optimizer,
-            steps=LR_RANGE_STEPS,
-            deadline=deadline,
-            log=run.log,
-        ),
-    )
-    if lr_range is not None and lr_range.pick is not None:
-        if lr_range.stopped_by == "time budget":
-            run.skipped.append(
-                f"The learning-rate range test stopped at lr {lr_range.lrs[-1]:.3g} for "
-                "lack of time, before the loss diverged; the pick may be low."
-            )
-        rule = f"{config.optimizer}, range test at {choice.batch_size}: {lr_range.rule}"
-        return lr_range, lr_range.pick, rule
-    base = config.warmup_lr or DEFAULT_LR[config.optimizer]
-    lr = scale_lr(base, config.lr_batch_size, choice.batch_size, run.lr_scaling)
-    rule = (
-        f"{config.optimizer}, {run.lr_scaling} rule from the default {base:g} at "
-        f"{config.lr_batch_size}"
-    )
-    return lr_range, lr, rule
-
-
-def _answer(
-    run: TuneRun, prior: Recommended, raced: RaceResult | None, ceiling: int
-) -> Recommended:
-    """The race's winner when there was a race, else the prior. The user's own learning rate
-    stays theirs, scaled by the rule to the winning batch size, as without a race."""
-    if raced is None:
-        return prior
-    size = raced.winner.batch_size
-    micro, accumulation = split_batch(size, ceiling)
-    config = run.config
-    if config.lr is not None:
-        lr = scale_lr(config.lr, config.lr_batch_size, size, run.lr_scaling)
-        rule = prior.lr_rule
-    else:
-        lr, rule = raced.winner.lr, f"{prior.optimizer}, the fastest of {_lanes(raced)} short runs"
-    return Recommended(size, micro, accumulation, lr, rule, prior.optimizer)
-
-
-def _lanes(raced: RaceResult) -> int:
-    return len({lane.contender for r in raced.rounds for lane in r.lanes})
 
 
 def _with_report(result: TuneResult, out: Path) -> TuneResult:

@@ -1,21 +1,29 @@
 """``tune``'s time budget: one clock for the whole run, shared out among the probe phases.
 
 Each phase gets its share of the time that is left (:data:`PHASE_SHARES`), so what a phase leaves
-unused goes to the phases after it, and a phase that will not run gives its share away. Time for
-writing the report is kept back. A budget that start-up (importing torch, loading the data) and
-the report leave too little of is refused before any measuring.
+unused goes to the phases after it. Which phases run is known when the budget starts, and the
+budget alone hands out their shares: a phase spent before this run (under torchrun, memory and
+noise measured by every rank together) has none left, and a phase that will not run (the range
+test, when the lr is given) stops counting once the phase before it begins, so its time goes to
+that phase and the ones after it (the noise probe and the race). Time for writing the report is
+kept back. A budget that start-up (importing torch, loading the data) and the report leave too
+little of is refused before any measuring.
 
 Examples:
     >>> import time
     >>> budget = TimeBudget(100.0, started=time.time(), reserve=0.0)
-    >>> round(budget.phase("memory").remaining())  # 10% of what is left
+    >>> round(budget.phase("memory").remaining())  # its share of what is left
     10
+    >>> later = TimeBudget(100.0, time.time(), 0.0, spent=("memory", "noise"), skipped=("lr",))
+    >>> round(later.phase("throughput").remaining())  # its share against the race's
+    23
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 from batchfit.core.options import default_of, opt_value
 from batchfit.errors import BatchfitError
@@ -31,13 +39,25 @@ MIN_MEASURE_S = 2.0
 
 class TimeBudget:
     """Hands each phase its share of the time that is left, counted from ``started`` (a
-    ``time.time()``), less ``reserve`` seconds kept for the report."""
+    ``time.time()``), less ``reserve`` seconds kept for the report. The phases in ``spent`` ran
+    before this run; those in ``skipped`` will not run (see the module's docstring)."""
 
-    def __init__(self, seconds: float, started: float, reserve: float) -> None:
+    def __init__(
+        self,
+        seconds: float,
+        started: float,
+        reserve: float,
+        *,
+        spent: Sequence[str] = (),
+        skipped: Sequence[str] = (),
+    ) -> None:
         self.total = seconds
         self.end = started + seconds
         self.reserve = reserve
+        self.skipped = frozenset(skipped)
         self.shares = dict(PHASE_SHARES)
+        for name in spent:
+            self._close(name)
 
     @classmethod
     def start(
@@ -47,17 +67,18 @@ class TimeBudget:
         started: float,
         *,
         writes_report: bool,
-        measuring_began: bool = False,
+        spent: Sequence[str] = (),
+        skipped: Sequence[str] = (),
     ) -> TimeBudget:
         """The budget of a run: ``time_budget`` seconds (default per device type), with time kept
         for the report when one is written; refused when too little is left to measure, unless
-        ``measuring_began`` (a run whose memory was measured already, under torchrun)."""
+        phases were ``spent`` already (measuring began: under torchrun, on every rank)."""
         device = "cuda" if device_type == "cuda" else "cpu"
         seconds = time_budget or default_of("time_budget", device=device)
         reserve = min(REPORT_RESERVE_S, 0.15 * seconds) if writes_report else 0.0
-        if not measuring_began:
+        if not spent:
             check_budget_left(seconds, started, reserve)
-        return cls(seconds, started, reserve)
+        return cls(seconds, started, reserve, spent=spent, skipped=skipped)
 
     def remaining(self) -> float:
         return self.end - time.time() - self.reserve
@@ -65,13 +86,20 @@ class TimeBudget:
     def phase(self, name: str) -> Deadline:
         """The deadline of phase ``name``: its share of the time left, against the shares of the
         phases still to come."""
-        share = self.shares.pop(name)
+        share = self._close(name)
         fraction = share / (share + sum(self.shares.values()))
         return Deadline(max(self.remaining(), 0.0) * fraction)
 
-    def give_share_away(self, name: str) -> None:
-        """A phase that will not run: the phases after it share its time."""
-        self.shares.pop(name)
+    def _close(self, name: str) -> float:
+        """Take phase ``name``'s share out of the pool (returned), and with it the share of each
+        skipped phase that comes right after it."""
+        share = self.shares.pop(name)
+        order = list(PHASE_SHARES)
+        for later in order[order.index(name) + 1 :]:
+            if later not in self.skipped:
+                break
+            self.shares.pop(later, None)
+        return share
 
 
 def check_budget_left(budget_s: float, started: float, reserve: float) -> None:

@@ -12,6 +12,7 @@ import math
 
 from batchfit.core.lr_scaling import scale_lr
 from batchfit.core.options import opt
+from batchfit.core.race import EQUALLY_GOOD
 from batchfit.core.recommend import BatchSizeChoice
 from batchfit.core.units import format_bytes
 from batchfit.orchestrate.tune_result import Recommended
@@ -126,8 +127,7 @@ def race_lines(raced: RaceResult | None, prior: Recommended) -> list[str]:
     prediction of the noise-scale model and the range test (``prior``)."""
     if raced is None:
         return []
-    winner, horizon = raced.winner, raced.rounds[-1].horizon_s
-    lanes = len({lane.contender for r in raced.rounds for lane in r.lanes})
+    winner, horizon, lanes = raced.winner, raced.rounds[-1].horizon_s, raced.contenders_raced
     relative = dict(raced.finalists)[winner]
     pace = "first" if relative <= 1.0 else f"at {relative:.2f}x the fastest's time"
     lines = [
@@ -143,9 +143,9 @@ def race_lines(raced: RaceResult | None, prior: Recommended) -> list[str]:
     if len(raced.equally_good) > 1:
         span = f"batch sizes {sizes[0]}-{sizes[-1]}" if len(sizes) > 1 else f"batch size {sizes[0]}"
         lines.append(
-            f"Equally good within 5% of the fastest: {len(raced.equally_good)} runs, {span}; the "
-            "answer is the one with the lowest learning rate for its batch size, the furthest "
-            "from instability."
+            f"Equally good within {EQUALLY_GOOD:.0%} of the fastest: {len(raced.equally_good)} "
+            f"runs, {span}; the answer is the one with the lowest learning rate for its batch "
+            "size, the furthest from instability."
         )
     lines.append(_against_prior(raced, prior))
     if raced.still_improving:

@@ -1,5 +1,6 @@
-"""``tune``'s last phase: confirm the batch size and measure the learning rate by racing short
-training runs around the prediction (:mod:`batchfit.probe.race`).
+"""The race as a phase inside ``tune`` (the orchestrator's job), its last: confirm the batch size
+and measure the learning rate by racing short training runs around the prediction
+(:mod:`batchfit.probe.race`), planned by :mod:`batchfit.orchestrate.race_plan`.
 
 The noise-scale model and the range test give a *prior*: a batch size ``B0`` and a learning rate
 at it. The race tries the batch sizes from ``B0 / 2`` to ``4 B0`` with a grid of learning rates
@@ -11,16 +12,15 @@ which the race then does not train on.
 
 from __future__ import annotations
 
-from batchfit.core import race as judge
 from batchfit.core.accounting import split_batch
 from batchfit.core.lr_scaling import scale_lr
 from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time
 from batchfit.data.source import BatchSource
 from batchfit.inputs import split_off
-from batchfit.orchestrate.tune_state import TuneRun
-from batchfit.probe.harness import Deadline
-from batchfit.probe.race import Contender, RaceResult, race
+from batchfit.orchestrate import race_plan
+from batchfit.orchestrate.tune_state import Phase, TuneRun, timed
+from batchfit.probe.race import GROWTH, Contender, RaceResult, RaceSettings, race
 from batchfit.probe.throughput import Throughput
 
 #: The share of the training data held out to judge the race when no validation data is given
@@ -73,10 +73,11 @@ def contenders(
     knee: float = 0.0,
 ) -> dict[int, list[Contender]]:
     """Batch size -> its contenders: the sizes around the prediction, each with the learning
-    rates of :data:`~batchfit.core.race.LR_FACTORS` around ``lr_center`` (the learning rate at the
-    predicted size) scaled by ``lr_rule``; only the scaled rate when the user gave the lr."""
-    sizes = judge.batch_sizes_around(choice.batch_size, smallest, largest, knee)
-    factors = (1.0,) if user_lr else judge.LR_FACTORS
+    rates of :data:`~batchfit.orchestrate.race_plan.LR_FACTORS` around ``lr_center`` (the learning
+    rate at the predicted size) scaled by ``lr_rule``; only the scaled rate when the user gave the
+    lr."""
+    sizes = race_plan.batch_sizes_around(choice.batch_size, smallest, largest, knee)
+    factors = (1.0,) if user_lr else race_plan.LR_FACTORS
     grid = {}
     for size in sizes:
         center = scale_lr(lr_center, choice.batch_size, size, lr_rule)
@@ -85,71 +86,65 @@ def contenders(
     return grid
 
 
+@timed
 def race_phase(
-    run: TuneRun,
-    choice: BatchSizeChoice,
-    throughput: Throughput,
-    ceiling: int,
-    lr_center: float,
-    val_data: BatchSource | None,
-    deadline: Deadline,
-) -> RaceResult | None:
-    """The race, or None with a note in ``run.skipped`` when it cannot be run."""
+    run: TuneRun, choice: BatchSizeChoice, throughput: Throughput, ceiling: int, lr_center: float
+) -> Phase[RaceResult | None]:
+    """The race around ``choice`` and ``lr_center`` (the learning rate at its batch size) within
+    micro-batches of ``ceiling``, or None with a note when it cannot be run."""
+    deadline = run.budget.phase("race")
     if deadline.remaining() < MIN_RACE_SECONDS:
-        run.skipped.append(
-            f"The race was not run: {max(deadline.remaining(), 0):.1f} s were left for it and it "
-            f"needs {MIN_RACE_SECONDS:g} s at least; the prediction stands unconfirmed (a larger "
-            f"{opt('time_budget')} confirms it)."
+        return _not_run(
+            f"{max(deadline.remaining(), 0):.1f} s were left for it and it needs "
+            f"{MIN_RACE_SECONDS:g} s at least; the prediction stands unconfirmed (a larger "
+            f"{opt('time_budget')} confirms it)"
         )
-        return None
-    split = held_out_data(run.source, val_data, run.config.seed)
+    split = held_out_data(run.source, run.val_data, run.config.seed)
     if isinstance(split, str):
-        run.skipped.append(f"The race was not run: {split}.")
-        return None
+        return _not_run(split)
     train, held_out = split
     largest = _largest(run.config.max_batch_size, train.num_samples, 4 * choice.batch_size)
     grid = contenders(
         choice,
         lr_center,
-        run.lr_scaling,
+        run.lr.scaling,
         run.smallest,
         max(largest, run.smallest),
         ceiling,
-        user_lr=run.config.lr is not None,
+        user_lr=run.lr.given is not None,
         knee=_knee(throughput),
     )
     times = step_seconds(throughput, list(grid), ceiling)
     lanes = sum(len(c) for c in grid.values())
-    horizon = judge.first_horizon(
-        0.8 * deadline.remaining(), list(times.values()), lanes, len(grid)
+    horizon = race_plan.first_horizon(
+        0.8 * deadline.remaining(), list(times.values()), lanes, len(grid), growth=GROWTH
     )
-    if horizon * lanes * judge.WALL_PER_TRAINING_SECOND > deadline.remaining():
-        run.skipped.append(
-            "The race was not run: even its screening round does not fit in the time left; "
-            "give a larger time budget."
+    if horizon * lanes * race_plan.WALL_PER_TRAINING_SECOND > deadline.remaining():
+        return _not_run(
+            "even its screening round does not fit in the time left; give a larger time budget"
         )
-        return None
     run.log(
         f"race: {lanes} runs of {horizon:.2g} s of training from the initial weights, batch "
         f"sizes {', '.join(map(str, grid))}; held-out loss on {held_out.num_samples} samples"
     )
+    settings = RaceSettings(
+        grid,
+        times,
+        optimizer=run.lr.optimizer,
+        first_horizon_s=horizon,
+        seed=run.config.seed,
+        lr_power={"linear": 1.0, "sqrt": 0.5, "none": 0.0}[run.lr.scaling],
+    )
     return run.unless_it_fails(
         "The race",
         lambda: race(
-            run.model,
-            train,
-            held_out,
-            run.loss,
-            grid,
-            times,
-            optimizer=run.config.optimizer,
-            deadline=deadline,
-            first_horizon_s=horizon,
-            seed=run.config.seed,
-            lr_power={"linear": 1.0, "sqrt": 0.5, "none": 0.0}[run.lr_scaling],
-            log=run.log,
+            run.model, train, held_out, run.loss, settings, deadline=deadline, log=run.log
         ),
     )
+
+
+def _not_run(why: str) -> Phase[RaceResult | None]:
+    return Phase(None, (f"The race was not run: {why}.",))
 
 
 def _knee(throughput: Throughput) -> float:

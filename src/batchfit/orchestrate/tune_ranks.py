@@ -20,8 +20,9 @@ from dataclasses import replace
 from typing import TypeVar
 
 from batchfit.distributed import on_every_rank, on_rank_0
-from batchfit.orchestrate.tune_state import MeasuredNoise
+from batchfit.orchestrate.tune_state import MeasuredByRanks, Phase
 from batchfit.probe.memory import MemoryCeiling
+from batchfit.probe.noise import NoiseMeasurement
 
 T = TypeVar("T")
 
@@ -33,18 +34,19 @@ def smallest_ceiling(ceilings: Sequence[MemoryCeiling]) -> MemoryCeiling:
 
 
 def tune_on_ranks(
-    measure_memory: Callable[[], MemoryCeiling],
-    measure_noise: Callable[[MemoryCeiling], MeasuredNoise | None],
-    rest: Callable[[MemoryCeiling, MeasuredNoise, float], T],
+    measure_memory: Callable[[], Phase[MemoryCeiling]],
+    measure_noise: Callable[[MemoryCeiling], Phase[NoiseMeasurement | None] | None],
+    rest: Callable[[MeasuredByRanks], T],
     wait_s: float,
 ) -> T:
     """``measure_memory()`` on every rank, then ``measure_noise(combined ceiling)`` on every rank
-    together (rank 0's result counts; the others return None), then ``rest(combined ceiling,
-    noise, seconds both took)`` on rank 0 alone; every rank returns rank 0's result or raises its
-    error."""
+    together (rank 0's phase counts; the others return None), then ``rest(both phases)`` on rank
+    0 alone; every rank returns rank 0's result or raises its error. The memory phase's seconds
+    are all but the noise phase's, gathering and waiting included."""
     started = time.perf_counter()
-    combined = smallest_ceiling(on_every_rank(measure_memory, wait_s))
+    combined = smallest_ceiling([p.result for p in on_every_rank(measure_memory, wait_s)])
     noise = on_every_rank(lambda: measure_noise(combined), wait_s)[0]
     assert noise is not None  # rank 0's
     seconds = round(time.perf_counter() - started, 3)
-    return on_rank_0(lambda: rest(combined, noise, seconds), wait_s)
+    memory = Phase(combined, combined.notes, seconds=round(seconds - noise.seconds, 3))
+    return on_rank_0(lambda: rest(MeasuredByRanks(memory, noise, seconds)), wait_s)

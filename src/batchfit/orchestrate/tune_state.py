@@ -1,18 +1,20 @@
-"""One ``tune`` run's state: its settings and data, the time budget, and what it collects
-besides the probes' results (notes on what was cut short, failures, seconds per phase)."""
+"""One ``tune`` run's state and what its phases return: the run's settings and data, resolved once
+(:class:`TuneRun`, the learning rates in :class:`LearningRates`), and each phase's result with what
+it noted, what failed and its seconds (:class:`Phase`), which only ``tune`` itself records."""
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Generic, ParamSpec, TypeVar
 
 import torch
 from torch import nn
 
 from batchfit.core.configs import TuneConfig
+from batchfit.core.lr_scaling import default_rule, scale_lr
 from batchfit.data.source import BatchSource
 from batchfit.errors import first_line
 from batchfit.losses import Loss, LossFn
@@ -20,27 +22,111 @@ from batchfit.orchestrate.tune_budget import TimeBudget
 from batchfit.probe.harness import Diverged, OutOfTime
 from batchfit.probe.memory import MemoryCeiling, is_out_of_memory, release_memory
 from batchfit.probe.noise import NoiseMeasurement
-from batchfit.step import model_device
+from batchfit.step import DEFAULT_LR, model_device
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
-class MeasuredNoise:
-    """The noise phase done already (under torchrun: by every rank together): its measurement
-    (None when it failed or had too few samples), what it noted as cut short or failed, and its
-    seconds."""
+class Phase(Generic[T]):
+    """What one phase of ``tune`` returns: its ``result``, what it cut short or skipped, in words
+    (``notes``: the report's ``skipped``), the divergences and out-of-memory errors that the
+    decision names (``failures``), and its ``seconds``."""
 
-    measurement: NoiseMeasurement | None
-    skipped: tuple[str, ...] = ()
+    result: T
+    notes: tuple[str, ...] = ()
     failures: tuple[str, ...] = ()
     seconds: float = 0.0
 
 
-@dataclass
+def timed(phase: Callable[P, Phase[T]]) -> Callable[P, Phase[T]]:
+    """A phase that returns its own seconds (wall time, to the millisecond)."""
+
+    @functools.wraps(phase)
+    def run(*args: P.args, **kwargs: P.kwargs) -> Phase[T]:
+        started = time.perf_counter()
+        done = phase(*args, **kwargs)
+        return replace(done, seconds=round(time.perf_counter() - started, 3))
+
+    return run
+
+
+@dataclass(frozen=True)
+class MeasuredByRanks:
+    """Under torchrun, the phases every rank measured together before rank 0 goes on alone: the
+    combined memory ceiling and the joint noise probe, and the seconds both took."""
+
+    memory: Phase[MemoryCeiling]
+    noise: Phase[NoiseMeasurement | None]
+    seconds: float
+
+    #: The budget's phases that these spent.
+    PHASES = ("memory", "noise")
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """tune's learning rates, resolved once from its options: the optimizer, how the lr follows
+    the batch size (``scaling``), the batch size the lrs below are for (``batch_size``), the
+    user's lr (``given``, None: none), the lr the rule scales when the range test settles nothing
+    (``fallback``: the warm-up lr, else the optimizer's default), and the noise probe's warm-up
+    lr (``warmup``).
+
+    >>> lrs = LearningRates.of(TuneConfig.build(lr=0.01, lr_batch_size=16))
+    >>> lrs.at(64), lrs.came_from()
+    (0.02, 'adam, sqrt rule from 0.01 at 16')
+    >>> LearningRates.of(TuneConfig.build(optimizer="sgd")).came_from()
+    'sgd, linear rule from the default 0.01 at 32'
+    """
+
+    optimizer: str
+    scaling: str
+    batch_size: int
+    given: float | None
+    fallback: float
+    warmup: float
+
+    @classmethod
+    def of(cls, config: TuneConfig) -> LearningRates:
+        fallback = config.warmup_lr or DEFAULT_LR[config.optimizer]
+        return cls(
+            optimizer=config.optimizer,
+            scaling=config.lr_scaling or default_rule(config.optimizer),
+            batch_size=config.lr_batch_size,
+            given=config.lr,
+            fallback=fallback,
+            warmup=config.warmup_lr or config.lr or fallback,
+        )
+
+    @property
+    def measured(self) -> float:
+        """The lr of the optimizer whose state and step the memory and throughput probes measure
+        (the weights it moves are put back): the user's, else the optimizer's default."""
+        return self.given or DEFAULT_LR[self.optimizer]
+
+    def at(self, batch_size: int) -> float:
+        """The lr at ``batch_size`` by the rule: the user's lr scaled, else the fallback."""
+        base = self.fallback if self.given is None else self.given
+        return scale_lr(base, self.batch_size, batch_size, self.scaling)
+
+    def warmup_at(self, batch_size: int) -> float:
+        """The noise probe's warm-up lr at ``batch_size``, scaled by the rule."""
+        return scale_lr(self.warmup, self.batch_size, batch_size, self.scaling)
+
+    def came_from(self, chosen_by: str | None = None) -> str:
+        """Where a learning rate came from, in words (``Recommended.lr_rule``): what chose it
+        (``chosen_by``: the range test, the race), else the rule of :meth:`at`."""
+        if chosen_by is None:
+            base = f"{self.given:g}" if self.given is not None else f"the default {self.fallback:g}"
+            chosen_by = f"{self.scaling} rule from {base} at {self.batch_size}"
+        return f"{self.optimizer}, {chosen_by}"
+
+
+@dataclass(frozen=True)
 class TuneRun:
-    """One tune run: what it measures, with which settings, and what it has collected so far
-    besides the probes' results (notes on what was cut short, failures, seconds per phase)."""
+    """One tune run: what it measures, with which settings, on which device, within which time
+    budget. The phases read it; what they find they return (:class:`Phase`)."""
 
     config: TuneConfig
     model: nn.Module
@@ -50,42 +136,27 @@ class TuneRun:
     log: Callable[[str], None]
     #: The smallest size the model trains on (2 with batch norm): every probe starts there.
     smallest: int
-    #: How the learning rate follows the batch size: as given, else the optimizer's usual rule.
-    lr_scaling: str
+    lr: LearningRates
     #: Held-out data for the race (None: a share of ``source`` is held out).
     val_data: BatchSource | None = None
-    skipped: list[str] = field(default_factory=list)
-    #: Divergences and out-of-memory errors of the optional phases, for the decision.
-    failures: list[str] = field(default_factory=list)
-    phase_seconds: dict[str, float] = field(default_factory=dict)
     #: Where it measures (under torchrun: this rank's device).
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    #: The memory ceiling measured already (under torchrun: the minimum over the ranks).
-    memory: MemoryCeiling | None = None
-    #: The noise phase done already (under torchrun: from the ranks' gradients, every rank).
-    noise: MeasuredNoise | None = None
 
     @property
     def loss_fn(self) -> LossFn:
         return self.loss.fn
 
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
-        yield
-        self.phase_seconds[phase] = round(time.perf_counter() - started, 3)
-
-    def unless_it_fails(self, what: str, probe: Callable[[], T]) -> T | None:
-        """Run a probe that the recommendation can do without; when it ran out of time, diverged
-        or ran out of memory, say so in ``skipped`` (and a divergence or out-of-memory error also
-        in ``failures``, for the decision) and return None. Every other error propagates."""
+    def unless_it_fails(self, what: str, probe: Callable[[], T]) -> Phase[T | None]:
+        """Run a probe that the recommendation can do without. When it ran out of time, diverged
+        or ran out of memory, the phase's result is None and its notes say so (a divergence or
+        out-of-memory error is also one of its failures, for the decision). Every other error
+        propagates."""
         try:
-            return probe()
+            return Phase(probe())
         except OutOfTime as exc:
-            self.skipped.append(f"{what} not measured: {exc}")
+            return Phase(None, (f"{what} not measured: {exc}",))
         except Diverged as exc:
-            self.skipped.append(f"{what} not measured: {exc}")
-            self.failures.append(str(exc))
+            return Phase(None, (f"{what} not measured: {exc}",), (str(exc),))
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -94,6 +165,4 @@ class TuneRun:
                 f"{what} not measured: it ran out of memory ({first_line(exc)[:200]}); "
                 "the measurements before it stand."
             )
-            self.skipped.append(message)
-            self.failures.append(message)
-        return None
+            return Phase(None, (message,), (message,))

@@ -15,19 +15,22 @@ loss has clearly fallen below its initial value; it also records how the estimat
 whose loss rises instead (the learning rate is too large) is refused, not measured. Everything is
 undone afterwards.
 
-:func:`gradient_error_curve` measures the seed's O(sqrt(m)) claim directly: the error of a batch
-gradient against the full gradient, for growing batch sizes.
+The probe's steps take its state (:class:`WarmUp`) and return the next one, optax's habit: the
+readings at the initial weights, the warm-up and its readings, the gradient-error curve at the
+warmed-up weights (:func:`~batchfit.probe.gradients.gradient_error_curve`, the seed's
+O(sqrt(m)) claim measured directly), then the summary; under torchrun the same steps run on
+every rank together (:mod:`batchfit.probe.noise_ranks`).
 
-Memory stays within what training itself needs: gradients are kept per parameter (no flattened
-copy), squared norms are summed in float64 a slice at a time, and large batches are read and
-backpropagated in micro-batches no larger than the memory ceiling.
+Memory stays within what training itself needs: gradients are kept per parameter and their
+squared norms summed a slice at a time (:mod:`batchfit.probe.gradients`), and large batches are
+read and backpropagated in micro-batches no larger than the memory ceiling.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -37,18 +40,20 @@ from torch import nn
 from batchfit.core import options
 from batchfit.core.noise_estimator import NoiseScale, estimate_noise_scale, expected_relative_error
 from batchfit.core.options import opt
-from batchfit.data.source import Batch, BatchSource
+from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.inputs import as_source, loss_for
 from batchfit.losses import Loss, LossFn
-from batchfit.probe.harness import (
-    Deadline,
-    Diverged,
-    OutOfTime,
-    SampleReader,
-    cycle_batches,
-    preserved,
+from batchfit.probe.gradients import (
+    MIN_REFERENCE,
+    REFERENCE_SAMPLES,
+    GradientErrorPoint,
+    gradient_error_curve,
+    gradients_of,
+    squared_norm,
+    trainable_parameters,
 )
+from batchfit.probe.harness import Deadline, Diverged, OutOfTime, cycle_batches, preserved
 from batchfit.step import make_optimizer, smallest_trainable_size
 
 #: The loss has "clearly fallen" once its recent mean is this share below its initial value ...
@@ -64,40 +69,6 @@ WINDOW = 8
 DIVERGED_FACTOR = 10.0
 #: ... or when its recent mean ends above the initial loss by this share.
 ROSE_BY = 0.1
-#: Squared norms are summed in float64 over slices of this many elements (a float64 copy of a
-#: whole large weight matrix would double its memory for a moment).
-NORM_SLICE = 2**18
-#: The gradient-error curve's reference gradient: over at most this many samples, and at least
-#: this many, or the curve is not measured.
-REFERENCE_SAMPLES = 16384
-MIN_REFERENCE = 64
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise BatchfitError("The model has no trainable parameters; nothing to measure.")
-    return params
-
-
-def gradients_of(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-
-
-def squared_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """``sum |t|^2`` over ``tensors`` in float64, without a float64 copy of any whole tensor.
-
-    >>> float(squared_norm([torch.ones(3), torch.full((2, 2), 2.0)]))
-    19.0
-    """
-    total: torch.Tensor | None = None
-    for t in tensors:
-        for part in t.detach().reshape(-1).split(NORM_SLICE):
-            sq = torch.linalg.vector_norm(part, dtype=torch.float64).square()
-            total = sq if total is None else total + sq
-    return total if total is not None else torch.zeros((), dtype=torch.float64)
-
-
 def measured_step(
     model: nn.Module,
     loss_fn: LossFn,
@@ -222,21 +193,14 @@ class NoiseWindow:
 
 
 @dataclass(frozen=True)
-class GradientErrorPoint:
-    """RMS of ``|g_B - G| / |G|`` over ``repeats`` batches, and its prediction from ``B_simple``."""
-
-    batch_size: int
-    relative_error: float
-    predicted: float | None
-    repeats: int
-
-
-@dataclass(frozen=True)
 class NoiseMeasurement:
     """The noise probe's result: the estimate after warm-up, where it started, how it moved.
 
     ``at_start`` is read at the initial weights (``start_steps`` steps without updates);
     ``loss_start`` is the loss there; ``steps`` and ``warmup_steps`` count training steps.
+    ``notes`` is everything the probe has to say, for the report: what it cut short
+    (``cut_short``, which ``tune`` lists with what else was cut short) and facts about how it
+    measured (under torchrun, from the ranks' gradients).
     """
 
     estimate: NoiseScale
@@ -254,6 +218,7 @@ class NoiseMeasurement:
     gradient_error: tuple[GradientErrorPoint, ...] = ()
     gradient_error_reference_samples: int | None = None
     notes: tuple[str, ...] = field(default=())
+    cut_short: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -270,399 +235,347 @@ def _diverged(lr: float, loss_start: float, loss: float, step: int, why: str) ->
     )
 
 
-@dataclass
-class _Readings:
+#: One measured step: reads a batch's gradients, returns ``(mean |g_b|^2, |g_B|^2, loss)`` and
+#: leaves the batch gradient in ``.grad`` for the optimizer (in this process, or on every rank).
+Step = Callable[[], tuple[float, float, float]]
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """How the noise probe runs: batches of ``micro_batch_size x accumulation`` (under torchrun,
+    one micro-batch per rank: ``accumulation`` is the number of ranks); the warm-up's optimizer
+    and learning rate; at most ``max_steps`` training steps, of which at least
+    ``min_measure_steps`` after the warm-up when time allows; the gradient-error curve's batch
+    sizes (none: no curve), its repeats and its micro-batch (default: the measured batch); the
+    estimate's confidence and the seed."""
+
+    micro_batch_size: int
+    accumulation: int
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    max_steps: int = 400
+    min_measure_steps: int = 24
+    gradient_error_sizes: tuple[int, ...] = ()
+    gradient_error_repeats: int = 8
+    max_micro_batch_size: int | None = None
+    confidence: float = 0.9
+    seed: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation
+
+
+@dataclass(frozen=True)
+class Readings:
     """Per step: the mean squared norm of its micro-batch gradients, that of the batch gradient,
     and the loss."""
 
-    small_sq: list[float] = field(default_factory=list)
-    big_sq: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
+    small_sq: tuple[float, ...] = ()
+    big_sq: tuple[float, ...] = ()
+    losses: tuple[float, ...] = ()
 
-    def add(self, small_sq: float, big_sq: float, loss: float) -> None:
-        self.small_sq.append(small_sq)
-        self.big_sq.append(big_sq)
-        self.losses.append(loss)
+    def add(self, small_sq: float, big_sq: float, loss: float) -> Readings:
+        return Readings(
+            (*self.small_sq, small_sq), (*self.big_sq, big_sq), (*self.losses, loss)
+        )
 
-    def estimate(self, start: int, stop: int, run: WarmUp) -> NoiseScale:
+    def estimate(
+        self, start: int, stop: int, settings: NoiseSettings, num_samples: int | None
+    ) -> NoiseScale:
         """``B_simple`` over steps ``start`` to ``stop`` (0-based, ``stop`` excluded)."""
         return estimate_noise_scale(
             self.small_sq[start:stop],
             self.big_sq[start:stop],
-            run.micro_batch_size,
-            run.batch_size,
-            run.num_samples,
-            confidence=run.confidence,
-            seed=run.seed,
+            settings.micro_batch_size,
+            settings.batch_size,
+            num_samples,
+            confidence=settings.confidence,
+            seed=settings.seed,
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class WarmUp:
-    """One run of the noise probe: its settings, the readings at the initial weights and during
-    training, where the warm-up ended, why the run stopped, and what it has to say."""
+    """The noise probe's state, which each of its steps takes and returns anew (as optax's
+    transforms do): the readings at the initial weights and during training, where the warm-up
+    ended (None: not yet), why training stopped and its seconds, the gradient-error curve and
+    the samples behind its reference gradient, what the probe cut short (``notes``) and facts
+    about how it measured (``facts``: under torchrun, from the ranks' gradients)."""
 
-    model: nn.Module
-    loss_fn: LossFn
-    micro_batch_size: int
-    batch_size: int
-    num_samples: int | None
-    optimizer: str
-    lr: float
-    confidence: float
-    seed: int
-    log: Callable[[str], None]
-    at_start: _Readings = field(default_factory=_Readings)
-    readings: _Readings = field(default_factory=_Readings)
-    loss_start: float = math.nan
+    at_start: Readings = Readings()
+    readings: Readings = Readings()
     warmup_end: int | None = None
     stopped_by: str = "steps"
-    started: float = 0.0  # when training began (perf_counter): the cost per sample comes from it
-    notes: list[str] = field(default_factory=list)
+    train_seconds: float = 0.0
+    curve: tuple[GradientErrorPoint, ...] = ()
+    reference: int | None = None
+    notes: tuple[str, ...] = ()
+    facts: tuple[str, ...] = ()
 
-    def step(self, stream: Iterator[Batch]) -> tuple[float, float, float]:
-        """Read one batch's gradients; its batch gradient is left in ``.grad``."""
-        x, y = next(stream)
-        return measured_step(self.model, self.loss_fn, x, y, self.micro_batch_size)
+    @property
+    def loss_start(self) -> float:
+        """The mean loss at the initial weights."""
+        return _mean(self.at_start.losses)
 
 
 def warmup_and_measure(
     model: nn.Module,
     data: BatchSource,
     loss_fn: LossFn,
+    settings: NoiseSettings,
     *,
-    micro_batch_size: int,
-    accumulation: int,
-    optimizer: str = "adam",
-    lr: float = 1e-3,
-    max_steps: int = 400,
-    min_measure_steps: int = 24,
     deadline: Deadline | None = None,
-    gradient_error_sizes: Sequence[int] = (),
-    gradient_error_repeats: int = 8,
-    max_micro_batch_size: int | None = None,
-    confidence: float = 0.9,
-    seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> NoiseMeasurement:
     """Read the noise scale at the model's current weights, then train from them with batches of
-    ``micro_batch_size x accumulation``, measuring at every step, then undo the training.
+    ``settings.micro_batch_size x settings.accumulation``, measuring at every step, then undo the
+    training.
 
     The first :data:`WINDOW` steps make no update: they read the noise scale and the loss at the
-    initial weights. The warm-up ends when the mean loss of the last :data:`WINDOW` steps is 25%
-    below the initial loss (or at half the steps or half the time); the estimate is taken over the
-    steps after it (at least ``min_measure_steps`` when time allows). A loss that is not finite,
-    exceeds 10x the initial loss, or ends above it raises :class:`~batchfit.probe.harness.Diverged`:
-    such a run measures a diverging model, not the noise scale. With ``gradient_error_sizes`` the
-    error of batch gradients is then measured at the warmed-up weights
-    (:func:`gradient_error_curve`), in micro-batches of ``max_micro_batch_size`` (default: the
-    measured batch) to stay within memory, with a reference gradient over as many samples as the
-    time left allows.
+    initial weights. The warm-up ends when the mean loss of the last :data:`WINDOW` steps is
+    :data:`LOSS_DROP` below the initial loss and no longer falling fast (or at half the steps or
+    half the time); the estimate is taken over the steps after it (at least
+    ``settings.min_measure_steps`` when time allows). A loss that is not finite, exceeds
+    :data:`DIVERGED_FACTOR` times the initial loss, or ends above it raises
+    :class:`~batchfit.probe.harness.Diverged`: such a run measures a diverging model, not the
+    noise scale. With ``settings.gradient_error_sizes`` the error of batch gradients is then
+    measured at the warmed-up weights (:func:`measure_gradient_error`).
     """
     deadline = deadline or Deadline(None)
     started = time.perf_counter()
-    run = WarmUp(
-        model=model,
-        loss_fn=loss_fn,
-        micro_batch_size=micro_batch_size,
-        batch_size=micro_batch_size * accumulation,
-        num_samples=data.num_samples,
-        optimizer=optimizer,
-        lr=lr,
-        confidence=confidence,
-        seed=seed,
-        log=log or (lambda _: None),
-    )
-    curve: tuple[GradientErrorPoint, ...] = ()
-    reference = None
     with preserved(model):
         model.train()
-        optim = make_optimizer(optimizer, model, lr)
-        stream = cycle_batches(data, run.batch_size)
+        optim = make_optimizer(settings.optimizer, model, settings.lr)
+        stream = cycle_batches(data, settings.batch_size)
+
+        def step() -> tuple[float, float, float]:
+            x, y = next(stream)
+            return measured_step(model, loss_fn, x, y, settings.micro_batch_size)
+
         # 1. The noise scale and the loss at the initial weights: steps without updates.
-        read_at_initial_weights(run, stream, deadline)
+        state = read_at_initial_weights(WarmUp(), step, deadline)
         # 2. Warm up from them, then measure, reading every step.
-        train_and_read(
-            run, optim, stream, max_steps, min_measure_steps, deadline, bool(gradient_error_sizes)
-        )
+        state = train_and_read(state, step, optim, settings, deadline, log or (lambda _: None))
         # 3. The error of batch gradients at the warmed-up weights.
-        if gradient_error_sizes and run.readings.losses:
-            curve, reference = measure_gradient_error(
-                run,
-                data,
-                gradient_error_sizes,
-                repeats=gradient_error_repeats,
-                micro_batch_size=max_micro_batch_size or run.batch_size,
-                deadline=deadline,
-            )
+        state = measure_gradient_error(state, model, data, loss_fn, settings, deadline)
     # 4. The estimate over the measured steps, and how it moved.
-    return summarise_noise(run, curve, reference, started)
+    return summarise_noise(state, settings, data.num_samples, started)
 
 
-def read_at_initial_weights(run: WarmUp, stream: Iterator[Batch], deadline: Deadline) -> None:
-    """:data:`WINDOW` readings at the initial weights (no updates), and the loss there."""
+def read_at_initial_weights(state: WarmUp, step: Step, deadline: Deadline) -> WarmUp:
+    """:data:`WINDOW` readings at the initial weights (no updates), and so the loss there."""
+    at_start = state.at_start
     for _ in range(WINDOW):
         if deadline.expired():
             raise OutOfTime(
                 "no time was left to read the noise scale at the initial weights; give a "
                 f"larger {opt('time_budget')}."
             )
-        run.at_start.add(*run.step(stream))
-    run.loss_start = _mean(run.at_start.losses)
-    if not math.isfinite(run.loss_start):
+        at_start = at_start.add(*step())
+    state = replace(state, at_start=at_start)
+    if not math.isfinite(state.loss_start):
         raise BatchfitError(
-            f"The loss at the initial weights is {run.loss_start}; check the data and the model."
+            f"The loss at the initial weights is {state.loss_start}; check the data and the model."
         )
+    return state
 
 
 def train_and_read(
-    run: WarmUp,
+    state: WarmUp,
+    step: Step,
     optim: torch.optim.Optimizer,
-    stream: Iterator[Batch],
-    max_steps: int,
-    min_measure_steps: int,
+    settings: NoiseSettings,
     deadline: Deadline,
-    curve_follows: bool,
-) -> None:
+    log: Callable[[str], None],
+) -> WarmUp:
     """Train with the measured batch gradients, reading each step, until enough steps after the
     warm-up were read or time is up; refuse a run whose loss diverged."""
+    loss_start = state.loss_start
     # Losses may be negative (a log-likelihood), so changes are measured against |loss|.
-    scale = abs(run.loss_start)
+    scale = abs(loss_start)
     half_time = deadline.remaining() / 2
     # Leave time for the gradient-error curve after the warm-up run.
-    run_deadline = Deadline(deadline.remaining() * (0.8 if curve_follows else 1.0))
-    run.started = time.perf_counter()
-    for step in range(max_steps):
-        small_sq, big_sq, loss = run.step(stream)
-        if not math.isfinite(loss) or loss - run.loss_start > (DIVERGED_FACTOR - 1) * scale:
-            why = "became non-finite" if not math.isfinite(loss) else "rose over tenfold"
-            raise _diverged(run.lr, run.loss_start, loss, step + 1, why)
+    run_deadline = Deadline(deadline.remaining() * (0.8 if settings.gradient_error_sizes else 1.0))
+    started = time.perf_counter()
+    readings, warmup_end, stopped_by, notes = state.readings, state.warmup_end, "steps", state.notes
+    for done in range(1, settings.max_steps + 1):
+        small_sq, big_sq, loss = step()
+        if not math.isfinite(loss) or loss - loss_start > (DIVERGED_FACTOR - 1) * scale:
+            why = (
+                "became non-finite"
+                if not math.isfinite(loss)
+                else f"rose over {DIVERGED_FACTOR:g}-fold"
+            )
+            raise _diverged(settings.lr, loss_start, loss, done, why)
         optim.step()
-        run.readings.add(small_sq, big_sq, loss)
-        done = step + 1
-        if run.warmup_end is None and done >= 2 * WINDOW:
-            _end_warmup_when_due(run, done, max_steps, half_time)
+        readings = readings.add(small_sq, big_sq, loss)
+        if warmup_end is None and done >= 2 * WINDOW:
+            halfway = (
+                done >= settings.max_steps // 2 or time.perf_counter() - started >= half_time
+            )
+            ended = _end_of_warm_up(readings.losses, loss_start, halfway)
+            if ended is not None:
+                warmup_end, (why, note) = done, ended
+                log(f"noise: warm-up done after {done} steps ({why}); measuring")
+                notes += (note,) if note else ()
         if (
-            run.warmup_end is not None
-            and done - run.warmup_end >= min_measure_steps
-            and (done >= 2 * run.warmup_end or run_deadline.remaining() < 0.3 * half_time)
+            warmup_end is not None
+            and done - warmup_end >= settings.min_measure_steps
+            and (done >= 2 * warmup_end or run_deadline.remaining() < 0.3 * half_time)
         ):
-            run.stopped_by = "enough steps"
+            stopped_by = "enough steps"
             break
         if run_deadline.expired():
-            run.stopped_by = "time budget"
+            stopped_by = "time budget"
             break
-    losses = run.readings.losses
-    loss_end = _mean(losses[-WINDOW:])
-    if losses and loss_end > run.loss_start + ROSE_BY * scale:
-        raise _diverged(run.lr, run.loss_start, loss_end, len(losses), "rose instead of falling")
+    seconds = time.perf_counter() - started
+    loss_end = _mean(readings.losses[-WINDOW:])
+    if readings.losses and loss_end > loss_start + ROSE_BY * scale:
+        why = "rose instead of falling"
+        raise _diverged(settings.lr, loss_start, loss_end, len(readings.losses), why)
+    return replace(
+        state,
+        readings=readings,
+        warmup_end=warmup_end,
+        stopped_by=stopped_by,
+        train_seconds=seconds,
+        notes=notes,
+    )
 
 
-def _end_warmup_when_due(run: WarmUp, done: int, max_steps: int, half_time: float) -> None:
-    """End the warm-up once the loss has clearly fallen and its first fast fall is over, or half
-    the steps or time have passed (then the estimate comes earlier in training than intended,
-    and a note says so)."""
-    scale = abs(run.loss_start)
-    losses = run.readings.losses
+def _end_of_warm_up(
+    losses: Sequence[float], loss_start: float, halfway: bool
+) -> tuple[str, str | None] | None:
+    """Whether the warm-up is over after ``losses`` (one per training step): once the loss has
+    clearly fallen (:data:`LOSS_DROP`) and its first fast fall is over (:data:`STILL_FALLING`),
+    or ``halfway`` (half the steps or time have passed: the estimate then comes earlier in
+    training than intended). Returns why it ended and, when earlier than intended, a note that
+    says so; None while it goes on.
+
+    >>> _end_of_warm_up([0.6] * 8 + [0.55] * 8, 1.0, halfway=False)
+    ('the loss fell by 25% and its fast fall is over', None)
+    >>> _end_of_warm_up([1.0] * 16, 1.0, halfway=False) is None
+    True
+    """
+    scale, done = abs(loss_start), len(losses)
     recent, before = _mean(losses[-WINDOW:]), _mean(losses[-2 * WINDOW : -WINDOW])
-    fell = recent <= run.loss_start - LOSS_DROP * scale
+    fell = recent <= loss_start - LOSS_DROP * scale
     slowed = recent >= before - STILL_FALLING * abs(before)
-    elapsed = time.perf_counter() - run.started
-    if (fell and slowed) or done >= max_steps // 2 or elapsed >= half_time:
-        run.warmup_end = done
-        why = (
-            "the loss fell by 25% and its fast fall is over"
-            if fell and slowed
-            else "half the warm-up allowance passed"
+    if not ((fell and slowed) or halfway):
+        return None
+    if fell and slowed:
+        return f"the loss fell by {LOSS_DROP:.0%} and its fast fall is over", None
+    why = "half the warm-up allowance passed"
+    if not fell:
+        return why, (
+            f"The loss had not fallen by {LOSS_DROP:.0%} after {done} warm-up steps; the "
+            "estimate is taken earlier in training than intended (a lower bound)."
         )
-        run.log(f"noise: warm-up done after {done} steps ({why}); measuring")
-        if not fell:
-            run.notes.append(
-                f"The loss had not fallen by 25% after {done} warm-up steps; the "
-                "estimate is taken earlier in training than intended (a lower bound)."
-            )
-        elif not slowed:
-            run.notes.append(
-                f"The loss was still falling fast after {done} warm-up steps; the estimate is "
-                "taken earlier in training than intended (likely a lower bound)."
-            )
+    return why, (
+        f"The loss was still falling fast after {done} warm-up steps; the estimate is "
+        "taken earlier in training than intended (likely a lower bound)."
+    )
 
 
 def measure_gradient_error(
-    run: WarmUp,
+    state: WarmUp,
+    model: nn.Module,
     data: BatchSource,
-    sizes: Sequence[int],
-    *,
-    repeats: int,
-    micro_batch_size: int,
+    loss_fn: LossFn,
+    settings: NoiseSettings,
     deadline: Deadline,
-) -> tuple[tuple[GradientErrorPoint, ...], int | None]:
-    """:func:`gradient_error_curve` with a reference gradient over as many samples as 30% of the
-    time left allows (at the run's cost per sample); a note when it could not be measured."""
-    steps = len(run.readings.losses)
-    per_sample = max(time.perf_counter() - run.started, 1e-9) / (steps * run.batch_size)
+) -> WarmUp:
+    """:func:`gradient_error_curve` at the warmed-up weights for ``settings.gradient_error_sizes``
+    (none, or no training steps: nothing to do), in micro-batches of
+    ``settings.max_micro_batch_size`` (default: the measured batch) to stay within memory, with
+    a reference gradient over as many samples as 30% of the time left allows (at the warm-up's
+    cost per sample); a note when it could not be measured."""
+    steps = len(state.readings.losses)
+    if not settings.gradient_error_sizes or not steps:
+        return state
+    per_sample = max(state.train_seconds, 1e-9) / (steps * settings.batch_size)
     allowance = 0.3 * deadline.remaining()
     reference = REFERENCE_SAMPLES
     if math.isfinite(allowance):
         reference = min(reference, int(allowance / per_sample))
-    n = run.num_samples
+    n = data.num_samples
     if n is not None:
         reference = min(reference, n)
-    curve: tuple[GradientErrorPoint, ...] = ()
     if reference >= MIN_REFERENCE:
         curve, reference = gradient_error_curve(
-            run.model,
+            model,
             data,
-            run.loss_fn,
-            sizes,
-            micro_batch_size=micro_batch_size,
-            repeats=repeats,
+            loss_fn,
+            settings.gradient_error_sizes,
+            micro_batch_size=settings.max_micro_batch_size or settings.batch_size,
+            repeats=settings.gradient_error_repeats,
             reference_samples=reference,
             deadline=deadline,
         )
-    if curve:
-        return curve, reference
+        if curve:
+            return replace(state, curve=curve, reference=reference)
     why = (
         f"{n} samples are too few"
         if n is not None and n < MIN_REFERENCE
         else "there was not enough time"
     )
-    run.notes.append(f"The gradient-error curve was not measured: {why}.")
-    return (), None
+    note = f"The gradient-error curve was not measured: {why}."
+    return replace(state, notes=(*state.notes, note))
 
 
 def summarise_noise(
-    run: WarmUp,
-    curve: tuple[GradientErrorPoint, ...],
-    reference: int | None,
-    started: float,
+    state: WarmUp, settings: NoiseSettings, num_samples: int | None, started: float
 ) -> NoiseMeasurement:
-    """The estimate over the steps after the warm-up, the reading at the initial weights, the
-    trajectory per :data:`WINDOW` steps, and the curve's predictions from the estimate; the
+    """The estimate over the steps after the warm-up (when time ended the run before the warm-up
+    did, over the second half of them, and a note says so), the reading at the initial weights,
+    the trajectory per :data:`WINDOW` steps, and the curve's predictions from the estimate; the
     probe's time is counted from ``started`` (a ``perf_counter``)."""
-    readings = run.readings
+    readings = state.readings
     steps = len(readings.losses)
-    if run.warmup_end is None:
-        run.warmup_end = steps // 2
-        run.notes.append(
+    warmup_end = state.warmup_end
+    late: tuple[str, ...] = ()
+    if warmup_end is None:
+        warmup_end = steps // 2
+        late = (
             f"Time allowed only {steps} steps: the first half counts as warm-up, the estimate "
-            "uses the second half."
+            "uses the second half.",
         )
-    if steps - run.warmup_end < 2:
+    if steps - warmup_end < 2:
         raise OutOfTime(
             f"Only {steps} noise-scale steps fit in the time budget; give a larger "
             f"{opt('time_budget')}."
         )
-    estimate = readings.estimate(run.warmup_end, steps, run)
+    estimate = readings.estimate(warmup_end, steps, settings, num_samples)
     windows = []
     for lo in range(0, steps - WINDOW + 1, WINDOW):
-        w = readings.estimate(lo, lo + WINDOW, run)
+        w = readings.estimate(lo, lo + WINDOW, settings, num_samples)
         loss = _mean(readings.losses[lo : lo + WINDOW])
         windows.append(NoiseWindow(lo + 1, lo + WINDOW, loss, w.b_simple, w.low, w.high))
+    curve = state.curve
     if math.isfinite(estimate.b_simple):
         curve = tuple(
             replace(
-                p, predicted=expected_relative_error(estimate.b_simple, p.batch_size, reference)
+                p,
+                predicted=expected_relative_error(estimate.b_simple, p.batch_size, state.reference),
             )
             for p in curve
         )
     return NoiseMeasurement(
         estimate=estimate,
-        at_start=run.at_start.estimate(0, WINDOW, run),
+        at_start=state.at_start.estimate(0, WINDOW, settings, num_samples),
         windows=tuple(windows),
         steps=steps,
-        warmup_steps=run.warmup_end,
-        loss_start=run.loss_start,
+        warmup_steps=warmup_end,
+        loss_start=state.loss_start,
         loss_end=_mean(readings.losses[-WINDOW:]),
-        lr=run.lr,
-        optimizer=run.optimizer,
-        stopped_by=run.stopped_by,
+        lr=settings.lr,
+        optimizer=settings.optimizer,
+        stopped_by=state.stopped_by,
         seconds=time.perf_counter() - started,
         start_steps=WINDOW,
         gradient_error=curve,
-        gradient_error_reference_samples=reference,
-        notes=tuple(run.notes),
+        gradient_error_reference_samples=state.reference,
+        notes=(*state.notes, *state.facts, *late),
+        cut_short=(*state.notes, *late),
     )
-
-
-def _mean_gradient(
-    model: nn.Module,
-    loss_fn: LossFn,
-    chunks: Iterable[Batch],
-    total: int,
-    deadline: Deadline,
-) -> list[torch.Tensor]:
-    """The mean gradient over ``total`` samples that arrive in ``chunks``, each weighted by its
-    size, per parameter. Raises :class:`OutOfTime` when the ``deadline`` passes midway."""
-    params = trainable_parameters(model)
-    device = params[0].device
-    for p in params:
-        p.grad = None
-    for xs, ys in chunks:
-        if deadline.expired():
-            raise OutOfTime("The deadline passed while computing a mean gradient.")
-        loss = loss_fn(model(xs.to(device)), ys.to(device)) * (len(ys) / total)
-        loss.backward()
-    grads = gradients_of(params)
-    for p in params:
-        p.grad = None
-    return grads
-
-
-def gradient_error_curve(
-    model: nn.Module,
-    data: BatchSource,
-    loss_fn: LossFn,
-    batch_sizes: Sequence[int],
-    *,
-    micro_batch_size: int,
-    repeats: int = 8,
-    reference_samples: int = REFERENCE_SAMPLES,
-    deadline: Deadline | None = None,
-) -> tuple[tuple[GradientErrorPoint, ...], int]:
-    """RMS relative error ``|g_B - G| / |G|`` of batch gradients at the current weights.
-
-    ``G`` is the mean gradient over the whole training set, or over its first
-    ``reference_samples`` when larger (then itself an estimate). Every batch, the reference one
-    included, is read and backpropagated in micro-batches of at most ``micro_batch_size``, so no
-    more than that is ever in memory at once. Returns the points (ascending batch size; sizes the
-    ``deadline`` left no time for are left out: no points when even ``G`` could not be computed)
-    and the number of samples behind ``G``. ``predicted`` is filled in by the caller, who knows
-    ``B_simple``.
-    """
-    deadline = deadline or Deadline(None)
-    n = data.num_samples
-    reference = min(n, reference_samples) if n is not None else reference_samples
-    smallest = smallest_trainable_size(model)
-    points: list[GradientErrorPoint] = []
-    with preserved(model):
-        model.train()
-        try:
-            full = _mean_gradient(
-                model,
-                loss_fn,
-                SampleReader(data, micro_batch_size).chunks(reference, micro_batch_size),
-                reference,
-                deadline,
-            )
-        except OutOfTime:
-            return (), reference
-        full_sq = float(squared_norm(full))
-        reader = SampleReader(data, micro_batch_size, first_epoch=1)
-        for size in sorted(batch_sizes):
-            if size > reference or size < smallest or deadline.expired():
-                continue
-            errors = []
-            for _ in range(repeats):
-                try:
-                    g = _mean_gradient(
-                        model, loss_fn, reader.chunks(size, micro_batch_size), size, deadline
-                    )
-                except OutOfTime:
-                    break
-                errors.append(float(squared_norm(a.sub_(b) for a, b in zip(g, full, strict=True))))
-            if len(errors) < 2:
-                break
-            rel = math.sqrt(_mean(errors) / full_sq) if full_sq > 0 else math.inf
-            points.append(GradientErrorPoint(size, rel, None, len(errors)))
-    return tuple(points), reference

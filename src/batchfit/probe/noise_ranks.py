@@ -18,7 +18,8 @@ All collectives run on a gloo group of their own (CPU tensors), so no DDP wrappe
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
@@ -26,19 +27,18 @@ import torch.distributed as dist
 from torch import nn
 
 from batchfit.data.source import Batch, BatchSource
+from batchfit.errors import BatchfitError
 from batchfit.losses import LossFn
+from batchfit.probe.gradients import gradients_of, squared_norm, trainable_parameters
 from batchfit.probe.harness import Deadline, cycle_batches, preserved
 from batchfit.probe.noise import (
-    GradientErrorPoint,
     NoiseMeasurement,
+    NoiseSettings,
     WarmUp,
-    gradients_of,
     measure_gradient_error,
     read_at_initial_weights,
-    squared_norm,
     summarise_noise,
     train_and_read,
-    trainable_parameters,
 )
 from batchfit.step import make_optimizer
 
@@ -102,22 +102,13 @@ def rank_step(
     summed = torch.cat([g.detach().reshape(-1).cpu() for g in grads])
     dist.all_reduce(summed, group=group)
     dist.all_reduce(local, group=group)
-    for p, part in zip(params, summed.div_(world).split([p.numel() for p in params]), strict=True):
-        p.grad = part.view_as(p).to(p.device, p.dtype)
-    big_sq = float(squared_norm(p.grad for p in params))
+    parts = summed.div_(world).split([p.numel() for p in params])
+    reduced = [part.view_as(p).to(p.device, p.dtype) for p, part in zip(params, parts, strict=True)]
+    for p, g in zip(params, reduced, strict=True):
+        p.grad = g
+    big_sq = float(squared_norm(reduced))
     small_sq, mean_loss = (local / world).tolist()
     return small_sq, big_sq, mean_loss
-
-
-class _LeaderWarmUp(WarmUp):
-    """Rank 0's warm-up run: each step is a joint step of every rank."""
-
-    group: dist.ProcessGroup
-
-    def step(self, stream: Iterator[Batch]) -> tuple[float, float, float]:
-        batch = next(stream)
-        _command(self.micro_batch_size, self.group)
-        return rank_step(self.model, self.loss_fn, batch, self.micro_batch_size, self.group)
 
 
 def lead_noise_probe(
@@ -125,53 +116,42 @@ def lead_noise_probe(
     data: BatchSource,
     loss_fn: LossFn,
     probe: JointProbe,
+    settings: NoiseSettings,
     *,
-    micro_batch_size: int,
-    optimizer: str,
-    lr: float,
     deadline: Deadline,
-    gradient_error_sizes: Sequence[int] = (),
-    max_micro_batch_size: int | None = None,
-    seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> NoiseMeasurement:
     """Rank 0's side of the joint probe: :func:`~batchfit.probe.noise.warmup_and_measure` with
-    ``B_small = micro_batch_size`` (one rank's gradient) and ``B_big = micro_batch_size x W`` (the
-    all-reduced one); the other ranks run :func:`follow_noise_probe` meanwhile."""
+    ``B_small = settings.micro_batch_size`` (one rank's gradient) and ``B_big = B_small x W`` (the
+    all-reduced one: ``settings.accumulation`` must be ``W``, the number of ranks); the other
+    ranks run :func:`follow_noise_probe` meanwhile. Its notes say where it came from
+    (:data:`FROM_RANKS`), a fact apart from what it cut short."""
     group = probe.group
     started, world = time.perf_counter(), dist.get_world_size(group)
-    run = _LeaderWarmUp(
-        model=model,
-        loss_fn=loss_fn,
-        micro_batch_size=micro_batch_size,
-        batch_size=micro_batch_size * world,
-        num_samples=data.num_samples,
-        optimizer=optimizer,
-        lr=lr,
-        confidence=0.9,
-        seed=seed,
-        log=log or (lambda _: None),
-    )
-    run.group = group
-    curve: tuple[GradientErrorPoint, ...] = ()
-    reference = None
     try:
+        if settings.accumulation != world:
+            raise BatchfitError(
+                f"The joint noise probe reads one micro-batch per rank: give accumulation "
+                f"{world} (the number of ranks), not {settings.accumulation}."
+            )
         with preserved(model):
             model.train()
-            optim = make_optimizer(optimizer, model, lr)
-            stream = cycle_batches(data, run.batch_size)
-            read_at_initial_weights(run, stream, deadline)
-            train_and_read(run, optim, stream, 400, 24, deadline, bool(gradient_error_sizes))
+            optim = make_optimizer(settings.optimizer, model, settings.lr)
+            stream = cycle_batches(data, settings.batch_size)
+
+            def step() -> tuple[float, float, float]:
+                batch = next(stream)
+                _command(settings.micro_batch_size, group)
+                return rank_step(model, loss_fn, batch, settings.micro_batch_size, group)
+
+            state = read_at_initial_weights(WarmUp(), step, deadline)
+            state = train_and_read(state, step, optim, settings, deadline, log or (lambda _: None))
             probe.stop()  # the others are done; the gradient-error curve is rank 0's alone
-            if gradient_error_sizes and run.readings.losses:
-                curve, reference = measure_gradient_error(
-                    run, data, gradient_error_sizes, repeats=8,
-                    micro_batch_size=max_micro_batch_size or run.batch_size, deadline=deadline,
-                )  # fmt: skip
+            state = measure_gradient_error(state, model, data, loss_fn, settings, deadline)
     finally:
         probe.stop()  # also when rank 0 failed (out of time, diverged)
-    run.notes.append(FROM_RANKS.format(world=world) + ".")
-    return summarise_noise(run, curve, reference, started)
+    state = replace(state, facts=(*state.facts, FROM_RANKS.format(world=world) + "."))
+    return summarise_noise(state, settings, data.num_samples, started)
 
 
 def follow_noise_probe(

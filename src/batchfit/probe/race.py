@@ -1,5 +1,6 @@
-"""A race of short training runs: the (batch size, learning rate) that reaches a low held-out loss
-soonest, measured on the user's model and data instead of predicted by a rule.
+"""The race run on a real model (the probes' job): short training runs, one (batch size, learning
+rate) each, that find which reaches a low held-out loss soonest on the user's model and data
+instead of predicting it by a rule.
 
 Every *lane* trains from the same initial weights with the same data order, one (batch size,
 learning rate) each, for the same number of *training seconds*: its steps times the step time of
@@ -103,9 +104,10 @@ class RaceRound:
 
 @dataclass(frozen=True)
 class RaceResult:
-    """The race: its rounds, the winner, the contenders equally good (within 5% of the winner's
-    time to the level), the winner's time relative to each finalist's, and whether the winner's
-    loss was still falling at the end (the race did not see where it levels off)."""
+    """The race: its rounds, the winner, the contenders equally good (within
+    :data:`~batchfit.core.race.EQUALLY_GOOD` of the winner's time to the level), the winner's
+    time relative to each finalist's, and whether the winner's loss was still falling at the end
+    (the race did not see where it levels off)."""
 
     rounds: tuple[RaceRound, ...]
     winner: Contender
@@ -116,11 +118,16 @@ class RaceResult:
     seconds: float
     notes: tuple[str, ...] = field(default=())
 
+    @property
+    def contenders_raced(self) -> int:
+        """How many (batch size, learning rate) contenders ran, over every round."""
+        return len({lane.contender for r in self.rounds for lane in r.lanes})
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Field:
     """What every lane shares: the model and its initial state, the data, the judge's loss, and
     the screening round's horizon, which sets when the held-out loss is evaluated."""
@@ -206,7 +213,10 @@ def _judged(
 
 
 def _screen(
-    field_: _Field, grid: Mapping[int, Sequence[Contender]], horizon_s: float, log
+    field_: _Field,
+    grid: Mapping[int, Sequence[Contender]],
+    horizon_s: float,
+    log: Callable[[str], None],
 ) -> RaceRound:
     """Round 1: every contender for ``horizon_s``; the best learning rates of each batch size go
     on, and a best lr at the edge of its grid has its neighbour beyond the edge tried too."""
@@ -252,79 +262,100 @@ def _beyond_the_edge(field_: _Field, lanes: list[Lane], horizon_s: float) -> lis
     return added
 
 
+@dataclass(frozen=True)
+class RaceSettings:
+    """What a race runs: its contenders (``grid``: batch size -> its contenders), the measured
+    step time of each batch size, the optimizer, the screening round's training seconds per
+    lane, the seed, and how the learning rate follows the batch size (``lr_power``, 0.5: the
+    sqrt rule), to tell the boldest of equally fast contenders."""
+
+    grid: Mapping[int, Sequence[Contender]]
+    step_seconds: Mapping[int, float]
+    optimizer: str
+    first_horizon_s: float
+    seed: int = 0
+    lr_power: float = 0.5
+
+
 def race(
     model: nn.Module,
     train: BatchSource,
     held_out: BatchSource,
     loss: Loss,
-    grid: Mapping[int, Sequence[Contender]],
-    step_seconds: Mapping[int, float],
+    settings: RaceSettings,
     *,
-    optimizer: str,
     deadline: Deadline,
-    first_horizon_s: float,
-    seed: int = 0,
-    lr_power: float = 0.5,
     log: Callable[[str], None] | None = None,
 ) -> RaceResult:
-    """Race the contenders of ``grid`` (batch size -> its contenders) from ``model``'s current
-    weights, which it gets back afterwards. ``step_seconds`` is the measured step time of each
-    batch size; ``first_horizon_s`` the screening round's training seconds per lane;
-    ``lr_power`` how the learning rate follows the batch size (0.5: the sqrt rule), to tell the
-    boldest of equally fast contenders. Raises
+    """Race the contenders of ``settings.grid`` from ``model``'s current weights, which it gets
+    back afterwards, training on ``train`` and judging on ``held_out``. Raises
     :class:`~batchfit.probe.harness.OutOfTime` when not even the screening round fits.
     """
     log = log or (lambda _: None)
     started = time.perf_counter()
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grid = settings.grid
     field_ = _Field(
         model,
         initial,
         train,
         held_out,
         loss,
-        optimizer,
-        step_seconds,
+        settings.optimizer,
+        settings.step_seconds,
         deadline,
-        seed,
-        first_horizon_s,
+        settings.seed,
+        settings.first_horizon_s,
         min(EVAL_BATCH_SIZE, max(c.micro_batch_size for cs in grid.values() for c in cs)),
     )
-    notes: list[str] = []
     with preserved(model):
-        rounds = [_screen(field_, grid, first_horizon_s, log)]
-        _longer_rounds(field_, rounds, notes, log)
-    return _result(rounds, notes, time.perf_counter() - started, lr_power)
+        screening = _screen(field_, grid, settings.first_horizon_s, log)
+        longer, notes = _longer_rounds(field_, screening, log)
+    rounds = [screening, *longer]
+    return _result(rounds, notes, time.perf_counter() - started, settings.lr_power)
 
 
-def _longer_rounds(field_: _Field, rounds: list[RaceRound], notes: list[str], log) -> None:
-    """Rounds of growing horizon for the survivors, each run with the data in two orders, while
-    the leader's loss still falls and the time allows."""
-    while len(rounds[-1].kept) > 1:
-        last = rounds[-1]
-        if len(rounds) > 1 and not judge.still_improving(_leader(last).curve, last.horizon_s):
-            break
-        survivors = [last.contenders[i] for i in last.kept]
-        if len(rounds) == 1:
-            survivors += _between(survivors)
-        horizon = last.horizon_s * GROWTH
-        if _cost(rounds, horizon * len(survivors) * len(DATA_ORDERS)) > field_.deadline.remaining():
-            notes.append(
-                f"The race stopped after round {len(rounds)} ({last.horizon_s:.2g} s of training "
-                "per run): a longer round did not fit in the time budget."
-            )
-            return
-        started = time.perf_counter()
-        try:
-            lanes = [
-                run_lane(field_, c, horizon, order) for c in survivors for order in DATA_ORDERS
-            ]
-        except OutOfTime:
-            notes.append(f"Round {len(rounds) + 1} of the race ran out of time; it is left out.")
-            return
-        keep = max(2, math.ceil(len(survivors) / 2))
-        rounds.append(_judged(f"round {len(rounds) + 1}", lanes, horizon, keep, started))
-        log(f"race: round {len(rounds)}, {horizon:.2g} s per run: {_leaders(rounds[-1])}")
+def _longer_rounds(
+    field_: _Field, screening: RaceRound, log: Callable[[str], None]
+) -> tuple[list[RaceRound], list[str]]:
+    """The rounds after ``screening``, of growing horizon, while the leader's loss still falls and
+    the time allows; returns them, and a note when time stopped the race early."""
+    rounds = [screening]
+    while True:
+        next_round = _next_round(field_, rounds)
+        if not isinstance(next_round, RaceRound):
+            return rounds[1:], [] if next_round is None else [next_round]
+        rounds.append(next_round)
+        horizon, leaders = next_round.horizon_s, _leaders(next_round)
+        log(f"race: round {len(rounds)}, {horizon:.2g} s per run: {leaders}")
+
+
+def _next_round(field_: _Field, rounds: Sequence[RaceRound]) -> RaceRound | str | None:
+    """The round after ``rounds``: their survivors (after screening, with the rate between each
+    batch size's two) over :data:`GROWTH` times the horizon, each with the data in every order
+    of :data:`DATA_ORDERS`. None when the race is decided (one survivor, or the leader's loss
+    levelled off), or a note when the round does not fit in the time left or ran out of it."""
+    last = rounds[-1]
+    if len(last.kept) <= 1:
+        return None
+    if len(rounds) > 1 and not judge.still_improving(_leader(last).curve, last.horizon_s):
+        return None
+    survivors = [last.contenders[i] for i in last.kept]
+    if len(rounds) == 1:
+        survivors += _between(survivors)
+    horizon = last.horizon_s * GROWTH
+    if _cost(rounds, horizon * len(survivors) * len(DATA_ORDERS)) > field_.deadline.remaining():
+        return (
+            f"The race stopped after round {len(rounds)} ({last.horizon_s:.2g} s of training "
+            "per run): a longer round did not fit in the time budget."
+        )
+    started = time.perf_counter()
+    try:
+        lanes = [run_lane(field_, c, horizon, order) for c in survivors for order in DATA_ORDERS]
+    except OutOfTime:
+        return f"Round {len(rounds) + 1} of the race ran out of time; it is left out."
+    keep = max(2, math.ceil(len(survivors) / 2))
+    return _judged(f"round {len(rounds) + 1}", lanes, horizon, keep, started)
 
 
 def _between(survivors: Sequence[Contender]) -> list[Contender]:
@@ -361,12 +392,13 @@ def _leaders(round_: RaceRound) -> str:
 
 
 def _result(
-    rounds: list[RaceRound], notes: list[str], seconds: float, lr_power: float
+    rounds: Sequence[RaceRound], notes: Sequence[str], seconds: float, lr_power: float
 ) -> RaceResult:
-    """The finalists of the last round, and the winner: of those within 5% of the fastest, the
-    one with the lowest learning rate for its batch size (``lr / B**lr_power``, the lr rule's
-    scaling): equally fast, it is the one furthest from instability, where a learning rate fast
-    with these two data orders is slow or never gets there with others."""
+    """The finalists of the last round, and the winner: of those within
+    :data:`~batchfit.core.race.EQUALLY_GOOD` of the fastest, the one with the lowest learning
+    rate for its batch size (``lr / B**lr_power``, the lr rule's scaling): equally fast, it is
+    the one furthest from instability, where a learning rate fast with these two data orders is
+    slow or never gets there with others."""
     last = rounds[-1]
     finalists = tuple((last.contenders[s.lane], s.relative_time) for s in last.standings)
     close = [c for c, r in finalists if r <= 1 + judge.EQUALLY_GOOD] or [finalists[0][0]]

@@ -1,6 +1,7 @@
-"""The race in tune's report: ``report.json``'s ``race`` and ``machine`` keys, the report.md
-sections for them, and the plot of the last round's held-out loss curves. Plain data in (the race
-and machine check as ``to_dict()`` gives them), nothing imported from the orchestrator.
+"""The race in words and a plot (the report's job): ``report.json``'s ``race`` and ``machine``
+keys, the report.md sections for them, and the plot of the last round's held-out loss curves.
+Plain data in (the race and machine check as ``to_dict()`` gives them), nothing imported from the
+orchestrator.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _round_json(round_: Data) -> dict[str, Any]:
 
 
 def batch_size_range(race: Data | None, fallback: list[int]) -> list[int]:
-    """``recommended.batch_size_range``: the batch sizes the race found equally good (within 5%
-    of the winner's time), else what the noise scale's interval gave."""
+    """``recommended.batch_size_range``: the batch sizes the race found equally good (near the
+    winner's time, as :mod:`batchfit.core.race` judges), else what the noise scale's interval
+    gave."""
     if race is None or not race["equally_good"]:
         return fallback
     sizes = [c["batch_size"] for c in race["equally_good"]]
