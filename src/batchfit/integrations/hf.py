@@ -200,6 +200,19 @@ def _check_token_ids(data: PackedDataset, model: nn.Module, name: str) -> None:
     )
 
 
+def _packed(
+    model: nn.Module, keys: Sequence[str], train_dataset: Any, eval_dataset: Any | None
+) -> tuple[PackedDataset, PackedDataset | None]:
+    """The training and evaluation data packed for tune, their token ids checked."""
+    pads = _pad_values(model)
+    train = PackedDataset(train_dataset, keys, pads)
+    _check_token_ids(train, model, "train_dataset")
+    held_out = None if eval_dataset is None else PackedDataset(eval_dataset, keys, pads)
+    if held_out is not None:
+        _check_token_ids(held_out, model, "eval_dataset")
+    return train, held_out
+
+
 def tuned_arguments(
     model: nn.Module,
     train_dataset: Any,
@@ -254,12 +267,7 @@ def tuned_arguments(
     tune_options.setdefault("seed", args.seed)
     tune_options.setdefault("task_name", type(model).__name__)
     _with_the_users_lr_as_prior(tune_options, args)
-    pads = _pad_values(model)
-    train = PackedDataset(train_dataset, keys, pads)
-    _check_token_ids(train, model, "train_dataset")
-    held_out = None if eval_dataset is None else PackedDataset(eval_dataset, keys, pads)
-    if held_out is not None:
-        _check_token_ids(held_out, model, "eval_dataset")
+    train, held_out = _packed(model, keys, train_dataset, eval_dataset)
     if train.padded:
         say(
             f"batchfit: samples vary in length; measured at the longest, {train.length} tokens, "
