@@ -5,7 +5,8 @@ sits above it; this module joins the two (``batchfit.train`` and ``batchfit trai
 The choice must survive a resume: a second tune could choose another batch size (timings vary from
 run to run), and the checkpoint's batch size and lr would then not match. So a run with a
 checkpoint folder saves the choice there (``auto.json``, written atomically), and a resumed run
-reads it back instead of tuning again. With ``out_dir``, tune's report goes beside the run's
+reads it back instead of tuning again; one stopped while tuning (no ``auto.json`` and no
+checkpoint: nothing was trained) tunes again. With ``out_dir``, tune's report goes beside the run's
 metrics (``tune.json``, the ``report.json`` object, and ``tune.md``).
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from batchfit.checkpoint import checkpoint_path
 from batchfit.core.configs import TrainConfig, TuneConfig
 from batchfit.core.options import opt, opt_value
 from batchfit.errors import BatchfitError, users_frames_only
@@ -121,6 +123,12 @@ def _tune_then_train(
         return train_batches(model, data, config=config, **run)
     say = log or (_to_stderr if config.progress else (lambda _: None))
     check_output_paths(config)  # a folder that cannot be used fails now, not after tuning
+    if config.resume and _stopped_before_training(config):  # nothing to resume: tune it
+        say(
+            f"resuming an auto run that stopped before it trained (no {AUTO_FILE} and no "
+            f"checkpoint in '{config.checkpoint_dir}'): nothing was trained, so tuning again"
+        )
+        config = replace(config, resume=False)
     if config.resume:
         choice, tuned = _saved_choice(config), None
         say(
@@ -194,13 +202,20 @@ def _save(choice: AutoChoice, tuned: TuneResult, config: TrainConfig) -> None:
         write_text(Path(config.out_dir) / TUNE_MARKDOWN, render_markdown(report))
 
 
+def _stopped_before_training(config: TrainConfig) -> bool:
+    """Whether the run being resumed saved neither its choice nor a checkpoint: it was stopped
+    while tuning (the choice is saved before the first step), so nothing was trained."""
+    folder = Path(config.checkpoint_dir)
+    return not (folder / AUTO_FILE).exists() and not checkpoint_path(folder).exists()
+
+
 def _saved_choice(config: TrainConfig) -> AutoChoice:
     """The choice the run being resumed saved, refused when it is missing or unreadable."""
     path = Path(config.checkpoint_dir) / AUTO_FILE
     try:
         saved = json.loads(path.read_text())
         return AutoChoice(**{f.name: saved[f.name] for f in fields(AutoChoice)})
-    except FileNotFoundError:
+    except FileNotFoundError:  # with a checkpoint: that run trained with its own batch size
         why = "which is not there (that run did not choose its batch size by tune)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         why = f"which cannot be read ({type(exc).__name__}: {exc})"
