@@ -51,6 +51,18 @@ def test_cli_auto_tunes_prints_two_lines_and_trains_with_the_choice(auto_run):
     assert saved["batch_size"] == chosen["batch_size"]
 
 
+def test_the_tune_report_of_an_auto_run_says_it_trained_with_it_not_to_train_with_it(auto_run):
+    """The report's closing command is not "train with it: ... --epochs 10" (batchfit is already
+    doing that): it says this run trains with the choice, and how to resume it."""
+    folder, proc = auto_run
+    text = (folder / "out" / "tune.md").read_text()
+    chosen = json.loads((folder / "out" / "tune.json").read_text())["recommended"]
+    assert "--epochs 10" not in text and "Train with it" not in text
+    tail = text[text.index("## Trained with it") :]
+    assert f"batch size {chosen['batch_size']}" in tail
+    assert "--resume" in tail and "--checkpoint-dir ck" in tail and "auto.json" in tail
+
+
 def test_cli_resume_of_auto_run_uses_the_saved_choice_and_does_not_tune(auto_run):
     folder, first = auto_run
     tune_json = folder / "out" / "tune.json"

@@ -40,6 +40,8 @@ AUTO = "auto"
 AUTO_FILE = "auto.json"
 #: Tune's report beside the run's metrics in ``out_dir``.
 TUNE_JSON, TUNE_MARKDOWN = "tune.json", "tune.md"
+#: The section of tune's report.md that an auto run replaces (see :func:`_auto_markdown`).
+REPRODUCE_HEADING = "## Reproduce\n"
 
 Log = Callable[[str], None]
 
@@ -199,7 +201,43 @@ def _save(choice: AutoChoice, tuned: TuneResult, config: TrainConfig) -> None:
     if config.out_dir is not None:
         report = tuned.to_report()
         write_json(Path(config.out_dir) / TUNE_JSON, report)
-        write_text(Path(config.out_dir) / TUNE_MARKDOWN, render_markdown(report))
+        write_text(Path(config.out_dir) / TUNE_MARKDOWN, _auto_markdown(report, choice, config))
+
+
+def _auto_markdown(report: dict[str, Any], choice: AutoChoice, config: TrainConfig) -> str:
+    """tune's ``report.md`` with its closing "Reproduce" section (a train command to copy)
+    replaced by what this run does with the answer: it trains with it already, and a resume
+    reads it back."""
+    text = render_markdown(report)
+    closing = "\n".join(_trained_with(choice, config)) + "\n"
+    start = text.find(REPRODUCE_HEADING)
+    if start < 0:
+        return text + "\n" + closing
+    end = text.find("\n## ", start + len(REPRODUCE_HEADING))
+    return text[:start] + closing + (text[end + 1 :] if end >= 0 else "")
+
+
+def _trained_with(choice: AutoChoice, config: TrainConfig) -> list[str]:
+    """The auto run's closing section: what it trains with, and how it continues."""
+    if config.checkpoint_dir is not None:
+        folder = str(config.checkpoint_dir)
+        after = (
+            f"To continue it after a stop, give the same command with {opt('resume')} (and "
+            f"{opt_value('checkpoint_dir', folder)}): it reads this choice back from "
+            f"{AUTO_FILE} there instead of tuning again."
+        )
+    else:
+        after = (
+            f"Without {opt('checkpoint_dir')} it cannot be resumed; give one to save checkpoints "
+            f"and this choice ({AUTO_FILE}) for {opt('resume')}."
+        )
+    return [
+        "## Trained with it",
+        "",
+        f"This run ({opt_value('batch_size', AUTO)}) tuned first and trains with this answer: "
+        f"batch size {choice.batch_size} (micro-batch {choice.micro_batch_size}), lr "
+        f"{choice.lr:.3g}, {choice.optimizer}. {after}",
+    ]
 
 
 def _stopped_before_training(config: TrainConfig) -> bool:
