@@ -51,6 +51,18 @@ def test_cli_auto_tunes_prints_two_lines_and_trains_with_the_choice(auto_run):
     assert saved["batch_size"] == chosen["batch_size"]
 
 
+def test_the_tune_report_of_an_auto_run_says_it_trained_with_it_not_to_train_with_it(auto_run):
+    """The report's closing command is not "train with it: ... --epochs 10" (batchfit is already
+    doing that): it says this run trains with the choice, and how to resume it."""
+    folder, proc = auto_run
+    text = (folder / "out" / "tune.md").read_text()
+    chosen = json.loads((folder / "out" / "tune.json").read_text())["recommended"]
+    assert "--epochs 10" not in text and "Train with it" not in text
+    tail = text[text.index("## Trained with it") :]
+    assert f"batch size {chosen['batch_size']}" in tail
+    assert "--resume" in tail and "--checkpoint-dir ck" in tail and "auto.json" in tail
+
+
 def test_cli_resume_of_auto_run_uses_the_saved_choice_and_does_not_tune(auto_run):
     folder, first = auto_run
     tune_json = folder / "out" / "tune.json"
@@ -68,11 +80,44 @@ def test_cli_resume_of_auto_run_uses_the_saved_choice_and_does_not_tune(auto_run
 
 
 def test_cli_resume_without_saved_choice_is_one_line_error(tmp_path):
+    """A checkpoint without auto.json: that run trained with its own batch size, so an auto
+    resume cannot know it (with no checkpoint either, it tunes: see the test below)."""
+    fixed = run_cli(["train", "--batch-size", "16", "--max-steps", "2", "--checkpoint-dir", "ck",
+                     "--quiet"], cwd=tmp_path)  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
     proc = run_cli(["train", "--batch-size", "auto", "--max-steps", "2", "--checkpoint-dir",
                     "ck", "--resume", "--quiet"], cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "auto.json" in lines[0] and "--batch-size" in lines[0], lines
+
+
+def test_resume_of_an_auto_run_stopped_before_it_trained_tunes_again(tmp_path):
+    """A checkpoint folder with neither auto.json nor a checkpoint (the run was stopped while
+    tuning): nothing was trained, so the resume tunes, saves the choice and trains."""
+    x, y = blobs(300)
+    (tmp_path / "ck").mkdir()
+    said: list[str] = []
+    result = batchfit.train(
+        torch.nn.Linear(4, 3),
+        (x, y),
+        batch_size="auto",
+        tune_budget=4,
+        lr=0.01,
+        max_steps=2,
+        checkpoint_dir=tmp_path / "ck",
+        resume=True,
+        log=said.append,
+        tune_options={"max_batch_size": 32},
+    )
+    assert said[0].startswith("resuming an auto run that stopped before it trained") and (
+        "tuning again" in said[0]
+    )
+    assert said[1:] == list(result.auto.lines())
+    assert result.tune is not None and result.steps == 2 and result.resumed_from_step is None
+    saved = json.loads((tmp_path / "ck" / "auto.json").read_text())
+    assert saved["batch_size"] == result.batch_size
+    assert (tmp_path / "ck" / "last.pt").exists()
 
 
 @pytest.mark.parametrize("command", ["train", "plan"])
@@ -130,6 +175,10 @@ def test_api_auto_returns_train_result_with_the_tune_result(tmp_path):
 
 def test_api_auto_resume_without_saved_choice_raises(tmp_path):
     x, y = blobs(100)
+    # a run with its own batch size left a checkpoint, and no auto.json
+    batchfit.train(
+        torch.nn.Linear(4, 3), (x, y), batch_size=10, max_steps=2, checkpoint_dir=tmp_path
+    )
     with pytest.raises(BatchfitError, match="auto.json.*which is not there"):
         batchfit.train(
             torch.nn.Linear(4, 3),

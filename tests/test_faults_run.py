@@ -352,3 +352,33 @@ def test_ctrl_c_during_sweep_leaves_the_previous_report_intact(tmp_path):
     for name, text in old.items():
         assert (out / name).read_text() == text
     assert not list(out.glob(".report.*"))
+
+
+def test_an_auto_run_killed_while_tuning_resumes_by_tuning_again(tmp_path):
+    """SIGKILL while tune measures (before auto.json or any checkpoint): the same command with
+    --resume tunes again, then trains, instead of refusing a run that trained nothing."""
+    argv = ["train", "--example", "linreg", "--batch-size", "auto", "--tune-budget", "30"]
+    argv += ["--max-steps", "3", "--seed", "1", "--checkpoint-dir", "ck"]  # progress shown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchfit", *argv],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    seen = []
+    for line in proc.stderr:  # the memory probe's first progress line: tune is measuring
+        seen.append(line)
+        if "memory:" in line:
+            break
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, seen
+    assert not [p.name for p in (tmp_path / "ck").glob("*.*") if p.suffix in (".json", ".pt")]
+    resumed = run_cli([*argv, "--tune-budget", "6", "--resume", "--quiet"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    said = [s for s in resumed.stderr.splitlines() if s.startswith("batchfit train: ")]
+    assert "stopped before it trained" in said[0] and "tuning again" in said[0], said
+    assert said[1].startswith("batchfit train: tune chose "), said
+    assert (tmp_path / "ck" / "auto.json").exists() and (tmp_path / "ck" / "last.pt").exists()

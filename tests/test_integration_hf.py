@@ -4,6 +4,7 @@ config (no download), a real Trainer run with them, and the optional dependency 
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -213,3 +214,141 @@ def test_a_tiny_gpt2_language_model_is_measured_on_its_own_loss_and_trains_at_th
     )
     out = trainer.train()
     assert out.global_step == 3 and math.isfinite(out.training_loss)
+
+
+def _args(transformers, tmp_path, **given):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        **given,
+    )
+
+
+def _warmup(lines: list[str]) -> tuple[int, float]:
+    """``(batch, lr)`` of tune's noise warm-up line."""
+    (line,) = [s for s in lines if s.startswith("noise: warm-up from the initial weights")]
+    match = re.search(r"batch (\d+) = .* lr ([0-9.e+-]+)$", line)
+    assert match, line
+    return int(match[1]), float(match[2])
+
+
+@pytest.fixture(scope="module")
+def hf_race_skipped(tmp_path_factory):
+    """100 samples, too few to hold the race's 32 out: the race is skipped on any machine. The
+    user's learning rate 5e-5 at per-device batch 8 and accumulation 2 (a batch of 16)."""
+    transformers, model, data = _tiny_bert_task(n=100)
+    from batchfit.integrations.hf import tuned_arguments
+
+    args = _args(
+        transformers,
+        tmp_path_factory.mktemp("hf"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-5,
+    )
+    lines: list[str] = []
+    tuned, result = tuned_arguments(
+        model, data, args, time_budget=8, max_batch_size=32, log=lines.append
+    )
+    return lines, result
+
+
+def test_the_users_learning_rate_is_the_prior_at_the_batch_they_set(hf_race_skipped):
+    """The noise probe warms up at the user's lr (5e-5 at their batch of 16, scaled by the AdamW
+    rule), not at batchfit's default of 1e-3 at 32; and it is a prior, not a fixed lr."""
+    lines, result = hf_race_skipped
+    batch, lr = _warmup(lines)
+    assert lr == pytest.approx(5e-5 * math.sqrt(batch / 16), rel=1e-2)
+    # not frozen (tune's lr= says "rule from 5e-05 at 16"): the range test measures
+    assert "rule from 5e-05 at 16" not in result.recommended.lr_rule
+
+
+def test_the_users_lr_reaches_tune_as_the_prior_unless_tune_options_give_one(
+    tmp_path, monkeypatch
+):
+    transformers, model, data = _tiny_bert_task(n=40)
+    import batchfit.integrations.hf as hf
+
+    seen: list[dict] = []
+
+    def record(*_, **options):
+        seen.append(options)
+        raise KeyboardInterrupt  # what tune was given is all this test needs
+
+    monkeypatch.setattr(hf, "tune", record)
+    args = _args(
+        transformers, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=3,
+        learning_rate=2e-5,
+    )  # fmt: skip
+    for given in ({}, {"lr": 1e-4}, {"warmup_lr": 3e-4, "lr_batch_size": 64}):
+        with pytest.raises(KeyboardInterrupt):
+            hf.tuned_arguments(model, data, args, **given)
+    plain, own_lr, own_prior = seen
+    assert (plain["warmup_lr"], plain["lr_batch_size"]) == (2e-5, 12) and "lr" not in plain
+    assert own_lr["lr"] == 1e-4 and "warmup_lr" not in own_lr and "lr_batch_size" not in own_lr
+    assert (own_prior["warmup_lr"], own_prior["lr_batch_size"]) == (3e-4, 64)
+
+
+def test_a_skipped_race_and_every_skipped_phase_are_logged(hf_race_skipped):
+    lines, result = hf_race_skipped
+    assert result.race is None and result.skipped
+    (race,) = [s for s in lines if s.startswith("batchfit: race: ")]
+    why = next(s for s in result.skipped if s.startswith("The race"))  # time or samples
+    assert race.startswith("batchfit: race: not run") and race.endswith(why)
+    for skipped in result.skipped:
+        assert f"batchfit: skipped: {skipped}" in lines
+
+
+def test_a_provisional_answer_says_so_in_the_log(hf_race_skipped):
+    from dataclasses import replace
+
+    from batchfit.integrations.tune_log import log_tune_result
+
+    _, result = hf_race_skipped
+    cut = replace(
+        result,
+        batch_size_choice=replace(
+            result.batch_size_choice, provisional=("the memory search ran out of time",)
+        ),
+    )
+    info: list[str] = []
+    warned: list[str] = []
+    log_tune_result(cut, info.append, warned.append)
+    assert any(w.startswith("batchfit: PROVISIONAL") for w in warned), warned
+    assert any("the memory search ran out of time" in w for w in warned), warned
+    quiet: list[str] = []
+    log_tune_result(result, quiet.append, warned.append)
+    assert not any("PROVISIONAL" in s for s in quiet) or result.provisional
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_line_naming_the_id_and_the_embedding(tmp_path):
+    transformers, model, data = _tiny_bert_task(n=40)
+    from batchfit.errors import BatchfitError
+    from batchfit.integrations.hf import tuned_arguments
+
+    data[7] = {**data[7], "input_ids": data[7]["input_ids"].clone()}
+    data[7]["input_ids"][3] = 150  # the vocabulary holds 100 ids
+    with pytest.raises(BatchfitError) as caught:
+        tuned_arguments(model, data, _args(transformers, tmp_path), time_budget=5)
+    message = str(caught.value)
+    assert "\n" not in message and "nn.Embedding" not in message
+    assert "150" in message and "100" in message and "input_ids" in message
+    assert "resize_token_embeddings" in message
+
+
+@pytest.mark.parametrize("which", ["train_dataset", "eval_dataset"])
+def test_an_empty_dataset_is_one_line_saying_it_is_empty(tmp_path, which):
+    transformers, model, data = _tiny_bert_task(n=40)
+    from batchfit.errors import BatchfitError
+    from batchfit.integrations.hf import tuned_arguments
+
+    given = {"train_dataset": [], "eval_dataset": data} if which == "train_dataset" else {
+        "train_dataset": data, "eval_dataset": []}  # fmt: skip
+    with pytest.raises(BatchfitError) as caught:
+        tuned_arguments(model, args=_args(transformers, tmp_path), time_budget=5, **given)
+    message = str(caught.value)
+    assert "\n" not in message and "empty" in message and which in message

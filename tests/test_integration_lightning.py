@@ -5,6 +5,7 @@ once, and importing the integration without Lightning fails in one line naming t
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -26,7 +27,9 @@ CEILING = 8
 
 
 class Blobs(pl.LightningModule):
-    def __init__(self, batch_size: int = 16, lr: float = 1e-3, ceiling: int | None = None):
+    def __init__(
+        self, batch_size: int = 16, lr: float = 1e-3, ceiling: int | None = None, n: int = 384
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.net = torch.nn.Sequential(
@@ -52,7 +55,7 @@ class Blobs(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(*blobs(384)), batch_size=self.hparams.batch_size)
+        return DataLoader(TensorDataset(*blobs(self.hparams.n)), batch_size=self.hparams.batch_size)
 
 
 def _fit(tmp_path, module, callback, epochs=1):
@@ -116,6 +119,62 @@ def test_training_stays_within_the_memory_ceiling_with_exact_accumulation(tmp_pa
     assert callback.micro_batch_size * k == rec.batch_size  # exact: equal micro-batches
     assert set(module.seen[: len(module.seen) // k * k]) == {callback.micro_batch_size}
     assert trainer.global_step == -(-len(module.seen) // k)  # one step per k micro-batches
+
+
+@pytest.fixture(scope="module")
+def race_skipped(tmp_path_factory):
+    """100 samples, too few for the race (by its time or its held-out share) on any machine; the
+    module's SGD lr 3e-3 at batch size 16; the Trainer's max_time set."""
+    torch.manual_seed(0)
+    lines: list[str] = []
+    callback = BatchfitTuner(time_budget=6, max_batch_size=32, seed=0, log=lines.append)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        max_time={"minutes": 5},
+        callbacks=[callback],
+        default_root_dir=tmp_path_factory.mktemp("pl"),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Blobs(lr=3e-3, n=100))
+    return lines, callback.result
+
+
+def test_the_modules_lr_is_the_prior_at_its_batch_size(race_skipped):
+    """The noise probe warms up at the module's lr (3e-3 at 16, scaled linearly for SGD), not at
+    batchfit's SGD default of 0.01 at 32; the range test still measures (not frozen)."""
+    lines, result = race_skipped
+    (line,) = [s for s in lines if s.startswith("noise: warm-up from the initial weights")]
+    match = re.search(r"batch (\d+) = .* lr ([0-9.e+-]+)$", line)
+    assert match, line
+    assert float(match[2]) == pytest.approx(3e-3 * int(match[1]) / 16, rel=1e-2)
+    assert "rule from 0.003 at 16" not in result.recommended.lr_rule
+
+
+def test_the_callback_logs_whether_the_race_ran_and_every_skipped_phase(race_skipped):
+    lines, result = race_skipped
+    assert result.race is None and result.skipped
+    assert any(s.startswith("batchfit: batch size") or "PROVISIONAL" in s for s in lines)
+    (race,) = [s for s in lines if s.startswith("batchfit: race: ")]
+    why = next(s for s in result.skipped if s.startswith("The race"))
+    assert race.startswith("batchfit: race: not run") and race.endswith(why)
+    for skipped in result.skipped:
+        assert f"batchfit: skipped: {skipped}" in lines
+
+
+def test_max_time_not_counting_the_tuning_is_logged(race_skipped):
+    lines, _ = race_skipped
+    (said,) = [s for s in lines if "max_time" in s]
+    assert said.startswith("batchfit: ") and "does not count" in said and "s of tuning" in said
+
+
+def test_without_max_time_nothing_is_said_of_it(tmp_path):
+    lines: list[str] = []
+    _fit(tmp_path, Blobs(n=100), BatchfitTuner(time_budget=4, seed=0, log=lines.append))
+    assert not [s for s in lines if "max_time" in s]
+    assert [s for s in lines if s.startswith("batchfit: race: ")]
 
 
 def _report(tmp_path, **answer):

@@ -707,3 +707,99 @@ def test_out_of_memory_in_sharpness_is_one_line_and_micro_batches_avoid_it():
         "sharpness, or lower 'sharpness_samples'."
     )
     assert out["sharpness"] > 0
+
+
+SLOW_EVAL_MODEL = textwrap.dedent(
+    """
+    import os, time
+    from pathlib import Path
+    from torch import nn
+
+    class SlowEval(nn.Module):
+        '''Each forward in eval mode (the sweep's checks and its first evaluation, before any
+        run trains) leaves a marker and takes 0.5 s: a signal sent then lands outside train().'''
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            if not self.training:
+                Path(os.environ["MARKER"]).touch()
+                time.sleep(0.5)
+            return self.net(x)
+
+    def slow_eval():
+        return SlowEval()
+    """
+)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_before_any_run_trains_is_one_line_saying_what_was_saved_and_how_to_resume(
+    tmp_path, blobs_parquet, sig, code
+):
+    models = tmp_path / "slow_models.py"
+    models.write_text(SLOW_EVAL_MODEL)
+    marker, out = tmp_path / "in-eval", tmp_path / "s"
+    task = ["--model", f"{models}:slow_eval", "--data", str(blobs_parquet), "--target", "y"]
+    args = ["sweep", *task, "--batch-sizes", "8,32", "--steps", "4", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchfit", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**subprocess_env(), "MARKER": str(marker)},
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"finished early: {proc.communicate()}")
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert len(err.strip().splitlines()) == 1, err
+    name = signal.Signals(sig).name
+    assert err.startswith(f"batchfit sweep: Stopped by {name} while preparing the sweep"), err
+    assert "no run had finished, so nothing was saved" in err
+    assert "Resume with: batchfit sweep" in err and err.strip().endswith("--resume")
+
+
+def test_a_signal_while_the_report_is_written_says_every_run_is_saved_and_resume_writes_it(
+    tmp_path, monkeypatch
+):
+    """SIGTERM after the last run, while the sweep concludes: every run is saved, and the one line
+    says so and that --resume writes the report from them. The process's own handler is back
+    afterwards."""
+    import os
+
+    import batchfit.orchestrate.sweep as sweep_module
+    from batchfit.errors import TrainingInterrupted
+
+    class Killed(Exception):
+        """What SIGTERM does to this test's process when the sweep does not handle it."""
+
+    def killed(signum, frame):
+        raise Killed
+
+    conclude = sweep_module._conclude
+
+    def signalled_then_conclude(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return conclude(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "_conclude", signalled_then_conclude)
+    before = signal.signal(signal.SIGTERM, killed)
+    try:
+        with pytest.raises(TrainingInterrupted) as caught:
+            run(batch_sizes=[16, 64], steps=3, eval_points=1, out_dir=tmp_path)
+        assert signal.getsignal(signal.SIGTERM) is killed
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    message = str(caught.value)
+    assert caught.value.signal_name == "SIGTERM" and "\n" not in message
+    assert message.startswith("Stopped by SIGTERM while writing the report")
+    assert f"all 2 finished run(s) are saved in {tmp_path / 'runs'}" in message
+    assert len(list((tmp_path / "runs").glob("b*.json"))) == 2
+    assert not (tmp_path / "sweep.json").exists()

@@ -35,9 +35,9 @@ except ImportError:
         "install it with pip install 'batchfit[hf]'."
     ) from None
 
+from batchfit.integrations.tune_log import log_tune_result
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune import TuneResult, tune
-from batchfit.report.tune_report import headline
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ LABEL_KEYS = ("labels", "label")
 IGNORED_LABEL_KEY = "labels (ignored)"
 #: ``TrainingArguments.optim`` values measured as batchfit's ``sgd``; the rest as ``adamw``.
 SGD_OPTIMIZERS = ("sgd",)
+#: The input that holds token ids, checked against the model's embedding.
+TOKEN_IDS = "input_ids"
 
 
 def _forward_inputs(model: nn.Module, sample: dict[str, Any]) -> tuple[str, ...]:
@@ -76,7 +78,16 @@ class PackedDataset(Dataset):
     ) -> None:
         self.dataset, self.keys = dataset, tuple(keys)
         self.pad_values = pad_values or {}
-        lengths = {len(dataset[i][k]) for i in range(len(dataset)) for k in self.keys}
+        lengths: set[int] = set()
+        #: The largest token id in ``input_ids`` (None without them): checked against the
+        #: model's embedding before anything is measured.
+        self.largest_id: int | None = None
+        for i in range(len(dataset)):  # one pass: a large data set is read once
+            sample = dataset[i]
+            lengths.update(len(sample[k]) for k in self.keys)
+            if TOKEN_IDS in self.keys and len(sample[TOKEN_IDS]):
+                top = int(torch.as_tensor(sample[TOKEN_IDS]).max())
+                self.largest_id = top if self.largest_id is None else max(self.largest_id, top)
         self.length = max(lengths, default=0)
         #: Whether samples differ in length (and are padded to ``length``).
         self.padded = len(lengths) > 1
@@ -146,6 +157,62 @@ def _optimizer_of(args: transformers.TrainingArguments) -> str:
     return "sgd" if optim in SGD_OPTIMIZERS else "adamw"
 
 
+def _with_the_users_lr_as_prior(
+    options: dict[str, Any], args: transformers.TrainingArguments
+) -> None:
+    """The user's ``learning_rate`` as tune's prior (``warmup_lr``), at the batch it was set for
+    (per-device batch x accumulation x devices): the noise probe warms up at it, and when the
+    range test cannot pick an lr, it is the one scaled to the chosen batch and raced around. The
+    range test still measures, so the lr is not frozen; ``lr=`` in the options freezes it
+    instead (scaled by the rule from ``lr_batch_size``), and a ``warmup_lr`` given wins."""
+    if "lr" in options or "warmup_lr" in options:
+        return
+    options["warmup_lr"] = float(args.learning_rate)
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    options.setdefault("lr_batch_size", batch * max(1, args.world_size))
+
+
+def _nonempty(dataset: Any, name: str) -> None:
+    """An empty data set is refused in one line (a Hugging Face one gets ``IndexError`` at [0])."""
+    try:
+        empty = len(dataset) == 0
+    except TypeError:  # no length (a stream): its first sample says the rest
+        return
+    if empty:
+        raise BatchfitError(
+            f"The {name} is empty (0 samples), so there is nothing to measure on; give "
+            f"tuned_arguments the {name} the Trainer uses, with its samples (check the split "
+            "and any filter that built it)."
+        )
+
+
+def _check_token_ids(data: PackedDataset, model: nn.Module, name: str) -> None:
+    """Token ids past the model's embedding, refused in one line before anything is measured
+    (measured, they fail deep in the embedding with an index error)."""
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    size = getattr(embedding, "num_embeddings", None)
+    if size is None or data.largest_id is None or data.largest_id < size:
+        return
+    raise BatchfitError(
+        f"The {name}'s {TOKEN_IDS} go up to {data.largest_id}, but the model's embedding holds "
+        f"{size} tokens (ids 0-{size - 1}); tokenize with the model's own tokenizer, or grow the "
+        f"embedding with model.resize_token_embeddings({data.largest_id + 1})."
+    )
+
+
+def _packed(
+    model: nn.Module, keys: Sequence[str], train_dataset: Any, eval_dataset: Any | None
+) -> tuple[PackedDataset, PackedDataset | None]:
+    """The training and evaluation data packed for tune, their token ids checked."""
+    pads = _pad_values(model)
+    train = PackedDataset(train_dataset, keys, pads)
+    _check_token_ids(train, model, "train_dataset")
+    held_out = None if eval_dataset is None else PackedDataset(eval_dataset, keys, pads)
+    if held_out is not None:
+        _check_token_ids(held_out, model, "eval_dataset")
+    return train, held_out
+
+
 def tuned_arguments(
     model: nn.Module,
     train_dataset: Any,
@@ -175,7 +242,17 @@ def tuned_arguments(
     :func:`batchfit.tune` (e.g. ``lr=`` to scale your own learning rate instead of measuring it,
     ``max_batch_size``, ``out_dir`` for the report). Across several devices the accumulation is
     divided among them (the batch size counts every device's samples).
+
+    ``args.learning_rate`` is tune's prior, at the batch it was set for (per-device batch x
+    accumulation x devices): the noise probe warms up at it, and it is the lr scaled to the
+    chosen batch when the range test cannot pick one; the range test and the race still
+    measure. The log (``log``, default the logger ``batchfit.integrations.hf``: PROVISIONAL,
+    a race not run and skipped phases as warnings) says whether the race ran and every phase
+    cut short or skipped.
     """
+    _nonempty(train_dataset, "train_dataset")
+    if eval_dataset is not None:
+        _nonempty(eval_dataset, "eval_dataset")
     first = train_dataset[0]
     if not isinstance(first, dict):
         raise BatchfitError(
@@ -189,8 +266,8 @@ def tuned_arguments(
     tune_options.setdefault("optimizer", _optimizer_of(args))
     tune_options.setdefault("seed", args.seed)
     tune_options.setdefault("task_name", type(model).__name__)
-    pads = _pad_values(model)
-    train = PackedDataset(train_dataset, keys, pads)
+    _with_the_users_lr_as_prior(tune_options, args)
+    train, held_out = _packed(model, keys, train_dataset, eval_dataset)
     if train.padded:
         say(
             f"batchfit: samples vary in length; measured at the longest, {train.length} tokens, "
@@ -203,7 +280,7 @@ def tuned_arguments(
     result = tune(
         wrapped,
         train,
-        val_data=None if eval_dataset is None else PackedDataset(eval_dataset, keys, pads),
+        val_data=held_out,
         loss=loss,
         log=say,
         **tune_options,
@@ -214,7 +291,5 @@ def tuned_arguments(
     tuned.per_device_train_batch_size = r.micro_batch_size
     tuned.gradient_accumulation_steps = max(1, round(r.accumulation / world))
     tuned.learning_rate = r.lr
-    say(f"batchfit: {headline(result.to_report())}")
-    for line in result.decision:
-        say(f"batchfit: {line}")
+    log_tune_result(result, say, log or logger.warning)
     return tuned, result

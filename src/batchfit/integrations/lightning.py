@@ -26,6 +26,7 @@ names the extra.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 
 try:
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.utilities.parsing import (
         lightning_getattr,
         lightning_hasattr,
@@ -48,6 +50,7 @@ import torch
 from torch import nn
 
 from batchfit.errors import BatchfitError
+from batchfit.integrations.tune_log import PREFIX, log_tune_result
 from batchfit.orchestrate.tune import TuneResult, tune
 from batchfit.orchestrate.tune_result import Recommended
 
@@ -55,6 +58,8 @@ from batchfit.orchestrate.tune_result import Recommended
 _OPTIMIZERS = ((torch.optim.AdamW, "adamw"), (torch.optim.Adam, "adam"), (torch.optim.SGD, "sgd"))
 #: The attributes Lightning's LearningRateFinder looks for, in its order.
 _LR_NAMES = ("lr", "learning_rate")
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingStepLoss(nn.Module):
@@ -93,9 +98,20 @@ class BatchfitTuner(pl.Callback):
     result and :attr:`recommended` its answer.
 
     ``measure_lr``: True (default) measures the learning rate with the batch size, as
-    ``LearningRateFinder`` would; False keeps the learning rate ``configure_optimizers`` gives at
-    your current batch size and scales it to the new one by the optimizer's rule (linear for SGD,
+    ``LearningRateFinder`` would, with the learning rate ``configure_optimizers`` gives at your
+    current batch size as the prior (tune's ``warmup_lr``: the noise probe warms up at it, and it
+    is the one scaled to the chosen batch when the range test cannot pick one); False keeps that
+    learning rate and scales it to the new batch size by the optimizer's rule (linear for SGD,
     square root for the Adam family).
+
+    ``log``: receives tune's progress and, once it has measured, the answer, whether the race ran,
+    each phase cut short or skipped, and PROVISIONAL when the time budget cut measurements short
+    (default: the logger ``batchfit.integrations.lightning``, those as warnings).
+
+    ``Trainer(max_time=...)`` does not count the tuning: Lightning's clock starts when training
+    does, after this callback has measured (up to ``time_budget`` seconds: default 60 on CPU, 300
+    on CUDA), so a fit takes up to that much longer; lower ``max_time`` by the budget to bound the
+    whole fit. With ``max_time`` set, the callback logs how long it tuned.
 
     ``report``: the ``report.json`` of an earlier tune of this model on this machine (from
     ``batchfit tune --out`` or ``tune(out_dir=...)``) to train with its answer without measuring
@@ -110,9 +126,12 @@ class BatchfitTuner(pl.Callback):
         out_dir: str | Path | None = None,
         report: str | Path | None = None,
         measure_lr: bool = True,
+        log: Callable[[str], None] | None = None,
         **tune_options: Any,
     ) -> None:
         super().__init__()
+        #: Not ``self.log``: Lightning sets that to the module's ``log`` on every callback.
+        self.say = log
         self.measure_lr = measure_lr
         self.report = Path(report) if report is not None else None
         self.loss = loss
@@ -147,9 +166,24 @@ class BatchfitTuner(pl.Callback):
             self.result = self._tune(trainer, pl_module, source.dataloader().dataset)
             self.recommended = self.result.recommended
         self._apply(trainer, pl_module, self.recommended)
+        if self.result is not None and trainer.is_global_zero:
+            log_tune_result(self.result, self.say or logger.info, self.say or logger.warning)
+            self._say_max_time(trainer, self.result.seconds)
+
+    def _say_max_time(self, trainer: pl.Trainer, seconds: float) -> None:
+        """With ``max_time`` set, that it does not count the tuning (its clock starts with
+        training, after this callback's ``on_fit_start``)."""
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining() is None:
+            return
+        (self.say or logger.info)(
+            f"{PREFIX}Trainer max_time does not count the {seconds:.1f} s of tuning: its clock "
+            "starts when training does, after this callback; lower max_time by that much to "
+            "bound the whole fit."
+        )
 
     def _tune(self, trainer: pl.Trainer, module: pl.LightningModule, dataset: Any) -> TuneResult:
-        options = {**self._optimizer_options(module), **self.tune_options}
+        options = {**self._optimizer_options(module), **self.tune_options, "log": self._progress}
         options.setdefault("task_name", type(module).__name__)
         options.setdefault("out_dir", self.out_dir or _report_dir(trainer))
         if self.loss is not None:
@@ -163,9 +197,14 @@ class BatchfitTuner(pl.Callback):
         finally:
             module.trainer = trainer  # at fit start the module is attached to this trainer
 
+    def _progress(self, line: str) -> None:
+        """tune's progress lines: to ``log``, else the module's logger (read at the time)."""
+        (self.say or logger.info)(line)
+
     def _optimizer_options(self, module: pl.LightningModule) -> dict[str, Any]:
-        """The optimizer family, and without ``measure_lr`` its learning rate at the current batch
-        size (for tune to scale by the family's rule instead of measuring one)."""
+        """The optimizer family and its learning rate at the current batch size: with
+        ``measure_lr`` the prior (``warmup_lr``), unless ``lr`` or ``warmup_lr`` was given;
+        without, the lr tune scales by the family's rule instead of measuring one."""
         if "optimizer" in self.tune_options:
             return {}
         optimizer = _first_optimizer(module.configure_optimizers())
@@ -175,13 +214,13 @@ class BatchfitTuner(pl.Callback):
                 f"configure_optimizers gives a {type(optimizer).__name__}, which tune does not "
                 "measure; give BatchfitTuner optimizer='adam', 'adamw' or 'sgd' (the closest)."
             )
+        lr = float(optimizer.param_groups[0]["lr"])
+        batch_size = int(lightning_getattr(module, self.batch_arg_name))
         if self.measure_lr:
-            return {"optimizer": name}
-        return {
-            "optimizer": name,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "lr_batch_size": int(lightning_getattr(module, self.batch_arg_name)),
-        }
+            if {"lr", "warmup_lr"} & set(self.tune_options):  # the user's own: theirs alone
+                return {"optimizer": name}
+            return {"optimizer": name, "warmup_lr": lr, "lr_batch_size": batch_size}
+        return {"optimizer": name, "lr": lr, "lr_batch_size": batch_size}
 
     def _apply(self, trainer: pl.Trainer, module: pl.LightningModule, rec: Recommended) -> None:
         accumulation = _exact_accumulation(rec.batch_size, rec.micro_batch_size, rec.accumulation)

@@ -53,6 +53,11 @@ from batchfit.orchestrate.sweep_setup import (
     describe_budget,
     prepare,
 )
+from batchfit.orchestrate.sweep_signals import (
+    signals_stop_the_sweep,
+    stopped_after_runs,
+    stopped_before_runs,
+)
 from batchfit.progress import TrainProgress
 from batchfit.report.sweep_report import write_report
 
@@ -143,15 +148,22 @@ def sweep(
     options = optimizer_options(options, ("lr", "momentum", "weight_decay"))  # a class, a factory
     config = SweepConfig.build(config, **options)
     started = time.perf_counter()
-    # setup: check every input, then measure the start all runs share
-    setup = prepare(model, data, val_data, loss, config)
-    plans = plan_runs(setup)
-    bar = TrainProgress(config.progress)
-    _announce(bar, setup)
-    # run all: each run trains, evaluates, measures sharpness and is saved (resume reads it back)
-    done = run_all(model, setup, plans, bar, on_run)
-    # conclude: a summary per size, the target, the verdict and the report
-    return _conclude(setup, plans, done, time.perf_counter() - started)
+    with signals_stop_the_sweep():  # a signal in any phase says what was saved (sweep_signals)
+        # setup: check every input, then measure the start all runs share
+        try:
+            setup = prepare(model, data, val_data, loss, config)
+            plans = plan_runs(setup)
+            bar = TrainProgress(config.progress)
+            _announce(bar, setup)
+        except KeyboardInterrupt as exc:
+            raise stopped_before_runs(exc) from None
+        # run all: each run trains, evaluates, measures sharpness and is saved (resume reads it)
+        done = run_all(model, setup, plans, bar, on_run)
+        # conclude: a summary per size, the target, the verdict and the report
+        try:
+            return _conclude(setup, plans, done, time.perf_counter() - started)
+        except KeyboardInterrupt as exc:
+            raise stopped_after_runs(exc, done.saved, setup.runs_dir) from None
 
 
 def _announce(bar: TrainProgress, setup: SweepSetup) -> None:

@@ -5,7 +5,8 @@ sits above it; this module joins the two (``batchfit.train`` and ``batchfit trai
 The choice must survive a resume: a second tune could choose another batch size (timings vary from
 run to run), and the checkpoint's batch size and lr would then not match. So a run with a
 checkpoint folder saves the choice there (``auto.json``, written atomically), and a resumed run
-reads it back instead of tuning again. With ``out_dir``, tune's report goes beside the run's
+reads it back instead of tuning again; one stopped while tuning (no ``auto.json`` and no
+checkpoint: nothing was trained) tunes again. With ``out_dir``, tune's report goes beside the run's
 metrics (``tune.json``, the ``report.json`` object, and ``tune.md``).
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from batchfit.checkpoint import checkpoint_path
 from batchfit.core.configs import TrainConfig, TuneConfig
 from batchfit.core.options import opt, opt_value
 from batchfit.errors import BatchfitError, users_frames_only
@@ -38,6 +40,8 @@ AUTO = "auto"
 AUTO_FILE = "auto.json"
 #: Tune's report beside the run's metrics in ``out_dir``.
 TUNE_JSON, TUNE_MARKDOWN = "tune.json", "tune.md"
+#: The section of tune's report.md that an auto run replaces (see :func:`_auto_markdown`).
+REPRODUCE_HEADING = "## Reproduce\n"
 
 Log = Callable[[str], None]
 
@@ -121,6 +125,12 @@ def _tune_then_train(
         return train_batches(model, data, config=config, **run)
     say = log or (_to_stderr if config.progress else (lambda _: None))
     check_output_paths(config)  # a folder that cannot be used fails now, not after tuning
+    if config.resume and _stopped_before_training(config):  # nothing to resume: tune it
+        say(
+            f"resuming an auto run that stopped before it trained (no {AUTO_FILE} and no "
+            f"checkpoint in '{config.checkpoint_dir}'): nothing was trained, so tuning again"
+        )
+        config = replace(config, resume=False)
     if config.resume:
         choice, tuned = _saved_choice(config), None
         say(
@@ -191,7 +201,50 @@ def _save(choice: AutoChoice, tuned: TuneResult, config: TrainConfig) -> None:
     if config.out_dir is not None:
         report = tuned.to_report()
         write_json(Path(config.out_dir) / TUNE_JSON, report)
-        write_text(Path(config.out_dir) / TUNE_MARKDOWN, render_markdown(report))
+        write_text(Path(config.out_dir) / TUNE_MARKDOWN, _auto_markdown(report, choice, config))
+
+
+def _auto_markdown(report: dict[str, Any], choice: AutoChoice, config: TrainConfig) -> str:
+    """tune's ``report.md`` with its closing "Reproduce" section (a train command to copy)
+    replaced by what this run does with the answer: it trains with it already, and a resume
+    reads it back."""
+    text = render_markdown(report)
+    closing = "\n".join(_trained_with(choice, config)) + "\n"
+    start = text.find(REPRODUCE_HEADING)
+    if start < 0:
+        return text + "\n" + closing
+    end = text.find("\n## ", start + len(REPRODUCE_HEADING))
+    return text[:start] + closing + (text[end + 1 :] if end >= 0 else "")
+
+
+def _trained_with(choice: AutoChoice, config: TrainConfig) -> list[str]:
+    """The auto run's closing section: what it trains with, and how it continues."""
+    if config.checkpoint_dir is not None:
+        folder = str(config.checkpoint_dir)
+        after = (
+            f"To continue it after a stop, give the same command with {opt('resume')} (and "
+            f"{opt_value('checkpoint_dir', folder)}): it reads this choice back from "
+            f"{AUTO_FILE} there instead of tuning again."
+        )
+    else:
+        after = (
+            f"Without {opt('checkpoint_dir')} it cannot be resumed; give one to save checkpoints "
+            f"and this choice ({AUTO_FILE}) for {opt('resume')}."
+        )
+    return [
+        "## Trained with it",
+        "",
+        f"This run ({opt_value('batch_size', AUTO)}) tuned first and trains with this answer: "
+        f"batch size {choice.batch_size} (micro-batch {choice.micro_batch_size}), lr "
+        f"{choice.lr:.3g}, {choice.optimizer}. {after}",
+    ]
+
+
+def _stopped_before_training(config: TrainConfig) -> bool:
+    """Whether the run being resumed saved neither its choice nor a checkpoint: it was stopped
+    while tuning (the choice is saved before the first step), so nothing was trained."""
+    folder = Path(config.checkpoint_dir)
+    return not (folder / AUTO_FILE).exists() and not checkpoint_path(folder).exists()
 
 
 def _saved_choice(config: TrainConfig) -> AutoChoice:
@@ -200,7 +253,7 @@ def _saved_choice(config: TrainConfig) -> AutoChoice:
     try:
         saved = json.loads(path.read_text())
         return AutoChoice(**{f.name: saved[f.name] for f in fields(AutoChoice)})
-    except FileNotFoundError:
+    except FileNotFoundError:  # with a checkpoint: that run trained with its own batch size
         why = "which is not there (that run did not choose its batch size by tune)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         why = f"which cannot be read ({type(exc).__name__}: {exc})"
