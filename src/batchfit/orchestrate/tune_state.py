@@ -78,6 +78,8 @@ class LearningRates:
     (0.02, 'adam, sqrt rule from 0.01 at 16')
     >>> LearningRates.of(TuneConfig.build(optimizer="sgd")).came_from()
     'sgd, linear rule from the default 0.01 at 32'
+    >>> LearningRates.of(TuneConfig.build(warmup_lr=5e-5, lr_batch_size=64)).came_from()
+    'adam, sqrt rule from your prior 5e-05 at 64'
     """
 
     optimizer: str
@@ -86,6 +88,7 @@ class LearningRates:
     given: float | None
     fallback: float
     warmup: float
+    fallback_is_prior: bool = False
 
     @classmethod
     def of(cls, config: TuneConfig) -> LearningRates:
@@ -97,6 +100,7 @@ class LearningRates:
             given=config.lr,
             fallback=fallback,
             warmup=config.warmup_lr or config.lr or fallback,
+            fallback_is_prior=config.warmup_lr is not None,
         )
 
     @property
@@ -118,7 +122,8 @@ class LearningRates:
         """Where a learning rate came from, in words (``Recommended.lr_rule``): what chose it
         (``chosen_by``: the range test, the race), else the rule of :meth:`at`."""
         if chosen_by is None:
-            base = f"{self.given:g}" if self.given is not None else f"the default {self.fallback:g}"
+            source = "your prior" if self.fallback_is_prior else "the default"
+            base = f"{self.given:g}" if self.given is not None else f"{source} {self.fallback:g}"
             chosen_by = f"{self.scaling} rule from {base} at {self.batch_size}"
         return f"{self.optimizer}, {chosen_by}"
 
