@@ -18,6 +18,16 @@ def blobs(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def busy(seconds: float) -> None:
+    """Compute for ``seconds`` of the time budget's clock: a slow step that every budget clock
+    counts (the suite's CPU clock does not count a sleep)."""
+    from batchfit.core import budget_clock
+
+    end = budget_clock.now() + seconds
+    while budget_clock.now() < end:
+        pass
+
+
 def subprocess_env() -> dict[str, str]:
     """The environment for child processes: one torch thread each.
 

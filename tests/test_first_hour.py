@@ -4,6 +4,8 @@ README's quick start runs as written."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import blobs, run_cli
+from helpers import blobs, run_cli, subprocess_env
 
 
 def test_cli_train_saves_the_final_weights_in_out_loadable_weights_only(tmp_path):
@@ -269,3 +271,20 @@ def test_a_progress_line_longer_than_the_console_stays_one_line_when_piped(tmp_p
     )
     lines = [line for line in proc.stderr.splitlines() if line]
     assert lines == ["Training on " + "x" * 300 + " done"]
+
+
+def test_the_budget_clock_starts_at_batchfits_first_line_not_when_bash_began(tmp_path, wall_clock):
+    # bash runs the last command of `bash -c` in its own process, created before the sleep: a
+    # budget counted from the process's creation was all spent on the sleep and refused
+    python = shlex.quote(sys.executable)
+    command = f"sleep 6 && {python} -m batchfit tune --example linreg --time-budget 4 --json"
+    done = subprocess.run(
+        ["bash", "-c", command + f" --out {shlex.quote(str(tmp_path))}"],
+        capture_output=True, text=True, timeout=120, env=subprocess_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["memory"]["max_micro_batch_size"] >= 1 and report["throughput"]  # it measured
+    for line in report["decision"]:  # start-up alone may have been long (a busy machine)
+        took = re.match(r"Start-up \(importing torch, loading the data\) took ([\d.]+) s", line)
+        assert took is None or float(took.group(1)) < 6, line

@@ -17,12 +17,11 @@ import contextlib
 import os
 import shlex
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from batchfit.core import options
+from batchfit.core import budget_clock, options
 from batchfit.core.options import OPTIONS
 from batchfit.errors import (
     BatchfitError,
@@ -362,26 +361,12 @@ def _say(message: str) -> None:
     print(f"batchfit train: {message}", file=sys.stderr, flush=True)
 
 
-def _process_started() -> float:
-    """When the time budget starts: at the process start when this process is the ``batchfit``
-    command (so that importing torch and loading data count), else now (called from Python)."""
-    import psutil
-
-    # `python -m pytest` also runs a __main__.py: only batchfit's own counts.
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if os.path.basename(sys.argv[0]) == "batchfit" or getattr(spec, "name", "") == (
-        "batchfit.__main__"
-    ):
-        return psutil.Process().create_time()
-    return time.time()
-
-
 def _cmd_tune(args: argparse.Namespace) -> int:
     from batchfit.core.configs import TuneConfig
     from batchfit.orchestrate.tune import tune
     from batchfit.progress import console
 
-    started = _process_started()
+    started = args.started
     task = _load_task(args)
     model, warmup_lr = task.model_and_lr(args.seed, args.optimizer, args.lr)
     values = {**vars(args), "warmup_lr": warmup_lr, "task_name": task.name}
@@ -390,7 +375,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     def log(message: str) -> None:
         if args.progress:
-            console().print(f"[{time.time() - started:5.1f}s] {message}", markup=False)
+            console().print(f"[{budget_clock.now() - started:5.1f}s] {message}", markup=False)
 
     try:
         result = tune(model, task.train, val_data=task.val, loss=task.loss, log=log, config=config)
@@ -400,7 +385,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(to_json(report))
         return 0
-    _print_tune(args, result, report, time.time() - started)
+    _print_tune(args, result, report, budget_clock.now() - started)
     return 0
 
 
@@ -762,7 +747,11 @@ COMMANDS: dict[str, Command] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (2 for bad input)."""
+    """Run the command line; return the exit status (2 for bad input). tune's time budget
+    counts from here, batchfit's own first line (importing torch and loading the data count),
+    never from when the process was created: ``bash -c '...; batchfit tune'`` runs it in the
+    shell's own process."""
+    started = budget_clock.now()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -771,6 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
+    args.started = started
     try:
         with options.named_as_flags(_message_flags(args.command)):
             return args.run(args)

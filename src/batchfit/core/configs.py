@@ -132,7 +132,8 @@ class TuneConfig(Config):
     #: The command line's task options (``--model M --data D ...``) for the report's train command;
     #: None when tune was called from Python.
     task_options: tuple[str, ...] | None = None
-    #: When the time budget started (a ``time.time()``; None: when tune is called).
+    #: When the time budget started (a :func:`batchfit.core.budget_clock.now` reading; None: when
+    #: tune is called).
     budget_started: float | None = None
 
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from batchfit.core import budget_clock
 from batchfit.core.configs import TuneConfig
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
 from batchfit.distributed import is_main, place, rank, world_size
@@ -107,8 +108,10 @@ def tune(
       memory now plus half the available RAM), on CUDA for the device (default: its memory).
     - ``max_batch_size``: the largest batch size to consider (default: the data set size).
     - ``time_budget`` (seconds, default 60 on CPU, 300 on CUDA): the whole run, counted from
-      ``budget_started`` (a ``time.time()``, default now); one that leaves under 2 s to measure
-      is refused.
+      ``budget_started`` (a :func:`~batchfit.core.budget_clock.now` reading, default now). One
+      that leaves under 2 s to measure even without start-up is refused; one that start-up
+      (importing torch, loading the data) left too little of counts from the end of start-up,
+      with a note.
     - ``out_dir``: write the report there (checked before measuring). The new report replaces an
       earlier run's at the end; an interrupted run leaves the earlier one, a failed one removes it.
     - ``headroom``, ``device``, ``seed``, ``task_name``: memory kept free, where to measure, the
@@ -144,7 +147,9 @@ def tune(
 def _tune_on_ranks(inputs: _Inputs) -> TuneResult:
     """:func:`tune` under torchrun: every rank's memory ceiling (the minimum wins) and the joint
     noise probe on every rank, then the rest on rank 0 (:mod:`~batchfit.orchestrate.tune_ranks`)."""
-    config = replace(inputs.config, budget_started=inputs.config.budget_started or time.time())
+    config = replace(
+        inputs.config, budget_started=inputs.config.budget_started or budget_clock.now()
+    )
     inputs = replace(inputs, config=config)
     wait_s = 3 * (config.time_budget or 300) + 300
     try:
@@ -212,7 +217,7 @@ def _new_run(inputs: _Inputs, spent: tuple[str, ...] = ()) -> TuneRun:
     ``budget_started``; the phases ``spent`` ran before this run, and a run after them is not
     checked for time left to measure)."""
     config = inputs.config
-    budget_started = time.time() if config.budget_started is None else config.budget_started
+    budget_started = budget_clock.now() if config.budget_started is None else config.budget_started
     source = as_source(inputs.data, seed=config.seed)
     device = place(resolve_device(config.device))
     return TuneRun(
@@ -285,6 +290,8 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     optimizer = _checked_optimizer(run)
     budget = f"time budget {run.budget.total:g} s"
     run.log(f"tune: {run.config.task_name}, {run.source.describe()}; {budget}")
+    if run.budget.note:
+        run.log(f"note: {run.budget.note}")
     # Timings on a shared or oversubscribed CPU are slow alike and say nothing: look first.
     machine = check_machine(model_device(run.model))
     for warning in machine.warnings:
@@ -305,6 +312,7 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     failures = [f for phase in phases.values() for f in phase.failures]
     fit = fit_step_time(throughput.pairs())
     why = [f"Warning: {w}" for w in machine.warnings]
+    why += [run.budget.note] if run.budget.note else []
     why += decision(
         memory, noise, choice, prior.lr, prior.lr_rule, lr_range, fit, failures, bool(raced)
     ) + race_lines(raced, prior)

@@ -6,15 +6,18 @@ budget alone hands out their shares: a phase spent before this run (under torchr
 noise measured by every rank together) has none left, and a phase that will not run (the range
 test, when the lr is given) stops counting once the phase before it begins, so its time goes to
 that phase and the ones after it (the noise probe and the race). Time for writing the report is
-kept back. A budget that start-up (importing torch, loading the data) and the report leave too
-little of is refused before any measuring.
+kept back. The budget counts on :mod:`~batchfit.core.budget_clock` (wall seconds by default).
+
+A budget that leaves too little to measure even without start-up is refused before anything is
+measured. One that start-up (importing torch, loading the data) ate into, after the user already
+waited for it, is not refused: it counts from the end of start-up instead, and says so.
 
 Examples:
-    >>> import time
-    >>> budget = TimeBudget(100.0, started=time.time(), reserve=0.0)
+    >>> budget = TimeBudget(100.0, started=budget_clock.now(), reserve=0.0)
     >>> round(budget.phase("memory").remaining())  # its share of what is left
     10
-    >>> later = TimeBudget(100.0, time.time(), 0.0, spent=("memory", "noise"), skipped=("lr",))
+    >>> now = budget_clock.now()
+    >>> later = TimeBudget(100.0, now, 0.0, spent=("memory", "noise"), skipped=("lr",))
     >>> round(later.phase("throughput").remaining())  # its share against the race's
     23
 """
@@ -22,9 +25,9 @@ Examples:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 
+from batchfit.core import budget_clock
 from batchfit.core.options import default_of, opt_value
 from batchfit.errors import BatchfitError
 from batchfit.probe.harness import Deadline
@@ -39,8 +42,9 @@ MIN_MEASURE_S = 2.0
 
 class TimeBudget:
     """Hands each phase its share of the time that is left, counted from ``started`` (a
-    ``time.time()``), less ``reserve`` seconds kept for the report. The phases in ``spent`` ran
-    before this run; those in ``skipped`` will not run (see the module's docstring)."""
+    :func:`~batchfit.core.budget_clock.now` reading), less ``reserve`` seconds kept for the
+    report. The phases in ``spent`` ran before this run; those in ``skipped`` will not run (see
+    the module's docstring). ``note`` says why the budget counts from later than asked."""
 
     def __init__(
         self,
@@ -50,8 +54,10 @@ class TimeBudget:
         *,
         spent: Sequence[str] = (),
         skipped: Sequence[str] = (),
+        note: str | None = None,
     ) -> None:
         self.total = seconds
+        self.note = note
         self.end = started + seconds
         self.reserve = reserve
         self.skipped = frozenset(skipped)
@@ -71,17 +77,20 @@ class TimeBudget:
         skipped: Sequence[str] = (),
     ) -> TimeBudget:
         """The budget of a run: ``time_budget`` seconds (default per device type), with time kept
-        for the report when one is written; refused when too little is left to measure, unless
-        phases were ``spent`` already (measuring began: under torchrun, on every rank)."""
+        for the report when one is written. Unless phases were ``spent`` already (measuring
+        began: under torchrun, on every rank), one too short to measure is refused, and one that
+        start-up left too little of counts from now (see the module's docstring)."""
         device = "cuda" if device_type == "cuda" else "cpu"
         seconds = time_budget or default_of("time_budget", device=device)
         reserve = min(REPORT_RESERVE_S, 0.15 * seconds) if writes_report else 0.0
+        note = None
         if not spent:
-            check_budget_left(seconds, started, reserve)
-        return cls(seconds, started, reserve, spent=spent, skipped=skipped)
+            check_budget_left(seconds, reserve)
+            started, note = _after_start_up(seconds, started, reserve)
+        return cls(seconds, started, reserve, spent=spent, skipped=skipped, note=note)
 
     def remaining(self) -> float:
-        return self.end - time.time() - self.reserve
+        return self.end - budget_clock.now() - self.reserve
 
     def phase(self, name: str) -> Deadline:
         """The deadline of phase ``name``: its share of the time left, against the shares of the
@@ -102,24 +111,33 @@ class TimeBudget:
         return share
 
 
-def check_budget_left(budget_s: float, started: float, reserve: float) -> None:
-    """Refuse a budget that start-up already used (importing torch, loading data) or that leaves
-    too little to measure anything; the message names the smallest budget that would do."""
-    startup = max(time.time() - started, 0.0)
-    left = budget_s - startup - reserve
+def check_budget_left(budget_s: float, reserve: float) -> None:
+    """Refuse a budget too short to measure anything even if start-up took no time; the message
+    names the smallest budget that would do."""
+    left = budget_s - reserve
     if left >= MIN_MEASURE_S:
         return
     need = math.ceil(budget_s)
-    while need - startup - (min(REPORT_RESERVE_S, 0.15 * need) if reserve else 0) < MIN_MEASURE_S:
+    while need - (min(REPORT_RESERVE_S, 0.15 * need) if reserve else 0) < MIN_MEASURE_S:
         need += 1
-    spent = []
-    if startup >= 0.05:
-        spent.append(f"start-up took {startup:.1f} s (importing torch, loading the data)")
-    if reserve:
-        spent.append(f"{reserve:.1f} s are kept for writing the report")
+    kept = f": {reserve:.1f} s are kept for writing the report" if reserve else ""
     raise BatchfitError(
-        f"The time budget of {budget_s:g} s leaves {max(left, 0.0):.1f} s to measure"
-        + (f": {' and '.join(spent)}" if spent else "")
-        + f"; tuning needs at least {MIN_MEASURE_S:g} s. Give {opt_value('time_budget', need)} "
+        f"The time budget of {budget_s:g} s leaves {max(left, 0.0):.1f} s to measure{kept}; "
+        f"tuning needs at least {MIN_MEASURE_S:g} s. Give {opt_value('time_budget', need)} "
         f"or more (default {default_of('time_budget', device='cpu'):g} on CPU)."
+    )
+
+
+def _after_start_up(budget_s: float, started: float, reserve: float) -> tuple[float, str | None]:
+    """When the budget counts from: ``started``, or now with a note when start-up (importing
+    torch, loading the data) left under :data:`MIN_MEASURE_S` to measure. The user has waited for
+    start-up already; refusing then would waste that wait."""
+    now = budget_clock.now()
+    startup = max(now - started, 0.0)
+    if budget_s - startup - reserve >= MIN_MEASURE_S:
+        return started, None
+    return now, (
+        f"Start-up (importing torch, loading the data) took {startup:.1f} s of the "
+        f"{budget_s:g} s time budget, leaving too little to measure; the budget counts from the "
+        f"end of start-up instead, so this run takes about {startup + budget_s:.0f} s."
     )

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from batchfit.core import budget_clock
 from batchfit.core.accounting import balanced_split
 from batchfit.data.source import Batch, BatchSource
 from batchfit.errors import BatchfitError
@@ -114,17 +114,18 @@ def cycle_batches(
 
 
 class Deadline:
-    """A point in time (``seconds`` from now; ``None``: never) that probes check between trials.
+    """A point in time (``seconds`` from now; ``None``: never) that probes check between trials,
+    on the budget's clock (:mod:`~batchfit.core.budget_clock`).
 
     >>> Deadline(None).remaining()
     inf
     """
 
     def __init__(self, seconds: float | None) -> None:
-        self.at = math.inf if seconds is None else time.perf_counter() + max(seconds, 0.0)
+        self.at = math.inf if seconds is None else budget_clock.now() + max(seconds, 0.0)
 
     def remaining(self) -> float:
-        return self.at - time.perf_counter()
+        return self.at - budget_clock.now()
 
     def expired(self) -> bool:
         return self.remaining() <= 0

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchfit.core import options
+from batchfit.core import budget_clock, options
 from batchfit.core.noise_estimator import NoiseScale, estimate_noise_scale, expected_relative_error
 from batchfit.core.options import opt
 from batchfit.data.source import BatchSource
@@ -69,6 +69,8 @@ WINDOW = 8
 DIVERGED_FACTOR = 10.0
 #: ... or when its recent mean ends above the initial loss by this share.
 ROSE_BY = 0.1
+
+
 def measured_step(
     model: nn.Module,
     loss_fn: LossFn,
@@ -276,9 +278,7 @@ class Readings:
     losses: tuple[float, ...] = ()
 
     def add(self, small_sq: float, big_sq: float, loss: float) -> Readings:
-        return Readings(
-            (*self.small_sq, small_sq), (*self.big_sq, big_sq), (*self.losses, loss)
-        )
+        return Readings((*self.small_sq, small_sq), (*self.big_sq, big_sq), (*self.losses, loss))
 
     def estimate(
         self, start: int, stop: int, settings: NoiseSettings, num_samples: int | None
@@ -397,7 +397,7 @@ def train_and_read(
     half_time = deadline.remaining() / 2
     # Leave time for the gradient-error curve after the warm-up run.
     run_deadline = Deadline(deadline.remaining() * (0.8 if settings.gradient_error_sizes else 1.0))
-    started = time.perf_counter()
+    started, clock_started = time.perf_counter(), budget_clock.now()
     readings, warmup_end, stopped_by, notes = state.readings, state.warmup_end, "steps", state.notes
     for done in range(1, settings.max_steps + 1):
         small_sq, big_sq, loss = step()
@@ -412,7 +412,7 @@ def train_and_read(
         readings = readings.add(small_sq, big_sq, loss)
         if warmup_end is None and done >= 2 * WINDOW:
             halfway = (
-                done >= settings.max_steps // 2 or time.perf_counter() - started >= half_time
+                done >= settings.max_steps // 2 or budget_clock.now() - clock_started >= half_time
             )
             ended = _end_of_warm_up(readings.losses, loss_start, halfway)
             if ended is not None:
