@@ -25,12 +25,14 @@ def log_tune_result(result: TuneResult, info: Log, warn: Log) -> None:
     each skipped phase, then the decision's reasons."""
     cut = result.provisional
     (warn if cut else info)(PREFIX + headline(result.to_report()))
-    if cut:
+    if result.batch_size_choice.provisional:
         reasons = "; ".join(result.batch_size_choice.provisional)
         warn(
             f"{PREFIX}PROVISIONAL: measurements cut short left larger batch sizes unjudged "
             f"({reasons}); a larger {opt('time_budget')} settles them."
         )
+    elif cut:
+        warn(f"{PREFIX}PROVISIONAL: the race did not run, so nothing confirmed the prediction.")
     say_race, line = race_line(result)
     (info if say_race else warn)(PREFIX + line)
     for skipped in result.skipped:

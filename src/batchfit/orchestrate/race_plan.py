@@ -6,7 +6,7 @@ a race, :mod:`batchfit.probe.race` runs it and :mod:`batchfit.core.race` judges 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 #: Wall seconds a lane takes per training second (its held-out evaluations, data loading),
 #: measured at about 1.3-1.4 on small CPU models; to plan the race before it runs.
@@ -75,3 +75,41 @@ def first_horizon(
     """
     units = lanes + sizes + 6 * sizes * growth
     return max(seconds / (units * WALL_PER_TRAINING_SECOND), MIN_STEPS * max(step_seconds))
+
+
+def shrunk_to_fit(
+    sizes: Sequence[int],
+    rates: int,
+    step_seconds: Mapping[int, float],
+    seconds: float,
+    keep: int,
+    growth: float = 3.0,
+) -> tuple[list[int], int, float] | None:
+    """``(sizes, learning rates per size, screening horizon)`` of the largest race whose
+    screening round fits in ``seconds``, or None when not even ``keep`` (the prediction) with one
+    learning rate fits. A race that does not fit is shrunk rather than skipped, since a small race
+    still checks the prediction: first to the middle three learning rates, then without the
+    slowest batch sizes (never ``keep``), then to one learning rate.
+
+    >>> times = {64: 0.01, 128: 0.02, 256: 0.04, 512: 0.08}
+    >>> shrunk_to_fit([64, 128, 256, 512], 5, times, 60.0, keep=128)[:2]
+    ([64, 128, 256, 512], 5)
+    >>> shrunk_to_fit([64, 128, 256, 512], 5, times, 12.0, keep=128)[:2]
+    ([64, 128, 256], 3)
+    >>> shrunk_to_fit([64, 128, 256, 512], 5, times, 0.1, keep=128) is None
+    True
+    """
+    counts = sorted({rates, min(rates, 3), 1}, reverse=True)
+    for count in counts:
+        kept = sorted(sizes)
+        while kept:
+            lanes = len(kept) * count
+            times = [step_seconds[s] for s in kept]
+            horizon = first_horizon(0.8 * seconds, times, lanes, len(kept), growth)
+            if horizon * lanes * WALL_PER_TRAINING_SECOND <= seconds:
+                return kept, count, horizon
+            others = [s for s in kept if s != keep]
+            if not others or (count == rates and len(counts) > 1):
+                break  # all the learning rates only with all the sizes
+            kept.remove(max(others, key=lambda s: (step_seconds[s], s)))
+    return None

@@ -12,6 +12,8 @@ which the race then does not train on.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from batchfit.core.accounting import split_batch
 from batchfit.core.lr_scaling import scale_lr
 from batchfit.core.options import opt
@@ -115,14 +117,20 @@ def race_phase(
         knee=_knee(throughput),
     )
     times = step_seconds(throughput, list(grid), ceiling)
-    lanes = sum(len(c) for c in grid.values())
-    horizon = race_plan.first_horizon(
-        0.8 * deadline.remaining(), list(times.values()), lanes, len(grid), growth=GROWTH
+    rates = max(len(c) for c in grid.values())
+    fits = race_plan.shrunk_to_fit(
+        list(grid), rates, times, deadline.remaining(), choice.batch_size, growth=GROWTH
     )
-    if horizon * lanes * race_plan.WALL_PER_TRAINING_SECOND > deadline.remaining():
+    if fits is None:
         return _not_run(
-            "even its screening round does not fit in the time left; give a larger time budget"
+            f"not even a screening round of batch size {choice.batch_size} fits in the "
+            f"{max(deadline.remaining(), 0):.1f} s left; a larger {opt('time_budget')} races it"
         )
+    sizes, count, horizon = fits
+    shrunk = _shrunk_note(grid, sizes, count, rates)
+    grid = {size: _middle(grid[size], count) for size in sizes}
+    times = {size: times[size] for size in sizes}
+    lanes = sum(len(c) for c in grid.values())
     run.log(
         f"race: {lanes} runs of {horizon:.2g} s of training from the initial weights, batch "
         f"sizes {', '.join(map(str, grid))}; held-out loss on {held_out.num_samples} samples"
@@ -135,11 +143,34 @@ def race_phase(
         seed=run.config.seed,
         lr_power={"linear": 1.0, "sqrt": 0.5, "none": 0.0}[run.lr.scaling],
     )
-    return run.unless_it_fails(
+    raced = run.unless_it_fails(
         "The race",
         lambda: race(
             run.model, train, held_out, run.loss, settings, deadline=deadline, log=run.log
         ),
+    )
+    return raced if shrunk is None else replace(raced, notes=(shrunk, *raced.notes))
+
+
+def _middle(lrs: list[Contender], count: int) -> list[Contender]:
+    """The ``count`` learning rates in the middle of a size's grid (around its centre)."""
+    start = (len(lrs) - count) // 2
+    return lrs[start : start + count]
+
+
+def _shrunk_note(
+    grid: dict[int, list[Contender]], sizes: list[int], count: int, rates: int
+) -> str | None:
+    """What a race shrunk to fit the time left leaves out (None when nothing was)."""
+    dropped = [size for size in grid if size not in sizes]
+    if not dropped and count == rates:
+        return None
+    parts = [f"batch sizes {', '.join(map(str, dropped))} not raced"] if dropped else []
+    if count < rates:
+        parts.append(f"{count} of {rates} learning rates per size")
+    return (
+        "The race was shrunk to fit the time left (" + "; ".join(parts) + f"); a larger "
+        f"{opt('time_budget')} races them all."
     )
 
 

@@ -13,6 +13,7 @@ from batchfit.probe.memory import MemoryCeiling
 from batchfit.probe.noise import NoiseMeasurement
 from batchfit.probe.race import RaceResult
 from batchfit.probe.throughput import Throughput
+from batchfit.report.tune_json import provisional_reasons
 from batchfit.report.tune_report import build_report
 
 
@@ -62,8 +63,17 @@ class TuneResult:
 
     @property
     def provisional(self) -> bool:
-        """True when measurements cut short left larger batch sizes unjudged."""
-        return bool(self.batch_size_choice.provisional)
+        """True when measurements cut short left larger batch sizes unjudged, or when the race did
+        not run (nothing trained the prediction): :attr:`provisional_reasons` says which."""
+        return bool(self.provisional_reasons)
+
+    @property
+    def provisional_reasons(self) -> list[str]:
+        """Why the answer is provisional (empty when it is not); report.json's
+        ``recommended.provisional``."""
+        return provisional_reasons(
+            self.batch_size_choice.provisional, self.race is not None, self.skipped
+        )
 
     def to_report(self) -> dict[str, Any]:
         """``report.json``: the object written to disk, or built now when none was written."""

@@ -137,6 +137,11 @@ def lr_range_test(
             f"{opt('time_budget')} or {opt('lr')}."
         )
     at_min, pick, verdict = pick_lr(lrs, smoothed)
+    if pick is None and stopped_by == "time budget":  # a budget stop, said as one
+        verdict = (
+            f"inconclusive: the time budget stopped it at lr {lrs[-1]:.2g}, after {len(lrs)} of "
+            f"{steps} steps, before it could tell"
+        )
     log(f"lr range test: {verdict}" + (f"; pick {pick:.3g}" if pick is not None else ""))
     return LRRange(
         batch_size=batch_size,

@@ -12,7 +12,7 @@ fields, each probe's result as a dict of its fields), never the orchestrator's t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,9 @@ def build_report(result: TuneData) -> dict[str, Any]:
         "task": result["task"],
         "device": result["device"],
         "num_samples": result["num_samples"],
-        "recommended": _recommended_json(result["recommended"], choice, result["race"]),
+        "recommended": _recommended_json(
+            result["recommended"], choice, result["race"], result["skipped"]
+        ),
         "memory": _memory_json(result["memory"]),
         "throughput": [_throughput_point_json(p) for p in throughput["points"]],
         "throughput_flattens_at": throughput["flattens_at"],
@@ -59,8 +61,21 @@ def _task_options_json(options: Any) -> list[str] | None:
     return None if options is None else list(options)
 
 
+def provisional_reasons(
+    choice_provisional: Sequence[str], raced: bool, skipped: Sequence[str]
+) -> list[str]:
+    """Why an answer is provisional: the measurements cut short that left larger sizes unjudged,
+    and a race that did not run (its reason, from the phases' notes), since then nothing trained
+    the prediction before it became the answer."""
+    reasons = list(choice_provisional)
+    if not raced:
+        why = next((s for s in skipped if s.startswith(("The race was not", "The race not"))), None)
+        reasons.append(why or "The race was not run: the prediction is unconfirmed.")
+    return reasons
+
+
 def _recommended_json(
-    recommended: TuneData, choice: TuneData, race: TuneData | None
+    recommended: TuneData, choice: TuneData, race: TuneData | None, skipped: Sequence[str]
 ) -> dict[str, Any]:
     runner = choice["runner_up"]
     return {
@@ -70,7 +85,7 @@ def _recommended_json(
         "lr": recommended["lr"],
         "lr_rule": recommended["lr_rule"],
         "optimizer": recommended["optimizer"],
-        "provisional": list(choice["provisional"]),
+        "provisional": provisional_reasons(choice["provisional"], race is not None, skipped),
         "batch_size_range": batch_size_range(race, list(choice["batch_size_range"])),
         "runner_up": None
         if runner is None

@@ -17,11 +17,14 @@ from batchfit.report.tune_race_report import markdown_race, markdown_warnings
 
 def headline(report: dict[str, Any]) -> str:
     """One line: ``batch size 256 (micro-batch 256), lr 2.8e-03 (adam, ...)``, marked
-    provisional when measurements cut short by time left larger sizes unjudged."""
+    provisional when measurements cut short by time left larger sizes unjudged, or when the race
+    did not run."""
     r = report["recommended"]
     acc = f" = {r['accumulation']} x {r['micro_batch_size']}" if r["accumulation"] > 1 else ""
     mark = (
-        "PROVISIONAL (the time budget cut the measurements short) " if r.get("provisional") else ""
+        f"PROVISIONAL ({provisional_why(r.get('provisional') or [])}) "
+        if r.get("provisional")
+        else ""
     )
     low, high = r["batch_size_range"]
     span = f"; {low}-{high} equally good" if report.get("race") and low != high else ""
@@ -29,6 +32,16 @@ def headline(report: dict[str, Any]) -> str:
         f"{mark}batch size {r['batch_size']}{acc} (micro-batch {r['micro_batch_size']}{span}), "
         f"lr {r['lr']:.3g} ({r['lr_rule']})"
     )
+
+
+def provisional_why(reasons: list[str]) -> str:
+    """The headline's few words for why an answer is provisional."""
+    words = []
+    if any(not r.startswith("The race") for r in reasons):
+        words.append("the time budget cut the measurements short")
+    if any(r.startswith("The race") for r in reasons):
+        words.append("the race did not run, so nothing confirmed it")
+    return "; ".join(words)
 
 
 def reasons_line(report: dict[str, Any]) -> str:
