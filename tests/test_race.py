@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from batchfit.core import race as judge
 from batchfit.core.lr_scaling import scale_lr
 from batchfit.inputs import as_source, loss_for
-from batchfit.orchestrate import race_plan
+from batchfit.orchestrate import race_plan, tune_race
 from batchfit.orchestrate.tune import tune
 from batchfit.probe.harness import Deadline, OutOfTime
 from batchfit.probe.machine import check_machine, usable_cores
@@ -98,6 +98,39 @@ def test_the_screening_horizon_fits_the_time_and_gives_the_slowest_size_enough_s
     # screening, then per size two survivors and the lr between them, two orders each, over 3H
     rounds = (10 + 2) * horizon + 2 * 3 * 2 * 3 * horizon
     assert rounds * race_plan.WALL_PER_TRAINING_SECOND == pytest.approx(100.0)
+
+
+def test_a_race_too_large_for_the_time_left_is_shrunk_not_skipped():
+    times = {64: 0.01, 128: 0.02, 256: 0.04, 512: 0.08}
+    sizes = list(times)
+    assert race_plan.shrunk_to_fit(sizes, 5, times, 1e4, keep=512)[:2] == (sizes, 5)
+    # Less time: the middle three learning rates first, then without the slowest sizes other
+    # than the prediction (keep), then one learning rate; None only when not even that fits.
+    plans = {s: race_plan.shrunk_to_fit(sizes, 5, times, s, keep=512) for s in (40, 20, 8, 6, 3)}
+    assert {s: p[:2] for s, p in plans.items()} == {
+        40: (sizes, 3),
+        20: ([64, 512], 3),
+        8: ([512], 3),
+        6: ([64, 512], 1),
+        3: ([512], 1),
+    }
+    for seconds, (kept, count, horizon) in plans.items():
+        assert horizon >= race_plan.MIN_STEPS * times[512]  # the slowest still takes its steps
+        screening = horizon * len(kept) * count  # training seconds of the first round
+        assert screening * race_plan.WALL_PER_TRAINING_SECOND <= seconds
+    assert race_plan.shrunk_to_fit(sizes, 5, times, 2.0, keep=512) is None
+
+
+def test_a_shrunk_race_says_what_it_left_out_and_the_option_that_races_them_all():
+    grid = {s: [Contender(s, lr, s) for lr in (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)] for s in (8, 16)}
+    assert tune_race._shrunk_note(grid, [8, 16], 5, 5) is None
+    note = tune_race._shrunk_note(grid, [8], 3, 5)
+    assert note == (
+        "The race was shrunk to fit the time left (batch sizes 16 not raced; 3 of 5 learning "
+        "rates per size); a larger 'time_budget' races them all."
+    )
+    assert [c.lr for c in tune_race._middle(grid[8], 3)] == [2e-3, 4e-3, 8e-3]
+    assert [c.lr for c in tune_race._middle(grid[8], 1)] == [4e-3]
 
 
 # -- the runs ------------------------------------------------------------------------------------
@@ -209,6 +242,22 @@ def test_a_budget_too_small_for_the_race_keeps_the_prediction_and_says_so():
     assert result.race is None
     assert any(s.startswith("The race was not run: ") for s in result.skipped)
     assert result.recommended.batch_size == result.batch_size_choice.batch_size
+    # Nothing trained the prediction, so the answer says it is provisional, and why.
+    why = next(s for s in result.skipped if s.startswith("The race was not run: "))
+    assert result.provisional and why in result.provisional_reasons
+    assert result.to_report()["recommended"]["provisional"] == result.provisional_reasons
+    assert "PROVISIONAL (the race did not run" in headline(result.to_report())
+
+
+def test_data_too_small_to_hold_out_for_the_race_makes_the_answer_provisional_with_the_reason():
+    result = tune(mlp(), blobs(100), lr=1e-3, time_budget=20)
+    assert result.race is None
+    assert result.provisional_reasons == [
+        "The race was not run: 100 samples are too few to hold 32 out for judging."
+    ]
+    assert headline(result.to_report()).startswith(
+        "PROVISIONAL (the race did not run, so nothing confirmed it) batch size "
+    )
 
 
 # -- a machine unfit for timing ------------------------------------------------------------------

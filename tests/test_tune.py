@@ -142,6 +142,32 @@ def test_lr_range_test_picks_a_tenth_of_the_best_rate_and_leaves_the_model():
         lr_range_test(model, TensorSource(*blobs(64)), F.cross_entropy, batch_size=8, steps=2)
 
 
+class ExpiresAfter(Deadline):
+    """A deadline that expires after ``checks`` looks at it: a budget stop at a chosen step,
+    whatever the machine's speed."""
+
+    def __init__(self, checks: int) -> None:
+        super().__init__(None)
+        self.left = checks
+
+    def expired(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+def test_a_range_test_stopped_by_the_budget_says_so_not_that_the_loss_did_not_fall():
+    result = lr_range_test(
+        mlp(), TensorSource(*blobs(512)), F.cross_entropy, batch_size=32, steps=60,
+        deadline=ExpiresAfter(5),
+    )  # fmt: skip
+    assert result.stopped_by == "time budget" and len(result.lrs) == 6  # 5 checks passed
+    assert result.pick is None
+    assert result.verdict == (
+        f"inconclusive: the time budget stopped it at lr {result.lrs[-1]:.2g}, after 6 of 60 "
+        "steps, before it could tell"
+    )
+
+
 LRS = [1e-6 * 10 ** (i / 4) for i in range(25)]  # 1e-6 .. 1
 
 

@@ -350,7 +350,11 @@ OPTIONS: dict[str, Option] = _rows(
     Option(
         "time_budget",
         Float(0.0, open_low=True),
-        help="seconds for the whole tune; less time means fewer trials and wider intervals",
+        help=(
+            "seconds for the whole tune; less time means fewer trials and wider intervals. The "
+            "race that confirms the answer needs about 10 s of budget on a small model (the "
+            "built-in example), more on a slower one; without it the answer is PROVISIONAL"
+        ),
         run_default=_TIME_BUDGET,
     ),
     Option("headroom", Float(0.0, 1.0, open_high=True), 0.1, "memory kept free"),

@@ -144,7 +144,7 @@ def race_phase(
         lr_power={"linear": 1.0, "sqrt": 0.5, "none": 0.0}[run.lr.scaling],
     )
     raced = run.unless_it_fails(
-        "The race",
+        "The race was",  # "The race was not measured: ..."
         lambda: race(
             run.model, train, held_out, run.loss, settings, deadline=deadline, log=run.log
         ),

@@ -173,7 +173,7 @@ def run_lane(field_: _Field, contender: Contender, horizon_s: float, data_order:
         if step in marks:
             curve.append((step * step_s, field_.held_out_loss()))
         if field_.deadline.expired():
-            raise OutOfTime("the race ran out of time")
+            raise OutOfTime("its screening round ran out of time")
     return Lane(contender, step_s, horizon_s, total, tuple(curve), None, data_order)
 
 
