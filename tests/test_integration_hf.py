@@ -219,12 +219,11 @@ def test_a_tiny_gpt2_language_model_is_measured_on_its_own_loss_and_trains_at_th
 def _args(transformers, tmp_path, **given):
     return transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"),
-        max_steps=3,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
         seed=0,
-        **given,
+        **{"max_steps": 3, **given},
     )
 
 
@@ -251,8 +250,10 @@ def hf_race_skipped(tmp_path_factory):
         learning_rate=5e-5,
     )
     lines: list[str] = []
+    # A long planned run (tune's horizon, given over the arguments' epochs), so that tuning
+    # pays for itself and every phase runs.
     tuned, result = tuned_arguments(
-        model, data, args, time_budget=8, max_batch_size=32, log=lines.append
+        model, data, args, time_budget=8, max_batch_size=32, log=lines.append, max_steps=100_000
     )
     return lines, result
 
@@ -291,6 +292,34 @@ def test_the_users_lr_reaches_tune_as_the_prior_unless_tune_options_give_one(
     assert (plain["warmup_lr"], plain["lr_batch_size"]) == (2e-5, 12) and "lr" not in plain
     assert own_lr["lr"] == 1e-4 and "warmup_lr" not in own_lr and "lr_batch_size" not in own_lr
     assert (own_prior["warmup_lr"], own_prior["lr_batch_size"]) == (3e-4, 64)
+
+
+def test_the_trainers_length_is_tunes_horizon_unless_tune_options_give_one(
+    tmp_path, monkeypatch
+):
+    transformers, model, data = _tiny_bert_task(n=40)
+    import batchfit.integrations.hf as hf
+
+    seen: list[dict] = []
+
+    def record(*_, **options):
+        seen.append(options)
+        raise KeyboardInterrupt  # what tune was given is all this test needs
+
+    monkeypatch.setattr(hf, "tune", record)
+    runs = [
+        ({"num_train_epochs": 2.5, "max_steps": -1}, {}),
+        ({"max_steps": 300}, {}),
+        ({}, {"epochs": 7}),
+    ]
+    for length, given in runs:
+        args = _args(transformers, tmp_path, per_device_train_batch_size=4, **length)
+        with pytest.raises(KeyboardInterrupt):
+            hf.tuned_arguments(model, data, args, **given)
+    by_epochs, by_steps, own = seen
+    assert by_epochs["epochs"] == 3 and "max_steps" not in by_epochs  # a part epoch counts
+    assert by_steps["max_steps"] == 300 and "epochs" not in by_steps  # steps override epochs
+    assert own["epochs"] == 7
 
 
 def test_a_skipped_race_and_every_skipped_phase_are_logged(hf_race_skipped):

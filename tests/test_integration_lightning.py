@@ -127,7 +127,11 @@ def race_skipped(tmp_path_factory):
     module's SGD lr 3e-3 at batch size 16; the Trainer's max_time set."""
     torch.manual_seed(0)
     lines: list[str] = []
-    callback = BatchfitTuner(time_budget=6, max_batch_size=32, seed=0, log=lines.append)
+    # A long planned run (tune's horizon, given over the Trainer's one epoch), so that tuning
+    # pays for itself and every phase runs.
+    callback = BatchfitTuner(
+        time_budget=6, max_batch_size=32, seed=0, log=lines.append, epochs=10_000
+    )
     trainer = pl.Trainer(
         max_epochs=1,
         max_time={"minutes": 5},
@@ -175,6 +179,17 @@ def test_without_max_time_nothing_is_said_of_it(tmp_path):
     _fit(tmp_path, Blobs(n=100), BatchfitTuner(time_budget=4, seed=0, log=lines.append))
     assert not [s for s in lines if "max_time" in s]
     assert [s for s in lines if s.startswith("batchfit: race: ")]
+
+
+def test_the_trainers_length_is_tunes_horizon_and_a_short_fit_ends_tuning_early(tmp_path):
+    from batchfit.integrations.lightning import _run_length
+
+    assert _run_length(pl.Trainer(max_epochs=7, logger=False)) == {"epochs": 7}
+    assert _run_length(pl.Trainer(max_steps=300, logger=False)) == {"max_steps": 300}
+    lines: list[str] = []
+    _fit(tmp_path, Blobs(n=400), BatchfitTuner(time_budget=20, seed=0, log=lines.append))
+    (said,) = [s for s in lines if s.startswith("horizon: 1 epoch: ")]
+    assert "tuning cannot pay for itself" in said
 
 
 def _report(tmp_path, **answer):

@@ -87,14 +87,15 @@ def _comma_list(text: str) -> list[str]:
 
 
 class _TargetOrLevel(argparse.Action):
-    """sweep's ``--target``: ``METRIC=VALUE`` is the level to reach (``target_level``); a bare
-    name is the data's target column, as for every other command (``target``)."""
+    """sweep's and tune's ``--target``: ``METRIC=VALUE`` is the level to reach
+    (``target_level``); a bare name is the data's target column, as for every other command
+    (``target``)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         if "=" in values and getattr(namespace, "target_level", None) is not None:
             parser.error(
-                f"--target {values} comes after --target {namespace.target_level}; a sweep "
-                "reaches for one level, so give METRIC=VALUE once"
+                f"--target {values} comes after --target {namespace.target_level}; a "
+                "run reaches for one level, so give METRIC=VALUE once"
             )
         setattr(namespace, "target_level" if "=" in values else "target", values)
 
@@ -370,7 +371,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     task = _load_task(args)
     model, warmup_lr = task.model_and_lr(args.seed, args.optimizer, args.lr)
     values = {**vars(args), "warmup_lr": warmup_lr, "task_name": task.name}
-    values |= {"task_options": _task_options(args)}
+    values |= {"task_options": _task_options(args), "target": args.target_level}
     config = TuneConfig.from_mapping(values | {"budget_started": started})
 
     def log(message: str) -> None:
@@ -639,10 +640,28 @@ COMMANDS: dict[str, Command] = {
             "batchfit tune                                   # the built-in example",
             "batchfit tune --memory-limit 2GB --time-budget 120 --out report",
             "batchfit tune --lr 1e-3 --lr-batch-size 32      # scale your lr, no range test",
+            "batchfit tune --epochs 50                       # the answer for a 50-epoch run",
             "batchfit tune --model models.py:make_mlp --data train.parquet --target y --json",
         ),
         groups=(
-            _task_group(),
+            _task_group(
+                (
+                    "target",
+                    {
+                        "action": "target_or_level",
+                        "metavar": "COL | val_loss=VALUE",
+                        "help": "target column, or with '=' the held-out loss your run should "
+                        "reach (its horizon); may be given twice, once for each",
+                    },
+                )
+            ),
+            Group(
+                "your run (the answer is for its length)",
+                (
+                    ("epochs", {"help": "epochs your run will train"}),
+                    ("max_steps", {"help": "optimizer steps your run will train"}),
+                ),
+            ),
             Group("limits", ("memory_limit", "max_batch_size", "time_budget")),
             Group(
                 "optimizer and learning rate",
@@ -668,6 +687,8 @@ COMMANDS: dict[str, Command] = {
             ),
         ),
         run=_cmd_tune,
+        defaults={"target_level": None},
+        shared_flags={"target_level": "--target"},
     ),
     "sweep": Command(
         help="train one short run per batch size; compare validation, sharpness, time to target",

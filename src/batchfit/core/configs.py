@@ -115,6 +115,7 @@ class TuneConfig(Config):
     """What :func:`batchfit.tune` may spend and assume: limits, budget, optimizer and lr."""
 
     command: ClassVar[str] = "tune"
+    checked_as: ClassVar[Mapping[str, str]] = {"target": "target_level"}
 
     optimizer: str = _option("optimizer")
     lr: float | None = _option("lr")
@@ -128,6 +129,11 @@ class TuneConfig(Config):
     device: Any = _option("device")
     seed: int = _option("seed")
     out_dir: Any = _option("out_dir")
+    #: The planned run (its horizon, :class:`~batchfit.core.horizon.Horizon`): epochs and/or
+    #: steps, or a held-out loss to reach ("val_loss=VALUE"); None: not given.
+    epochs: int | None = _option("epochs")
+    max_steps: int | None = _option("max_steps")
+    target: Any = None
     task_name: str = "your model"
     #: The command line's task options (``--model M --data D ...``) for the report's train command;
     #: None when tune was called from Python.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -266,6 +267,8 @@ def tuned_arguments(
     tune_options.setdefault("optimizer", _optimizer_of(args))
     tune_options.setdefault("seed", args.seed)
     tune_options.setdefault("task_name", type(model).__name__)
+    for name, value in _run_length(args).items():  # the answer is for the Trainer's run
+        tune_options.setdefault(name, value)
     _with_the_users_lr_as_prior(tune_options, args)
     train, held_out = _packed(model, keys, train_dataset, eval_dataset)
     if train.padded:
@@ -293,3 +296,16 @@ def tuned_arguments(
     tuned.learning_rate = r.lr
     log_tune_result(result, say, log or logger.warning)
     return tuned, result
+
+
+def _run_length(args: Any) -> dict[str, int]:
+    """``TrainingArguments``' run as tune's horizon: ``max_steps`` when set (it overrides the
+    epochs, as the Trainer counts), else ``num_train_epochs`` rounded up (a fraction of an epoch
+    is still part of the run)."""
+    steps = getattr(args, "max_steps", -1)
+    if isinstance(steps, int) and steps > 0:
+        return {"max_steps": steps}
+    epochs = getattr(args, "num_train_epochs", None)
+    if isinstance(epochs, (int, float)) and epochs > 0:
+        return {"epochs": math.ceil(epochs)}
+    return {}

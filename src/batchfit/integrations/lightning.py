@@ -186,6 +186,8 @@ class BatchfitTuner(pl.Callback):
         options = {**self._optimizer_options(module), **self.tune_options, "log": self._progress}
         options.setdefault("task_name", type(module).__name__)
         options.setdefault("out_dir", self.out_dir or _report_dir(trainer))
+        for name, value in _run_length(trainer).items():  # the answer is for the Trainer's run
+            options.setdefault(name, value)
         if self.loss is not None:
             return tune(module, dataset, loss=self.loss, **options)
         adapter = TrainingStepLoss(module)
@@ -291,3 +293,15 @@ def _first_optimizer(configured: Any) -> Any:
 def _report_dir(trainer: pl.Trainer) -> Path:
     """Beside the logger's files: ``trainer.log_dir``, else ``default_root_dir``."""
     return Path(trainer.log_dir or trainer.default_root_dir) / "batchfit"
+
+
+def _run_length(trainer: pl.Trainer) -> dict[str, int]:
+    """The Trainer's run as tune's horizon: ``max_epochs`` and ``max_steps`` where set (Lightning
+    counts -1 or None as no limit)."""
+    length = {}
+    epochs, steps = getattr(trainer, "max_epochs", None), getattr(trainer, "max_steps", -1)
+    if isinstance(epochs, int) and epochs > 0:
+        length["epochs"] = epochs
+    if isinstance(steps, int) and steps > 0:
+        length["max_steps"] = steps
+    return length

@@ -166,14 +166,15 @@ def _tune(
     say: Log,
     extra: Mapping[str, Any],
 ) -> TuneResult:
-    """Tune with the run's optimizer, lr, seed and device, within its ``tune_budget``."""
+    """Tune with the run's optimizer, lr, seed, device and length (the answer is for this run),
+    within its ``tune_budget``."""
     tune_config = TuneConfig.build(
         optimizer=config.optimizer,
         lr=config.lr,
         seed=config.seed,
         device=config.device,
         time_budget=config.tune_budget,
-        **extra,
+        **{"epochs": config.epochs, "max_steps": config.max_steps, **extra},  # the run's length
     )
     log = say if config.progress else None
     return tune(model, data, val_data=val_data, loss=loss, log=log, config=tune_config)

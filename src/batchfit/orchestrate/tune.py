@@ -31,6 +31,7 @@ from torch import nn
 
 from batchfit.core import budget_clock
 from batchfit.core.configs import TuneConfig
+from batchfit.core.horizon import Horizon
 from batchfit.core.recommend import BatchSizeChoice, fit_step_time, recommend
 from batchfit.distributed import is_main, place, rank, world_size
 from batchfit.errors import BatchfitError
@@ -45,6 +46,7 @@ from batchfit.inputs import (
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
 from batchfit.orchestrate.tune_decision import decision, race_lines
+from batchfit.orchestrate.tune_horizon import after_race, read_horizon, skipped_phase
 from batchfit.orchestrate.tune_lr import answer, lr_phase
 from batchfit.orchestrate.tune_noise import noise_phase
 from batchfit.orchestrate.tune_race import race_phase
@@ -240,6 +242,7 @@ def _new_run(inputs: _Inputs, spent: tuple[str, ...] = ()) -> TuneRun:
         if inputs.val_data is not None
         else None,
         device=device,
+        horizon=Horizon.of(config.epochs, config.max_steps, config.target),
     )
 
 
@@ -248,6 +251,8 @@ def _checked_config(model: nn.Module, config: TuneConfig | None, options: dict) 
     # a torch.optim class as its name; a factory as its family and lr (the user's: B only)
     options = optimizer_options(options, ("lr",))
     config = TuneConfig.build(config, **options)
+    # the horizon's target parsed (a bad one refused) before anything is measured
+    config = replace(config, target=Horizon.of(None, None, config.target).target)
     check_model(model)
     _check_batch_norm_cap(model, config.max_batch_size)
     return config
@@ -302,12 +307,23 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     phases["throughput"] = _throughput_phase(run, optimizer, memory.max_micro_batch_size)
     throughput: Throughput = phases["throughput"].result
     ceiling = _ceiling(memory, throughput)
-    phases["noise"] = by_ranks.noise if by_ranks else noise_phase(run, ceiling)
+    cheap = _choose_batch_size(run, memory, throughput, None, ceiling)
+    reading = read_horizon(run, cheap, throughput)
+    if by_ranks:
+        phases["noise"] = by_ranks.noise
+    elif reading.ends_early:
+        phases["noise"] = skipped_phase("The noise scale was not measured", reading)
+    else:
+        phases["noise"] = noise_phase(run, ceiling)
     noise: NoiseMeasurement | None = phases["noise"].result
     choice = _choose_batch_size(run, memory, throughput, noise, ceiling)
     phases["lr"] = lr_phase(run, choice)
     prior, lr_range = phases["lr"].result
-    phases["race"] = race_phase(run, choice, throughput, ceiling, prior.lr)
+    phases["race"] = (
+        skipped_phase("The race was not run", reading)
+        if reading.ends_early
+        else race_phase(run, choice, throughput, ceiling, prior.lr)
+    )
     raced = phases["race"].result
     failures = [f for phase in phases.values() for f in phase.failures]
     fit = fit_step_time(throughput.pairs())
@@ -316,6 +332,8 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     why += decision(
         memory, noise, choice, prior.lr, prior.lr_rule, lr_range, fit, failures, bool(raced)
     ) + race_lines(raced, prior)
+    horizon = after_race(reading, raced, run.source.num_samples)
+    why += [horizon.holds] if horizon.holds else []
     return TuneResult(
         task=run.config.task_name,
         task_options=run.config.task_options,
@@ -335,6 +353,7 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
         time_budget_s=run.budget.total,
         seconds=0.0,
         phase_seconds=_seconds(phases),
+        horizon=horizon,
     )
 
 

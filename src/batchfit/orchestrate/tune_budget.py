@@ -58,6 +58,8 @@ class TimeBudget:
     ) -> None:
         self.total = seconds
         self.note = note
+        #: How the budget was set, for the report (the caller's, the default, or a long run's).
+        self.set_by = "given"
         self.end = started + seconds
         self.reserve = reserve
         self.skipped = frozenset(skipped)
@@ -87,7 +89,29 @@ class TimeBudget:
         if not spent:
             check_budget_left(seconds, reserve)
             started, note = _after_start_up(seconds, started, reserve)
-        return cls(seconds, started, reserve, spent=spent, skipped=skipped, note=note)
+        budget = cls(seconds, started, reserve, spent=spent, skipped=skipped, note=note)
+        if not time_budget:
+            budget.set_by = f"the default for {device.upper()}"
+        return budget
+
+    def drop(self, *names: str) -> None:
+        """Phases that will not run after all (tune ended early): their shares go to the phases
+        still to come."""
+        for name in names:
+            self.shares.pop(name, None)
+
+    def extend_to(self, seconds: float, set_by: str) -> None:
+        """Make the whole budget ``seconds``, counted from the same start: a long run, known
+        once its step time is measured, earns the phases still to come more time.
+
+        >>> budget = TimeBudget(60.0, started=budget_clock.now(), reserve=0.0)
+        >>> budget.extend_to(300.0, "3% of the predicted run")
+        >>> budget.total, round(budget.remaining() / 10)
+        (300.0, 30)
+        """
+        self.end += seconds - self.total
+        self.total = seconds
+        self.set_by = set_by
 
     def remaining(self) -> float:
         return self.end - budget_clock.now() - self.reserve

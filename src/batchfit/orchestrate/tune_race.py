@@ -21,6 +21,7 @@ from batchfit.core.recommend import BatchSizeChoice, fit_step_time
 from batchfit.data.source import BatchSource
 from batchfit.inputs import split_off
 from batchfit.orchestrate import race_plan
+from batchfit.orchestrate.tune_horizon import run_seconds
 from batchfit.orchestrate.tune_state import Phase, TuneRun, timed
 from batchfit.probe.race import GROWTH, Contender, RaceResult, RaceSettings, race
 from batchfit.probe.throughput import Throughput
@@ -142,6 +143,7 @@ def race_phase(
         first_horizon_s=horizon,
         seed=run.config.seed,
         lr_power={"linear": 1.0, "sqrt": 0.5, "none": 0.0}[run.lr.scaling],
+        run_seconds=run_seconds(run, times),
     )
     raced = run.unless_it_fails(
         "The race was",  # "The race was not measured: ..."

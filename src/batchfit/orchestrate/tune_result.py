@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batchfit.core.recommend import BatchSizeChoice
+from batchfit.orchestrate.tune_horizon import HorizonReading
 from batchfit.probe.lr_range import LRRange
 from batchfit.probe.machine import MachineCheck
 from batchfit.probe.memory import MemoryCeiling
@@ -60,6 +61,8 @@ class TuneResult:
     task_options: tuple[str, ...] | None = None
     #: The very object written to ``report.json`` (None when no report was written).
     report: dict[str, Any] | None = None
+    #: The planned run against the measurements (report.json's ``horizon``).
+    horizon: HorizonReading | None = None
 
     @property
     def provisional(self) -> bool:

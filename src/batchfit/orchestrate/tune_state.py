@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from batchfit.core.configs import TuneConfig
+from batchfit.core.horizon import Horizon
 from batchfit.core.lr_scaling import default_rule, scale_lr
 from batchfit.data.source import BatchSource
 from batchfit.errors import first_line
@@ -144,6 +145,8 @@ class TuneRun:
     lr: LearningRates
     #: Held-out data for the race (None: a share of ``source`` is held out).
     val_data: BatchSource | None = None
+    #: The run the user will train (none given: the answer is for a run like the race's).
+    horizon: Horizon = field(default_factory=Horizon)
     #: Where it measures (under torchrun: this rank's device).
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 

@@ -143,6 +143,7 @@ class _Field:
     seed: int
     first_horizon_s: float
     eval_batch_size: int = EVAL_BATCH_SIZE
+    run_seconds: Mapping[int, float] | None = None
 
     def held_out_loss(self) -> float:
         device = model_device(self.model)
@@ -275,6 +276,9 @@ class RaceSettings:
     first_horizon_s: float
     seed: int = 0
     lr_power: float = 0.5
+    #: Each batch size's training seconds in the user's planned run (None: not given): no round
+    #: trains longer than the run it judges for.
+    run_seconds: Mapping[int, float] | None = None
 
 
 def race(
@@ -307,6 +311,7 @@ def race(
         settings.seed,
         settings.first_horizon_s,
         min(EVAL_BATCH_SIZE, max(c.micro_batch_size for cs in grid.values() for c in cs)),
+        settings.run_seconds,
     )
     with preserved(model):
         screening = _screen(field_, grid, settings.first_horizon_s, log)
@@ -344,6 +349,14 @@ def _next_round(field_: _Field, rounds: Sequence[RaceRound]) -> RaceRound | str 
     if len(rounds) == 1:
         survivors += _between(survivors)
     horizon = last.horizon_s * GROWTH
+    if field_.run_seconds is not None:
+        longest = max(field_.run_seconds.get(c.batch_size, math.inf) for c in survivors)
+        if horizon > longest:
+            return (
+                f"The race stopped after round {len(rounds)} ({last.horizon_s:.2g} s of training "
+                f"per run): a longer round would train longer than your run ({longest:.2g} s at "
+                "most), so the race judged over your run's horizon."
+            )
     if _cost(rounds, horizon * len(survivors) * len(DATA_ORDERS)) > field_.deadline.remaining():
         return (
             f"The race stopped after round {len(rounds)} ({last.horizon_s:.2g} s of training "

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from batchfit.report.tune_horizon_report import horizon_json
 from batchfit.report.tune_race_report import batch_size_range, race_json
 from batchfit.version import __version__
 
@@ -45,6 +46,7 @@ def build_report(result: TuneData) -> dict[str, Any]:
         "noise": _noise_json(result["noise"]),
         "lr_range": _lr_range_json(result["lr_range"]),
         "race": race_json(result["race"]),
+        "horizon": horizon_json(result.get("horizon")),
         "machine": dict(result["machine"]),
         "predicted_time": [dict(c) for c in choice["curve"]],
         "decision": list(result["decision"]),

@@ -12,6 +12,7 @@ from typing import Any
 from batchfit.core.options import OPTIONS
 from batchfit.core.units import format_bytes
 from batchfit.report.markdown import table
+from batchfit.report.tune_horizon_report import markdown_horizon
 from batchfit.report.tune_race_report import markdown_race, markdown_warnings
 
 
@@ -39,7 +40,9 @@ def provisional_why(reasons: list[str]) -> str:
     words = []
     if any(not r.startswith("The race") for r in reasons):
         words.append("the time budget cut the measurements short")
-    if any(r.startswith("The race") for r in reasons):
+    if any("cannot pay for itself" in r for r in reasons):
+        words.append("tuning cannot pay for itself on a run this short, so the race did not run")
+    elif any(r.startswith("The race") for r in reasons):
         words.append("the race did not run, so nothing confirmed it")
     return "; ".join(words)
 
@@ -98,6 +101,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     sections = (
         _md_summary,
         markdown_race,
+        markdown_horizon,
         _md_predicted_time,
         _md_throughput,
         _md_noise,
@@ -276,11 +280,19 @@ def train_command(report: dict[str, Any]) -> str:
         "micro_batch_size": r["micro_batch_size"],
         "lr": f"{r['lr']:.3g}",
         "optimizer": r["optimizer"],
-        "epochs": REPRODUCE_EPOCHS,
+        **_run_length(report),
     }
     options = [*(report.get("task_options") or ())]
     options += [f"{OPTIONS[name].flags[0]} {value}" for name, value in settings.items()]
     return " ".join(["batchfit train", *options])
+
+
+def _run_length(report: dict[str, Any]) -> dict[str, int]:
+    """The train command's length: the run's as tune was told it, else a start of
+    :data:`REPRODUCE_EPOCHS` epochs."""
+    h = report.get("horizon") or {}
+    length = {k: h[k] for k in ("epochs", "max_steps") if h.get(k) is not None}
+    return length or {"epochs": REPRODUCE_EPOCHS}
 
 
 def _md_reproduce(report: dict[str, Any]) -> list[str]:
@@ -295,8 +307,13 @@ def _md_reproduce(report: dict[str, Any]) -> list[str]:
     return [
         "## Reproduce",
         "",
-        f"Train with it ({REPRODUCE_EPOCHS} epochs to start; set {epochs} to your run's "
-        f"length){task}:",
+        (
+            f"Train with it (the length tune was told){task}:"
+            if _run_length(report) != {"epochs": REPRODUCE_EPOCHS}
+            or (report.get("horizon") or {}).get("epochs") == REPRODUCE_EPOCHS
+            else f"Train with it ({REPRODUCE_EPOCHS} epochs to start; set {epochs} to your run's "
+            f"length){task}:"
+        ),
         "",
         "```bash",
         train_command(report),
