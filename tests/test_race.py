@@ -25,6 +25,7 @@ from batchfit.orchestrate.tune import tune
 from batchfit.probe.harness import Deadline, OutOfTime
 from batchfit.probe.machine import check_machine, usable_cores
 from batchfit.probe.race import Contender, RaceSettings, race
+from batchfit.report.tune_race_report import batch_size_range
 from batchfit.report.tune_report import headline
 from batchfit.step import params_sha256
 from helpers import blobs, run_cli
@@ -169,6 +170,25 @@ def test_every_run_gets_the_same_training_time_and_the_race_is_deterministic():
     assert lanes[16].steps * 0.001 == pytest.approx(lanes[64].steps * 0.002)
     later = first.rounds[1:]
     assert later and all(len({lane.data_order for lane in r.lanes}) == 2 for r in later)
+
+
+def test_the_stated_range_is_every_finalist_within_the_races_own_noise():
+    result = _race(mlp())
+    last = result.rounds[-1]
+    groups = [[lane.curve for lane in last.lanes_of(c)] for c in last.contenders]
+    assert result.order_spread == judge.order_spread(groups, last.level)
+    tolerance = max(judge.EQUALLY_GOOD, result.order_spread or 0.0)
+    assert set(result.within_noise) >= set(result.equally_good)
+    assert set(result.within_noise) == {c for c, r in result.finalists if r <= 1 + tolerance}
+    # the noise of a contender is its data orders' spread; one order alone measures none
+    fast, slow = [(0.0, 1.0), (1.0, 0.4)], [(0.0, 1.0), (3.0, 0.4)]
+    assert judge.order_spread([[fast, slow]], 0.4) == pytest.approx(1.0)
+    assert judge.order_spread([[fast]], 0.4) is None
+    # the report's range spans what the race cannot tell apart, wider than the 5% band
+    race = {"equally_good": [{"batch_size": 64}], "within_noise": [{"batch_size": 32},
+            {"batch_size": 64}, {"batch_size": 256}]}  # fmt: skip
+    assert batch_size_range(race, [64, 64]) == [32, 256]
+    assert batch_size_range({"equally_good": [{"batch_size": 64}]}, [8, 8]) == [64, 64]
 
 
 class _FitsSixteen(torch.nn.Module):

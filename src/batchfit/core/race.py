@@ -201,6 +201,32 @@ def equally_good(ranked: Sequence[Standing], tolerance: float = EQUALLY_GOOD) ->
     return [s.lane for s in ranked if s.relative_time <= 1 + tolerance]
 
 
+def order_spread(groups: Sequence[Sequence[Curve]], level: float) -> float | None:
+    """The race's own measurement noise: over the contenders run with the data in two or more
+    orders that all reached ``level``, the median relative spread of their times to it
+    (``(slowest - fastest) / mean``). None when no contender has two such runs (a race of its
+    screening round alone). Two contenders whose times differ by less than this are not told
+    apart by the race: the spread of two runs is about one standard deviation of the difference
+    of two such means.
+
+    >>> order_spread([[[(0, 1.0), (1, 0.4)], [(0, 1.0), (1.5, 0.4)]],
+    ...               [[(0, 1.0), (2, 0.4)], [(0, 1.0), (2, 0.4)]]], 0.4)
+    0.2
+    >>> order_spread([[[(0, 1.0), (1, 0.4)]]], 0.4) is None
+    True
+    """
+    spreads = []
+    for curves in groups:
+        times = [seconds_to(curve, level) for curve in curves]
+        if len(times) >= 2 and all(math.isfinite(t) for t in times) and sum(times) > 0:
+            spreads.append((max(times) - min(times)) / (sum(times) / len(times)))
+    if not spreads:
+        return None
+    spreads.sort()
+    middle = len(spreads) // 2
+    return spreads[middle] if len(spreads) % 2 else (spreads[middle - 1] + spreads[middle]) / 2
+
+
 def still_improving(curve: Curve, horizon: float, tolerance: float = 0.02) -> bool:
     """Whether the lane's best-so-far loss still fell by more than ``tolerance`` (relative) over
     the second half of the horizon: the race has not yet seen where this lane levels off.

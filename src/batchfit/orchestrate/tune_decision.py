@@ -147,6 +147,13 @@ def race_lines(raced: RaceResult | None, prior: Recommended) -> list[str]:
             f"runs, {span}; the answer is the one with the lowest learning rate for its batch "
             "size, the furthest from instability."
         )
+    noisy = sorted({c.batch_size for c in raced.within_noise})
+    if raced.order_spread is not None and noisy and (noisy[0], noisy[-1]) != (sizes[0], sizes[-1]):
+        lines.append(
+            f"Within the race's own noise (a run's time to the level differs by "
+            f"{raced.order_spread:.0%} between the two data orders, median): batch sizes "
+            f"{noisy[0]}-{noisy[-1]} are not told apart from the winner; that is the range given."
+        )
     lines.append(_against_prior(raced, prior))
     if raced.still_improving:
         lines.append(

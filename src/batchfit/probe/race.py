@@ -117,6 +117,12 @@ class RaceResult:
     still_improving: bool
     seconds: float
     notes: tuple[str, ...] = field(default=())
+    #: The finalists the race cannot tell from the fastest: within its own noise (the spread of
+    #: a contender's times over the data orders, :func:`~batchfit.core.race.order_spread`) or
+    #: within ``EQUALLY_GOOD``, whichever is wider; the answer's stated range.
+    within_noise: tuple[Contender, ...] = field(default=())
+    #: That spread (None: no contender ran in two orders).
+    order_spread: float | None = None
 
     @property
     def contenders_raced(self) -> int:
@@ -416,6 +422,10 @@ def _result(
     finalists = tuple((last.contenders[s.lane], s.relative_time) for s in last.standings)
     close = [c for c, r in finalists if r <= 1 + judge.EQUALLY_GOOD] or [finalists[0][0]]
     winner = min(close, key=lambda c: c.lr / c.batch_size**lr_power)
+    spread = judge.order_spread([[ln.curve for ln in last.lanes_of(c)] for c in last.contenders],
+                                last.level)  # fmt: skip
+    tolerance = max(judge.EQUALLY_GOOD, spread or 0.0)
+    within = tuple(c for c, r in finalists if r <= 1 + tolerance) or (finalists[0][0],)
     return RaceResult(
         rounds=tuple(rounds),
         winner=winner,
@@ -425,4 +435,6 @@ def _result(
         still_improving=judge.still_improving(last.lanes_of(winner)[0].curve, last.horizon_s),
         seconds=seconds,
         notes=tuple(notes),
+        within_noise=tuple(dict.fromkeys((*close, *within))),
+        order_spread=spread,
     )

@@ -29,6 +29,10 @@ def race_json(race: Data | None) -> dict[str, Any] | None:
             {**contender, "relative_time": relative} for contender, relative in race["finalists"]
         ],
         "equally_good_batch_sizes": sorted({c["batch_size"] for c in race["equally_good"]}),
+        "within_noise_batch_sizes": sorted(
+            {c["batch_size"] for c in race.get("within_noise") or race["equally_good"]}
+        ),
+        "order_spread": race.get("order_spread"),
         "level": race["level"],
         "still_improving": race["still_improving"],
         "seconds": race["seconds"],
@@ -58,12 +62,13 @@ def _round_json(round_: Data) -> dict[str, Any]:
 
 
 def batch_size_range(race: Data | None, fallback: list[int]) -> list[int]:
-    """``recommended.batch_size_range``: the batch sizes the race found equally good (near the
-    winner's time, as :mod:`batchfit.core.race` judges), else what the noise scale's interval
-    gave."""
+    """``recommended.batch_size_range``: the batch sizes the race could not tell from the winner
+    (within its own noise, the data orders' spread, or near the winner's time, as
+    :mod:`batchfit.core.race` judges), else what the noise scale's interval gave."""
     if race is None or not race["equally_good"]:
         return fallback
-    sizes = [c["batch_size"] for c in race["equally_good"]]
+    told_apart = race.get("within_noise") or race["equally_good"]  # the race's own noise
+    sizes = [c["batch_size"] for c in told_apart]
     return [min(sizes), max(sizes)]
 
 
