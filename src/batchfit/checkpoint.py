@@ -60,7 +60,7 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     with space_checked(target.parent, kept), atomic_open(target, "wb", durable=True) as f:
         writer = _ErrorKeepingWriter(f)
         try:
-            torch.save(payload, writer)
+            torch.save(payload, writer)  # type: ignore[arg-type]  # a file-like: write, flush
         except Exception:
             # torch reports a failed write as its own "unexpected pos" error: say the real one.
             error = writer.error and no_space_error(writer.error, target.parent, kept)
@@ -74,7 +74,8 @@ class _ErrorKeepingWriter:
     """A file for ``torch.save`` that remembers the ``OSError`` a write raised (torch hides it)."""
 
     def __init__(self, f: IO[bytes]) -> None:
-        self.f, self.error = f, None
+        self.f = f
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
         try:
@@ -253,7 +254,7 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [version, list(mt_state), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, np.int64)), position, has_gauss, cached],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()

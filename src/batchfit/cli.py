@@ -173,7 +173,7 @@ def _add_command(commands: argparse._SubParsersAction, name: str, command: Comma
         for shown in group.shown:
             option, changes = (shown, {}) if isinstance(shown, str) else shown
             names, kwargs = _argument(option, changes, flags, name)
-            target = exclusive if option in group.exclusive else holder
+            target = exclusive if exclusive is not None and option in group.exclusive else holder
             target.add_argument(*names, **kwargs)
     parser.set_defaults(run=command.run, **command.defaults)
 
@@ -297,7 +297,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     task = _load_task(args)
     model, lr = task.model_and_lr(args.seed, args.optimizer, args.lr)
-    auto = {}
+    auto: dict[str, Any] = {}
     if args.batch_size == AUTO:  # tune first: the user's lr (if any) stays theirs, B is tune's
         tune_options = {"warmup_lr": lr, "task_name": task.name}
         auto = {"log": _say, "tune_options": tune_options | {"task_options": _task_options(args)}}
@@ -318,7 +318,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         report = describe_user_failure(exc)
         if report is None:
             raise
-        hint = f" Resume with: {_resume_command(args)}" if exc.checkpoint_path else ""
+        saved = getattr(exc, "checkpoint_path", None)  # set by the loop on what it saved
+        hint = f" Resume with: {_resume_command(args)}" if saved else ""
         print(f"batchfit train: {report}{hint}", file=sys.stderr)
         return 1
     if args.json:

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -132,7 +132,7 @@ class _Sharded(BatchSource):
         return self.source.num_samples
 
     @property
-    def columns(self) -> dict[str, int | None] | None:  # type: ignore[override]
+    def columns(self) -> dict[str, int | None] | None:  # type: ignore[override]  # the wrapped source's
         return self.source.columns
 
     def batches(
@@ -146,6 +146,7 @@ class _Sharded(BatchSource):
         world_size: int = 1,
     ) -> Iterator[Batch]:
         n = self.source.num_samples
+        assert n is not None  # in-memory data: its length is known
         end = n - n % batch_size if drop_last else n
         sizes = rank_rows(start, end, batch_size, 0, 1).shares
         shares = self.source.batches(
@@ -153,7 +154,7 @@ class _Sharded(BatchSource):
         )
         try:
             for size, (x, y) in zip(sizes, shares, strict=True):
-                yield x, RankShare(y, size)  # type: ignore[misc]
+                yield x, RankShare(y, size)  # type: ignore[misc]  # a y with its rank's share
         finally:
             if hasattr(shares, "close"):
                 shares.close()
@@ -251,7 +252,7 @@ def on_rank_0(measure: Callable[[], T], wait_s: float) -> T:
     (a :class:`~batchfit.errors.ReportedByRank0` on the others); a rank 0 that dies ends the job
     through torchrun."""
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
-    box: list[object] = [None]
+    box: list[tuple[str, Any] | None] = [None]
     try:
         if rank() == 0:
             try:
@@ -263,10 +264,12 @@ def on_rank_0(measure: Callable[[], T], wait_s: float) -> T:
         dist.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
     finally:
         dist.destroy_process_group(group)
-    kind, value = box[0]  # type: ignore[misc]
+    sent = box[0]
+    assert sent is not None  # rank 0 always sends one
+    kind, value = sent
     if kind == "error":
         raise ReportedByRank0(str(value))  # rank 0's command line says it, once
-    return value  # type: ignore[return-value]
+    return cast(T, value)
 
 
 def on_every_rank(measure: Callable[[], T], wait_s: float) -> list[T]:

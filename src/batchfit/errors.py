@@ -106,8 +106,8 @@ def user_code_failed(
     (epoch 1)"``), marked for the caller: its traceback shows the user's frames only,
     ``exc.batchfit_step`` is the last completed step and ``exc.checkpoint_path`` its checkpoint
     (None: none saved), and a note says where training stopped and how to resume."""
-    exc.batchfit_step = step  # type: ignore[attr-defined]
-    exc.checkpoint_path = saved_at  # type: ignore[attr-defined]
+    exc.batchfit_step = step  # type: ignore[attr-defined]  # tagged on the user's error
+    exc.checkpoint_path = saved_at  # type: ignore[attr-defined]  # tagged on the user's error
     if saved_at:
         kept = f"the checkpoint of step {step}, the last completed, was saved to {saved_at}"
         then = f"; fix the error, then {how_to_resume}"

@@ -24,9 +24,9 @@ def _load_module(module_name: str, what: str, spec_text: str) -> Any:
         if not path.is_file():
             raise BatchfitError(f"The {what} file '{path}' does not exist; check '{spec_text}'.")
         spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]  # spec checked above
         sys.modules[path.stem] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]  # a file spec has a loader
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -13,6 +13,7 @@ data is read to its end at every evaluation, so a stream of unknown length given
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,9 @@ from batchfit.data.torch_dataset import DatasetSource, IterableSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.imports import required_parameters
 from batchfit.losses import Loss, LossFn, resolve_loss
+
+#: A DataLoader's collate function: samples in, a batch out.
+Collate = Callable[[list[Any]], Any]
 
 #: How train, tune and sweep name their validation data to :func:`as_source`.
 VALIDATION = "validation data"
@@ -82,7 +86,7 @@ def as_source(
     )
 
 
-def _loader_parts(loader: DataLoader, what: str) -> tuple[object, int]:
+def _loader_parts(loader: DataLoader, what: str) -> tuple[Collate | None, int]:
     """The collate function and worker count of the user's ``DataLoader``, whose dataset batchfit
     reads in batches of its own sizes; a sampler that picks other samples than one pass over the
     dataset (weighted, a subset, a shard) cannot be honoured, and is refused."""
@@ -92,7 +96,7 @@ def _loader_parts(loader: DataLoader, what: str) -> tuple[object, int]:
         plain = isinstance(sampler, SequentialSampler) or (
             isinstance(sampler, RandomSampler)
             and not sampler.replacement
-            and sampler.num_samples == len(loader.dataset)  # type: ignore[arg-type]
+            and sampler.num_samples == len(loader.dataset)  # type: ignore[arg-type]  # map-style: sized
         )
         if not plain or (batch_sampler is not None and type(batch_sampler) is not BatchSampler):
             custom = sampler if not plain else batch_sampler
@@ -106,10 +110,12 @@ def _loader_parts(loader: DataLoader, what: str) -> tuple[object, int]:
     return (loader.collate_fn if own else None), loader.num_workers
 
 
-def _validation_stream(dataset: IterableDataset, collate_fn: object = None) -> IterableSource:
+def _validation_stream(
+    dataset: IterableDataset, collate_fn: Collate | None = None
+) -> IterableSource:
     """``dataset`` as validation data that ends (see :func:`as_source`)."""
     try:
-        length = len(dataset)  # type: ignore[arg-type]
+        length = len(dataset)  # type: ignore[arg-type]  # TypeError when unsized
     except TypeError:
         length = None
     if length is not None:
@@ -382,12 +388,18 @@ def split_off(source: BatchSource, fraction: float, seed: int) -> tuple[BatchSou
         # The same rows as TensorSource.split and StreamSource.split hold out.
         held_out = Holdout(n, validation_count(n, fraction), seed).all_rows()
         train_rows, val_rows = np.flatnonzero(~held_out).tolist(), np.flatnonzero(held_out).tolist()
-        kept = {"num_workers": source.num_workers, "collate_fn": source.collate_fn}
+        workers, collate = source.num_workers, source.collate_fn
         train = DatasetSource(
-            torch.utils.data.Subset(source.dataset, train_rows), seed=source.seed, **kept
+            torch.utils.data.Subset(source.dataset, train_rows),
+            seed=source.seed,
+            num_workers=workers,
+            collate_fn=collate,
         )
         val = DatasetSource(
-            torch.utils.data.Subset(source.dataset, val_rows), shuffle=False, **kept
+            torch.utils.data.Subset(source.dataset, val_rows),
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate,
         )
         return train, val
     raise BatchfitError(

@@ -57,6 +57,7 @@ class MetricsLog:
         """Keep the rows up to ``step``: rows written after the checkpoint belong to steps that
         the resumed run does again. An empty file starts over with the header; a file that is
         not a batchfit metrics log (other columns, rows that are not steps) is refused."""
+        assert self.path is not None  # only a log written to a file is resumed
         with self.path.open(newline="") as f:
             rows = list(csv.reader(f))
         try:
@@ -83,7 +84,7 @@ class MetricsLog:
         self.pending.clear()  # in place: the loop holds this list's append method
         losses = [row[2] for row in pending]
         if isinstance(losses[0], torch.Tensor):  # device tensors: one transfer for all of them
-            values = torch.stack(losses).double().cpu().tolist()
+            values = torch.stack([torch.as_tensor(x) for x in losses]).double().cpu().tolist()
         else:
             values = losses
         rows = []

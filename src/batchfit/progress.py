@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -35,7 +36,7 @@ class TrainProgress:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._bar: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
 
     def start_epoch(self, label: str, total_steps: int | None, done_steps: int = 0) -> None:
         if not self.enabled:
@@ -58,7 +59,7 @@ class TrainProgress:
         )
 
     def update(self, steps_done: int, loss: float, samples_per_s: float) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.update(
                 self._task,
                 completed=steps_done,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ def make_optimizer(
     """``sgd`` (with momentum), ``adam`` or ``adamw``; weight decay defaults to torch's default."""
     options.check("optimizer", name)
     params = model.parameters()
-    extra = {} if weight_decay is None else {"weight_decay": weight_decay}
+    extra: dict[str, Any] = {} if weight_decay is None else {"weight_decay": weight_decay}
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, **extra)
     if name == "adam":

@@ -196,6 +196,7 @@ def load_task(
         data, features, target, seed, shuffle=True, stream=stream_options
     )
     notes: list[str] = []
+    val: BatchSource | None
     if val_data is not None:
         val = _validation_data(val_data, train, data, features, target, seed, stream)
     else:

@@ -318,7 +318,7 @@ def describe_plan(p: Plan) -> list[tuple[str, str]]:
     ]
     if p.world_size > 1 and p.last_batch_size != p.batch_size:
         rows.append(("last batch per device", _last_batch_per_device_text(p)))
-    if p.total_steps is not None:
+    if p.total_steps is not None and p.epochs_run is not None:
         run = p.epochs_run
         epochs = f"{run:g}" if run == int(run) else f"{run:.3f}"
         rows.append(

@@ -38,7 +38,8 @@ class Int:
         # numbers.Integral admits NumPy integers (np.int64(24000)); bool is excluded on purpose.
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             return False
-        return value >= self.low and (self.high is None or value <= self.high)
+        number = int(value)  # numbers.Integral has no order in the stubs; int() keeps the value
+        return number >= self.low and (self.high is None or number <= self.high)
 
     def convert(self, text: str) -> Any:
         return int(text.strip().replace("_", ""))
@@ -64,12 +65,14 @@ class Float:
     def accepts(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return False
-        if not math.isfinite(value):
+        number = float(value)  # numbers.Real has no order in the stubs; float() keeps the value
+        if not math.isfinite(number):
             return False
-        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+        if self.low is not None and (number <= self.low if self.open_low else number < self.low):
             return False
         return not (
-            self.high is not None and (value >= self.high if self.open_high else value > self.high)
+            self.high is not None
+            and (number >= self.high if self.open_high else number > self.high)
         )
 
     def convert(self, text: str) -> Any:

@@ -15,6 +15,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -158,10 +159,9 @@ def parse_batch_sizes(text: str | Sequence[int | str], samples: int | None) -> l
                 )
             sizes.append(samples)
             continue
-        try:
+        size: Any = item
+        with contextlib.suppress(ValueError):  # the check below names it
             size = int(item) if isinstance(item, str) else item
-        except ValueError:
-            size = item
         options.check(
             "batch_size",
             size,
@@ -197,10 +197,9 @@ def parse_lr_grid(text: str | Sequence[float] | None) -> tuple[float, ...] | Non
     items = [p.strip() for p in text.split(",") if p.strip()] if isinstance(text, str) else text
     factors = set()
     for item in items:
-        try:
+        factor: Any = item
+        with contextlib.suppress(TypeError, ValueError):  # the check below names it
             factor = float(item)
-        except (TypeError, ValueError):
-            factor = item
         options.check(
             "lr_grid_factor",
             factor,

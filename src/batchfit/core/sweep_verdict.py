@@ -199,8 +199,8 @@ def _result_lines(
             f"Best validation: B={best.batch_size} ({metric} {best.best.value:.4f} "
             f"at step {best.best.step}, lr {best.lr:.3g})."
         )
-    if fastest is not None and fastest.time_to_target.seconds is not None:
-        ttt = fastest.time_to_target
+    ttt = fastest.time_to_target if fastest is not None else None
+    if fastest is not None and ttt is not None and ttt.seconds is not None:
         lines.append(
             f"Fastest to {target.describe()}: B={fastest.batch_size} in "
             f"{format_seconds(ttt.seconds)} of training ({ttt.steps} steps, "

@@ -9,7 +9,7 @@ order, each decoded by one thread only: rows are never duplicated or lost.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Generic, TypeVar
 
 from batchfit.data.prefetch import Failure
@@ -53,7 +53,7 @@ class DecodeAhead(Generic[T]):
         self._wanted = self._order[0] if self._order else 0  # the window the consumer awaits
         self._stopped = False  # set when the consumer is done: the threads return
 
-    def __iter__(self) -> Iterator[T | None]:
+    def __iter__(self) -> Generator[T | None, None, None]:  # a generator: closed to stop
         threads = [
             threading.Thread(target=self._decode_chains, name="batchfit-decode", daemon=True)
             for _ in range(self._workers)

@@ -11,8 +11,10 @@ streamed reader's ``rows 0-4999 of row group 3 of 'd.parquet'``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,14 +43,14 @@ class Table:
     columns: dict[str, int | None] | None = None
 
 
-def column_width(kind: object) -> int | None:
+def column_width(kind: Any) -> int | None:
     """Values per row of a column of type ``kind`` (an Arrow type or a NumPy dtype): 1 for a
     number, the length of a fixed-size list or sub-array, ``None`` for lists of any length."""
     if isinstance(kind, pa.DataType):
         if pa.types.is_fixed_size_list(kind):
             return kind.list_size
         return None if pa.types.is_list(kind) or pa.types.is_large_list(kind) else 1
-    return int(np.prod(np.dtype(kind).shape, dtype=int))
+    return math.prod(np.dtype(kind).shape)
 
 
 def _place(where: Path | str) -> str:
@@ -170,7 +172,7 @@ def numeric_column(table: pa.Table, name: str, path: Path | str) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
-def check_numeric_type(name: str, kind: object, path: Path | str) -> None:
+def check_numeric_type(name: str, kind: Any, path: Path | str) -> None:
     """Raise unless ``kind`` (an Arrow type or NumPy dtype) holds numbers, lists of them or bools.
 
     Examples:
@@ -377,7 +379,7 @@ def read_table(
         raise BatchfitError(f"'{path}' has no rows; give a file with at least one sample.")
     y, kind = target_tensor(y_values, target, path)
     x = features_tensor(x_arrays, chosen, path)
-    widths = {
+    widths: dict[str, int | None] = {
         c: int(np.prod(a.shape[1:], dtype=int)) for c, a in zip(chosen, x_arrays, strict=True)
     }
     named = None if positional(names, fmt) else widths

@@ -20,6 +20,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -326,7 +327,7 @@ class ParquetReader(_CursorReader):
                 self._collect_nulls(group)
         self._set_schema(first_schema)
 
-    def _collect_nulls(self, group: object) -> None:
+    def _collect_nulls(self, group: Any) -> None:
         for c in range(group.num_columns):
             column = group.column(c)
             stats = column.statistics

@@ -253,7 +253,7 @@ class StreamSource(BatchSource):
             )
         n = self.num_samples
         held_out = Holdout(n, validation_count(n, fraction), seed)
-        common = dict(
+        common: dict[str, Any] = dict(
             features=self.features,
             target=self.target,
             shuffle_buffer=self.shuffle_buffer,
@@ -327,7 +327,6 @@ class StreamSource(BatchSource):
             f"prefetch {self.prefetch}; about {format_bytes(self.memory_bytes(0))} of windows "
             f"and {self.prefetch + 1} batches in memory)"
         )
-
 
 
 def open_stream(
@@ -466,7 +465,7 @@ def load_file(
                 f"{format_bytes(available)} available with loading overhead; "
                 f"{opt_value('stream', not stream)} to override"
             )
-    options = dict(
+    options: dict[str, Any] = dict(
         seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, prefetch=prefetch, match=match
     )
     if stream:

@@ -69,7 +69,7 @@ class DatasetSource(BatchSource):
         collate_fn: Callable[[list], Any] | None = None,
     ) -> None:
         try:
-            n = len(dataset)  # type: ignore[arg-type]
+            n = len(dataset)  # type: ignore[arg-type]  # Dataset has no __len__ in the stubs
         except TypeError:
             raise BatchfitError(
                 "The dataset has no __len__; a map-style Dataset needs one "
@@ -83,7 +83,7 @@ class DatasetSource(BatchSource):
 
     @property
     def num_samples(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)  # type: ignore[arg-type]  # Dataset has no __len__ in the stubs
 
     def batches(
         self,
@@ -142,7 +142,7 @@ class IterableSource(BatchSource):
     @property
     def num_samples(self) -> int | None:
         try:
-            return len(self.dataset)  # type: ignore[arg-type]
+            return len(self.dataset)  # type: ignore[arg-type]  # Dataset has no __len__ in the stubs
         except TypeError:
             return None
 

@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -22,10 +23,10 @@ from batchfit.data.files import features_tensor, numeric_column, target_tensor
 from batchfit.errors import BatchfitError
 
 #: A piece as a reader returns it: an Arrow table, or NumPy columns by name (a ``.npy`` file).
-Raw = pa.Table | dict[str, np.ndarray]
+Raw: TypeAlias = "pa.Table | dict[str, np.ndarray]"
 
 
-def target_kind(kind: object) -> str:
+def target_kind(kind: Any) -> str:
     """``"binary"``, ``"class"`` or ``"real"`` for a target column of type ``kind`` (an Arrow
     type or a NumPy dtype), as :func:`~batchfit.data.files.target_tensor` decides it."""
     if isinstance(kind, pa.DataType):
@@ -38,7 +39,7 @@ def target_kind(kind: object) -> str:
     return "class" if dtype.kind in "iu" else "real"
 
 
-def is_flat(kind: object) -> bool:
+def is_flat(kind: Any) -> bool:
     """One number per row (not a list): such columns go straight into the feature matrix."""
     if isinstance(kind, pa.DataType):
         return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
@@ -75,10 +76,11 @@ def convert_many(
     if not (flat and all(isinstance(raw, pa.Table) for raw, _ in parts)):
         converted = [convert(raw, features, target, where) for raw, where in parts]
         return _joined([c[0] for c in converted]), _joined([c[1] for c in converted])
-    total = sum(raw.num_rows for raw, _ in parts)
+    tables: list[tuple[Any, str]] = list(parts)  # Arrow tables, as checked above
+    total = sum(raw.num_rows for raw, _ in tables)
     x = np.empty((total, len(features)), dtype=np.float32)
     targets, offset = [], 0
-    for raw, where in parts:
+    for raw, where in tables:
         for j, name in enumerate(features):
             position = offset
             for chunk in raw.column(name).chunks:

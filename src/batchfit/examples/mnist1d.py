@@ -55,7 +55,7 @@ def load() -> ExampleData:
         arrays = _generate()
         try:
             with atomic_open(path, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **arrays)  # type: ignore[arg-type]  # stubs take the 2nd as allow_pickle
         except OSError as exc:
             print(
                 f"batchfit: cannot cache MNIST-1D in '{path.parent}' ({exc.strerror}); set "

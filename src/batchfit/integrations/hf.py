@@ -262,14 +262,7 @@ def tuned_arguments(
         )
     keys = _forward_inputs(model, first)
     say = log or logger.info
-    if time_budget is not None:
-        tune_options["time_budget"] = time_budget
-    tune_options.setdefault("optimizer", _optimizer_of(args))
-    tune_options.setdefault("seed", args.seed)
-    tune_options.setdefault("task_name", type(model).__name__)
-    for name, value in _run_length(args).items():  # the answer is for the Trainer's run
-        tune_options.setdefault(name, value)
-    _with_the_users_lr_as_prior(tune_options, args)
+    _arguments_as_tune_options(tune_options, model, args, time_budget)
     train, held_out = _packed(model, keys, train_dataset, eval_dataset)
     if train.padded:
         say(
@@ -296,6 +289,21 @@ def tuned_arguments(
     tuned.learning_rate = r.lr
     log_tune_result(result, say, log or logger.warning)
     return tuned, result
+
+
+def _arguments_as_tune_options(
+    tune_options: dict[str, Any], model: nn.Module, args: Any, time_budget: float | None
+) -> None:
+    """What ``TrainingArguments`` tell tune (where ``tune_options`` do not say otherwise): the
+    optimizer family, the seed, the run's length, the user's lr as the prior."""
+    if time_budget is not None:
+        tune_options["time_budget"] = time_budget
+    tune_options.setdefault("optimizer", _optimizer_of(args))
+    tune_options.setdefault("seed", args.seed)
+    tune_options.setdefault("task_name", type(model).__name__)
+    for name, value in _run_length(args).items():  # the answer is for the Trainer's run
+        tune_options.setdefault(name, value)
+    _with_the_users_lr_as_prior(tune_options, args)
 
 
 def _run_length(args: Any) -> dict[str, int]:

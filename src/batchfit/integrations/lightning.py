@@ -30,7 +30,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 try:
     import lightning.pytorch as pl
@@ -173,7 +173,8 @@ class BatchfitTuner(pl.Callback):
     def _say_max_time(self, trainer: pl.Trainer, seconds: float) -> None:
         """With ``max_time`` set, that it does not count the tuning (its clock starts with
         training, after this callback's ``on_fit_start``)."""
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        callbacks = getattr(trainer, "callbacks", [])  # a property the stubs do not show
+        timer = next((c for c in callbacks if isinstance(c, Timer)), None)
         if timer is None or timer.time_remaining() is None:
             return
         (self.say or logger.info)(
@@ -217,7 +218,8 @@ class BatchfitTuner(pl.Callback):
                 "measure; give BatchfitTuner optimizer='adam', 'adamw' or 'sgd' (the closest)."
             )
         lr = float(optimizer.param_groups[0]["lr"])
-        batch_size = int(lightning_getattr(module, self.batch_arg_name))
+        # the batch attribute was found at fit start
+        batch_size = int(cast(int, lightning_getattr(module, self.batch_arg_name)))
         if self.measure_lr:
             if {"lr", "warmup_lr"} & set(self.tune_options):  # the user's own: theirs alone
                 return {"optimizer": name}

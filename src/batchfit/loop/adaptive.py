@@ -56,6 +56,8 @@ def batch_size_range(config: TrainConfig, num_samples: int | None) -> tuple[int,
     Why the start is the default floor: the noise scale grows as training goes on, and with it the
     batch that minimises the predicted time to a result; a start that ``tune`` chose was the
     fastest for the noise scale at the start, so going below it would only lose throughput."""
+    start = config.batch_size
+    assert isinstance(start, int)  # auto is resolved before the loop
     if not config.adaptive:
         for name in ("min_batch_size", "max_batch_size"):
             if getattr(config, name) is not None:
@@ -63,9 +65,9 @@ def batch_size_range(config: TrainConfig, num_samples: int | None) -> tuple[int,
                     f"{opt(name)} bounds the adaptive batch size; add {opt_value('adaptive', True)}"
                     f" or leave {opt(name)} out."
                 )
-        return config.batch_size, config.batch_size
-    low = config.min_batch_size or config.batch_size
-    high = config.max_batch_size or num_samples or config.batch_size * STREAM_GROWTH
+        return start, start
+    low = config.min_batch_size or start
+    high = config.max_batch_size or num_samples or start * STREAM_GROWTH
     if low < 2:
         raise BatchfitError(
             f"{opt_value('adaptive', True)} measures the noise from two halves of a batch, so "
@@ -77,9 +79,9 @@ def batch_size_range(config: TrainConfig, num_samples: int | None) -> tuple[int,
             f"{opt_value('min_batch_size', low)} is above {opt_value('max_batch_size', high)}; "
             f"give a {opt('min_batch_size')} at most {opt('max_batch_size')}."
         )
-    if not low <= config.batch_size <= high:
+    if not low <= start <= high:
         raise BatchfitError(
-            f"The starting {opt_value('batch_size', config.batch_size)} is outside the adaptive "
+            f"The starting {opt_value('batch_size', start)} is outside the adaptive "
             f"range [{low}, {high}]; start within {opt('min_batch_size')} and "
             f"{opt('max_batch_size')}."
         )
@@ -111,8 +113,9 @@ class AdaptiveRun:
         saved = saved or {}
         self.batch_size: int = saved.get("batch_size", config.batch_size)
         self.lr: float = saved.get("lr", setup.lr)
-        self.noise = NoiseAverage(**saved["noise"]) if "noise" in saved else None
-        self.noise = self.noise or NoiseAverage.start(WINDOW)
+        self.noise: NoiseAverage = (
+            NoiseAverage(**saved["noise"]) if "noise" in saved else NoiseAverage.start(WINDOW)
+        )
         self.decided_at: int = saved.get("decided_at", 0)
         self.changes: list[dict[str, Any]] = list(saved.get("changes", []))
 
@@ -150,14 +153,17 @@ class AdaptiveRun:
         optimizer.zero_grad(set_to_none=True)
         size = micro if n > micro else (n + 1) // 2
         total = torch.zeros((), device=device)
-        norms, sizes, before, last = [], [], None, math.ceil(n / size) - 1
+        norms: list[torch.Tensor] = []
+        sizes: list[int] = []
+        before: list[torch.Tensor] | None = None
+        last = math.ceil(n / size) - 1
         for i, (xs, ys) in enumerate(zip(x.split(size), y.split(size), strict=True)):
             weight = len(ys) / n
             loss = loss_fn(model(xs.to(device)), ys.to(device))
             (loss * weight).backward()
             total += loss.detach() * weight
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            part = grads if before is None else torch._foreach_sub(grads, before)
+            part = grads if before is None else list(torch._foreach_sub(grads, before))
             norms.append(_squared_norm(part) / weight**2)
             sizes.append(len(ys))
             if i < last:  # the last part's gradient is not needed again
@@ -206,7 +212,7 @@ class AdaptiveRun:
         if chosen == self.batch_size:
             return False
         flush_metrics(run)  # the rows so far were trained at the old lr
-        lr = scale_lr(self.setup.lr, self.setup.config.batch_size, chosen, self.rule)
+        lr = scale_lr(self.setup.lr, self.setup.batch_size, chosen, self.rule)
         for group in self.setup.optimizer.param_groups:
             group["lr"] = lr
         run.metrics.lr = lr

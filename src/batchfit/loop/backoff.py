@@ -137,7 +137,7 @@ def back_off(
         _use_micro_batch(run, setup, smaller)
         state.log(
             f"out of memory at micro-batch {failed}; continuing with {smaller} (batch size "
-            f"stays {setup.config.batch_size})"
+            f"stays {setup.batch_size})"
         )
         try:
             loss, parts = train_step(
@@ -155,7 +155,7 @@ def regrow(run: RunState, setup: Setup) -> None:
     state = run.backoff
     larger = min(state.micro_batch_size * 2, setup.micro_batch_size)
     if has_batch_norm(setup.model):  # no one-sample micro-batch in any batch the run meets
-        larger = _half(2 * larger, _batch_sizes(setup, setup.config.batch_size), True)
+        larger = _half(2 * larger, _batch_sizes(setup, setup.batch_size), True)
         larger = max(larger, state.micro_batch_size)
     state.log(
         f"{setup.config.regrow_after} steps without running out of memory: trying micro-batch "
@@ -181,11 +181,12 @@ def watch_step(run: RunState, setup: Setup) -> int:
 def evaluate_within_memory(run: RunState, setup: Setup) -> dict[str, float]:
     """:func:`~batchfit.step.evaluate` on the validation data, over again with half the batch
     while it runs out of memory (evaluation changes nothing, so it simply starts over)."""
-    state = run.backoff
+    state, val_source = run.backoff, setup.val_source
+    assert val_source is not None  # called only for a run with validation data
     while True:
         try:
             return evaluate(
-                setup.model, setup.val_source, setup.loss, state.eval_batch_size, setup.device
+                setup.model, val_source, setup.loss, state.eval_batch_size, setup.device
             )
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -220,8 +221,8 @@ def _use_micro_batch(run: RunState, setup: Setup, size: int) -> None:
 def _batch_sizes(setup: Setup, size: int) -> tuple[int, ...]:
     """The batch sizes the run meets from here: this one, the configured one and an epoch's last
     (smaller) batch when the plan knows it."""
-    last = setup.plan.last_batch_size if setup.plan is not None else setup.config.batch_size
-    return (size, setup.config.batch_size, last)
+    last = setup.plan.last_batch_size if setup.plan is not None else setup.batch_size
+    return (size, setup.batch_size, last)
 
 
 def _half(failed: int, batches: tuple[int, ...], batch_norm: bool) -> int:

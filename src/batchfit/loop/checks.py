@@ -88,6 +88,7 @@ def check_batch_norm(
 ) -> None:
     """Batch norm cannot train on one sample; say so before training, not mid-epoch."""
     batch_size, drop_last = config.batch_size, config.drop_last
+    assert isinstance(batch_size, int)  # auto is resolved before the loop
     where = single_sample_micro_batch_at(samples, batch_size, micro_batch_size, drop_last)
     if where is not None and has_batch_norm(model):
         raise BatchfitError(

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
 
 from batchfit.data.source import Batch, BatchSource
 from batchfit.distributed import ddp_train_step
@@ -109,7 +112,8 @@ def _train_steps(
     watch = watch_step(run, setup)  # the last step, or an out-of-memory regrow before it
     micro, device = run.backoff.micro_batch_size, setup.device
     on_cpu, last_step = device.type == "cpu" and setup.ddp is None, setup.last_step
-    step_fn = train_step
+    step_fn: Callable[..., tuple[torch.Tensor, int]] = train_step
+    loss_value: Any  # a tensor, or its float on the CPU (cheaper to keep)
     if setup.ddp is not None:  # several processes: each its share, one all-reduce per step
         model, step_fn = setup.ddp, ddp_train_step
     checkpoint_every, eval_every = setup.config.checkpoint_every, setup.config.eval_every
@@ -173,7 +177,7 @@ def _epoch_steps(setup: Setup, pos: Position) -> tuple[int, int | None]:
     epoch's training ends (None: unknown, a stream)."""
     config = setup.config
     total = setup.plan.steps_per_epoch if setup.plan else None
-    done = math.ceil(pos.sample_in_epoch / config.batch_size)
+    done = math.ceil(pos.sample_in_epoch / setup.batch_size)
     if config.steps_per_epoch is not None:
         total, done = config.steps_per_epoch, pos.step - pos.epoch * config.steps_per_epoch
     if config.adaptive:  # the batch size may change: the epoch's steps are not known ahead
@@ -189,12 +193,12 @@ def _epoch_batches(setup: Setup, pos: Position, steps_done: int) -> Iterator[Bat
     config = setup.config
     if config.steps_per_epoch is None:
         return setup.source.batches(
-            pos.epoch, config.batch_size, start=pos.sample_in_epoch, drop_last=config.drop_last
+            pos.epoch, setup.batch_size, start=pos.sample_in_epoch, drop_last=config.drop_last
         )
     return continuing_batches(
         setup.source,
         pos.samples_seen,
-        config.batch_size,
+        setup.batch_size,
         drop_last=config.drop_last,
         samples_per_pass=setup.plan.samples_per_epoch if setup.plan else None,
         steps=config.steps_per_epoch - steps_done,

@@ -88,6 +88,13 @@ class Setup:
     #: The model in DistributedDataParallel when several processes train (batchfit.distributed).
     ddp: nn.Module | None = None
 
+    @property
+    def batch_size(self) -> int:
+        """The configured batch size, a number here (``auto`` is resolved before the loop)."""
+        size = self.config.batch_size
+        assert isinstance(size, int), size
+        return size
+
 
 @dataclass
 class RunState:
@@ -95,6 +102,8 @@ class RunState:
     keep where this call began, so a resumed run reports its own throughput."""
 
     metrics: MetricsLog
+    #: The micro-batch sizes in use (:func:`fresh_run` and :func:`restore_run` set them).
+    backoff: Backoff
     position: Position = field(default_factory=Position)
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
@@ -104,8 +113,6 @@ class RunState:
     last_checkpoint: tuple[int, str] | None = None
     #: on_eval asked to stop, or a stream ran dry before its epoch ended.
     stop_requested: bool = False
-    #: The micro-batch sizes in use; None until :func:`fresh_run` or :func:`restore_run` sets it.
-    backoff: Backoff | None = None
     #: With ``adaptive``: its :class:`~batchfit.loop.adaptive.AdaptiveRun` (None: off).
     adaptive: Any = None
     samples_at_start: int = field(init=False)
@@ -151,10 +158,10 @@ def restore_run(saved: dict[str, Any], setup: Setup, metrics: MetricsLog) -> Run
     metrics.micro_batch_size = backoff.micro_batch_size
     return RunState(
         metrics,
+        backoff,
         position,
         list(saved["history"]),
         list(saved["evals"]),
         saved["train_seconds"],
         resumed_from_step=position.step,
-        backoff=backoff,
     )

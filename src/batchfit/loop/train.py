@@ -322,7 +322,7 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
         samples_per_s=(pos.samples_seen - run.samples_at_start) / trained_seconds
         if trained_seconds > 0
         else 0.0,
-        batch_size=config.batch_size,
+        batch_size=setup.batch_size,
         micro_batch_size=setup.micro_batch_size,
         lr=setup.lr,
         optimizer=config.optimizer,
@@ -340,8 +340,8 @@ def _what_was_kept(run: RunState, config: TrainConfig) -> str:
         return f"training stopped; no checkpoint was saved, as no {opt('checkpoint_dir')} was given"
     path = checkpoint_path(config.checkpoint_dir)
     if run.last_checkpoint is not None:
-        step, path = run.last_checkpoint
-        return f"training stopped; the last good checkpoint (step {step}) was kept in {path}"
+        step, saved = run.last_checkpoint
+        return f"training stopped; the last good checkpoint (step {step}) was kept in {saved}"
     if run.resumed_from_step is not None:
         return (
             f"training stopped; the checkpoint it resumed from (step {run.resumed_from_step}) "
@@ -355,29 +355,33 @@ def _sizes(num_samples: int | None, config: TrainConfig) -> tuple[Plan | None, i
 
     With ``adaptive`` the micro-batch may exceed the starting batch size: it is the ceiling the
     batch grows to in one pass before accumulation takes over."""
-    micro = config.micro_batch_size
-    above = config.adaptive and micro is not None and micro > config.batch_size
-    given = None if above else micro
+    micro, batch_size = config.micro_batch_size, config.batch_size
+    assert isinstance(batch_size, int)  # auto is resolved before the loop
+    ceiling = micro if config.adaptive and micro is not None and micro > batch_size else None
+    given = None if ceiling is not None else micro
     if num_samples is None:
-        return None, micro if above else check_sizes(config.batch_size, given, world_size())
+        return None, ceiling or check_sizes(batch_size, given, world_size())
     the_plan = plan(
         num_samples,
-        config.batch_size,
+        batch_size,
         micro_batch_size=given,
         world_size=world_size(),
         epochs=config.epochs,
         max_steps=config.max_steps,
         drop_last=config.drop_last,
     )
-    return the_plan, micro if above else the_plan.micro_batch_size
+    return the_plan, ceiling or the_plan.micro_batch_size
 
 
 def _last_step(config: TrainConfig, the_plan: Plan | None) -> int:
     if config.adaptive:  # steps per epoch follow the batch size: epochs end by samples
         return config.max_steps or sys.maxsize
     if config.steps_per_epoch is not None:
-        return total_steps(config.steps_per_epoch, config.epochs, config.max_steps)
-    return the_plan.total_steps if the_plan else config.max_steps
+        last = total_steps(config.steps_per_epoch, config.epochs, config.max_steps)
+    else:
+        last = the_plan.total_steps if the_plan else config.max_steps
+    assert last is not None  # the length was checked: epochs or steps, countable on this data
+    return last
 
 
 def _training_done(pos: Position, setup: Setup) -> bool:

@@ -14,7 +14,7 @@ import dataclasses
 import gc
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ class SweepRun:
     seconds: float
     samples_per_s: float | None
     train_loss: float | None
-    final: dict[str, float | None]
+    final: Mapping[str, float | None]
     train_subset: dict[str, float] | None
     gap: dict[str, float]
     sharpness: dict[str, Any] | None
@@ -479,9 +479,7 @@ def _diverged_run(
         **common,
         micro_batch_size=min(micro, batch_size) if micro else batch_size,
         steps=steps,
-        samples_seen=plan(samples, batch_size, max_steps=steps).total_samples
-        if samples
-        else steps * batch_size,
+        samples_seen=_samples_seen(samples, batch_size, steps),
         epochs=None,
         train_seconds=curve.points[-1]["train_seconds"],
         eval_seconds=curve.eval_seconds,
@@ -499,6 +497,13 @@ def _diverged_run(
     )
 
 
+def _samples_seen(samples: int | None, batch_size: int, steps: int) -> int:
+    """Samples a run of ``steps`` steps at ``batch_size`` drew (each epoch's last batch smaller,
+    when the data's size is known)."""
+    seen = plan(samples, batch_size, max_steps=steps).total_samples if samples else None
+    return seen if seen is not None else steps * batch_size
+
+
 def _first_clause(message: str) -> str:
     """ "The training loss became nan at step 7 (epoch 1)" from train()'s longer message, whose
     advice about checkpoints does not apply to a sweep."""
@@ -512,6 +517,8 @@ def run_summary(label: str, run: SweepRun, metric: str) -> str:
     if run.diverged:
         seen = f"best {best['value']:.4f} before that" if best else "no finite evaluation"
         return f"{label}: diverged ({run.diverged['reason']}); {metric} {seen}. Recorded; going on."
+    # a run that did not diverge measured all three
+    assert run.sharpness is not None and run.final is not None and best is not None
     return (
         f"{label}: {metric} best {best['value']:.4f}, final {run.final[metric]:.4f}; "
         f"sharpness {run.sharpness['eigenvalue']:.4g}; {run.steps} steps in "

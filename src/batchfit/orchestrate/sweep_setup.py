@@ -38,7 +38,7 @@ from batchfit.data.tensors import TensorSource
 from batchfit.errors import BatchfitError, first_line
 from batchfit.files import make_folder, prepare_report_folder
 from batchfit.inputs import as_source, check_model, check_model_accepts_data, loss_for
-from batchfit.losses import LOSS_NAMES, Loss
+from batchfit.losses import LOSS_NAMES, Loss, LossFn
 from batchfit.probe.memory import is_out_of_memory
 from batchfit.report.recommendation_file import read_recommendation
 from batchfit.report.sweep_report import REPORT_FILES
@@ -142,7 +142,11 @@ class Start:
 
 
 def prepare(
-    model: nn.Module, data: object, val_data: object, loss: object, config: SweepConfig
+    model: nn.Module,
+    data: object,
+    val_data: object,
+    loss: str | LossFn | Loss | None,
+    config: SweepConfig,
 ) -> SweepSetup:
     """Check the sweep's inputs and measure its starting point (the model moves to the device)."""
     # check: model, data, sizes, budget, learning rates, target; all before any training
@@ -308,7 +312,10 @@ def budget_of(config: SweepConfig, samples: int | None) -> dict[str, int]:
 def total_steps(budget: dict[str, int], samples: int | None, batch_size: int) -> int:
     """Optimizer steps a run of ``batch_size`` makes within ``budget``."""
     if "epochs" in budget:
-        return plan(samples, batch_size, epochs=budget["epochs"]).total_steps
+        assert samples is not None  # budget_of gives epochs only to data of known length
+        steps = plan(samples, batch_size, epochs=budget["epochs"]).total_steps
+        assert steps is not None  # epochs of known data count their steps
+        return steps
     if "steps" in budget:
         return budget["steps"]
     if samples is None:

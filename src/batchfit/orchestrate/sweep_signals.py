@@ -48,7 +48,7 @@ def signals_stop_the_sweep() -> Iterator[None]:
         raise SweepSignal(signal.Signals(signum).name)
 
     try:
-        for sig in SIGNALS:
+        for sig in map(int, SIGNALS):
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, stop)
         yield

@@ -90,7 +90,7 @@ def preserved(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) 
             model.load_state_dict(state)
         for p, g in zip(model.parameters(), grads, strict=True):
             p.grad = g
-        if optimizer is not None:
+        if optimizer is not None and opt_state is not None:
             optimizer.load_state_dict(opt_state)
         model.train(training)
         torch.set_rng_state(rng)

@@ -545,6 +545,7 @@ def _limit(device: torch.device, limit_bytes: int | None, headroom: float) -> _L
             limit_at, source = _within_machine(limit_bytes, total, "this machine's RAM")
         release_memory(collect=True)
         baseline = rss_bytes()
+        assert limit_at is not None  # a default or a given limit, clamped
         limit = _Limit(
             bytes=limit_at,
             source=source,

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -158,7 +159,7 @@ def _hessian_vector_product(
 
     if micro_batch_size is None or micro_batch_size >= len(y):
         # Built once: every call of hvp reuses the graph of the gradient at ``flat``.
-        _, pullback = vjp(grad(lambda w: loss_of(w, x, y)), weights.flat)
+        pullback = vjp(grad(functools.partial(loss_of, xs=x, ys=y)), weights.flat)[1]
 
         def hvp(v: torch.Tensor) -> torch.Tensor:
             return pullback(v)[0]
@@ -170,7 +171,7 @@ def _hessian_vector_product(
     def chunked_hvp(v: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(weights.flat)
         for xs, ys in chunks:
-            _, pullback = vjp(grad(lambda w, xs=xs, ys=ys: loss_of(w, xs, ys)), weights.flat)
+            pullback = vjp(grad(functools.partial(loss_of, xs=xs, ys=ys)), weights.flat)[1]
             total += pullback(v)[0] * (len(ys) / len(y))
         return total
 
@@ -180,7 +181,7 @@ def _hessian_vector_product(
 def _power_iteration(hvp, start: torch.Tensor, shift: float, iterations: int, tolerance: float):
     """Top-magnitude eigenvalue of ``H - shift I``: (estimate, products used, converged)."""
     v = start / start.norm()
-    estimate = None
+    estimate: float | None = None
     for used in range(1, iterations + 1):
         hv = hvp(v) - shift * v
         new = float(torch.dot(v, hv))
@@ -192,4 +193,5 @@ def _power_iteration(hvp, start: torch.Tensor, shift: float, iterations: int, to
         if norm == 0:  # v is in the null space: H is zero along every direction tried
             return 0.0, used, True
         v = hv / norm
-    return float(estimate), iterations, False
+    assert estimate is not None  # iterations >= 1 set it
+    return estimate, iterations, False
