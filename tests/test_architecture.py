@@ -33,10 +33,21 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"core", "errors"},
     "progress": {"core", "errors"},
     "memory_limits": {"core"},
+    "threads": {"core"},
     "step": {"core", "data", "errors", "losses"},
     "distributed": {"core", "data", "errors", "losses"},
     "inputs": {"core", "data", "errors", "imports", "losses"},
-    "probe": {"core", "data", "errors", "files", "inputs", "losses", "memory_limits", "step"},
+    "probe": {
+        "core",
+        "data",
+        "errors",
+        "files",
+        "inputs",
+        "losses",
+        "memory_limits",
+        "step",
+        "threads",
+    },
     "loop": {
         "checkpoint",
         "core",
@@ -50,6 +61,7 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
         "progress",
         "step",
+        "threads",
     },
     "report": {"core", "errors", "files", "version"},
     "orchestrate": {
@@ -67,6 +79,7 @@ ALLOWED: dict[str, set[str]] = {
         "progress",
         "report",
         "step",
+        "threads",
     },
     "task": {"core", "checkpoint", "data", "errors", "examples", "imports", "inputs", "losses"},
     "cli": {

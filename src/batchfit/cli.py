@@ -519,7 +519,7 @@ def _task_group(target: Shown = "target") -> Group:
     )
 
 
-_OUTPUT = ("device", "progress", "json")
+_OUTPUT = ("device", "threads", "progress", "json")
 
 COMMANDS: dict[str, Command] = {
     "plan": Command(
@@ -622,6 +622,7 @@ COMMANDS: dict[str, Command] = {
                         {"help": "folder for metrics.csv and the trained weights, model.pt"},
                     ),
                     "device",
+                    "threads",
                     ("progress", {"help": "no progress bars"}),
                     "json",
                 ),

@@ -102,6 +102,7 @@ class TrainConfig(Config):
     resume: bool = _option("resume")
     out_dir: Any = _option("out_dir")
     device: Any = _option("device")
+    threads: int | None = _option("threads")
     progress: bool = _option("progress")
     tune_budget: float | None = _option("tune_budget")
     adaptive: bool = _option("adaptive")
@@ -127,6 +128,7 @@ class TuneConfig(Config):
     time_budget: float | None = _option("time_budget")
     headroom: float = _option("headroom")
     device: Any = _option("device")
+    threads: int | None = _option("threads")
     seed: int = _option("seed")
     out_dir: Any = _option("out_dir")
     #: The planned run (its horizon, :class:`~batchfit.core.horizon.Horizon`): epochs and/or
@@ -174,5 +176,6 @@ class SweepConfig(Config):
     resume: bool = _option("resume")
     report: Any = _option("report")
     device: Any = _option("device")
+    threads: int | None = _option("threads")
     progress: bool = _option("progress")
     task_name: str | None = None

@@ -201,6 +201,16 @@ OPTIONS: dict[str, Option] = _rows(
     ),
     Option("data_workers", Int(1, 64), 1, "threads decoding streamed data ahead"),
     Option("seed", Int(0, 2**63 - 1), 0, "seed for weights, shuffling and splits"),
+    Option(
+        "threads",
+        Int(1),
+        help="torch threads for this run (set back afterwards)",
+        shown=Varies(
+            "command",
+            {"tune": "torch's own, or on an oversubscribed CPU the fastest measured"},
+            otherwise="torch's own",
+        ),
+    ),
     # -- sizes and length (plan, train, sweep)
     Option("samples", Int(1), help="training samples N"),
     Option(

@@ -58,6 +58,7 @@ from batchfit.losses import Loss, LossFn
 from batchfit.metrics import MetricsLog
 from batchfit.progress import TrainProgress
 from batchfit.step import DEFAULT_LR, evaluate, make_optimizer, params_sha256, resolve_device
+from batchfit.threads import thread_warning, torch_threads
 
 # Importable from here as before: the loop's position, its stream of batches, and evaluate (which
 # batchfit/__init__.py takes from this module; its home is batchfit.step).
@@ -154,6 +155,19 @@ def train(
     """
     options = optimizer_options(options, ("lr", "momentum", "weight_decay"))  # class, factory
     config = TrainConfig.build(config, **options)
+    with torch_threads(config.threads):
+        return _train(model, data, val_data, loss, on_eval, config)
+
+
+def _train(
+    model: nn.Module,
+    data: object,
+    val_data: object | None,
+    loss: str | LossFn | Loss | None,
+    on_eval: OnEval | None,
+    config: TrainConfig,
+) -> TrainResult:
+    """:func:`train` on its checked config, within its torch threads."""
     # prepare: every check that can fail does so now, not an epoch into training
     setup = prepare(model, data, val_data, loss, on_eval, config)
     # no other run writes into this checkpoint folder meanwhile (rank 0 holds it for all ranks)
@@ -182,6 +196,10 @@ def _progress(setup: Setup, run: RunState) -> TrainProgress:
     bar = TrainProgress(setup.config.progress and is_main())
     run.backoff.log = bar.log
     announce(bar, setup, run)
+    if bar.enabled and setup.config.threads is None and setup.device.type == "cpu":
+        warning = thread_warning()
+        if warning is not None:
+            bar.log(f"warning: {warning}")
     return bar
 
 

@@ -60,6 +60,7 @@ from batchfit.orchestrate.sweep_signals import (
 )
 from batchfit.progress import TrainProgress
 from batchfit.report.sweep_report import write_report
+from batchfit.threads import thread_warning, torch_threads
 
 DEFAULT_BATCH_SIZES = default_of("batch_sizes")
 FORMAT_VERSION = 1
@@ -147,6 +148,19 @@ def sweep(
     """
     options = optimizer_options(options, ("lr", "momentum", "weight_decay"))  # a class, a factory
     config = SweepConfig.build(config, **options)
+    with torch_threads(config.threads):
+        return _sweep(model, data, val_data, loss, on_run, config)
+
+
+def _sweep(
+    model: nn.Module,
+    data: object,
+    val_data: object,
+    loss: str | Loss | None,
+    on_run: Callable[[dict[str, Any]], None] | None,
+    config: SweepConfig,
+) -> SweepResult:
+    """:func:`sweep` on its checked config, within its torch threads."""
     started = time.perf_counter()
     with signals_stop_the_sweep():  # a signal in any phase says what was saved (sweep_signals)
         # setup: check every input, then measure the start all runs share
@@ -155,6 +169,8 @@ def sweep(
             plans = plan_runs(setup)
             bar = TrainProgress(config.progress)
             _announce(bar, setup)
+            if config.threads is None and (warning := thread_warning()) is not None:
+                bar.log(f"warning: {warning}")
         except KeyboardInterrupt as exc:
             raise stopped_before_runs(exc) from None
         # run all: each run trains, evaluates, measures sharpness and is saved (resume reads it)

@@ -148,6 +148,10 @@ def _tune_then_train(
     if micro is None or micro > choice.batch_size:
         micro = choice.micro_batch_size
     chosen = replace(config, batch_size=choice.batch_size, micro_batch_size=micro, lr=choice.lr)
+    if tuned is not None and config.threads is None and tuned.machine.threads_seconds:
+        # tune found torch's own threads fighting over the cores: train on the ones it measured
+        say(f"training on {tuned.machine.threads_used} torch threads, as tune measured with")
+        chosen = replace(chosen, threads=tuned.machine.threads_used)
     trained = train_batches(model, data, config=chosen, **run)
     done = {f.name: getattr(trained, f.name) for f in fields(TrainResult)}
     return AutoTrainResult(**done, auto=choice, tune=tuned)
@@ -173,6 +177,7 @@ def _tune(
         lr=config.lr,
         seed=config.seed,
         device=config.device,
+        threads=config.threads,
         time_budget=config.tune_budget,
         **{"epochs": config.epochs, "max_steps": config.max_steps, **extra},  # the run's length
     )

@@ -53,7 +53,7 @@ from batchfit.orchestrate.tune_race import race_phase
 from batchfit.orchestrate.tune_ranks import tune_on_ranks
 from batchfit.orchestrate.tune_result import Recommended, TuneResult
 from batchfit.orchestrate.tune_state import LearningRates, MeasuredByRanks, Phase, TuneRun, timed
-from batchfit.probe.machine import check_machine
+from batchfit.probe.machine import check_machine, choose_threads
 from batchfit.probe.memory import (
     MemoryCeiling,
     batch_norm_cap_error,
@@ -260,9 +260,12 @@ def _checked_config(model: nn.Module, config: TuneConfig | None, options: dict) 
 
 def _measured_on(run: TuneRun, phases: Callable[[TuneRun], T], out: Path | None) -> T:
     """``phases(run)`` on the run's device with tune's own seed; the model goes back to its
-    device and torch's random state is untouched. A run that fails leaves no earlier report in
-    ``out`` that could look like its answer (an interrupted one keeps it)."""
+    device and torch's random state and thread count are untouched. A run that fails leaves no
+    earlier report in ``out`` that could look like its answer (an interrupted one keeps it)."""
     user_device, device = model_device(run.model), run.device
+    user_threads = torch.get_num_threads()
+    if run.config.threads is not None:  # every pass tune makes, from the first
+        torch.set_num_threads(run.config.threads)
     run.model.to(device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -274,6 +277,7 @@ def _measured_on(run: TuneRun, phases: Callable[[TuneRun], T], out: Path | None)
         raise
     finally:
         run.model.to(user_device)
+        torch.set_num_threads(user_threads)
 
 
 def _check_batch_norm_cap(model: object, max_batch_size: int | None) -> None:
@@ -298,7 +302,8 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     if run.budget.note:
         run.log(f"note: {run.budget.note}")
     # Timings on a shared or oversubscribed CPU are slow alike and say nothing: look first.
-    machine = check_machine(model_device(run.model))
+    machine = choose_threads(check_machine(model_device(run.model)), run.config.threads)
+    torch.set_num_threads(machine.threads_used)  # _measured_on sets the caller's back
     for warning in machine.warnings:
         run.log(f"warning: {warning}")
     phases: dict[str, Phase[Any]] = {}

@@ -16,27 +16,27 @@ Each finding is a warning with its fix; tune prints them first and records them 
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import psutil
 import torch
 
+from batchfit.core.options import opt_value
+from batchfit.threads import THREADS_SLOWER, usable_cores
+from batchfit.threads import reference_seconds as _reference_seconds
+
 #: Other processes keeping more than this share of the CPU busy make timings unreliable.
 BUSY_SHARE = 0.5
-#: Torch's threads slower than this many times one thread: they compete for cores.
-THREADS_SLOWER = 1.3
-#: The reference workload: a product of two square float32 matrices of this size, repeated.
-REFERENCE_SIZE = 192
-REFERENCE_REPEATS = 12
 SAMPLE_SECONDS = 0.3
 
 
 @dataclass(frozen=True)
 class MachineCheck:
-    """What the machine looked like before measuring, and the warnings it gave."""
+    """What the machine looked like before measuring, and the warnings it gave; and the torch
+    threads tune measured with (``threads_used``): the ones given, torch's own, or on an
+    oversubscribed CPU the fastest of ``threads_seconds`` (count -> reference seconds)."""
 
     cores: int
     threads: int
@@ -44,34 +44,65 @@ class MachineCheck:
     reference_seconds_threads: float
     reference_seconds_one: float
     warnings: tuple[str, ...]
+    threads_used: int = 0
+    threads_how: str = "torch's own"
+    threads_seconds: dict[int, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity; all of them where that is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def fastest_threads(seconds: Mapping[int, float]) -> int:
+    """The thread count that ran the reference workload fastest; of counts within 5% of it, the
+    fewest (fewer threads leave cores to the rest of the machine).
+
+    >>> fastest_threads({1: 0.010, 2: 0.006, 8: 0.050})
+    2
+    >>> fastest_threads({1: 0.0100, 2: 0.0098})
+    1
+    """
+    best = min(seconds.values())
+    return min(n for n, s in seconds.items() if s <= 1.05 * best)
 
 
-def _reference_seconds(threads: int) -> float:
-    """The fastest of a few timings of the reference workload on ``threads`` torch threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a = torch.ones(REFERENCE_SIZE, REFERENCE_SIZE)
-        best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            for _ in range(REFERENCE_REPEATS):
-                a = (a @ a).clamp_(-1.0, 1.0)
-            best = min(best, time.perf_counter() - started)
-        return best
-    finally:
-        torch.set_num_threads(previous)
+def thread_counts(cores: int, default: int) -> list[int]:
+    """The counts tried on an oversubscribed CPU: one, half the cores, all of them, torch's own.
+
+    >>> thread_counts(2, 8), thread_counts(16, 16)
+    ([1, 2, 8], [1, 8, 16])
+    """
+    return sorted({1, max(1, cores // 2), cores, default})
+
+
+def oversubscribed(check: MachineCheck) -> bool:
+    """Torch's threads outnumber the cores, or run the reference slower than one thread does."""
+    return check.threads > check.cores or (
+        check.threads > 1
+        and check.reference_seconds_threads > THREADS_SLOWER * check.reference_seconds_one
+    )
+
+
+def choose_threads(check: MachineCheck, given: int | None) -> MachineCheck:
+    """The threads to measure with: ``given`` when given; on an oversubscribed CPU the fastest
+    on the reference workload (timed now); else torch's own. The caller sets them."""
+    if given is not None:
+        return replace(check, threads_used=given, threads_how="given")
+    if not oversubscribed(check):
+        return replace(check, threads_used=check.threads)
+    seconds = {n: _reference_seconds(n) for n in thread_counts(check.cores, check.threads)}
+    chosen = fastest_threads(seconds)
+    timings = ", ".join(f"{n}: {s * 1e3:.1f} ms" for n, s in sorted(seconds.items()))
+    note = (
+        f"tune measured with {chosen} torch threads, the fastest on a reference matrix product "
+        f"({timings}; torch's own: {check.threads}); train with {opt_value('threads', chosen)}."
+    )
+    return replace(
+        check,
+        threads_used=chosen,
+        threads_how=f"the fastest of {sorted(seconds)} on the reference workload",
+        threads_seconds=seconds,
+        warnings=(*check.warnings, note),
+    )
 
 
 def check_machine(device: torch.device) -> MachineCheck:
@@ -98,4 +129,4 @@ def check_machine(device: torch.device) -> MachineCheck:
             f"{threads} threads than on one: the threads compete with other work for the cores, "
             "so every step is slow alike; free the CPU, or set OMP_NUM_THREADS=1."
         )
-    return MachineCheck(cores, threads, busy, with_threads, one, tuple(warnings))
+    return MachineCheck(cores, threads, busy, with_threads, one, tuple(warnings), threads)

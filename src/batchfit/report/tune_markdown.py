@@ -281,10 +281,20 @@ def train_command(report: dict[str, Any]) -> str:
         "lr": f"{r['lr']:.3g}",
         "optimizer": r["optimizer"],
         **_run_length(report),
+        **_threads(report),
     }
     options = [*(report.get("task_options") or ())]
     options += [f"{OPTIONS[name].flags[0]} {value}" for name, value in settings.items()]
     return " ".join(["batchfit train", *options])
+
+
+def _threads(report: dict[str, Any]) -> dict[str, int]:
+    """The train command's threads: the ones tune measured with when it chose them (torch's own
+    fought over the cores) or was given them; none when torch's own were used."""
+    machine = report.get("machine") or {}
+    if machine.get("threads_how", "torch's own") == "torch's own":
+        return {}
+    return {"threads": machine["threads_used"]}
 
 
 def _run_length(report: dict[str, Any]) -> dict[str, int]:
