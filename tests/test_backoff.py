@@ -60,6 +60,7 @@ def same_weights(out):
     plain = wide()
     train(plain, (x, y), batch_size=4096, epochs=2, micro_batch_size=used[-1], out_dir=f"{out}/b")
     return {"steps": kept.steps, "micros": used, "gap": weights_gap(limited, plain),
+            "result_micro": [kept.micro_batch_size, kept.configured_micro_batch_size],
             "bitwise": all(torch.equal(p, q) for p, q in zip(limited.parameters(),
                                                              plain.parameters()))}
 
@@ -156,6 +157,8 @@ def test_a_step_out_of_memory_is_redone_smaller_and_ends_with_the_smaller_runs_w
     # the same batches, the same steps: the weights of a run at that micro-batch from the start
     assert answer["gap"] < 1e-6, answer
     assert "out of memory at micro-batch 4096; continuing with 2048 (batch size stays 4096)" in log
+    # the result (train --json) reports the micro-batch it trained with, beside the configured
+    assert answer["result_micro"] == [micros[-1], 4096]
 
 
 def test_a_memory_spike_drops_the_micro_batch_and_it_grows_back_after_clean_steps(tmp_path):

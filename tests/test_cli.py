@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -507,3 +508,22 @@ def _raises(error: BaseException):
         raise error
 
     return raises
+
+
+def test_the_resume_line_under_torchrun_relaunches_as_many_processes(monkeypatch):
+    from batchfit.cli import _resume_command
+
+    argv = ["batchfit", "train", "--example", "linreg", "--checkpoint-dir", "ck"]
+    monkeypatch.setattr(sys, "argv", argv)
+    args = argparse.Namespace(resume=False)
+    assert _resume_command(args) == "batchfit train --example linreg --checkpoint-dir ck --resume"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _resume_command(args) == (
+        "torchrun --nproc-per-node 2 -m batchfit train --example linreg --checkpoint-dir ck "
+        "--resume"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two nodes of two
+    assert _resume_command(args).startswith(
+        "torchrun --nnodes 2 <your rendezvous options> --nproc-per-node 2 -m batchfit train "
+    )

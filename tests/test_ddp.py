@@ -113,6 +113,7 @@ def test_two_ranks_train_the_weights_of_one_process_and_only_rank_0_writes(tmp_p
     assert two.stdout.count('"steps"') == 1
 
     result = json.loads(two.stdout[two.stdout.index("{") :])
+    assert result["world_size"] == 2  # how many processes trained, in the result itself
     plan = run_cli(
         ["plan", "--samples", "8192", "--batch-size", "63", "--micro-batch-size", "8"]
         + ["--world-size", "2", "--max-steps", "20", "--json"]

@@ -199,6 +199,58 @@ def test_one_number_per_sample_output_with_cross_entropy_names_the_output_shape(
     assert "outputs" not in message
 
 
+def _per_sample_loss(output, target):
+    return torch.nn.functional.cross_entropy(output, target, reduction="none")  # a vector
+
+
+def _loss_reading_a_missing_key(output, target):
+    return {"weights": 1.0}["weight"] * output.sum()  # KeyError: the user's own bug
+
+
+@pytest.mark.parametrize(
+    ("loss", "said"),
+    [
+        (_per_sample_loss, "returned a tensor of shape (2,), not one number; reduce it"),
+        (_loss_reading_a_missing_key, "raised KeyError: 'weight', tried on the first samples"),
+    ],
+)
+def test_a_custom_loss_is_tried_before_training_and_a_vector_or_error_is_one_line(loss, said):
+    x, y = blobs(64)
+    for run in (train, tune):
+        with pytest.raises(BatchfitError, match=r"^[^\n]+$") as error:
+            run(nn.Linear(4, 3), (x, y), loss=loss, **({"batch_size": 16, "epochs": 1}
+                if run is train else {"time_budget": 5}))  # fmt: skip
+        assert said in str(error.value)
+
+
+def test_nan_in_tensor_features_is_named_before_training_as_it_is_for_files():
+    x, y = blobs(64)
+    x[5, 2] = float("nan")
+    x[9] = float("inf")
+    with pytest.raises(BatchfitError, match=r"^[^\n]+$") as error:
+        train(nn.Linear(4, 3), (x, y), batch_size=16, epochs=1)
+    assert "features hold 5 NaN or infinite values (in 2 of 64 samples)" in str(error.value)
+
+
+class _NanForward(nn.Module):
+    """A forward pass that makes NaN from the first batch on (a log of a negative number)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.log(-self.net(x).abs() - 1.0)
+
+
+def test_a_nan_loss_at_step_one_blames_the_model_or_data_not_the_learning_rate():
+    with pytest.raises(BatchfitError) as error:
+        train(_NanForward(), blobs(64), batch_size=16, epochs=1)
+    message = str(error.value)
+    assert "at step 1, before any update, so the learning rate is not the cause" in message
+    assert "Lower 'lr'" not in message and "check the forward pass" in message
+
+
 def test_integer_features_are_told_to_become_floats_not_to_fix_features():
     x, y = blobs(64)
     with pytest.raises(BatchfitError, match=r"^[^\n]+$") as error:

@@ -94,6 +94,23 @@ def _flip_tensor_bytes(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+def test_resume_with_a_typo_in_the_checkpoint_folder_is_refused_not_started_over(tmp_path):
+    """A typo in the folder of a long run must not silently train it again from step 0. A
+    folder that does not exist with no checkpoint of a close name beside it starts a new run
+    (the same command launches and relaunches a job), and says so."""
+    first = run_cli([*SHORT, "--checkpoint-dir", "ckpt"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    got = run_cli([*SHORT, "--checkpoint-dir", "ckpy", "--resume"], cwd=tmp_path)
+    assert got.returncode == 2, got.stderr
+    line = _one_line(got.stderr)
+    assert "--resume: the checkpoint folder 'ckpy' does not exist, but 'ckpt' beside it" in line
+    assert "leave out --resume to start a new run in 'ckpy'" in line
+    assert not (tmp_path / "ckpy").exists()
+    started = run_cli([*SHORT[:-1], "--checkpoint-dir", "other", "--resume"], cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert "No checkpoint in other yet; starting from the beginning." in started.stderr
+
+
 def test_a_checkpoint_with_flipped_tensor_bytes_is_refused_on_resume(tmp_path):
     folders = ["--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "o")]
     assert run_cli(_short(1, *folders)).returncode == 0

@@ -144,7 +144,8 @@ def test_an_interruption_without_a_checkpoint_folder_names_the_option():
 def test_a_nan_loss_advises_a_lower_lr_as_option_or_flag():
     def flush_a_nan() -> None:
         log = MetricsLog(None, micro_batch_size=4, lr=0.1)
-        log.pending.append((1, 4, float("nan"), 0.01))
+        log.pending.append((1, 4, 2.0, 0.01))
+        log.pending.append((2, 4, float("nan"), 0.01))  # after an update: the lr may be to blame
         log.flush()
 
     with pytest.raises(NonFiniteLossError, match=r"kept\. Lower 'lr' or check the data"):

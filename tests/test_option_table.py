@@ -181,7 +181,7 @@ def _parsed(command: str):
 #: Defaults the help writes in words, with no value a command could be held to.
 IN_WORDS = {
     "features", "target", "loss", "stream", "micro_batch_size", "memory_limit", "max_batch_size",
-    "min_batch_size", "lr_grid",
+    "min_batch_size", "lr_grid", "threads",
 }  # fmt: skip
 
 

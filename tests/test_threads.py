@@ -4,9 +4,6 @@ and train warns, naming the option."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -15,8 +12,8 @@ from batchfit.errors import BatchfitError
 from batchfit.orchestrate.tune import tune
 from batchfit.probe.machine import MachineCheck, choose_threads, fastest_threads, thread_counts
 from batchfit.report.tune_report import train_command
-from batchfit.threads import usable_cores
-from helpers import blobs, subprocess_env
+from batchfit.threads import torch_threads, usable_cores
+from helpers import blobs
 
 
 def mlp() -> torch.nn.Module:
@@ -74,18 +71,12 @@ def test_train_runs_on_the_threads_given_and_sets_them_back():
     assert model.seen == {1} and torch.get_num_threads() == before
 
 
-def _train_cli(args: list[str], cwd, threads: int) -> subprocess.CompletedProcess:
-    """``batchfit train`` in a process whose torch starts ``threads`` threads."""
-    env = {**subprocess_env(), "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "batchfit", "train", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
-def test_train_on_more_threads_than_cores_warns_and_names_the_option(tmp_path):
-    args = ["--example", "linreg", "--batch-size", "64", "--epochs", "1"]
-    crowded = _train_cli(args, tmp_path, threads=usable_cores() + 2)
-    assert crowded.returncode == 0, crowded.stderr
-    (warning,) = [s for s in crowded.stderr.splitlines() if "threads on" in s]
-    assert "warning: torch runs" in warning and "give --threads 1" in warning
-    given = _train_cli([*args, "--threads", "1"], tmp_path, threads=usable_cores() + 2)
-    assert given.returncode == 0 and "threads on" not in given.stderr
+def test_train_on_more_threads_than_cores_warns_and_names_the_option(capfd):
+    crowded = usable_cores() + 2
+    with torch_threads(crowded):
+        train(mlp(), blobs(200), batch_size=32, epochs=1, progress=True)
+        (warning,) = [s for s in capfd.readouterr().err.splitlines() if "threads on" in s]
+        assert f"warning: torch runs {crowded} threads on {usable_cores()} usable cores" in warning
+        assert "give threads=1 or" in warning
+        train(mlp(), blobs(200), batch_size=32, epochs=1, progress=True, threads=1)
+        assert "threads on" not in capfd.readouterr().err

@@ -267,8 +267,17 @@ def _task_options(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    """The command line as typed, with --resume added if it is not there."""
+    """The command line as typed, with --resume added if it is not there; under torchrun, with
+    the torchrun that launches as many processes again (a checkpoint is refused on another world
+    size)."""
     command = "batchfit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("LOCAL_WORLD_SIZE")
+    if world > 1:
+        per_node = int(local) if local else world
+        nodes = ""
+        if per_node < world:
+            nodes = f"--nnodes {world // per_node} <your rendezvous options> "
+        command = f"torchrun {nodes}--nproc-per-node {per_node} -m {command}"
     return command if args.resume else command + " --resume"
 
 

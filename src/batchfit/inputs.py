@@ -79,7 +79,11 @@ def as_source(
             data, seed=seed, shuffle=shuffle, num_workers=num_workers, collate_fn=collate_fn
         )
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        return TensorSource(data[0], data[1], seed=seed, shuffle=shuffle)
+        source = TensorSource(data[0], data[1], seed=seed, shuffle=shuffle)
+        # the user's arrays: every value checked now, as a file's are when read
+        _check_finite(source.x, "features", what)
+        _check_finite(source.y, "target", what)
+        return source
     raise BatchfitError(
         f"The {what} must be an (x, y) pair of tensors or arrays, a torch Dataset, "
         f"IterableDataset or DataLoader, or a BatchSource; got {type(data).__name__}."
@@ -282,6 +286,38 @@ def target_kind_of(source: BatchSource) -> str:
     return "real" if y.is_floating_point() else "class"
 
 
+def _check_finite(values: torch.Tensor, name: str, what: str) -> None:
+    """NaN or infinite values in a tensor of the data: named with their count before training,
+    not met as a NaN loss that looks like a learning rate too high."""
+    if not values.is_floating_point():
+        return
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    rows = int((~finite.reshape(len(values), -1).all(dim=1)).sum())
+    raise BatchfitError(
+        f"The {what}'s {name} hold {bad} NaN or infinite values (in {rows} of {len(values)} "
+        "samples); fill or drop them before training."
+    )
+
+
+def _check_scalar_loss(value: object, name: str) -> None:
+    """A loss must be one number to backpropagate: a vector (a loss without its reduction) is
+    named with the fix before training, not met as torch's "grad can be implicitly created only
+    for scalar outputs" at the first step."""
+    if not isinstance(value, torch.Tensor):
+        raise BatchfitError(
+            f"The loss '{name}' returned {type(value).__name__}, not a tensor; return a tensor "
+            "with one number (e.g. the mean over the batch)."
+        )
+    if value.numel() != 1:
+        raise BatchfitError(
+            f"The loss '{name}' returned a tensor of shape {tuple(value.shape)}, not one number; "
+            "reduce it over the batch (e.g. .mean()) so that it can be backpropagated."
+        )
+
+
 def check_model_accepts_data(
     model: nn.Module, source: BatchSource, loss: Loss, what: str = "data"
 ) -> None:
@@ -322,7 +358,7 @@ def check_model_accepts_data(
                 # F.cross_entropy takes classes on dim 1: (N, C) or (N, C, d1, ...)
                 source.expect_classes(output.shape[1])
             try:
-                loss.fn(output, y.to(device))
+                value = loss.fn(output, y.to(device))
             except BatchfitError:
                 raise
             except (RuntimeError, ValueError, IndexError) as exc:
@@ -331,6 +367,14 @@ def check_model_accepts_data(
                     f"{tuple(output.shape)} with the target of shape {tuple(y.shape)}: "
                     f"{first_line(exc)}."
                 ) from None
+            except Exception as exc:  # the user's own loss raised something else: say where
+                raise BatchfitError(
+                    f"The loss '{loss.name}' raised {type(exc).__name__}: {first_line(exc)}, "
+                    f"tried on the first samples before training (output of shape "
+                    f"{tuple(output.shape)}, target of shape {tuple(y.shape)}); fix the loss "
+                    "function."
+                ) from None
+            _check_scalar_loss(value, loss.name)
     finally:
         model.train(was_training)
 

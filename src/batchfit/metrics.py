@@ -108,6 +108,14 @@ class MetricsLog:
                 csv.writer(f, lineterminator="\n").writerows(rows)
         if bad is not None:
             step, epoch, value = bad
+            if step == 1:  # the loss of the first step is the initial weights': no update yet
+                raise NonFiniteLossError(
+                    f"The training loss was {value} at step 1, before any update, so the "
+                    "learning rate is not the cause",
+                    step=step,
+                    advice="The model's output or the data holds NaN or infinite values: check "
+                    "the forward pass (a log or division of zero) and the features.",
+                )
             raise NonFiniteLossError(
                 f"The training loss became {value} at step {step} (epoch {epoch})",
                 step=step,

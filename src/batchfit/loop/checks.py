@@ -4,6 +4,7 @@ check that keeps overflowed weights out of every checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,9 +49,31 @@ def check_output_paths(config: TrainConfig) -> None:
                 "checkpoints to."
             )
     else:
+        if config.resume:
+            _check_not_a_typo(Path(config.checkpoint_dir))
         _check_checkpoint_folder(Path(config.checkpoint_dir), config.resume)
     if config.out_dir is not None:
         check_writable(Path(config.out_dir), "out_dir")
+
+
+def _check_not_a_typo(folder: Path) -> None:
+    """``resume`` with a checkpoint folder that does not exist starts a new run there (the same
+    command can launch and relaunch a job), but not when a folder of a close name beside it holds
+    a checkpoint: a typo must not silently train a long run again from step 0."""
+    if folder.exists() or not folder.parent.is_dir():
+        return
+    beside = [
+        p.name
+        for p in folder.parent.iterdir()
+        if p.is_dir() and (p / CHECKPOINT_NAME).exists()
+    ]
+    close = difflib.get_close_matches(folder.name, beside, n=1, cutoff=0.6)
+    if close:
+        raise BatchfitError(
+            f"{opt('resume')}: the checkpoint folder '{folder}' does not exist, but "
+            f"'{folder.parent / close[0]}' beside it holds a checkpoint; give that folder to "
+            f"continue its run, or leave out {opt('resume')} to start a new run in '{folder}'."
+        )
 
 
 @contextlib.contextmanager

@@ -91,6 +91,12 @@ class TrainResult:
     weights_path: str | None = None
     #: With ``adaptive``: the final batch size and lr, the noise scale, every change and why.
     adaptive: dict[str, Any] | None = None
+    #: How many processes trained (torchrun's world size; 1 on one process). ``batch_size`` is
+    #: the global batch, split among them.
+    world_size: int = 1
+    #: The micro-batch the run was configured with; ``micro_batch_size`` is the one it trained
+    #: with at the end (smaller after an out-of-memory back-off).
+    configured_micro_batch_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -341,7 +347,9 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
         if trained_seconds > 0
         else 0.0,
         batch_size=setup.batch_size,
-        micro_batch_size=setup.micro_batch_size,
+        micro_batch_size=run.backoff.micro_batch_size,
+        configured_micro_batch_size=setup.micro_batch_size,
+        world_size=world_size(),
         lr=setup.lr,
         optimizer=config.optimizer,
         metrics_path=str(metrics.path) if metrics.path else None,
