@@ -260,6 +260,8 @@ def test_the_default_is_off_and_unchanged():
     ("options", "words"),
     [
         (dict(adaptive=True, min_batch_size=64, max_batch_size=32), "is above"),
+        # no min_batch_size given: the start is named, not a min_batch_size the user never gave
+        (dict(adaptive=True, max_batch_size=4), r"^The starting batch_size=8 is above max_batch"),
         (dict(adaptive=True, min_batch_size=16), "outside the adaptive range"),
         (dict(adaptive=True, min_batch_size=2, max_batch_size=4), "outside the adaptive range"),
         (dict(adaptive=True, min_batch_size=1), ">= 2"),

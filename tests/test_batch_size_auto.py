@@ -197,12 +197,19 @@ def test_a_machine_unfit_for_timing_is_said_in_the_why_line():
 
     x = torch.randn(512, 8)
     y = (x[:, 0] > 0).long()
+    class CountsThreads(torch.nn.Linear):
+        seen: list[int] = []
+
+        def forward(self, x):
+            self.seen.append(torch.get_num_threads())
+            return super().forward(x)
+
     before = torch.get_num_threads()
     torch.set_num_threads(usable_cores() + 2)
     said: list[str] = []
     try:
         result = batchfit.train(
-            torch.nn.Linear(8, 2),
+            CountsThreads(8, 2),
             (x, y),
             batch_size="auto",
             tune_budget=4,
@@ -215,3 +222,7 @@ def test_a_machine_unfit_for_timing_is_said_in_the_why_line():
     assert len(said) == 2 and said[1].startswith("why: ")
     assert "Warning:" in said[1] and f"OMP_NUM_THREADS={usable_cores()}" in said[1]
     assert result.auto.reasons in said[1]
+    # tune measured with the fastest thread count, and the run trained on it, not on torch's own
+    chosen = result.tune.machine.threads_used
+    assert result.tune.machine.threads_seconds and f"train with threads={chosen}." in said[1]
+    assert CountsThreads.seen[-2:] == [chosen, chosen]  # the two training steps

@@ -527,3 +527,12 @@ def test_the_resume_line_under_torchrun_relaunches_as_many_processes(monkeypatch
     assert _resume_command(args).startswith(
         "torchrun --nnodes 2 <your rendezvous options> --nproc-per-node 2 -m batchfit train "
     )
+
+
+def test_the_train_summary_says_when_start_up_took_a_noticeable_share():
+    from batchfit.cli import _train_time
+
+    assert _train_time(2.4, 17.4) == (
+        "2.4 s (and 15.0 s of start-up before it: importing torch, loading the data)"
+    )
+    assert _train_time(20.0, 20.5) == "20.0 s"  # start-up a small share: not worth a word

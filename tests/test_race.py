@@ -266,7 +266,7 @@ def test_a_budget_too_small_for_the_race_keeps_the_prediction_and_says_so():
     why = next(s for s in result.skipped if s.startswith("The race was not run: "))
     assert result.provisional and why in result.provisional_reasons
     assert result.to_report()["recommended"]["provisional"] == result.provisional_reasons
-    assert "PROVISIONAL (the race did not run" in headline(result.to_report())
+    assert "the race did not run, so nothing confirmed it" in headline(result.to_report())
 
 
 def test_data_too_small_to_hold_out_for_the_race_makes_the_answer_provisional_with_the_reason():

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -266,6 +267,16 @@ def _task_options(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(options)
 
 
+def _train_time(train_s: float, wall_s: float) -> str:
+    """The train call's seconds, and the start-up before it (importing torch, loading the data)
+    when it is a noticeable share: on a busy machine start-up can take longer than training."""
+    startup = max(wall_s - train_s, 0.0)
+    if startup < max(1.0, 0.1 * wall_s):
+        return f"{train_s:.1f} s"
+    before = f"{startup:.1f} s of start-up before it: importing torch, loading the data"
+    return f"{train_s:.1f} s (and {before})"
+
+
 def _resume_command(args: argparse.Namespace) -> str:
     """The command line as typed, with --resume added if it is not there; under torchrun, with
     the torchrun that launches as many processes again (a checkpoint is refused on another world
@@ -341,7 +352,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         *((k, f"{v:.4f}") for k, v in result.final.items()),
         ("lr", f"{result.lr:g} ({result.optimizer})"),
         ("throughput", f"{result.samples_per_s:,.0f} samples/s"),
-        ("time", f"{result.seconds:.1f} s"),
+        ("time", _train_time(result.seconds, time.perf_counter() - args.wall_started)),
         ("metrics", result.metrics_path or "-"),
     ]
     if result.checkpoint_path:
@@ -784,6 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     never from when the process was created: ``bash -c '...; batchfit tune'`` runs it in the
     shell's own process."""
     started = budget_clock.now()
+    wall_started = time.perf_counter()  # the train summary's start-up, in wall seconds
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -792,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
-    args.started = started
+    args.started, args.wall_started = started, wall_started
     try:
         with options.named_as_flags(_message_flags(args.command)):
             return args.run(args)

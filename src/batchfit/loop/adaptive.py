@@ -75,6 +75,13 @@ def batch_size_range(config: TrainConfig, num_samples: int | None) -> tuple[int,
             f"{opt('batch_size')} >= 2."
         )
     if low > high:
+        if config.min_batch_size is None:  # the floor is the start: name what the user gave
+            raise BatchfitError(
+                f"The starting {opt_value('batch_size', start)} is above "
+                f"{opt_value('max_batch_size', high)}, and the adaptive batch never goes below "
+                f"its start unless {opt('min_batch_size')} says so; start at most "
+                f"{opt('max_batch_size')}, or raise {opt('max_batch_size')}."
+            )
         raise BatchfitError(
             f"{opt_value('min_batch_size', low)} is above {opt_value('max_batch_size', high)}; "
             f"give a {opt('min_batch_size')} at most {opt('max_batch_size')}."

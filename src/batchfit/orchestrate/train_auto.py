@@ -149,8 +149,8 @@ def _tune_then_train(
         micro = choice.micro_batch_size
     chosen = replace(config, batch_size=choice.batch_size, micro_batch_size=micro, lr=choice.lr)
     if tuned is not None and config.threads is None and tuned.machine.threads_seconds:
-        # tune found torch's own threads fighting over the cores: train on the ones it measured
-        say(f"training on {tuned.machine.threads_used} torch threads, as tune measured with")
+        # tune found torch's own threads fighting over the cores (its answer's warning says so,
+        # and names these): train on the ones it measured with
         chosen = replace(chosen, threads=tuned.machine.threads_used)
     trained = train_batches(model, data, config=chosen, **run)
     done = {f.name: getattr(trained, f.name) for f in fields(TrainResult)}
