@@ -268,26 +268,34 @@ def test_the_users_learning_rate_is_the_prior_at_the_batch_they_set(hf_race_skip
     assert "rule from 5e-05 at 16" not in result.recommended.lr_rule
 
 
-def test_the_users_lr_reaches_tune_as_the_prior_unless_tune_options_give_one(
-    tmp_path, monkeypatch
-):
-    transformers, model, data = _tiny_bert_task(n=40)
+def _options_tune_gets(monkeypatch, model, data, runs) -> list[dict]:
+    """What ``tuned_arguments`` passes to tune for each ``(arguments, tune options)`` of ``runs``
+    (tune itself replaced: what it was given is all these tests need)."""
     import batchfit.integrations.hf as hf
 
     seen: list[dict] = []
 
     def record(*_, **options):
         seen.append(options)
-        raise KeyboardInterrupt  # what tune was given is all this test needs
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(hf, "tune", record)
+    for args, given in runs:
+        with pytest.raises(KeyboardInterrupt):
+            hf.tuned_arguments(model, data, args, **given)
+    return seen
+
+
+def test_the_users_lr_reaches_tune_as_the_prior_unless_tune_options_give_one(
+    tmp_path, monkeypatch
+):
+    transformers, model, data = _tiny_bert_task(n=40)
     args = _args(
         transformers, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=3,
         learning_rate=2e-5,
     )  # fmt: skip
-    for given in ({}, {"lr": 1e-4}, {"warmup_lr": 3e-4, "lr_batch_size": 64}):
-        with pytest.raises(KeyboardInterrupt):
-            hf.tuned_arguments(model, data, args, **given)
+    options = ({}, {"lr": 1e-4}, {"warmup_lr": 3e-4, "lr_batch_size": 64})
+    seen = _options_tune_gets(monkeypatch, model, data, [(args, given) for given in options])
     plain, own_lr, own_prior = seen
     assert (plain["warmup_lr"], plain["lr_batch_size"]) == (2e-5, 12) and "lr" not in plain
     assert own_lr["lr"] == 1e-4 and "warmup_lr" not in own_lr and "lr_batch_size" not in own_lr
@@ -298,25 +306,16 @@ def test_the_trainers_length_is_tunes_horizon_unless_tune_options_give_one(
     tmp_path, monkeypatch
 ):
     transformers, model, data = _tiny_bert_task(n=40)
-    import batchfit.integrations.hf as hf
-
-    seen: list[dict] = []
-
-    def record(*_, **options):
-        seen.append(options)
-        raise KeyboardInterrupt  # what tune was given is all this test needs
-
-    monkeypatch.setattr(hf, "tune", record)
-    runs = [
+    lengths = [
         ({"num_train_epochs": 2.5, "max_steps": -1}, {}),
         ({"max_steps": 300}, {}),
         ({}, {"epochs": 7}),
     ]
-    for length, given in runs:
-        args = _args(transformers, tmp_path, per_device_train_batch_size=4, **length)
-        with pytest.raises(KeyboardInterrupt):
-            hf.tuned_arguments(model, data, args, **given)
-    by_epochs, by_steps, own = seen
+    runs = [
+        (_args(transformers, tmp_path, per_device_train_batch_size=4, **length), given)
+        for length, given in lengths
+    ]
+    by_epochs, by_steps, own = _options_tune_gets(monkeypatch, model, data, runs)
     assert by_epochs["epochs"] == 3 and "max_steps" not in by_epochs  # a part epoch counts
     assert by_steps["max_steps"] == 300 and "epochs" not in by_steps  # steps override epochs
     assert own["epochs"] == 7
