@@ -46,7 +46,7 @@ from batchfit.inputs import (
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
 from batchfit.orchestrate.tune_decision import decision, race_lines
-from batchfit.orchestrate.tune_horizon import after_race, read_horizon, skipped_phase
+from batchfit.orchestrate.tune_horizon import after_race, read_horizon
 from batchfit.orchestrate.tune_lr import answer, lr_phase
 from batchfit.orchestrate.tune_noise import noise_phase
 from batchfit.orchestrate.tune_race import race_phase
@@ -62,6 +62,7 @@ from batchfit.probe.memory import (
 from batchfit.probe.noise import NoiseMeasurement
 from batchfit.probe.noise_ranks import JointProbe, follow_noise_probe
 from batchfit.probe.throughput import Throughput, measure_throughput, powers_of_two_up_to
+from batchfit.report.tune_json import ENDED_EARLY
 from batchfit.report.tune_report import REPORT_FILES, write_report
 from batchfit.step import make_optimizer, model_device, resolve_device, smallest_trainable_size
 
@@ -314,20 +315,15 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     ceiling = _ceiling(memory, throughput)
     cheap = _choose_batch_size(run, memory, throughput, None, ceiling)
     reading = read_horizon(run, cheap, throughput)
-    if by_ranks:
-        phases["noise"] = by_ranks.noise
-    elif reading.ends_early:
-        phases["noise"] = skipped_phase("The noise scale was not measured", reading)
-    else:
-        phases["noise"] = noise_phase(run, ceiling)
+    # the noise scale runs even when tune ends early: without it the batch size is throughput's
+    # alone, which on held-out short tasks never reached the target on half of them
+    phases["noise"] = by_ranks.noise if by_ranks else noise_phase(run, ceiling)
     noise: NoiseMeasurement | None = phases["noise"].result
     choice = _choose_batch_size(run, memory, throughput, noise, ceiling)
     phases["lr"] = lr_phase(run, choice)
     prior, lr_range = phases["lr"].result
-    phases["race"] = (
-        skipped_phase("The race was not run", reading)
-        if reading.ends_early
-        else race_phase(run, choice, throughput, ceiling, prior.lr)
+    phases["race"] = race_phase(
+        run, choice, throughput, ceiling, prior.lr, one_size=reading.ends_early
     )
     raced = phases["race"].result
     failures = [f for phase in phases.values() for f in phase.failures]
@@ -338,6 +334,7 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
         memory, noise, choice, prior.lr, prior.lr_rule, lr_range, fit, failures, bool(raced)
     ) + race_lines(raced, prior)
     horizon = after_race(reading, raced, run.source.num_samples)
+    why += [ENDED_EARLY] if reading.ends_early else []
     why += [horizon.holds] if horizon.holds else []
     return TuneResult(
         task=run.config.task_name,

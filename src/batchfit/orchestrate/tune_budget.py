@@ -100,6 +100,17 @@ class TimeBudget:
         for name in names:
             self.shares.pop(name, None)
 
+    def cut_to(self, seconds_left: float) -> None:
+        """Leave ``seconds_left`` of the budget from now (never more than is left): a run too
+        short to repay tuning ends it early.
+
+        >>> budget = TimeBudget(60.0, started=budget_clock.now(), reserve=0.0)
+        >>> budget.cut_to(10.0)
+        >>> round(budget.remaining())
+        10
+        """
+        self.end = min(self.end, budget_clock.now() + seconds_left + self.reserve)
+
     def extend_to(self, seconds: float, set_by: str) -> None:
         """Make the whole budget ``seconds``, counted from the same start: a long run, known
         once its step time is measured, earns the phases still to come more time.

@@ -17,10 +17,17 @@ from dataclasses import dataclass, replace
 from batchfit.core.horizon import LONG_RUN_SHARE, Horizon, long_run_budget, tuning_pays
 from batchfit.core.options import opt
 from batchfit.core.recommend import BatchSizeChoice
-from batchfit.orchestrate.tune_state import Phase, TuneRun
+from batchfit.orchestrate.tune_state import TuneRun
 from batchfit.probe.race import RaceResult
 from batchfit.probe.throughput import Throughput
 
+#: The share of the time left that a run too short to repay tuning still spends: on the noise
+#: probe, the range test and a race of learning rates at the predicted batch size alone (the
+#: range test's pick was off 4-5x on held-out tasks; the race measures the lr).
+EARLY_SHARE = 0.25
+#: ... and never less than this (or all that is left): fewer seconds leave the noise probe and
+#: the range test too few steps to read anything.
+EARLY_AT_LEAST_S = 10.0
 #: A run this many times longer than the race judged over is "far longer" than the evidence.
 FAR_LONGER = 3.0
 
@@ -89,24 +96,13 @@ def read_horizon(run: TuneRun, choice: BatchSizeChoice, throughput: Throughput) 
     if ends:
         line += (
             f"; this run trains in ~{_span(seconds)}, less than the {left:.0f} s of tuning left, "
-            "so tuning cannot pay for itself: ending early with the throughput-based answer"
+            "so tuning cannot pay for itself: ending early (a short noise probe, and learning "
+            "rates raced at one batch size)"
         )
     run.log(line)
-    if ends:
-        budget.drop("noise", "race")  # the learning rate alone is still measured
+    if ends:  # the noise probe, range test and a race of lrs at one size, in a share of it
+        budget.cut_to(max(EARLY_SHARE * left, min(left, EARLY_AT_LEAST_S)))
     return HorizonReading(horizon, size, steps, seconds, left, ends, budget.set_by)
-
-
-def skipped_phase(what: str, reading: HorizonReading) -> Phase[None]:
-    """A phase not run because the run is too short for tuning to pay for itself."""
-    seconds = reading.training_s or 0.0
-    return Phase(
-        None,
-        (
-            f"{what}: this run trains in ~{_span(seconds)}, less than the tuning "
-            "left, so tuning cannot pay for itself.",
-        ),
-    )
 
 
 def run_seconds(run: TuneRun, step_seconds: dict[int, float]) -> dict[int, float] | None:
@@ -217,7 +213,8 @@ def _holds_without_race(reading: HorizonReading) -> str:
     if reading.ends_early:
         return (
             f"No race ran: the run trains in ~{_span(reading.training_s or 0.0)}, too short for "
-            "tuning to pay for itself, so the answer is the throughput-based one."
+            "tuning to pay for itself, so the answer is the noise-scale model's prediction, "
+            "unconfirmed."
         )
     return "No race ran, so nothing measured how long a run the answer holds for."
 

@@ -12,6 +12,7 @@ which the race then does not train on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from batchfit.core.accounting import split_batch
@@ -91,10 +92,16 @@ def contenders(
 
 @timed
 def race_phase(
-    run: TuneRun, choice: BatchSizeChoice, throughput: Throughput, ceiling: int, lr_center: float
+    run: TuneRun,
+    choice: BatchSizeChoice,
+    throughput: Throughput,
+    ceiling: int,
+    lr_center: float,
+    one_size: bool = False,
 ) -> Phase[RaceResult | None]:
     """The race around ``choice`` and ``lr_center`` (the learning rate at its batch size) within
-    micro-batches of ``ceiling``, or None with a note when it cannot be run."""
+    micro-batches of ``ceiling``, or None with a note when it cannot be run. ``one_size``: only
+    the learning rates at ``choice``'s batch size race (a run too short to repay a full race)."""
     deadline = run.budget.phase("race")
     if deadline.remaining() < MIN_RACE_SECONDS:
         return _not_run(
@@ -117,6 +124,9 @@ def race_phase(
         user_lr=run.lr.given is not None,
         knee=_knee(throughput),
     )
+    if one_size:  # the predicted size, or the nearest raced (the held-out share may cap it)
+        size = min(grid, key=lambda b: (abs(math.log(b / choice.batch_size)), -b))
+        grid = {size: grid[size]}
     times = step_seconds(throughput, list(grid), ceiling)
     rates = max(len(c) for c in grid.values())
     fits = race_plan.shrunk_to_fit(

@@ -75,7 +75,10 @@ class TuneResult:
         """Why the answer is provisional (empty when it is not); report.json's
         ``recommended.provisional``."""
         return provisional_reasons(
-            self.batch_size_choice.provisional, self.race is not None, self.skipped
+            self.batch_size_choice.provisional,
+            self.race is not None,
+            self.skipped,
+            self.horizon is not None and self.horizon.ends_early,
         )
 
     def to_report(self) -> dict[str, Any]:

@@ -37,7 +37,11 @@ def build_report(result: TuneData) -> dict[str, Any]:
         "device": result["device"],
         "num_samples": result["num_samples"],
         "recommended": _recommended_json(
-            result["recommended"], choice, result["race"], result["skipped"]
+            result["recommended"],
+            choice,
+            result["race"],
+            result["skipped"],
+            bool((result.get("horizon") or {}).get("ends_early")),
         ),
         "memory": _memory_json(result["memory"]),
         "throughput": [_throughput_point_json(p) for p in throughput["points"]],
@@ -63,13 +67,25 @@ def _task_options_json(options: Any) -> list[str] | None:
     return None if options is None else list(options)
 
 
+#: Why an answer of a tune that ended early (the run too short to repay tuning) is provisional.
+ENDED_EARLY = (
+    "Tuning cannot pay for itself on a run this short: tune ended early and raced learning "
+    "rates at the predicted batch size only, so no race of batch sizes confirmed it."
+)
+
+
 def provisional_reasons(
-    choice_provisional: Sequence[str], raced: bool, skipped: Sequence[str]
+    choice_provisional: Sequence[str],
+    raced: bool,
+    skipped: Sequence[str],
+    ended_early: bool = False,
 ) -> list[str]:
     """Why an answer is provisional: the measurements cut short that left larger sizes unjudged,
     and a race that did not run (its reason, from the phases' notes), since then nothing trained
     the prediction before it became the answer."""
     reasons = list(choice_provisional)
+    if ended_early:
+        reasons.append(ENDED_EARLY)
     if not raced:
         why = next((s for s in skipped if s.startswith(("The race was not", "The race not"))), None)
         reasons.append(why or "The race was not run: the prediction is unconfirmed.")
@@ -77,7 +93,11 @@ def provisional_reasons(
 
 
 def _recommended_json(
-    recommended: TuneData, choice: TuneData, race: TuneData | None, skipped: Sequence[str]
+    recommended: TuneData,
+    choice: TuneData,
+    race: TuneData | None,
+    skipped: Sequence[str],
+    ended_early: bool,
 ) -> dict[str, Any]:
     runner = choice["runner_up"]
     return {
@@ -87,7 +107,9 @@ def _recommended_json(
         "lr": recommended["lr"],
         "lr_rule": recommended["lr_rule"],
         "optimizer": recommended["optimizer"],
-        "provisional": provisional_reasons(choice["provisional"], race is not None, skipped),
+        "provisional": provisional_reasons(
+            choice["provisional"], race is not None, skipped, ended_early
+        ),
         "batch_size_range": batch_size_range(race, list(choice["batch_size_range"])),
         "runner_up": None
         if runner is None

@@ -38,10 +38,11 @@ def headline(report: dict[str, Any]) -> str:
 def provisional_why(reasons: list[str]) -> str:
     """The headline's few words for why an answer is provisional."""
     words = []
-    if any(not r.startswith("The race") for r in reasons):
+    short = [r for r in reasons if not r.startswith("The race") and "cannot pay" not in r]
+    if short:
         words.append("the time budget cut the measurements short")
     if any("cannot pay for itself" in r for r in reasons):
-        words.append("tuning cannot pay for itself on a run this short, so the race did not run")
+        words.append("tuning cannot pay for itself on a run this short, so no batch sizes raced")
     elif any(r.startswith("The race") for r in reasons):
         words.append("the race did not run, so nothing confirmed it")
     return "; ".join(words)
