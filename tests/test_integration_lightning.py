@@ -93,11 +93,12 @@ def test_the_lr_is_measured_by_default_and_scaled_from_the_modules_with_measure_
     tmp_path,
 ):
     torch.manual_seed(0)
-    measured = BatchfitTuner(time_budget=8, max_batch_size=128, seed=0)
+    # a long planned run (over the Trainer's one epoch), so that tune measures in full
+    measured = BatchfitTuner(time_budget=8, max_batch_size=128, seed=0, epochs=10_000)
     _fit(tmp_path / "a", Blobs(), measured)
     assert "at 16" not in measured.recommended.lr_rule  # not the module's lr at its batch size
     torch.manual_seed(0)
-    kept = BatchfitTuner(time_budget=8, max_batch_size=128, seed=0, measure_lr=False)
+    kept = BatchfitTuner(time_budget=8, max_batch_size=128, seed=0, measure_lr=False, epochs=10_000)
     _fit(tmp_path / "b", Blobs(), kept)
     rec = kept.recommended
     assert rec.lr_rule.startswith("sgd, linear rule from 0.001 at 16")
