@@ -70,6 +70,18 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def threads_compete(threads: int, cores: int, with_threads: float, one: float) -> bool:
+    """Torch's ``threads`` outnumber the ``cores``, or ran the reference slower than one thread
+    did (``with_threads`` against ``one`` seconds): they take turns on the cores.
+
+    >>> threads_compete(8, 2, 0.01, 0.01), threads_compete(2, 2, 0.05, 0.01)
+    (True, True)
+    >>> threads_compete(2, 2, 0.006, 0.01)
+    False
+    """
+    return threads > cores or (threads > 1 and with_threads > THREADS_SLOWER * one)
+
+
 def thread_warning() -> str | None:
     """For train and sweep, cheaply (two timings of a few milliseconds): torch's threads outnumber
     the cores or run the reference slower than one thread, named with the fix; None when not."""
@@ -77,7 +89,7 @@ def thread_warning() -> str | None:
     if threads <= 1:
         return None
     with_threads, one = reference_seconds(threads), reference_seconds(1)
-    if threads <= cores and with_threads <= THREADS_SLOWER * one:
+    if not threads_compete(threads, cores, with_threads, one):
         return None
     return (
         f"torch runs {threads} threads on {cores} usable cores, and a reference matrix product "

@@ -162,20 +162,13 @@ def train(
     options = optimizer_options(options, ("lr", "momentum", "weight_decay"))  # class, factory
     config = TrainConfig.build(config, **options)
     with torch_threads(config.threads):
-        return _train(model, data, val_data, loss, on_eval, config)
+        # prepare: every check that can fail does so now, not an epoch into training
+        return _run(prepare(model, data, val_data, loss, on_eval, config))
 
 
-def _train(
-    model: nn.Module,
-    data: object,
-    val_data: object | None,
-    loss: str | LossFn | Loss | None,
-    on_eval: OnEval | None,
-    config: TrainConfig,
-) -> TrainResult:
-    """:func:`train` on its checked config, within its torch threads."""
-    # prepare: every check that can fail does so now, not an epoch into training
-    setup = prepare(model, data, val_data, loss, on_eval, config)
+def _run(setup: Setup) -> TrainResult:
+    """:func:`train` once prepared, within its torch threads."""
+    config = setup.config
     # no other run writes into this checkpoint folder meanwhile (rank 0 holds it for all ranks)
     with run_lock(config) if is_main() else nullcontext():
         # restore or seed: continue the checkpointed run exactly, or start a reproducible one

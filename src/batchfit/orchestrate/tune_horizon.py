@@ -16,10 +16,8 @@ from dataclasses import dataclass, replace
 
 from batchfit.core.horizon import LONG_RUN_SHARE, Horizon, long_run_budget, tuning_pays
 from batchfit.core.options import opt
-from batchfit.core.recommend import BatchSizeChoice
 from batchfit.orchestrate.tune_state import TuneRun
 from batchfit.probe.race import RaceResult
-from batchfit.probe.throughput import Throughput
 
 #: The share of the time left that a run too short to repay tuning still spends: on the noise
 #: probe, the range test and a race of learning rates at the predicted batch size alone (the
@@ -64,27 +62,17 @@ class HorizonReading:
         object.__setattr__(self, "horizon_text", self.horizon.describe())
 
 
-def step_time_at(throughput: Throughput, batch_size: int) -> float:
-    """The measured step time at ``batch_size``, or the nearest measured size's scaled by the
-    samples (a size between or above the measured ones)."""
-    points = {p.batch_size: p.step_seconds for p in throughput.points}
-    if batch_size in points:
-        return points[batch_size]
-    near = min(points, key=lambda b: abs(math.log(b / batch_size)))
-    return points[near] * batch_size / near
-
-
-def read_horizon(run: TuneRun, choice: BatchSizeChoice, throughput: Throughput) -> HorizonReading:
-    """After the throughput phase: the planned run at ``choice`` (the throughput-based answer),
-    a long run's budget (when none was given), and whether tuning can still pay for itself."""
+def read_horizon(run: TuneRun, size: int, step_s: float) -> HorizonReading:
+    """After the throughput phase: the planned run at batch size ``size`` (the throughput-based
+    answer) taking ``step_s`` per step, a long run's budget (when none was given), and whether
+    tuning can still pay for itself."""
     horizon, budget = run.horizon, run.budget
     if not horizon.counted:
         return HorizonReading(horizon, budget_set_by=budget.set_by)
-    size = choice.batch_size
     steps = horizon.steps(size, run.source.num_samples)
     if steps is None:  # epochs of a stream of unknown length
         return HorizonReading(horizon, budget_set_by=budget.set_by)
-    seconds = steps * step_time_at(throughput, size)
+    seconds = steps * step_s
     longer = long_run_budget(seconds, budget.total) if run.config.time_budget is None else None
     if longer is not None:
         budget.extend_to(longer, f"{LONG_RUN_SHARE:.0%} of the predicted {_span(seconds)} run")

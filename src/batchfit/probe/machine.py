@@ -24,7 +24,7 @@ import psutil
 import torch
 
 from batchfit.core.options import opt_value
-from batchfit.threads import THREADS_SLOWER, usable_cores
+from batchfit.threads import THREADS_SLOWER, threads_compete, usable_cores
 from batchfit.threads import reference_seconds as _reference_seconds
 
 #: Other processes keeping more than this share of the CPU busy make timings unreliable.
@@ -76,9 +76,8 @@ def thread_counts(cores: int, default: int) -> list[int]:
 
 def oversubscribed(check: MachineCheck) -> bool:
     """Torch's threads outnumber the cores, or run the reference slower than one thread does."""
-    return check.threads > check.cores or (
-        check.threads > 1
-        and check.reference_seconds_threads > THREADS_SLOWER * check.reference_seconds_one
+    return threads_compete(
+        check.threads, check.cores, check.reference_seconds_threads, check.reference_seconds_one
     )
 
 
