@@ -61,9 +61,11 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     >>> torch.get_num_threads() == before
     True
     """
+    if threads is None or threads == torch.get_num_threads():
+        yield  # nothing to set: torch's thread pool is left as it is (under torchrun too)
+        return
     before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
