@@ -98,8 +98,9 @@ class Arrays:
 
 
 def batch_sizes(task: QualityTask, n: int) -> list[int]:
-    """Powers of two from 8 to min(task.max_batch_size, n / 4)."""
-    sizes, b = [], SMALLEST_BATCH
+    """Powers of two from 8 (or the task's ``extra["smallest_batch"]``) to
+    min(task.max_batch_size, n / 4)."""
+    sizes, b = [], task.extra.get("smallest_batch", SMALLEST_BATCH)
     while b <= min(task.max_batch_size, n // 4):
         sizes.append(b)
         b *= 2
@@ -227,8 +228,13 @@ def train_to_target(
 # ----------------------------------------------------------------------------- cache
 
 
+def results_folder(task: QualityTask) -> Path:
+    """Where the task's cache lives: ``benchmarks/results/<task.results>``."""
+    return BENCH / "results" / task.results
+
+
 def cache_path(task: QualityTask) -> Path:
-    return RESULTS / f"{task.name}.json"
+    return results_folder(task) / f"{task.name}.json"
 
 
 def definition(task: QualityTask) -> dict:
@@ -259,7 +265,7 @@ def load_cache(task: QualityTask) -> dict:
 
 def save_cache(task: QualityTask, cache: dict) -> None:
     """Write atomically (a killed run leaves the last complete file)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_folder(task).mkdir(parents=True, exist_ok=True)
     cache["definition"] = {**definition(task), "seeds": task.seeds}
     path = cache_path(task)
     partial = path.with_suffix(".json.tmp")
@@ -304,15 +310,26 @@ class Runner:
         return total / self.task.seeds
 
     def search(
-        self, batch_size: int, start_lr: float, required: bool = True
+        self,
+        batch_size: int,
+        start_lr: float,
+        required: bool = True,
+        step_cap: int | None = None,
     ) -> tuple[float, float]:
         """The grid lr with the fewest mean steps at ``batch_size`` (and those steps): start at
         the grid points around ``start_lr`` and extend while an edge of the grid wins.
 
         When no lr reaches the target, the grid grows by 2 more points on each side; if none of
         those does either, the target is out of reach at this batch size: an error for the
-        oracle's own batch sizes (``required``), else (nan, inf)."""
+        oracle's own batch sizes (``required``), else (nan, inf).
+
+        ``step_cap`` bounds every run at this batch size from outside (a long oracle's cap: the
+        steps this size may take before it is slower than the best time found at any size);
+        when none of the first three learning rates beats it, the size is out of the running
+        and the search ends there with (nan, inf)."""
         full_cap = max_steps(self.task, self.arrays.n, batch_size)
+        if step_cap is not None:
+            full_cap = min(full_cap, step_cap)
         steps: dict[int, float] = {}
 
         def run(k: int) -> None:
@@ -326,6 +343,8 @@ class Runner:
         while True:
             best_k = min(steps, key=lambda k: (steps[k], k))
             if math.isinf(steps[best_k]):
+                if step_cap is not None and full_cap == step_cap:
+                    return math.nan, math.inf  # slower than the cap at every lr tried
                 if len(steps) < 7:
                     run(max(steps) + 1 if len(steps) % 2 else min(steps) - 1)
                     continue

@@ -176,3 +176,30 @@ def test_cli_tune_takes_the_runs_length_and_refuses_an_accuracy_target(tmp_path)
         "give --target val_loss=VALUE (a loss your run should reach), or --epochs or "
         "--max-steps."
     ]
+
+
+def test_a_run_of_minutes_cuts_tuning_to_a_fifth_of_it_unless_a_budget_was_given(monkeypatch):
+    """A full minute of tuning on a run of 100 s doubles the wait: tune keeps to a fifth of the
+    predicted run. The step time is pinned (0.05 s) so the predicted run is exact."""
+    import batchfit.orchestrate.tune as tune_module
+
+    monkeypatch.setattr(
+        tune_module, "step_seconds", lambda _t, sizes, _c: dict.fromkeys(sizes, 0.05)
+    )
+    said: list[str] = []
+
+    def log(line: str) -> None:  # stops tune once it has read the horizon
+        said.append(line)
+        if line.startswith("horizon: "):
+            raise Stop
+
+    with pytest.raises(Stop):  # 2,000 steps at 0.05 s: a 100 s run
+        tune(mlp(), blobs(400), max_steps=2000, log=log)
+    (budget,) = [s for s in said if s.startswith("budget: ")]
+    assert budget.startswith("budget: cut to 20 s left: 20% of the predicted 100 s run"), budget
+    assert "tuning cannot pay" not in said[-1]  # it still tunes in full, in less time
+    for options in ({"max_steps": 20_000}, {"max_steps": 2000, "time_budget": 60}):
+        said.clear()  # a run of 1,000 s leaves the default alone; a budget given is the user's
+        with pytest.raises(Stop):
+            tune(mlp(), blobs(400), log=log, **options)
+        assert not [s for s in said if s.startswith("budget: ")], said

@@ -225,6 +225,23 @@ def test_stream_without_length_needs_max_steps():
     assert r.steps == 25 and r.epochs_completed == 2  # 10 steps per pass over the stream
 
 
+def test_a_stream_smaller_than_one_batch_trains_but_says_each_step_was_smaller(capsys):
+    class Stream(torch.utils.data.IterableDataset):  # no length: the plan cannot check it
+        def __iter__(self):
+            x, y = blobs(40)
+            yield from zip(x, y, strict=True)
+
+    r = train(tiny_model(), Stream(), batch_size=64, max_steps=3, progress=True)
+    assert r.steps == 3 and r.samples_seen == 3 * 40  # every step took the whole stream
+    (warning,) = r.warnings  # said once, not once per pass
+    assert warning == (
+        "The training stream ended after 40 samples, fewer than 'batch_size' 64, so each step "
+        "trained on 40; give batch_size=40 or less to train the batch you name."
+    )
+    assert f"warning: {warning}" in capsys.readouterr().err
+    assert train(tiny_model(), Stream(), batch_size=8, max_steps=3).warnings == []
+
+
 def test_parameters_hash_is_stable_and_sensitive():
     from batchfit.step import params_sha256
 

@@ -129,7 +129,41 @@ def chars() -> Arrays:
     return x_train, y_train, x_val, y_val
 
 
+# ----------------------------------------------------------------------------- long-horizon sets
+# Larger draws of the same kinds, for benchmarks/long_horizon.py: enough rows that the model does
+# not overfit before it reaches a demanding target, so the best runs take minutes, not seconds.
+
+MNIST1D_BIG_SAMPLES = 40000  # 32,000 train / 8,000 validation (the package's 80/20 split)
+
+
+def mnist1d_big() -> Arrays:
+    """MNIST-1D from the ``mnist1d`` package's generator with its default arguments but 40,000
+    samples instead of 5,000 (same seed): 32,000 train / 8,000 validation sequences of 40."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = MNIST1D_BIG_SAMPLES
+    data = make_dataset(args)
+    return (
+        data["x"].astype(np.float32),
+        data["y"].astype(np.int64),
+        data["x_test"].astype(np.float32),
+        data["y_test"].astype(np.int64),
+    )
+
+
+def friedman_big() -> Arrays:
+    """:func:`friedman` drawn 42,000 times: 40,000 train / 2,000 validation rows, so a long fit
+    approaches the noise floor (mse 0.25) instead of overfitting 4,000 rows."""
+    from sklearn.datasets import make_friedman1
+
+    x, y = make_friedman1(n_samples=42000, n_features=10, noise=0.5, random_state=SEED)
+    return _split(x.astype(np.float32), (y + FRIEDMAN_OFFSET).astype(np.float32), 2000)
+
+
 BUILDERS: dict[str, Callable[[], Arrays]] = {
+    "mnist1d_big": mnist1d_big,
+    "friedman_big": friedman_big,
     "mnist1d": mnist1d,
     "digits": digits,
     "tabular": tabular,

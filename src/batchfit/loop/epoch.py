@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from batchfit.core.options import opt, opt_value
 from batchfit.data.source import Batch, BatchSource
 from batchfit.distributed import ddp_train_step
 from batchfit.errors import BatchfitError, NonFiniteLossError, TrainingInterrupted
@@ -60,6 +61,8 @@ def train_epoch(run: RunState, setup: Setup, bar: TrainProgress, stop: StopSigna
         else:  # the batch size may change mid-epoch: the adaptive run makes the batches
             batches = run.adaptive.batches(run, bar)
         ran_out = _train_steps(run, setup, batches, bar, stop, first_step, clock_start)
+        if ran_out:
+            _warn_if_smaller_than_a_batch(run, setup, bar)
         if steps_per_epoch is not None:
             finished = ran_out or pos.step - first_step >= steps_per_epoch
             if ran_out and pos.step - first_step < steps_per_epoch:
@@ -79,6 +82,21 @@ def train_epoch(run: RunState, setup: Setup, bar: TrainProgress, stop: StopSigna
             batches.close()  # stops a prefetching thread when we leave mid-epoch
         bar.end_epoch()
     return finished
+
+
+def _warn_if_smaller_than_a_batch(run: RunState, setup: Setup, bar: TrainProgress) -> None:
+    """A stream of unknown length that ends inside its first batch made every step smaller
+    than the batch size asked for, which the plan could not check up front: say so, once."""
+    samples, batch_size = run.position.sample_in_epoch, setup.batch_size
+    if setup.plan is not None or run.warnings or not 0 < samples < batch_size:
+        return
+    warning = (
+        f"The training stream ended after {samples} samples, fewer than {opt('batch_size')} "
+        f"{batch_size}, so each step trained on {samples}; give "
+        f"{opt_value('batch_size', samples)} or less to train the batch you name."
+    )
+    run.warnings.append(warning)
+    bar.log(f"warning: {warning}")
 
 
 def end_epoch(run: RunState, setup: Setup, bar: TrainProgress) -> None:

@@ -115,6 +115,8 @@ class RunState:
     stop_requested: bool = False
     #: With ``adaptive``: its :class:`~batchfit.loop.adaptive.AdaptiveRun` (None: off).
     adaptive: Any = None
+    #: What the user should know about the run that did not stop it, one line each.
+    warnings: list[str] = field(default_factory=list)
     samples_at_start: int = field(init=False)
     train_seconds_at_start: float = field(init=False)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,8 @@ class TrainResult:
     #: The micro-batch the run was configured with; ``micro_batch_size`` is the one it trained
     #: with at the end (smaller after an out-of-memory back-off).
     configured_micro_batch_size: int | None = None
+    #: What the run warned about without stopping (e.g. a stream smaller than one batch).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -350,6 +352,7 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
         resumed_from_step=run.resumed_from_step,
         weights_path=save_weights(setup),
         adaptive=run.adaptive.summary() if run.adaptive is not None else None,
+        warnings=run.warnings,
     )
 
 

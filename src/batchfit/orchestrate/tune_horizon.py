@@ -14,7 +14,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from batchfit.core.horizon import LONG_RUN_SHARE, Horizon, long_run_budget, tuning_pays
+from batchfit.core.horizon import (
+    LONG_RUN_SHARE,
+    TUNING_SHARE,
+    Horizon,
+    long_run_budget,
+    share_of_run,
+    tuning_pays,
+)
 from batchfit.core.options import opt
 from batchfit.orchestrate.tune_state import TuneRun
 from batchfit.probe.race import RaceResult
@@ -79,6 +86,16 @@ def read_horizon(run: TuneRun, size: int, step_s: float) -> HorizonReading:
         run.log(f"budget: {longer:.0f} s, {budget.set_by} (a {opt('time_budget')} sets it)")
     left = max(budget.remaining(), 0.0)
     ends = not tuning_pays(seconds, left)
+    share = share_of_run(seconds, left) if run.config.time_budget is None else None
+    if not ends and share is not None:  # tuning in full would cost too much of the run
+        cut = max(share, min(left, EARLY_AT_LEAST_S))
+        budget.cut_to(cut)
+        budget.set_by = f"cut to {cut:.0f} s left: {TUNING_SHARE:.0%} of the predicted "
+        budget.set_by += f"{_span(seconds)} run"
+        run.log(
+            f"budget: {budget.set_by} (tuning should cost a small part of the run it tunes; a "
+            f"{opt('time_budget')} sets it)"
+        )
     line = f"horizon: {horizon.describe()}: ~{steps} steps, ~{_span(seconds)} of training at "
     line += f"batch size {size}"
     if ends:
