@@ -32,10 +32,11 @@ its own lr search and step time, so ratio_B is always measured, never interpolat
 
 Steps to target: the validation metric is evaluated after every step up to step 20, then every 3%
 of the steps done, and the crossing is interpolated linearly between the two evaluations around
-it, so it is resolved well within 3%. A run that has not reached the target after the task's
-``max_epochs`` never reaches it (infinite time); during the search, a run is also stopped once it
-has taken 3x the mean steps of the best learning rate found so far at its B (its lr is then taken
-as out of the running: seeds differ by far less than 3x on these tasks).
+it, so it is resolved well within 3% (a task with ``extra["smooth"] = k`` holds the mean of the
+last k evaluations against the target instead of the last one). A run that has not reached the
+target after the task's ``max_epochs`` never reaches it (infinite time); during the search, a run
+is also stopped once it has taken 3x the mean steps of the best learning rate found so far at its
+B (its lr is then taken as out of the running: seeds differ by far less than 3x on these tasks).
 Training runs use 1 torch thread (deterministic given the seed, and they leave a core free); step
 times are measured with torch's default thread count, in a separate pass (``--retime``): the
 median of many steps after warm-up, in 3 rounds through all batch sizes, with the 1-minute load
@@ -155,6 +156,14 @@ def grid_index(lr: float) -> int:
 # ----------------------------------------------------------------------------- training
 
 
+def smoothed(task: QualityTask, values: list[float]) -> float:
+    """The metric held against the target after an evaluation: the last value, or with
+    ``task.extra["smooth"] = k`` the mean of the last k evaluations (a demanding target near a
+    plateau is otherwise first reached by one lucky evaluation, and seeds differ 3x)."""
+    k = task.extra.get("smooth", 1)
+    return sum(values[-k:]) / len(values[-k:])
+
+
 def _crossing(task: QualityTask, before: tuple[int, float], after: tuple[int, float]) -> float:
     """Steps at which the validation curve crosses the target, linear between two evaluations."""
     (s0, m0), (s1, m1) = before, after
@@ -186,6 +195,7 @@ def train_to_target(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     order = torch.Generator().manual_seed(seed)
     curve = [(0, evaluate(task, model, arrays))]
+    judged = list(curve)  # what is held against the target: the curve, smoothed if asked
     step, next_eval, steps, status, loss_value = 0, 1, None, "cap", float("nan")
     while step < cap and steps is None and status == "cap":
         permutation = torch.randperm(arrays.n, generator=order)
@@ -203,8 +213,9 @@ def train_to_target(
                 status = "diverged"
                 break
             curve.append((step, evaluate(task, model, arrays)))
-            if reached(task, curve[-1][1]):
-                steps, status = _crossing(task, curve[-2], curve[-1]), "reached"
+            judged.append((step, smoothed(task, [m for _, m in curve])))
+            if reached(task, judged[-1][1]):
+                steps, status = _crossing(task, judged[-2], judged[-1]), "reached"
                 break
             if step >= cap:
                 break
@@ -246,6 +257,7 @@ def definition(task: QualityTask) -> dict:
         "model": task.model,
         "data": f"{task.data}-{task_data.VERSION}",
         "lr_grid": f"{LR_BASE:g} x 2^k",
+        "smooth": task.extra.get("smooth", 1),
     }
 
 

@@ -65,6 +65,20 @@ def same_weights(out):
                                                              plain.parameters()))}
 
 
+def same_weights_bf16(out):
+    """same_weights in bf16-mixed: about half the activation memory, so a tighter limit (one at
+    which oneDNN's bf16 kernels still find room at a smaller micro-batch)."""
+    x, y = data(8192)
+    limited = wide()
+    kept = train(limited, (x, y), batch_size=4096, epochs=1, memory_limit=rss_bytes() + 180 * MiB,
+                 regrow_after=0, out_dir=f"{out}/limited", precision="bf16-mixed", progress=True)
+    used = micros(f"{out}/limited")
+    plain = wide()
+    train(plain, (x, y), batch_size=4096, epochs=1, micro_batch_size=used[-1], out_dir=f"{out}/b",
+          precision="bf16-mixed")
+    return {"steps": kept.steps, "micros": used, "gap": weights_gap(limited, plain)}
+
+
 class Spiky(nn.Module):
     """The wide model, whose steps need much more memory while ``tanhs`` > 0 (a longer sequence,
     a bigger image): each tanh keeps another activation of 16 KiB per sample for backward."""
@@ -159,6 +173,14 @@ def test_a_step_out_of_memory_is_redone_smaller_and_ends_with_the_smaller_runs_w
     assert "out of memory at micro-batch 4096; continuing with 2048 (batch size stays 4096)" in log
     # the result (train --json) reports the micro-batch it trained with, beside the configured
     assert answer["result_micro"] == [micros[-1], 4096]
+
+
+def test_the_back_off_works_in_bf16_mixed_too(tmp_path):
+    answer, log = _child(tmp_path, "same_weights_bf16")
+    assert answer["steps"] == len(answer["micros"]) == 2  # every planned step trained
+    assert answer["micros"][0] < 4096  # a real out-of-memory error, met under autocast
+    assert answer["gap"] < 1e-6, answer  # the weights of a bf16 run at that micro-batch
+    assert "out of memory at micro-batch 4096" in log
 
 
 def test_a_memory_spike_drops_the_micro_batch_and_it_grows_back_after_clean_steps(tmp_path):

@@ -126,6 +126,21 @@ def test_two_ranks_train_the_weights_of_one_process_and_only_rank_0_writes(tmp_p
     )
 
 
+def test_two_ranks_in_bf16_mixed_train_the_weights_of_one_bf16_process(tmp_path):
+    _setup(tmp_path)
+    bf16 = ["--precision", "bf16-mixed", "--max-steps", "12", "--quiet"]
+    one = run_cli([*ARGS, *bf16, "--out", "one"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(tmp_path, [*ARGS, *bf16, "--out", "two", "--json"])
+    assert two.returncode == 0, two.stderr
+    assert '"precision": "bf16-mixed"' in two.stdout
+    # each rank's forward rounds to bf16 on its own share: equal within bf16's tolerance
+    wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key in wa:
+        assert wa[key].dtype == torch.float32
+        torch.testing.assert_close(wa[key], wb[key], rtol=2e-2, atol=2e-3)
+
+
 def test_a_checkpoint_resumes_exactly_on_the_same_world_size_and_refuses_another(tmp_path):
     _setup(tmp_path)
     full = _torchrun(tmp_path, [*ARGS, "--max-steps", "16", "--out", "full", "--quiet"])

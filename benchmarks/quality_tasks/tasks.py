@@ -166,11 +166,12 @@ LONG_TASKS: dict[str, QualityTask] = {
             model="make_friedman_mlp",
             loss="mse",
             metric="mse",
-            target=0.27,
+            target=0.272,
             why_target=(
                 "the noise variance is 0.25; pilots reached 0.288 at 20 s (B=64, lr 4e-3) and "
-                "0.267 at 80 s (B=512, lr 1.6e-2); 0.27 is within 8% of the noise floor (0.28, "
-                "tried first, took only ~12 s at B=256)"
+                "0.267 at 80 s (B=512, lr 1.6e-2); 0.272 (the mean of 5 evaluations) is within "
+                "9% of the noise floor (0.28, tried first, took ~12 s at B=256, and the last "
+                "evaluation alone made seeds differ 2x)"
             ),
             first_lr=8e-3,
             max_epochs=3000,
@@ -178,7 +179,7 @@ LONG_TASKS: dict[str, QualityTask] = {
             results="long_horizon",
             planned_epochs=600,
             first_batch=256,
-            extra={"eval_every": 500, "smallest_batch": 32},
+            extra={"eval_every": 500, "smallest_batch": 32, "smooth": 5},
         ),
         QualityTask(
             name="mnist1d_long",
@@ -187,10 +188,11 @@ LONG_TASKS: dict[str, QualityTask] = {
             model="make_mnist1d_convnet",
             loss="cross_entropy",
             metric="accuracy",
-            target=0.986,
+            target=0.985,
             why_target=(
                 "pilots reached 0.983 at 10 s and 0.986 at 40 s (B=512, lr 8e-3), 0.984 at 40 s "
-                "(B=64): 0.986 is past the bend, 0.003 under the best pilot's 80 s"
+                "(B=64): 0.985 (the mean of 5 evaluations; one alone made seeds differ 3.4x) is "
+                "past the bend, 0.004 under the best pilot's 80 s"
             ),
             first_lr=4e-3,
             max_epochs=600,
@@ -198,7 +200,7 @@ LONG_TASKS: dict[str, QualityTask] = {
             results="long_horizon",
             planned_epochs=120,
             first_batch=512,
-            extra={"eval_every": 100, "smallest_batch": 32},
+            extra={"eval_every": 100, "smallest_batch": 32, "smooth": 5},
         ),
     )
 }

@@ -643,6 +643,7 @@ COMMANDS: dict[str, Command] = {
                     ),
                     "device",
                     "threads",
+                    "precision",
                     ("progress", {"help": "no progress bars"}),
                     "json",
                 ),

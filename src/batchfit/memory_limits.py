@@ -39,11 +39,31 @@ def is_out_of_memory(exc: BaseException) -> bool:
     True
     >>> is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     False
+    >>> is_out_of_memory(RuntimeError("could not create a primitive"))  # no limit: not memory
+    False
     """
     oom_type = getattr(torch, "OutOfMemoryError", None)
     if isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type)):
         return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MESSAGES)
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    if any(m in text for m in OOM_MESSAGES):
+        return True
+    # oneDNN (bf16 matmuls on the CPU) reports a scratchpad it could not map as this; within an
+    # address-space limit that is the limit at work (elsewhere it may be a real unsupported op)
+    return ONEDNN_FAILED in text and _address_space_limited()
+
+
+#: oneDNN's error when it cannot set up a kernel, which includes failing to allocate for it.
+ONEDNN_FAILED = "could not create a primitive"
+
+
+def _address_space_limited() -> bool:
+    """Whether this process runs under an address-space limit (:func:`address_space_limit`)."""
+    if not hasattr(resource, "RLIMIT_AS"):
+        return False
+    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
 
 
 def status_bytes(key: str) -> int | None:

@@ -103,6 +103,7 @@ class TrainConfig(Config):
     out_dir: Any = _option("out_dir")
     device: Any = _option("device")
     threads: int | None = _option("threads")
+    precision: str = _option("precision")
     progress: bool = _option("progress")
     tune_budget: float | None = _option("tune_budget")
     adaptive: bool = _option("adaptive")

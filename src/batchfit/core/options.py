@@ -57,6 +57,8 @@ from batchfit.errors import BatchfitError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
+#: The precisions batchfit trains in (Lightning's names; batchfit.precision applies them).
+PRECISIONS = ("32", "bf16-mixed")
 
 
 #: What a default may vary by: the running command, the device type or the optimizer.
@@ -326,6 +328,12 @@ OPTIONS: dict[str, Option] = _rows(
         ),
     ),
     Option("device", Text(objects=True), "auto", "auto, cpu, cuda or cuda:N"),
+    Option(
+        "precision",
+        Choice(PRECISIONS),
+        "32",
+        "32 (float32) or bf16-mixed (forward and loss under bfloat16 autocast, weights float32)",
+    ),
     Option(
         "progress",
         Flag(),

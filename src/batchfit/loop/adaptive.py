@@ -152,7 +152,7 @@ class AdaptiveRun:
         an out-of-memory back-off lowers it); on every ``measure_every``-th step, from its parts'
         gradients, adding the step's noise terms to the averages. Returns (mean loss, parts)."""
         setup = self.setup
-        model, optimizer, loss_fn = setup.model, setup.optimizer, setup.loss.fn
+        (model, loss_fn), optimizer = setup.step_parts(), setup.optimizer
         n, device = len(y), setup.device
         if self.position.step % self.measure_every or n < 2 * self.smallest:
             loss, parts = train_step(model, optimizer, loss_fn, x, y, micro, device)

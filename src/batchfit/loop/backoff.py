@@ -140,9 +140,8 @@ def back_off(
             f"stays {setup.batch_size})"
         )
         try:
-            loss, parts = train_step(
-                setup.model, setup.optimizer, setup.loss.fn, x, y, smaller, setup.device
-            )
+            model, loss_fn = setup.step_parts()  # one process (a rank's back-off ends the run)
+            loss, parts = train_step(model, setup.optimizer, loss_fn, x, y, smaller, setup.device)
         except Exception as again:  # noqa: BLE001 - judged at the top of the loop
             exc = again
             continue

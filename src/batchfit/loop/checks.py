@@ -63,9 +63,7 @@ def _check_not_a_typo(folder: Path) -> None:
     if folder.exists() or not folder.parent.is_dir():
         return
     beside = [
-        p.name
-        for p in folder.parent.iterdir()
-        if p.is_dir() and (p / CHECKPOINT_NAME).exists()
+        p.name for p in folder.parent.iterdir() if p.is_dir() and (p / CHECKPOINT_NAME).exists()
     ]
     close = difflib.get_close_matches(folder.name, beside, n=1, cutoff=0.6)
     if close:

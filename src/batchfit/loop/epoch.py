@@ -126,14 +126,15 @@ def _train_steps(
 
     Each step appends ``(step, batch size, loss, seconds)`` to the metrics log; checkpoints and
     evaluation are not counted in the seconds."""
-    model, optimizer, loss_fn = setup.model, setup.optimizer, setup.loss.fn
+    optimizer = setup.optimizer
+    model, loss_fn = setup.step_parts()  # DDP's model, autocast: as the steps call them
     watch = watch_step(run, setup)  # the last step, or an out-of-memory regrow before it
     micro, device = run.backoff.micro_batch_size, setup.device
     on_cpu, last_step = device.type == "cpu" and setup.ddp is None, setup.last_step
     step_fn: Callable[..., tuple[torch.Tensor, int]] = train_step
     loss_value: Any  # a tensor, or its float on the CPU (cheaper to keep)
     if setup.ddp is not None:  # several processes: each its share, one all-reduce per step
-        model, step_fn = setup.ddp, ddp_train_step
+        step_fn = ddp_train_step
     checkpoint_every, eval_every = setup.config.checkpoint_every, setup.config.eval_every
     pos, metrics, clock = run.position, run.metrics, time.perf_counter
     adaptive = run.adaptive

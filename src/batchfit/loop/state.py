@@ -21,8 +21,9 @@ from batchfit.checkpoint import rng_state, set_rng_state
 from batchfit.core.accounting import Plan
 from batchfit.core.configs import TrainConfig
 from batchfit.data.source import BatchSource
-from batchfit.losses import Loss
+from batchfit.losses import Loss, LossFn
 from batchfit.metrics import MetricsLog
+from batchfit.precision import Precision
 
 #: Called with each evaluation record; returning True stops training there.
 OnEval = Callable[[dict[str, float]], bool | None]
@@ -87,6 +88,20 @@ class Setup:
     on_eval: OnEval | None
     #: The model in DistributedDataParallel when several processes train (batchfit.distributed).
     ddp: nn.Module | None = None
+    #: What the forward pass and the loss run in (float32 unless ``precision`` says otherwise).
+    precision: Precision | None = None
+
+    @property
+    def mixed(self) -> bool:
+        return self.precision is not None and self.precision.mixed
+
+    def step_parts(self) -> tuple[Any, LossFn]:
+        """The model (DDP's when several processes train) and the loss as the step functions
+        call them: under autocast in a mixed precision."""
+        model = self.ddp if self.ddp is not None else self.model
+        if self.precision is None:
+            return model, self.loss.fn
+        return self.precision.forward(model), self.precision.loss(self.loss.fn)
 
     @property
     def batch_size(self) -> int:

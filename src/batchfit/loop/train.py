@@ -56,6 +56,7 @@ from batchfit.loop.signals import StopSignals
 from batchfit.loop.state import OnEval, Position, RunState, Setup, fresh_run, restore_run
 from batchfit.losses import Loss, LossFn
 from batchfit.metrics import MetricsLog
+from batchfit.precision import Precision
 from batchfit.progress import TrainProgress
 from batchfit.step import DEFAULT_LR, evaluate, make_optimizer, params_sha256, resolve_device
 from batchfit.threads import thread_warning, torch_threads
@@ -99,6 +100,8 @@ class TrainResult:
     configured_micro_batch_size: int | None = None
     #: What the run warned about without stopping (e.g. a stream smaller than one batch).
     warnings: list[str] = field(default_factory=list)
+    #: The precision the forward pass and the loss ran in ("32" or "bf16-mixed").
+    precision: str = "32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -268,6 +271,7 @@ def prepare(
         settings=_settings(config, source, lr),
         on_eval=on_eval,
         ddp=wrap(model, device),
+        precision=Precision.of(config.precision, device),
     )
 
 
@@ -353,6 +357,7 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
         weights_path=save_weights(setup),
         adaptive=run.adaptive.summary() if run.adaptive is not None else None,
         warnings=run.warnings,
+        precision=config.precision,
     )
 
 
@@ -432,4 +437,5 @@ def _settings(config: TrainConfig, source: BatchSource, lr: float) -> dict[str, 
         "adapt_every": config.adapt_every if config.adaptive else None,
         "min_batch_size": config.min_batch_size,
         "max_batch_size": config.max_batch_size,
+        "precision": config.precision,  # another one trains other numbers
     }

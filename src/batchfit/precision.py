@@ -1,0 +1,102 @@
+"""Mixed precision: the forward pass and the loss under ``torch.autocast``, as GPU users train.
+
+Why wrappers and not a second step function: every path that trains (the loop's steps, exact
+accumulation, DDP, the adaptive batch, the out-of-memory back-off) calls ``model(x)`` and
+``loss_fn(output, y)``. Handing them a forward and a loss that enter autocast themselves makes
+each of those paths run in the chosen precision without a copy of its code, and the user's module
+is untouched: checkpoints hold its own ``state_dict``, loadable in float32.
+
+``bf16-mixed`` (Lightning's name) keeps the weights, gradients and optimizer state in float32
+and runs autocast's list of ops in bfloat16, on CUDA and on the CPU. bfloat16 has float32's
+exponent range, so no loss scaling is needed (float16, ``16-mixed``, needs a GradScaler and is
+not offered yet). The backward pass runs outside autocast, as PyTorch recommends: autograd
+replays each op in the dtype its forward used.
+
+Examples:
+    >>> amp = Precision.of("bf16-mixed", torch.device("cpu"))
+    >>> forward = amp.forward(torch.nn.Linear(4, 2))
+    >>> forward(torch.ones(3, 4)).dtype
+    torch.bfloat16
+    >>> Precision.of("32", torch.device("cpu")).mixed
+    False
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from batchfit.core.options import PRECISIONS, opt_value
+from batchfit.errors import BatchfitError
+
+_DTYPES = {"bf16-mixed": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A precision on a device: what autocast runs in (None: float32 throughout)."""
+
+    name: str
+    device_type: str
+    dtype: torch.dtype | None
+
+    @classmethod
+    def of(cls, name: str | None, device: torch.device) -> Precision:
+        """The precision ``name`` on ``device``; one that device cannot run is refused in one
+        line that names the fix."""
+        name = "32" if name is None else str(name)
+        if name not in PRECISIONS:
+            raise BatchfitError(
+                f"Unknown {opt_value('precision', name)}; use one of {', '.join(PRECISIONS)}."
+            )
+        dtype = _DTYPES.get(name)
+        if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise BatchfitError(
+                f"{opt_value('precision', name)} was asked for, but this GPU has no bfloat16 "
+                f"support; use {opt_value('precision', '32')}."
+            )
+        return cls(name, device.type, dtype)
+
+    @property
+    def mixed(self) -> bool:
+        return self.dtype is not None
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The context the forward pass and the loss run in."""
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def forward(self, model: Any) -> Any:
+        """``model`` as the step functions call it: itself in float32, else its forward under
+        autocast (attributes such as DDP's ``no_sync`` pass through)."""
+        return model if self.dtype is None else _Autocast(model, self)
+
+    def loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``loss_fn`` under autocast (which runs losses such as cross-entropy in float32)."""
+        if self.dtype is None:
+            return loss_fn
+
+        def mixed_loss(output: Any, target: Any) -> torch.Tensor:
+            with self.autocast():
+                return loss_fn(output, target)
+
+        return mixed_loss
+
+
+class _Autocast:
+    """A model's forward under autocast; everything else is the model's own."""
+
+    def __init__(self, model: Any, precision: Precision) -> None:
+        self.model, self.precision = model, precision
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision.autocast():
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
