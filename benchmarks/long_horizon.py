@@ -12,7 +12,8 @@ measured with torch's default threads and training runs on 1 thread), with two c
 the oracle within a couple of hours on 2 cores:
 
 - step times are measured first, and every run at a batch size B is capped at the steps it may
-  take before it is TIME_PRUNE x slower than the best time to target found so far at any size
+  take before it is TIME_PRUNE x slower than the best time to target found so far at any size,
+  and at TIME_PRUNE x the best steps found at its own size (not 3x: these runs are long)
   (a size none of whose first three learning rates beats that is out of the running: its
   time is reported as "> TIME_PRUNE x");
 - the search starts at the task's ``first_batch`` and walks outward (up, down, up, ...), each size
@@ -131,7 +132,7 @@ def oracle(task: QualityTask, arrays: rq.Arrays, cache: dict, sizes: list[int]) 
     """Step times first, then the lr search at every size in :func:`search_order`, each run
     capped at TIME_PRUNE x the best time found so far."""
     rq.retime(task, arrays, cache, sizes, False, rq.log)
-    runner = rq.Runner(task, arrays, cache, rq.log)
+    runner = rq.Runner(task, arrays, cache, rq.log, prune=TIME_PRUNE)
     pruned = cache.setdefault("pruned", {})
     for b in search_order(task, sizes):
         cap = time_cap(cache, task, b, TIME_PRUNE)
@@ -163,7 +164,7 @@ def judge_tune(task: QualityTask, arrays: rq.Arrays, cache: dict) -> dict:
     """ratio_B, ratio_BL and (tune + training) / best for tune's answer."""
     answer = tune_answer(task, cache)
     b, lr = min(int(answer["batch_size"]), arrays.n), float(answer["lr"])
-    runner = rq.Runner(task, arrays, cache, rq.log)
+    runner = rq.Runner(task, arrays, cache, rq.log, prune=TIME_PRUNE)
     if str(b) not in cache["step_time"]:
         rq.retime(task, arrays, cache, [b], False, rq.log)
     searched = rq.lr_table(cache, task.seeds)
@@ -333,14 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-tune", action="store_true")
     parser.add_argument("--skip-schedule", action="store_true")
     args = parser.parse_args(argv)
-    if args.list:
-        for task in LONG_TASKS.values():
-            print(f"{task.name:<14} {task.kind}; target val {task.metric} {task.target:g}")
+    names = rq.chosen_tasks(args, LONG_TASKS)
+    if not names:
         return
-    names = args.tasks.split(",") if args.tasks else list(LONG_TASKS)
-    unknown = [n for n in names if n not in LONG_TASKS]
-    if unknown:
-        sys.exit(f"unknown task(s) {unknown}; --list shows them")
     torch.set_num_threads(1)
     print(f"command: python {' '.join(sys.argv)}")
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")

@@ -289,8 +289,11 @@ class Runner:
     """Runs cells (B, lr, seed) through the cache: a finished cell is never run again, and a cell
     stopped at a cap is rerun only when a larger cap is asked for."""
 
-    def __init__(self, task: QualityTask, arrays: Arrays, cache: dict, log) -> None:
+    def __init__(
+        self, task: QualityTask, arrays: Arrays, cache: dict, log, prune: float = PRUNE
+    ) -> None:
         self.task, self.arrays, self.cache, self.log = task, arrays, cache, log
+        self.prune = prune  # a search run stops at this many times the best steps at its B
 
     def cell(self, table: str, batch_size: int, lr: float, seed: int, cap: int) -> dict:
         key = f"{batch_size}|{lr_key(lr)}|{seed}"
@@ -346,7 +349,7 @@ class Runner:
 
         def run(k: int) -> None:
             best = min(steps.values(), default=math.inf)
-            cap = full_cap if math.isinf(best) else min(full_cap, math.ceil(PRUNE * best))
+            cap = full_cap if math.isinf(best) else min(full_cap, math.ceil(self.prune * best))
             steps[k] = self.mean_steps("cells", batch_size, grid_lr(k), cap)
 
         centre = grid_index(start_lr)
@@ -817,16 +820,25 @@ def judge_phase(task: QualityTask, args: argparse.Namespace) -> tuple[list[str],
     return oracle_table(task, cache), rows, oracle_summary(task, cache)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def chosen_tasks(args: argparse.Namespace, tasks: dict[str, QualityTask]) -> list[str]:
+    """The names ``--tasks`` asks for (default: all of ``tasks``); with ``--list`` the tasks are
+    printed and none is chosen; an unknown name exits with one line."""
     if args.list:
-        for task in TASKS.values():
-            print(f"{task.name:<11} {task.kind}; target val {task.metric} {task.target:g}")
-        return
-    names = args.tasks.split(",") if args.tasks else list(TASKS)
-    unknown = [n for n in names if n not in TASKS]
+        for task in tasks.values():
+            print(f"{task.name:<14} {task.kind}; target val {task.metric} {task.target:g}")
+        return []
+    names = args.tasks.split(",") if args.tasks else list(tasks)
+    unknown = [n for n in names if n not in tasks]
     if unknown:
         sys.exit(f"unknown task(s) {unknown}; --list shows them")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    names = chosen_tasks(args, TASKS)
+    if not names:
+        return
     torch.set_num_threads(1)  # training runs; step times switch to the default count
     print(f"command: python {' '.join(sys.argv)}")
     print(

@@ -58,8 +58,9 @@ class Blobs(pl.LightningModule):
         return DataLoader(TensorDataset(*blobs(self.hparams.n)), batch_size=self.hparams.batch_size)
 
 
-def _fit(tmp_path, module, callback, epochs=1):
+def _fit(tmp_path, module, callback, epochs=1, **trainer_options):
     trainer = pl.Trainer(
+        **trainer_options,
         max_epochs=epochs,
         callbacks=[callback],
         default_root_dir=tmp_path,
@@ -185,6 +186,16 @@ def test_without_max_time_nothing_is_said_of_it(tmp_path):
     _fit(tmp_path, Blobs(n=100), BatchfitTuner(time_budget=4, seed=0, log=lines.append))
     assert not [s for s in lines if "max_time" in s]
     assert [s for s in lines if s.startswith("batchfit: race: ")]
+    assert not [s for s in lines if "measured in float32" in s]  # the Trainer's own precision
+
+
+def test_a_mixed_precision_trainer_is_told_tune_measured_in_float32(tmp_path):
+    lines: list[str] = []
+    tuner = BatchfitTuner(time_budget=4, seed=0, log=lines.append)
+    _fit(tmp_path, Blobs(n=100), tuner, precision="bf16-mixed")
+    (said,) = [s for s in lines if "measured in float32" in s]
+    assert said.startswith("batchfit: tune measured in float32, while this trainer trains in ")
+    assert "bf16-mixed" in said and "conservative" in said
 
 
 def test_the_trainers_length_is_tunes_horizon_and_a_short_fit_ends_tuning_early(tmp_path):

@@ -219,6 +219,22 @@ def test_resume_skips_finished_runs_and_refuses_runs_made_with_other_settings(tm
         run(batch_sizes=[16], out_dir=tmp_path, resume=True)
 
 
+def test_a_sweep_trains_in_bf16_mixed_and_does_not_resume_float32_runs_in_it(tmp_path):
+    first = run(batch_sizes=[16], out_dir=tmp_path, precision="bf16-mixed")
+    assert first.settings["precision"] == "bf16-mixed"
+    plain = run(batch_sizes=[16])
+    assert first.sizes[0]["params_sha256"] != plain.sizes[0]["params_sha256"]  # trained in it
+    with pytest.raises(BatchfitError, match="was made with precision='bf16-mixed', not '32'"):
+        run(batch_sizes=[16], out_dir=tmp_path, resume=True)
+    # a run saved before the key existed was float32
+    (saved,) = (tmp_path / "runs").iterdir()
+    record = json.loads(saved.read_text())
+    del record["settings"]["precision"]
+    saved.write_text(json.dumps(record))
+    with pytest.raises(BatchfitError, match="was made with precision='32', not 'bf16-mixed'"):
+        run(batch_sizes=[16], out_dir=tmp_path, resume=True, precision="bf16-mixed")
+
+
 def test_resume_refuses_runs_made_on_other_data_of_the_same_size(tmp_path):
     (x, y), (xv, yv) = data()
     model = mlp()
@@ -426,9 +442,8 @@ def test_tune_runs_no_extra_run_when_a_sweep_run_already_has_its_lr_and_says_why
     report.write_text(json.dumps({"recommended": {"batch_size": 5000, "lr": 0.02}}))
     too_big = run(batch_sizes=[16, 64], report=report)
     assert [s["batch_size"] for s in too_big.sizes] == [16, 64] and len(too_big.runs) == 2
-    assert (
-        "larger than this training set (400 samples), so it was not run"
-        in (too_big.verdict.tune.reason)
+    assert "larger than this training set (400 samples), so it was not run" in (
+        too_big.verdict.tune.reason
     )
     assert too_big.verdict.tune.judged == "nearest swept size"
 

@@ -705,6 +705,7 @@ COMMANDS: dict[str, Command] = {
                 "output",
                 (
                     ("out_dir", {"help": "folder for the report"}),
+                    "precision",
                     *_OUTPUT,
                 ),
             ),

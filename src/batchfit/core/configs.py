@@ -178,5 +178,6 @@ class SweepConfig(Config):
     report: Any = _option("report")
     device: Any = _option("device")
     threads: int | None = _option("threads")
+    precision: str = _option("precision")
     progress: bool = _option("progress")
     task_name: str | None = None

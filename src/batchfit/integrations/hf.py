@@ -36,7 +36,7 @@ except ImportError:
         "install it with pip install 'batchfit[hf]'."
     ) from None
 
-from batchfit.integrations.tune_log import log_tune_result
+from batchfit.integrations.tune_log import float32_note, log_tune_result
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune import TuneResult, tune
 
@@ -288,7 +288,22 @@ def tuned_arguments(
     tuned.gradient_accumulation_steps = max(1, round(r.accumulation / world))
     tuned.learning_rate = r.lr
     log_tune_result(result, say, log or logger.warning)
+    note = float32_note(_precision_of(args))
+    if note is not None:
+        (log or logger.warning)(note)
     return tuned, result
+
+
+def _precision_of(args: Any) -> str | None:
+    """The mixed precision ``TrainingArguments`` train in, in Lightning's names (None: float32).
+
+    >>> from types import SimpleNamespace as A
+    >>> _precision_of(A(bf16=True, fp16=False)), _precision_of(A(bf16=False, fp16=False))
+    ('bf16-mixed', None)
+    """
+    if getattr(args, "bf16", False):
+        return "bf16-mixed"
+    return "16-mixed" if getattr(args, "fp16", False) else None
 
 
 def _arguments_as_tune_options(

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from batchfit.errors import BatchfitError
-from batchfit.integrations.tune_log import PREFIX, log_tune_result
+from batchfit.integrations.tune_log import PREFIX, float32_note, log_tune_result
 from batchfit.orchestrate.tune import TuneResult, tune
 from batchfit.orchestrate.tune_result import Recommended
 
@@ -169,6 +169,13 @@ class BatchfitTuner(pl.Callback):
         if self.result is not None and trainer.is_global_zero:
             log_tune_result(self.result, self.say or logger.info, self.say or logger.warning)
             self._say_max_time(trainer, self.result.seconds)
+            self._say_precision(trainer)
+
+    def _say_precision(self, trainer: pl.Trainer) -> None:
+        """A Trainer in a mixed precision was measured in float32: say what that means."""
+        note = float32_note(str(getattr(trainer, "precision", "32-true")))
+        if note is not None:
+            (self.say or logger.warning)(note)
 
     def _say_max_time(self, trainer: pl.Trainer, seconds: float) -> None:
         """With ``max_time`` set, that it does not count the tuning (its clock starts with

@@ -41,6 +41,24 @@ def log_tune_result(result: TuneResult, info: Log, warn: Log) -> None:
         info(PREFIX + reason)
 
 
+def float32_note(trainer_precision: str | None) -> str | None:
+    """The line a trainer in a mixed precision gets: tune's probes measure in float32 alone so
+    far, so its answer is not the trainer's own (None: the trainer is in float32 or float64).
+
+    >>> float32_note("32-true") is None, float32_note(None) is None
+    (True, True)
+    >>> float32_note("bf16-mixed").startswith("batchfit: tune measured in float32, while")
+    True
+    """
+    if trainer_precision is None or trainer_precision.startswith(("32", "64")):
+        return None
+    return (
+        f"{PREFIX}tune measured in float32, while this trainer trains in {trainer_precision}: "
+        "its memory ceiling is conservative (mixed precision holds smaller activations) and "
+        "its step times are float32's."
+    )
+
+
 def race_line(result: TuneResult) -> tuple[bool, str]:
     """``(whether the race ran, the line that says so)``; when it did not, why."""
     race = result.race

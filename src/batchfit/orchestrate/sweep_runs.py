@@ -56,7 +56,10 @@ FINGERPRINT_KEYS = (
     "train_data_sha256",
     "val_data_sha256",
     "device",
+    "precision",
 )
+#: What a run saved before a fingerprint key existed was made with.
+_BEFORE_THE_KEY = {"precision": "32"}
 
 
 @dataclass(frozen=True)
@@ -274,9 +277,10 @@ def load_run(path: Path, fingerprint: dict[str, Any]) -> SweepRun | None:
         ) from None
     saved = record.get("settings", {}) if isinstance(record, dict) else {}
     for key, value in fingerprint.items():
-        if saved.get(key) != value:
+        then = saved.get(key, _BEFORE_THE_KEY.get(key))
+        if then != value:
             raise BatchfitError(
-                f"The finished run '{path}' was made with {key}={saved.get(key)!r}, not "
+                f"The finished run '{path}' was made with {key}={then!r}, not "
                 f"{value!r}; use a new {opt('out_dir')}, or run without {opt('resume')} to redo "
                 "it."
             )
@@ -395,6 +399,7 @@ def _train(model: nn.Module, setup: SweepSetup, planned: RunPlan, curve: _Curve)
             seed=config.seed,
             eval_every=curve.eval_every,
             device=setup.start.device,
+            precision=config.precision,
         )
         if curve.points[-1]["step"] != result.steps:  # e.g. a stream that ended before the budget
             curve.on_eval(

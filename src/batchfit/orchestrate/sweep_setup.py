@@ -112,6 +112,7 @@ class SweepSetup:
             "train_data_sha256": self.start.train_data_sha256,
             "val_data_sha256": self.start.val_data_sha256,
             "device": str(self.start.device),
+            "precision": config.precision,
             "report": str(config.report) if config.report is not None else None,
         }
 
