@@ -299,6 +299,10 @@ def summary_lines(task: QualityTask, cache: dict, judged: dict | None, sched: di
     best_b, best_lr, best_s = rq.best_overall(cache, task.seeds)
     lines = rq.oracle_table(task, cache)
     pruned = cache.get("pruned", {})
+    searched = set(rq.lr_table(cache, task.seeds)) | {int(b) for b in pruned}
+    missing = [b for b in rq.batch_sizes(task, 10**9) if b not in searched]
+    if missing:
+        lines.append(f"Not searched yet (the oracle is partial): B={', '.join(map(str, missing))}.")
     if pruned:
         lines.append(
             f"Out of the running (slower than {TIME_PRUNE}x at every lr tried): "
@@ -333,6 +337,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retime", action="store_true", help="time every batch size again")
     parser.add_argument("--skip-tune", action="store_true")
     parser.add_argument("--skip-schedule", action="store_true")
+    parser.add_argument(
+        "--searched-only",
+        action="store_true",
+        help="judge against the sizes searched so far (the summary names the ones not searched)",
+    )
     args = parser.parse_args(argv)
     names = rq.chosen_tasks(args, LONG_TASKS)
     if not names:
@@ -347,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         sizes = rq.batch_sizes(task, arrays.n)
         if args.retime:
             rq.retime(task, arrays, cache, sizes, True, rq.log)
-        oracle(task, arrays, cache, sizes)
+        if not args.searched_only:
+            oracle(task, arrays, cache, sizes)
         judged = None if args.skip_tune else judge_tune(task, arrays, cache)
         sched = None if args.skip_schedule else schedule(task, arrays, cache)
         rq.save_cache(task, cache)

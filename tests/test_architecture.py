@@ -35,8 +35,8 @@ ALLOWED: dict[str, set[str]] = {
     "memory_limits": {"core"},
     "threads": {"core"},
     "precision": {"core", "errors"},
-    "step": {"core", "data", "errors", "losses"},
-    "distributed": {"core", "data", "errors", "losses"},
+    "step": {"core", "data", "errors", "losses", "precision"},
+    "distributed": {"core", "data", "errors", "losses", "precision"},
     "inputs": {"core", "data", "errors", "imports", "losses"},
     "probe": {
         "core",

@@ -76,7 +76,8 @@ def same_weights_bf16(out):
     plain = wide()
     train(plain, (x, y), batch_size=4096, epochs=1, micro_batch_size=used[-1], out_dir=f"{out}/b",
           precision="bf16-mixed")
-    return {"steps": kept.steps, "micros": used, "gap": weights_gap(limited, plain)}
+    return {"steps": kept.steps, "micros": used, "gap": weights_gap(limited, plain),
+            "moved": weights_gap(limited, wide())}
 
 
 class Spiky(nn.Module):
@@ -179,7 +180,10 @@ def test_the_back_off_works_in_bf16_mixed_too(tmp_path):
     answer, log = _child(tmp_path, "same_weights_bf16")
     assert answer["steps"] == len(answer["micros"]) == 2  # every planned step trained
     assert answer["micros"][0] < 4096  # a real out-of-memory error, met under autocast
-    assert answer["gap"] < 1e-6, answer  # the weights of a bf16 run at that micro-batch
+    if len(set(answer["micros"])) == 1:  # the weights of a bf16 run at that micro-batch
+        assert answer["gap"] < 1e-6, answer
+    else:  # backed off again on a busier machine: bf16 rounds other micro-batches otherwise
+        assert answer["gap"] < 0.02 * answer["moved"], answer
     assert "out of memory at micro-batch 4096" in log
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import run_cli, subprocess_env
@@ -126,15 +127,16 @@ def test_two_ranks_train_the_weights_of_one_process_and_only_rank_0_writes(tmp_p
     )
 
 
-def test_two_ranks_in_bf16_mixed_train_the_weights_of_one_bf16_process(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_two_ranks_in_a_mixed_precision_train_the_weights_of_one_process(tmp_path, precision):
     _setup(tmp_path)
-    bf16 = ["--precision", "bf16-mixed", "--max-steps", "12", "--quiet"]
-    one = run_cli([*ARGS, *bf16, "--out", "one"], cwd=tmp_path)
+    mixed = ["--precision", precision, "--max-steps", "12", "--quiet"]
+    one = run_cli([*ARGS, *mixed, "--out", "one"], cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    two = _torchrun(tmp_path, [*ARGS, *bf16, "--out", "two", "--json"])
+    two = _torchrun(tmp_path, [*ARGS, *mixed, "--out", "two", "--json"])
     assert two.returncode == 0, two.stderr
-    assert '"precision": "bf16-mixed"' in two.stdout
-    # each rank's forward rounds to bf16 on its own share: equal within bf16's tolerance
+    assert f'"precision": "{precision}"' in two.stdout
+    # each rank's forward rounds on its own share: equal within the precision's tolerance
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for key in wa:
         assert wa[key].dtype == torch.float32

@@ -119,3 +119,73 @@ def test_the_command_line_trains_in_bf16_and_refuses_an_unknown_precision():
     bad = run_cli(["train", "--example", "linreg", "--batch-size", "64", "--max-steps", "5",
                    "--precision", "fp16"])  # fmt: skip
     assert bad.returncode == 2 and "fp16" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- 16-mixed: float16 with loss scaling ------------------------------------------------------
+
+
+def test_16_mixed_trains_in_float16_with_one_scaled_update_per_step(monkeypatch):
+    from batchfit.precision import LossScaler
+
+    updates = []
+    step = LossScaler.step
+
+    def counted(self, optimizer):
+        updates.append(self.scaler.get_scale())
+        step(self, optimizer)
+
+    monkeypatch.setattr(LossScaler, "step", counted)
+    x, y = blobs(256)
+    model = Records()
+    result = train(model, (x, y), batch_size=64, micro_batch_size=16, max_steps=6,
+                   precision="16-mixed")  # fmt: skip
+    assert model.dtypes == {torch.float16}
+    assert len(updates) == 6 and updates[0] == 2.0**16  # one scaler update per step, not per part
+    assert result.precision == "16-mixed" and result.skipped_steps == 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_16_mixed_matches_float32_within_float16_tolerance_with_accumulation():
+    x, y = blobs(384)
+    runs = {}
+    for precision, micro in (("32", 96), ("16-mixed", 96), ("16-mixed", 24)):
+        model = Records()
+        train(model, (x, y), batch_size=96, micro_batch_size=micro, max_steps=6, lr=1e-2,
+              precision=precision)  # fmt: skip
+        runs[precision, micro] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    moved = (runs["32", 96] - torch.cat([p.flatten() for p in Records().parameters()])).abs().max()
+    assert (runs["16-mixed", 96] - runs["32", 96]).abs().max() < 0.02 * moved
+    assert (runs["16-mixed", 24] - runs["16-mixed", 96]).abs().max() < 0.02 * moved
+
+
+class Overflows(Records):
+    """Records, whose output is multiplied by a huge factor at its 3rd training forward: the
+    scaled gradients of that step overflow float16 and the scaler skips it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training
+        out = super().forward(x)
+        return out * 6e4 if self.training and self.calls == 3 else out
+
+
+def test_an_overflowed_16_mixed_step_is_skipped_counted_and_resumed_bitwise(tmp_path):
+    x, y = blobs(256)
+    options = dict(batch_size=32, precision="16-mixed", seed=2, loss="cross_entropy")
+    straight = train(Overflows(), (x, y), max_steps=8, **options)
+    assert straight.skipped_steps >= 1 and straight.steps == 8
+    train(Overflows(), (x, y), max_steps=4, checkpoint_dir=tmp_path, **options)
+    model = Overflows()
+    model.calls = 4  # the resumed run's forwards continue past the overflowing one
+    resumed = train(model, (x, y), max_steps=8, checkpoint_dir=tmp_path, resume=True, **options)
+    assert resumed.params_sha256 == straight.params_sha256  # the scaler's state came back too
+    assert resumed.skipped_steps == straight.skipped_steps
+
+
+def test_16_mixed_with_adaptive_is_refused_in_one_line_naming_bf16():
+    x, y = blobs(256)
+    with pytest.raises(BatchfitError, match="use precision='bf16-mixed'"):
+        train(Records(), (x, y), batch_size=32, max_steps=2, adaptive=True, precision="16-mixed")

@@ -208,13 +208,17 @@ def _how_to_match(key: str, value: Any) -> str:
     return _as_set(key, value)
 
 
+#: What a checkpoint written before a setting existed was made with (it is checked as that).
+SETTINGS_BEFORE_THE_KEY = {"precision": "32"}
+
+
 def check_same_settings(state: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
     """Refuse to resume with settings that would change the batches or the updates.
 
     A setting that is a dict (the data fingerprint) is compared key by key, so the message names
     the one that changed. Settings the checkpoint does not have (older versions) are not checked.
     """
-    saved = state.get("settings", {})
+    saved = {**SETTINGS_BEFORE_THE_KEY, **state.get("settings", {})}
     for key, value in settings.items():
         if key not in saved:
             continue

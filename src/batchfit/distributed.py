@@ -35,6 +35,7 @@ from batchfit.core.accounting import rank_share
 from batchfit.data.source import Batch, BatchSource, rank_rows
 from batchfit.errors import BatchfitError, ReportedByRank0
 from batchfit.losses import LossFn
+from batchfit.precision import LossScaler
 
 T = TypeVar("T")
 
@@ -198,10 +199,13 @@ def ddp_train_step(
     y: torch.Tensor | RankShare,
     micro_batch_size: int,
     device: torch.device,
+    scaler: LossScaler | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One update on a global batch ``(x, y)``: this rank's share, in micro-batches; returns the
     mean loss over the whole global batch (all-reduced) and this rank's iterations. With ``y`` a
-    :class:`RankShare`, ``x`` and its labels are this rank's share already."""
+    :class:`RankShare`, ``x`` and its labels are this rank's share already. With a ``scaler``
+    (float16) the backward passes are scaled; every rank then sees the same all-reduced
+    gradients, so all skip an overflowed step together."""
     optimizer.zero_grad(set_to_none=True)
     n, world = len(y), dist.get_world_size()
     if isinstance(y, RankShare):  # this rank's rows already (a sharded stream)
@@ -211,16 +215,22 @@ def ddp_train_step(
         xs_all, ys_all = x[share], y[share]
     scale = world / n
     if len(ys_all) == 0:  # a last batch smaller than W: still take part in the all-reduce
-        return _empty_share_step(model, optimizer, xs_all, x, y, device), 1
+        return _empty_share_step(model, optimizer, xs_all, x, y, device, scaler), 1
     pieces = list(zip(xs_all.split(micro_batch_size), ys_all.split(micro_batch_size), strict=True))
     total = torch.zeros((), device=device)
     for i, (xs, ys) in enumerate(pieces):
         with model.no_sync() if i < len(pieces) - 1 else nullcontext():
             loss = loss_fn(model(xs.to(device)), ys.to(device))
-            (loss * (len(ys) * scale)).backward()
-        total += loss.detach() * (len(ys) * scale / world)
+            if scaler is None:
+                (loss * (len(ys) * scale)).backward()
+            else:
+                scaler.backward(loss * (len(ys) * scale))
+        total += loss.detach().float() * (len(ys) * scale / world)
     dist.all_reduce(total)  # the global batch's mean loss, as one process would log it
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
     return total, len(pieces)
 
 
@@ -231,15 +241,22 @@ def _empty_share_step(
     x: torch.Tensor,
     y: object,
     device: torch.device,
+    scaler: LossScaler | None = None,
 ) -> torch.Tensor:
     """A step where this rank holds no row (a last batch smaller than W): a zero-weighted
     forward and backward keep it in the gradient all-reduce; then the loss all-reduce."""
     rows = x[:1] if not isinstance(y, RankShare) else xs
     out = model(rows.to(device))
-    (out.sum() * 0.0).backward()
+    if scaler is None:
+        (out.sum() * 0.0).backward()
+    else:
+        scaler.backward(out.sum() * 0.0)
     total = torch.zeros((), device=device)
     dist.all_reduce(total)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
     return total
 
 

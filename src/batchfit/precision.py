@@ -6,11 +6,14 @@ accumulation, DDP, the adaptive batch, the out-of-memory back-off) calls ``model
 each of those paths run in the chosen precision without a copy of its code, and the user's module
 is untouched: checkpoints hold its own ``state_dict``, loadable in float32.
 
-``bf16-mixed`` (Lightning's name) keeps the weights, gradients and optimizer state in float32
-and runs autocast's list of ops in bfloat16, on CUDA and on the CPU. bfloat16 has float32's
-exponent range, so no loss scaling is needed (float16, ``16-mixed``, needs a GradScaler and is
-not offered yet). The backward pass runs outside autocast, as PyTorch recommends: autograd
-replays each op in the dtype its forward used.
+``bf16-mixed`` and ``16-mixed`` (Lightning's names) keep the weights, gradients and optimizer
+state in float32 and run autocast's list of ops in bfloat16 or float16, on CUDA and on the CPU.
+bfloat16 has float32's exponent range, so it needs no loss scaling; float16's small gradients
+underflow without it, so ``16-mixed`` scales the loss before each backward and unscales before
+the update (:class:`LossScaler`, PyTorch's GradScaler, once per optimizer step however many
+micro-batches it has), and a step whose scaled gradients overflowed is skipped and counted. The
+backward pass runs outside autocast, as PyTorch recommends: autograd replays each op in the
+dtype its forward used.
 
 Examples:
     >>> amp = Precision.of("bf16-mixed", torch.device("cpu"))
@@ -33,7 +36,7 @@ import torch
 from batchfit.core.options import PRECISIONS, opt_value
 from batchfit.errors import BatchfitError
 
-_DTYPES = {"bf16-mixed": torch.bfloat16}
+_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class Precision:
     @property
     def mixed(self) -> bool:
         return self.dtype is not None
+
+    def scaler(self) -> LossScaler | None:
+        """A fresh loss scaler for ``16-mixed``; None for the precisions that need none."""
+        return LossScaler(self.device_type) if self.dtype is torch.float16 else None
 
     def autocast(self) -> AbstractContextManager[Any]:
         """The context the forward pass and the loss run in."""
@@ -100,3 +107,40 @@ class _Autocast:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
+
+
+class LossScaler:
+    """float16's loss scaling for one run: the backward of a scaled loss, and an optimizer step
+    that unscales first and is skipped (and counted) when the gradients overflowed.
+
+    >>> scaler = LossScaler("cpu")
+    >>> model = torch.nn.Linear(2, 1)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> scaler.backward(model(torch.ones(1, 2)).sum())
+    >>> scaler.step(optimizer), scaler.skipped
+    (None, 0)
+    """
+
+    def __init__(self, device_type: str) -> None:
+        self.scaler = torch.amp.GradScaler(device_type)
+        self.skipped = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The update from the accumulated (scaled) gradients, unless they hold inf or NaN; the
+        scale then halves, and the step counts as skipped."""
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() < before:
+            self.skipped += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data, for the checkpoint (a resumed run continues at the same scale)."""
+        return {"scaler": self.scaler.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+        self.skipped = int(state["skipped"])

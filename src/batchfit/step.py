@@ -19,6 +19,7 @@ from batchfit.core.options import opt_value
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.losses import Loss, LossFn, correct_count
+from batchfit.precision import LossScaler
 
 DEFAULT_LR = {name: options.default_of("lr", optimizer=name) for name in options.OPTIMIZERS}
 
@@ -84,12 +85,16 @@ def train_step(
     y: torch.Tensor,
     micro_batch_size: int,
     device: torch.device,
+    scaler: LossScaler | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One optimizer update on one batch; returns (mean loss as a detached tensor, iterations).
 
     Micro-batch losses are weighted by their share of the batch, so the accumulated gradient is the
-    mean gradient of the whole batch whatever the split (docs/design.md: no flooring).
+    mean gradient of the whole batch whatever the split (docs/design.md: no flooring). With a
+    ``scaler`` (float16), each part's backward is scaled and the one update unscales first.
     """
+    if scaler is not None:
+        return _scaled_step(model, optimizer, loss_fn, x, y, micro_batch_size, device, scaler)
     optimizer.zero_grad(set_to_none=True)
     n = len(y)
     if n <= micro_batch_size:
@@ -108,6 +113,32 @@ def train_step(
         total += loss.detach() * weight
         parts += 1
     optimizer.step()
+    return total, parts
+
+
+def _scaled_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro_batch_size: int,
+    device: torch.device,
+    scaler: LossScaler,
+) -> tuple[torch.Tensor, int]:
+    """:func:`train_step` with float16's loss scaling: the same weighting of the parts, one
+    scaled backward each, then the scaler's update (skipped when the gradients overflowed)."""
+    optimizer.zero_grad(set_to_none=True)
+    n = len(y)
+    total = torch.zeros((), device=device)
+    parts = 0
+    for xs, ys in zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True):
+        weight = len(ys) / n
+        loss = loss_fn(model(xs.to(device, non_blocking=True)), ys.to(device, non_blocking=True))
+        scaler.backward(loss * weight)
+        total += loss.detach().float() * weight
+        parts += 1
+    scaler.step(optimizer)
     return total, parts
 
 

@@ -58,7 +58,7 @@ from batchfit.errors import BatchfitError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 #: The precisions batchfit trains in (Lightning's names; batchfit.precision applies them).
-PRECISIONS = ("32", "bf16-mixed")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
 
 #: What a default may vary by: the running command, the device type or the optimizer.
@@ -332,7 +332,8 @@ OPTIONS: dict[str, Option] = _rows(
         "precision",
         Choice(PRECISIONS),
         "32",
-        "32 (float32) or bf16-mixed (forward and loss under bfloat16 autocast, weights float32)",
+        "32 (float32), bf16-mixed or 16-mixed (forward and loss under bfloat16 or float16 "
+        "autocast, weights float32; 16-mixed scales the loss)",
     ),
     Option(
         "progress",

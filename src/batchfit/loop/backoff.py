@@ -141,7 +141,9 @@ def back_off(
         )
         try:
             model, loss_fn = setup.step_parts()  # one process (a rank's back-off ends the run)
-            loss, parts = train_step(model, setup.optimizer, loss_fn, x, y, smaller, setup.device)
+            loss, parts = train_step(
+                model, setup.optimizer, loss_fn, x, y, smaller, setup.device, setup.scaler
+            )
         except Exception as again:  # noqa: BLE001 - judged at the top of the loop
             exc = again
             continue

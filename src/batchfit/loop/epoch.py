@@ -138,7 +138,9 @@ def _train_steps(
     checkpoint_every, eval_every = setup.config.checkpoint_every, setup.config.eval_every
     pos, metrics, clock = run.position, run.metrics, time.perf_counter
     adaptive = run.adaptive
-    plain_cpu = on_cpu and adaptive is None  # checked once here, so the default path pays nothing
+    scaler = setup.scaler
+    # checked once here, so the default path pays nothing
+    plain_cpu = on_cpu and adaptive is None and scaler is None
     add_row = metrics.pending.append  # MetricsLog.flush empties this list in place
     next_flush, t_last = clock() + FLUSH_SECONDS, clock_start
     for x, y in batches:
@@ -154,7 +156,7 @@ def _train_steps(
             elif adaptive is not None:  # measures the noise scale as it steps
                 loss_value, parts = adaptive.step(x, y, micro)
             else:
-                loss_value, parts = step_fn(model, optimizer, loss_fn, x, y, micro, device)
+                loss_value, parts = step_fn(model, optimizer, loss_fn, x, y, micro, device, scaler)
                 if on_cpu:  # nothing to sync on the CPU, and a float is cheaper to keep
                     loss_value = loss_value.item()
         except Exception as exc:  # out of memory: the same batch again, smaller micro-batches

@@ -23,7 +23,7 @@ from batchfit.core.configs import TrainConfig
 from batchfit.data.source import BatchSource
 from batchfit.losses import Loss, LossFn
 from batchfit.metrics import MetricsLog
-from batchfit.precision import Precision
+from batchfit.precision import LossScaler, Precision
 
 #: Called with each evaluation record; returning True stops training there.
 OnEval = Callable[[dict[str, float]], bool | None]
@@ -90,6 +90,8 @@ class Setup:
     ddp: nn.Module | None = None
     #: What the forward pass and the loss run in (float32 unless ``precision`` says otherwise).
     precision: Precision | None = None
+    #: float16's loss scaler (None in the other precisions); its state is in the checkpoint.
+    scaler: LossScaler | None = None
 
     @property
     def mixed(self) -> bool:
@@ -153,7 +155,10 @@ def checkpoint_state(run: RunState, setup: Setup) -> dict[str, Any]:
         "epoch_loss": [run.metrics.epoch_loss_sum, run.metrics.epoch_samples],
         "settings": setup.settings,
         "backoff": run.backoff.to_dict(),
-    } | ({"adaptive": run.adaptive.to_checkpoint()} if run.adaptive is not None else {})
+    } | (
+        ({"adaptive": run.adaptive.to_checkpoint()} if run.adaptive is not None else {})
+        | ({"scaler": setup.scaler.state_dict()} if setup.scaler is not None else {})
+    )
 
 
 def fresh_run(setup: Setup, metrics: MetricsLog) -> RunState:
@@ -165,6 +170,8 @@ def restore_run(saved: dict[str, Any], setup: Setup, metrics: MetricsLog) -> Run
     """Load a checkpoint's model, optimizer and generators, and return its run state."""
     setup.model.load_state_dict(saved["model"])
     setup.optimizer.load_state_dict(saved["optimizer"])
+    if setup.scaler is not None:  # the precision matched (settings), so the scaler was saved
+        setup.scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"])
     metrics.epoch_loss_sum, metrics.epoch_samples = saved["epoch_loss"]
     position = Position(**saved["position"])

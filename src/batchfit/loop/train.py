@@ -100,8 +100,11 @@ class TrainResult:
     configured_micro_batch_size: int | None = None
     #: What the run warned about without stopping (e.g. a stream smaller than one batch).
     warnings: list[str] = field(default_factory=list)
-    #: The precision the forward pass and the loss ran in ("32" or "bf16-mixed").
+    #: The precision the forward pass and the loss ran in ("32", "bf16-mixed" or "16-mixed").
     precision: str = "32"
+    #: With 16-mixed: optimizer steps skipped because the scaled gradients overflowed (the
+    #: scaler then lowered its scale; the batches were still counted).
+    skipped_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,6 +258,13 @@ def prepare(
     if val_source is not None:  # bad validation data found now, not after an epoch of training
         check_model_accepts_data(model, val_source, loss, what="validation data")
     optimizer = make_optimizer(config.optimizer, model, lr, config.momentum, config.weight_decay)
+    precision = Precision.of(config.precision, device)
+    if precision.scaler() is not None and config.adaptive:
+        raise BatchfitError(
+            f"{opt_value('adaptive', True)} measures the gradient noise from unscaled gradients, "
+            f"which {opt_value('precision', '16-mixed')} does not keep; use "
+            f"{opt_value('precision', 'bf16-mixed')} (no loss scaling) with it."
+        )
     return Setup(
         config=config,
         model=model,
@@ -271,7 +281,8 @@ def prepare(
         settings=_settings(config, source, lr),
         on_eval=on_eval,
         ddp=wrap(model, device),
-        precision=Precision.of(config.precision, device),
+        precision=precision,
+        scaler=precision.scaler(),
     )
 
 
@@ -358,6 +369,7 @@ def finish(run: RunState, setup: Setup, epoch_ended: bool, started: float) -> Tr
         adaptive=run.adaptive.summary() if run.adaptive is not None else None,
         warnings=run.warnings,
         precision=config.precision,
+        skipped_steps=setup.scaler.skipped if setup.scaler is not None else 0,
     )
 
 
