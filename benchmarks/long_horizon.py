@@ -16,9 +16,9 @@ the oracle within a couple of hours on 2 cores:
   and at TIME_PRUNE x the best steps found at its own size (not 3x: these runs are long)
   (a size none of whose first three learning rates beats that is out of the running: its
   time is reported as "> TIME_PRUNE x");
-- the search starts at the task's ``first_batch`` and walks outward (up, down, up, ...), each size
-  starting from the nearest searched size's best lr scaled by the square root of the batch ratio,
-  so the slow extremes are pruned against a good time found early.
+- the search starts at the task's ``first_batch``, walks up to the largest size, then down from
+  it, each size starting from the nearest searched size's best lr scaled by the square root of
+  the batch ratio, so the slow extremes are pruned against a good time found early.
 
 Then, for each task:
 
@@ -41,8 +41,13 @@ killed midway) resumes from what is there:
 
     python benchmarks/long_horizon.py --list
     python benchmarks/long_horizon.py --skip-tune --skip-schedule   # 1. the oracle
-    python benchmarks/long_horizon.py                               # 2. + tune and schedule
-    python benchmarks/long_horizon.py --tasks friedman_long --retime
+    python benchmarks/long_horizon.py --retime --searched-only --skip-tune --skip-schedule
+    python benchmarks/long_horizon.py --tune-only                   # 2. tune, quiet machine
+    python benchmarks/long_horizon.py                               # 3. judged; the schedule
+
+Each task can run in its own process (``--tasks NAME``) for steps 1 and 3; step 2 and
+``--retime`` want the machine to themselves. ``--searched-only`` judges against the sizes
+searched so far, and the summary names the ones still missing.
 """
 
 from __future__ import annotations
@@ -77,14 +82,17 @@ GOAL_SCHEDULE_WIN, GOAL_SCHEDULE_NEVER = 0.85, 1.05
 
 
 def search_order(task: QualityTask, sizes: list[int]) -> list[int]:
-    """``sizes`` from the task's ``first_batch`` outward: up one, down one, and so on."""
+    """``sizes`` from the task's ``first_batch`` up, then down from it: on a long run the best
+    batch is seldom small (the critical batch grows as the loss falls), so the sizes above are
+    searched first and the slower small ones pruned against their best time.
+
+    >>> from quality_tasks.tasks import LONG_TASKS
+    >>> search_order(LONG_TASKS["mnist1d_long"], [32, 64, 128, 256, 512, 1024, 2048, 4096])
+    [512, 1024, 2048, 4096, 256, 128, 64, 32]
+    """
     start = task.first_batch if task.first_batch in sizes else sizes[0]
     i = sizes.index(start)
-    above, below = sizes[i + 1 :], sizes[:i][::-1]
-    order = [start]
-    for k in range(max(len(above), len(below))):
-        order += above[k : k + 1] + below[k : k + 1]
-    return order
+    return sizes[i:] + sizes[:i][::-1]
 
 
 def best_time(cache: dict, seeds: int) -> float:
@@ -338,6 +346,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-tune", action="store_true")
     parser.add_argument("--skip-schedule", action="store_true")
     parser.add_argument(
+        "--tune-only",
+        action="store_true",
+        help="only collect tune's answers (one task after another, nothing else running), so "
+        "that the judging can then run the tasks side by side",
+    )
+    parser.add_argument(
         "--searched-only",
         action="store_true",
         help="judge against the sizes searched so far (the summary names the ones not searched)",
@@ -356,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
         sizes = rq.batch_sizes(task, arrays.n)
         if args.retime:
             rq.retime(task, arrays, cache, sizes, True, rq.log)
+        if args.tune_only:
+            tune_answer(task, cache)
+            continue
         if not args.searched_only:
             oracle(task, arrays, cache, sizes)
         judged = None if args.skip_tune else judge_tune(task, arrays, cache)
@@ -364,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
         lines = summary_lines(task, cache, judged, sched)
         print("\n" + "\n".join(lines))
         summary[name] = {"lines": lines, "tune": judged, "schedule": sched}
+    if args.tune_only:
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / ("summary.json" if not args.tasks else f"summary-{args.tasks}.json")
     path.write_text(json.dumps(rq._json_safe(summary), indent=1) + "\n")

@@ -203,3 +203,20 @@ def test_a_run_of_minutes_cuts_tuning_to_a_fifth_of_it_unless_a_budget_was_given
         with pytest.raises(Stop):
             tune(mlp(), blobs(400), log=log, **options)
         assert not [s for s in said if s.startswith("budget: ")], said
+
+
+def test_the_run_is_predicted_at_the_throughput_knee_not_at_the_largest_efficient_batch():
+    """Step time 1 ms + 2.5 us x B: samples/s reach half their limit at B = 400. The run is
+    predicted there (the measured size nearest to it), never above the throughput answer."""
+    from batchfit.orchestrate.tune_race import horizon_batch
+    from batchfit.probe.throughput import Throughput, ThroughputPoint
+
+    def point(b: int) -> ThroughputPoint:
+        step = 1e-3 + 2.5e-6 * b
+        return ThroughputPoint(b, b, b / step, step, step, step, 5)
+
+    measured = Throughput(tuple(point(2**k) for k in range(4, 15)), 8192, (), 3)
+    assert horizon_batch(measured, cheap=16384) == 512  # nearest to 400 in log (256 is farther)
+    assert horizon_batch(measured, cheap=128) == 128  # never above the throughput answer
+    flat = Throughput((point(16),), None, (), 3)  # one point: no fit, the answer itself
+    assert horizon_batch(flat, cheap=16) == 16

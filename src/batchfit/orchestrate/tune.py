@@ -49,7 +49,7 @@ from batchfit.orchestrate.tune_decision import decision, race_lines
 from batchfit.orchestrate.tune_horizon import after_race, read_horizon
 from batchfit.orchestrate.tune_lr import answer, lr_phase
 from batchfit.orchestrate.tune_noise import noise_phase
-from batchfit.orchestrate.tune_race import race_phase, step_seconds
+from batchfit.orchestrate.tune_race import horizon_batch, race_phase, step_seconds
 from batchfit.orchestrate.tune_ranks import tune_on_ranks
 from batchfit.orchestrate.tune_result import Recommended, TuneResult
 from batchfit.orchestrate.tune_state import LearningRates, MeasuredByRanks, Phase, TuneRun, timed
@@ -320,7 +320,8 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     throughput: Throughput = phases["throughput"].result
     ceiling = _ceiling(memory, throughput)
     cheap = _choose_batch_size(run, memory, throughput, None, ceiling).batch_size
-    reading = read_horizon(run, cheap, step_seconds(throughput, [cheap], ceiling)[cheap])
+    at = horizon_batch(throughput, cheap)  # the run's length, before its batch is known
+    reading = read_horizon(run, at, step_seconds(throughput, [at], ceiling)[at])
     # the noise scale runs even when tune ends early: without it the batch size is throughput's
     # alone, which on held-out short tasks never reached the target on half of them
     phases["noise"] = by_ranks.noise if by_ranks else noise_phase(run, ceiling)

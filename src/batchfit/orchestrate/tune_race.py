@@ -190,6 +190,21 @@ def _not_run(why: str) -> Phase[RaceResult | None]:
     return Phase(None, (f"The race was not run: {why}.",))
 
 
+def horizon_batch(throughput: Throughput, cheap: int) -> int:
+    """The batch size at which tune predicts the planned run's length before the noise scale is
+    measured: the measured size nearest (in log) to the throughput knee, at most ``cheap`` (the
+    throughput-based answer). That answer is the largest batch that still runs efficiently, so
+    the run predicted at it is the shortest the run could be: on a regression whose throughput
+    flattened only at 16,384, a 3-minute run at the batch tune chose (64) was predicted at
+    ~36 s there and tune ended early. At the knee samples/s are half their limit: no
+    prediction of the batch yet, but not the extreme either."""
+    knee = _knee(throughput)
+    sizes = [p.batch_size for p in throughput.points if p.batch_size <= cheap]
+    if knee <= 0 or not sizes:
+        return cheap
+    return min(sizes, key=lambda b: (abs(math.log(b / knee)), b))
+
+
 def _knee(throughput: Throughput) -> float:
     """Where samples/s reach half their limit, ``a / c`` of the step-time fit (0: no fit)."""
     fit = fit_step_time(throughput.pairs())
