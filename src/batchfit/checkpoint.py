@@ -208,7 +208,8 @@ def _how_to_match(key: str, value: Any) -> str:
     return _as_set(key, value)
 
 
-#: What a checkpoint written before a setting existed was made with (it is checked as that).
+#: What a checkpoint (or a finished sweep run) written before a setting existed was made with:
+#: it is checked as that.
 SETTINGS_BEFORE_THE_KEY = {"precision": "32"}
 
 

@@ -35,7 +35,7 @@ from batchfit.core.accounting import rank_share
 from batchfit.data.source import Batch, BatchSource, rank_rows
 from batchfit.errors import BatchfitError, ReportedByRank0
 from batchfit.losses import LossFn
-from batchfit.precision import LossScaler
+from batchfit.precision import NO_SCALING, LossScaler
 
 T = TypeVar("T")
 
@@ -217,20 +217,15 @@ def ddp_train_step(
     if len(ys_all) == 0:  # a last batch smaller than W: still take part in the all-reduce
         return _empty_share_step(model, optimizer, xs_all, x, y, device, scaler), 1
     pieces = list(zip(xs_all.split(micro_batch_size), ys_all.split(micro_batch_size), strict=True))
+    scaling = scaler or NO_SCALING
     total = torch.zeros((), device=device)
     for i, (xs, ys) in enumerate(pieces):
         with model.no_sync() if i < len(pieces) - 1 else nullcontext():
             loss = loss_fn(model(xs.to(device)), ys.to(device))
-            if scaler is None:
-                (loss * (len(ys) * scale)).backward()
-            else:
-                scaler.backward(loss * (len(ys) * scale))
-        total += loss.detach().float() * (len(ys) * scale / world)
+            scaling.backward(loss * (len(ys) * scale))
+        total += loss.detach() * (len(ys) * scale / world)
     dist.all_reduce(total)  # the global batch's mean loss, as one process would log it
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
+    scaling.step(optimizer)
     return total, len(pieces)
 
 
@@ -247,16 +242,11 @@ def _empty_share_step(
     forward and backward keep it in the gradient all-reduce; then the loss all-reduce."""
     rows = x[:1] if not isinstance(y, RankShare) else xs
     out = model(rows.to(device))
-    if scaler is None:
-        (out.sum() * 0.0).backward()
-    else:
-        scaler.backward(out.sum() * 0.0)
+    scaling = scaler or NO_SCALING
+    scaling.backward(out.sum() * 0.0)
     total = torch.zeros((), device=device)
     dist.all_reduce(total)
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
+    scaling.step(optimizer)
     return total
 
 

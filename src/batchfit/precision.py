@@ -109,6 +109,22 @@ class _Autocast:
         return getattr(self.model, name)
 
 
+class NoScaling:
+    """The backward and the update of the precisions that scale nothing, so a step function
+    has one code path (``scaling = scaler or NO_SCALING``) whatever the precision."""
+
+    @staticmethod
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @staticmethod
+    def step(optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+
+NO_SCALING = NoScaling()
+
+
 class LossScaler:
     """float16's loss scaling for one run: the backward of a scaled loss, and an optimizer step
     that unscales first and is skipped (and counted) when the gradients overflowed.

@@ -19,7 +19,7 @@ from batchfit.core.options import opt_value
 from batchfit.data.source import BatchSource
 from batchfit.errors import BatchfitError
 from batchfit.losses import Loss, LossFn, correct_count
-from batchfit.precision import LossScaler
+from batchfit.precision import NO_SCALING, LossScaler
 
 DEFAULT_LR = {name: options.default_of("lr", optimizer=name) for name in options.OPTIMIZERS}
 
@@ -93,52 +93,25 @@ def train_step(
     mean gradient of the whole batch whatever the split (docs/design.md: no flooring). With a
     ``scaler`` (float16), each part's backward is scaled and the one update unscales first.
     """
-    if scaler is not None:
-        return _scaled_step(model, optimizer, loss_fn, x, y, micro_batch_size, device, scaler)
     optimizer.zero_grad(set_to_none=True)
     n = len(y)
-    if n <= micro_batch_size:
+    if n <= micro_batch_size and scaler is None:
         if device.type != "cpu":  # on CPU, .to() is a no-op that still costs a call per tensor
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
         return loss.detach(), 1
+    scaling = scaler or NO_SCALING
     total = torch.zeros((), device=device)
     parts = 0
     for xs, ys in zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True):
         weight = len(ys) / n
         loss = loss_fn(model(xs.to(device, non_blocking=True)), ys.to(device, non_blocking=True))
-        (loss * weight).backward()
+        scaling.backward(loss * weight)
         total += loss.detach() * weight
         parts += 1
-    optimizer.step()
-    return total, parts
-
-
-def _scaled_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    micro_batch_size: int,
-    device: torch.device,
-    scaler: LossScaler,
-) -> tuple[torch.Tensor, int]:
-    """:func:`train_step` with float16's loss scaling: the same weighting of the parts, one
-    scaled backward each, then the scaler's update (skipped when the gradients overflowed)."""
-    optimizer.zero_grad(set_to_none=True)
-    n = len(y)
-    total = torch.zeros((), device=device)
-    parts = 0
-    for xs, ys in zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True):
-        weight = len(ys) / n
-        loss = loss_fn(model(xs.to(device, non_blocking=True)), ys.to(device, non_blocking=True))
-        scaler.backward(loss * weight)
-        total += loss.detach().float() * weight
-        parts += 1
-    scaler.step(optimizer)
+    scaling.step(optimizer)
     return total, parts
 
 

@@ -50,6 +50,13 @@ def reference_seconds(threads: int) -> float:
         torch.set_num_threads(previous)
 
 
+def use_threads(threads: int | None) -> None:
+    """Set torch's threads to ``threads`` only when that changes them: resetting the pool to
+    the count it has is not free, and under torchrun it races the process group's threads."""
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 @contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block on ``threads`` torch threads (None: as they are), then set them back.
@@ -61,15 +68,12 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     >>> torch.get_num_threads() == before
     True
     """
-    if threads is None or threads == torch.get_num_threads():
-        yield  # nothing to set: torch's thread pool is left as it is (under torchrun too)
-        return
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    use_threads(threads)  # None or the same count: the pool is left as it is (torchrun too)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        use_threads(before)
 
 
 def threads_compete(threads: int, cores: int, with_threads: float, one: float) -> bool:

@@ -93,10 +93,6 @@ class Setup:
     #: float16's loss scaler (None in the other precisions); its state is in the checkpoint.
     scaler: LossScaler | None = None
 
-    @property
-    def mixed(self) -> bool:
-        return self.precision is not None and self.precision.mixed
-
     def step_parts(self) -> tuple[Any, LossFn]:
         """The model (DDP's when several processes train) and the loss as the step functions
         call them: under autocast in a mixed precision."""

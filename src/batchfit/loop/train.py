@@ -259,7 +259,8 @@ def prepare(
         check_model_accepts_data(model, val_source, loss, what="validation data")
     optimizer = make_optimizer(config.optimizer, model, lr, config.momentum, config.weight_decay)
     precision = Precision.of(config.precision, device)
-    if precision.scaler() is not None and config.adaptive:
+    scaler = precision.scaler()
+    if scaler is not None and config.adaptive:
         raise BatchfitError(
             f"{opt_value('adaptive', True)} measures the gradient noise from unscaled gradients, "
             f"which {opt_value('precision', '16-mixed')} does not keep; use "
@@ -282,7 +283,7 @@ def prepare(
         on_eval=on_eval,
         ddp=wrap(model, device),
         precision=precision,
-        scaler=precision.scaler(),
+        scaler=scaler,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from batchfit.checkpoint import SETTINGS_BEFORE_THE_KEY
 from batchfit.core.accounting import plan
 from batchfit.core.lr_scaling import scale_lr
 from batchfit.core.options import opt
@@ -58,8 +59,6 @@ FINGERPRINT_KEYS = (
     "device",
     "precision",
 )
-#: What a run saved before a fingerprint key existed was made with.
-_BEFORE_THE_KEY = {"precision": "32"}
 
 
 @dataclass(frozen=True)
@@ -277,7 +276,7 @@ def load_run(path: Path, fingerprint: dict[str, Any]) -> SweepRun | None:
         ) from None
     saved = record.get("settings", {}) if isinstance(record, dict) else {}
     for key, value in fingerprint.items():
-        then = saved.get(key, _BEFORE_THE_KEY.get(key))
+        then = saved.get(key, SETTINGS_BEFORE_THE_KEY.get(key))
         if then != value:
             raise BatchfitError(
                 f"The finished run '{path}' was made with {key}={then!r}, not "

@@ -65,6 +65,7 @@ from batchfit.probe.throughput import Throughput, measure_throughput, powers_of_
 from batchfit.report.tune_json import ENDED_EARLY
 from batchfit.report.tune_report import REPORT_FILES, write_report
 from batchfit.step import make_optimizer, model_device, resolve_device, smallest_trainable_size
+from batchfit.threads import use_threads
 
 __all__ = ["Recommended", "TuneResult", "tune"]
 
@@ -265,7 +266,7 @@ def _measured_on(run: TuneRun, phases: Callable[[TuneRun], T], out: Path | None)
     earlier report in ``out`` that could look like its answer (an interrupted one keeps it)."""
     user_device, device = model_device(run.model), run.device
     user_threads = torch.get_num_threads()
-    _use_threads(run.config.threads)  # every pass tune makes, from the first
+    use_threads(run.config.threads)  # every pass tune makes, from the first
     run.model.to(device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -277,14 +278,7 @@ def _measured_on(run: TuneRun, phases: Callable[[TuneRun], T], out: Path | None)
         raise
     finally:
         run.model.to(user_device)
-        _use_threads(user_threads)
-
-
-def _use_threads(threads: int | None) -> None:
-    """Set torch's threads to ``threads`` only when that changes them: resetting the pool to
-    the count it has is not free, and under torchrun it races the process group's threads."""
-    if threads is not None and threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
+        use_threads(user_threads)
 
 
 def _check_batch_norm_cap(model: object, max_batch_size: int | None) -> None:
@@ -310,7 +304,7 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
         run.log(f"note: {run.budget.note}")
     # Timings on a shared or oversubscribed CPU are slow alike and say nothing: look first.
     machine = choose_threads(check_machine(model_device(run.model)), run.config.threads)
-    _use_threads(machine.threads_used)  # _measured_on sets the caller's back
+    use_threads(machine.threads_used)  # _measured_on sets the caller's back
     for warning in machine.warnings:
         run.log(f"warning: {warning}")
     phases: dict[str, Phase[Any]] = {}
