@@ -22,6 +22,7 @@ from batchfit.core.lr_scaling import scale_lr
 from batchfit.inputs import as_source, loss_for
 from batchfit.orchestrate import race_plan, tune_race
 from batchfit.orchestrate.tune import tune
+from batchfit.probe import race as race_probe
 from batchfit.probe.harness import Deadline, OutOfTime
 from batchfit.probe.machine import check_machine, usable_cores
 from batchfit.probe.race import Contender, RaceSettings, race
@@ -217,6 +218,21 @@ def test_a_batch_above_the_ceiling_races_and_is_judged_in_micro_batches_that_fit
 def test_a_race_without_time_is_out_of_time():
     with pytest.raises(OutOfTime):
         _race(mlp(), deadline_s=0.0)
+
+
+def test_a_screening_cut_short_by_time_goes_on_with_the_sizes_it_screened(monkeypatch):
+    real = race_probe.run_lane
+
+    def out_of_time_at_64(field_, contender, horizon_s, data_order=0):  # a clock the test sets
+        if contender.batch_size == 64 and data_order == 0 and horizon_s == field_.first_horizon_s:
+            raise OutOfTime("its screening round ran out of time")
+        return real(field_, contender, horizon_s, data_order)
+
+    monkeypatch.setattr(race_probe, "run_lane", out_of_time_at_64)
+    result = _race(mlp())
+    assert {lane.contender.batch_size for lane in result.rounds[0].lanes} == {16}
+    assert result.winner.batch_size == 16
+    assert any("ran out of time before batch sizes 64" in note for note in result.notes)
 
 
 # -- in tune -------------------------------------------------------------------------------------

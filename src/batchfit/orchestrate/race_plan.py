@@ -84,12 +84,15 @@ def shrunk_to_fit(
     seconds: float,
     keep: int,
     growth: float = 3.0,
+    eval_s: float = 0.0,
 ) -> tuple[list[int], int, float] | None:
     """``(sizes, learning rates per size, screening horizon)`` of the largest race whose
     screening round fits in ``seconds``, or None when not even ``keep`` (the prediction) with one
     learning rate fits. A race that does not fit is shrunk rather than skipped, since a small race
     still checks the prediction: first to the middle three learning rates, then without the
-    slowest batch sizes (never ``keep``), then to one learning rate.
+    slowest batch sizes (never ``keep``), then to one learning rate. ``eval_s``: the held-out
+    evaluations' seconds per lane, which do not shrink with the horizon (on a large validation
+    set they were most of a round's time, and a screening planned without them ran out of it).
 
     >>> times = {64: 0.01, 128: 0.02, 256: 0.04, 512: 0.08}
     >>> shrunk_to_fit([64, 128, 256, 512], 5, times, 60.0, keep=128)[:2]
@@ -98,6 +101,8 @@ def shrunk_to_fit(
     ([64, 128, 256], 3)
     >>> shrunk_to_fit([64, 128, 256, 512], 5, times, 0.1, keep=128) is None
     True
+    >>> shrunk_to_fit([64, 128, 256, 512], 5, times, 60.0, keep=128, eval_s=1.0)[:2]
+    ([64, 128, 256, 512], 3)
     """
     counts = sorted({rates, min(rates, 3), 1}, reverse=True)
     for count in counts:
@@ -105,8 +110,9 @@ def shrunk_to_fit(
         while kept:
             lanes = len(kept) * count
             times = [step_seconds[s] for s in kept]
-            horizon = first_horizon(0.8 * seconds, times, lanes, len(kept), growth)
-            if horizon * lanes * WALL_PER_TRAINING_SECOND <= seconds:
+            evaluating = eval_s * (lanes + len(kept) + 2 * len(kept) * growth)
+            horizon = first_horizon(0.8 * seconds - evaluating, times, lanes, len(kept), growth)
+            if horizon * lanes * WALL_PER_TRAINING_SECOND + eval_s * lanes <= seconds:
                 return kept, count, horizon
             others = [s for s in kept if s != keep]
             if not others or (count == rates and len(counts) > 1):

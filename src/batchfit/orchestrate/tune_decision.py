@@ -160,7 +160,24 @@ def race_lines(raced: RaceResult | None, prior: Recommended) -> list[str]:
             "The winner's held-out loss was still falling when the race ended, so a long run may "
             f"favour a larger batch than this; a larger {opt('time_budget')} races further."
         )
-    return lines + list(raced.notes)
+    return lines + _for_the_run_lines(raced) + list(raced.notes)
+
+
+def _for_the_run_lines(raced: RaceResult) -> list[str]:
+    """The learning rate for the planned run's length, measured after the race, in words."""
+    longer = raced.for_the_run
+    if longer is None:
+        return []
+    ended = f"lr {longer.observed_lr:.3g} ended lowest"
+    run = f"{longer.run_steps} steps" if longer.run_steps else "to its target"
+    return [
+        f"The lr for your run: B={longer.batch_size} trained at lr "
+        + ", ".join(f"{lane.contender.lr:.3g}" for lane in longer.lanes)
+        + f" for {longer.steps} steps each ({longer.horizon_s:.2g} s; your run: {run}); {ended}. "
+        "Over a short race the boldest stable rate wins, "
+        f"and a long run at a constant rate ends at the floor its rate sets: lr {longer.lr:.3g}, "
+        f"{longer.how}."
+    ]
 
 
 def _against_prior(raced: RaceResult, prior: Recommended) -> str:

@@ -81,4 +81,11 @@ def answer(run: TuneRun, prior: Recommended, raced: RaceResult | None, ceiling: 
     else:
         runs = raced.contenders_raced
         lr, rule = raced.winner.lr, run.lr.came_from(f"the fastest of {runs} short runs")
+        longer = raced.for_the_run
+        if longer is not None:
+            lr = longer.lr
+            rule = run.lr.came_from(
+                f"the fastest of {runs} short runs, then {longer.how} from "
+                f"{len(longer.lanes)} runs of {longer.steps} steps"
+            )
     return Recommended(size, micro, accumulation, lr, rule, prior.optimizer)

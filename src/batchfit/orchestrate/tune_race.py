@@ -24,7 +24,18 @@ from batchfit.inputs import split_off
 from batchfit.orchestrate import race_plan
 from batchfit.orchestrate.tune_horizon import run_seconds
 from batchfit.orchestrate.tune_state import Phase, TuneRun, timed
-from batchfit.probe.race import GROWTH, Contender, RaceResult, RaceSettings, race
+from batchfit.probe import race_horizon
+from batchfit.probe.harness import Deadline, preserved
+from batchfit.probe.race import (
+    EVAL_BATCH_SIZE,
+    GROWTH,
+    Contender,
+    RaceResult,
+    RaceSettings,
+    field_for,
+    race,
+    wall_rate,
+)
 from batchfit.probe.throughput import Throughput
 
 #: The share of the training data held out to judge the race when no validation data is given
@@ -35,6 +46,9 @@ MAX_HELD_OUT = 4096
 MIN_HELD_OUT = 32
 #: ... nor in less time than this: its runs would be too short to tell learning rates apart.
 MIN_RACE_SECONDS = 3.0
+#: Held-out evaluations a lane makes, about (:func:`~batchfit.probe.race.eval_steps`: 12 per
+#: screening horizon and 12 more spaced by sqrt(2) early on), to plan the race with their time.
+EVALUATIONS_PER_LANE = 24
 
 
 def held_out_data(
@@ -129,8 +143,17 @@ def race_phase(
         grid = {size: grid[size]}
     times = step_seconds(throughput, list(grid), ceiling)
     rates = max(len(c) for c in grid.values())
-    fits = race_plan.shrunk_to_fit(
-        list(grid), rates, times, deadline.remaining(), choice.batch_size, growth=GROWTH
+    level = _loss_target(run)
+    runs_s = run_seconds(run, times)
+    eval_s = _evaluation_seconds(throughput, held_out.num_samples, ceiling) * EVALUATIONS_PER_LANE
+    fits, rounds_s = _planned(
+        list(grid),
+        rates,
+        times,
+        deadline.remaining(),
+        choice.batch_size,
+        (runs_s, level) if run.lr.given is None else (None, None),  # the user's lr stays
+        eval_s,
     )
     if fits is None:
         return _not_run(
@@ -155,13 +178,99 @@ def race_phase(
         lr_power={"linear": 1.0, "sqrt": 0.5, "none": 0.0}[run.lr.scaling],
         run_seconds=run_seconds(run, times),
     )
+    rounds = deadline if rounds_s is None else Deadline(rounds_s)
     raced = run.unless_it_fails(
         "The race was",  # "The race was not measured: ..."
-        lambda: race(
-            run.model, train, held_out, run.loss, settings, deadline=deadline, log=run.log
-        ),
+        lambda: race(run.model, train, held_out, run.loss, settings, deadline=rounds, log=run.log),
     )
+    if raced.result is not None and rounds_s is not None:
+        raced = _with_lr_for_the_run(run, raced, (train, held_out), settings, level, deadline)
     return raced if shrunk is None else replace(raced, notes=(shrunk, *raced.notes))
+
+
+def _planned(
+    sizes: list[int],
+    rates: int,
+    times: dict[int, float],
+    seconds: float,
+    keep: int,
+    run: tuple[dict[int, float] | None, float | None],
+    eval_s: float,
+) -> tuple[tuple[list[int], int, float] | None, float | None]:
+    """The race that fits (:func:`~batchfit.orchestrate.race_plan.shrunk_to_fit`), and the
+    seconds its rounds may take when a share is kept for the learning rate for the run (None:
+    none is, the run being about as short as the race's rounds, or neither its length nor a
+    held-out loss to reach known). ``run``: each size's training seconds in the run, and the
+    held-out loss it trains to."""
+    runs_s, level = run
+    if runs_s or level is not None:
+        rounds_s = seconds * (1 - race_horizon.SHARE)
+        fits = race_plan.shrunk_to_fit(sizes, rates, times, rounds_s, keep, GROWTH, eval_s)
+        shortest = min(runs_s.values()) if runs_s else None
+        long_run = level is not None or (
+            fits is not None and race_horizon.wanted(shortest, fits[2] * GROWTH)
+        )
+        if fits and long_run:
+            return fits, rounds_s
+    return race_plan.shrunk_to_fit(sizes, rates, times, seconds, keep, GROWTH, eval_s), None
+
+
+def _evaluation_seconds(throughput: Throughput, samples: int | None, ceiling: int) -> float:
+    """Seconds of one held-out evaluation of ``samples``, predicted from the measured step time
+    at the evaluation's batch size: a forward pass without gradients costs about a third of a
+    training step (forward, backward, update). Predicted rather than timed, so nothing runs
+    on the model before the race does."""
+    if not samples:
+        return 0.0
+    batch = min(EVAL_BATCH_SIZE, ceiling, samples)
+    return step_seconds(throughput, [batch], ceiling)[batch] / 3 * math.ceil(samples / batch)
+
+
+def _with_lr_for_the_run(
+    run: TuneRun,
+    raced: Phase[RaceResult | None],
+    data: tuple[BatchSource, BatchSource],
+    settings: RaceSettings,
+    level: float | None,
+    deadline: Deadline,
+) -> Phase[RaceResult | None]:
+    """The race with the learning rate for the planned run measured after it
+    (:mod:`batchfit.probe.race_horizon`), or with a note saying why not: for a run of known
+    length much longer than the race's rounds, or one that trains to a held-out ``level`` the
+    race's winner did not reach."""
+    result = raced.result
+    assert result is not None
+    last = result.rounds[-1].horizon_s
+    size = result.winner.batch_size
+    judged = race_horizon.RunToJudge(
+        (settings.run_seconds or {}).get(size) if level is None else None, level
+    )
+    if level is not None:
+        curves = [lane.curve for lane in result.rounds[-1].lanes_of(result.winner)]
+        if any(loss <= level for curve in curves for _, loss in curve):
+            return raced  # the race saw the run's end: its answer is for it
+    elif not race_horizon.wanted(judged.seconds, last):
+        return raced
+    field_ = field_for(run.model, *data, run.loss, settings, deadline)
+    with preserved(run.model):
+        found = run.unless_it_fails(
+            "The learning rate for your run was",
+            lambda: race_horizon.lr_for_the_run(
+                field_, result.winner, judged, last, wall_rate(result.rounds), deadline, run.log
+            ),
+        )
+    if isinstance(found.result, race_horizon.LrForTheRun):
+        return replace(raced, result=replace(result, for_the_run=found.result))
+    why = found.notes or (f"The learning rate for your run was not measured: {found.result}.",)
+    return replace(raced, result=replace(result, notes=(*result.notes, *why)))
+
+
+def _loss_target(run: TuneRun) -> float | None:
+    """The held-out loss the run trains to (``--target val_loss=V``), or None."""
+    target = run.horizon.target
+    if target is None or target.metric != "val_loss":
+        return None
+    return target.value
 
 
 def _middle(lrs: list[Contender], count: int) -> list[Contender]:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from batchfit.core import race as judge
-from batchfit.core.options import default_of
+from batchfit.core.options import default_of, opt
 from batchfit.data.source import BatchSource
 from batchfit.losses import Loss
 from batchfit.probe.harness import Deadline, OutOfTime, cycle_batches, preserved
@@ -123,6 +123,9 @@ class RaceResult:
     within_noise: tuple[Contender, ...] = field(default=())
     #: That spread (None: no contender ran in two orders).
     order_spread: float | None = None
+    #: The learning rate for the planned run's length, measured after the race at the winner's
+    #: batch size (:mod:`batchfit.probe.race_horizon`; None: not measured), or why not.
+    for_the_run: Any = None
 
     @property
     def contenders_raced(self) -> int:
@@ -224,15 +227,30 @@ def _screen(
     grid: Mapping[int, Sequence[Contender]],
     horizon_s: float,
     log: Callable[[str], None],
-) -> RaceRound:
+) -> tuple[RaceRound, list[str]]:
     """Round 1: every contender for ``horizon_s``; the best learning rates of each batch size go
-    on, and a best lr at the edge of its grid has its neighbour beyond the edge tried too."""
+    on, and a best lr at the edge of its grid has its neighbour beyond the edge tried too.
+    When the time runs out after some batch sizes were screened, the race goes on with those
+    (a note says which were not), rather than throwing their runs away."""
     started = time.perf_counter()
     lanes: list[Lane] = []
     going_on: list[Contender] = []
+    notes: list[str] = []
     for batch_size, contenders in grid.items():
-        mine = [run_lane(field_, c, horizon_s) for c in contenders]
-        mine += _beyond_the_edge(field_, mine, horizon_s)
+        try:
+            mine = [run_lane(field_, c, horizon_s) for c in contenders]
+            mine += _beyond_the_edge(field_, mine, horizon_s)
+        except OutOfTime:
+            if not lanes:
+                raise
+            left = [str(b) for b in grid if b >= batch_size]
+            notes.append(
+                f"The race's screening round ran out of time before batch sizes "
+                f"{', '.join(left)}; the race went on with the sizes screened (a larger "
+                f"{opt('time_budget')} screens them all)."
+            )
+            log(f"race: out of time; batch sizes {', '.join(left)} not screened")
+            break
         judged = _judged("", mine, horizon_s, KEEP_PER_BATCH_SIZE, started)
         going_on += [judged.contenders[i] for i in judged.kept]
         lanes += mine
@@ -244,7 +262,7 @@ def _screen(
     screened = _judged("screening", lanes, horizon_s, len(lanes), started)
     order = [screened.contenders[s.lane] for s in screened.standings]
     kept = tuple(screened.contenders.index(c) for c in sorted(going_on, key=order.index))
-    return replace(screened, kept=kept)
+    return replace(screened, kept=kept), notes
 
 
 def _beyond_the_edge(field_: _Field, lanes: list[Lane], horizon_s: float) -> list[Lane]:
@@ -303,9 +321,26 @@ def race(
     """
     log = log or (lambda _: None)
     started = time.perf_counter()
+    field_ = field_for(model, train, held_out, loss, settings, deadline)
+    with preserved(model):
+        screening, cut = _screen(field_, settings.grid, settings.first_horizon_s, log)
+        longer, notes = _longer_rounds(field_, screening, log)
+    rounds = [screening, *longer]
+    return _result(rounds, cut + notes, time.perf_counter() - started, settings.lr_power)
+
+
+def field_for(
+    model: nn.Module,
+    train: BatchSource,
+    held_out: BatchSource,
+    loss: Loss,
+    settings: RaceSettings,
+    deadline: Deadline,
+) -> _Field:
+    """What every lane of a race with ``settings`` shares, from ``model``'s current weights."""
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    grid = settings.grid
-    field_ = _Field(
+    micro = max(c.micro_batch_size for cs in settings.grid.values() for c in cs)
+    return _Field(
         model,
         initial,
         train,
@@ -316,14 +351,9 @@ def race(
         deadline,
         settings.seed,
         settings.first_horizon_s,
-        min(EVAL_BATCH_SIZE, max(c.micro_batch_size for cs in grid.values() for c in cs)),
+        min(EVAL_BATCH_SIZE, micro),
         settings.run_seconds,
     )
-    with preserved(model):
-        screening = _screen(field_, grid, settings.first_horizon_s, log)
-        longer, notes = _longer_rounds(field_, screening, log)
-    rounds = [screening, *longer]
-    return _result(rounds, notes, time.perf_counter() - started, settings.lr_power)
 
 
 def _longer_rounds(
@@ -393,10 +423,14 @@ def _between(survivors: Sequence[Contender]) -> list[Contender]:
 def _cost(rounds: Sequence[RaceRound], training_seconds: float) -> float:
     """The wall seconds ``training_seconds`` of lanes will take, at the rate the race has run so
     far (evaluations, and a busier machine than the throughput probe saw, both count)."""
+    return wall_rate(rounds) * training_seconds
+
+
+def wall_rate(rounds: Sequence[RaceRound]) -> float:
+    """Wall seconds per training second of the race's lanes so far (at least 1)."""
     trained = sum(lane.steps * lane.step_seconds for r in rounds for lane in r.lanes)
     wall = sum(r.wall_s for r in rounds)
-    rate = max(1.0, wall / trained) if trained > 0 else 1.0
-    return rate * training_seconds
+    return max(1.0, wall / trained) if trained > 0 else 1.0
 
 
 def _leader(round_: RaceRound) -> Lane:

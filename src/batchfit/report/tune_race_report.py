@@ -38,6 +38,23 @@ def race_json(race: Data | None) -> dict[str, Any] | None:
         "seconds": race["seconds"],
         "rounds": [_round_json(r) for r in race["rounds"]],
         "notes": list(race["notes"]),
+        "lr_for_the_run": _for_the_run_json(race.get("for_the_run")),
+    }
+
+
+def _for_the_run_json(found: Data | None) -> dict[str, Any] | None:
+    """``race.lr_for_the_run``: the ladder of learning rates trained after the race at the
+    winner's batch size, the fit and the learning rate chosen for the planned run (None: not
+    measured)."""
+    if found is None:
+        return None
+    keys = ("batch_size", "horizon_s", "steps", "run_steps", "observed_lr", "lr", "how")
+    return {
+        **{k: found[k] for k in keys},
+        "fit": dict(found["fit"]) if found["fit"] else None,
+        "lanes": _round_json({"name": "", "horizon_s": 0, "level": 0, "wall_s": 0, **found})[
+            "lanes"
+        ],
     }
 
 
@@ -102,6 +119,26 @@ def markdown_race(report: Data) -> list[str]:
         "![race](race.png)",
         "",
         table(["B", "lr", "time relative to the winner"], rows),
+        "",
+        *_markdown_for_the_run(race.get("lr_for_the_run")),
+    ]
+
+
+def _markdown_for_the_run(found: Data | None) -> list[str]:
+    """The learning rate for the planned run's length, measured after the race."""
+    if found is None:
+        return []
+    ends = {lane["lr"]: lane["curve"][-1][1] for lane in found["lanes"]}
+    rows = [[f"{lr:.3g}", f"{loss:.4g}"] for lr, loss in ends.items()]
+    return [
+        "### The learning rate for your run",
+        "",
+        f"At batch size {found['batch_size']}, each rate trained {found['steps']} steps "
+        f"({found['horizon_s']:.2g} s); your run trains "
+        f"{found['run_steps'] or 'to its target'}{' steps' if found['run_steps'] else ''}. Chosen: "
+        f"lr {found['lr']:.3g}, {found['how']}.",
+        "",
+        table(["lr", "last held-out loss"], rows),
         "",
     ]
 
