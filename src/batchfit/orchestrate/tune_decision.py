@@ -65,7 +65,8 @@ def _memory_line(memory: MemoryCeiling) -> str:
     return (
         f"Memory: micro-batches up to {memory.max_micro_batch_size} fit ({peak}limit "
         f"{format_bytes(memory.limit_bytes)}, {memory.limit_source}; {memory.headroom:.0%} "
-        f"headroom kept; {capped})."
+        f"headroom kept; {capped}). Measured in float32 on the model's forward as written: "
+        "activation checkpointing or a channels_last memory format, where it uses them, count."
     )
 
 
