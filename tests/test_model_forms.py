@@ -105,7 +105,7 @@ def test_every_probe_runs_on_the_model_as_it_is(make):
     if make is ChannelsLast:
         model = model.to(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = tune(model, blobs(1000), time_budget=20)
+    result = tune(model, blobs(1000), time_budget=15)
     assert result.memory.max_micro_batch_size >= 32 and result.throughput.points
     assert result.noise is not None and result.lr_range is not None and result.race is not None
     assert not [s for s in result.skipped if "not measured" in s], result.skipped

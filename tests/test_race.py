@@ -247,6 +247,8 @@ def test_tune_answers_with_the_races_winner_and_reports_the_race(tmp_path):
     rec = result.recommended
     assert (rec.batch_size, rec.lr) == (race_.winner.batch_size, race_.winner.lr)
     assert "short runs" in rec.lr_rule
+    # no horizon given: no ladder of learning rates for a run's length after the race
+    assert race_.for_the_run is None and report_has_no_ladder(result.decision)
     assert any(line.startswith("Race: ") for line in result.decision)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["race"]["winner"]["batch_size"] == rec.batch_size
@@ -258,6 +260,10 @@ def test_tune_answers_with_the_races_winner_and_reports_the_race(tmp_path):
     ).read_text()
     if sizes[0] != sizes[-1]:
         assert f"{sizes[0]}-{sizes[-1]} equally good" in headline(report)
+
+
+def report_has_no_ladder(decision) -> bool:
+    return not any(line.startswith("The lr for your run") for line in decision)
 
 
 def test_with_a_given_lr_the_race_chooses_the_batch_size_and_the_lr_stays_the_users_scaled():
