@@ -117,9 +117,10 @@ def test_no_horizon_says_for_how_long_a_run_the_race_judged_the_answer():
 
 
 def test_a_target_the_winner_reached_in_the_race_is_reported_when():
-    result = tune(mlp(), blobs(2000), lr=1e-3, time_budget=20, target="val_loss=50")
+    result = tune(mlp(), blobs(2000), time_budget=20, target="val_loss=50")
     assert result.race is not None
     assert result.horizon.target_reached_s == 0.0  # reached at the initial weights already
+    assert result.race.for_the_run is None  # the race saw the run's end: no ladder after it
     assert "the winner reached val_loss <= 50 after 0 s of them" in result.horizon.holds
 
 

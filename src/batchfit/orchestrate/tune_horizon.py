@@ -139,7 +139,7 @@ def after_race(
     leaders = tuple(
         (r.name, r.horizon_s, r.contenders[r.standings[0].lane].label()) for r in raced.rounds
     )
-    reached = _reached(raced, reading.horizon) if reading.horizon.target else None
+    reached = target_reached(raced, reading.horizon) if reading.horizon.target else None
     steps = round(judged / step_s)
     if reading.training_s is not None:  # the run at the answer's batch size, not the cheap one
         run_steps = reading.horizon.steps(winner.batch_size, num_samples)
@@ -161,7 +161,7 @@ def after_race(
     return replace(done, holds=_holds(done, raced.still_improving))
 
 
-def _reached(raced: RaceResult, horizon: Horizon) -> float | None:
+def target_reached(raced: RaceResult, horizon: Horizon) -> float | None:
     """When the winner's held-out loss first reached the target, in its longest run."""
     target = horizon.target
     assert target is not None

@@ -22,7 +22,7 @@ from batchfit.core.recommend import BatchSizeChoice, fit_step_time
 from batchfit.data.source import BatchSource
 from batchfit.inputs import split_off
 from batchfit.orchestrate import race_plan
-from batchfit.orchestrate.tune_horizon import run_seconds
+from batchfit.orchestrate.tune_horizon import run_seconds, target_reached
 from batchfit.orchestrate.tune_state import Phase, TuneRun, timed
 from batchfit.probe import race_horizon
 from batchfit.probe.harness import Deadline, preserved
@@ -146,15 +146,9 @@ def race_phase(
     level = _loss_target(run)
     runs_s = run_seconds(run, times)
     eval_s = _evaluation_seconds(throughput, held_out.num_samples, ceiling) * EVALUATIONS_PER_LANE
-    fits, rounds_s = _planned(
-        list(grid),
-        rates,
-        times,
-        deadline.remaining(),
-        choice.batch_size,
-        (runs_s, level) if run.lr.given is None else (None, None),  # the user's lr stays
-        eval_s,
-    )
+    ladder = (runs_s, level) if run.lr.given is None else (None, None)  # the user's lr stays
+    seconds = deadline.remaining()
+    fits, rounds_s = _planned(list(grid), rates, times, seconds, choice.batch_size, ladder, eval_s)
     if fits is None:
         return _not_run(
             f"not even a screening round of batch size {choice.batch_size} fits in the "
@@ -176,7 +170,7 @@ def race_phase(
         first_horizon_s=horizon,
         seed=run.config.seed,
         lr_power={"linear": 1.0, "sqrt": 0.5, "none": 0.0}[run.lr.scaling],
-        run_seconds=run_seconds(run, times),
+        run_seconds=None if runs_s is None else {size: runs_s[size] for size in sizes},
     )
     rounds = deadline if rounds_s is None else Deadline(rounds_s)
     raced = run.unless_it_fails(
@@ -246,8 +240,7 @@ def _with_lr_for_the_run(
         (settings.run_seconds or {}).get(size) if level is None else None, level
     )
     if level is not None:
-        curves = [lane.curve for lane in result.rounds[-1].lanes_of(result.winner)]
-        if any(loss <= level for curve in curves for _, loss in curve):
+        if target_reached(result, run.horizon) is not None:
             return raced  # the race saw the run's end: its answer is for it
     elif not race_horizon.wanted(judged.seconds, last):
         return raced

@@ -124,7 +124,8 @@ class RaceResult:
     #: That spread (None: no contender ran in two orders).
     order_spread: float | None = None
     #: The learning rate for the planned run's length, measured after the race at the winner's
-    #: batch size (:mod:`batchfit.probe.race_horizon`; None: not measured), or why not.
+    #: batch size (a :class:`batchfit.probe.race_horizon.LrForTheRun`, which imports this module;
+    #: None: not measured, and the race's notes say why).
     for_the_run: Any = None
 
     @property

@@ -52,9 +52,7 @@ def _for_the_run_json(found: Data | None) -> dict[str, Any] | None:
     return {
         **{k: found[k] for k in keys},
         "fit": dict(found["fit"]) if found["fit"] else None,
-        "lanes": _round_json({"name": "", "horizon_s": 0, "level": 0, "wall_s": 0, **found})[
-            "lanes"
-        ],
+        "lanes": _lanes_json(found["lanes"]),
     }
 
 
@@ -64,18 +62,22 @@ def _round_json(round_: Data) -> dict[str, Any]:
         "horizon_s": round_["horizon_s"],
         "level": round_["level"],
         "wall_s": round_["wall_s"],
-        "lanes": [
-            {
-                **lane["contender"],
-                "data_order": lane["data_order"],
-                "steps": lane["steps"],
-                "step_seconds": lane["step_seconds"],
-                "diverged_at": lane["diverged_at"],
-                "curve": [list(point) for point in lane["curve"]],
-            }
-            for lane in round_["lanes"]
-        ],
+        "lanes": _lanes_json(round_["lanes"]),
     }
+
+
+def _lanes_json(lanes: list[Data]) -> list[dict[str, Any]]:
+    return [
+        {
+            **lane["contender"],
+            "data_order": lane["data_order"],
+            "steps": lane["steps"],
+            "step_seconds": lane["step_seconds"],
+            "diverged_at": lane["diverged_at"],
+            "curve": [list(point) for point in lane["curve"]],
+        }
+        for lane in lanes
+    ]
 
 
 def batch_size_range(race: Data | None, fallback: list[int]) -> list[int]:
@@ -128,17 +130,17 @@ def _markdown_for_the_run(found: Data | None) -> list[str]:
     """The learning rate for the planned run's length, measured after the race."""
     if found is None:
         return []
-    ends = {lane["lr"]: lane["curve"][-1][1] for lane in found["lanes"]}
-    rows = [[f"{lr:.3g}", f"{loss:.4g}"] for lr, loss in ends.items()]
+    lowest = {lane["lr"]: min(loss for _, loss in lane["curve"]) for lane in found["lanes"]}
+    rows = [[f"{lr:.3g}", f"{loss:.4g}"] for lr, loss in lowest.items()]
+    run = f"{found['run_steps']} steps" if found["run_steps"] else "to its target"
     return [
         "### The learning rate for your run",
         "",
         f"At batch size {found['batch_size']}, each rate trained {found['steps']} steps "
-        f"({found['horizon_s']:.2g} s); your run trains "
-        f"{found['run_steps'] or 'to its target'}{' steps' if found['run_steps'] else ''}. Chosen: "
-        f"lr {found['lr']:.3g}, {found['how']}.",
+        f"({found['horizon_s']:.2g} s); your run trains {run}. Chosen: lr {found['lr']:.3g}, "
+        f"{found['how']}.",
         "",
-        table(["lr", "last held-out loss"], rows),
+        table(["lr", "lowest held-out loss reached"], rows),
         "",
     ]
 
