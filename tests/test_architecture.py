@@ -34,7 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "progress": {"core", "errors"},
     "memory_limits": {"core"},
     "threads": {"core"},
-    "precision": {"core", "errors"},
+    "precision": {"core", "errors", "losses"},
+    "compiling": {"losses"},
     "step": {"core", "data", "errors", "losses", "precision"},
     "distributed": {"core", "data", "errors", "losses", "precision"},
     "inputs": {"core", "data", "errors", "imports", "losses"},
@@ -51,6 +52,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "loop": {
         "checkpoint",
+        "compiling",
         "core",
         "data",
         "distributed",
@@ -68,6 +70,7 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"core", "errors", "files", "version"},
     "orchestrate": {
         "checkpoint",
+        "compiling",
         "core",
         "data",
         "distributed",
@@ -77,6 +80,7 @@ ALLOWED: dict[str, set[str]] = {
         "loop",
         "losses",
         "metrics",
+        "precision",
         "probe",
         "progress",
         "report",

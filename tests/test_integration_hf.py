@@ -380,3 +380,26 @@ def test_an_empty_dataset_is_one_line_saying_it_is_empty(tmp_path, which):
         tuned_arguments(model, args=_args(transformers, tmp_path), time_budget=5, **given)
     message = str(caught.value)
     assert "\n" not in message and "empty" in message and which in message
+
+
+FLAGS = [({"bf16": True}, "bf16-mixed"), ({"fp16": True}, "16-mixed"), ({}, "32")]
+
+
+@pytest.mark.parametrize(("flags", "measured"), FLAGS)
+def test_tune_measures_in_the_training_arguments_precision(tmp_path, flags, measured):
+    transformers = pytest.importorskip("transformers")
+    from batchfit.integrations.hf import _arguments_as_tune_options
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                          **flags)  # fmt: skip
+    options: dict = {}
+    _arguments_as_tune_options(options, torch.nn.Linear(2, 2), args, None)
+    assert options["precision"] == measured
+    given = {"precision": "32"}  # the caller's own choice stands
+    _arguments_as_tune_options(given, torch.nn.Linear(2, 2), args, None)
+    assert given["precision"] == "32"
+    assert "compile" not in options
+    compiled = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                              report_to=[], torch_compile=True)  # fmt: skip
+    _arguments_as_tune_options(options, torch.nn.Linear(2, 2), compiled, None)
+    assert options["compile"] is True

@@ -189,24 +189,53 @@ def test_without_max_time_nothing_is_said_of_it(tmp_path):
     assert not [s for s in lines if "measured in float32" in s]  # the Trainer's own precision
 
 
-def test_a_mixed_precision_trainer_is_told_tune_measured_in_float32(tmp_path):
-    lines: list[str] = []
-    tuner = BatchfitTuner(time_budget=4, seed=0, log=lines.append)
-    _fit(tmp_path, Blobs(n=100), tuner, precision="bf16-mixed")
-    (said,) = [s for s in lines if "measured in float32" in s]
-    assert said.startswith("batchfit: tune measured in float32, while this trainer trains in ")
-    assert "bf16-mixed" in said and "conservative" in said
+class WideTanh(pl.LightningModule):
+    """Activations fill its memory (eight tanh layers of 1,024 per sample), so the precision
+    they are held in sets the ceiling under a memory limit."""
+
+    def __init__(self, batch_size: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(16, 1024), *[torch.nn.Tanh() for _ in range(8)]]
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(1024, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        x = torch.randn(8192, 16, generator=torch.Generator().manual_seed(0))
+        y = (x[:, 0] > 0).long()
+        return DataLoader(TensorDataset(x, y), batch_size=self.hparams.batch_size)
 
 
-def test_the_trainers_length_is_tunes_horizon_and_a_short_fit_ends_tuning_early(tmp_path):
-    from batchfit.integrations.lightning import _run_length
+@pytest.mark.usefixtures("one_thread")  # the budget's clock counts CPU seconds: one thread's
+def test_the_trainers_precision_is_measured_and_moves_the_ceiling(tmp_path):
+    """The callback tunes in the Trainer's precision: under the same memory limit a bf16-mixed
+    Trainer gets the ceiling bf16 activations allow, well above float32's."""
+    from batchfit.memory_limits import rss_bytes
 
-    assert _run_length(pl.Trainer(max_epochs=7, logger=False)) == {"epochs": 7}
-    assert _run_length(pl.Trainer(max_steps=300, logger=False)) == {"max_steps": 300}
-    lines: list[str] = []
-    _fit(tmp_path, Blobs(n=400), BatchfitTuner(time_budget=20, seed=0, log=lines.append))
-    (said,) = [s for s in lines if s.startswith("horizon: 1 epoch: ")]
-    assert "tuning cannot pay for itself" in said
+    ceilings, lines = {}, []
+    for precision in ("32-true", "bf16-mixed"):
+        tuner = BatchfitTuner(time_budget=7, seed=0, log=lines.append, headroom=0.02,
+                              memory_limit=rss_bytes() + 50 * 2**20)  # fmt: skip
+        _fit(tmp_path / precision, WideTanh(), tuner, max_steps=1, precision=precision)
+        assert tuner.result is not None
+        ceilings[precision] = tuner.result.memory
+    assert [c.precision for c in ceilings.values()] == ["32", "bf16-mixed"]
+    # a size that did not fit in float32 fits in bf16-mixed (bracketed by trials, whether or not
+    # the time budget let either search bisect to its end)
+    fp32, bf16 = ceilings["32-true"], ceilings["bf16-mixed"]
+    did_not_fit = min(t.micro_batch_size for t in fp32.trials if not t.fits)
+    assert bf16.max_micro_batch_size >= did_not_fit > fp32.max_micro_batch_size
+    assert not [s for s in lines if "tune measured in float32" in s]  # both measured as trained
 
 
 def _report(tmp_path, **answer):
@@ -326,3 +355,4 @@ def test_importing_batchfit_and_its_integrations_never_imports_lightning():
         [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()
     )
     assert done.stdout.strip() == "False", done.stderr
+

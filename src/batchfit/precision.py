@@ -26,15 +26,17 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from batchfit.core.options import PRECISIONS, opt_value
 from batchfit.errors import BatchfitError
+from batchfit.losses import Loss
 
 _DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -160,3 +162,85 @@ class LossScaler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scaler.load_state_dict(state["scaler"])
         self.skipped = int(state["skipped"])
+
+
+#: float16's loss scale in tune's probes, fixed (GradScaler's own starts at 2**16 and halves on
+#: every overflow, which a probe of a few steps cannot afford to learn): large enough to lift
+#: the activations' gradients of a mean loss out of float16's subnormals, small enough not to
+#: overflow them.
+PROBE_LOSS_SCALE = 2.0**10
+
+
+@contextmanager
+def measured_in(precision: Precision, model: nn.Module, loss: Loss) -> Iterator[Loss]:
+    """tune's probes in ``precision``: for the duration, ``model``'s forward runs under autocast
+    (an attribute on the module, removed afterwards, so that the probes still hold the user's
+    module, its parameters, ``state_dict`` and hooks) and the loss it yields does too.
+
+    Why not :class:`LossScaler`: a probe's step functions are also the noise probe's gradient
+    reads, which want each micro-batch's gradient as it is. In ``16-mixed`` the loss's backward
+    is scaled by :data:`PROBE_LOSS_SCALE` and every parameter's gradient unscaled as it
+    arrives, so each probe reads true gradients in float32 while the activations' gradients
+    were float16, scaled, as in training.
+
+    >>> model = torch.nn.Linear(3, 1)
+    >>> from batchfit.losses import resolve_loss
+    >>> with measured_in(Precision.of("bf16-mixed", torch.device("cpu")), model,
+    ...                  resolve_loss("mse", "real")) as loss:
+    ...     model(torch.ones(2, 3)).dtype
+    torch.bfloat16
+    >>> model(torch.ones(2, 3)).dtype, "forward" in vars(model)
+    (torch.float32, False)
+    """
+    if not precision.mixed:
+        yield loss
+        return
+    own = vars(model).get("forward")  # a forward the user set on the instance stays theirs
+    inner = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with precision.autocast():
+            return inner(*args, **kwargs)
+
+    model.forward = forward
+    fn = precision.loss(loss.fn)
+    hooks = []
+    if precision.dtype is torch.float16:
+        fn = _backward_scaled(fn, PROBE_LOSS_SCALE)
+        unscale = 1.0 / PROBE_LOSS_SCALE
+        hooks = [
+            p.register_hook(lambda g: g * unscale) for p in model.parameters() if p.requires_grad
+        ]
+    try:
+        yield replace(loss, fn=fn)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
+class _ScaleBackward(torch.autograd.Function):
+    """The identity forward; the backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def _backward_scaled(
+    loss_fn: Callable[..., torch.Tensor], scale: float
+) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` whose value is its own and whose backward starts at ``scale``."""
+
+    def scaled(output: Any, target: Any) -> torch.Tensor:
+        return _ScaleBackward.apply(loss_fn(output, target), scale)
+
+    return scaled

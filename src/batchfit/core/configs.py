@@ -104,6 +104,7 @@ class TrainConfig(Config):
     device: Any = _option("device")
     threads: int | None = _option("threads")
     precision: str = _option("precision")
+    compile: bool = _option("compile")
     progress: bool = _option("progress")
     tune_budget: float | None = _option("tune_budget")
     adaptive: bool = _option("adaptive")
@@ -130,6 +131,8 @@ class TuneConfig(Config):
     headroom: float = _option("headroom")
     device: Any = _option("device")
     threads: int | None = _option("threads")
+    precision: str = _option("precision")
+    compile: bool = _option("compile")
     seed: int = _option("seed")
     out_dir: Any = _option("out_dir")
     #: The planned run (its horizon, :class:`~batchfit.core.horizon.Horizon`): epochs and/or
@@ -179,5 +182,6 @@ class SweepConfig(Config):
     device: Any = _option("device")
     threads: int | None = _option("threads")
     precision: str = _option("precision")
+    compile: bool = _option("compile")
     progress: bool = _option("progress")
     task_name: str | None = None

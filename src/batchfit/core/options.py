@@ -345,6 +345,13 @@ OPTIONS: dict[str, Option] = _rows(
         cli={"action": "store_false"},
     ),
     Option("json", Flag(), False, "print one JSON object on stdout instead of tables"),
+    Option(
+        "compile",
+        Flag(),
+        False,
+        "compile the model's forward with torch.compile (dynamic shapes: one graph for every "
+        "batch size), warmed up before anything is timed",
+    ),
     # -- tune
     Option(
         "memory_limit",

@@ -36,7 +36,7 @@ except ImportError:
         "install it with pip install 'batchfit[hf]'."
     ) from None
 
-from batchfit.integrations.tune_log import float32_note, log_tune_result
+from batchfit.integrations.tune_log import log_tune_result, tune_precision
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune import TuneResult, tune
 
@@ -288,9 +288,6 @@ def tuned_arguments(
     tuned.gradient_accumulation_steps = max(1, round(r.accumulation / world))
     tuned.learning_rate = r.lr
     log_tune_result(result, say, log or logger.warning)
-    note = float32_note(_precision_of(args))
-    if note is not None:
-        (log or logger.warning)(note)
     return tuned, result
 
 
@@ -316,6 +313,10 @@ def _arguments_as_tune_options(
     tune_options.setdefault("optimizer", _optimizer_of(args))
     tune_options.setdefault("seed", args.seed)
     tune_options.setdefault("task_name", type(model).__name__)
+    # measured in the Trainer's precision (bf16/fp16 are bf16-mixed/16-mixed autocast there too)
+    tune_options.setdefault("precision", tune_precision(_precision_of(args))[0])
+    if getattr(args, "torch_compile", False):  # the Trainer compiles: measure compiled
+        tune_options.setdefault("compile", True)
     for name, value in _run_length(args).items():  # the answer is for the Trainer's run
         tune_options.setdefault(name, value)
     _with_the_users_lr_as_prior(tune_options, args)

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from batchfit.errors import BatchfitError
-from batchfit.integrations.tune_log import PREFIX, float32_note, log_tune_result
+from batchfit.integrations.tune_log import PREFIX, log_tune_result, tune_precision
 from batchfit.orchestrate.tune import TuneResult, tune
 from batchfit.orchestrate.tune_result import Recommended
 
@@ -172,8 +172,9 @@ class BatchfitTuner(pl.Callback):
             self._say_precision(trainer)
 
     def _say_precision(self, trainer: pl.Trainer) -> None:
-        """A Trainer in a mixed precision was measured in float32: say what that means."""
-        note = float32_note(str(getattr(trainer, "precision", "32-true")))
+        """A Trainer in a precision tune does not measure in was measured in float32: say what
+        that means."""
+        _, note = tune_precision(_precision_of(trainer))
         if note is not None:
             (self.say or logger.warning)(note)
 
@@ -196,6 +197,8 @@ class BatchfitTuner(pl.Callback):
         options.setdefault("out_dir", self.out_dir or _report_dir(trainer))
         for name, value in _run_length(trainer).items():  # the answer is for the Trainer's run
             options.setdefault(name, value)
+        # measured in the Trainer's precision: its ceiling and step times are the run's
+        options.setdefault("precision", tune_precision(_precision_of(trainer))[0])
         if self.loss is not None:
             return tune(module, dataset, loss=self.loss, **options)
         adapter = TrainingStepLoss(module)
@@ -314,3 +317,8 @@ def _run_length(trainer: pl.Trainer) -> dict[str, int]:
     if isinstance(steps, int) and steps > 0:
         length["max_steps"] = steps
     return length
+
+
+def _precision_of(trainer: pl.Trainer) -> str:
+    """The Trainer's precision in Lightning's names (``32-true``, ``bf16-mixed``, ...)."""
+    return str(getattr(trainer, "precision", "32-true"))

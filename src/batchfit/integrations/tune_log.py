@@ -41,21 +41,30 @@ def log_tune_result(result: TuneResult, info: Log, warn: Log) -> None:
         info(PREFIX + reason)
 
 
-def float32_note(trainer_precision: str | None) -> str | None:
-    """The line a trainer in a mixed precision gets: tune's probes measure in float32 alone so
-    far, so its answer is not the trainer's own (None: the trainer is in float32 or float64).
+#: A trainer's mixed precisions that tune measures as they train (Lightning's names).
+MEASURED_AS_TRAINED = ("bf16-mixed", "16-mixed")
 
-    >>> float32_note("32-true") is None, float32_note(None) is None
-    (True, True)
-    >>> float32_note("bf16-mixed").startswith("batchfit: tune measured in float32, while")
+
+def tune_precision(trainer_precision: str | None) -> tuple[str, str | None]:
+    """The precision tune measures a trainer's run in (its own where tune has it: ``32``,
+    ``bf16-mixed``, ``16-mixed``), and the line to log where it is not the trainer's own (None:
+    it is; a trainer in float64 counts as float32's footprint doubled, so nothing is said).
+
+    >>> tune_precision("bf16-mixed"), tune_precision("32-true"), tune_precision(None)
+    (('bf16-mixed', None), ('32', None), ('32', None))
+    >>> tune_precision("bf16-true")[1].startswith("batchfit: tune measured in float32, while")
     True
     """
-    if trainer_precision is None or trainer_precision.startswith(("32", "64")):
-        return None
-    return (
-        f"{PREFIX}tune measured in float32, while this trainer trains in {trainer_precision}: "
-        "its memory ceiling is conservative (mixed precision holds smaller activations) and "
-        "its step times are float32's."
+    name = "32" if trainer_precision is None else str(trainer_precision)
+    if name in MEASURED_AS_TRAINED:
+        return name, None
+    if name.startswith(("32", "64")):
+        return "32", None
+    return "32", (
+        f"{PREFIX}tune measured in float32, while this trainer trains in {name}, which tune "
+        f"does not measure in (it has {', '.join(MEASURED_AS_TRAINED)}): its memory ceiling is "
+        "conservative (lower-precision weights and activations take less) and its step times "
+        "are float32's."
     )
 
 

@@ -130,6 +130,8 @@ class RunState:
     adaptive: Any = None
     #: What the user should know about the run that did not stop it, one line each.
     warnings: list[str] = field(default_factory=list)
+    #: With ``compile``: what compiling cost (:class:`batchfit.compiling.Compiled` as a dict).
+    compiled: dict[str, Any] | None = None
     samples_at_start: int = field(init=False)
     train_seconds_at_start: float = field(init=False)
 

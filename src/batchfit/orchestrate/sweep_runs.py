@@ -399,6 +399,7 @@ def _train(model: nn.Module, setup: SweepSetup, planned: RunPlan, curve: _Curve)
             eval_every=curve.eval_every,
             device=setup.start.device,
             precision=config.precision,
+            compile=config.compile,
         )
         if curve.points[-1]["step"] != result.steps:  # e.g. a stream that ended before the budget
             curve.on_eval(

@@ -123,12 +123,6 @@ def _tune_then_train(
 ) -> TrainResult:
     if config.batch_size != AUTO:
         return train_batches(model, data, config=config, **run)
-    if config.precision != "32":  # tune's probes measure in float32 alone, so far
-        raise BatchfitError(
-            f"{opt_value('batch_size', AUTO)} tunes in float32, so its ceiling and step times "
-            f"would not be those of {opt_value('precision', config.precision)}; give a batch "
-            f"size, or leave {opt('precision')} out."
-        )
     say = log or (_to_stderr if config.progress else (lambda _: None))
     check_output_paths(config)  # a folder that cannot be used fails now, not after tuning
     if config.resume and _stopped_before_training(config):  # nothing to resume: tune it
@@ -184,6 +178,8 @@ def _tune(
         seed=config.seed,
         device=config.device,
         threads=config.threads,
+        precision=config.precision,  # the ceiling and step times of the run's precision
+        compile=config.compile,
         time_budget=config.tune_budget,
         **{"epochs": config.epochs, "max_steps": config.max_steps, **extra},  # the run's length
     )

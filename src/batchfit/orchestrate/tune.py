@@ -29,6 +29,14 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from batchfit.compiling import (
+    Compiled,
+    compiled_forward,
+    graphs_compiled,
+    is_compiled,
+    unwrapped,
+    warm_up,
+)
 from batchfit.core import budget_clock
 from batchfit.core.configs import TuneConfig
 from batchfit.core.horizon import Horizon
@@ -53,6 +61,7 @@ from batchfit.orchestrate.tune_race import horizon_batch, race_phase, step_secon
 from batchfit.orchestrate.tune_ranks import tune_on_ranks
 from batchfit.orchestrate.tune_result import Recommended, TuneResult
 from batchfit.orchestrate.tune_state import LearningRates, MeasuredByRanks, Phase, TuneRun, timed
+from batchfit.precision import Precision, measured_in
 from batchfit.probe.machine import check_machine, choose_threads
 from batchfit.probe.memory import (
     MemoryCeiling,
@@ -70,6 +79,12 @@ from batchfit.threads import use_threads
 __all__ = ["Recommended", "TuneResult", "tune"]
 
 T = TypeVar("T")
+
+#: The memory check of a compiled model on the CPU, which no forked child can run.
+COMPILED_NO_CHILD = (
+    "not run: a compiled model's kernels start OpenMP threads, which hang in a forked child "
+    "(measured), so the trials ran in this process under the address-space limit"
+)
 
 
 @dataclass(frozen=True)
@@ -142,6 +157,8 @@ def tune(
         >>> result.recommended.batch_size <= 128, result.recommended.lr_rule
         (True, 'adam, sqrt rule from 0.001 at 32')
     """
+    if is_compiled(model):  # torch.compile's wrapper: its module is measured, compiled our way
+        model, options = unwrapped(model), {**options, "compile": True}
     inputs = _Inputs(model, data, val_data, loss, log, _checked_config(model, config, options))
     if world_size() > 1:  # under torchrun: memory and noise on every rank, then rank 0 alone
         return _tune_on_ranks(inputs)
@@ -188,7 +205,15 @@ def _memory_on_this_rank(inputs: _Inputs) -> Phase[MemoryCeiling]:
     if inputs.config.out_dir is not None and is_main():
         prepare_report_folder(inputs.config.out_dir, REPORT_FILES)  # checked before measuring
     run = _new_run(replace(inputs, val_data=None))  # only the race, on rank 0, judges on it
-    return _measured_on(run, lambda r: _memory_phase(r, _checked_optimizer(r)), None)
+    return _measured_on(run, _rank_memory_phase, None)
+
+
+def _rank_memory_phase(run: TuneRun) -> Phase[MemoryCeiling]:
+    """:func:`_memory_on_this_rank`'s phase: compiled first when asked, so no trial compiles."""
+    optimizer = _checked_optimizer(run)
+    if run.config.compile:
+        _warmed_up(run)
+    return _memory_phase(run, optimizer)
 
 
 def _noise_on_every_rank(
@@ -245,6 +270,7 @@ def _new_run(inputs: _Inputs, spent: tuple[str, ...] = ()) -> TuneRun:
         else None,
         device=device,
         horizon=Horizon.of(config.epochs, config.max_steps, config.target),
+        precision=Precision.of(config.precision, device),
     )
 
 
@@ -269,9 +295,13 @@ def _measured_on(run: TuneRun, phases: Callable[[TuneRun], T], out: Path | None)
     use_threads(run.config.threads)  # every pass tune makes, from the first
     run.model.to(device)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            compiled_forward(run.model, run.config.compile),
+            measured_in(run.precision, run.model, run.loss) as loss,
+        ):
             torch.manual_seed(run.config.seed)
-            return phases(run)
+            return phases(replace(run, loss=loss))
     except BatchfitError:
         if out is not None:
             discard_report(out, REPORT_FILES)
@@ -298,6 +328,7 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     noise as every rank measured them, ``by_ranks``, under torchrun); then the answer, with what
     each phase noted, what failed, and each phase's seconds."""
     optimizer = _checked_optimizer(run)
+    compiled = _warmed_up(run) if run.config.compile else None
     budget = f"time budget {run.budget.total:g} s"
     run.log(f"tune: {run.config.task_name}, {run.source.describe()}; {budget}")
     if run.budget.note:
@@ -337,6 +368,7 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     horizon = after_race(reading, raced, run.source.num_samples)
     why += [ENDED_EARLY] if reading.ends_early else []
     why += [horizon.holds] if horizon.holds else []
+    why += [_compile_line(compiled)] if compiled else []
     return TuneResult(
         task=run.config.task_name,
         task_options=run.config.task_options,
@@ -357,6 +389,45 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
         seconds=0.0,
         phase_seconds=_seconds(phases),
         horizon=horizon,
+        precision=run.precision.name,
+        compile=_compile_record(compiled),
+    )
+
+
+def _warmed_up(run: TuneRun) -> tuple[Compiled, int]:
+    """Compile every graph the probes meet before any is timed (:func:`batchfit.compiling.warm_up`
+    on two samples of the data): the cost, and the graph count after it, against which the
+    probes' recompilations are counted."""
+    x, y = next(iter(run.source.batches(0, 2)))
+    x, y = x.to(run.device), y.to(run.device)
+    compiled = warm_up(run.model, run.loss_fn, x, y, smallest=run.smallest)
+    run.budget.postpone(
+        compiled.seconds,
+        f"Compiling took {compiled.seconds:.1f} s, so the time budget counts from after it.",
+    )
+    run.log(
+        f"compile: {compiled.graphs} graphs in {compiled.seconds:.1f} s (torch.compile, dynamic "
+        "shapes), before measuring; no probe's time counts it"
+    )
+    return compiled, graphs_compiled()
+
+
+def _compile_record(compiled: tuple[Compiled, int] | None) -> dict[str, Any] | None:
+    """report.json's ``compile``: the warm-up's graphs and seconds, and the graphs compiled while
+    measuring (a recompilation there would have been timed)."""
+    if compiled is None:
+        return None
+    done, after = compiled
+    return {**done.to_dict(), "recompiled_while_measuring": graphs_compiled() - after}
+
+
+def _compile_line(compiled: tuple[Compiled, int]) -> str:
+    record = _compile_record(compiled)
+    assert record is not None
+    return (
+        f"Compiled with torch.compile (dynamic shapes): {record['graphs']} graphs in "
+        f"{record['seconds']:.1f} s before measuring, not counted in any step time; "
+        f"{record['recompiled_while_measuring']} recompiled while measuring."
     )
 
 
@@ -385,7 +456,14 @@ def _memory_phase(run: TuneRun, optimizer: torch.optim.Optimizer) -> Phase[Memor
         headroom=run.config.headroom,
         deadline=run.budget.phase("memory"),
         log=run.log,
+        # a kernel that crashes on a refused allocation (oneDNN's bf16, measured) ends a child;
+        # a compiled model's kernels start OpenMP threads that hang in a forked child
+        trials_in_child=run.precision.mixed and not run.config.compile,
+        confirm=not run.config.compile,
+        precision=run.precision.name,
     )
+    if run.config.compile and memory.confirmed is None and run.device.type == "cpu":
+        memory = replace(memory, confirmation=COMPILED_NO_CHILD)
     return Phase(memory, memory.notes)
 
 

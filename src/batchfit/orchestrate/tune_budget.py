@@ -124,6 +124,18 @@ class TimeBudget:
         self.total = seconds
         self.set_by = set_by
 
+    def postpone(self, seconds: float, why: str) -> None:
+        """Count the budget ``seconds`` later, saying ``why`` in its note: compiling, like
+        start-up, is not measuring, and a budget it used up would leave the probes nothing.
+
+        >>> budget = TimeBudget(60.0, started=budget_clock.now(), reserve=0.0)
+        >>> budget.postpone(20.0, "compiling took 20 s")
+        >>> round(budget.remaining() / 10), budget.note
+        (8, 'compiling took 20 s')
+        """
+        self.end += seconds
+        self.note = why if self.note is None else f"{self.note} {why}"
+
     def remaining(self) -> float:
         return self.end - budget_clock.now() - self.reserve
 

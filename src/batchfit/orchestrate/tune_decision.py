@@ -65,9 +65,22 @@ def _memory_line(memory: MemoryCeiling) -> str:
     return (
         f"Memory: micro-batches up to {memory.max_micro_batch_size} fit ({peak}limit "
         f"{format_bytes(memory.limit_bytes)}, {memory.limit_source}; {memory.headroom:.0%} "
-        f"headroom kept; {capped}). Measured in float32 on the model's forward as written: "
+        f"headroom kept; {capped}). Measured in {_precision_words(memory.precision)} on the "
+        "model's forward as written: "
         "activation checkpointing or a channels_last memory format, where it uses them, count."
     )
+
+
+def _precision_words(precision: str) -> str:
+    """How the memory line names a precision.
+
+    >>> _precision_words("32"), _precision_words("bf16-mixed")
+    ('float32', 'bf16-mixed (bfloat16 autocast, each trial in a limited child process on CPU)')
+    """
+    if precision == "32":
+        return "float32"
+    dtype = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}[precision]
+    return f"{precision} ({dtype} autocast, each trial in a limited child process on CPU)"
 
 
 def noise_line(noise: NoiseMeasurement) -> str:

@@ -63,6 +63,11 @@ class TuneResult:
     report: dict[str, Any] | None = None
     #: The planned run against the measurements (report.json's ``horizon``).
     horizon: HorizonReading | None = None
+    #: What the probes trained in (``32``, ``bf16-mixed`` or ``16-mixed``).
+    precision: str = "32"
+    #: With ``compile``: the graphs compiled before measuring, their seconds, and the graphs
+    #: compiled while measuring (report.json's ``compile``); None uncompiled.
+    compile: dict[str, Any] | None = None
 
     @property
     def provisional(self) -> bool:

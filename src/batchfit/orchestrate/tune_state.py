@@ -20,6 +20,7 @@ from batchfit.data.source import BatchSource
 from batchfit.errors import first_line
 from batchfit.losses import Loss, LossFn
 from batchfit.orchestrate.tune_budget import TimeBudget
+from batchfit.precision import Precision
 from batchfit.probe.harness import Diverged, OutOfTime
 from batchfit.probe.memory import MemoryCeiling, is_out_of_memory, release_memory
 from batchfit.probe.noise import NoiseMeasurement
@@ -149,6 +150,8 @@ class TuneRun:
     horizon: Horizon = field(default_factory=Horizon)
     #: Where it measures (under torchrun: this rank's device).
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: What every probe's forward pass and loss run in (:func:`batchfit.precision.measured_in`).
+    precision: Precision = field(default_factory=lambda: Precision("32", "cpu", None))
 
     @property
     def loss_fn(self) -> LossFn:

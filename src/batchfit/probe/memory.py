@@ -124,6 +124,8 @@ class MemoryCeiling:
     peak_measure: str
     notes: tuple[str, ...] = field(default=())
     per_rank: tuple[int, ...] = field(default=())
+    #: The precision the trials trained in (``32``, ``bf16-mixed`` or ``16-mixed``).
+    precision: str = "32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -285,10 +287,31 @@ def confirm_in_child(
     >>> confirm_in_child(lambda: os.kill(os.getpid(), 9), rss_bytes() + 2**30, 0.1)
     (False, 'the child process was killed by SIGKILL (the out-of-memory killer sends it)')
     """
-    if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
+    if not _can_fork():
         return None, "not run: needs fork and /proc (Linux)"
+    answer, status, parent_files = _in_child(run, limit, timeout)
+    if answer is None:
+        return None, f"the child process gave no answer within {timeout:.0f} s"
+    return _child_verdict(answer, status, limit, headroom, parent_files)
+
+
+def _can_fork() -> bool:
+    return hasattr(os, "fork") and sys.platform.startswith("linux")
+
+
+def _in_child(run: Callable[[], None], limit: int, timeout: float) -> tuple[str | None, int, int]:
+    """Run ``run`` in a forked child limited to ``limit`` bytes for the whole process: what it
+    wrote (None: nothing within ``timeout`` seconds), its wait status, and this process's
+    resident memory when it forked.
+
+    The child writes its peak and its file-backed resident pages after the run: a forked child
+    does not count the parent's file-backed pages (torch's libraries, about 100 MiB) until it
+    touches them, so its own peak reads lower than the same iteration in this process by the
+    file pages this process holds and the child never touched (:func:`_peak_here`). The third
+    value returned is this process's file-backed resident memory at the fork."""
     release_memory()
     parent_rss = rss_bytes()
+    parent_files = _status_bytes("RssFile") or 0
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -296,9 +319,43 @@ def confirm_in_child(
         _run_in_child(run, limit - parent_rss, write_fd)
     os.close(write_fd)
     answer, status = _child_answer(pid, read_fd, timeout)
+    return answer, status, parent_files
+
+
+def _peak_here(answer: str, parent_files: int) -> int:
+    """The peak the child's iteration would have reached in this process: the child's peak plus
+    the file-backed pages this process held that the child did not (``answer``: its ``PEAK
+    FILES`` in bytes)."""
+    peak, _, files = answer.partition(" ")
+    return int(peak) + max(0, parent_files - int(files or parent_files))
+
+
+def child_trial(
+    run: Callable[[], None], size: int, limit: int, headroom: float, timeout: float = 60.0
+) -> MemoryTrial | None:
+    """One trial (:func:`_trial`) in a forked child under the limit, so that a kernel that dies
+    of a refused allocation instead of raising (oneDNN's bf16 kernels, measured, segfault when
+    the limit is very tight) ends the child, not tune: a child killed by a signal did not fit.
+    None where no child can run it (no fork, autograd's GPU threads, no answer in time)."""
+    if not _can_fork():
+        return None
+    started = time.perf_counter()
+    answer, status, parent_files = _in_child(run, limit, timeout)
+    seconds = time.perf_counter() - started
     if answer is None:
-        return None, f"the child process gave no answer within {timeout:.0f} s"
-    return _child_verdict(answer, status, limit, headroom)
+        return None
+    if os.WIFSIGNALED(status):
+        why = f"the child was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return MemoryTrial(size, False, True, None, None, seconds, why)
+    kind, _, rest = answer.partition(" ")
+    if kind == "ok":
+        peak = _peak_here(rest, parent_files)
+        return MemoryTrial(size, peak <= (1 - headroom) * limit, False, peak, None, seconds)
+    if kind == "oom":
+        return MemoryTrial(size, False, True, None, None, seconds, rest)
+    if kind == "error" and AUTOGRAD_FORK_ERROR not in rest:
+        raise BatchfitError(f"The training iteration failed in the memory trial's child: {rest}")
+    return None
 
 
 def _run_in_child(run: Callable[[], None], allowed_new_bytes: int, write_fd: int) -> NoReturn:
@@ -312,7 +369,7 @@ def _run_in_child(run: Callable[[], None], allowed_new_bytes: int, write_fd: int
         with address_space_limit(allowed_new_bytes):
             try:
                 run()
-                message = f"ok {_peak_bytes(reset)}"
+                message = f"ok {_peak_bytes(reset)} {_status_bytes('RssFile') or 0}"
                 code = 0
             except Exception as exc:
                 kind = "oom" if is_out_of_memory(exc) else "error"
@@ -342,15 +399,16 @@ def _child_answer(pid: int, read_fd: int, timeout: float) -> tuple[str | None, i
 
 
 def _child_verdict(
-    answer: str, status: int, limit: int, headroom: float
+    answer: str, status: int, limit: int, headroom: float, parent_files: int
 ) -> tuple[bool | None, str]:
-    """:func:`confirm_in_child`'s verdict from the child's answer and wait status."""
+    """:func:`confirm_in_child`'s verdict from the child's answer and wait status (and this
+    process's file-backed memory at the fork, :func:`_peak_here`)."""
     if os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
         return False, f"the child process was killed by {name} (the out-of-memory killer sends it)"
     kind, _, rest = answer.partition(" ")
     if kind == "ok":
-        peak = int(rest)
+        peak = _peak_here(rest, parent_files)
         if peak <= (1 - headroom) * limit:
             return (
                 True,
@@ -400,6 +458,8 @@ class _Search:
     limit: _Limit
     headroom: float
     log: Callable[[str], None]
+    #: Each trial in a limited child process (mixed precision on the CPU), not in this one.
+    in_child: bool = False
     trials: list[MemoryTrial] = field(default_factory=list)
 
     def iteration(self, size: int) -> Callable[[], None]:
@@ -411,8 +471,13 @@ class _Search:
     def fits(self, size: int) -> bool:
         """Run a trial at ``size``, keep it, say how it went."""
         limit = self.limit.bytes
+        trial = None
         with preserved(self.model, self.optimizer):
-            trial = _trial(self.iteration(size), size, limit, self.headroom, self.device)
+            if self.in_child:
+                trial = child_trial(self.iteration(size), size, limit, self.headroom)
+                self.in_child = trial is not None  # no child: every trial in this process
+            if trial is None:
+                trial = _trial(self.iteration(size), size, limit, self.headroom, self.device)
         self.trials.append(trial)
         peak = format_bytes(trial.peak_bytes) if trial.peak_bytes is not None else "?"
         verdict = "fits" if trial.fits else ("out of memory" if trial.out_of_memory else "too big")
@@ -432,11 +497,17 @@ def find_max_micro_batch_size(
     deadline: Deadline | None = None,
     confirm: bool = True,
     log: Callable[[str], None] | None = None,
+    trials_in_child: bool = False,
+    precision: str = "32",
 ) -> MemoryCeiling:
     """The largest micro-batch whose training iteration fits in memory, with headroom.
 
     ``optimizer`` defaults to Adam (its state, two tensors per parameter, is part of the
     footprint). The model, its gradients and the optimizer are as before when this returns.
+    With ``trials_in_child`` (CPU), each trial runs in a forked child under the limit
+    (:func:`child_trial`), so that a kernel that crashes on a refused allocation ends only the
+    child; the ceiling then needs no separate confirmation. ``precision`` names what the model's
+    forward runs in (the caller applies it; the result records it).
 
     Examples:
         >>> import torch
@@ -468,7 +539,8 @@ def find_max_micro_batch_size(
                 raise
             release_memory(device, collect=True)
     limit = _limit(device, limit_bytes, headroom)
-    search = _Search(model, optim, loss_fn, data, device, limit, headroom, log)
+    in_child = trials_in_child and device.type == "cpu"
+    search = _Search(model, optim, loss_fn, data, device, limit, headroom, log, in_child)
     best, _, stopped = search_ceiling(search.fits, cap, start=start, deadline=deadline)
     if best == 0:
         raise _nothing_fits(search.trials[0], limit.bytes, headroom, start)
@@ -479,6 +551,11 @@ def find_max_micro_batch_size(
         )
     if device.type == "cuda":
         confirmed, confirmation = None, "not needed: the device reports real out-of-memory errors"
+    elif search.in_child:
+        confirmed = True
+        confirmation = (
+            f"ran in a child process limited to {format_bytes(limit.bytes)}, as every trial did"
+        )
     elif confirm:
         best, confirmed, confirmation = _confirm_in_children(search, deadline, notes)
     else:
@@ -499,6 +576,7 @@ def find_max_micro_batch_size(
         confirmation=confirmation,
         peak_measure=limit.peak_measure,
         notes=tuple(notes),
+        precision=precision,
     )
 
 

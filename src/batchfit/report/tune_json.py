@@ -35,6 +35,8 @@ def build_report(result: TuneData) -> dict[str, Any]:
         "batchfit_version": __version__,
         "task": result["task"],
         "device": result["device"],
+        "precision": result.get("precision", "32"),
+        "compile": result.get("compile"),
         "num_samples": result["num_samples"],
         "recommended": _recommended_json(
             result["recommended"],
@@ -136,6 +138,7 @@ def _memory_json(memory: TuneData) -> dict[str, Any]:
         "confirmation": memory["confirmation"],
         "trials": [{k: t[k] for k in keys} for t in memory["trials"]],
         "per_rank": list(memory.get("per_rank", ())),
+        "precision": memory.get("precision", "32"),
     }
 
 

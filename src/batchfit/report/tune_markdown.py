@@ -283,10 +283,12 @@ def train_command(report: dict[str, Any]) -> str:
         "optimizer": r["optimizer"],
         **_run_length(report),
         **_threads(report),
+        **({} if report.get("precision", "32") == "32" else {"precision": report["precision"]}),
     }
+    flags = [OPTIONS["compile"].flags[0]] if report.get("compile") else []
     options = [*(report.get("task_options") or ())]
     options += [f"{OPTIONS[name].flags[0]} {value}" for name, value in settings.items()]
-    return " ".join(["batchfit train", *options])
+    return " ".join(["batchfit train", *options, *flags])
 
 
 def _threads(report: dict[str, Any]) -> dict[str, int]:
