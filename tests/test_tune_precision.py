@@ -126,7 +126,7 @@ def test_the_ceiling_measured_in_a_mixed_precision_is_its_own_under_the_same_lim
     ceilings = {}
     for precision in ("32", name):
         model = wide_tanh()
-        limit = rss_bytes() + 200 * 2**20
+        limit = rss_bytes() + 120 * 2**20
         with measured_in(Precision.of(precision, CPU), model, loss) as measured:
             ceilings[precision] = find_max_micro_batch_size(
                 model, source, measured.fn, limit_bytes=limit,
@@ -144,7 +144,7 @@ def test_tune_in_a_mixed_precision_reports_it_and_its_train_command_trains_in_it
     x, y = blobs(600)
     model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = tune(model, (x, y), precision=name, time_budget=8, max_batch_size=256,
+    result = tune(model, (x, y), precision=name, time_budget=5, max_batch_size=256,
                   out_dir=tmp_path, seed=0)  # fmt: skip
     report = json.loads((tmp_path / "report.json").read_text())
     assert result.precision == report["precision"] == report["memory"]["precision"] == name
@@ -172,3 +172,15 @@ def test_a_trainers_precision_names_what_tune_measures_in():
     assert tune_precision("32-true") == ("32", None) and tune_precision("64-true")[1] is None
     measured, note = tune_precision("bf16-true")
     assert measured == "32" and "bf16-true" in note and "conservative" in note
+
+
+def test_a_mixed_precision_emulated_on_this_cpu_is_named_in_one_warning(monkeypatch):
+    bf16 = Precision.of("bf16-mixed", CPU)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    warning = bf16.slow_here()
+    assert warning is not None and "no torch.bfloat16 instructions" in warning
+    assert "slower than float32" in warning and "\n" not in warning
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert bf16.slow_here() is None
+    assert Precision.of("32", CPU).slow_here() is None
+    assert Precision("bf16-mixed", "cuda", torch.bfloat16).slow_here() is None

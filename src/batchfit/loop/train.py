@@ -225,6 +225,9 @@ def _progress(setup: Setup, run: RunState) -> TrainProgress:
         warning = thread_warning()
         if warning is not None:
             bar.log(f"warning: {warning}")
+    slow = setup.precision.slow_here() if setup.precision is not None else None
+    if bar.enabled and slow is not None:
+        bar.log(f"warning: {slow}")
     return bar
 
 

@@ -336,6 +336,9 @@ def _measure_and_recommend(run: TuneRun, by_ranks: MeasuredByRanks | None) -> Tu
     # Timings on a shared or oversubscribed CPU are slow alike and say nothing: look first.
     machine = choose_threads(check_machine(model_device(run.model)), run.config.threads)
     use_threads(machine.threads_used)  # _measured_on sets the caller's back
+    slow = run.precision.slow_here()
+    if slow is not None:
+        machine = replace(machine, warnings=(*machine.warnings, slow))
     for warning in machine.warnings:
         run.log(f"warning: {warning}")
     phases: dict[str, Phase[Any]] = {}
