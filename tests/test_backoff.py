@@ -67,15 +67,18 @@ def same_weights(out):
 
 def same_weights_bf16(out):
     """same_weights in bf16-mixed: about half the activation memory, so a tighter limit (one at
-    which oneDNN's bf16 kernels still find room at a smaller micro-batch)."""
+    which oneDNN's bf16 kernels still find room at a smaller micro-batch). One step: after it,
+    Adam's state takes room, and on a machine where the second step then backs off again, bf16
+    rounds the two splits differently and Adam magnifies that on weights with tiny gradients."""
     x, y = data(8192)
     limited = wide()
-    kept = train(limited, (x, y), batch_size=4096, epochs=1, memory_limit=rss_bytes() + 180 * MiB,
-                 regrow_after=0, out_dir=f"{out}/limited", precision="bf16-mixed", progress=True)
+    limit = rss_bytes() + 180 * MiB
+    kept = train(limited, (x, y), batch_size=4096, max_steps=1, memory_limit=limit, regrow_after=0,
+                 out_dir=f"{out}/limited", precision="bf16-mixed", progress=True)
     used = micros(f"{out}/limited")
     plain = wide()
-    train(plain, (x, y), batch_size=4096, epochs=1, micro_batch_size=used[-1], out_dir=f"{out}/b",
-          precision="bf16-mixed")
+    train(plain, (x, y), batch_size=4096, max_steps=1, micro_batch_size=used[-1],
+          out_dir=f"{out}/b", precision="bf16-mixed")
     return {"steps": kept.steps, "micros": used, "gap": weights_gap(limited, plain),
             "moved": weights_gap(limited, wide())}
 
@@ -181,12 +184,9 @@ def test_a_step_out_of_memory_is_redone_smaller_and_ends_with_the_smaller_runs_w
 
 def test_the_back_off_works_in_bf16_mixed_too(tmp_path):
     answer, log = _child(tmp_path, "same_weights_bf16")
-    assert answer["steps"] == len(answer["micros"]) == 2  # every planned step trained
+    assert answer["steps"] == len(answer["micros"]) == 1  # the planned step trained
     assert answer["micros"][0] < 4096  # a real out-of-memory error, met under autocast
-    if len(set(answer["micros"])) == 1:  # the weights of a bf16 run at that micro-batch
-        assert answer["gap"] < 1e-6, answer
-    else:  # backed off again on a busier machine: bf16 rounds other micro-batches otherwise
-        assert answer["gap"] < 0.02 * answer["moved"], answer
+    assert answer["gap"] < 1e-6 < answer["moved"], answer  # a bf16 run's at that micro-batch
     assert "out of memory at micro-batch 4096" in log
 
 
