@@ -72,15 +72,16 @@ def _memory_line(memory: MemoryCeiling) -> str:
 
 
 def _precision_words(precision: str) -> str:
-    """How the memory line names a precision.
+    """How the memory line names a precision (where the trials ran, the memory check's line
+    says: a compiled model's stay in the tune process).
 
     >>> _precision_words("32"), _precision_words("bf16-mixed")
-    ('float32', 'bf16-mixed (bfloat16 autocast, each trial in a limited child process on CPU)')
+    ('float32', 'bf16-mixed (bfloat16 autocast)')
     """
     if precision == "32":
         return "float32"
     dtype = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}[precision]
-    return f"{precision} ({dtype} autocast, each trial in a limited child process on CPU)"
+    return f"{precision} ({dtype} autocast)"
 
 
 def noise_line(noise: NoiseMeasurement) -> str:
